@@ -1,0 +1,16 @@
+"""xla-qops: quantized matmuls (W8A16, W4A16, W8A8, W4A8) for XLA devices.
+
+Public API (see docs/ and API.md):
+
+    quantized_matmul(x, w, scale, zero_point=None, block_size=-1,
+                     int4_weight=False, quantize_activation=False, *, impl="auto")
+    quantize_weight(w, *, bits=8, block_size=-1, symmetric=True, pack=True)
+    QuantizedWeight
+"""
+
+from xla_qops.api import quantized_matmul
+from xla_qops.dispatch import IMPLS
+from xla_qops.quantize import QuantizedWeight, quantize_weight
+
+__all__ = ["quantized_matmul", "quantize_weight", "QuantizedWeight", "IMPLS"]
+__version__ = "0.1.0"

@@ -1,0 +1,96 @@
+"""Public entry point: `quantized_matmul`.
+
+validate (`spec.check_args`) -> pick a backend (`dispatch.resolve`) -> run it
+under a custom VJP whose backward pass is the fused XLA formula, so every
+backend (Pallas and C++ kernels included) is differentiable with respect to
+`x`, `scale` and `zero_point`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import numpy as np
+
+from xla_qops import dispatch
+from xla_qops.backends import xla as xla_backend
+from xla_qops.quantize import QuantizedWeight
+from xla_qops.spec import check_args
+
+
+def quantized_matmul(x, w, scale=None, zero_point=None, block_size=-1, int4_weight=False,
+                     quantize_activation=False, *, impl="auto"):
+    """``x @ (scale * q - zero_point).T`` with a quantized weight.
+
+    Args:
+      x: activations ``[..., in]``, bfloat16, float16 or float32.
+      w: quantized weight (API.md section 2): int8 ``[out, in]`` per-channel or
+        ``[in/B, B, out]`` blockwise; int4 unpacked as int8 with values in
+        [-8, 7], or packed two per byte as uint8 (``[out, in/2]`` /
+        ``[in/B, B/2, out]``), both with ``int4_weight=True``. A
+        `QuantizedWeight` may be passed instead, with no other weight argument.
+      scale: float ``[out]`` per-channel, ``[in/B, out]`` blockwise.
+      zero_point: None (symmetric) or float, same shape as `scale`.
+      block_size: -1 for per-channel, else B, which must divide ``in``.
+      int4_weight: the weight holds int4 values.
+      quantize_activation: quantize `x` to int8 per token (and input block)
+        and multiply integer by integer with int32 accumulation (W8A8, W4A8).
+      impl: "auto" (best for the platform, chosen at lowering), "xla" (fused
+        pure JAX, any platform), "pallas" (Pallas kernel; interpret mode on
+        CPU), "custom_call" (host-CPU C++ kernels) or "reference" (the plain
+        dequantize-then-matmul formula).
+
+    Returns:
+      ``[..., out]`` in ``x``'s dtype. Accumulation is float32 (int32 for
+      integer-by-integer products).
+
+    Gradients: with respect to `x`, `scale` and `zero_point`; activation
+    quantization is treated as the identity (straight-through). The integer
+    weight has no gradient (JAX refuses `grad` with respect to integer input).
+    """
+    if isinstance(w, QuantizedWeight):
+        extra = [name for name, given in (
+            ("scale", scale is not None), ("zero_point", zero_point is not None),
+            ("block_size", block_size != -1), ("int4_weight", int4_weight is not False))
+            if given]
+        if extra:
+            raise TypeError(f"w: a QuantizedWeight carries its own {', '.join(extra)}; "
+                            f"do not pass them as well")
+        w, scale, zero_point, block_size, int4_weight = (
+            w.w, w.scale, w.zero_point, w.block_size, w.int4_weight)
+    elif scale is None:
+        raise TypeError("scale: required when w is an array (or pass a QuantizedWeight as w)")
+    dispatch.check_impl(impl)
+    spec = check_args(x, w, scale, zero_point, block_size, int4_weight, quantize_activation)
+    run = dispatch.resolve(impl, spec)
+    leading = tuple(x.shape[:-1])
+    x2d = x.reshape(int(np.prod(leading, dtype=np.int64)), spec.in_features)
+    y = _with_vjp(run, spec, x2d, w, scale, zero_point)
+    return y.reshape(*leading, spec.out_features)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _with_vjp(run, spec, x, w, scale, zero_point):
+    return run(x, w, scale, zero_point)
+
+
+def _with_vjp_fwd(run, spec, x, w, scale, zero_point):
+    return run(x, w, scale, zero_point), (x, w, scale, zero_point)
+
+
+def _with_vjp_bwd(run, spec, residuals, g):
+    del run
+    x, w, scale, zero_point = residuals
+    float_spec = dataclasses.replace(spec, quantize_activation=False)
+
+    def forward(x, scale, zero_point):
+        return xla_backend.matmul(x, w, scale, zero_point, float_spec)
+
+    _, vjp = jax.vjp(forward, x, scale, zero_point)
+    dx, dscale, dzero = vjp(g)
+    return dx, np.zeros(w.shape, jax.dtypes.float0), dscale, dzero
+
+
+_with_vjp.defvjp(_with_vjp_fwd, _with_vjp_bwd)
