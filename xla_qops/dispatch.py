@@ -30,14 +30,16 @@ from jax import lax
 BACKENDS = {
     "reference": "xla_qops.backends.reference",
     "xla": "xla_qops.backends.xla",
+    "pallas": "xla_qops.backends.pallas",
+    "custom_call": "xla_qops.backends.custom_call",
 }
 
 # Preference per platform for impl="auto"; "xla" supports everything, so it
 # always ends the list.
 AUTO_ORDER = {
-    "cpu": ("xla",),
-    "tpu": ("xla",),
-    "cuda": ("xla",),
+    "cpu": ("custom_call", "xla"),
+    "tpu": ("pallas", "xla"),
+    "cuda": ("pallas", "xla"),
     "rocm": ("xla",),
 }
 

@@ -1,0 +1,40 @@
+"""The `xla-qops` command line: one subcommand per module in xla_qops.commands.
+
+Each command module provides ``add_arguments(parser)`` and ``run(args) -> int``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+COMMANDS = {
+    "demo": ("xla_qops.commands.demo", "quantize a model with every scheme; memory, accuracy, speed"),
+    "bench": ("xla_qops.commands.bench", "kernel benchmarks; writes a table and a plot into docs/"),
+    "quantize": ("xla_qops.commands.quantize", "safetensors model in, quantized safetensors out"),
+}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="xla-qops", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    modules = {}
+    for name, (module_name, help_text) in COMMANDS.items():
+        sub_parser = sub.add_parser(name, help=help_text, description=help_text)
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as e:
+            if e.name != module_name:
+                raise
+            continue  # command not built into this version
+        module.add_arguments(sub_parser)
+        modules[name] = module
+    args = parser.parse_args(argv)
+    if args.command not in modules:
+        parser.error(f"command {args.command!r} is not available in this version")
+    return int(modules[args.command].run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
