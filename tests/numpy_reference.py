@@ -53,9 +53,10 @@ def quantize_activation(x: np.ndarray, block_size: int):
     group = k if block_size == -1 else block_size
     g = x.reshape(m, k // group, group)
     absmax = np.abs(g).max(-1)
+    with np.errstate(divide="ignore"):
+        inv_scale = np.where(absmax == 0, np.float32(0), np.float32(127) / absmax)
+    q = np.clip(np.round(g * inv_scale.astype(np.float32)[..., None]), -127, 127)
     x_scale = (absmax / np.float32(127.0)).astype(np.float32)
-    safe = np.where(absmax == 0, np.float32(1.0), x_scale)
-    q = np.clip(np.round(g / safe[..., None]), -127, 127)
     return q.reshape(m, k), x_scale
 
 
@@ -91,9 +92,10 @@ def tolerance(x, w, scale, zero_point, block_size, out_dtype, quantize_activatio
       of absolute terms S = |x| @ (|scale*q| + |zero_point|).T (the zero-point
       term enters separately, so cancellation is bounded by S, not |y|).
     * the final rounding to the output dtype adds u_out * |y|.
-    * with activation quantization, x_q and x_scale are defined by float32
-      operations (one IEEE division and round-half-even), so the reference and
-      every implementation get the same integers; only the final products
+    * with activation quantization, x_q is defined by float32 operations
+      (one IEEE division per group, one multiply per element, round-half-even;
+      see xla_qops/activation.py), so the reference and every implementation
+      get the same integers; only the final products
       x_scale * scale * acc are rounded, which the K * u32 * S term covers
       (S is taken with |x| + x_scale to bound |x_hat|).
     """

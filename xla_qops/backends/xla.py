@@ -45,14 +45,21 @@ def _weight_pairs(x, w, spec):
     """Splits the contraction into (activation part, int8 weight part) pairs.
 
     Blockwise: x [M, nb, B'] with weight parts [nb, B', N]; per-channel:
-    x [M, K'] with weight parts [N, K']. B' / K' are halved for packed int4.
+    x [M, K'] with weight parts [N, K']. For int4, B' / K' are halved: even
+    input features pair with the low nibbles, odd ones with the high nibbles.
     """
     m = x.shape[0]
     if spec.blockwise:
         x = x.reshape(m, spec.n_blocks, spec.block_size)
-    if not spec.packed:
+    if spec.bits == 8:
         return [(x, w)]
-    low, high = packing.unpack_int4_halves(w)
+    if spec.packed:
+        low, high = packing.unpack_int4_halves(w)
+    else:
+        # Unpacked int4 is split the same way so that both int4 forms sum in the
+        # same order and give bit-identical results.
+        axis = packing.input_axis(spec.blockwise)
+        low, high = (lax.slice_in_dim(w, start, None, 2, axis % w.ndim) for start in (0, 1))
     return [(x[..., 0::2], low), (x[..., 1::2], high)]
 
 

@@ -1,0 +1,55 @@
+"""Shared test-case builders: random float weights quantized with each scheme."""
+
+import dataclasses
+
+import jax.numpy as jnp
+import numpy as np
+
+import xla_qops
+
+X_DTYPES = ("bfloat16", "float16", "float32")
+
+
+@dataclasses.dataclass(frozen=True)
+class Scheme:
+    bits: int
+    block_size: int
+    symmetric: bool
+    packed: bool
+    quantize_activation: bool
+
+    @property
+    def id(self) -> str:
+        layout = "pc" if self.block_size == -1 else f"g{self.block_size}"
+        zp = "sym" if self.symmetric else "asym"
+        pack = "-packed" if self.packed else ("-unpacked" if self.bits == 4 else "")
+        return f"w{self.bits}a{8 if self.quantize_activation else 16}-{layout}-{zp}{pack}"
+
+
+def all_schemes(block_size: int):
+    """Every scheme row x symmetric/asymmetric x packed/unpacked int4."""
+    out = []
+    for bits in (8, 4):
+        for block in (-1, block_size):
+            for symmetric in (True, False):
+                for packed in ((True, False) if bits == 4 else (False,)):
+                    for qa in (False, True):
+                        out.append(Scheme(bits, block, symmetric, packed, qa))
+    return out
+
+
+def make_weight(rng, n, k, scheme: Scheme):
+    w = rng.standard_normal((n, k)).astype(np.float32) * 0.1
+    if not scheme.symmetric:
+        w = w + rng.uniform(-0.05, 0.05, (n, 1)).astype(np.float32)  # offset channels
+    return xla_qops.quantize_weight(w, bits=scheme.bits, block_size=scheme.block_size,
+                                    symmetric=scheme.symmetric, pack=scheme.packed)
+
+
+def make_x(rng, shape, dtype):
+    return jnp.asarray(rng.standard_normal(shape).astype(np.float32), dtype)
+
+
+def op_args(qw):
+    """QuantizedWeight -> the positional arguments of quantized_matmul after x."""
+    return (qw.w, qw.scale, qw.zero_point, qw.block_size, qw.int4_weight)
