@@ -79,12 +79,28 @@ def test_quantized_weight_with_extra_arguments_is_refused():
         xla_qops.quantized_matmul(X, qw, S, block_size=B)
 
 
-def test_impl_that_is_not_available_is_a_clear_error():
-    """A named backend that this installation lacks, or that does not cover
-    the scheme, fails with a message rather than silently falling back."""
+def _fake_backend(monkeypatch, available, supported):
+    import sys
+    import types
     from xla_qops import dispatch
-    for name in dispatch.BACKENDS:
-        module = dispatch._module(name)
-        if not module.available():
-            with pytest.raises(ValueError, match=f"impl: '{name}' is not available"):
-                xla_qops.quantized_matmul(X, W8, S, impl=name)
+    module = types.ModuleType("fake_backend", "fake backend: only for this test")
+    module.available = lambda: available
+    module.supports = lambda spec, platform: supported
+    module.matmul = lambda *args: pytest.fail("an unavailable backend must not run")
+    monkeypatch.setitem(sys.modules, "fake_backend", module)
+    monkeypatch.setitem(dispatch.BACKENDS, "fake", "fake_backend")
+
+
+def test_impl_that_is_not_available_is_a_clear_error(monkeypatch):
+    """A named backend this installation lacks fails with a message rather than
+    silently falling back to another one."""
+    _fake_backend(monkeypatch, available=False, supported=True)
+    with pytest.raises(ValueError, match="impl: 'fake' is not available on this installation "
+                                         r"\(fake backend: only for this test\)"):
+        xla_qops.quantized_matmul(X, W8, S, impl="fake")
+
+
+def test_impl_that_does_not_cover_the_scheme_is_a_clear_error(monkeypatch):
+    _fake_backend(monkeypatch, available=True, supported=False)
+    with pytest.raises(ValueError, match="impl: 'fake' does not support w8a16 block_size=-1 on cpu"):
+        xla_qops.quantized_matmul(X, W8, S, impl="fake")

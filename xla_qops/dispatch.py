@@ -21,7 +21,6 @@ means adding it to `BACKENDS` and, if it should be picked automatically, to
 
 from __future__ import annotations
 
-import functools
 import importlib
 
 import jax
@@ -47,13 +46,13 @@ IMPLS = ("auto",) + tuple(BACKENDS)
 
 
 def check_impl(impl) -> None:
-    if impl not in IMPLS:
-        raise ValueError(f"impl: expected one of {', '.join(map(repr, IMPLS))}, got {impl!r}")
+    known = ("auto",) + tuple(BACKENDS)
+    if impl not in known:
+        raise ValueError(f"impl: expected one of {', '.join(map(repr, known))}, got {impl!r}")
 
 
-@functools.cache
 def _module(name: str):
-    return importlib.import_module(BACKENDS[name])
+    return importlib.import_module(BACKENDS[name])  # cached by sys.modules
 
 
 def _bound(name: str, spec, platform: str):
