@@ -33,7 +33,12 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.command not in modules:
         parser.error(f"command {args.command!r} is not available in this version")
-    return int(modules[args.command].run(args) or 0)
+    try:
+        return int(modules[args.command].run(args) or 0)
+    except (ValueError, TypeError, FileNotFoundError) as error:
+        # Bad input (validated in the library) -> one clear line, exit status 2.
+        print(f"xla-qops {args.command}: error: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

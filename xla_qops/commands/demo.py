@@ -1,7 +1,7 @@
-"""`xla-qops demo`: quantize a weight with every scheme; memory, accuracy, speed.
+"""`xla-qops demo`: quantize with every scheme; memory, accuracy, speed.
 
-`--synthetic` (the default until a real model is wired in) quantizes a random
-``[out, in]`` weight with all eight schemes (W8A16, W4A16, W8A8, W4A8, each
+By default the real model (all-MiniLM-L6-v2, `demo_model.py`). `--synthetic`
+quantizes a random ``[out, in]`` weight with all eight schemes (W8A16, W4A16, W8A8, W4A8, each
 per-channel and blockwise), symmetric and with zero points, and prints, per
 scheme: bytes against bf16, the error of the quantized matmul against the
 float matmul, and the time per call of each available implementation.
@@ -23,14 +23,17 @@ SCHEMES = [(bits, qa, block) for qa in (False, True) for bits in (8, 4) for bloc
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--synthetic", action="store_true", default=True,
-                        help="random weight instead of a real model")
+    parser.add_argument("--synthetic", action="store_true",
+                        help="a random weight instead of the real model")
+    parser.add_argument("--paths", default=None,
+                        help="real model: comma-separated execution paths out of "
+                             "eager,xla,openxla,jax (default: all)")
     parser.add_argument("--size", type=int, nargs=2, default=(4096, 4096), metavar=("OUT", "IN"),
-                        help="weight shape [out, in] (default 4096 4096)")
-    parser.add_argument("--tokens", type=int, default=8, help="rows of x (default 8)")
+                        help="synthetic: weight shape [out, in] (default 4096 4096)")
+    parser.add_argument("--tokens", type=int, default=8, help="synthetic: rows of x (default 8)")
     parser.add_argument("--runs", type=int, default=5, help="timed calls per case (median)")
     parser.add_argument("--impls", default=None,
-                        help="comma-separated impls to time (default: every available one "
+                        help="synthetic: comma-separated impls to time (default: every available one "
                              "except pallas, whose CPU interpret mode is for tests)")
 
 
@@ -76,4 +79,12 @@ def run_synthetic(args) -> int:
 
 
 def run(args) -> int:
-    return run_synthetic(args)
+    if args.synthetic:
+        return run_synthetic(args)
+    from xla_qops.commands import demo_model
+    if args.paths:
+        unknown = set(args.paths.split(",")) - set(demo_model.PATHS)
+        if unknown:
+            raise SystemExit(f"xla-qops demo: --paths: unknown {', '.join(sorted(unknown))}; "
+                             f"expected some of {', '.join(demo_model.PATHS)}")
+    return demo_model.run(args)
