@@ -1,0 +1,400 @@
+"""xla_qops.interop: importers are bit-exact, exporters are accepted by torch.
+
+Every fixture is packed here, from each format's documented layout, by code
+that shares nothing with xla_qops.interop (the packers go the other way, and
+the source dequantizations are written out again from the format's formula).
+Exactness is checked on float32 values (`_assert_bits_equal`), and the
+imported weight is run through `quantized_matmul` against tests/numpy_reference.
+"""
+
+import os
+import subprocess
+import sys
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+import xla_qops
+from xla_qops import interop
+import numpy_reference as ref
+
+RNG = np.random.default_rng(1234)
+
+
+def _assert_bits_equal(qw, source_w_kn):
+    """qw.dequantize() (JAX, float32, [N, K]) equals the source's float32 weight [K, N]."""
+    ours = np.asarray(qw.dequantize(jnp.float32))
+    src = np.asarray(source_w_kn, np.float32).T
+    assert ours.shape == src.shape
+    bad = ours != src
+    assert not bad.any(), (f"{bad.sum()} of {bad.size} differ; e.g. ours {ours[bad][:3]} "
+                           f"source {src[bad][:3]}")
+
+
+def _assert_matmul(qw, x=None, source_w_kn=None):
+    """quantized_matmul with the imported weight against the float64 reference."""
+    if x is None:
+        x = RNG.standard_normal((3, qw.in_features)).astype(np.float32)
+    y = xla_qops.quantized_matmul(jnp.asarray(x), qw)
+    ref.assert_close(np.asarray(y), x, np.asarray(qw.w), np.asarray(qw.scale),
+                     None if qw.zero_point is None else np.asarray(qw.zero_point),
+                     qw.block_size)
+
+
+def _pack_words(codes, bits, axis):
+    """Little end first: value j of each word goes to bits [j*bits, (j+1)*bits)."""
+    per = 32 // bits
+    c = np.moveaxis(codes.astype(np.uint64), axis, 0)
+    words = np.zeros((c.shape[0] // per,) + c.shape[1:], np.uint64)
+    for j in range(per):
+        words |= c[j::per] << np.uint64(bits * j)
+    return np.moveaxis(words.astype(np.uint32), 0, axis)
+
+
+def _f16(shape, lo=0.001, hi=0.05):
+    return RNG.uniform(lo, hi, shape).astype(np.float16)
+
+
+# ---------------------------------------------------------------- GPTQ
+
+def _gptq_fixture(k, n, g, bits, version):
+    codes = RNG.integers(0, 1 << bits, (k, n))
+    zeros = RNG.integers(0, 1 << bits, (k // g, n))
+    scales = _f16((k // g, n))
+    stored = (zeros - 1) % (1 << bits) if version == 1 else zeros
+    qweight = _pack_words(codes, bits, axis=0).view(np.int32)
+    qzeros = _pack_words(stored, bits, axis=1).view(np.int32)
+    g_idx = (np.arange(k) // g).astype(np.int32)
+    # GPTQ's own dequantization: scales[g_idx] * (q - z[g_idx]), in float32.
+    w = scales.astype(np.float32)[g_idx] * (codes - zeros[g_idx]).astype(np.float32)
+    return dict(qweight=qweight, qzeros=qzeros, scales=scales, g_idx=g_idx), w
+
+
+@pytest.mark.parametrize("bits,g,version", [
+    (4, 32, 1), (4, 64, 2), (4, 128, 1), (4, 256, 2), (4, 96, 1), (4, 768, 1),
+    (8, 64, 1), (8, 128, 2)])
+def test_gptq_exact(bits, g, version):
+    k, n = 768, 64
+    tensors, w = _gptq_fixture(k, n, g, bits, version)
+    qw = interop.from_gptq(**tensors, bits=bits, version=version)
+    assert qw.bits == bits and qw.packed == (bits == 4)
+    assert qw.block_size == (-1 if g == k else g)
+    _assert_bits_equal(qw, w)
+    _assert_matmul(qw)
+
+
+def test_gptq_symmetric_drops_zero_point():
+    tensors, w = _gptq_fixture(256, 32, 128, 4, 2)
+    zeros = np.full((2, 32), 8)
+    tensors["qzeros"] = _pack_words(zeros, 4, axis=1).view(np.int32)
+    codes = interop.gptq._core.unpack_words(tensors["qweight"], 4, 0)
+    w = np.repeat(tensors["scales"].astype(np.float32), 128, 0) * (codes - 8).astype(np.float32)
+    qw = interop.from_gptq(**tensors, version=2)
+    assert qw.zero_point is None
+    _assert_bits_equal(qw, w)
+
+
+def test_gptq_act_order():
+    k, n, g = 256, 32, 64
+    tensors, _ = _gptq_fixture(k, n, g, 4, 1)
+    codes = np.asarray(RNG.integers(0, 16, (k, n)))
+    tensors["qweight"] = _pack_words(codes, 4, 0).view(np.int32)
+    g_idx = RNG.permutation(np.arange(k) // g).astype(np.int32)
+    tensors["g_idx"] = g_idx
+    zeros = interop.gptq._core.unpack_words(tensors["qzeros"], 4, 1)
+    zeros = (zeros + 1) % 16
+    w = tensors["scales"].astype(np.float32)[g_idx] * (codes - zeros[g_idx]).astype(np.float32)
+    with pytest.raises(ValueError, match="act-order"):
+        interop.from_gptq(**tensors)
+    qw, perm = interop.from_gptq(**tensors, permute_act_order=True)
+    _assert_bits_equal(qw, w[perm])
+    x = RNG.standard_normal((2, k)).astype(np.float32)
+    y = np.asarray(xla_qops.quantized_matmul(jnp.asarray(x[:, perm]), qw))
+    ref.assert_close(y, x[:, perm], np.asarray(qw.w), np.asarray(qw.scale),
+                     np.asarray(qw.zero_point), qw.block_size)
+    # and it is the source's x @ W: the reference of the permuted problem equals x @ w
+    np.testing.assert_allclose(ref.quantized_matmul(x[:, perm], np.asarray(qw.w),
+                                                    np.asarray(qw.scale),
+                                                    np.asarray(qw.zero_point), qw.block_size),
+                               x.astype(np.float64) @ w.astype(np.float64), rtol=1e-12,
+                               atol=1e-12)
+
+
+def test_gptq_float32_scales_int4_not_exact_int8_is():
+    """The tight statement: float32 scales with full significands break s*(z-8)."""
+    tensors, _ = _gptq_fixture(256, 32, 64, 4, 2)
+    tensors["scales"] = RNG.uniform(0.001, 0.05, (4, 32)).astype(np.float32)
+    codes = interop.gptq._core.unpack_words(tensors["qweight"], 4, 0)
+    zeros = interop.gptq._core.unpack_words(tensors["qzeros"], 4, 1)
+    w = (np.repeat(tensors["scales"], 64, 0)
+         * (codes - np.repeat(zeros, 64, 0)).astype(np.float32))
+    with pytest.raises(ValueError, match="target_bits=8 is exact"):
+        interop.from_gptq(**tensors, version=2)
+    qw8 = interop.from_gptq(**tensors, version=2, target_bits=8)
+    assert qw8.bits == 8 and qw8.zero_point is None
+    _assert_bits_equal(qw8, w)
+    inexact = interop.from_gptq(**tensors, version=2, exact=False)
+    np.testing.assert_allclose(np.asarray(inexact.dequantize()), w.T, rtol=0, atol=1e-6)
+
+
+def test_gptq_bad_input_names_argument():
+    tensors, _ = _gptq_fixture(256, 32, 64, 4, 1)
+    with pytest.raises(ValueError, match=r"qzeros: expected shape \[4, 4\], got \[4, 3\]"):
+        interop.from_gptq(**{**tensors, "qzeros": tensors["qzeros"][:, :3]})
+    with pytest.raises(TypeError, match="qweight: expected dtype int32 or uint32, got float32"):
+        interop.from_gptq(**{**tensors, "qweight": tensors["qweight"].astype(np.float32)})
+    with pytest.raises(ValueError, match="scales: 5 groups do not divide"):
+        interop.from_gptq(**{**tensors, "scales": _f16((5, 32))})
+
+
+# ---------------------------------------------------------------- AWQ
+
+AWQ_PACK_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]  # AutoAWQ: nibble j holds column ORDER[j]
+
+
+def _awq_pack(codes):
+    rows, cols = codes.shape
+    words = np.zeros((rows, cols // 8), np.uint64)
+    for c in range(cols // 8):
+        for j, col in enumerate(AWQ_PACK_ORDER):
+            words[:, c] |= codes[:, 8 * c + col].astype(np.uint64) << np.uint64(4 * j)
+    return words.astype(np.uint32).view(np.int32)
+
+
+@pytest.mark.parametrize("g", [32, 128])
+def test_awq_exact(g):
+    k, n = 256, 48
+    codes = RNG.integers(0, 16, (k, n))
+    zeros = RNG.integers(0, 16, (k // g, n))
+    scales = _f16((k // g, n))
+    w = np.repeat(scales.astype(np.float32), g, 0) * (codes - np.repeat(zeros, g, 0)).astype(np.float32)
+    qw = interop.from_awq(_awq_pack(codes), _awq_pack(zeros), scales)
+    assert qw.bits == 4 and qw.packed and qw.block_size == g
+    _assert_bits_equal(qw, w)
+    _assert_matmul(qw)
+
+
+# ---------------------------------------------------------------- HQQ
+
+def _hqq_fixture(n, k, g, nbits, zero_lo=1.0, zero_hi=14.0):
+    rows = n * k // g
+    w_q = RNG.integers(0, 1 << nbits, (rows, g))
+    scale = _f16((rows, 1))
+    zero = RNG.uniform(zero_lo, zero_hi, (rows, 1)).astype(np.float16)
+    # HQQ's dequantize: ((W_q - zero) * scale).reshape(shape), in float32.
+    w = ((w_q.astype(np.float32) - zero.astype(np.float32)) * scale.astype(np.float32))
+    w_nk = w.reshape(n, k)
+    if nbits == 4:  # "4bit_u8": first half of the rows high nibble, second half low
+        half = rows // 2
+        packed = ((w_q[:half] << 4) | w_q[half:]).astype(np.uint8)
+    else:
+        packed = w_q.astype(np.uint8)
+    return packed, scale, zero, w_nk.T
+
+
+@pytest.mark.parametrize("nbits,g", [(4, 64), (4, 32), (8, 128)])
+def test_hqq_exact(nbits, g):
+    n, k = 32, 256
+    zero_range = (1.0, 14.0) if nbits == 4 else (120.0, 136.0)
+    packed, scale, zero, w = _hqq_fixture(n, k, g, nbits, *zero_range)
+    qw = interop.from_hqq(packed, scale, zero, shape=(n, k), group_size=g, nbits=nbits)
+    assert qw.bits == nbits
+    _assert_bits_equal(qw, w)
+    _assert_matmul(qw)
+
+
+def test_hqq_tiny_zero_needs_int8():
+    """float16 z in [2**-7, 1): s*(z-8) needs more than 24 bits; unshifted int8 is exact.
+
+    (Below 2**-10 HQQ's own ``W_q - z`` rounds in float32 and neither width can
+    reproduce that double rounding; docs/interop.md states the bound.)
+    """
+    n, k, g = 16, 128, 64
+    packed, scale, zero, w = _hqq_fixture(n, k, g, 4, 0.01, 0.9)
+    with pytest.raises(ValueError, match="target_bits=8 is exact"):
+        interop.from_hqq(packed, scale, zero, shape=(n, k), group_size=g)
+    qw = interop.from_hqq(packed, scale, zero, shape=(n, k), group_size=g, target_bits=8)
+    _assert_bits_equal(qw, w)
+
+
+def test_hqq_rejects_axis0():
+    with pytest.raises(ValueError, match="axis=1"):
+        interop.from_hqq(np.zeros((8, 64), np.uint8), np.ones((16, 1)), np.ones((16, 1)),
+                         shape=(16, 64), group_size=64, axis=0)
+
+
+# ---------------------------------------------------------------- MLX
+
+def _mlx_fixture(n, k, g, bits, dtype=np.float16):
+    codes = RNG.integers(0, 1 << bits, (n, k))
+    scales = RNG.uniform(0.001, 0.05, (n, k // g)).astype(dtype)
+    biases = (-scales.astype(np.float32) * RNG.uniform(0, 1 << bits, (n, k // g))).astype(dtype)
+    # MLX: w = scales * q + biases, per group of g along K.
+    w = (codes.astype(np.float32) * np.repeat(scales.astype(np.float32), g, 1)
+         + np.repeat(biases.astype(np.float32), g, 1))
+    return _pack_words(codes, bits, axis=1), scales, biases, w.T
+
+
+@pytest.mark.parametrize("bits,g", [(4, 64), (4, 32), (8, 64), (4, 128)])
+def test_mlx_exact(bits, g):
+    wq, scales, biases, w = _mlx_fixture(32, 256, g, bits)
+    qw = interop.from_mlx(wq, scales, biases, group_size=g, bits=bits)
+    assert qw.bits == bits
+    _assert_bits_equal(qw, w)
+    _assert_matmul(qw)
+
+
+def test_mlx_float32_params_exact_as_int8():
+    wq, scales, biases, w = _mlx_fixture(16, 128, 64, 4, np.float32)
+    qw = interop.from_mlx(wq, scales, biases, target_bits=8)
+    assert qw.bits == 8
+    _assert_bits_equal(qw, w)
+
+
+# ---------------------------------------------------------------- torch int4pack
+
+def _cpu_pack(codes_nk, layout):
+    """int4mm_kernel.cpp's weight_to_int4pack_kernel, loop by loop."""
+    n, k = codes_nk.shape
+    block = 64 if layout == "cpu_avx512" else 32
+    out = np.zeros(n * k // 2, np.uint8)
+    for start in range(0, n, block):
+        size = min(block, n - start)
+        src = codes_nk[start:start + size].astype(np.uint8)
+        dst = out[start * k // 2: (start + size) * k // 2].reshape(k, size // 2)
+        if size == block and layout == "cpu_avx512":
+            dst[:, :16] = (src[32:48].T << 4) | src[0:16].T
+            dst[:, 16:] = (src[48:64].T << 4) | src[16:32].T
+        elif size == block and layout == "cpu_avx2":
+            dst[:, :] = (src[16:32].T << 4) | src[0:16].T
+        else:
+            dst[:, :] = (src[1::2].T << 4) | src[0::2].T
+    return out.reshape(n, k // 2)
+
+
+def _tinygemm_w(codes_nk, sz, g):
+    """(q - 8) * s + z, in float32, as [K, N]."""
+    s = np.repeat(sz[..., 0].astype(np.float32), g, 0)
+    z = np.repeat(sz[..., 1].astype(np.float32), g, 0)
+    return (codes_nk.T - 8).astype(np.float32) * s + z
+
+
+@pytest.mark.parametrize("layout", ["cpu_avx512", "cpu_avx2", "cpu_default"])
+def test_int4pack_cpu_layouts(layout):
+    n, k, g = 112, 128, 64  # 112 = 64 + 48: a full block and a partial one
+    codes = RNG.integers(0, 16, (n, k))
+    sz = RNG.standard_normal((k // g, n, 2)).astype(np.float32)
+    qw = interop.from_int4pack(_cpu_pack(codes, layout), sz, layout=layout)
+    assert qw.bits == 4 and qw.packed and qw.block_size == g
+    _assert_bits_equal(qw, _tinygemm_w(codes, sz, g))
+
+
+def test_int4pack_matches_torch_converter_on_this_machine():
+    n, k, g = 80, 256, 128
+    codes = RNG.integers(0, 16, (n, k)).astype(np.int32)
+    packed = torch._convert_weight_to_int4pack_for_cpu(torch.from_numpy(codes), 2)
+    local = interop.int4pack.local_cpu_layout()
+    np.testing.assert_array_equal(packed.numpy(), _cpu_pack(codes, local))
+    sz = torch.randn(k // g, n, 2).to(torch.bfloat16)
+    qw = interop.from_int4pack(packed, sz)
+    _assert_bits_equal(qw, _tinygemm_w(codes, sz.float().numpy(), g))
+
+
+@pytest.mark.parametrize("capability,layout", [("avx2", "cpu_avx2"), ("default", "cpu_default")])
+def test_int4pack_other_capabilities_match_torch(capability, layout):
+    """torch's own converter under ATEN_CPU_CAPABILITY, read back by our layout."""
+    code = ("import torch,numpy as np,sys;"
+            "c=torch.from_numpy(np.load(sys.argv[1]));"
+            "np.save(sys.argv[2],torch._convert_weight_to_int4pack_for_cpu(c,2).numpy())")
+    codes = RNG.integers(0, 16, (48, 64)).astype(np.int32)
+    tmp = os.environ.get("TMPDIR", "/tmp")
+    src, dst = f"{tmp}/i4_{os.getpid()}_{layout}.npy", f"{tmp}/i4o_{os.getpid()}_{layout}.npy"
+    np.save(src, codes)
+    env = dict(os.environ, ATEN_CPU_CAPABILITY=capability)
+    subprocess.run([sys.executable, "-c", code, src, dst], env=env, check=True, timeout=120)
+    packed = np.load(dst)
+    os.remove(src), os.remove(dst)
+    np.testing.assert_array_equal(packed, _cpu_pack(codes, layout))
+
+
+def _cuda_pack(codes_nk, inner_k_tiles):
+    """int4mm.cu: uint8 [n][k/2] (even k high nibble) -> m16n8k16 B layout, thread by thread."""
+    n, k = codes_nk.shape
+    u8 = ((codes_nk[:, 0::2] << 4) | codes_nk[:, 1::2]).astype(np.uint32)
+    out = np.zeros((n // 8, k // (inner_k_tiles * 16), 32, inner_k_tiles // 2), np.uint32)
+    for n_tile in range(out.shape[0]):
+        for k_outer in range(out.shape[1]):
+            for t in range(32):
+                for inner in range(0, inner_k_tiles, 2):
+                    n0 = n_tile * 8 + t // 4
+                    base0 = (k_outer * inner_k_tiles + inner) * 16 // 2
+                    ks = [base0 + t % 4, base0 + t % 4 + 4, base0 + 8 + t % 4, base0 + 12 + t % 4]
+                    v = [u8[n0, kk] for kk in ks]
+                    out[n_tile, k_outer, t, inner // 2] = (
+                        ((v[3] & 0xF) << 28) | ((v[2] & 0xF) << 24) | ((v[1] & 0xF) << 20)
+                        | ((v[0] & 0xF) << 16) | ((v[3] & 0xF0) << 8) | ((v[2] & 0xF0) << 4)
+                        | (v[1] & 0xF0) | ((v[0] & 0xF0) >> 4))
+    return out.view(np.int32)
+
+
+@pytest.mark.parametrize("inner_k_tiles", [2, 8])
+def test_int4pack_cuda_layout(inner_k_tiles):
+    n, k, g = 16, 256, 32
+    codes = RNG.integers(0, 16, (n, k))
+    sz = RNG.standard_normal((k // g, n, 2)).astype(np.float16)
+    packed = _cuda_pack(codes, inner_k_tiles)
+    meta = torch.ops.aten._convert_weight_to_int4pack(
+        torch.empty(n, k // 2, dtype=torch.uint8, device="meta"), inner_k_tiles)
+    assert tuple(meta.shape) == packed.shape
+    qw = interop.from_int4pack(packed, sz)
+    _assert_bits_equal(qw, _tinygemm_w(codes, sz, g))
+    back = interop.to_int4pack(qw, layout="cuda", inner_k_tiles=inner_k_tiles)
+    np.testing.assert_array_equal(back.weight.numpy(), packed)
+
+
+@pytest.mark.parametrize("bits_block", [(-1, True), (512, False)])
+def test_to_int4pack_product_matches_our_op(bits_block):
+    block, symmetric = bits_block
+    n, k = 48, 1024
+    w = RNG.standard_normal((n, k)).astype(np.float32)
+    qw = xla_qops.quantize_weight(jnp.asarray(w), bits=4, block_size=block, symmetric=symmetric)
+    packed = interop.to_int4pack(qw)
+    assert packed.group_size == 256  # largest tinygemm group dividing K or B
+    x = RNG.standard_normal((5, k)).astype(np.float32)
+    y_torch = torch.ops.aten._weight_int4pack_mm_for_cpu(
+        torch.from_numpy(x), packed.weight, packed.group_size, packed.scales_and_zeros).numpy()
+    y_ours = np.asarray(xla_qops.quantized_matmul(jnp.asarray(x), qw))
+    args = (x, np.asarray(qw.w), np.asarray(qw.scale),
+            None if qw.zero_point is None else np.asarray(qw.zero_point), qw.block_size)
+    ref.assert_close(y_torch, *args)
+    ref.assert_close(y_ours, *args)
+    # and the round trip back is the same weight, bit for bit
+    again = interop.from_int4pack(packed.weight, packed.scales_and_zeros)
+    np.testing.assert_array_equal(np.asarray(again.dequantize()), np.asarray(qw.dequantize()))
+
+
+def _int4_weight(n, k, block_size):
+    """A QuantizedWeight built directly (no JAX op, so no compile for a new shape)."""
+    groups = 1 if block_size == -1 else k // block_size
+    w = (np.zeros((n, k), np.int8) if block_size == -1
+         else np.zeros((groups, block_size, n), np.int8))
+    scale = np.ones((n,) if block_size == -1 else (groups, n), np.float32)
+    return xla_qops.QuantizedWeight(w=w, scale=scale, zero_point=None, bits=4,
+                                    block_size=block_size, packed=False)
+
+
+def test_to_int4pack_errors():
+    qw8 = xla_qops.QuantizedWeight(w=np.zeros((16, 64), np.int8), scale=np.ones(16, np.float32),
+                                   zero_point=None, bits=8, block_size=-1, packed=False)
+    with pytest.raises(ValueError, match="qw: expected a 4-bit"):
+        interop.to_int4pack(qw8)
+    with pytest.raises(ValueError, match="divisible by 16, got 24"):
+        interop.to_int4pack(_int4_weight(24, 64, 32))
+    with pytest.raises(ValueError, match="block_size=16"):
+        interop.to_int4pack(_int4_weight(16, 64, 16))
+    with pytest.raises(ValueError, match="in_features=48"):
+        interop.to_int4pack(_int4_weight(16, 48, -1))
+    with pytest.raises(ValueError, match="layout: expected 'cpu' or 'cuda'"):
+        interop.to_int4pack(_int4_weight(16, 64, 32), layout="mps")

@@ -1,0 +1,30 @@
+"""Import weights quantized by other tools, exactly; export to torch's tinygemm format.
+
+Each importer returns an `xla_qops.QuantizedWeight` in API.md's convention
+``w = scale * q - zero_point`` (int4 packed by default) whose dequantized
+weight equals the source format's own float32 dequantization bit for bit —
+checked on the actual weight at import time, with a clear error (and the
+exact alternative) when the int4 form cannot be exact. docs/interop.md has
+each format's convention, how it maps onto ours and when that is exact.
+
+    from_gptq(qweight, qzeros, scales, g_idx=None, *, bits=4, version=1, ...)
+    from_awq(qweight, qzeros, scales, ...)
+    from_hqq(W_q, scale, zero, *, shape, group_size, nbits=4, axis=1, ...)
+    from_int4pack(weight, scales_and_zeros, *, group_size=None, layout=None, ...)
+    from_mlx(wq, scales, biases, *, group_size=64, bits=4, ...)
+    to_int4pack(qw, *, layout="cpu", inner_k_tiles=2, dtype=None) -> Int4Pack
+
+Common keywords: ``target_bits`` (4 or 8; 8 trades memory for exactness in
+the rare cases where 4 is not exact), ``pack`` (int4 two per byte, default
+True), ``exact`` (default True: raise rather than return an inexact weight).
+Inputs may be numpy, JAX or torch arrays.
+"""
+
+from xla_qops.interop.awq import from_awq
+from xla_qops.interop.gptq import from_gptq
+from xla_qops.interop.hqq import from_hqq
+from xla_qops.interop.int4pack import Int4Pack, from_int4pack, to_int4pack
+from xla_qops.interop.mlx import from_mlx
+
+__all__ = ["from_gptq", "from_awq", "from_hqq", "from_int4pack", "from_mlx", "to_int4pack",
+           "Int4Pack"]
