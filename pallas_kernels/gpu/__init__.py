@@ -1,0 +1,1 @@
+"""GPU (Pallas on Triton) kernels."""

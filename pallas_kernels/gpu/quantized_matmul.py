@@ -1,0 +1,207 @@
+"""Quantized matmul GPU kernels (Pallas on Triton): W8A16 and W4A16 (+ A8).
+
+Same problem and algebra as the TPU kernel (`pallas_kernels.reference`):
+``y[M, N] = x_hat[M, K] @ (scale * q - zero_point).T`` with the scale applied
+to partial sums and the zero point folded in through a running activation sum.
+Packed int4 (uint8, two features per byte along K, even feature in the low
+nibble) is loaded as bytes and unpacked in registers; the even/odd activation
+parts of the prologue (`pallas_kernels.operands`) meet the low/high nibbles.
+
+Memory (global) layouts, from `pallas_kernels.operands` (``p`` = 2 packed,
+else 1; ``Ks = K/p``; ``Bs = B/p``):
+
+  per-channel: xs [p, M, Ks], w [N, Ks], scale/zero [1, N], x_scale [M, 1]
+  blockwise:   xs [p, K/B, M, Bs], w [K/B, Bs, N], scale/zero [K/B, 1, N],
+               x_scale [K/B, M, 1]
+  output:      [M, N] in x's dtype
+
+Grid ``(M/bm, N/bn)``; one program computes a (bm, bn) output tile:
+
+  i (axis 0): output row block of bm rows.
+  j (axis 1): output column block of bn channels.
+
+Each program walks K in a `lax.fori_loop` (Triton pipelines it over
+``num_stages``): per-channel in steps of ``bk/p`` stored elements -- a
+(bm, bk/p) x (bn, bk/p) dot per part -- accumulating float32 (int32 for A8)
+and applying scale and zero point once at the end; blockwise one quantization
+block per step -- a (bm, Bs) x (Bs, bn) dot per part, scaled by the block's
+scale row before it is added.
+
+Block constraints (Triton): every loaded array has a power-of-2 size and dot
+operands are >= 16 along every dim, so bm, bn >= 16 are powers of 2, per-channel
+``bk/p`` is a power of 2 >= 16, and blockwise needs ``B/p`` to be a power of
+2 >= 16 (`supports`). M, N (and per-channel K) are padded to tile multiples and
+the result sliced; there is no masking inside the kernel.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from pallas_kernels import block_sizes, operands
+
+_HIGHEST = lax.Precision.HIGHEST
+
+
+def _precision(dtype):
+    # float32 operands: IEEE fp32 dot (not TF32); 16-bit and int8 dots are exact.
+    return _HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
+
+
+def _split_refs(refs, has_zero, has_x_scale):
+    refs = list(refs)
+    xs, w, scale = refs[:3]
+    rest = refs[3:]
+    zero = rest.pop(0) if has_zero else None
+    x_scale = rest.pop(0) if has_x_scale else None
+    return xs, w, scale, zero, x_scale, rest[0]
+
+
+def _per_channel_kernel(*refs, parts, packed, has_zero, has_x_scale, chunk, n_chunks):
+    xs_ref, w_ref, scale_ref, zero_ref, xsc_ref, o_ref = _split_refs(refs, has_zero, has_x_scale)
+    op_dtype = xs_ref.dtype
+    acc_dtype = jnp.int32 if jnp.dtype(op_dtype) == jnp.int8 else jnp.float32
+    bm, bn = o_ref.shape
+
+    def step(c, carry):
+        acc, x_sum = carry
+        off = pl.multiple_of(c * chunk, chunk)
+        w_tile = w_ref[:, pl.ds(off, chunk)]  # (bn, chunk)
+        for part in range(parts):
+            x = xs_ref[part, :, pl.ds(off, chunk)]  # (bm, chunk)
+            q = operands.weight_part(w_tile, part, packed, op_dtype)
+            acc += lax.dot_general(x, q, (((1,), (1,)), ((), ())),
+                                   precision=_precision(op_dtype),
+                                   preferred_element_type=acc_dtype)
+            if has_zero:
+                x_sum += jnp.sum(x.astype(jnp.float32), axis=1, keepdims=True)
+        return acc, x_sum
+
+    init = (jnp.zeros((bm, bn), acc_dtype), jnp.zeros((bm, 1), jnp.float32))
+    acc, x_sum = lax.fori_loop(0, n_chunks, step, init)
+    y = acc.astype(jnp.float32)
+    if has_x_scale:
+        x_scale = xsc_ref[...]  # (bm, 1)
+        y, x_sum = y * x_scale, x_sum * x_scale
+    y = y * scale_ref[...]  # (1, bn)
+    if has_zero:
+        y = y - x_sum * zero_ref[...]
+    o_ref[...] = y.astype(o_ref.dtype)
+
+
+def _blockwise_kernel(*refs, parts, packed, has_zero, has_x_scale, n_blocks):
+    xs_ref, w_ref, scale_ref, zero_ref, xsc_ref, o_ref = _split_refs(refs, has_zero, has_x_scale)
+    op_dtype = xs_ref.dtype
+    int_acc = jnp.int32 if jnp.dtype(op_dtype) == jnp.int8 else jnp.float32
+    bm, bn = o_ref.shape
+
+    def step(b, acc):
+        w_tile = w_ref[b]  # (Bs, bn)
+        partial, x_sum = None, None
+        for part in range(parts):
+            x = xs_ref[part, b]  # (bm, Bs)
+            q = operands.weight_part(w_tile, part, packed, op_dtype)
+            d = lax.dot_general(x, q, (((1,), (0,)), ((), ())),
+                                precision=_precision(op_dtype), preferred_element_type=int_acc)
+            partial = d if partial is None else partial + d
+            if has_zero:
+                s = jnp.sum(x.astype(jnp.float32), axis=1, keepdims=True)  # (bm, 1)
+                x_sum = s if x_sum is None else x_sum + s
+        y = partial.astype(jnp.float32)
+        if has_x_scale:
+            x_scale = xsc_ref[b]  # (bm, 1)
+            y = y * x_scale
+            if has_zero:
+                x_sum = x_sum * x_scale
+        acc += y * scale_ref[b]  # (1, bn)
+        if has_zero:
+            acc -= x_sum * zero_ref[b]
+        return acc
+
+    acc = lax.fori_loop(0, n_blocks, step, jnp.zeros((bm, bn), jnp.float32))
+    o_ref[...] = acc.astype(o_ref.dtype)
+
+
+def _is_pow2(v: int) -> bool:
+    return v > 0 and v & (v - 1) == 0
+
+
+def supports(*, block_size: int, packed: bool, x_dtype, quantize_activation: bool) -> bool:
+    """Per-channel: always (K is padded). Blockwise: B/p a power of 2 >= 16."""
+    del x_dtype, quantize_activation
+    if block_size == -1:
+        return True
+    bs = block_size // (2 if packed else 1)
+    return _is_pow2(bs) and bs >= 16
+
+
+@functools.partial(jax.jit, static_argnames=(
+    "block_size", "quantize_activation", "blocks", "interpret"))
+def quantized_matmul(x, w, scale, zero_point=None, *, block_size: int = -1,
+                     quantize_activation: bool = False,
+                     blocks: block_sizes.GpuBlocks | None = None, interpret=False):
+    """``x [M, K] @ dequantized(w).T -> [M, N]`` in x's dtype, on the Triton kernel.
+
+    Args as `pallas_kernels.tpu.quantized_matmul.quantized_matmul`; `blocks`
+    defaults to `block_sizes.gpu_blocks`; ``interpret=True`` runs the same
+    kernel body on the CPU (Pallas' generic interpreter).
+    """
+    m, k = x.shape
+    packed = w.dtype == jnp.uint8
+    parts = 2 if packed else 1
+    n = w.shape[-1] if block_size != -1 else w.shape[0]
+    if blocks is None:
+        blocks = block_sizes.gpu_blocks(m, k, n, block_size=block_size, packed=packed)
+    op_dtype = jnp.int8 if quantize_activation else x.dtype
+    xs, wk, sk, zk, xsck = operands.kernel_operands(
+        x, w, scale, zero_point, block_size=block_size,
+        quantize_activation=quantize_activation, op_dtype=op_dtype,
+        m_pad=blocks.m_pad, n_pad=blocks.n_pad, k_pad=blocks.k_pad)
+    bm, bn = blocks.bm, blocks.bn
+    has_zero, has_x_scale = zk is not None, xsck is not None
+
+    if block_size == -1:
+        ks = blocks.k_pad // parts
+        chunk = blocks.bk // parts
+        in_specs = [pl.BlockSpec((parts, bm, ks), lambda i, j: (0, i, 0)),
+                    pl.BlockSpec((bn, ks), lambda i, j: (j, 0)),
+                    pl.BlockSpec((1, bn), lambda i, j: (0, j))]
+        if has_zero:
+            in_specs.append(pl.BlockSpec((1, bn), lambda i, j: (0, j)))
+        if has_x_scale:
+            in_specs.append(pl.BlockSpec((bm, 1), lambda i, j: (i, 0)))
+        kernel = functools.partial(_per_channel_kernel, parts=parts, packed=packed,
+                                   has_zero=has_zero, has_x_scale=has_x_scale,
+                                   chunk=chunk, n_chunks=ks // chunk)
+    else:
+        nb, bs = k // block_size, block_size // parts
+        in_specs = [pl.BlockSpec((parts, nb, bm, bs), lambda i, j: (0, 0, i, 0)),
+                    pl.BlockSpec((nb, bs, bn), lambda i, j: (0, 0, j)),
+                    pl.BlockSpec((nb, 1, bn), lambda i, j: (0, 0, j))]
+        if has_zero:
+            in_specs.append(pl.BlockSpec((nb, 1, bn), lambda i, j: (0, 0, j)))
+        if has_x_scale:
+            in_specs.append(pl.BlockSpec((nb, bm, 1), lambda i, j: (0, i, 0)))
+        kernel = functools.partial(_blockwise_kernel, parts=parts, packed=packed,
+                                   has_zero=has_zero, has_x_scale=has_x_scale, n_blocks=nb)
+
+    args = [xs, wk, sk] + ([zk] if has_zero else []) + ([xsck] if has_x_scale else [])
+    out = pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct((blocks.m_pad, blocks.n_pad), x.dtype),
+        grid=blocks.grid,
+        in_specs=in_specs,
+        out_specs=pl.BlockSpec((bm, bn), lambda i, j: (i, j)),
+        compiler_params=plgpu.CompilerParams(num_warps=blocks.num_warps,
+                                             num_stages=blocks.num_stages),
+        interpret=interpret,
+        name=("quantized_matmul_" + ("blockwise" if block_size != -1 else "per_channel")
+              + ("_packed_int4" if packed else "") + ("_a8" if quantize_activation else "")),
+    )(*args)
+    return out[:m, :n]
