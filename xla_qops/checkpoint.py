@@ -1,0 +1,312 @@
+"""Saving and loading quantized weights and models with safetensors (no pickle).
+
+File layout: a plain safetensors file whose tensor names are those of a
+module-swapped model's ``state_dict()``: for a quantized linear layer at
+``<prefix>``
+
+* ``<prefix>.weight``: int8 (8-bit, or unpacked int4) or uint8 (packed int4)
+  in API.md section 2's layout,
+* ``<prefix>.weight_scaler``: float ``[out]`` or ``[in/B, out]``,
+* ``<prefix>.zero_point``: like ``weight_scaler``, only for asymmetric layers,
+* ``<prefix>.bias`` and any other tensor (embeddings, LayerNorm, ...) as given.
+
+These are torch_xla's ``XlaQuantizedLinear`` buffer names, which
+``torch_bridge.XlaQuantizedLinear`` keeps, so a saved file loads into a
+module-swapped model with ``load_state_dict``.
+
+The safetensors metadata (string -> string) holds ``"format": "pt"`` and
+``"xla_qops.schemes"``: JSON ``{prefix: LayerScheme fields}`` (bits,
+block_size, packed, symmetric, quantize_activation, in/out features, scale
+dtype, scheme name). Loading checks every quantized layer's tensors against
+its scheme, and optionally every tensor against an expected state dict; all
+problems are reported in one `CheckpointError`.
+
+Arrays are numpy (bfloat16 via ml_dtypes); torch is optional and only used
+by the ``*_torch`` helpers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Mapping, Optional
+
+import numpy as np
+
+from xla_qops.quantize import QuantizedWeight
+
+SCHEMES_KEY = "xla_qops.schemes"
+VERSION_KEY = "xla_qops.version"
+VERSION = "1"
+_FLOAT_DTYPES = ("float32", "bfloat16", "float16")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint does not match its metadata or the expected tensors.
+
+    `problems` lists every mismatch; the message shows them all.
+    """
+
+    def __init__(self, path, problems):
+        self.problems = list(problems)
+        lines = "\n  ".join(self.problems)
+        super().__init__(f"{path}: {len(self.problems)} tensor(s) do not match:\n  {lines}")
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerScheme:
+    """How one linear layer is quantized; enough to rebuild its module and check its tensors."""
+
+    bits: int
+    block_size: int
+    packed: bool
+    symmetric: bool
+    quantize_activation: bool
+    in_features: int
+    out_features: int
+    scale_dtype: str = "float32"
+
+    @property
+    def scheme(self) -> str:
+        """'w8a16', 'w4a16', 'w8a8' or 'w4a8'."""
+        return f"w{self.bits}a{8 if self.quantize_activation else 16}"
+
+    @classmethod
+    def of(cls, qw: QuantizedWeight, quantize_activation: bool = False) -> "LayerScheme":
+        return cls(bits=qw.bits, block_size=qw.block_size, packed=qw.packed,
+                   symmetric=qw.zero_point is None, quantize_activation=bool(quantize_activation),
+                   in_features=qw.in_features, out_features=qw.out_features,
+                   scale_dtype=np.dtype(qw.scale.dtype).name)
+
+    def tensor_specs(self, prefix: str) -> dict[str, tuple[tuple[int, ...], str]]:
+        """name -> (shape, dtype) of the layer's quantized tensors (bias excluded)."""
+        k, n, b = self.in_features, self.out_features, self.block_size
+        stored = 2 if self.packed else 1
+        if b == -1:
+            w_shape, s_shape = (n, k // stored), (n,)
+        else:
+            w_shape, s_shape = (k // b, b // stored, n), (k // b, n)
+        specs = {f"{prefix}.weight": (w_shape, "uint8" if self.packed else "int8"),
+                 f"{prefix}.weight_scaler": (s_shape, self.scale_dtype)}
+        if not self.symmetric:
+            specs[f"{prefix}.zero_point"] = (s_shape, self.scale_dtype)
+        return specs
+
+    def to_json(self) -> dict:
+        return dict(dataclasses.asdict(self), scheme=self.scheme)
+
+    @classmethod
+    def from_json(cls, d: Mapping) -> "LayerScheme":
+        fields = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in fields})
+
+
+@dataclasses.dataclass
+class QuantizedCheckpoint:
+    """A loaded checkpoint: quantized layers as `QuantizedWeight`s plus every other tensor."""
+
+    weights: dict[str, QuantizedWeight]
+    schemes: dict[str, LayerScheme]
+    tensors: dict[str, np.ndarray]
+    metadata: dict[str, str]
+
+
+def _to_numpy(name, a) -> np.ndarray:
+    if hasattr(a, "detach") and hasattr(a, "cpu"):  # torch.Tensor
+        t = a.detach().cpu().contiguous()
+        if str(t.dtype) == "torch.bfloat16":
+            import ml_dtypes
+            import torch
+            return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+        return t.numpy()
+    if not hasattr(a, "shape"):
+        raise TypeError(f"{name}: expected an array, got {type(a).__name__}")
+    return np.asarray(a)
+
+
+def _shape(s) -> str:
+    return "[" + ", ".join(str(int(d)) for d in s) + "]"
+
+
+def check_tensors(tensors: Mapping[str, np.ndarray], schemes: Mapping[str, LayerScheme],
+                  expected: Optional[Mapping[str, object]] = None) -> list[str]:
+    """Every mismatch between `tensors` and what `schemes` (and `expected`) demand.
+
+    Args:
+      tensors: name -> array (anything with .shape and .dtype).
+      schemes: prefix -> LayerScheme.
+      expected: optional name -> array or ``(shape, dtype)``, e.g. a target
+        model's state_dict; then missing and unexpected names count too.
+    """
+    problems = []
+
+    def compare(name, want_shape, want_dtype, source):
+        if name not in tensors:
+            problems.append(f"{name}: missing (expected {want_dtype} {_shape(want_shape)}, "
+                            f"{source})")
+            return
+        have = tensors[name]
+        have_dtype = _dtype_name(have)
+        if tuple(have.shape) != tuple(want_shape) or have_dtype != want_dtype:
+            problems.append(f"{name}: expected {want_dtype} {_shape(want_shape)} ({source}), "
+                            f"got {have_dtype} {_shape(have.shape)}")
+
+    for prefix, scheme in schemes.items():
+        for name, (shape, dtype) in scheme.tensor_specs(prefix).items():
+            compare(name, shape, dtype, f"{scheme.scheme}, block_size={scheme.block_size}")
+        bias = tensors.get(f"{prefix}.bias")
+        if bias is not None and tuple(bias.shape) != (scheme.out_features,):
+            problems.append(f"{prefix}.bias: expected shape [{scheme.out_features}] (out "
+                            f"features), got {_shape(bias.shape)}")
+    if expected is not None:
+        for name, want in expected.items():
+            if isinstance(want, tuple):
+                shape, dtype = want
+            else:
+                shape, dtype = want.shape, _dtype_name(want)
+            compare(name, shape, dtype, "expected by the target")
+        problems.extend(f"{name}: unexpected (not in the target)"
+                        for name in tensors if name not in expected)
+    # One entry per tensor, in a stable order.
+    return sorted(dict.fromkeys(problems))
+
+
+def _dtype_name(a) -> str:
+    d = getattr(a, "dtype", None)
+    s = str(d)
+    return s[len("torch."):] if s.startswith("torch.") else np.dtype(d).name
+
+
+def save_state_dict(path, state_dict: Mapping[str, object], schemes: Mapping[str, LayerScheme],
+                    metadata: Optional[Mapping[str, str]] = None) -> None:
+    """Writes a quantized model's state dict (numpy, JAX or torch arrays) to `path`.
+
+    Raises `CheckpointError` (before writing) if a quantized layer's tensors
+    do not match its scheme.
+    """
+    from safetensors.numpy import save_file
+
+    arrays = {name: np.ascontiguousarray(_to_numpy(name, a)) for name, a in state_dict.items()}
+    problems = check_tensors(arrays, schemes)
+    if problems:
+        raise CheckpointError(path, problems)
+    meta = {"format": "pt", VERSION_KEY: VERSION,
+            SCHEMES_KEY: json.dumps({p: s.to_json() for p, s in schemes.items()}, sort_keys=True)}
+    meta.update(metadata or {})
+    save_file(arrays, os.fspath(path), metadata=meta)
+
+
+def load_state_dict(path, expected: Optional[Mapping[str, object]] = None
+                    ) -> tuple[dict[str, np.ndarray], dict[str, LayerScheme], dict[str, str]]:
+    """Reads `path`: (tensors, schemes, metadata). All mismatches -> one `CheckpointError`."""
+    from safetensors import safe_open
+
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such checkpoint file")
+    with safe_open(path, framework="numpy") as f:
+        metadata = dict(f.metadata() or {})
+        tensors = {name: f.get_tensor(name) for name in f.keys()}
+    schemes = read_schemes(metadata, path)
+    problems = check_tensors(tensors, schemes, expected)
+    if problems:
+        raise CheckpointError(path, problems)
+    return tensors, schemes, metadata
+
+
+def read_schemes(metadata: Mapping[str, str], path="checkpoint") -> dict[str, LayerScheme]:
+    raw = metadata.get(SCHEMES_KEY)
+    if raw is None:
+        return {}
+    try:
+        return {p: LayerScheme.from_json(d) for p, d in json.loads(raw).items()}
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{path}: metadata {SCHEMES_KEY!r} is not valid: {e}") from e
+
+
+def save_quantized(path, weights: Mapping[str, QuantizedWeight],
+                   tensors: Optional[Mapping[str, object]] = None, *,
+                   quantize_activation: bool | Mapping[str, bool] = False,
+                   metadata: Optional[Mapping[str, str]] = None) -> None:
+    """Saves `QuantizedWeight`s (prefix -> weight) and any other tensors (bias, ...).
+
+    `quantize_activation` (one flag, or per prefix) is recorded in the scheme
+    so that the module rebuilt from the file runs W8A8/W4A8 when it should.
+    """
+    state, schemes = {}, {}
+    for prefix, qw in weights.items():
+        if not isinstance(qw, QuantizedWeight):
+            raise TypeError(f"weights[{prefix!r}]: expected a QuantizedWeight, got "
+                            f"{type(qw).__name__}")
+        qa = (quantize_activation.get(prefix, False) if isinstance(quantize_activation, Mapping)
+              else quantize_activation)
+        schemes[prefix] = LayerScheme.of(qw, qa)
+        state[f"{prefix}.weight"] = np.asarray(qw.w)
+        state[f"{prefix}.weight_scaler"] = np.asarray(qw.scale)
+        if qw.zero_point is not None:
+            state[f"{prefix}.zero_point"] = np.asarray(qw.zero_point)
+    for name, a in (tensors or {}).items():
+        if name in state:
+            raise ValueError(f"tensors: {name!r} is also a quantized layer's tensor")
+        state[name] = a
+    save_state_dict(path, state, schemes, metadata)
+
+
+def load_quantized(path, expected: Optional[Mapping[str, object]] = None) -> QuantizedCheckpoint:
+    """Loads a file written by `save_quantized`, `save_state_dict` or `xla-qops quantize`."""
+    import jax.numpy as jnp
+
+    tensors, schemes, metadata = load_state_dict(path, expected)
+    weights = {}
+    for prefix, s in schemes.items():
+        zp = tensors.pop(f"{prefix}.zero_point", None)
+        weights[prefix] = QuantizedWeight(
+            w=jnp.asarray(tensors.pop(f"{prefix}.weight")),
+            scale=jnp.asarray(tensors.pop(f"{prefix}.weight_scaler")),
+            zero_point=None if zp is None else jnp.asarray(zp),
+            bits=s.bits, block_size=s.block_size, packed=s.packed)
+    return QuantizedCheckpoint(weights=weights, schemes=schemes, tensors=tensors,
+                               metadata=metadata)
+
+
+# ------------------------------------------------------------------ torch helpers
+
+def schemes_of_torch_model(model) -> dict[str, LayerScheme]:
+    """LayerSchemes of every XlaQuantizedLinear-like submodule (duck-typed: it has
+    `weight_scaler` and `int4_weight`), keyed by module name."""
+    schemes = {}
+    for name, m in model.named_modules():
+        if hasattr(m, "weight_scaler") and hasattr(m, "int4_weight"):
+            packed = str(m.weight.dtype) == "torch.uint8"
+            schemes[name] = LayerScheme(
+                bits=4 if m.int4_weight else 8, block_size=int(m.block_size), packed=packed,
+                symmetric=getattr(m, "zero_point", None) is None,
+                quantize_activation=bool(m.quantize_activation),
+                in_features=int(m.input_dim), out_features=int(m.output_dim),
+                scale_dtype=_dtype_name(m.weight_scaler))
+    return schemes
+
+
+def save_torch(model, path, metadata: Optional[Mapping[str, str]] = None) -> None:
+    """Saves a module-swapped torch model's state_dict with its schemes."""
+    save_state_dict(path, model.state_dict(), schemes_of_torch_model(model), metadata)
+
+
+def load_torch(path, model=None) -> tuple[dict, dict[str, LayerScheme]]:
+    """(torch state dict, schemes) from `path`; with `model`, checked against its state_dict.
+
+    Typical use: build the module-swapped model the schemes describe, then
+    ``model.load_state_dict(load_torch(path, model)[0])``.
+    """
+    import torch
+
+    expected = None if model is None else model.state_dict()
+    tensors, schemes, _ = load_state_dict(path, expected)
+    out = {}
+    for name, a in tensors.items():
+        if a.dtype.name == "bfloat16":
+            out[name] = torch.from_numpy(a.view(np.int16).copy()).view(torch.bfloat16)
+        else:
+            out[name] = torch.from_numpy(np.array(a))
+    return out, schemes
