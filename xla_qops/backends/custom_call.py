@@ -1,14 +1,86 @@
-"""custom_call backend: not built yet (placeholder so the dispatch table is complete)."""
+"""custom_call backend: host-CPU C++ kernels called through the XLA FFI.
+
+The kernels live in the compiled module `xla_qops._cpu_kernels` (csrc/, built
+at install time; docs/cpu_kernels.md). They take API.md's layouts as they are,
+every call, with no prepare step:
+
+* x ``[M, K]`` bfloat16 / float16 / float32 (vmap adds leading dims, which the
+  kernel folds into M when only x is batched);
+* w int8 ``[N, K]`` / ``[K/B, B, N]``, or packed int4 uint8 ``[N, K/2]`` /
+  ``[K/B, B/2, N]``. Unpacked int4 (int8 container) is packed here, in the
+  graph, first: one kernel per storage form keeps packed and unpacked results
+  bit-identical;
+* scale, zero_point: cast to float32 (a no-op for `quantize_weight`'s output).
+
+All eight schemes, per-channel and any block size, on the ``cpu`` platform.
+Results are deterministic: identical for any thread count
+(`set_num_threads`) and across concurrent calls.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from xla_qops import packing
+
+TARGET = "xla_qops_quantized_matmul"
+
+
+@functools.cache
+def _extension():
+    """The compiled module with its FFI target registered, or None."""
+    try:
+        from xla_qops import _cpu_kernels
+    except ImportError:
+        return None
+    for name, capsule in _cpu_kernels.registrations().items():
+        jax.ffi.register_ffi_target(name, capsule, platform="cpu")
+    return _cpu_kernels
 
 
 def available() -> bool:
-    return False
+    return _extension() is not None
 
 
 def supports(spec, platform) -> bool:
-    del spec, platform
-    return False
+    del spec  # every scheme, block size and activation dtype
+    return platform == "cpu"
+
+
+def isa() -> str:
+    """The kernel set in use on this CPU: "avx512" or "generic" (portable C++)."""
+    return _extension().isa()
+
+
+def num_threads() -> int:
+    """Threads the kernels use (default: the CPUs this process may run on)."""
+    return _extension().num_threads()
+
+
+def set_num_threads(n: int) -> None:
+    """Sets the kernels' thread count (results do not depend on it)."""
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise ValueError(f"n: expected an int >= 1, got {n!r}")
+    _extension().set_num_threads(n)
 
 
 def matmul(x, w, scale, zero_point, spec, platform=None):
-    raise NotImplementedError("the custom_call backend is not built yet")
+    del platform  # only called for "cpu"
+    if _extension() is None:
+        raise RuntimeError("xla_qops._cpu_kernels is not built; reinstall the package")
+    if spec.bits == 4 and not spec.packed:
+        w = packing.pack_int4(w, packing.input_axis(spec.blockwise))
+    scale = scale.astype(jnp.float32)
+    # Without a zero point the kernel ignores this operand; scale stands in.
+    zero_point = scale if zero_point is None else zero_point.astype(jnp.float32)
+    m = x.shape[0]
+    call = jax.ffi.ffi_call(
+        TARGET, jax.ShapeDtypeStruct((m, spec.out_features), x.dtype),
+        vmap_method="expand_dims")
+    return call(x, w, scale, zero_point,
+                block_size=int(spec.block_size), bits=int(spec.bits),
+                has_zero_point=int(spec.has_zero_point),
+                quantize_activation=int(spec.quantize_activation))

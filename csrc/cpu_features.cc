@@ -1,0 +1,58 @@
+#include "cpu_features.h"
+
+#include <cpuid.h>
+
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+
+namespace xqk {
+namespace {
+
+uint64_t xgetbv0() {
+  uint32_t eax, edx;
+  __asm__ volatile("xgetbv" : "=a"(eax), "=d"(edx) : "c"(0));
+  return (static_cast<uint64_t>(edx) << 32) | eax;
+}
+
+CpuFeatures detect() {
+  CpuFeatures f;
+  unsigned a, b, c, d;
+  if (!__get_cpuid(1, &a, &b, &c, &d)) return f;
+  const bool osxsave = c & (1u << 27);
+  if (!osxsave) return f;
+  const uint64_t xcr0 = xgetbv0();
+  // XMM, YMM, opmask, ZMM_Hi256, Hi16_ZMM state enabled by the OS.
+  const bool zmm_os = (xcr0 & 0xE6) == 0xE6;
+  if (__get_cpuid_max(0, nullptr) < 7) return f;
+  __cpuid_count(7, 0, a, b, c, d);
+  const bool f_ = b & (1u << 16), dq = b & (1u << 17), bw = b & (1u << 30), vl = b & (1u << 31);
+  f.avx512_core = zmm_os && f_ && dq && bw && vl;
+  f.avx512_vnni = f.avx512_core && (c & (1u << 11));
+  f.amx_bf16 = d & (1u << 22);
+  f.amx_tile = d & (1u << 24);
+  f.amx_int8 = d & (1u << 25);
+  unsigned a1, b1, c1, d1;
+  __cpuid_count(7, 1, a1, b1, c1, d1);
+  f.avx512_bf16 = f.avx512_core && (a1 & (1u << 5));
+  return f;
+}
+
+}  // namespace
+
+const CpuFeatures& cpu_features() {
+  static const CpuFeatures f = detect();
+  return f;
+}
+
+const char* active_isa() {
+  static const char* isa = [] {
+    const char* env = std::getenv("XLA_QOPS_CPU_ISA");
+    if (env && std::strcmp(env, "generic") == 0) return "generic";
+    const CpuFeatures& f = cpu_features();
+    return (f.avx512_core && f.avx512_bf16 && f.avx512_vnni) ? "avx512" : "generic";
+  }();
+  return isa;
+}
+
+}  // namespace xqk

@@ -1,0 +1,151 @@
+// The loop nest shared by every ISA: prepare x, then one task per 64-column
+// tile (see qmm.h for the scheme).
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+
+#include "cpu_features.h"
+#include "qmm.h"
+#include "thread_pool.h"
+
+namespace xqk {
+namespace {
+
+struct FreeDeleter {
+  void operator()(void* p) const { std::free(p); }
+};
+using Buffer = std::unique_ptr<char, FreeDeleter>;
+
+Buffer alloc(int64_t bytes) {
+  size_t n = static_cast<size_t>(round_up(bytes > 0 ? bytes : 64, 64));
+  return Buffer(static_cast<char*>(std::aligned_alloc(64, n)));
+}
+
+// Per-thread scratch that only grows.
+struct Scratch {
+  Buffer buf;
+  int64_t size = 0;
+  char* get(int64_t bytes) {
+    if (bytes > size) {
+      buf = alloc(bytes);
+      size = bytes;
+    }
+    return buf.get();
+  }
+};
+thread_local Scratch tl_panel, tl_acc, tl_out;
+
+const Kernels& kernels() {
+  static const Kernels& k =
+      std::strcmp(active_isa(), "avx512") == 0 ? avx512_kernels() : generic_kernels();
+  return k;
+}
+
+// Rows of x per preparation task: enough work to be worth a task.
+int64_t prep_rows_per_task(const Problem& p) {
+  int64_t rows = (1 << 16) / (p.K > 0 ? p.K : 1);
+  return rows < 1 ? 1 : rows;
+}
+
+template <class Prep, class X>
+void prepare(const Problem& p, Prep prep, const X& xa) {
+  const int64_t rows = prep_rows_per_task(p);
+  const int64_t tasks = (p.M + rows - 1) / rows;
+  parallel_for(tasks, [&](int64_t t) {
+    int64_t m0 = t * rows, m1 = m0 + rows < p.M ? m0 + rows : p.M;
+    prep(p, xa, m0, m1);
+  });
+}
+
+void run_a16(const Problem& p, const Kernels& k) {
+  XA16 xa;
+  xa.T = p.xt == kBF16 ? 1 : (p.xt == kF16 ? 2 : 3);
+  xa.Gp = round_up(p.G, 2);
+  xa.Kp = p.groups * xa.Gp;
+  const int64_t R = p.M * xa.T;
+  Buffer xb = alloc(R * xa.Kp * 2), rowexp = alloc(p.M * 4), xsum = alloc(p.M * p.groups * 4);
+  xa.xb = reinterpret_cast<uint16_t*>(xb.get());
+  xa.rowexp = reinterpret_cast<float*>(rowexp.get());
+  xa.xsum = reinterpret_cast<float*>(xsum.get());
+  prepare(p, k.prep_a16, xa);
+
+  const int64_t tiles = (p.N + kNR - 1) / kNR;
+  const int64_t chunk = 2 * kMaxSteps;  // padded-k per panel
+  parallel_for(tiles, [&](int64_t tile) {
+    const int64_t n0 = tile * kNR;
+    const int ncols = static_cast<int>(p.N - n0 < kNR ? p.N - n0 : kNR);
+    uint32_t* panel = reinterpret_cast<uint32_t*>(tl_panel.get(kMaxSteps * kNR * 4));
+    float* acc = reinterpret_cast<float*>(tl_acc.get(R * kNR * 4));
+    float* out = reinterpret_cast<float*>(tl_out.get(p.M * kNR * 4));
+    for (int64_t g = 0; g < p.groups; ++g) {
+      for (int64_t kk0 = 0; kk0 < xa.Gp; kk0 += chunk) {
+        const int64_t kk1 = kk0 + chunk < xa.Gp ? kk0 + chunk : xa.Gp;
+        k.pack_a16(p, g, kk0, kk1, n0, panel);
+        const uint16_t* x = xa.xb + g * xa.Gp + kk0;
+        for (int64_t r0 = 0; r0 < R; r0 += kMR) {
+          const int mr = static_cast<int>(R - r0 < kMR ? R - r0 : kMR);
+          k.mk_a16(mr, x + r0 * xa.Kp, xa.Kp, panel, (kk1 - kk0) / 2, acc + r0 * kNR,
+                   kk0 == 0);
+        }
+      }
+      k.fin_a16(p, xa, g, n0, ncols, acc, out, g == 0);
+    }
+    k.store(p, xa.rowexp, n0, ncols, out);
+  });
+}
+
+void run_a8(const Problem& p, const Kernels& k) {
+  XA8 xa;
+  xa.Gp = round_up(p.G, 4);
+  xa.Kp = p.groups * xa.Gp;
+  const int64_t mg = p.M * p.groups;
+  Buffer xq = alloc(p.M * xa.Kp), xs = alloc(mg * 4), sq = alloc(mg * 4), xzs = alloc(mg * 4);
+  xa.xq = reinterpret_cast<int8_t*>(xq.get());
+  xa.xs = reinterpret_cast<float*>(xs.get());
+  xa.sq = reinterpret_cast<int32_t*>(sq.get());
+  xa.xzs = reinterpret_cast<float*>(xzs.get());
+  prepare(p, k.prep_a8, xa);
+
+  const int64_t tiles = (p.N + kNR - 1) / kNR;
+  const int64_t chunk = 4 * kMaxSteps;
+  parallel_for(tiles, [&](int64_t tile) {
+    const int64_t n0 = tile * kNR;
+    const int ncols = static_cast<int>(p.N - n0 < kNR ? p.N - n0 : kNR);
+    uint32_t* panel = reinterpret_cast<uint32_t*>(tl_panel.get(kMaxSteps * kNR * 4));
+    int32_t* acc = reinterpret_cast<int32_t*>(tl_acc.get(p.M * kNR * 4));
+    float* out = reinterpret_cast<float*>(tl_out.get(p.M * kNR * 4));
+    for (int64_t g = 0; g < p.groups; ++g) {
+      for (int64_t kk0 = 0; kk0 < xa.Gp; kk0 += chunk) {
+        const int64_t kk1 = kk0 + chunk < xa.Gp ? kk0 + chunk : xa.Gp;
+        k.pack_a8(p, g, kk0, kk1, n0, panel);
+        const int8_t* x = xa.xq + g * xa.Gp + kk0;
+        for (int64_t r0 = 0; r0 < p.M; r0 += kMR) {
+          const int mr = static_cast<int>(p.M - r0 < kMR ? p.M - r0 : kMR);
+          k.mk_a8(mr, x + r0 * xa.Kp, xa.Kp, panel, (kk1 - kk0) / 4, acc + r0 * kNR,
+                  kk0 == 0);
+        }
+      }
+      k.fin_a8(p, xa, g, n0, ncols, acc, out, g == 0);
+    }
+    k.store(p, nullptr, n0, ncols, out);
+  });
+}
+
+}  // namespace
+
+void run(const Problem& p) {
+  if (p.M == 0 || p.N == 0) return;
+  const Kernels& k = kernels();
+  if (p.K == 0) {  // empty contraction: y = 0
+    const int64_t bytes = p.xt == kF32 ? 4 : 2;
+    std::memset(p.y, 0, static_cast<size_t>(p.M * p.N * bytes));
+    return;
+  }
+  if (p.qa) {
+    run_a8(p, k);
+  } else {
+    run_a16(p, k);
+  }
+}
+
+}  // namespace xqk

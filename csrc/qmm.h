@@ -1,0 +1,105 @@
+// Quantized matmul on the host CPU: shared declarations.
+//
+// Problem (API.md conventions, x already flattened to [M, K]):
+//   y[m, n] = sum_g sum_{k in group g} x_hat[m, k] * (scale[g, n] * q[k, n] - zp[g, n])
+// with x_hat = x (A16) or x_scale * x_q (A8, xla_qops/activation.py), groups of
+// G = block_size input features (G = K per-channel).
+//
+// Weight layouts as stored by the API (never repacked outside a call):
+//   per-channel int8        [N, K]       int4 packed [N, K/2]
+//   blockwise   int8 [K/G, G, N] = [K, N]     int4 packed [K/2, N]
+// (packed: two's-complement nibbles, even k in the low nibble).
+//
+// Scheme of every kernel (driver.cc): output columns are cut into tiles of
+// kNR = 64 (one task each, so results do not depend on the thread count); for
+// each tile and group the weights are unpacked into a small "panel" in L1, in
+// the pair/quad-interleaved order that vdpbf16ps / vpdpbusd consume:
+//   A16: panel[s][c] = bf16(q[2s, c]) | bf16(q[2s+1, c]) << 16   (exact integers)
+//   A8:  panel[s][c] = bytes (q[4s+j, c] + bias), j = 0..3        (bias 128 / 8)
+// and a register-blocked microkernel multiplies up to kMR rows of x by it.
+// Integer weights stay exact; scales and zero points are applied to the
+// float32 / int32 partial sums of each group (the activation-sum trick handles
+// zero points: sum_k x (s q - z) = s * sum_k x q - z * sum_k x).
+#pragma once
+
+#include <cstdint>
+
+namespace xqk {
+
+enum XType : int { kBF16 = 0, kF16 = 1, kF32 = 2 };
+
+constexpr int kNR = 64;  // output columns per tile (4 ZMM of float32)
+constexpr int kMR = 6;   // max rows of x per microkernel call
+
+struct Problem {
+  int64_t M, K, N;
+  int64_t G;       // group size along K: block_size, or K per-channel
+  int64_t groups;  // K / G
+  int bits;        // 8: int8 weights; 4: packed int4 (uint8 pairs along K)
+  bool blockwise, has_zp, qa;
+  XType xt;
+  const void* x;        // [M, K] of xt
+  const uint8_t* w;     // API layout (see above)
+  const float* scale;   // [N] per-channel, [groups, N] blockwise
+  const float* zp;      // same shape as scale, or nullptr
+  void* y;              // [M, N] of xt
+};
+
+// x prepared for the A16 kernels. Each row is scaled by a power of two 2^-e
+// (absmax into [0.5, 1), e clamped to [-64, 64]) so that no bf16 term is
+// subnormal (vdpbf16ps flushes those); rowexp undoes it exactly. f16 and f32
+// values are split into T bf16 terms whose sum is exact.
+struct XA16 {
+  int T;            // 1 (bf16), 2 (f16), 3 (f32)
+  int64_t Gp, Kp;   // group length padded to even; Kp = groups * Gp
+  uint16_t* xb;     // [M*T][Kp] bf16, row m*T+t, zero padded
+  float* rowexp;    // [M] 2^e
+  float* xsum;      // [M][groups] sum of x over the group, times 2^-e
+};
+
+// x prepared for the A8 kernels: exactly xla_qops/activation.py's integers.
+struct XA8 {
+  int64_t Gp, Kp;   // group length padded to a multiple of 4; Kp = groups * Gp
+  int8_t* xq;       // [M][Kp]
+  float* xs;        // [M][groups] x_scale = absmax / 127
+  int32_t* sq;      // [M][groups] sum of xq over the group
+  float* xzs;       // [M][groups] x_scale * sum(xq)  (zero-point term)
+};
+
+static inline int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
+
+// One implementation per ISA; the driver calls through this table.
+struct Kernels {
+  void (*prep_a16)(const Problem&, const XA16&, int64_t m0, int64_t m1);
+  void (*prep_a8)(const Problem&, const XA8&, int64_t m0, int64_t m1);
+  // Panel ([steps][kNR] dwords) of group g, padded-k range [kk0, kk1), columns
+  // n0.. (zero beyond N and beyond the group's G features).
+  void (*pack_a16)(const Problem&, int64_t g, int64_t kk0, int64_t kk1, int64_t n0,
+                   uint32_t* panel);
+  void (*pack_a8)(const Problem&, int64_t g, int64_t kk0, int64_t kk1, int64_t n0,
+                  uint32_t* panel);
+  // acc[r][kNR] (= if init, else +=) x rows [0, mr) (row stride ldx) times panel.
+  void (*mk_a16)(int mr, const uint16_t* x, int64_t ldx, const uint32_t* panel,
+                 int64_t steps, float* acc, bool init);
+  void (*mk_a8)(int mr, const int8_t* x, int64_t ldx, const uint32_t* panel,
+                int64_t steps, int32_t* acc, bool init);
+  // out[m][c] (= if init, else +=) group g's scaled contribution, all M rows.
+  void (*fin_a16)(const Problem&, const XA16&, int64_t g, int64_t n0, int ncols,
+                  const float* acc, float* out, bool init);
+  void (*fin_a8)(const Problem&, const XA8&, int64_t g, int64_t n0, int ncols,
+                 const int32_t* acc, float* out, bool init);
+  // y[m][n0 + c] = out[m][c] * rowexp[m] (rowexp may be null), in p.xt.
+  void (*store)(const Problem&, const float* rowexp, int64_t n0, int ncols,
+                const float* out);
+};
+
+const Kernels& generic_kernels();
+const Kernels& avx512_kernels();  // only after cpu_features() says so
+
+// Panel/acc sizes.
+constexpr int64_t kMaxSteps = 128;  // panel: 128 x 64 dwords = 32 KiB
+
+// Runs the whole problem (multithreaded).
+void run(const Problem& p);
+
+}  // namespace xqk

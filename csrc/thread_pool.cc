@@ -1,0 +1,150 @@
+#include "thread_pool.h"
+
+#include <sched.h>
+#include <xmmintrin.h>
+
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <cstdlib>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+namespace xqk {
+namespace {
+
+int default_threads() {
+  if (const char* env = std::getenv("XLA_QOPS_NUM_THREADS")) {
+    int n = std::atoi(env);
+    if (n >= 1) return n;
+  }
+  cpu_set_t set;
+  if (sched_getaffinity(0, sizeof(set), &set) == 0) {
+    int n = CPU_COUNT(&set);
+    if (n >= 1) return n;
+  }
+  return std::max(1u, std::thread::hardware_concurrency());
+}
+
+// Every task runs with the default floating-point environment (round to
+// nearest even, no flush-to-zero / denormals-are-zero), whatever the calling
+// thread had set: the same task gives the same bits on any thread.
+struct FloatEnv {
+  unsigned saved = _mm_getcsr();
+  FloatEnv() { _mm_setcsr(0x1f80); }
+  ~FloatEnv() { _mm_setcsr(saved); }
+};
+
+class Pool {
+ public:
+  Pool() : target_(default_threads()) {}
+  ~Pool() { stop(); }
+
+  int threads() const { return target_.load(); }
+  void set_threads(int n) {
+    std::lock_guard<std::mutex> region(region_);  // not while a region runs
+    stop();
+    target_ = std::max(1, n);
+  }
+
+  void run(int64_t n_tasks, const std::function<void(int64_t)>& fn) {
+    if (n_tasks <= 0) return;
+    std::unique_lock<std::mutex> region(region_, std::try_to_lock);
+    if (!region.owns_lock() || target_ <= 1 || n_tasks == 1) {
+      FloatEnv env;
+      for (int64_t t = 0; t < n_tasks; ++t) fn(t);
+      return;
+    }
+    start();
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      fn_ = &fn;
+      n_tasks_ = n_tasks;
+      next_.store(0);
+      active_ = static_cast<int>(workers_.size());
+      ++generation_;
+    }
+    cv_.notify_all();
+    work(fn, n_tasks);
+    std::unique_lock<std::mutex> lock(mu_);
+    done_cv_.wait(lock, [&] { return active_ == 0; });
+    fn_ = nullptr;
+  }
+
+ private:
+  void work(const std::function<void(int64_t)>& fn, int64_t n_tasks) {
+    FloatEnv env;
+    for (int64_t t = next_.fetch_add(1); t < n_tasks; t = next_.fetch_add(1)) fn(t);
+  }
+
+  void start() {
+    int want = target_ - 1;
+    if (static_cast<int>(workers_.size()) == want) return;
+    stop();
+    quit_ = false;
+    for (int i = 0; i < want; ++i) workers_.emplace_back([this] { loop(); });
+  }
+
+  void stop() {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      quit_ = true;
+    }
+    cv_.notify_all();
+    for (auto& t : workers_) t.join();
+    workers_.clear();
+  }
+
+  void loop() {
+    uint64_t seen;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      seen = generation_;
+    }
+    for (;;) {
+      const std::function<void(int64_t)>* fn;
+      int64_t n;
+      {
+        std::unique_lock<std::mutex> lock(mu_);
+        cv_.wait(lock, [&] { return quit_ || generation_ != seen; });
+        if (quit_) return;
+        seen = generation_;
+        fn = fn_;
+        n = n_tasks_;
+      }
+      work(*fn, n);
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        if (--active_ == 0) done_cv_.notify_one();
+      }
+    }
+  }
+
+  std::atomic<int> target_;
+  std::mutex region_;  // one parallel region at a time
+  std::mutex mu_;
+  std::condition_variable cv_, done_cv_;
+  std::vector<std::thread> workers_;
+  const std::function<void(int64_t)>* fn_ = nullptr;
+  int64_t n_tasks_ = 0;
+  std::atomic<int64_t> next_{0};
+  int active_ = 0;
+  uint64_t generation_ = 0;
+  bool quit_ = false;
+};
+
+Pool& pool() {
+  static Pool* p = new Pool();  // never destroyed: workers may outlive static teardown
+  return *p;
+}
+
+}  // namespace
+
+void parallel_for(int64_t n_tasks, const std::function<void(int64_t)>& fn) {
+  pool().run(n_tasks, fn);
+}
+int num_threads() { return pool().threads(); }
+void set_num_threads(int n) { pool().set_threads(n); }
+
+}  // namespace xqk
