@@ -1,0 +1,141 @@
+"""Glue between torch tensors and the JAX implementation in `xla_qops`.
+
+Two ways in, one per device kind:
+
+* CPU tensors: DLPack. ``jax.dlpack.from_dlpack`` aliases the torch buffer
+  (no copy, bf16 and uint8 included) and ``torch.from_dlpack`` aliases the
+  JAX result, so a call copies neither the weight nor the activations. The
+  JAX function is `jax.jit`-compiled once per static configuration and shape.
+* XLA tensors: ``torch_xla.core.xla_builder.call_jax`` lowers the same JAX
+  function to HLO and embeds it in torch_xla's lazy graph, so the quantized
+  matmul fuses into the model's graph and nothing leaves the device.
+
+Also here: `abstract`, a shape/dtype stand-in for a torch tensor, so that
+`xla_qops.spec.check_args` (the one validation point) can check torch
+arguments (including fake tensors under torch.compile) before any conversion.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+
+import xla_qops
+
+_NUMPY_DTYPES = {
+    torch.bfloat16: np.dtype(jnp.bfloat16),
+    torch.float16: np.dtype(np.float16),
+    torch.float32: np.dtype(np.float32),
+    torch.float64: np.dtype(np.float64),
+    torch.int8: np.dtype(np.int8),
+    torch.uint8: np.dtype(np.uint8),
+    torch.int16: np.dtype(np.int16),
+    torch.int32: np.dtype(np.int32),
+    torch.int64: np.dtype(np.int64),
+    torch.bool: np.dtype(np.bool_),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Abstract:
+    """Shape and numpy dtype of a tensor, for `xla_qops.spec.check_args`.
+
+    Not a `jax.ShapeDtypeStruct`: that one canonicalizes float64 to float32
+    when x64 is off, which would let a float64 activation through.
+    """
+
+    shape: tuple
+    dtype: np.dtype
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+
+def abstract(t: torch.Tensor, name: str) -> Abstract:
+    """`t`'s shape and dtype. Symbolic leading dims (torch.compile with dynamic
+    shapes) become 1: validation only needs the trailing, static dims."""
+    if t.dtype not in _NUMPY_DTYPES:
+        raise TypeError(f"{name}: unsupported dtype {t.dtype}")
+    shape = tuple(d if isinstance(d, int) else 1 for d in t.shape[:-1])
+    if t.dim():
+        shape += (int(t.shape[-1]),)
+    return Abstract(shape, _NUMPY_DTYPES[t.dtype])
+
+
+def to_jax(t: torch.Tensor | None):
+    """A CPU tensor as a `jax.Array` sharing its memory (DLPack)."""
+    if t is None:
+        return None
+    # detach: DLPack refuses tensors that require grad; contiguous: a no-op
+    # for the module's buffers, a copy only for strided activations.
+    return jax.dlpack.from_dlpack(t.detach().contiguous())
+
+
+def to_torch(a) -> torch.Tensor:
+    """A CPU `jax.Array` as a torch tensor sharing its memory (DLPack)."""
+    return torch.from_dlpack(a)
+
+
+# ---------------------------------------------------------------------------
+# The JAX functions. Module-level so their identity is stable: call_jax caches
+# its lowering by id(function) plus argument shapes and static values.
+
+def jax_forward(x, w, scale, zero_point, *, block_size, int4_weight,
+                quantize_activation, impl):
+    """y = xla_qops.quantized_matmul(...) (shapes and layouts: API.md section 2)."""
+    return xla_qops.quantized_matmul(x, w, scale, zero_point, block_size, int4_weight,
+                                     quantize_activation, impl=impl)
+
+
+def jax_backward(grad, x, w, scale, zero_point, *, block_size, int4_weight,
+                 quantize_activation, impl):
+    """(dx, dscale, dzero_point) of `jax_forward` for the cotangent `grad`.
+
+    xla_qops' custom VJP supplies the formula (the fused-XLA backward, with
+    activation quantization treated as the identity). Without a zero point
+    dzero_point is zeros shaped like `scale`, so the op has a fixed output
+    arity.
+    """
+    def forward(x, scale, zero_point):
+        return jax_forward(x, w, scale, zero_point, block_size=block_size,
+                           int4_weight=int4_weight,
+                           quantize_activation=quantize_activation, impl=impl)
+
+    _, vjp = jax.vjp(forward, x, scale, zero_point)
+    dx, dscale, dzero = vjp(grad)
+    if dzero is None:
+        dzero = jnp.zeros_like(scale)
+    return dx, dscale, dzero
+
+
+_STATIC = ("block_size", "int4_weight", "quantize_activation", "impl")
+_jit_forward = jax.jit(jax_forward, static_argnames=_STATIC)
+_jit_backward = jax.jit(jax_backward, static_argnames=_STATIC)
+
+
+def run_on_cpu(backward: bool, tensors, **static):
+    """Runs the jitted forward or backward on CPU tensors, zero-copy both ways."""
+    fn = _jit_backward if backward else _jit_forward
+    out = fn(*(to_jax(t) for t in tensors), **static)
+    if isinstance(out, tuple):
+        return tuple(to_torch(a) for a in out)
+    return to_torch(out)
+
+
+@functools.cache
+def _call_jax():
+    from torch_xla.core.xla_builder import call_jax
+    return call_jax
+
+
+def run_on_xla(backward: bool, tensors, **static):
+    """Embeds the forward or backward in torch_xla's graph (no host transfer)."""
+    fn = jax_backward if backward else jax_forward
+    out = _call_jax()(fn, tuple(tensors), static)
+    return tuple(out) if isinstance(out, (tuple, list)) else out

@@ -1,0 +1,157 @@
+"""The one place for torch-surface checks of modules and model swaps.
+
+The op's own arguments are checked by xla_qops.spec.check_args (via
+torch_bridge.op); this module checks what only exists at the torch level:
+an `XlaQuantizedLinear`'s configuration, the tensors loaded into it, the
+module given to `from_float` and the arguments of `quantize_model`. Every
+error names the argument and gives the expected and the actual value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from xla_qops.spec import MatmulSpec
+
+SCHEMES = {"w8a16": (8, False), "w4a16": (4, False), "w8a8": (8, True), "w4a8": (4, True)}
+
+
+def _shape(t) -> str:
+    return "[" + ", ".join(str(int(d)) for d in t) + "]"
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def linear_config(input_dim, output_dim, block_size, int4_weight) -> MatmulSpec:
+    """Checks an XlaQuantizedLinear configuration; returns its packed-storage spec.
+
+    The spec's `weight_shape` / `scale_shape` are the buffer layouts (API.md
+    section 2), int4 packed.
+    """
+    for name, v in (("input_dim", input_dim), ("output_dim", output_dim)):
+        if not _is_int(v) or v <= 0:
+            raise ValueError(f"{name}: expected a positive int, got {v!r}")
+    if not _is_int(block_size):
+        raise TypeError(f"block_size: expected an int, got {type(block_size).__name__}")
+    if block_size != -1 and (block_size <= 0 or input_dim % block_size):
+        raise ValueError(f"block_size: expected -1 (per-channel) or a positive divisor of "
+                         f"input_dim={input_dim}, got {block_size}")
+    if int4_weight:
+        group = input_dim if block_size == -1 else block_size
+        if group % 2:
+            what = "input_dim" if block_size == -1 else "block_size"
+            raise ValueError(f"{what}: int4 weights are stored packed two per byte along "
+                             f"the input features, so {what} must be even, got {group}")
+    return MatmulSpec(in_features=input_dim, out_features=output_dim, block_size=block_size,
+                      bits=4 if int4_weight else 8, packed=bool(int4_weight),
+                      has_zero_point=False, quantize_activation=False, x_dtype="float32")
+
+
+def quantized_weight(module, weight, weight_scaler, zero_point):
+    """Checks tensors for `XlaQuantizedLinear.load_quantized_weight`.
+
+    Accepted weights (API.md section 2): int8 `[out, in]` / `[in/B, B, out]`;
+    for int4 modules additionally torch_xla's unpacked form (int8 holding
+    [-8, 7], same shapes) or the packed form (uint8, `[out, in/2]` /
+    `[in/B, B/2, out]`).
+
+    Returns:
+      True if `weight` is unpacked int4 and must be packed before storing.
+    """
+    where = (f"XlaQuantizedLinear(input_dim={module.input_dim}, output_dim={module.output_dim}, "
+             f"block_size={module.block_size}, int4_weight={module.int4_weight})")
+    for name, t in (("weight", weight), ("weight_scaler", weight_scaler),
+                    ("zero_point", zero_point)):
+        if t is not None and not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if weight_scaler is None:
+        raise TypeError("weight_scaler: required (or pass an xla_qops.QuantizedWeight as weight)")
+    for name, t in (("weight_scaler", weight_scaler), ("zero_point", zero_point)):
+        if t is not None and t.device != weight.device:
+            raise ValueError(f"{name}: expected a tensor on {weight.device} like weight, "
+                             f"got one on {t.device}")
+
+    packed_spec = linear_config(module.input_dim, module.output_dim, module.block_size,
+                                module.int4_weight)
+    unpacked_shape = dataclasses.replace(packed_spec, packed=False).weight_shape
+    needs_packing = False
+    if module.int4_weight:
+        if weight.dtype == torch.uint8 and tuple(weight.shape) == packed_spec.weight_shape:
+            pass
+        elif weight.dtype == torch.int8 and tuple(weight.shape) == unpacked_shape:
+            needs_packing = True
+        else:
+            kind = "uint8" if weight.dtype == torch.uint8 else "int8"
+            expected = _shape(packed_spec.weight_shape if kind == "uint8" else unpacked_shape)
+            if weight.dtype not in (torch.uint8, torch.int8):
+                raise TypeError(f"weight: {where} expects packed int4 as uint8 "
+                                f"{_shape(packed_spec.weight_shape)} or unpacked int4 as int8 "
+                                f"{_shape(unpacked_shape)}, got {weight.dtype}")
+            raise ValueError(f"weight: {where} expects {kind} weights of shape {expected}, "
+                             f"got {_shape(weight.shape)}")
+        if needs_packing:
+            lo, hi = int(weight.min()), int(weight.max())
+            if lo < -8 or hi > 7:
+                raise ValueError(f"weight: int4 values stored as int8 must lie in [-8, 7], "
+                                 f"got values in [{lo}, {hi}]")
+    else:
+        if weight.dtype != torch.int8:
+            raise TypeError(f"weight: {where} expects int8 weights, got {weight.dtype}")
+        if tuple(weight.shape) != unpacked_shape:
+            raise ValueError(f"weight: {where} expects shape {_shape(unpacked_shape)}, "
+                             f"got {_shape(weight.shape)}")
+
+    layout = "[in/B, out]" if module.block_size != -1 else "[out]"
+    for name, t in (("weight_scaler", weight_scaler), ("zero_point", zero_point)):
+        if t is None:
+            continue
+        if not t.dtype.is_floating_point:
+            raise TypeError(f"{name}: expected a floating dtype (float32, bfloat16 or "
+                            f"float16), got {t.dtype}")
+        if tuple(t.shape) != packed_spec.scale_shape:
+            raise ValueError(f"{name}: {where} expects shape {_shape(packed_spec.scale_shape)} "
+                             f"{layout}, got {_shape(t.shape)}")
+    if zero_point is not None and module.is_symmetric:
+        raise ValueError("zero_point: the module was built with is_symmetric=True and has no "
+                         "zero point; build it with is_symmetric=False to load one")
+    return needs_packing
+
+
+def float_linear(linear) -> None:
+    """Checks the module given to `XlaQuantizedLinear.from_float`."""
+    if not isinstance(linear, torch.nn.Linear):
+        raise TypeError(f"linear: expected a torch.nn.Linear, got {type(linear).__name__}")
+    if not linear.weight.dtype.is_floating_point:
+        raise TypeError(f"linear: expected a floating weight, got {linear.weight.dtype}")
+    if linear.weight.device.type == "meta":
+        raise ValueError("linear: the weight is on the meta device (no values to quantize); "
+                         "materialize the model first")
+    n_bad = int((~torch.isfinite(linear.weight.detach())).sum())
+    if n_bad:
+        raise ValueError(f"linear: expected a finite weight, found {n_bad} NaN/inf entries")
+
+
+def bits(value) -> int:
+    if value not in (8, 4) or isinstance(value, bool):
+        raise ValueError(f"bits: expected 8 or 4, got {value!r}")
+    return value
+
+
+def scheme(value) -> tuple[int, bool]:
+    """'w8a16' -> (bits, quantize_activation)."""
+    if value not in SCHEMES:
+        raise ValueError(f"scheme: expected one of {', '.join(map(repr, SCHEMES))}, "
+                         f"got {value!r}")
+    return SCHEMES[value]
+
+
+def block_size(value) -> int:
+    if not _is_int(value):
+        raise TypeError(f"block_size: expected an int, got {type(value).__name__}")
+    if value != -1 and value <= 0:
+        raise ValueError(f"block_size: expected -1 (per-channel) or a positive int, got {value}")
+    return value

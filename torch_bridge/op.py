@@ -1,0 +1,202 @@
+"""`torch.ops.xla.quantized_matmul`, run by xla_qops.
+
+Schema (torch_xla's, unchanged, so code written for
+``torch_xla.experimental.xla_quantized_matmul`` keeps working)::
+
+    xla::quantized_matmul(Tensor x, Tensor w, Tensor scale, Tensor? zero_point=None,
+        int? block_size=-1, bool? int4_weight=False, bool? quantize_activation=False)
+
+plus an overload with one appended argument, picked automatically when
+``impl=`` is passed (``torch.ops.xla.quantized_matmul(x, w, s, impl="pallas")``)::
+
+    xla::quantized_matmul.with_impl(..., str impl="auto")
+
+The extra argument lives in an overload rather than in the default schema
+because torch_xla defines the default schema itself when its module is
+imported; a schema cannot be redefined, but an overload can be added to it.
+
+Registration, in this order, whatever the import order of the user's code:
+
+1. import ``torch_xla.experimental.xla_quantized_matmul`` if torch_xla is
+   installed (it defines the op and its own kernels), else define the op here;
+2. register this project's kernels with ``allow_override=True`` for the
+   ``CompositeExplicitAutograd`` key (CPU tensors) and the ``XLA`` key, on both
+   overloads. A later import of torch_xla's module is then a no-op (Python
+   caches the module), so our kernels stay in place;
+3. a fake (meta) kernel returning ``[..., out]`` in ``x``'s dtype, and an
+   autograd formula for ``x``, ``scale`` and ``zero_point`` through the op
+   ``xla_qops::quantized_matmul_backward`` (same CPU / XLA kernels, the JAX
+   VJP of xla_qops.quantized_matmul).
+
+Validation is xla_qops.spec.check_args, applied to tensor shapes and dtypes
+before anything is converted (also in the fake kernel, so torch.compile
+reports the same errors as eager).
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+
+import torch
+
+from torch_bridge import _jax_interop as interop
+from xla_qops import dispatch
+from xla_qops.spec import MatmulSpec, check_args
+
+try:  # step 1: let torch_xla define the op (and register its kernels) first
+    import torch_xla.experimental.xla_quantized_matmul  # noqa: F401
+    HAS_TORCH_XLA = True
+except ImportError:
+    HAS_TORCH_XLA = False
+
+_ARGS = ("Tensor x, Tensor w, Tensor scale, Tensor? zero_point=None, int? block_size=-1, "
+         "bool? int4_weight=False, bool? quantize_activation=False")
+SCHEMA = f"quantized_matmul({_ARGS}) -> Tensor"
+SCHEMA_WITH_IMPL = f'quantized_matmul.with_impl({_ARGS}, str impl="auto") -> Tensor'
+SCHEMA_BACKWARD = (
+    "quantized_matmul_backward(Tensor grad, Tensor x, Tensor w, Tensor scale, "
+    "Tensor? zero_point, int block_size, bool int4_weight, bool quantize_activation, "
+    "str impl) -> (Tensor, Tensor, Tensor)")
+
+# Library objects must stay alive: their registrations vanish with them.
+_xla_def = torch.library.Library("xla", "FRAGMENT")
+_xla_impl = torch.library.Library("xla", "IMPL")
+_ours = torch.library.Library("xla_qops", "DEF")
+
+if not HAS_TORCH_XLA:
+    _xla_def.define(SCHEMA)
+_xla_def.define(SCHEMA_WITH_IMPL)
+_ours.define(SCHEMA_BACKWARD)
+
+
+# ---------------------------------------------------------------------------
+# Validation (delegated to xla_qops.spec) and static arguments.
+
+def _statics(block_size, int4_weight, quantize_activation, impl) -> dict:
+    """The non-tensor arguments with torch_xla's `None` meaning the default."""
+    return dict(block_size=-1 if block_size is None else block_size,
+                int4_weight=bool(int4_weight) if int4_weight is not None else False,
+                quantize_activation=(bool(quantize_activation)
+                                     if quantize_activation is not None else False),
+                impl=impl)
+
+
+def _check(x, w, scale, zero_point, static) -> MatmulSpec:
+    """All argument checks of the op: devices here, the rest in xla_qops.spec."""
+    dispatch.check_impl(static["impl"])
+    for name, t in (("w", w), ("scale", scale), ("zero_point", zero_point)):
+        if t is not None and t.device != x.device:
+            raise ValueError(f"{name}: expected a tensor on {x.device} like x, "
+                             f"got one on {t.device}")
+    return check_args(interop.abstract(x, "x"), interop.abstract(w, "w"),
+                      interop.abstract(scale, "scale"),
+                      None if zero_point is None else interop.abstract(zero_point, "zero_point"),
+                      static["block_size"], static["int4_weight"],
+                      static["quantize_activation"])
+
+
+@functools.cache
+def _xla_device_type() -> str:
+    import torch_xla.runtime
+    return torch_xla.runtime.device_type()
+
+
+def _impl_for_xla_tensors(impl: str) -> str:
+    """impl="auto" inside a torch_xla graph on the CPU device means "xla".
+
+    xla_qops' auto choice on the cpu platform prefers the host C++ kernels
+    (an XLA FFI custom call). Their targets are registered in jaxlib's copy of
+    XLA; torch_xla's PJRT CPU client is a separate copy that does not know
+    them, so the embedded HLO would fail to compile. The fused XLA backend is
+    plain HLO and runs in any client. On TPU/GPU "auto" is kept.
+    """
+    if impl == "auto" and _xla_device_type() == "CPU":
+        return "xla"
+    return impl
+
+
+# ---------------------------------------------------------------------------
+# Kernels.
+
+def _forward(x, w, scale, zero_point=None, block_size=-1, int4_weight=False,
+             quantize_activation=False, impl="auto"):
+    static = _statics(block_size, int4_weight, quantize_activation, impl)
+    _check(x, w, scale, zero_point, static)
+    tensors = (x, w, scale, zero_point)
+    if x.device.type == "xla":
+        static["impl"] = _impl_for_xla_tensors(static["impl"])
+        return interop.run_on_xla(False, tensors, **static)
+    if x.device.type == "cpu":
+        return interop.run_on_cpu(False, tensors, **static)
+    raise ValueError(f"x: torch_bridge runs on CPU and XLA tensors, got a tensor on {x.device}")
+
+
+def _backward(grad, x, w, scale, zero_point, block_size, int4_weight,
+              quantize_activation, impl):
+    static = _statics(block_size, int4_weight, quantize_activation, impl)
+    tensors = (grad, x, w, scale, zero_point)
+    if x.device.type == "xla":
+        static["impl"] = _impl_for_xla_tensors(static["impl"])
+        return interop.run_on_xla(True, tensors, **static)
+    if x.device.type == "cpu":
+        return interop.run_on_cpu(True, tensors, **static)
+    raise ValueError(f"x: torch_bridge runs on CPU and XLA tensors, got a tensor on {x.device}")
+
+
+def _forward_fake(x, w, scale, zero_point=None, block_size=-1, int4_weight=False,
+                  quantize_activation=False, impl="auto"):
+    static = _statics(block_size, int4_weight, quantize_activation, impl)
+    spec = _check(x, w, scale, zero_point, static)
+    return x.new_empty((*x.shape[:-1], spec.out_features))
+
+
+def _backward_fake(grad, x, w, scale, zero_point, block_size, int4_weight,
+                   quantize_activation, impl):
+    return torch.empty_like(x), torch.empty_like(scale), torch.empty_like(scale)
+
+
+# ---------------------------------------------------------------------------
+# Autograd.
+
+def _setup_context(ctx, inputs, output):
+    x, w, scale, zero_point, *rest = inputs
+    ctx.static = _statics(*rest, *(() if len(rest) == 4 else ("auto",)))
+    ctx.has_zero_point = zero_point is not None
+    ctx.save_for_backward(x, w, scale, zero_point)
+
+
+def _autograd_backward(ctx, grad):
+    x, w, scale, zero_point = ctx.saved_tensors
+    s = ctx.static
+    dx, dscale, dzero = torch.ops.xla_qops.quantized_matmul_backward(
+        grad, x, w, scale, zero_point if ctx.has_zero_point else None, s["block_size"],
+        s["int4_weight"], s["quantize_activation"], s["impl"])
+    needs = ctx.needs_input_grad
+    grads = [dx if needs[0] else None, None, dscale if needs[2] else None,
+             dzero if (ctx.has_zero_point and needs[3]) else None]
+    return tuple(grads + [None] * (len(needs) - 4))
+
+
+# ---------------------------------------------------------------------------
+# Registration (step 2 and 3 of the module docstring).
+
+def _register():
+    with warnings.catch_warnings():
+        # Overriding torch_xla's kernels is the point; torch warns about it.
+        warnings.filterwarnings("ignore", message=r"(?s).*Overriding a previously registered kernel")
+        for name in ("quantized_matmul", "quantized_matmul.with_impl"):
+            _xla_impl.impl(name, _forward, "CompositeExplicitAutograd", allow_override=True)
+            if HAS_TORCH_XLA:
+                _xla_impl.impl(name, _forward, "XLA", allow_override=True)
+            torch.library.register_fake(f"xla::{name}", _forward_fake, lib=_xla_def)
+            torch.library.register_autograd(f"xla::{name}", _autograd_backward,
+                                            setup_context=_setup_context, lib=_xla_def)
+        _ours.impl("quantized_matmul_backward", _backward, "CompositeExplicitAutograd")
+        if HAS_TORCH_XLA:
+            _ours.impl("quantized_matmul_backward", _backward, "XLA")
+        torch.library.register_fake("xla_qops::quantized_matmul_backward", _backward_fake,
+                                    lib=_ours)
+
+
+_register()
