@@ -57,24 +57,51 @@ class Abstract:
         return len(self.shape)
 
 
-def abstract(t: torch.Tensor, name: str) -> Abstract:
-    """`t`'s shape and dtype. Symbolic leading dims (torch.compile with dynamic
-    shapes) become 1: validation only needs the trailing, static dims."""
+def abstract(t: torch.Tensor, name: str, *, batch_dims: bool = False) -> Abstract:
+    """`t`'s shape and dtype.
+
+    With `batch_dims` (the activation), symbolic leading dims (torch.compile
+    with dynamic shapes) become 1: validation needs only the trailing dim, and
+    not reading them keeps dynamo from specializing on the batch size. Every
+    other dim is read (a guard on the weight's fixed shape).
+    """
     if t.dtype not in _NUMPY_DTYPES:
         raise TypeError(f"{name}: unsupported dtype {t.dtype}")
-    shape = tuple(d if isinstance(d, int) else 1 for d in t.shape[:-1])
-    if t.dim():
+    if batch_dims and t.dim():
+        shape = tuple(d if isinstance(d, int) else 1 for d in t.shape[:-1])
         shape += (int(t.shape[-1]),)
+    else:
+        shape = tuple(int(d) for d in t.shape)
     return Abstract(shape, _NUMPY_DTYPES[t.dtype])
 
 
+# jaxlib aliases a DLPack CPU buffer only if it is 64-byte aligned, and copies
+# it otherwise. torch's CPU allocator aligns to 64 bytes; numpy-allocated
+# tensors (torch.from_numpy) and offset views may not be.
+ALIGNMENT = 64
+
+
+def is_aligned(t: torch.Tensor) -> bool:
+    return t.device.type != "cpu" or t.data_ptr() % ALIGNMENT == 0
+
+
+def aligned(t: torch.Tensor) -> torch.Tensor:
+    """`t` itself when JAX can alias it, else a contiguous torch-allocated copy."""
+    t = t.contiguous()
+    return t if is_aligned(t) else t.clone()
+
+
 def to_jax(t: torch.Tensor | None):
-    """A CPU tensor as a `jax.Array` sharing its memory (DLPack)."""
+    """A CPU tensor as a `jax.Array` sharing its memory (DLPack).
+
+    No copy for contiguous, aligned tensors (the module's buffers always are,
+    see XlaQuantizedLinear.load_quantized_weight); otherwise one torch-side
+    copy, the same one jaxlib would make.
+    """
     if t is None:
         return None
-    # detach: DLPack refuses tensors that require grad; contiguous: a no-op
-    # for the module's buffers, a copy only for strided activations.
-    return jax.dlpack.from_dlpack(t.detach().contiguous())
+    # detach: DLPack refuses tensors that require grad.
+    return jax.dlpack.from_dlpack(aligned(t.detach()))
 
 
 def to_torch(a) -> torch.Tensor:

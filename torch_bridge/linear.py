@@ -104,7 +104,9 @@ class XlaQuantizedLinear(torch.nn.Module):
           zero_point: float like `weight_scaler`; only for is_symmetric=False
             modules. None there stores zeros (exactly the symmetric result).
 
-        The tensors are stored as given (dtype and device), like torch_xla.
+        The tensors are stored as given (dtype and device), like torch_xla,
+        except that a CPU tensor JAX cannot alias (not contiguous or not
+        64-byte aligned, e.g. from numpy) is stored as an aligned copy.
         """
         if isinstance(weight, xla_qops.QuantizedWeight):
             if weight_scaler is not None or zero_point is not None:
@@ -118,6 +120,9 @@ class XlaQuantizedLinear(torch.nn.Module):
             weight = _pack_int4(weight, self.block_size != -1)
         if zero_point is None and not self.is_symmetric:
             zero_point = torch.zeros_like(weight_scaler)
+        # CPU buffers JAX cannot alias would be copied on every call.
+        weight, weight_scaler = interop.aligned(weight), interop.aligned(weight_scaler)
+        zero_point = None if zero_point is None else interop.aligned(zero_point)
         self.weight = weight
         self.weight_scaler = weight_scaler
         self.zero_point = zero_point

@@ -85,11 +85,13 @@ def _statics(block_size, int4_weight, quantize_activation, impl) -> dict:
 def _check(x, w, scale, zero_point, static) -> MatmulSpec:
     """All argument checks of the op: devices here, the rest in xla_qops.spec."""
     dispatch.check_impl(static["impl"])
+    if x.device.type == "xla":
+        _impl_for_xla_tensors(static["impl"])  # raises for impls that cannot run there
     for name, t in (("w", w), ("scale", scale), ("zero_point", zero_point)):
         if t is not None and t.device != x.device:
             raise ValueError(f"{name}: expected a tensor on {x.device} like x, "
                              f"got one on {t.device}")
-    return check_args(interop.abstract(x, "x"), interop.abstract(w, "w"),
+    return check_args(interop.abstract(x, "x", batch_dims=True), interop.abstract(w, "w"),
                       interop.abstract(scale, "scale"),
                       None if zero_point is None else interop.abstract(zero_point, "zero_point"),
                       static["block_size"], static["int4_weight"],
@@ -109,10 +111,16 @@ def _impl_for_xla_tensors(impl: str) -> str:
     (an XLA FFI custom call). Their targets are registered in jaxlib's copy of
     XLA; torch_xla's PJRT CPU client is a separate copy that does not know
     them, so the embedded HLO would fail to compile. The fused XLA backend is
-    plain HLO and runs in any client. On TPU/GPU "auto" is kept.
+    plain HLO and runs in any client. On TPU/GPU "auto" is kept (xla_qops
+    then picks per platform when call_jax lowers the function).
     """
-    if impl == "auto" and _xla_device_type() == "CPU":
-        return "xla"
+    if _xla_device_type() == "CPU":
+        if impl == "custom_call":
+            raise ValueError("impl: 'custom_call' runs on CPU tensors only; torch_xla's CPU "
+                             "client cannot call its FFI target. Use 'auto' or 'xla' for "
+                             "XLA tensors")
+        if impl == "auto":
+            return "xla"
     return impl
 
 
