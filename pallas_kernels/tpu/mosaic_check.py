@@ -1,33 +1,40 @@
 """Runs Mosaic's own layout passes on a TPU kernel, on a machine without a TPU.
 
-`jax.export(..., platforms=["tpu"])` only serializes the Mosaic module; the
-passes that decide whether Mosaic can actually lay the kernel out in vector
-registers (memref layout inference, canonicalization, vector layout inference,
-relayout insertion, vector layout application) run later, inside libtpu. jaxlib
-ships the same passes, so this module captures the Mosaic module that export
-produces and runs them here for a given TPU generation. That catches the
-common Mosaic rejections: unaligned or unprovable slice offsets, unsupported
-shape casts, dtype conversions or reductions without a layout, bad block
-shapes. What it cannot check is what comes after (LLO lowering, instruction
-selection per generation, register allocation, the VMEM limit): that needs
-hardware.
+`jax.export(..., platforms=["tpu"])` only serializes the Mosaic module into the
+``tpu_custom_call``'s backend config; the passes that decide whether Mosaic can
+lay the kernel out in vector registers (memref layout inference,
+canonicalization, vector layout inference, relayout insertion, vector layout
+application) run later, inside libtpu. jaxlib ships the same passes, so this
+module takes the serialized kernel bodies out of an exported module -- exactly
+what would be shipped to a TPU -- and runs them here for a given TPU
+generation. That catches the common Mosaic rejections: unaligned or
+unprovable slice offsets, unsupported shape casts, dtype conversions or
+reductions without a layout, bad block shapes. What it cannot check is what
+comes after (LLO lowering, instruction selection per generation, register
+allocation, the VMEM limit): that needs hardware.
 
-This reaches into private JAX APIs (`jax._src.tpu_custom_call`); the project
-pins jax==0.7.1, and the tests fail loudly if the hook stops matching.
+Uses jaxlib's MLIR bindings and the private `jax._src.lib.tpu` dialect
+registration; the project pins jax==0.7.1 and the tests include a negative
+control, so a silent change would show.
 """
 
 from __future__ import annotations
 
-import contextlib
+import base64
 import dataclasses
+import re
 
 import jax
 from jax import export
-from jax._src import tpu_custom_call
 from jax._src.interpreters import mlir as jax_mlir
 from jax._src.lib import tpu as tpu_dialect
 from jaxlib.mlir import ir
 from jaxlib.mlir.passmanager import PassManager
+
+# The base64 kernel body inside a tpu_custom_call backend config (the module
+# text escapes its quotes).
+_Q = r'(?:\\22|\\"|")'  # a quote as printed: \22, \" or "
+_BODY = re.compile(rf"custom_call_config{_Q}\s*:\s*\{{{_Q}body{_Q}\s*:\s*{_Q}([A-Za-z0-9+/=]+)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,27 +45,10 @@ class PassResult:
     error: str | None = None
 
 
-@contextlib.contextmanager
-def _capture_mosaic_modules(sink: list):
-    original = tpu_custom_call._lower_mosaic_module_to_asm
-
-    def spy(module, **kwargs):
-        sink.append(module.operation.get_asm(binary=True))
-        return original(module, **kwargs)
-
-    tpu_custom_call._lower_mosaic_module_to_asm = spy
-    try:
-        yield
-    finally:
-        tpu_custom_call._lower_mosaic_module_to_asm = original
-
-
 def mosaic_modules(fn, *args) -> list[bytes]:
-    """Exports `fn(*args)` for TPU and returns every Mosaic kernel module in it."""
-    modules: list[bytes] = []
-    with _capture_mosaic_modules(modules):
-        export.export(jax.jit(fn), platforms=["tpu"])(*args)
-    return modules
+    """Exports `fn(*args)` for TPU and returns every serialized Mosaic kernel in it."""
+    text = export.export(jax.jit(fn), platforms=["tpu"])(*args).mlir_module()
+    return [base64.b64decode(body) for body in _BODY.findall(text)]
 
 
 def _pipeline(generation: int) -> list[str]:
@@ -76,12 +66,13 @@ def _pipeline(generation: int) -> list[str]:
 
 
 def run_layout_passes(module: bytes, generation: int) -> PassResult:
-    """Runs the layout pipeline for one TPU generation on a captured module."""
+    """Runs the layout pipeline for one TPU generation on a serialized kernel."""
     ctx = jax_mlir.make_ir_context()
     tpu_dialect.register_dialect(ctx)
+    ctx.allow_unregistered_dialects = True
     with ctx:
         mod = ir.Module.parse(module)
-        for step in _pipeline(generation):
+        for step in ["mosaic-serde{serialize=false}"] + _pipeline(generation):
             try:
                 PassManager.parse(f"builtin.module({step})").run(mod.operation)
             except Exception as e:  # MLIRError carries the diagnostics

@@ -1,14 +1,58 @@
-"""pallas backend: not built yet (placeholder so the dispatch table is complete)."""
+"""pallas backend: the Pallas kernels of `pallas_kernels` for each platform.
+
+* ``"tpu"``: the Mosaic kernel (`pallas_kernels.tpu.quantized_matmul`).
+* ``"cuda"`` / ``"gpu"``: the Triton kernel (`pallas_kernels.gpu.quantized_matmul`).
+* ``"cpu"``: the TPU kernel body in Pallas interpret mode -- how the tests and
+  the torch bridge exercise the kernels on a machine without an accelerator.
+  It is slow (a checking path, not a fast one), so impl="auto" never picks it.
+
+Each kernel declines a spec it cannot tile (`supports`); impl="auto" then
+falls back to the fused XLA backend, impl="pallas" raises a ValueError in
+`xla_qops.dispatch`.
+"""
+
+from __future__ import annotations
+
+import jax
+
+_TPU = ("tpu", "cpu")
+_GPU = ("cuda", "gpu")
 
 
 def available() -> bool:
-    return False
+    try:
+        import pallas_kernels.gpu.quantized_matmul  # noqa: F401
+        import pallas_kernels.tpu.quantized_matmul  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _kernel_module(platform: str):
+    if platform in _TPU:
+        from pallas_kernels.tpu import quantized_matmul as kernel
+    elif platform in _GPU:
+        from pallas_kernels.gpu import quantized_matmul as kernel
+    else:
+        return None
+    return kernel
 
 
 def supports(spec, platform) -> bool:
-    del spec, platform
-    return False
+    kernel = _kernel_module(platform or jax.default_backend())
+    if kernel is None:
+        return False
+    return kernel.supports(block_size=spec.block_size, packed=spec.packed,
+                           x_dtype=spec.x_dtype, quantize_activation=spec.quantize_activation)
 
 
 def matmul(x, w, scale, zero_point, spec, platform=None):
-    raise NotImplementedError("the pallas backend is not built yet")
+    platform = platform or jax.default_backend()
+    kernel = _kernel_module(platform)
+    if kernel is None:
+        raise ValueError(f"platform: the pallas backend has kernels for tpu, cuda/gpu "
+                         f"and cpu (interpret mode), got {platform!r}")
+    kwargs = dict(block_size=spec.block_size, quantize_activation=spec.quantize_activation)
+    if platform == "cpu":
+        kwargs["interpret"] = True
+    return kernel.quantized_matmul(x, w, scale, zero_point, **kwargs)
