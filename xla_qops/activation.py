@@ -20,8 +20,12 @@ within the float32 accumulation tolerance.
 import jax.numpy as jnp
 
 
-def quantize_activation(x, block_size: int):
+def quantize_activation(x, block_size: int, absmax=None):
     """Quantizes `x` [M, K] to int8.
+
+    `absmax` [M, n_groups], if given, replaces the group maxima of |x|: a
+    row-parallel layer (`xla_qops.sharding`) passes the maximum over all
+    shards so that every shard quantizes with the token's global scale.
 
     Returns:
       (x_q int8 [M, K], x_scale float32 [M, n_groups]) where n_groups is 1
@@ -31,7 +35,8 @@ def quantize_activation(x, block_size: int):
     m, k = x.shape
     group = k if block_size == -1 else block_size
     grouped = x.reshape(m, k // group, group)
-    absmax = jnp.max(jnp.abs(grouped), axis=-1)
+    if absmax is None:
+        absmax = jnp.max(jnp.abs(grouped), axis=-1)
     inv_scale = jnp.where(absmax == 0, 0.0, 127.0 / jnp.where(absmax == 0, 1.0, absmax))
     x_q = jnp.clip(jnp.round(grouped * inv_scale[..., None]), -127, 127).astype(jnp.int8)
     x_scale = absmax / 127.0

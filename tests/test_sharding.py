@@ -1,0 +1,231 @@
+"""Tensor-parallel quantized matmul (xla_qops.sharding) on 8 virtual CPU devices.
+
+The matmuls run in one subprocess (tests/spmd_child.py) started with
+XLA_FLAGS=--xla_force_host_platform_device_count=8, because this pytest process
+initialised JAX with one device. Every assertion is made here:
+
+* column-parallel equals the single-device result bit for bit (each device runs
+  the same computation on fewer output channels);
+* row-parallel sums float32 partials in a different order, so it is checked
+  against the float64 reference with tests/numpy_reference's tolerance, like
+  the single-device result;
+* the compiled HLO of the sharded op has no all-gather at all (and, with the
+  row layout, the all-reduce of the result); a control that replicates the
+  weight on purpose shows that the parser does find an all-gather of it;
+* gradients with respect to x match c @ W in float64.
+
+Layout checks (no devices needed) run in this process on an AbstractMesh.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import AbstractMesh, PartitionSpec as P
+
+import numpy_reference as ref
+import spmd_child
+from cases import Scheme, make_weight
+from xla_qops import dispatch, sharding
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+IMPLS = tuple(name for name in ("xla", "reference", "custom_call", "pallas")
+              if dispatch._module(name).available())
+CASES = spmd_child.cases(IMPLS)
+MATMUL_CASES = [c for c in CASES if not c.grad]
+GRAD_CASES = [c for c in CASES if c.grad]
+
+
+@pytest.fixture(scope="module")
+def spmd_run(tmp_path_factory):
+    """Runs every case on 8 virtual devices once; returns (out_dir, hlo report)."""
+    out = tmp_path_factory.mktemp("spmd")
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
+                        " --xla_force_host_platform_device_count=8").strip()
+    proc = subprocess.run([sys.executable, os.path.join(HERE, "spmd_child.py"), str(out),
+                           *IMPLS], env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, f"spmd_child failed:\n{proc.stderr[-4000:]}"
+    with open(out / "hlo.json") as f:
+        return out, json.load(f)
+
+
+def load(out, case_id):
+    return dict(np.load(out / f"{case_id}.npz"))
+
+
+def weight_args(rec):
+    return rec["w"], rec["scale"], rec.get("zero_point")
+
+
+def typed_x(rec, x_dtype):
+    # Stored as float32 (exact for bf16/f16); the tolerance needs the real dtype.
+    return np.asarray(jnp.asarray(rec["x"], x_dtype))
+
+
+def expected_shard_shape(case):
+    k = case.k
+    s, bs = case.scheme, spmd_child.BLOCK
+    n_model = 4 if case.mesh == "2x4" else 8
+    k_stored = k // 2 if s.packed else k
+    if s.block_size == -1:
+        full = [spmd_child.N, k_stored]
+        axis = 0 if case.layout == "column" else 1
+    else:
+        full = [k // bs, bs // 2 if s.packed else bs, spmd_child.N]
+        axis = 2 if case.layout == "column" else 0
+    full[axis] //= n_model
+    return full
+
+
+@pytest.mark.parametrize("case", MATMUL_CASES, ids=lambda c: c.id)
+def test_sharded_matches_single_device(spmd_run, case):
+    out, _ = spmd_run
+    rec = load(out, case.id)
+    x = typed_x(rec, case.x_dtype)
+    w, scale, zp = weight_args(rec)
+    qa = case.scheme.quantize_activation
+    # Each of the 8 devices holds a 1/n slice along the layout's axis.
+    assert rec["shard_shapes"].shape[0] == 8
+    assert all(list(s) == expected_shard_shape(case) for s in rec["shard_shapes"])
+    ref.assert_close(rec["y_sharded"], x, w, scale, zp, case.scheme.block_size, qa)
+    if case.layout == "column":
+        np.testing.assert_array_equal(rec["y_sharded"], rec["y_single"])
+        assert str(rec["y_spec"]).endswith("'model')")  # y stays split along out
+    else:
+        ref.assert_close(rec["y_single"], x, w, scale, zp, case.scheme.block_size, qa)
+        assert "model" not in str(rec["y_spec"])  # y is whole after the all-reduce
+
+
+@pytest.mark.parametrize("case", MATMUL_CASES, ids=lambda c: c.id)
+def test_sharded_hlo_has_no_all_gather(spmd_run, case):
+    _, hlo = spmd_run
+    ops = hlo[case.id]
+    assert not [o for o in ops if o[0] == "all-gather"], ops
+    if case.layout == "column":
+        assert ops == []  # no communication at all
+    else:
+        reduces = [shape for op, shape in ops if op == "all-reduce"]
+        # The result's partial sums: [batch/2 or batch, rows, out] float32.
+        assert any(s.startswith("f32[") and f",{spmd_child.N}]" in s for s in reduces), ops
+        global_absmax = case.scheme.quantize_activation and case.scheme.block_size == -1
+        assert len(reduces) == (2 if global_absmax else 1), ops
+
+
+@pytest.mark.parametrize("case", GRAD_CASES, ids=lambda c: c.id)
+def test_sharded_gradient_with_respect_to_x(spmd_run, case):
+    """d/dx sum(y * c) = c @ W (activation quantization is straight-through)."""
+    out, _ = spmd_run
+    rec = load(out, case.id)
+    w, scale, zp = weight_args(rec)
+    w64 = ref.dequantize(w, scale, zp, case.scheme.block_size, case.scheme.packed)
+    c = rec["c"].reshape(-1, spmd_child.N).astype(np.float64)
+    dx_ref = (c @ w64).reshape(rec["x"].shape)
+    bound = ((spmd_child.K + spmd_child.N) * 2.0 ** -24
+             * (np.abs(c) @ np.abs(w64)).reshape(dx_ref.shape))
+    for name in ("dx_single", "dx_sharded"):
+        err = np.abs(rec[name] - dx_ref)
+        assert np.all(err <= 4 * bound + 2.0 ** -24 * np.abs(dx_ref)), (name, err.max())
+
+
+@pytest.mark.parametrize("scheme", spmd_child.CORE_SCHEMES, ids=lambda s: s.id)
+@pytest.mark.parametrize("layout", sharding.LAYOUTS)
+def test_gspmd_partitions_the_xla_path_without_gathering_the_weight(spmd_run, layout, scheme):
+    """Plain jax.jit of quantized_matmul(impl="xla") on weights placed by
+    shard_quantized_weight: GSPMD alone splits it. It may move activations
+    (the int4 per-channel row split strides across shards), never the weight:
+    no all-gather produces as many elements as the weight."""
+    out, hlo = spmd_run
+    cid = f"gspmd-{layout}-{scheme.id}"
+    rec = load(out, cid)
+    w, scale, zp = weight_args(rec)
+    ref.assert_close(rec["y_sharded"], rec["x"], w, scale, zp, scheme.block_size,
+                     scheme.quantize_activation)
+    gathers = [shape for op, shape in hlo[cid] if op == "all-gather"]
+    assert all(n_elements(s) < w.size for s in gathers), gathers
+
+
+def test_weight_all_gather_is_detected_when_forced(spmd_run):
+    """Control for the two tests above: replicating the weight inside the jit
+    shows up as an all-gather of the stored (packed uint8) weight."""
+    _, hlo = spmd_run
+    gathers = [shape for op, shape in hlo["control-gathered-weight"] if op == "all-gather"]
+    full = [spmd_child.K // spmd_child.BLOCK, spmd_child.BLOCK // 2, spmd_child.N]
+    assert f"u8[{','.join(map(str, full))}]" in [s.split("{")[0] for s in gathers], gathers
+
+
+def n_elements(shape: str) -> int:
+    dims = shape.split("[", 1)[1].split("]", 1)[0]
+    return int(np.prod([int(d) for d in dims.split(",") if d]))
+
+
+# ---- layout helpers and checks (this process, no devices needed) ----
+
+MESH = AbstractMesh((2, 4), ("data", "model"))
+
+
+def test_layout_for_common_projections():
+    for name in ("model.layers.0.self_attn.q_proj", "layers.1.self_attn.k_proj", "v_proj",
+                 "mlp.gate_proj", "mlp.up_proj", "encoder.layer.0.attention.self.query",
+                 "encoder.layer.0.intermediate.dense"):
+        assert sharding.layout_for(name) == "column", name
+    for name in ("model.layers.0.self_attn.o_proj", "mlp.down_proj",
+                 "encoder.layer.0.attention.output.dense", "encoder.layer.0.output.dense"):
+        assert sharding.layout_for(name) == "row", name
+    with pytest.raises(ValueError, match="name: expected a module path ending in one of"):
+        sharding.layout_for("lm_head")
+
+
+def test_weight_partition_specs():
+    rng = np.random.default_rng(0)
+    pc = make_weight(rng, 8, 64, Scheme(4, -1, False, True, False))
+    bw = make_weight(rng, 8, 64, Scheme(8, 32, True, False, False))
+    col, row = (sharding.weight_partition_specs(pc, lay, "m") for lay in sharding.LAYOUTS)
+    assert (col.w, col.scale, col.zero_point) == (P("m", None), P("m"), P("m"))
+    assert (row.w, row.scale, row.zero_point) == (P(None, "m"), P(), P())
+    col, row = (sharding.weight_partition_specs(bw, lay, "m") for lay in sharding.LAYOUTS)
+    assert (col.w, col.scale, col.zero_point) == (P(None, None, "m"), P(None, "m"), None)
+    assert (row.w, row.scale, row.zero_point) == (P("m", None, None), P("m", None), None)
+
+
+@pytest.mark.parametrize("n, k, scheme, layout, match", [
+    (10, 64, Scheme(8, -1, True, False, False), "column",
+     r"column-parallel splits out=10 over the 4 devices of mesh axis 'model'"),
+    (8, 34, Scheme(8, -1, True, False, False), "row", r"in=34 over the 4 devices.*in must be a multiple of 4"),
+    # 20 input features: 5 per shard, so a packed byte would straddle two shards.
+    (8, 20, Scheme(4, -1, True, True, False), "row",
+     r"packed int4 stores two input features per byte.*in=20, 5 per shard"),
+    (8, 96, Scheme(4, 32, True, True, False), "row",
+     r"whole blocks.*in/B = 96/32 = 3 blocks must be a multiple of 4"),
+])
+def test_layout_that_does_not_divide_is_refused(n, k, scheme, layout, match):
+    qw = make_weight(np.random.default_rng(1), n, k, scheme)
+    with pytest.raises(ValueError, match=match):
+        sharding.check_layout(qw, MESH, layout, "model")
+    x = jnp.zeros((2, k), jnp.float32)
+    with pytest.raises(ValueError, match=match):
+        sharding.sharded_quantized_matmul(x, qw, MESH, layout)
+
+
+def test_bad_arguments_name_the_argument():
+    qw = make_weight(np.random.default_rng(2), 8, 64, Scheme(8, -1, True, False, False))
+    x = jnp.zeros((3, 64), jnp.float32)
+    with pytest.raises(ValueError, match="layout: expected 'column' or 'row', got 'diagonal'"):
+        sharding.check_layout(qw, MESH, "diagonal", "model")
+    with pytest.raises(ValueError, match=r"axis_name: expected one of the mesh axes"):
+        sharding.check_layout(qw, MESH, "column", "tensor")
+    with pytest.raises(TypeError, match="qw: expected a xla_qops.QuantizedWeight, got tuple"):
+        sharding.check_layout((qw.w, qw.scale), MESH, "column", "model")
+    with pytest.raises(ValueError, match=r"x: batch_axis 'data' splits x.shape\[0\] over 2"):
+        sharding.sharded_quantized_matmul(x, qw, MESH, "column", batch_axis="data")
+    with pytest.raises(ValueError, match="batch_axis: expected None or a mesh axis other"):
+        sharding.sharded_quantized_matmul(x[:2], qw, MESH, "column", batch_axis="model")
+    with pytest.raises(ValueError, match=r"w: expected shape \[8, 32\]"):  # the op's own check
+        sharding.sharded_quantized_matmul(x[:, :32], qw, MESH, "column")
+    with pytest.raises(ValueError, match="impl: expected one of"):
+        sharding.sharded_quantized_matmul(x, qw, MESH, "column", impl="cuda")

@@ -1,0 +1,253 @@
+"""Tensor-parallel `quantized_matmul` on a `jax.sharding.Mesh` (docs/scaling.md).
+
+Two layouts, named after how the weight ``W [out, in]`` is split over the
+devices of one mesh axis (the "model" axis, size n):
+
+``"column"`` (split along ``out``): every device holds out/n output channels
+  with all input features. ``x`` is whole along ``in``; ``y`` comes out split
+  along ``out``. No communication.
+
+  ========== =================== ==================== ===========================
+  scheme      ``w``               ``scale``/``zero_point``  stored shape
+  ========== =================== ==================== ===========================
+  per-channel P(axis, None)       P(axis)              [out, in] / [out, in/2]
+  blockwise   P(None, None, axis) P(None, axis)        [in/B, B, out] / [in/B, B/2, out]
+  ========== =================== ==================== ===========================
+
+``"row"`` (split along ``in``): every device holds in/n input features of
+  every output channel; ``x`` is split along its last axis the same way. Each
+  device computes a partial product and one all-reduce (``psum``) over the
+  axis sums them; ``y`` is whole along ``out``.
+
+  * per-channel: ``w`` P(None, axis); ``scale``/``zero_point`` replicated.
+    Each shard's partial ``(x_s @ q_s.T) * scale - sum(x_s) * zero_point``
+    sums over the shards to the full result, so the scales need no split.
+  * blockwise: ``w`` P(axis, None, None), ``scale``/``zero_point``
+    P(axis, None): each device holds whole blocks with their scales.
+
+Constraints (checked by `check_layout`, ValueError otherwise): column needs
+``out % n == 0``. Row per-channel needs ``in % n == 0``, and for packed int4
+an even ``in / n`` (two weights share a byte along ``in``, so a shard boundary
+must fall on an even input feature). Row blockwise needs ``(in / B) % n == 0``
+(shards hold whole blocks; packing pairs stay inside a block).
+
+Activation quantization (A8): a blockwise token scale covers one block, which
+lives on one device, so blockwise A8 is local and gives the same integers as
+on one device. A per-channel token scale covers all of ``in``, which a row
+split spreads over n devices: the row layout takes the maximum of |x| over
+the shards (``lax.pmax``, one small all-reduce of [tokens] floats) and every
+shard quantizes with that global scale (`xla_qops.activation`, same integers
+as on one device). The shard then multiplies the dequantized activation
+``x_q * x_scale`` in float32; gradients pass straight through, as in the op.
+
+Numerics: column-parallel runs the single-device computation on a subset of
+the output channels. Row-parallel keeps each partial in float32 (``x`` is
+upcast first, exactly), sums the partials with ``psum`` and rounds once to
+``x``'s dtype: the summation order differs from one device, so results agree
+within the float32 accumulation bound, not bit for bit.
+
+Every backend runs inside `jax.shard_map`, so GSPMD never sees a kernel call
+it cannot split (and so never gathers the weight to run it whole). The
+pure-XLA backend also partitions under plain ``jax.jit`` with weights placed
+by `shard_quantized_weight` (GSPMD), without gathering the weight.
+
+Common layouts (Megatron): attention q/k/v and MLP gate/up projections are
+column-parallel, attention output and MLP down projections row-parallel
+(`layout_for`). A column layer's output, split along its features, is exactly
+the input a row layer wants, so each column -> row pair costs one all-reduce.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from xla_qops import dispatch
+from xla_qops.activation import quantize_activation as _quantize_activation
+from xla_qops.api import quantized_matmul
+from xla_qops.quantize import QuantizedWeight
+from xla_qops.spec import check_args
+
+LAYOUTS = ("column", "row")
+
+# Last component of a parameter's module path -> layout. Llama/Mistral/Qwen
+# names and BERT names (attention.self.{query,key,value},
+# attention.output.dense, intermediate.dense, output.dense).
+PROJECTION_LAYOUTS = {
+    "q_proj": "column", "k_proj": "column", "v_proj": "column", "o_proj": "row",
+    "gate_proj": "column", "up_proj": "column", "down_proj": "row",
+    "query": "column", "key": "column", "value": "column",
+    "intermediate.dense": "column", "output.dense": "row",
+}
+
+
+def layout_for(name: str) -> str:
+    """The tensor-parallel layout of a projection, from its module path.
+
+    ``"model.layers.0.self_attn.q_proj"`` -> ``"column"``,
+    ``"encoder.layer.3.output.dense"`` -> ``"row"``.
+
+    Raises:
+      ValueError: the name ends in none of `PROJECTION_LAYOUTS`.
+    """
+    parts = name.split(".")
+    for n in (2, 1):  # longest match first: "output.dense" before "dense"
+        key = ".".join(parts[-n:])
+        if key in PROJECTION_LAYOUTS:
+            return PROJECTION_LAYOUTS[key]
+    raise ValueError(f"name: expected a module path ending in one of "
+                     f"{sorted(PROJECTION_LAYOUTS)}, got {name!r}")
+
+
+def check_layout(qw, mesh, layout: str, axis_name: str) -> None:
+    """Checks that `qw` can be split with `layout` over mesh axis `axis_name`.
+
+    `mesh` may be a `jax.sharding.Mesh` or `AbstractMesh` (only its axis
+    names and sizes are read).
+
+    Raises:
+      TypeError: `qw` is not a `QuantizedWeight`.
+      ValueError: unknown layout or axis, or a dimension the split does not divide.
+    """
+    if not isinstance(qw, QuantizedWeight):
+        raise TypeError(f"qw: expected a xla_qops.QuantizedWeight, got {type(qw).__name__}")
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout: expected 'column' or 'row', got {layout!r}")
+    if axis_name not in mesh.axis_names:
+        raise ValueError(f"axis_name: expected one of the mesh axes {tuple(mesh.axis_names)}, "
+                         f"got {axis_name!r}")
+    n = mesh.shape[axis_name]
+    where = f"over the {n} devices of mesh axis {axis_name!r}"
+    if layout == "column":
+        if qw.out_features % n:
+            raise ValueError(f"qw: column-parallel splits out={qw.out_features} {where}; "
+                             f"out must be a multiple of {n}")
+    elif qw.blockwise:
+        n_blocks = qw.in_features // qw.block_size
+        if n_blocks % n:
+            raise ValueError(f"qw: row-parallel blockwise splits whole blocks {where}; "
+                             f"in/B = {qw.in_features}/{qw.block_size} = {n_blocks} "
+                             f"blocks must be a multiple of {n}")
+    else:
+        if qw.in_features % n:
+            raise ValueError(f"qw: row-parallel splits in={qw.in_features} {where}; "
+                             f"in must be a multiple of {n}")
+        if qw.packed and (qw.in_features // n) % 2:
+            raise ValueError(f"qw: packed int4 stores two input features per byte, so "
+                             f"row-parallel shards need an even in/{n}; got "
+                             f"in={qw.in_features}, {qw.in_features // n} per shard")
+
+
+def weight_partition_specs(qw: QuantizedWeight, layout: str, axis_name: str):
+    """`qw` with each array replaced by its `PartitionSpec` (module docstring table).
+
+    The result has `qw`'s pytree structure, so it can be passed as
+    ``in_specs`` to `jax.shard_map` or mapped to `NamedSharding`s.
+    """
+    if layout == "column":
+        w, s = (P(None, None, axis_name), P(None, axis_name)) if qw.blockwise else (
+            P(axis_name, None), P(axis_name))
+    else:
+        w, s = (P(axis_name, None, None), P(axis_name, None)) if qw.blockwise else (
+            P(None, axis_name), P())
+    return dataclasses.replace(qw, w=w, scale=s,
+                               zero_point=None if qw.zero_point is None else s)
+
+
+def shard_quantized_weight(qw: QuantizedWeight, mesh, layout: str,
+                           axis_name: str = "model") -> QuantizedWeight:
+    """Places `qw` on `mesh`, split for `layout` ("column" or "row") over `axis_name`.
+
+    Returns the same `QuantizedWeight` with `jax.Array`s sharded as in the
+    module docstring (each device receives only its slice).
+    """
+    check_layout(qw, mesh, layout, axis_name)
+    specs = weight_partition_specs(qw, layout, axis_name)
+    shardings = jax.tree.map(lambda spec: NamedSharding(mesh, spec), specs)
+    return jax.device_put(qw, shardings)
+
+
+def sharded_quantized_matmul(x, qw: QuantizedWeight, mesh, layout: str, *,
+                             axis_name: str = "model", batch_axis: str | None = None,
+                             quantize_activation: bool = False, impl: str = "auto"):
+    """`quantized_matmul(x, qw)` split over `mesh` with `layout` ("column" or "row").
+
+    Args:
+      x: ``[..., in]`` activations. Column: whole along ``in``. Row: split
+        along ``in`` over `axis_name` (a column layer's output already is).
+        If `batch_axis` is given, ``x.shape[0]`` is split over it.
+      qw: the weight, ideally already placed by `shard_quantized_weight`
+        with the same layout (otherwise it is resharded on entry).
+      mesh: a `jax.sharding.Mesh` containing `axis_name` (and `batch_axis`).
+      layout: "column" (split ``out``) or "row" (split ``in``, one psum).
+      axis_name: the mesh axis the weight is split over.
+      batch_axis: optional mesh axis for the leading dim of ``x`` (data parallel).
+      quantize_activation, impl: as in `xla_qops.quantized_matmul`; every impl
+        runs per shard inside `jax.shard_map`.
+
+    Returns:
+      ``[..., out]`` in ``x``'s dtype. Column: split along ``out`` over
+      `axis_name`. Row: replicated over `axis_name`. Leading dim split over
+      `batch_axis` if given.
+    """
+    check_layout(qw, mesh, layout, axis_name)
+    dispatch.check_impl(impl)
+    check_args(x, qw.w, qw.scale, qw.zero_point, qw.block_size, qw.int4_weight,
+               quantize_activation)
+    if batch_axis is not None:
+        if batch_axis not in mesh.axis_names or batch_axis == axis_name:
+            raise ValueError(f"batch_axis: expected None or a mesh axis other than "
+                             f"{axis_name!r} from {tuple(mesh.axis_names)}, got {batch_axis!r}")
+        if x.ndim < 2 or x.shape[0] % mesh.shape[batch_axis]:
+            raise ValueError(f"x: batch_axis {batch_axis!r} splits x.shape[0] over "
+                             f"{mesh.shape[batch_axis]} devices; expected rank >= 2 with a "
+                             f"multiple of {mesh.shape[batch_axis]}, got shape {tuple(x.shape)}")
+    middle = (None,) * (x.ndim - 2)
+    lead = (batch_axis,) + middle if x.ndim >= 2 else ()
+    if layout == "column":
+        x_spec, y_spec = P(*lead, None), P(*lead, axis_name)
+        body = _column_body(quantize_activation, impl)
+    else:
+        x_spec, y_spec = P(*lead, axis_name), P(*lead, None)
+        body = _row_body(qw, quantize_activation, impl, axis_name)
+    w_specs = weight_partition_specs(qw, layout, axis_name)
+    # check_vma=False: kernel primitives (pallas_call, FFI calls) carry no
+    # varying-manual-axes rule. Gradients are checked against one device in
+    # tests/test_sharding.py.
+    run = jax.shard_map(body, mesh=mesh, in_specs=(x_spec, w_specs), out_specs=y_spec,
+                        check_vma=False)
+    return run(x, qw)
+
+
+def _column_body(quantize_activation, impl):
+    def body(x, qw):
+        return quantized_matmul(x, qw, quantize_activation=quantize_activation, impl=impl)
+    return body
+
+
+def _row_body(qw, quantize_activation, impl, axis_name):
+    global_absmax = quantize_activation and not qw.blockwise
+
+    def body(x, qw):
+        lead, k = x.shape[:-1], x.shape[-1]
+        # float32 partials: the psum is part of the accumulation, rounded once below.
+        x32 = x.astype(jnp.float32)
+        if global_absmax:
+            x2 = x32.reshape(-1, k)
+            # The scale gets no gradient (straight-through), and pmax has no JVP.
+            absmax = lax.pmax(lax.stop_gradient(jnp.max(jnp.abs(x2), axis=-1, keepdims=True)),
+                              axis_name)
+            x_q, x_scale = _quantize_activation(x2, -1, absmax=absmax)
+            x_hat = x_q.astype(jnp.float32) * x_scale
+            # Straight-through: the value is exactly x_hat (x2 - x2 == 0), the
+            # gradient with respect to x the identity, as in the op itself.
+            x2 = lax.stop_gradient(x_hat) + (x2 - lax.stop_gradient(x2))
+            y = quantized_matmul(x2, qw, impl=impl).reshape(*lead, -1)
+        else:
+            y = quantized_matmul(x32, qw, quantize_activation=quantize_activation, impl=impl)
+        return lax.psum(y, axis_name).astype(x.dtype)
+    return body
