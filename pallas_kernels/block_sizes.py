@@ -37,6 +37,7 @@ from __future__ import annotations
 import dataclasses
 import os
 
+import jax.numpy as jnp
 import numpy as np
 
 KiB, MiB = 1024, 1024 * 1024
@@ -91,7 +92,7 @@ def tpu_chip(name: str | None = None) -> Chip:
 
 
 def _attached_tpu() -> str | None:
-    import jax  # deferred: block choice is pure Python otherwise
+    import jax  # deferred: only to look for an attached TPU
 
     if jax.default_backend() != "tpu":
         return None
@@ -111,7 +112,7 @@ def round_up(x: int, m: int) -> int:
 
 def _sublanes(dtype) -> int:
     """Rows per (sublane-packed) vreg tile: 8 for 32-bit, 16 for 16-bit, 32 for 8-bit."""
-    return 8 * (4 // np.dtype(dtype).itemsize)
+    return 8 * (4 // jnp.dtype(dtype).itemsize)
 
 
 def _divisor_tiles(extent: int, unit: int) -> list[int]:
@@ -151,7 +152,7 @@ def tpu_operand_dtype(x_dtype, quantize_activation: bool):
     """
     if quantize_activation:
         return np.dtype(np.int8)
-    d = np.dtype(x_dtype)
+    d = jnp.dtype(x_dtype)  # also accepts names such as "bfloat16"
     return np.dtype(np.float32) if d == np.float16 else d
 
 
@@ -182,7 +183,7 @@ def tpu_blocks(m: int, k: int, n: int, *, block_size: int, packed: bool, x_dtype
     blockwise = block_size != -1
     op_dtype = tpu_operand_dtype(x_dtype, quantize_activation)
     x_itemsize = op_dtype.itemsize
-    out_itemsize = 4 if np.dtype(x_dtype) == np.float16 else np.dtype(x_dtype).itemsize
+    out_itemsize = 4 if jnp.dtype(x_dtype) == np.float16 else jnp.dtype(x_dtype).itemsize
     w_bytes_per_k = 1.0 / p  # bytes of weight per (output, logical K) element
     budget = c.vmem_bytes // 4
 

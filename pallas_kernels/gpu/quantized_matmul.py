@@ -156,6 +156,8 @@ def quantized_matmul(x, w, scale, zero_point=None, *, block_size: int = -1,
     packed = w.dtype == jnp.uint8
     parts = 2 if packed else 1
     n = w.shape[-1] if block_size != -1 else w.shape[0]
+    if m == 0:  # no rows: nothing to tile
+        return jnp.zeros((0, n), x.dtype)
     if blocks is None:
         blocks = block_sizes.gpu_blocks(m, k, n, block_size=block_size, packed=packed)
     op_dtype = jnp.int8 if quantize_activation else x.dtype
