@@ -73,13 +73,20 @@ class Case:
                 f"-m{2 * self.rows}-{self.mesh}{g}")
 
 
-def supported(impl: str, scheme: Scheme, k: int = K) -> bool:
-    spec = MatmulSpec(in_features=k, out_features=N, block_size=scheme.block_size,
-                      bits=scheme.bits, packed=scheme.packed,
-                      has_zero_point=not scheme.symmetric,
-                      quantize_activation=scheme.quantize_activation, x_dtype="float32")
+def supported(impl: str, scheme: Scheme, x_dtype: str, k: int = K) -> bool:
+    """Whether `impl` runs this scheme for x_dtype and for float32 (row-parallel
+    shards run on float32 activations, see xla_qops.sharding)."""
     module = xla_qops.dispatch._module(impl)
-    return module.available() and module.supports(spec, "cpu")
+    if not module.available():
+        return False
+    for dtype in {x_dtype, "float32"}:
+        spec = MatmulSpec(in_features=k, out_features=N, block_size=scheme.block_size,
+                          bits=scheme.bits, packed=scheme.packed,
+                          has_zero_point=not scheme.symmetric,
+                          quantize_activation=scheme.quantize_activation, x_dtype=dtype)
+        if not module.supports(spec, "cpu"):
+            return False
+    return True
 
 
 def cases(impls) -> list[Case]:
@@ -88,23 +95,23 @@ def cases(impls) -> list[Case]:
     for impl in impls:
         schemes = CORE_SCHEMES + (EXTRA_SCHEMES if impl == "xla" else [])
         for i, scheme in enumerate(schemes):
-            if not supported(impl, scheme):
+            if not supported(impl, scheme, DTYPES[i % 3]):
                 continue
             for layout in sharding.LAYOUTS:
                 out.append(Case(impl, layout, scheme, DTYPES[i % 3], 3, "2x4"))
         for scheme in (Scheme(8, BLOCK, False, False, False), Scheme(4, BLOCK, True, True, True)):
             # Prefill: 40 tokens per device > B, the xla backend's other blockwise path.
             for layout in sharding.LAYOUTS:
-                if supported(impl, scheme):
+                if supported(impl, scheme, "float32"):
                     out.append(Case(impl, layout, scheme, "float32", 40, "2x4"))
         for scheme in (Scheme(4, -1, False, True, True), Scheme(4, BLOCK, False, True, False)):
             # 8-way model split: one block per shard.
             for layout in sharding.LAYOUTS:
-                if supported(impl, scheme, 2 * K):
+                if supported(impl, scheme, "bfloat16", 2 * K):
                     out.append(Case(impl, layout, scheme, "bfloat16", 3, "1x8"))
         for scheme in GRAD_SCHEMES:
             for layout in sharding.LAYOUTS:
-                if supported(impl, scheme):
+                if supported(impl, scheme, "float32"):
                     out.append(Case(impl, layout, scheme, "float32", 3, "2x4", grad=True))
     return out
 
@@ -222,6 +229,16 @@ def run_gspmd(out_dir: str, hlo_report: dict) -> None:
                           zero_point=np.asarray(qw.zero_point),
                           y_sharded=np.asarray(compiled(x_s, qw_s)))
             np.savez(os.path.join(out_dir, cid + ".npz"), **record)
+    # Plain jax.jit of a kernel impl: GSPMD cannot split an opaque kernel call,
+    # so it gathers the weight (why sharded_quantized_matmul uses shard_map).
+    if xla_qops.dispatch._module("custom_call").available():
+        for layout in sharding.LAYOUTS:
+            qw_s = sharding.shard_quantized_weight(qw, mesh, layout, "model")
+            x_s = jax.device_put(x, NamedSharding(
+                mesh, P("data", None, "model" if layout == "row" else None)))
+            f = jax.jit(lambda x, qw: xla_qops.quantized_matmul(x, qw, impl="custom_call"))
+            hlo_report[f"plain-jit-custom_call-{layout}"] = collectives(
+                f.lower(x_s, qw_s).compile().as_text())
     replicated = NamedSharding(mesh, P())
     g = jax.jit(lambda x, qw: xla_qops.quantized_matmul(
         x, dataclasses.replace(qw, w=jax.lax.with_sharding_constraint(qw.w, replicated)),

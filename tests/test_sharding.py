@@ -159,6 +159,19 @@ def test_weight_all_gather_is_detected_when_forced(spmd_run):
     assert f"u8[{','.join(map(str, full))}]" in [s.split("{")[0] for s in gathers], gathers
 
 
+@pytest.mark.skipif("custom_call" not in IMPLS, reason="custom_call backend not built")
+@pytest.mark.parametrize("layout", sharding.LAYOUTS)
+def test_plain_jit_of_a_kernel_gathers_the_weight(spmd_run, layout):
+    """Why the kernels run under shard_map: GSPMD cannot split an opaque FFI
+    call, so plain jax.jit on a sharded weight all-gathers it (the last
+    scheme of CORE_SCHEMES, w4a8 blockwise packed: u8[in/B, B/2, out])."""
+    _, hlo = spmd_run
+    gathers = [shape.split("{")[0] for op, shape in hlo[f"plain-jit-custom_call-{layout}"]
+               if op == "all-gather"]
+    full = [spmd_child.K // spmd_child.BLOCK, spmd_child.BLOCK // 2, spmd_child.N]
+    assert f"u8[{','.join(map(str, full))}]" in gathers, gathers
+
+
 def n_elements(shape: str) -> int:
     dims = shape.split("[", 1)[1].split("]", 1)[0]
     return int(np.prod([int(d) for d in dims.split(",") if d]))
