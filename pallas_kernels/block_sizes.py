@@ -55,8 +55,8 @@ class Chip:
     """What the TPU block rule needs to know about a TPU generation.
 
     `vmem_bytes` per TensorCore; `mxu` the systolic array width; `weight_tile`
-    the decode weight-tile target in bytes (about 8x the per-step overhead in
-    HBM time); `tm_max`/`tn_max` the prefill tile caps.
+    the decode weight-tile target in bytes; `tm_max`/`tn_max` the prefill
+    tile caps.
     """
 
     name: str
@@ -70,11 +70,15 @@ class Chip:
 
 # v5e/v6e: 128 MiB VMEM per core, v5p/v7: 64 MiB (per the project brief);
 # MXU 128 wide before v6, 256 from v6.
+# weight_tile: ~15-20x the per-step overhead (~0.35 us) in HBM time, so steps
+# cost <= ~7% of a decode call. tm_max/tn_max: a step's arithmetic intensity
+# 2 / (x_bytes/tn + w_bytes/tm) is ~2x the chip's ridge point (v5e ~240,
+# v6e ~560 flop/byte for bf16) when M allows tm_max rows.
 CHIPS = {
-    "v5e": Chip("v5e", 5, 128 * MiB, 128, 2 * MiB, 512, 512),
-    "v5p": Chip("v5p", 5, 64 * MiB, 128, 4 * MiB, 512, 512),
-    "v6e": Chip("v6e", 6, 128 * MiB, 256, 4 * MiB, 1024, 1024),
-    "v7": Chip("v7", 7, 64 * MiB, 256, 8 * MiB, 1024, 1024),
+    "v5e": Chip("v5e", 5, 128 * MiB, 128, 4 * MiB, 512, 1024),
+    "v5p": Chip("v5p", 5, 64 * MiB, 128, 4 * MiB, 512, 1024),
+    "v6e": Chip("v6e", 6, 128 * MiB, 256, 8 * MiB, 1024, 2048),
+    "v7": Chip("v7", 7, 64 * MiB, 256, 8 * MiB, 1024, 2048),
 }
 # Used when lowering for TPU from a machine without one (jax.export).
 DEFAULT_CHIP = "v6e"

@@ -106,3 +106,15 @@ def test_chip_selection(monkeypatch):
     assert bs.tpu_chip().name == bs.DEFAULT_CHIP  # no TPU attached here
     with pytest.raises(ValueError, match=r"chip: expected one of v5e, v5p, v6e, v7, got 'v4'"):
         bs.tpu_chip("v4")
+
+
+def test_docs_roofline_table_is_current():
+    """docs/pallas_kernels.md shows what pallas_kernels.roofline computes for
+    the current block rule (regenerate with `python -m pallas_kernels.roofline`)."""
+    import pathlib
+
+    from pallas_kernels import roofline
+
+    doc = (pathlib.Path(__file__).resolve().parent.parent / "docs" / "pallas_kernels.md").read_text()
+    table = doc.split("<!-- roofline-table:begin -->\n")[1].split("<!-- roofline-table:end -->")[0]
+    assert table.strip() == roofline.markdown().strip()
