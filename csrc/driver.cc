@@ -1,5 +1,9 @@
 // The loop nest shared by every ISA: prepare x, then one task per 64-column
 // tile (see qmm.h for the scheme).
+#include <time.h>
+
+#include <chrono>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
@@ -34,6 +38,8 @@ struct Scratch {
   }
 };
 thread_local Scratch tl_panel, tl_acc, tl_out;
+// The caller's prepared x (kept between calls: fresh pages cost more than the work).
+thread_local Scratch tl_x[4];
 
 const Kernels& kernels() {
   static const Kernels& k =
@@ -45,6 +51,18 @@ const Kernels& kernels() {
 int64_t prep_rows_per_task(const Problem& p) {
   int64_t rows = (1 << 16) / (p.K > 0 ? p.K : 1);
   return rows < 1 ? 1 : rows;
+}
+
+// XLA_QOPS_TRACE=1 prints the time of each phase (for tuning).
+const bool kTrace = std::getenv("XLA_QOPS_TRACE") != nullptr;
+double now_ms() {
+  return std::chrono::duration<double, std::milli>(
+             std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+double cpu_ms() {  // CPU time of the whole process: unaffected by other load
+  timespec ts;
+  clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
+  return ts.tv_sec * 1e3 + ts.tv_nsec * 1e-6;
 }
 
 template <class Prep, class X>
@@ -63,11 +81,12 @@ void run_a16(const Problem& p, const Kernels& k) {
   xa.Gp = round_up(p.G, 2);
   xa.Kp = p.groups * xa.Gp;
   const int64_t R = p.M * xa.T;
-  Buffer xb = alloc(R * xa.Kp * 2), rowexp = alloc(p.M * 4), xsum = alloc(p.M * p.groups * 4);
-  xa.xb = reinterpret_cast<uint16_t*>(xb.get());
-  xa.rowexp = reinterpret_cast<float*>(rowexp.get());
-  xa.xsum = reinterpret_cast<float*>(xsum.get());
+  xa.xb = reinterpret_cast<uint16_t*>(tl_x[0].get(R * xa.Kp * 2));
+  xa.rowexp = reinterpret_cast<float*>(tl_x[1].get(p.M * 4));
+  xa.xsum = reinterpret_cast<float*>(tl_x[2].get(p.M * p.groups * 4));
+  const double t0 = kTrace ? now_ms() : 0;
   prepare(p, k.prep_a16, xa);
+  const double t1 = kTrace ? now_ms() : 0, c1 = kTrace ? cpu_ms() : 0;
 
   const int64_t tiles = (p.N + kNR - 1) / kNR;
   const int64_t chunk = 2 * kMaxSteps;  // padded-k per panel
@@ -92,6 +111,8 @@ void run_a16(const Problem& p, const Kernels& k) {
     }
     k.store(p, xa.rowexp, n0, ncols, out);
   });
+  if (kTrace) std::fprintf(stderr, "a16 M=%ld K=%ld N=%ld prep %.3f ms, tiles %.3f ms, tiles cpu %.3f ms\n",
+                           (long)p.M, (long)p.K, (long)p.N, t1 - t0, now_ms() - t1, cpu_ms() - c1);
 }
 
 void run_a8(const Problem& p, const Kernels& k) {
@@ -99,12 +120,13 @@ void run_a8(const Problem& p, const Kernels& k) {
   xa.Gp = round_up(p.G, 4);
   xa.Kp = p.groups * xa.Gp;
   const int64_t mg = p.M * p.groups;
-  Buffer xq = alloc(p.M * xa.Kp), xs = alloc(mg * 4), sq = alloc(mg * 4), xzs = alloc(mg * 4);
-  xa.xq = reinterpret_cast<int8_t*>(xq.get());
-  xa.xs = reinterpret_cast<float*>(xs.get());
-  xa.sq = reinterpret_cast<int32_t*>(sq.get());
-  xa.xzs = reinterpret_cast<float*>(xzs.get());
+  xa.xq = reinterpret_cast<int8_t*>(tl_x[0].get(p.M * xa.Kp));
+  xa.xs = reinterpret_cast<float*>(tl_x[1].get(mg * 4));
+  xa.sq = reinterpret_cast<int32_t*>(tl_x[2].get(mg * 4));
+  xa.xzs = reinterpret_cast<float*>(tl_x[3].get(mg * 4));
+  const double t0 = kTrace ? now_ms() : 0;
   prepare(p, k.prep_a8, xa);
+  const double t1 = kTrace ? now_ms() : 0, c1 = kTrace ? cpu_ms() : 0;
 
   const int64_t tiles = (p.N + kNR - 1) / kNR;
   const int64_t chunk = 4 * kMaxSteps;
@@ -129,6 +151,8 @@ void run_a8(const Problem& p, const Kernels& k) {
     }
     k.store(p, nullptr, n0, ncols, out);
   });
+  if (kTrace) std::fprintf(stderr, "a8 M=%ld K=%ld N=%ld prep %.3f ms, tiles %.3f ms, tiles cpu %.3f ms\n",
+                           (long)p.M, (long)p.K, (long)p.N, t1 - t0, now_ms() - t1, cpu_ms() - c1);
 }
 
 }  // namespace

@@ -24,29 +24,311 @@ inline __mmask16 tail_mask(int n) {  // first n of 16 lanes (n may be <= 0 or >=
                  : (n <= 0 ? static_cast<__mmask16>(0) : static_cast<__mmask16>((1u << n) - 1));
 }
 
+// ---------------------------------------------------------------- x preparation
+// 16 values of x (any activation dtype) as float32; lanes outside `mask` are 0.
+inline __m512 load_x16(const Problem& p, int64_t i, __mmask16 mask) {
+  if (p.xt == kF32) return _mm512_maskz_loadu_ps(mask, static_cast<const float*>(p.x) + i);
+  const __m256i h = _mm256_maskz_loadu_epi16(mask, static_cast<const uint16_t*>(p.x) + i);
+  if (p.xt == kF16) return _mm512_cvtph_ps(h);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+inline __mmask16 lanes(int64_t n) { return n >= 16 ? 0xffff : (n <= 0 ? 0 : (__mmask16)((1u << n) - 1)); }
+
+inline float group_absmax(const Problem& p, int64_t base, int64_t len) {
+  __m512 mx = _mm512_setzero_ps();
+  for (int64_t k = 0; k < len; k += 16)
+    mx = _mm512_max_ps(mx, _mm512_abs_ps(load_x16(p, base + k, lanes(len - k))));
+  return _mm512_reduce_max_ps(mx);
+}
+
+// bf16 bits of v (exact when v has <= 8 significant bits), round to nearest even.
+inline __m256i bf16_bits(__m512 v) {
+  const __m256bh h = _mm512_cvtneps_pbh(v);
+  return reinterpret_cast<const __m256i&>(h);
+}
+inline __m512 bf16_to_f32v(__m256i h) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+void prep_a16(const Problem& p, const XA16& xa, int64_t m0, int64_t m1) {
+  for (int64_t m = m0; m < m1; ++m) {
+    const int64_t base = m * p.K;
+    const float absmax = group_absmax(p, base, p.K);
+    int e = 0;
+    if (absmax > 0.0f && absmax <= 3.4028235e38f) {
+      __builtin_frexpf(absmax, &e);  // builtins: no libstdc++ inline copies here
+      e = e < -64 ? -64 : (e > 64 ? 64 : e);
+    }
+    xa.rowexp[m] = __builtin_ldexpf(1.0f, e);
+    const float down_s = __builtin_ldexpf(1.0f, -e);
+    const __m512 down = _mm512_set1_ps(down_s);
+    for (int64_t g = 0; g < p.groups; ++g) {
+      __m512 sum = _mm512_setzero_ps();
+      for (int64_t kk = 0; kk < xa.Gp; kk += 16) {
+        const __m512 v = load_x16(p, base + g * p.G + kk, lanes(p.G - kk));
+        sum = _mm512_add_ps(sum, v);
+        __m512 r = _mm512_mul_ps(v, down);
+        const __mmask16 out = lanes(xa.Gp - kk);
+        for (int t = 0; t < xa.T; ++t) {
+          const __m256i h = bf16_bits(r);
+          _mm256_mask_storeu_epi16(xa.xb + (m * xa.T + t) * xa.Kp + g * xa.Gp + kk, out, h);
+          if (t + 1 < xa.T) r = _mm512_sub_ps(r, bf16_to_f32v(h));  // exact remainder
+        }
+      }
+      xa.xsum[m * p.groups + g] = _mm512_reduce_add_ps(sum) * down_s;
+    }
+  }
+}
+
+// activation.py: inv = 127 / absmax (0 if absmax == 0), q = clip(rint(x * inv)).
+void prep_a8(const Problem& p, const XA8& xa, int64_t m0, int64_t m1) {
+  for (int64_t m = m0; m < m1; ++m) {
+    for (int64_t g = 0; g < p.groups; ++g) {
+      const int64_t base = m * p.K + g * p.G;
+      const float absmax = group_absmax(p, base, p.G);
+      const float inv_s = absmax == 0.0f ? 0.0f : 127.0f / absmax;
+      const __m512 inv = _mm512_set1_ps(inv_s);
+      __m512i sum = _mm512_setzero_si512();
+      int8_t* row = xa.xq + m * xa.Kp + g * xa.Gp;
+      for (int64_t kk = 0; kk < xa.Gp; kk += 16) {
+        const __m512 v = load_x16(p, base + kk, lanes(p.G - kk));
+        __m512i q = _mm512_cvt_roundps_epi32(_mm512_mul_ps(v, inv),
+                                             _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        q = _mm512_max_epi32(_mm512_min_epi32(q, _mm512_set1_epi32(127)), _mm512_set1_epi32(-127));
+        sum = _mm512_add_epi32(sum, q);
+        _mm_mask_storeu_epi8(row + kk, lanes(xa.Gp - kk), _mm512_cvtepi32_epi8(q));
+      }
+      const int32_t sq = _mm512_reduce_add_epi32(sum);
+      const float xs = absmax / 127.0f;
+      xa.xs[m * p.groups + g] = xs;
+      xa.sq[m * p.groups + g] = sq;
+      xa.xzs[m * p.groups + g] = xs * static_cast<float>(sq);
+    }
+  }
+}
+
+// ---------------------------------------------------------------- panel packers
+// In-place transpose of a 16x16 matrix of dwords (r[i] = row i).
+inline void transpose16(__m512i r[16]) {
+  __m512i a[16], b[16];
+  for (int i = 0; i < 16; i += 2) {
+    a[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+    a[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+  }
+  for (int q = 0; q < 4; ++q) {  // b[4q + j]: lane L = rows 4q..4q+3, column 4L + j
+    const __m512i* x = a + 4 * q;
+    b[4 * q + 0] = _mm512_unpacklo_epi64(x[0], x[2]);
+    b[4 * q + 1] = _mm512_unpackhi_epi64(x[0], x[2]);
+    b[4 * q + 2] = _mm512_unpacklo_epi64(x[1], x[3]);
+    b[4 * q + 3] = _mm512_unpackhi_epi64(x[1], x[3]);
+  }
+  for (int j = 0; j < 4; ++j) {
+    const __m512i c0 = _mm512_shuffle_i32x4(b[j], b[4 + j], 0x88);
+    const __m512i c1 = _mm512_shuffle_i32x4(b[j], b[4 + j], 0xdd);
+    const __m512i c2 = _mm512_shuffle_i32x4(b[8 + j], b[12 + j], 0x88);
+    const __m512i c3 = _mm512_shuffle_i32x4(b[8 + j], b[12 + j], 0xdd);
+    r[j] = _mm512_shuffle_i32x4(c0, c2, 0x88);
+    r[8 + j] = _mm512_shuffle_i32x4(c0, c2, 0xdd);
+    r[4 + j] = _mm512_shuffle_i32x4(c1, c3, 0x88);
+    r[12 + j] = _mm512_shuffle_i32x4(c1, c3, 0xdd);
+  }
+}
+
+inline __mmask16 mask16(int64_t n) { return n >= 16 ? 0xffff : (n <= 0 ? 0 : (__mmask16)((1u << n) - 1)); }
+inline __mmask32 mask32(int64_t n) { return n >= 32 ? 0xffffffffu : (n <= 0 ? 0 : (__mmask32)((1u << n) - 1)); }
+inline __mmask64 mask64(int64_t n) { return n >= 64 ? ~0ull : (n <= 0 ? 0 : (__mmask64)((1ull << n) - 1)); }
+
+// bf16 of each sign-extended nibble value, indexed by the low 5 bits of a word.
+inline __m512i nibble_bf16_lut() {
+  alignas(64) uint16_t t[32];
+  for (int i = 0; i < 32; ++i) {
+    const int v = (i & 15) >= 8 ? (i & 15) - 16 : (i & 15);
+    const float f = static_cast<float>(v);
+    uint32_t u;
+    std::memcpy(&u, &f, 4);
+    t[i] = static_cast<uint16_t>(u >> 16);
+  }
+  return _mm512_load_si512(t);
+}
+
+// 16 packed bytes (one k-pair each) -> 16 dwords bf16(lo) | bf16(hi) << 16.
+inline __m512i int4_pairs_to_bf16(__m128i bytes, __m512i lut) {
+  const __m512i d = _mm512_cvtepu8_epi32(bytes);
+  // word 0: the low nibble (bit 4 = the high nibble's bit 0, which the LUT
+  // ignores); word 1: the high nibble.
+  return _mm512_permutexvar_epi16(_mm512_or_si512(d, _mm512_slli_epi32(d, 12)), lut);
+}
+
+// 16 int8 -> 16 dwords of exact float32 bit patterns (low 16 bits zero).
+inline __m512i int8_to_f32bits(__m128i bytes) {
+  return _mm512_castps_si512(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(bytes)));
+}
+
+// 32 packed bytes (64 nibbles along k) -> 64 bytes (nibble ^ 8) in k order.
+inline __m512i int4_to_u8(__m256i bytes) {
+  const __m512i w = _mm512_cvtepu8_epi16(bytes);
+  const __m512i lo = _mm512_and_si512(w, _mm512_set1_epi16(0x000f));
+  const __m512i hi = _mm512_slli_epi16(_mm512_and_si512(w, _mm512_set1_epi16(0x00f0)), 4);
+  return _mm512_xor_si512(_mm512_or_si512(lo, hi), _mm512_set1_epi16(0x0808));
+}
+
+void pack_a16(const Problem& p, int64_t g, int64_t kk0, int64_t kk1, int64_t n0, uint32_t* panel) {
+  const int64_t steps = (kk1 - kk0) / 2;
+  if (p.blockwise) {
+    // [K, N] / packed [K/2, N]: a step's 64 columns are contiguous bytes.
+    const __m512i lut = nibble_bf16_lut();
+    for (int64_t s = 0; s < steps; ++s) {
+      const int64_t kk = kk0 + 2 * s, k = g * p.G + kk;
+      for (int cb = 0; cb < 4; ++cb) {
+        const int64_t n = n0 + 16 * cb;
+        const __mmask16 m = mask16(p.N - n);
+        __m512i v;
+        if (p.bits == 4) {
+          v = int4_pairs_to_bf16(_mm_maskz_loadu_epi8(m, p.w + (k / 2) * p.N + n), lut);
+        } else {
+          const __m512i fa = kk < p.G ? int8_to_f32bits(_mm_maskz_loadu_epi8(m, p.w + k * p.N + n))
+                                      : _mm512_setzero_si512();
+          const __m512i fb = kk + 1 < p.G
+                                 ? int8_to_f32bits(_mm_maskz_loadu_epi8(m, p.w + (k + 1) * p.N + n))
+                                 : _mm512_setzero_si512();
+          v = _mm512_or_si512(_mm512_srli_epi32(fa, 16), fb);
+        }
+        _mm512_store_si512(panel + s * kNR + 16 * cb, v);
+      }
+    }
+    return;
+  }
+  // Per-channel [N, K] / packed [N, K/2]: 16 steps of 16 columns, then transpose.
+  const __m512i lut = nibble_bf16_lut();
+  for (int64_t s0 = 0; s0 < steps; s0 += 16) {
+    const int64_t k0 = kk0 + 2 * s0;  // g == 0
+    const int64_t valid_k = p.K - k0;  // features left in the row
+    const int ns = static_cast<int>(steps - s0 < 16 ? steps - s0 : 16);
+    for (int cb = 0; cb < 4; ++cb) {
+      __m512i r[16];
+      for (int i = 0; i < 16; ++i) {
+        const int64_t n = n0 + 16 * cb + i;
+        if (n >= p.N) {
+          r[i] = _mm512_setzero_si512();
+        } else if (p.bits == 4) {
+          r[i] = int4_pairs_to_bf16(
+              _mm_maskz_loadu_epi8(mask16(valid_k / 2), p.w + n * (p.K / 2) + k0 / 2), lut);
+        } else {
+          const __m256i b = _mm256_maskz_loadu_epi8(mask32(valid_k), p.w + n * p.K + k0);
+          const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(b)));
+          const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(b, 1)));
+          r[i] = reinterpret_cast<const __m512i&>(static_cast<const __m512bh&>(_mm512_cvtne2ps_pbh(hi, lo)));
+        }
+      }
+      transpose16(r);
+      for (int c = 0; c < ns; ++c) _mm512_store_si512(panel + (s0 + c) * kNR + 16 * cb, r[c]);
+    }
+  }
+}
+
+void pack_a8(const Problem& p, int64_t g, int64_t kk0, int64_t kk1, int64_t n0, uint32_t* panel) {
+  const int64_t steps = (kk1 - kk0) / 4;
+  if (p.blockwise) {
+    const __m128i flip = _mm_set1_epi8(static_cast<char>(0x80));
+    for (int64_t s = 0; s < steps; ++s) {
+      const int64_t kk = kk0 + 4 * s, k = g * p.G + kk;
+      for (int cb = 0; cb < 4; ++cb) {
+        const int64_t n = n0 + 16 * cb;
+        const __mmask16 m = mask16(p.N - n);
+        __m512i v = _mm512_setzero_si512();
+        if (p.bits == 4) {
+          for (int j = 0; j < 2; ++j) {  // two k-pairs: bytes (lo, hi) at 2j, 2j+1
+            if (kk + 2 * j >= p.G) break;
+            const __m512i d = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(m, p.w + (k / 2 + j) * p.N + n));
+            const __m512i e = _mm512_or_si512(_mm512_and_si512(d, _mm512_set1_epi32(0x0f)),
+                                              _mm512_slli_epi32(_mm512_and_si512(d, _mm512_set1_epi32(0xf0)), 4));
+            v = _mm512_or_si512(v, _mm512_slli_epi32(_mm512_xor_si512(e, _mm512_set1_epi32(0x0808)), 16 * j));
+          }
+        } else {
+          for (int j = 0; j < 4; ++j) {
+            if (kk + j >= p.G) break;
+            const __m128i b = _mm_xor_si128(_mm_maskz_loadu_epi8(m, p.w + (k + j) * p.N + n), flip);
+            v = _mm512_or_si512(v, _mm512_slli_epi32(_mm512_cvtepu8_epi32(b), 8 * j));
+          }
+        }
+        _mm512_store_si512(panel + s * kNR + 16 * cb, v);
+      }
+    }
+    return;
+  }
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+  for (int64_t s0 = 0; s0 < steps; s0 += 16) {
+    const int64_t k0 = kk0 + 4 * s0;
+    const int64_t valid_k = p.K - k0;
+    const int ns = static_cast<int>(steps - s0 < 16 ? steps - s0 : 16);
+    for (int cb = 0; cb < 4; ++cb) {
+      __m512i r[16];
+      for (int i = 0; i < 16; ++i) {
+        const int64_t n = n0 + 16 * cb + i;
+        if (n >= p.N) {
+          r[i] = _mm512_setzero_si512();
+        } else if (p.bits == 4) {
+          r[i] = int4_to_u8(_mm256_maskz_loadu_epi8(mask32(valid_k / 2), p.w + n * (p.K / 2) + k0 / 2));
+        } else {
+          r[i] = _mm512_xor_si512(_mm512_maskz_loadu_epi8(mask64(valid_k), p.w + n * p.K + k0), flip);
+        }
+      }
+      transpose16(r);
+      for (int c = 0; c < ns; ++c) _mm512_store_si512(panel + (s0 + c) * kNR + 16 * cb, r[c]);
+    }
+  }
+}
+
 // ---------------------------------------------------------------- microkernels
+// The microkernels keep MR x 4 accumulators in named registers (GCC spills an
+// array of vectors to the stack on every step), written out by these macros.
+#define XQK_ROWS(F) F(0) F(1) F(2) F(3) F(4) F(5)
+
 // acc[r][0:64] (+)= sum_s dpbf16(broadcast x[r][2s:2s+2], panel[s][0:64]).
 template <int MR>
 void mk_a16_t(const uint16_t* x, int64_t ldx, const uint32_t* panel, int64_t steps,
               float* acc, bool init) {
-  __m512 c[MR][4];
-  for (int r = 0; r < MR; ++r)
-    for (int j = 0; j < 4; ++j)
-      c[r][j] = init ? _mm512_setzero_ps() : _mm512_loadu_ps(acc + r * kNR + 16 * j);
+#define DECL(r) __m512 c##r##0, c##r##1, c##r##2, c##r##3;
+  XQK_ROWS(DECL)
+#undef DECL
+#define INIT(r)                                                    \
+  if constexpr (r < MR) {                                          \
+    if (init) {                                                    \
+      c##r##0 = c##r##1 = c##r##2 = c##r##3 = _mm512_setzero_ps(); \
+    } else {                                                       \
+      c##r##0 = _mm512_loadu_ps(acc + r * kNR);                    \
+      c##r##1 = _mm512_loadu_ps(acc + r * kNR + 16);               \
+      c##r##2 = _mm512_loadu_ps(acc + r * kNR + 32);               \
+      c##r##3 = _mm512_loadu_ps(acc + r * kNR + 48);               \
+    }                                                              \
+  }
+  XQK_ROWS(INIT)
+#undef INIT
   for (int64_t s = 0; s < steps; ++s) {
     const uint32_t* pb = panel + s * kNR;
     const __m512bh b0 = as_bh(_mm512_load_si512(pb)), b1 = as_bh(_mm512_load_si512(pb + 16)),
                    b2 = as_bh(_mm512_load_si512(pb + 32)), b3 = as_bh(_mm512_load_si512(pb + 48));
-    for (int r = 0; r < MR; ++r) {
-      const __m512bh a = as_bh(_mm512_set1_epi32(load_i32(x + r * ldx + 2 * s)));
-      c[r][0] = _mm512_dpbf16_ps(c[r][0], a, b0);
-      c[r][1] = _mm512_dpbf16_ps(c[r][1], a, b1);
-      c[r][2] = _mm512_dpbf16_ps(c[r][2], a, b2);
-      c[r][3] = _mm512_dpbf16_ps(c[r][3], a, b3);
-    }
+#define STEP(r)                                                                 \
+  if constexpr (r < MR) {                                                       \
+    const __m512bh a = as_bh(_mm512_set1_epi32(load_i32(x + r * ldx + 2 * s))); \
+    c##r##0 = _mm512_dpbf16_ps(c##r##0, a, b0);                                 \
+    c##r##1 = _mm512_dpbf16_ps(c##r##1, a, b1);                                 \
+    c##r##2 = _mm512_dpbf16_ps(c##r##2, a, b2);                                 \
+    c##r##3 = _mm512_dpbf16_ps(c##r##3, a, b3);                                 \
   }
-  for (int r = 0; r < MR; ++r)
-    for (int j = 0; j < 4; ++j) _mm512_storeu_ps(acc + r * kNR + 16 * j, c[r][j]);
+    XQK_ROWS(STEP)
+#undef STEP
+  }
+#define STORE(r)                                   \
+  if constexpr (r < MR) {                          \
+    _mm512_storeu_ps(acc + r * kNR, c##r##0);      \
+    _mm512_storeu_ps(acc + r * kNR + 16, c##r##1); \
+    _mm512_storeu_ps(acc + r * kNR + 32, c##r##2); \
+    _mm512_storeu_ps(acc + r * kNR + 48, c##r##3); \
+  }
+  XQK_ROWS(STORE)
+#undef STORE
 }
 
 void mk_a16(int mr, const uint16_t* x, int64_t ldx, const uint32_t* panel, int64_t steps,
@@ -65,24 +347,46 @@ void mk_a16(int mr, const uint16_t* x, int64_t ldx, const uint32_t* panel, int64
 template <int MR>
 void mk_a8_t(const int8_t* x, int64_t ldx, const uint32_t* panel, int64_t steps,
              int32_t* acc, bool init) {
-  __m512i c[MR][4];
-  for (int r = 0; r < MR; ++r)
-    for (int j = 0; j < 4; ++j)
-      c[r][j] = init ? _mm512_setzero_si512() : _mm512_loadu_si512(acc + r * kNR + 16 * j);
+#define DECL(r) __m512i c##r##0, c##r##1, c##r##2, c##r##3;
+  XQK_ROWS(DECL)
+#undef DECL
+#define INIT(r)                                                       \
+  if constexpr (r < MR) {                                             \
+    if (init) {                                                       \
+      c##r##0 = c##r##1 = c##r##2 = c##r##3 = _mm512_setzero_si512(); \
+    } else {                                                          \
+      c##r##0 = _mm512_loadu_si512(acc + r * kNR);                    \
+      c##r##1 = _mm512_loadu_si512(acc + r * kNR + 16);               \
+      c##r##2 = _mm512_loadu_si512(acc + r * kNR + 32);               \
+      c##r##3 = _mm512_loadu_si512(acc + r * kNR + 48);               \
+    }                                                                 \
+  }
+  XQK_ROWS(INIT)
+#undef INIT
   for (int64_t s = 0; s < steps; ++s) {
     const uint32_t* pb = panel + s * kNR;
     const __m512i b0 = _mm512_load_si512(pb), b1 = _mm512_load_si512(pb + 16),
                   b2 = _mm512_load_si512(pb + 32), b3 = _mm512_load_si512(pb + 48);
-    for (int r = 0; r < MR; ++r) {
-      const __m512i a = _mm512_set1_epi32(load_i32(x + r * ldx + 4 * s));
-      c[r][0] = _mm512_dpbusd_epi32(c[r][0], b0, a);
-      c[r][1] = _mm512_dpbusd_epi32(c[r][1], b1, a);
-      c[r][2] = _mm512_dpbusd_epi32(c[r][2], b2, a);
-      c[r][3] = _mm512_dpbusd_epi32(c[r][3], b3, a);
-    }
+#define STEP(r)                                                       \
+  if constexpr (r < MR) {                                             \
+    const __m512i a = _mm512_set1_epi32(load_i32(x + r * ldx + 4 * s)); \
+    c##r##0 = _mm512_dpbusd_epi32(c##r##0, b0, a);                    \
+    c##r##1 = _mm512_dpbusd_epi32(c##r##1, b1, a);                    \
+    c##r##2 = _mm512_dpbusd_epi32(c##r##2, b2, a);                    \
+    c##r##3 = _mm512_dpbusd_epi32(c##r##3, b3, a);                    \
   }
-  for (int r = 0; r < MR; ++r)
-    for (int j = 0; j < 4; ++j) _mm512_storeu_si512(acc + r * kNR + 16 * j, c[r][j]);
+    XQK_ROWS(STEP)
+#undef STEP
+  }
+#define STORE(r)                                      \
+  if constexpr (r < MR) {                             \
+    _mm512_storeu_si512(acc + r * kNR, c##r##0);      \
+    _mm512_storeu_si512(acc + r * kNR + 16, c##r##1); \
+    _mm512_storeu_si512(acc + r * kNR + 32, c##r##2); \
+    _mm512_storeu_si512(acc + r * kNR + 48, c##r##3); \
+  }
+  XQK_ROWS(STORE)
+#undef STORE
 }
 
 void mk_a8(int mr, const int8_t* x, int64_t ldx, const uint32_t* panel, int64_t steps,
@@ -175,6 +479,10 @@ void store(const Problem& p, const float* rowexp, int64_t n0, int ncols, const f
 const Kernels& avx512_kernels() {
   static const Kernels k = [] {
     Kernels t = generic_kernels();
+    t.prep_a16 = prep_a16;
+    t.prep_a8 = prep_a8;
+    t.pack_a16 = pack_a16;
+    t.pack_a8 = pack_a8;
     t.mk_a16 = mk_a16;
     t.mk_a8 = mk_a8;
     t.fin_a16 = fin_a16;

@@ -83,7 +83,14 @@ class Pool {
     if (static_cast<int>(workers_.size()) == want) return;
     stop();
     quit_ = false;
-    for (int i = 0; i < want; ++i) workers_.emplace_back([this] { loop(); });
+    uint64_t gen;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      gen = generation_;
+    }
+    // A worker starts from the generation current now, so a region published
+    // before the thread first runs is not missed.
+    for (int i = 0; i < want; ++i) workers_.emplace_back([this, gen] { loop(gen); });
   }
 
   void stop() {
@@ -96,12 +103,7 @@ class Pool {
     workers_.clear();
   }
 
-  void loop() {
-    uint64_t seen;
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      seen = generation_;
-    }
+  void loop(uint64_t seen) {
     for (;;) {
       const std::function<void(int64_t)>* fn;
       int64_t n;
