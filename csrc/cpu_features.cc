@@ -29,6 +29,7 @@ CpuFeatures detect() {
   const bool f_ = b & (1u << 16), dq = b & (1u << 17), bw = b & (1u << 30), vl = b & (1u << 31);
   f.avx512_core = zmm_os && f_ && dq && bw && vl;
   f.avx512_vnni = f.avx512_core && (c & (1u << 11));
+  f.avx512_vbmi = f.avx512_core && (c & (1u << 1));
   f.amx_bf16 = d & (1u << 22);
   f.amx_tile = d & (1u << 24);
   f.amx_int8 = d & (1u << 25);
@@ -50,7 +51,7 @@ const char* active_isa() {
     const char* env = std::getenv("XLA_QOPS_CPU_ISA");
     if (env && std::strcmp(env, "generic") == 0) return "generic";
     const CpuFeatures& f = cpu_features();
-    return (f.avx512_core && f.avx512_bf16 && f.avx512_vnni) ? "avx512" : "generic";
+    return (f.avx512_core && f.avx512_bf16 && f.avx512_vnni && f.avx512_vbmi) ? "avx512" : "generic";
   }();
   return isa;
 }

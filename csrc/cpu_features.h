@@ -7,12 +7,14 @@ struct CpuFeatures {
   bool avx512_core = false;  // AVX-512 F, BW, VL, DQ with OS-enabled ZMM state
   bool avx512_bf16 = false;
   bool avx512_vnni = false;
+  bool avx512_vbmi = false;
   bool amx_tile = false, amx_bf16 = false, amx_int8 = false;  // reported, not used
 };
 
 const CpuFeatures& cpu_features();
 
-// The kernel set in use: "avx512" (needs avx512_core + bf16 + vnni) or
+// The kernel set in use: "avx512" (needs avx512_core + bf16 + vnni + vbmi:
+// Sapphire Rapids and later, Zen 4 and later) or
 // "generic". XLA_QOPS_CPU_ISA=generic forces the portable kernels.
 const char* active_isa();
 

@@ -75,6 +75,19 @@ void prepare(const Problem& p, Prep prep, const X& xa) {
   });
 }
 
+// Runs fn(tile) for every tile: each thread takes strips of consecutive tiles,
+// so the packers can prefetch the next tile (the same rows, 64 columns on).
+template <class Fn>
+void for_each_tile(int64_t tiles, const Fn& fn) {
+  const int64_t strips_wanted = 2 * static_cast<int64_t>(num_threads());
+  const int64_t per = (tiles + strips_wanted - 1) / strips_wanted;
+  const int64_t strips = (tiles + per - 1) / per;
+  parallel_for(strips, [&](int64_t strip) {
+    const int64_t t1 = (strip + 1) * per < tiles ? (strip + 1) * per : tiles;
+    for (int64_t t = strip * per; t < t1; ++t) fn(t);
+  });
+}
+
 void run_a16(const Problem& p, const Kernels& k) {
   XA16 xa;
   xa.T = p.xt == kBF16 ? 1 : (p.xt == kF16 ? 2 : 3);
@@ -90,7 +103,7 @@ void run_a16(const Problem& p, const Kernels& k) {
 
   const int64_t tiles = (p.N + kNR - 1) / kNR;
   const int64_t chunk = 2 * kMaxSteps;  // padded-k per panel
-  parallel_for(tiles, [&](int64_t tile) {
+  for_each_tile(tiles, [&](int64_t tile) {
     const int64_t n0 = tile * kNR;
     const int ncols = static_cast<int>(p.N - n0 < kNR ? p.N - n0 : kNR);
     uint32_t* panel = reinterpret_cast<uint32_t*>(tl_panel.get(kMaxSteps * kNR * 4));
@@ -130,7 +143,7 @@ void run_a8(const Problem& p, const Kernels& k) {
 
   const int64_t tiles = (p.N + kNR - 1) / kNR;
   const int64_t chunk = 4 * kMaxSteps;
-  parallel_for(tiles, [&](int64_t tile) {
+  for_each_tile(tiles, [&](int64_t tile) {
     const int64_t n0 = tile * kNR;
     const int ncols = static_cast<int>(p.N - n0 < kNR ? p.N - n0 : kNR);
     uint32_t* panel = reinterpret_cast<uint32_t*>(tl_panel.get(kMaxSteps * kNR * 4));

@@ -109,6 +109,8 @@ void prep_a8(const Problem& p, const XA8& xa, int64_t m0, int64_t m1) {
 }
 
 // ---------------------------------------------------------------- panel packers
+constexpr int64_t kPrefetchBytes = 512;  // per-channel: bytes ahead in the same row
+
 // In-place transpose of a 16x16 matrix of dwords (r[i] = row i).
 inline void transpose16(__m512i r[16]) {
   __m512i a[16], b[16];
@@ -175,26 +177,52 @@ inline __m512i int4_to_u8(__m256i bytes) {
 
 void pack_a16(const Problem& p, int64_t g, int64_t kk0, int64_t kk1, int64_t n0, uint32_t* panel) {
   const int64_t steps = (kk1 - kk0) / 2;
-  if (p.blockwise) {
-    // [K, N] / packed [K/2, N]: a step's 64 columns are contiguous bytes.
+  if (p.blockwise && p.bits == 4) {
+    // Packed [K/2, N]: a step (one k-pair) of 64 columns is one 64-byte row segment.
+    const int64_t N = p.N;
+    const uint8_t* row = p.w + ((g * p.G + kk0) / 2) * N + n0;
+    const __mmask64 m = mask64(N - n0);
     const __m512i lut = nibble_bf16_lut();
-    for (int64_t s = 0; s < steps; ++s) {
-      const int64_t kk = kk0 + 2 * s, k = g * p.G + kk;
+    // vpermb spreads byte c of each 16-column quarter over dword c; vpsrlvw then
+    // leaves the low nibble in word 0 and the high nibble in word 1 (the LUT
+    // reads the low 5 bits, bit 4 is ignored).
+    __m512i idx[4];
+    for (int cb = 0; cb < 4; ++cb)
+      idx[cb] = _mm512_add_epi8(_mm512_set1_epi32(0x01010101 * (16 * cb)),
+                                _mm512_set_epi32(0x0f0f0f0f, 0x0e0e0e0e, 0x0d0d0d0d, 0x0c0c0c0c,
+                                                 0x0b0b0b0b, 0x0a0a0a0a, 0x09090909, 0x08080808,
+                                                 0x07070707, 0x06060606, 0x05050505, 0x04040404,
+                                                 0x03030303, 0x02020202, 0x01010101, 0x00000000));
+    const __m512i shifts = _mm512_set1_epi32(0x00040000);
+    for (int64_t s = 0; s < steps; ++s, row += N) {
+      // Rows are N bytes apart (a page or more), which the hardware prefetchers
+      // do not follow: fetch the next tile's part of this row (same page, used
+      // after this tile; tiles run in order within a thread's strip).
+      _mm_prefetch(reinterpret_cast<const char*>(row + kNR), _MM_HINT_T1);
+      const __m512i v = _mm512_maskz_loadu_epi8(m, row);
       for (int cb = 0; cb < 4; ++cb) {
-        const int64_t n = n0 + 16 * cb;
-        const __mmask16 m = mask16(p.N - n);
-        __m512i v;
-        if (p.bits == 4) {
-          v = int4_pairs_to_bf16(_mm_maskz_loadu_epi8(m, p.w + (k / 2) * p.N + n), lut);
-        } else {
-          const __m512i fa = kk < p.G ? int8_to_f32bits(_mm_maskz_loadu_epi8(m, p.w + k * p.N + n))
-                                      : _mm512_setzero_si512();
-          const __m512i fb = kk + 1 < p.G
-                                 ? int8_to_f32bits(_mm_maskz_loadu_epi8(m, p.w + (k + 1) * p.N + n))
+        const __m512i e = _mm512_srlv_epi16(_mm512_permutexvar_epi8(idx[cb], v), shifts);
+        _mm512_store_si512(panel + s * kNR + 16 * cb, _mm512_permutexvar_epi16(e, lut));
+      }
+    }
+    return;
+  }
+  if (p.blockwise) {
+    // int8 [K, N]: two rows per step.
+    const int64_t N = p.N;
+    const uint8_t* row = p.w + (g * p.G + kk0) * N + n0;
+    __mmask16 m[4];
+    for (int cb = 0; cb < 4; ++cb) m[cb] = mask16(N - n0 - 16 * cb);
+    for (int64_t s = 0; s < steps; ++s, row += 2 * N) {
+      const int64_t kk = kk0 + 2 * s;
+      _mm_prefetch(reinterpret_cast<const char*>(row + kNR), _MM_HINT_T1);
+      _mm_prefetch(reinterpret_cast<const char*>(row + N + kNR), _MM_HINT_T1);
+      const bool has_b = kk + 1 < p.G;  // an odd block ends in a padding feature
+      for (int cb = 0; cb < 4; ++cb) {
+        const __m512i fa = int8_to_f32bits(_mm_maskz_loadu_epi8(m[cb], row + 16 * cb));
+        const __m512i fb = has_b ? int8_to_f32bits(_mm_maskz_loadu_epi8(m[cb], row + N + 16 * cb))
                                  : _mm512_setzero_si512();
-          v = _mm512_or_si512(_mm512_srli_epi32(fa, 16), fb);
-        }
-        _mm512_store_si512(panel + s * kNR + 16 * cb, v);
+        _mm512_store_si512(panel + s * kNR + 16 * cb, _mm512_or_si512(_mm512_srli_epi32(fa, 16), fb));
       }
     }
     return;
@@ -212,9 +240,11 @@ void pack_a16(const Problem& p, int64_t g, int64_t kk0, int64_t kk1, int64_t n0,
         if (n >= p.N) {
           r[i] = _mm512_setzero_si512();
         } else if (p.bits == 4) {
+          _mm_prefetch(reinterpret_cast<const char*>(p.w + n * (p.K / 2) + k0 / 2 + kPrefetchBytes), _MM_HINT_T0);
           r[i] = int4_pairs_to_bf16(
               _mm_maskz_loadu_epi8(mask16(valid_k / 2), p.w + n * (p.K / 2) + k0 / 2), lut);
         } else {
+          _mm_prefetch(reinterpret_cast<const char*>(p.w + n * p.K + k0 + kPrefetchBytes), _MM_HINT_T0);
           const __m256i b = _mm256_maskz_loadu_epi8(mask32(valid_k), p.w + n * p.K + k0);
           const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(b)));
           const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(b, 1)));
@@ -233,6 +263,9 @@ void pack_a8(const Problem& p, int64_t g, int64_t kk0, int64_t kk1, int64_t n0, 
     const __m128i flip = _mm_set1_epi8(static_cast<char>(0x80));
     for (int64_t s = 0; s < steps; ++s) {
       const int64_t kk = kk0 + 4 * s, k = g * p.G + kk;
+      const int64_t rows = p.bits == 4 ? 2 : 4, first = p.bits == 4 ? k / 2 : k;
+      for (int64_t j = 0; j < rows; ++j)  // the next tile's part of these rows
+        _mm_prefetch(reinterpret_cast<const char*>(p.w + (first + j) * p.N + n0 + kNR), _MM_HINT_T1);
       for (int cb = 0; cb < 4; ++cb) {
         const int64_t n = n0 + 16 * cb;
         const __mmask16 m = mask16(p.N - n);
@@ -269,8 +302,10 @@ void pack_a8(const Problem& p, int64_t g, int64_t kk0, int64_t kk1, int64_t n0, 
         if (n >= p.N) {
           r[i] = _mm512_setzero_si512();
         } else if (p.bits == 4) {
+          _mm_prefetch(reinterpret_cast<const char*>(p.w + n * (p.K / 2) + k0 / 2 + kPrefetchBytes), _MM_HINT_T0);
           r[i] = int4_to_u8(_mm256_maskz_loadu_epi8(mask32(valid_k / 2), p.w + n * (p.K / 2) + k0 / 2));
         } else {
+          _mm_prefetch(reinterpret_cast<const char*>(p.w + n * p.K + k0 + kPrefetchBytes), _MM_HINT_T0);
           r[i] = _mm512_xor_si512(_mm512_maskz_loadu_epi8(mask64(valid_k), p.w + n * p.K + k0), flip);
         }
       }
@@ -406,6 +441,10 @@ void fin_a16(const Problem& p, const XA16& xa, int64_t g, int64_t n0, int ncols,
              const float* acc, float* out, bool init) {
   const float* s = p.scale + (p.blockwise ? g * p.N : 0) + n0;
   const float* z = p.has_zp ? p.zp + (p.blockwise ? g * p.N : 0) + n0 : nullptr;
+  for (int l = 0; l < 4; ++l) {  // the next tile's scale / zero point (same rows)
+    _mm_prefetch(reinterpret_cast<const char*>(s + kNR + 16 * l), _MM_HINT_T1);
+    if (z) _mm_prefetch(reinterpret_cast<const char*>(z + kNR + 16 * l), _MM_HINT_T1);
+  }
   for (int j = 0; j < 4; ++j) {
     const __mmask16 mask = tail_mask(ncols - 16 * j);
     if (!mask) break;
@@ -428,6 +467,10 @@ void fin_a8(const Problem& p, const XA8& xa, int64_t g, int64_t n0, int ncols,
   const float* s = p.scale + (p.blockwise ? g * p.N : 0) + n0;
   const float* z = p.has_zp ? p.zp + (p.blockwise ? g * p.N : 0) + n0 : nullptr;
   const int32_t bias = p.bits == 8 ? 128 : 8;
+  for (int l = 0; l < 4; ++l) {  // the next tile's scale / zero point (same rows)
+    _mm_prefetch(reinterpret_cast<const char*>(s + kNR + 16 * l), _MM_HINT_T1);
+    if (z) _mm_prefetch(reinterpret_cast<const char*>(z + kNR + 16 * l), _MM_HINT_T1);
+  }
   for (int j = 0; j < 4; ++j) {
     const __mmask16 mask = tail_mask(ncols - 16 * j);
     if (!mask) break;
