@@ -130,7 +130,8 @@ def _shape(s) -> str:
 
 
 def check_tensors(tensors: Mapping[str, np.ndarray], schemes: Mapping[str, LayerScheme],
-                  expected: Optional[Mapping[str, object]] = None) -> list[str]:
+                  expected: Optional[Mapping[str, object]] = None, *,
+                  strict: bool = True) -> list[str]:
     """Every mismatch between `tensors` and what `schemes` (and `expected`) demand.
 
     Args:
@@ -161,13 +162,16 @@ def check_tensors(tensors: Mapping[str, np.ndarray], schemes: Mapping[str, Layer
                             f"features), got {_shape(bias.shape)}")
     if expected is not None:
         for name, want in expected.items():
+            if not strict and name not in tensors:
+                continue
             if isinstance(want, tuple):
                 shape, dtype = want
             else:
                 shape, dtype = want.shape, _dtype_name(want)
             compare(name, shape, dtype, "expected by the target")
-        problems.extend(f"{name}: unexpected (not in the target)"
-                        for name in tensors if name not in expected)
+        if strict:
+            problems.extend(f"{name}: unexpected (not in the target)"
+                            for name in tensors if name not in expected)
     # One entry per tensor, in a stable order.
     return sorted(dict.fromkeys(problems))
 
@@ -197,9 +201,16 @@ def save_state_dict(path, state_dict: Mapping[str, object], schemes: Mapping[str
     save_file(arrays, os.fspath(path), metadata=meta)
 
 
-def load_state_dict(path, expected: Optional[Mapping[str, object]] = None
+def load_state_dict(path, expected: Optional[Mapping[str, object]] = None, *,
+                    strict: bool = True
                     ) -> tuple[dict[str, np.ndarray], dict[str, LayerScheme], dict[str, str]]:
-    """Reads `path`: (tensors, schemes, metadata). All mismatches -> one `CheckpointError`."""
+    """Reads `path`: (tensors, schemes, metadata). All mismatches -> one `CheckpointError`.
+
+    With `expected` (name -> array or (shape, dtype)), every tensor is also
+    checked against it; `strict=False` ignores names present on one side only
+    (like torch's ``load_state_dict(strict=False)``) and drops the file's
+    extra tensors from the result.
+    """
     from safetensors import safe_open
 
     path = os.fspath(path)
@@ -209,9 +220,11 @@ def load_state_dict(path, expected: Optional[Mapping[str, object]] = None
         metadata = dict(f.metadata() or {})
         tensors = {name: f.get_tensor(name) for name in f.keys()}
     schemes = read_schemes(metadata, path)
-    problems = check_tensors(tensors, schemes, expected)
+    problems = check_tensors(tensors, schemes, expected, strict=strict)
     if problems:
         raise CheckpointError(path, problems)
+    if expected is not None and not strict:
+        tensors = {k: v for k, v in tensors.items() if k in expected}
     return tensors, schemes, metadata
 
 
@@ -293,8 +306,9 @@ def save_torch(model, path, metadata: Optional[Mapping[str, str]] = None) -> Non
     save_state_dict(path, model.state_dict(), schemes_of_torch_model(model), metadata)
 
 
-def load_torch(path, model=None) -> tuple[dict, dict[str, LayerScheme]]:
-    """(torch state dict, schemes) from `path`; with `model`, checked against its state_dict.
+def load_torch(path, model=None, *, strict: bool = True) -> tuple[dict, dict[str, LayerScheme]]:
+    """(torch state dict, schemes) from `path`; with `model`, checked against its state_dict
+    (`strict` as in `load_state_dict`).
 
     Typical use: build the module-swapped model the schemes describe, then
     ``model.load_state_dict(load_torch(path, model)[0])``.
@@ -302,7 +316,7 @@ def load_torch(path, model=None) -> tuple[dict, dict[str, LayerScheme]]:
     import torch
 
     expected = None if model is None else model.state_dict()
-    tensors, schemes, _ = load_state_dict(path, expected)
+    tensors, schemes, _ = load_state_dict(path, expected, strict=strict)
     out = {}
     for name, a in tensors.items():
         if a.dtype.name == "bfloat16":

