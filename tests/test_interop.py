@@ -85,6 +85,18 @@ def test_gptq_exact(bits, g, version):
     _assert_matmul(qw)
 
 
+def test_gptq_extreme_float16_scales_exact():
+    """The proof's edge cases: subnormal, largest and negative float16 scales."""
+    tensors, _ = _gptq_fixture(256, 32, 64, 4, 2)
+    special = np.array([2.0 ** -24, 2.0 ** -14, 65504.0, -65504.0, -3e-5, 1.0], np.float16)
+    tensors["scales"] = RNG.choice(special, (4, 32)).astype(np.float16)
+    codes = interop.gptq._core.unpack_words(tensors["qweight"], 4, 0)
+    zeros = interop.gptq._core.unpack_words(tensors["qzeros"], 4, 1)
+    w = (np.repeat(tensors["scales"].astype(np.float32), 64, 0)
+         * (codes - np.repeat(zeros, 64, 0)).astype(np.float32))
+    _assert_bits_equal(interop.from_gptq(**tensors, version=2), w)
+
+
 def test_gptq_symmetric_drops_zero_point():
     tensors, w = _gptq_fixture(256, 32, 128, 4, 2)
     zeros = np.full((2, 32), 8)
@@ -398,3 +410,17 @@ def test_to_int4pack_errors():
         interop.to_int4pack(_int4_weight(16, 48, -1))
     with pytest.raises(ValueError, match="layout: expected 'cpu' or 'cuda'"):
         interop.to_int4pack(_int4_weight(16, 64, 32), layout="mps")
+
+
+def test_docs_example_runs():
+    """docs/interop.md's python example runs as written."""
+    import pathlib
+    import re
+    text = (pathlib.Path(__file__).resolve().parent.parent / "docs" / "interop.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
+    assert blocks
+    namespace = {}
+    for block in blocks:
+        exec(compile(block, "interop.md", "exec"), namespace)
+    qw = namespace["qw"]
+    assert (qw.bits, qw.block_size, qw.packed, qw.w.shape) == (4, 128, True, (2, 64, 64))
