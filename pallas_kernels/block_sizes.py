@@ -169,7 +169,10 @@ def tpu_vmem_bytes(tm, tn, tk, k_chunk, *, packed, w_itemsize, x_itemsize,
     MXU operand) alive at one time.
     """
     p = 2 if packed else 1
-    x_tile = tm * max(tk, 128) * x_itemsize  # B < 128 still occupies 128 lanes
+    if blockwise:  # (p, tk/B, tm, B/p): a block narrower than 128 still fills 128 lanes
+        x_tile = p * (tk // k_chunk) * tm * max(k_chunk // p, 128) * x_itemsize
+    else:
+        x_tile = tm * tk * x_itemsize
     w_tile = tn * tk // p * w_itemsize
     rows = tk // k_chunk if blockwise else 1
     scales = 2 * max(rows, 8) * tn * 4
@@ -255,7 +258,8 @@ def tpu_blocks(m: int, k: int, n: int, *, block_size: int, packed: bool, x_dtype
                    and fits(t, tk)), tn_min)
     else:
         # MXU-bound: the largest output tile up to tn_max, then the largest K
-        # tile (up to 4 MXU passes' worth per chunk loop) that fits VMEM.
+        # tile (at most 4 in-kernel chunks) that fits VMEM, shrinking tn if
+        # even the smallest K tile does not fit.
         tn = next((t for t in tn_options if t <= c.tn_max), tn_options[-1])
         tk_cap = max(4 * _K_CHUNK * p, block_size if blockwise else 0)
         tk = next((t for t in tk_options if t <= tk_cap and fits(tn, t)), tk_options[-1])
