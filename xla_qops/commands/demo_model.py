@@ -16,6 +16,7 @@ and the time per forward on four execution paths:
 from __future__ import annotations
 
 import copy
+import functools
 import os
 import statistics
 import time
@@ -76,11 +77,10 @@ def _median_ms(fn, runs):
     return statistics.median(times) * 1e3
 
 
-def _jax_forward(model, inputs):
-    """The torch module as a jitted JAX function (torchax), op -> xla_qops."""
-    import jax
+@functools.cache
+def _register_op_with_torchax():
+    """Teaches torchax that torch.ops.xla.quantized_matmul is xla_qops' op."""
     import torch
-    import torchax
     from torchax.ops import ops_registry
 
     import xla_qops
@@ -92,7 +92,15 @@ def _jax_forward(model, inputs):
 
     ops_registry.register_torch_dispatch_op(torch.ops.xla.quantized_matmul.default,
                                             quantized_matmul)
-    env = torchax.tensor.Environment()
+
+
+def _jax_forward(model, inputs):
+    """The torch module as a jitted JAX function (torchax), op -> xla_qops."""
+    import jax
+    import torchax
+
+    _register_op_with_torchax()
+    env = torchax.tensor.Environment()  # picks up the registered op
     states, func = torchax.extract_jax(model, env)
     args = env.t2j_copy((inputs["input_ids"], inputs["attention_mask"]))
     jitted = jax.jit(lambda states, ids, mask: func(states, (ids,), {"attention_mask": mask})[0])
@@ -119,6 +127,9 @@ def run_paths(model, inputs, paths, runs):
             device = torch_xla.device()
             model_xla = copy.deepcopy(model).to(device)
             inputs_xla = {k: v.to(device) for k, v in inputs.items()}
+            # Each scheme is a new model running the same forward code: start
+            # dynamo afresh rather than piling recompiles onto one cache entry.
+            torch._dynamo.reset()
             compiled = torch.compile(model_xla, backend="openxla")
             for path, module in (("xla", model_xla), ("openxla", compiled)):
                 if path not in paths:
