@@ -34,6 +34,7 @@ from typing import Mapping, Optional
 
 import numpy as np
 
+from xla_qops.interop._core import to_numpy
 from xla_qops.quantize import QuantizedWeight
 
 SCHEMES_KEY = "xla_qops.schemes"
@@ -112,19 +113,6 @@ class QuantizedCheckpoint:
     metadata: dict[str, str]
 
 
-def _to_numpy(name, a) -> np.ndarray:
-    if hasattr(a, "detach") and hasattr(a, "cpu"):  # torch.Tensor
-        t = a.detach().cpu().contiguous()
-        if str(t.dtype) == "torch.bfloat16":
-            import ml_dtypes
-            import torch
-            return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
-        return t.numpy()
-    if not hasattr(a, "shape"):
-        raise TypeError(f"{name}: expected an array, got {type(a).__name__}")
-    return np.asarray(a)
-
-
 def _shape(s) -> str:
     return "[" + ", ".join(str(int(d)) for d in s) + "]"
 
@@ -191,7 +179,7 @@ def save_state_dict(path, state_dict: Mapping[str, object], schemes: Mapping[str
     """
     from safetensors.numpy import save_file
 
-    arrays = {name: np.ascontiguousarray(_to_numpy(name, a)) for name, a in state_dict.items()}
+    arrays = {name: np.ascontiguousarray(to_numpy(a, name)) for name, a in state_dict.items()}
     problems = check_tensors(arrays, schemes)
     if problems:
         raise CheckpointError(path, problems)

@@ -42,16 +42,17 @@ def subtract_zero_candidates(codes, zeros, scales, bits, group_size):
       scales: float [G, N].
     """
     k, n = codes.shape
+    n_groups = k // group_size
     s32 = _core.f32(scales)
-    z_rows = np.repeat(zeros, group_size, axis=0)  # [K, N]
-    s_rows = np.repeat(s32, group_size, axis=0)
-    reference = s_rows * (codes - z_rows).astype(np.float32)
+    grouped = codes.reshape(n_groups, group_size, n)
+    # q - z is an exact integer; one float32 rounding for the product.
+    reference = (s32[:, None, :] * (grouped - zeros[:, None, :]).astype(np.float32)).reshape(k, n)
     offset = 1 << (bits - 1)
     candidates = {bits: lambda: _core.offset_encoding(
         bits, codes, s32, _core.f64(scales) * (zeros - offset))}
     if bits == 4:
-        candidates[8] = lambda: _core.Encoding(bits=8, q=codes - z_rows, scale=s32,
-                                               zero_point=None)
+        candidates[8] = lambda: _core.Encoding(
+            bits=8, q=(grouped - zeros[:, None, :]).reshape(k, n), scale=s32, zero_point=None)
     return reference, candidates
 
 
