@@ -424,3 +424,29 @@ def test_docs_example_runs():
         exec(compile(block, "interop.md", "exec"), namespace)
     qw = namespace["qw"]
     assert (qw.bits, qw.block_size, qw.packed, qw.w.shape) == (4, 128, True, (2, 64, 64))
+
+
+def test_from_state_dict_gptq_and_mlx(tmp_path):
+    """Whole checkpoints: every layer imported, the rest passed through, saved and reloaded."""
+    from xla_qops import checkpoint
+    t1, w1 = _gptq_fixture(256, 32, 128, 4, 1)
+    t2, w2 = _gptq_fixture(256, 64, 64, 4, 1)
+    bias = RNG.standard_normal(32).astype(np.float32)
+    state = {f"model.q.{k}": v for k, v in t1.items()}
+    state.update({f"model.o.{k}": v for k, v in t2.items()})
+    state["model.q.bias"], state["model.norm.weight"] = bias, np.ones(32, np.float32)
+    weights, others = interop.from_state_dict(state, "gptq")
+    assert set(weights) == {"model.q", "model.o"} and set(others) == {"model.q.bias",
+                                                                       "model.norm.weight"}
+    _assert_bits_equal(weights["model.o"], w2)
+    path = tmp_path / "gptq.safetensors"
+    checkpoint.save_quantized(path, weights, others)
+    _assert_bits_equal(checkpoint.load_quantized(path).weights["model.q"], w1)
+
+    wq, scales, biases, w = _mlx_fixture(32, 256, 64, 4)
+    weights, others = interop.from_state_dict(
+        {"l.weight": wq, "l.scales": scales, "l.biases": biases, "l.bias": bias}, "mlx")
+    assert set(others) == {"l.bias"}
+    _assert_bits_equal(weights["l"], w)
+    with pytest.raises(ValueError, match="layer 'l' \\(mlx\\) lacks l.scales"):
+        interop.from_state_dict({"l.weight": wq, "l.biases": biases}, "mlx")

@@ -13,6 +13,7 @@ each format's convention, how it maps onto ours and when that is exact.
     from_int4pack(weight, scales_and_zeros, *, group_size=None, layout=None, ...)
     from_mlx(wq, scales, biases, *, group_size=64, bits=4, ...)
     to_int4pack(qw, *, layout="cpu", inner_k_tiles=2, dtype=None) -> Int4Pack
+    from_state_dict(tensors, format, **kwargs) -> (weights, other tensors)   # gptq/awq/mlx
 
 Common keywords: ``target_bits`` (4 or 8; 8 trades memory for exactness in
 the rare cases where 4 is not exact), ``pack`` (int4 two per byte, default
@@ -25,6 +26,7 @@ from xla_qops.interop.gptq import from_gptq
 from xla_qops.interop.hqq import from_hqq
 from xla_qops.interop.int4pack import Int4Pack, from_int4pack, to_int4pack
 from xla_qops.interop.mlx import from_mlx
+from xla_qops.interop.state_dict import from_state_dict
 
 __all__ = ["from_gptq", "from_awq", "from_hqq", "from_int4pack", "from_mlx", "to_int4pack",
-           "Int4Pack"]
+           "Int4Pack", "from_state_dict"]

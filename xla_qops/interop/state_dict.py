@@ -1,0 +1,70 @@
+"""Whole checkpoints: every quantized layer of a GPTQ, AWQ or MLX state dict.
+
+These formats name a quantized linear layer's tensors after the layer
+(``<layer>.qweight``, ``<layer>.qzeros``, ``<layer>.scales``, ``<layer>.g_idx``
+for GPTQ/AWQ; ``<layer>.weight`` (uint32), ``<layer>.scales``,
+``<layer>.biases`` for MLX), so a state dict can be converted layer by layer.
+The result feeds `xla_qops.checkpoint.save_quantized` directly.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+from xla_qops.interop.awq import from_awq
+from xla_qops.interop.gptq import from_gptq
+from xla_qops.interop.mlx import from_mlx
+
+FORMATS = ("gptq", "awq", "mlx")
+
+
+def _layers(tensors, fmt):
+    """layer name -> {argument: tensor name} of every quantized layer."""
+    layers = {}
+    for name in tensors:
+        if fmt in ("gptq", "awq") and name.endswith(".qweight"):
+            prefix = name[: -len(".qweight")]
+            parts = {"qweight": name, "qzeros": f"{prefix}.qzeros", "scales": f"{prefix}.scales"}
+            if fmt == "gptq" and f"{prefix}.g_idx" in tensors:
+                parts["g_idx"] = f"{prefix}.g_idx"
+            layers[prefix] = parts
+        elif fmt == "mlx" and name.endswith(".biases"):
+            prefix = name[: -len(".biases")]
+            parts = {"wq": f"{prefix}.weight", "scales": f"{prefix}.scales", "biases": name}
+            layers[prefix] = parts
+    for prefix, parts in layers.items():
+        missing = [t for t in parts.values() if t not in tensors]
+        if missing:
+            raise ValueError(f"tensors: layer {prefix!r} ({fmt}) lacks {', '.join(missing)}")
+    return layers
+
+
+def from_state_dict(tensors: Mapping[str, object], format: str, **kwargs):
+    """Imports every quantized layer of a state dict.
+
+    Args:
+      tensors: name -> array (numpy, JAX or torch), e.g. a loaded safetensors file.
+      format: "gptq", "awq" or "mlx".
+      **kwargs: passed to `from_gptq` / `from_awq` / `from_mlx` for every
+        layer (e.g. ``bits=4, version=1`` or ``group_size=64``).
+
+    Returns:
+      ``(weights, others)``: layer name -> `QuantizedWeight`, and every tensor
+      that belongs to no quantized layer (biases, norms, embeddings), as given.
+    """
+    if format not in FORMATS:
+        raise ValueError(f"format: expected one of {FORMATS}, got {format!r}")
+    if kwargs.get("permute_act_order"):
+        raise ValueError("permute_act_order: a permutation per layer has no place in a state "
+                         "dict; import act-order layers one by one with from_gptq")
+    importer = {"gptq": from_gptq, "awq": from_awq, "mlx": from_mlx}[format]
+    layers = _layers(tensors, format)
+    weights, used = {}, set()
+    for prefix, parts in layers.items():
+        try:
+            weights[prefix] = importer(**{arg: tensors[t] for arg, t in parts.items()}, **kwargs)
+        except (ValueError, TypeError) as e:
+            raise type(e)(f"layer {prefix!r}: {e}") from e
+        used.update(parts.values())
+    others = {name: a for name, a in tensors.items() if name not in used}
+    return weights, others
