@@ -27,6 +27,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 import xla_qops
+from pallas_kernels import block_sizes
 from pallas_kernels.gpu import quantized_matmul as gpu_kernel
 from pallas_kernels.tpu import mosaic_check
 from pallas_kernels.tpu import quantized_matmul as tpu_kernel
@@ -87,6 +88,31 @@ def test_tpu_kernels_other_dtypes_and_symmetric(row, x_dtype):
     args = avals(16, 4096, 4096, bits, block_size, x_dtype=x_dtype, zero_point=False)
     assert "tpu_custom_call" in export_tpu(kernel, *args)
     assert all(r.ok for r in mosaic_check.check(kernel, *args, generations=(5, 6, 7)))
+
+
+@pytest.mark.parametrize("m,k,n,bits,block_size,qa", [
+    (7, 1000, 200, 8, -1, False),   # K and N no multiples of 128: full-extent tiles
+    (7, 1000, 200, 4, -1, False),
+    (33, 1000, 96, 8, -1, True),
+    (33, 640, 200, 4, 64, True),    # B/2 = 32 rows
+    (3, 480, 256, 4, 48, False),    # B/2 = 24 rows
+    (16, 4096, 4096, 4, 32, False),  # B/2 = 16 rows
+    (16, 4096, 4096, 8, 32, True),
+])
+def test_tpu_kernels_odd_shapes_pass_mosaic_layout(m, k, n, bits, block_size, qa):
+    kernel = functools.partial(tpu_kernel.quantized_matmul, block_size=block_size,
+                               quantize_activation=qa)
+    failed = [r for r in mosaic_check.check(kernel, *avals(m, k, n, bits, block_size))
+              if not r.ok]
+    assert not failed, (failed[0].generation, failed[0].failed_pass, failed[0].error[:2000])
+
+
+def test_tpu_kernel_with_padding_passes_mosaic_layout():
+    """Explicit tiles that pad M, N and K and walk K in several chunks."""
+    blocks = block_sizes.TpuBlocks(tm=16, tn=128, tk=512, k_chunk=256, m_pad=32, n_pad=384,
+                                   k_pad=1024, vmem_limit_bytes=32 << 20)
+    kernel = functools.partial(tpu_kernel.quantized_matmul, block_size=-1, blocks=blocks)
+    assert all(r.ok for r in mosaic_check.check(kernel, *avals(20, 700, 300, 4, -1)))
 
 
 def test_mosaic_layout_check_rejects_a_misaligned_kernel():

@@ -98,7 +98,10 @@ def _per_channel_kernel(*refs, parts, packed, has_zero, has_x_scale, k_chunk):
             xsum_ref[...] = jnp.zeros_like(xsum_ref)
 
     def chunk_step(c, carry):
-        off = pl.multiple_of(c * chunk, chunk)
+        # One chunk: a static full slice (the tile may be a full K that is no
+        # multiple of 128, which a dynamic lane offset could not address);
+        # several: 128-aligned dynamic offsets Mosaic can prove aligned.
+        off = 0 if n_chunks == 1 else pl.multiple_of(c * chunk, chunk)
         w_tile = w_ref[:, pl.ds(off, chunk)]  # (tn, chunk)
         for part in range(parts):
             x = xs_ref[part, :, pl.ds(off, chunk)]  # (tm, chunk)
@@ -112,7 +115,10 @@ def _per_channel_kernel(*refs, parts, packed, has_zero, has_x_scale, k_chunk):
                 xsum_ref[...] += jnp.sum(x.astype(jnp.float32), axis=1, keepdims=True)
         return carry
 
-    lax.fori_loop(0, n_chunks, chunk_step, 0)
+    if n_chunks == 1:
+        chunk_step(0, 0)
+    else:
+        lax.fori_loop(0, n_chunks, chunk_step, 0)
 
     @pl.when(kk == pl.num_programs(2) - 1)
     def _finish():
