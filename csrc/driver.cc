@@ -39,7 +39,7 @@ struct Scratch {
 };
 thread_local Scratch tl_panel, tl_acc, tl_out;
 // The caller's prepared x (kept between calls: fresh pages cost more than the work).
-thread_local Scratch tl_x[4];
+thread_local Scratch tl_x[5];
 
 const Kernels& kernels() {
   static const Kernels& k =
@@ -102,6 +102,21 @@ void run_a16(const Problem& p, const Kernels& k) {
   const double t1 = kTrace ? now_ms() : 0, c1 = kTrace ? cpu_ms() : 0;
 
   const int64_t tiles = (p.N + kNR - 1) / kNR;
+  if (!p.blockwise && R <= k.max_dot_rows) {  // decode, per-channel: dot-product form
+    const int64_t Kq = round_up(xa.Kp, 128);
+    uint16_t* xd = reinterpret_cast<uint16_t*>(tl_x[3].get(R * Kq * 2));
+    k.dot_prep_a16(p, xa, xd, Kq);
+    for_each_tile(tiles, [&](int64_t tile) {
+      const int64_t n0 = tile * kNR;
+      const int ncols = static_cast<int>(p.N - n0 < kNR ? p.N - n0 : kNR);
+      float* out = reinterpret_cast<float*>(tl_out.get(p.M * kNR * 4));
+      k.dot_a16(p, xa, xd, Kq, n0, ncols, out);
+      k.store(p, xa.rowexp, n0, ncols, out);
+    });
+    if (kTrace) std::fprintf(stderr, "a16 dot M=%ld K=%ld N=%ld prep %.3f ms, tiles %.3f ms, tiles cpu %.3f ms\n",
+                             (long)p.M, (long)p.K, (long)p.N, t1 - t0, now_ms() - t1, cpu_ms() - c1);
+    return;
+  }
   const int64_t chunk = 2 * kMaxSteps;  // padded-k per panel
   for_each_tile(tiles, [&](int64_t tile) {
     const int64_t n0 = tile * kNR;
@@ -142,6 +157,21 @@ void run_a8(const Problem& p, const Kernels& k) {
   const double t1 = kTrace ? now_ms() : 0, c1 = kTrace ? cpu_ms() : 0;
 
   const int64_t tiles = (p.N + kNR - 1) / kNR;
+  if (!p.blockwise && p.M <= k.max_dot_rows) {  // decode, per-channel: dot-product form
+    const int64_t Kq = round_up(xa.Kp, 128);
+    int8_t* xd = reinterpret_cast<int8_t*>(tl_x[4].get(p.M * Kq));
+    k.dot_prep_a8(p, xa, xd, Kq);
+    for_each_tile(tiles, [&](int64_t tile) {
+      const int64_t n0 = tile * kNR;
+      const int ncols = static_cast<int>(p.N - n0 < kNR ? p.N - n0 : kNR);
+      float* out = reinterpret_cast<float*>(tl_out.get(p.M * kNR * 4));
+      k.dot_a8(p, xa, xd, Kq, n0, ncols, out);
+      k.store(p, nullptr, n0, ncols, out);
+    });
+    if (kTrace) std::fprintf(stderr, "a8 dot M=%ld K=%ld N=%ld prep %.3f ms, tiles %.3f ms, tiles cpu %.3f ms\n",
+                             (long)p.M, (long)p.K, (long)p.N, t1 - t0, now_ms() - t1, cpu_ms() - c1);
+    return;
+  }
   const int64_t chunk = 4 * kMaxSteps;
   for_each_tile(tiles, [&](int64_t tile) {
     const int64_t n0 = tile * kNR;

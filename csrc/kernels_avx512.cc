@@ -517,6 +517,214 @@ void store(const Problem& p, const float* rowexp, int64_t n0, int ncols, const f
   }
 }
 
+// ---------------------------------------------------------------- per-channel decode
+// Dot-product form for small M: each weight row [K] (or [K/2] packed) is read
+// once, NW rows at a time, and multiplied with every prepared x row; the
+// zmm partial sums are reduced at the end of the row (fixed order).
+constexpr int kMaxDotRows = 8;
+
+// xd rows for the A16 dot kernels: int8 weights use k order; packed int4 uses,
+// per 128 features, four blocks of 32 (t = 0..3) holding x[4i + t], the order
+// in which the weight nibbles come out of a 16-bit lane (see dot_a16_t).
+void dot_prep_a16(const Problem& p, const XA16& xa, uint16_t* xd, int64_t Kq) {
+  const int64_t R = p.M * xa.T;
+  alignas(64) uint16_t tmp[32];
+  __m512i idx;  // word 8t + i  <-  word 4i + t
+  {
+    alignas(64) uint16_t ix[32];
+    for (int t = 0; t < 4; ++t)
+      for (int i = 0; i < 8; ++i) ix[8 * t + i] = static_cast<uint16_t>(4 * i + t);
+    idx = _mm512_load_si512(ix);
+  }
+  for (int64_t r = 0; r < R; ++r) {
+    const uint16_t* src = xa.xb + r * xa.Kp;
+    uint16_t* dst = xd + r * Kq;
+    for (int64_t c = 0; c < Kq; c += 128) {
+      for (int j = 0; j < 4; ++j) {
+        const __m512i a = _mm512_maskz_loadu_epi16(mask32(xa.Kp - c - 32 * j), src + c + 32 * j);
+        if (p.bits == 8) {
+          _mm512_storeu_si512(dst + c + 32 * j, a);
+          continue;
+        }
+        _mm512_store_si512(tmp, _mm512_permutexvar_epi16(idx, a));
+        for (int t = 0; t < 4; ++t) std::memcpy(dst + c + 32 * t + 8 * j, tmp + 8 * t, 16);
+      }
+    }
+  }
+}
+
+// xd rows for the A8 dot kernels: int8 in k order; packed int4, per 128
+// features, the 64 even then the 64 odd ones (low and high nibbles).
+void dot_prep_a8(const Problem& p, const XA8& xa, int8_t* xd, int64_t Kq) {
+  alignas(64) uint8_t ev[64], od[64];
+  for (int i = 0; i < 64; ++i) {
+    ev[i] = static_cast<uint8_t>(i < 32 ? 2 * i : 64 + 2 * (i - 32));
+    od[i] = static_cast<uint8_t>(ev[i] + 1);
+  }
+  for (int64_t m = 0; m < p.M; ++m) {
+    const int8_t* src = xa.xq + m * xa.Kp;
+    int8_t* dst = xd + m * Kq;
+    for (int64_t c = 0; c < Kq; c += 128) {
+      const __m512i a = _mm512_maskz_loadu_epi8(mask64(xa.Kp - c), src + c);
+      const __m512i b = _mm512_maskz_loadu_epi8(mask64(xa.Kp - c - 64), src + c + 64);
+      if (p.bits == 8) {
+        _mm512_storeu_si512(dst + c, a);
+        _mm512_storeu_si512(dst + c + 64, b);
+        continue;
+      }
+      _mm512_storeu_si512(dst + c, _mm512_permutex2var_epi8(a, _mm512_load_si512(ev), b));
+      _mm512_storeu_si512(dst + c + 64, _mm512_permutex2var_epi8(a, _mm512_load_si512(od), b));
+    }
+  }
+}
+
+template <int R>
+void dot_a16_t(const Problem& p, const XA16& xa, const uint16_t* xd, int64_t Kq, int64_t n0,
+               int ncols, float* out) {
+  constexpr int NW = R <= 4 ? 4 : 2;  // weight rows at a time (NW * R accumulators)
+  const int64_t K = p.K;
+  const __m512i lut = nibble_bf16_lut();
+  alignas(64) float res[R][kNR];
+  for (int c0 = 0; c0 < ncols; c0 += NW) {
+    const uint8_t* row[NW];
+    for (int i = 0; i < NW; ++i) {  // a short last group repeats its last row
+      const int64_t n = n0 + (c0 + i < ncols ? c0 + i : ncols - 1);
+      row[i] = p.w + n * (p.bits == 4 ? K / 2 : K);
+    }
+    __m512 acc[NW][R];
+    for (int i = 0; i < NW; ++i)
+      for (int r = 0; r < R; ++r) acc[i][r] = _mm512_setzero_ps();
+    if (p.bits == 8) {
+      for (int64_t k = 0; k < K; k += 32) {
+        const __mmask32 m = mask32(K - k);
+        for (int i = 0; i < NW; ++i) {
+          const __m256i b = _mm256_maskz_loadu_epi8(m, row[i] + k);
+          const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(b)));
+          const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(b, 1)));
+          const __m512bh w = _mm512_cvtne2ps_pbh(hi, lo);  // 32 exact bf16 in k order
+          for (int r = 0; r < R; ++r)
+            acc[i][r] = _mm512_dpbf16_ps(acc[i][r], as_bh(_mm512_loadu_si512(xd + r * Kq + k)), w);
+        }
+      }
+    } else {
+      for (int64_t k = 0; k < K; k += 128) {
+        const __mmask64 m = mask64((K - k) / 2);
+        for (int i = 0; i < NW; ++i) {
+          const __m512i v = _mm512_maskz_loadu_epi8(m, row[i] + k / 2);
+          // Word j of v holds features 4j..4j+3, one per nibble; the LUT takes
+          // the low 5 bits (bit 4 is ignored), so a shift selects the nibble.
+          const __m512i w0 = _mm512_permutexvar_epi16(v, lut);
+          const __m512i w1 = _mm512_permutexvar_epi16(_mm512_srli_epi16(v, 4), lut);
+          const __m512i w2 = _mm512_permutexvar_epi16(_mm512_srli_epi16(v, 8), lut);
+          const __m512i w3 = _mm512_permutexvar_epi16(_mm512_srli_epi16(v, 12), lut);
+          for (int r = 0; r < R; ++r) {
+            const uint16_t* x = xd + r * Kq + k;
+            __m512 a = acc[i][r];
+            a = _mm512_dpbf16_ps(a, as_bh(_mm512_loadu_si512(x)), as_bh(w0));
+            a = _mm512_dpbf16_ps(a, as_bh(_mm512_loadu_si512(x + 32)), as_bh(w1));
+            a = _mm512_dpbf16_ps(a, as_bh(_mm512_loadu_si512(x + 64)), as_bh(w2));
+            acc[i][r] = _mm512_dpbf16_ps(a, as_bh(_mm512_loadu_si512(x + 96)), as_bh(w3));
+          }
+        }
+      }
+    }
+    for (int i = 0; i < NW && c0 + i < ncols; ++i)
+      for (int r = 0; r < R; ++r) res[r][c0 + i] = _mm512_reduce_add_ps(acc[i][r]);
+  }
+  const int T = xa.T;
+  for (int64_t m = 0; m < p.M; ++m)
+    for (int c = 0; c < ncols; ++c) {
+      float a = res[m * T][c];
+      for (int t = 1; t < T; ++t) a += res[m * T + t][c];
+      float v = p.scale[n0 + c] * a;
+      if (p.has_zp) v = __builtin_fmaf(-p.zp[n0 + c], xa.xsum[m], v);
+      out[m * kNR + c] = v;
+    }
+}
+
+void dot_a16(const Problem& p, const XA16& xa, const uint16_t* xd, int64_t Kq, int64_t n0,
+             int ncols, float* out) {
+  switch (p.M * xa.T) {
+    case 1: return dot_a16_t<1>(p, xa, xd, Kq, n0, ncols, out);
+    case 2: return dot_a16_t<2>(p, xa, xd, Kq, n0, ncols, out);
+    case 3: return dot_a16_t<3>(p, xa, xd, Kq, n0, ncols, out);
+    case 4: return dot_a16_t<4>(p, xa, xd, Kq, n0, ncols, out);
+    case 5: return dot_a16_t<5>(p, xa, xd, Kq, n0, ncols, out);
+    case 6: return dot_a16_t<6>(p, xa, xd, Kq, n0, ncols, out);
+    case 7: return dot_a16_t<7>(p, xa, xd, Kq, n0, ncols, out);
+    default: return dot_a16_t<8>(p, xa, xd, Kq, n0, ncols, out);
+  }
+}
+
+template <int R>
+void dot_a8_t(const Problem& p, const XA8& xa, const int8_t* xd, int64_t Kq, int64_t n0,
+              int ncols, float* out) {
+  constexpr int NW = R <= 4 ? 4 : 2;
+  const int64_t K = p.K;
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+  const __m512i x88 = _mm512_set1_epi8(static_cast<char>(0x88)), low = _mm512_set1_epi8(0x0f);
+  alignas(64) int32_t res[R][kNR];
+  for (int c0 = 0; c0 < ncols; c0 += NW) {
+    const uint8_t* row[NW];
+    for (int i = 0; i < NW; ++i) {
+      const int64_t n = n0 + (c0 + i < ncols ? c0 + i : ncols - 1);
+      row[i] = p.w + n * (p.bits == 4 ? K / 2 : K);
+    }
+    __m512i acc[NW][R];
+    for (int i = 0; i < NW; ++i)
+      for (int r = 0; r < R; ++r) acc[i][r] = _mm512_setzero_si512();
+    if (p.bits == 8) {
+      for (int64_t k = 0; k < K; k += 64) {
+        const __mmask64 m = mask64(K - k);
+        for (int i = 0; i < NW; ++i) {
+          const __m512i w = _mm512_xor_si512(_mm512_maskz_loadu_epi8(m, row[i] + k), flip);  // q + 128
+          for (int r = 0; r < R; ++r)
+            acc[i][r] = _mm512_dpbusd_epi32(acc[i][r], w, _mm512_loadu_si512(xd + r * Kq + k));
+        }
+      }
+    } else {
+      for (int64_t k = 0; k < K; k += 128) {
+        const __mmask64 m = mask64((K - k) / 2);
+        for (int i = 0; i < NW; ++i) {
+          const __m512i v = _mm512_xor_si512(_mm512_maskz_loadu_epi8(m, row[i] + k / 2), x88);
+          const __m512i lo = _mm512_and_si512(v, low);                          // even k, q + 8
+          const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);   // odd k, q + 8
+          for (int r = 0; r < R; ++r) {
+            const int8_t* x = xd + r * Kq + k;
+            acc[i][r] = _mm512_dpbusd_epi32(acc[i][r], lo, _mm512_loadu_si512(x));
+            acc[i][r] = _mm512_dpbusd_epi32(acc[i][r], hi, _mm512_loadu_si512(x + 64));
+          }
+        }
+      }
+    }
+    for (int i = 0; i < NW && c0 + i < ncols; ++i)
+      for (int r = 0; r < R; ++r) res[r][c0 + i] = _mm512_reduce_add_epi32(acc[i][r]);
+  }
+  const int32_t bias = p.bits == 8 ? 128 : 8;
+  for (int64_t m = 0; m < p.M; ++m) {
+    const int32_t comp = bias * xa.sq[m];
+    for (int c = 0; c < ncols; ++c) {
+      float v = static_cast<float>(res[m][c] - comp) * (xa.xs[m] * p.scale[n0 + c]);
+      if (p.has_zp) v = __builtin_fmaf(-p.zp[n0 + c], xa.xzs[m], v);
+      out[m * kNR + c] = v;
+    }
+  }
+}
+
+void dot_a8(const Problem& p, const XA8& xa, const int8_t* xd, int64_t Kq, int64_t n0,
+            int ncols, float* out) {
+  switch (p.M) {
+    case 1: return dot_a8_t<1>(p, xa, xd, Kq, n0, ncols, out);
+    case 2: return dot_a8_t<2>(p, xa, xd, Kq, n0, ncols, out);
+    case 3: return dot_a8_t<3>(p, xa, xd, Kq, n0, ncols, out);
+    case 4: return dot_a8_t<4>(p, xa, xd, Kq, n0, ncols, out);
+    case 5: return dot_a8_t<5>(p, xa, xd, Kq, n0, ncols, out);
+    case 6: return dot_a8_t<6>(p, xa, xd, Kq, n0, ncols, out);
+    case 7: return dot_a8_t<7>(p, xa, xd, Kq, n0, ncols, out);
+    default: return dot_a8_t<8>(p, xa, xd, Kq, n0, ncols, out);
+  }
+}
+
 }  // namespace
 
 const Kernels& avx512_kernels() {
@@ -531,6 +739,11 @@ const Kernels& avx512_kernels() {
     t.fin_a16 = fin_a16;
     t.fin_a8 = fin_a8;
     t.store = store;
+    t.max_dot_rows = kMaxDotRows;
+    t.dot_prep_a16 = dot_prep_a16;
+    t.dot_a16 = dot_a16;
+    t.dot_prep_a8 = dot_prep_a8;
+    t.dot_a8 = dot_a8;
     return t;
   }();
   return k;

@@ -91,6 +91,19 @@ struct Kernels {
   // y[m][n0 + c] = out[m][c] * rowexp[m] (rowexp may be null), in p.xt.
   void (*store)(const Problem&, const float* rowexp, int64_t n0, int ncols,
                 const float* out);
+
+  // Per-channel decode in dot-product form: weight rows [N, K] are streamed
+  // once, a few at a time, with no panel (null / 0 where not implemented).
+  // x rows (R = M*T for A16, M for A8, R <= max_dot_rows) are first copied to
+  // xd [R][Kq] (Kq = Kp rounded up to 128, zero padded) in the order the
+  // weight unpacking produces. dot_* write out[m][c] like fin_* then store.
+  int max_dot_rows;
+  void (*dot_prep_a16)(const Problem&, const XA16&, uint16_t* xd, int64_t Kq);
+  void (*dot_a16)(const Problem&, const XA16&, const uint16_t* xd, int64_t Kq, int64_t n0,
+                  int ncols, float* out);
+  void (*dot_prep_a8)(const Problem&, const XA8&, int8_t* xd, int64_t Kq);
+  void (*dot_a8)(const Problem&, const XA8&, const int8_t* xd, int64_t Kq, int64_t n0,
+                 int ncols, float* out);
 };
 
 const Kernels& generic_kernels();
