@@ -143,6 +143,15 @@ def test_gpu_kernels_lower_to_triton(row):
         assert TRITON in text and "tpu_custom_call" not in text, (k, n, m)
 
 
+@pytest.mark.parametrize("m,k,n,bits,block_size,qa", [
+    (7, 1000, 200, 8, -1, False), (33, 1000, 96, 4, -1, True), (33, 640, 200, 4, 64, True),
+    (3, 512, 256, 4, 32, False)])
+def test_gpu_kernels_odd_shapes_lower_to_triton(m, k, n, bits, block_size, qa):
+    kernel = functools.partial(gpu_kernel.quantized_matmul, block_size=block_size,
+                               quantize_activation=qa)
+    assert TRITON in export_cuda(kernel, *avals(m, k, n, bits, block_size))
+
+
 def _auto(block_size, int4, qa):
     return lambda x, w, s, z: xla_qops.quantized_matmul(x, w, s, z, block_size, int4, qa,
                                                         impl="auto")
