@@ -315,19 +315,17 @@ def test_int4pack_matches_torch_converter_on_this_machine():
 
 
 @pytest.mark.parametrize("capability,layout", [("avx2", "cpu_avx2"), ("default", "cpu_default")])
-def test_int4pack_other_capabilities_match_torch(capability, layout):
+def test_int4pack_other_capabilities_match_torch(capability, layout, tmp_path):
     """torch's own converter under ATEN_CPU_CAPABILITY, read back by our layout."""
     code = ("import torch,numpy as np,sys;"
             "c=torch.from_numpy(np.load(sys.argv[1]));"
             "np.save(sys.argv[2],torch._convert_weight_to_int4pack_for_cpu(c,2).numpy())")
     codes = RNG.integers(0, 16, (48, 64)).astype(np.int32)
-    tmp = os.environ.get("TMPDIR", "/tmp")
-    src, dst = f"{tmp}/i4_{os.getpid()}_{layout}.npy", f"{tmp}/i4o_{os.getpid()}_{layout}.npy"
+    src, dst = str(tmp_path / "codes.npy"), str(tmp_path / "packed.npy")
     np.save(src, codes)
     env = dict(os.environ, ATEN_CPU_CAPABILITY=capability)
     subprocess.run([sys.executable, "-c", code, src, dst], env=env, check=True, timeout=120)
     packed = np.load(dst)
-    os.remove(src), os.remove(dst)
     np.testing.assert_array_equal(packed, _cpu_pack(codes, layout))
 
 
