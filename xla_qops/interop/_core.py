@@ -9,10 +9,12 @@ Every importer reduces its format to the same intermediate form:
   ``w = scale * q - zero_point`` with per-group ``scale``/``zero_point``
   ``[G, N]`` (G = K / group_size groups along K).
 
-`assemble` evaluates each candidate with numpy float32 (``scale * q`` rounded,
-then ``- zero_point`` rounded, exactly what `QuantizedWeight.dequantize`
-computes) and keeps the first one equal to ``reference`` everywhere. So
-"exact" is checked on the actual weight, never assumed.
+`assemble` builds the candidate for the requested width, evaluates it with
+numpy float32 (``scale * q`` rounded, then ``- zero_point`` rounded, exactly
+what `QuantizedWeight.dequantize` computes) and compares it with
+``reference`` everywhere; on a mismatch it evaluates the other widths only to
+say which one would be exact. So "exact" is checked on the actual weight,
+never assumed.
 
 Everything here runs on the host with numpy: importing happens once, at load
 time, and exact IEEE float32 semantics are easiest to pin down there.
