@@ -200,7 +200,7 @@ def test_weight_partition_specs():
     bw = make_weight(rng, 8, 64, Scheme(8, 32, True, False, False))
     col, row = (sharding.weight_partition_specs(pc, lay, "m") for lay in sharding.LAYOUTS)
     assert (col.w, col.scale, col.zero_point) == (P("m", None), P("m"), P("m"))
-    assert (row.w, row.scale, row.zero_point) == (P(None, "m"), P(), P())
+    assert (row.w, row.scale, row.zero_point) == (P(None, "m"), P(None), P(None))
     col, row = (sharding.weight_partition_specs(bw, lay, "m") for lay in sharding.LAYOUTS)
     assert (col.w, col.scale, col.zero_point) == (P(None, None, "m"), P(None, "m"), None)
     assert (row.w, row.scale, row.zero_point) == (P("m", None, None), P("m", None), None)

@@ -142,18 +142,27 @@ def check_layout(qw, mesh, layout: str, axis_name: str) -> None:
                              f"in={qw.in_features}, {qw.in_features // n} per shard")
 
 
+def layout_specs(blockwise: bool, layout: str, axis_name: str):
+    """(weight spec, scale/zero-point spec) for `layout`, as `PartitionSpec`s.
+
+    Both have one entry per dimension, so ``tuple(spec)`` is also the
+    partition spec torch_xla's ``xs.mark_sharding`` takes (docs/scaling.md).
+    """
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout: expected 'column' or 'row', got {layout!r}")
+    a = axis_name
+    if layout == "column":
+        return (P(None, None, a), P(None, a)) if blockwise else (P(a, None), P(a))
+    return (P(a, None, None), P(a, None)) if blockwise else (P(None, a), P(None))
+
+
 def weight_partition_specs(qw: QuantizedWeight, layout: str, axis_name: str):
     """`qw` with each array replaced by its `PartitionSpec` (module docstring table).
 
     The result has `qw`'s pytree structure, so it can be passed as
     ``in_specs`` to `jax.shard_map` or mapped to `NamedSharding`s.
     """
-    if layout == "column":
-        w, s = (P(None, None, axis_name), P(None, axis_name)) if qw.blockwise else (
-            P(axis_name, None), P(axis_name))
-    else:
-        w, s = (P(axis_name, None, None), P(axis_name, None)) if qw.blockwise else (
-            P(None, axis_name), P())
+    w, s = layout_specs(qw.blockwise, layout, axis_name)
     return dataclasses.replace(qw, w=w, scale=s,
                                zero_point=None if qw.zero_point is None else s)
 
