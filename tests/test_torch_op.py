@@ -19,6 +19,12 @@ import xla_qops
 torch_xla = pytest.importorskip("torch_xla")
 import torch_xla.debug.metrics as met  # noqa: E402
 
+# Start the XLA runtime at collection, before any backward pass in this
+# process: torch's autograd engine sizes its per-device queues on the first
+# backward, and an XLA backward after a CPU one made before the runtime
+# started trips an internal assert (torch_xla behaviour; docs/torch.md).
+torch_xla.device()
+
 TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
