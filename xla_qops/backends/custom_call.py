@@ -9,7 +9,8 @@ every call, with no prepare step:
 * w int8 ``[N, K]`` / ``[K/B, B, N]``, or packed int4 uint8 ``[N, K/2]`` /
   ``[K/B, B/2, N]``. Unpacked int4 (int8 container) is packed here, in the
   graph, first: one kernel per storage form keeps packed and unpacked results
-  bit-identical;
+  bit-identical (an odd block size or ``in`` cannot be packed; such weights
+  run as int8, which holds [-8, 7] exactly);
 * scale, zero_point: cast to float32 (a no-op for `quantize_weight`'s output).
 
 All eight schemes, per-channel and any block size, on the ``cpu`` platform.
@@ -71,8 +72,13 @@ def matmul(x, w, scale, zero_point, spec, platform=None):
     del platform  # only called for "cpu"
     if _extension() is None:
         raise RuntimeError("xla_qops._cpu_kernels is not built; reinstall the package")
+    bits = spec.bits
     if spec.bits == 4 and not spec.packed:
-        w = packing.pack_int4(w, packing.input_axis(spec.blockwise))
+        pairs_along = spec.block_size if spec.blockwise else spec.in_features
+        if pairs_along % 2 == 0:
+            w = packing.pack_int4(w, packing.input_axis(spec.blockwise))
+        else:  # odd block / in: not packable, and [-8, 7] is valid int8
+            bits = 8
     scale = scale.astype(jnp.float32)
     # Without a zero point the kernel ignores this operand; scale stands in.
     zero_point = scale if zero_point is None else zero_point.astype(jnp.float32)
@@ -81,6 +87,6 @@ def matmul(x, w, scale, zero_point, spec, platform=None):
         TARGET, jax.ShapeDtypeStruct((m, spec.out_features), x.dtype),
         vmap_method="expand_dims")
     return call(x, w, scale, zero_point,
-                block_size=int(spec.block_size), bits=int(spec.bits),
+                block_size=int(spec.block_size), bits=int(bits),
                 has_zero_point=int(spec.has_zero_point),
                 quantize_activation=int(spec.quantize_activation))

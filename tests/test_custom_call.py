@@ -1,0 +1,262 @@
+"""The host-CPU C++ kernels (impl="custom_call") against the float64 reference.
+
+Shapes are chosen to hit every code path of csrc/ (docs/cpu_kernels.md):
+per-channel decode in dot-product form (M*T <= 8 prepared rows), the panel +
+microkernel path (everything else), several k-chunks per panel, tails in M,
+N and K that are not multiples of the kernels' tiles, odd block sizes, and
+the portable kernels (XLA_QOPS_CPU_ISA=generic, in a subprocess).
+"""
+
+import concurrent.futures
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import xla_qops
+from xla_qops import dispatch
+from xla_qops.backends import custom_call
+from xla_qops.spec import check_args
+from cases import X_DTYPES, Scheme, all_schemes, make_weight, make_x, op_args
+import numpy_reference as ref
+
+pytestmark = pytest.mark.skipif(not custom_call.available(),
+                                reason="xla_qops._cpu_kernels is not built")
+
+SCHEMES = all_schemes(block_size=32)
+
+
+def run(x, qw, scheme):
+    return xla_qops.quantized_matmul(x, *op_args(qw), scheme.quantize_activation,
+                                     impl="custom_call")
+
+
+def check(y, x, qw, scheme):
+    assert y.dtype == x.dtype and y.shape == x.shape[:-1] + (qw.out_features,)
+    ref.assert_close(y, x, qw.w, qw.scale, qw.zero_point, qw.block_size,
+                     scheme.quantize_activation)
+
+
+def test_extension_loads_from_the_installed_package():
+    from xla_qops import _cpu_kernels
+    assert custom_call.available()
+    assert custom_call.TARGET in _cpu_kernels.registrations()
+    assert custom_call.isa() in ("avx512", "generic")
+    features = _cpu_kernels.cpu_features()
+    if custom_call.isa() == "avx512":
+        assert features["avx512_bf16"] and features["avx512_vnni"]
+    assert custom_call.num_threads() >= 1
+
+
+def test_auto_uses_the_kernels_on_cpu():
+    rng = np.random.default_rng(0)
+    qw = make_weight(rng, 8, 32, Scheme(4, 16, False, True, False))
+    x = make_x(rng, (2, 32), "bfloat16")
+    spec = check_args(x, *op_args(qw), False)
+    assert dispatch.auto_choice(spec, "cpu") == "custom_call"
+    assert custom_call.supports(spec, "cpu") and not custom_call.supports(spec, "tpu")
+
+
+@pytest.mark.parametrize("x_dtype", X_DTYPES)
+@pytest.mark.parametrize("scheme", SCHEMES, ids=lambda s: s.id)
+def test_every_scheme_and_dtype(scheme, x_dtype):
+    rng = np.random.default_rng(1)
+    qw = make_weight(rng, n=67, k=96, scheme=scheme)
+    for m in (1, 3, 11):  # dot-product decode (per-channel, bf16) ... panel path
+        x = make_x(rng, (m, 96), x_dtype)
+        check(run(x, qw, scheme), x, qw, scheme)
+
+
+@pytest.mark.parametrize("scheme", SCHEMES, ids=lambda s: s.id)
+def test_tails_and_chunks(scheme):
+    """N and K not multiples of 64 / 128, several k-chunks per panel, leading dims."""
+    rng = np.random.default_rng(2)
+    k = 640 if scheme.block_size == -1 else 160  # per-channel: 3 A16 / 2 A8 chunks
+    qw = make_weight(rng, n=130, k=k, scheme=scheme)
+    for shape in ((2, 4, k), (9, k), (1, k)):
+        x = make_x(rng, shape, "bfloat16")
+        check(run(x, qw, scheme), x, qw, scheme)
+
+
+@pytest.mark.parametrize("scheme", [
+    Scheme(8, -1, False, False, False), Scheme(8, -1, True, False, True),
+    Scheme(8, 3, False, False, False), Scheme(8, 5, True, False, True),
+    Scheme(4, 6, False, True, True), Scheme(4, 6, True, True, False),
+    Scheme(4, 3, False, False, False)], ids=lambda s: s.id)
+@pytest.mark.parametrize("x_dtype", ["bfloat16", "float32"])
+def test_odd_sizes(scheme, x_dtype):
+    """Odd K (per-channel int8), odd or tiny block sizes (padding inside a group)."""
+    rng = np.random.default_rng(3)
+    k = 37 if (scheme.block_size == -1 and not scheme.packed) else (
+        30 if scheme.block_size == -1 else 5 * scheme.block_size)
+    qw = make_weight(rng, n=19, k=k, scheme=scheme)
+    for m in (1, 2, 7):
+        x = make_x(rng, (m, k), x_dtype)
+        check(run(x, qw, scheme), x, qw, scheme)
+
+
+@pytest.mark.parametrize("scheme", [
+    Scheme(4, 32, False, True, False), Scheme(8, -1, False, False, True),
+    Scheme(8, -1, True, False, False)], ids=lambda s: s.id)
+def test_m_1023(scheme):
+    rng = np.random.default_rng(4)
+    qw = make_weight(rng, n=72, k=64, scheme=scheme)
+    x = make_x(rng, (1023, 64), "float16")
+    check(run(x, qw, scheme), x, qw, scheme)
+
+
+def test_empty_m():
+    rng = np.random.default_rng(5)
+    scheme = Scheme(8, -1, True, False, False)
+    qw = make_weight(rng, n=8, k=32, scheme=scheme)
+    y = run(jnp.zeros((0, 32), jnp.float32), qw, scheme)
+    assert y.shape == (0, 8)
+
+
+def test_extreme_activation_magnitudes():
+    """Rows of tiny (subnormal-range) or huge values: the kernels scale each row
+    by a power of two, so bf16 terms never fall into the range vdpbf16ps flushes."""
+    rng = np.random.default_rng(6)
+    for scheme in (Scheme(8, -1, False, False, False), Scheme(4, 32, False, True, False)):
+        qw = make_weight(rng, n=40, k=64, scheme=scheme)
+        x = rng.standard_normal((4, 64)).astype(np.float32)
+        x[0] *= 1e-39
+        x[1] *= 1e30
+        x[2, :32] *= 1e-30
+        x = jnp.asarray(x)
+        check(run(x, qw, scheme), x, qw, scheme)
+
+
+def test_packed_and_unpacked_int4_are_identical():
+    rng = np.random.default_rng(7)
+    for block in (-1, 32):
+        for qa in (False, True):
+            scheme = Scheme(4, block, False, True, qa)
+            qw = make_weight(rng, n=48, k=128, scheme=scheme)
+            for m in (1, 20):
+                x = make_x(rng, (m, 128), "bfloat16")
+                a = run(x, qw, scheme)
+                b = run(x, qw.unpack(), scheme)
+                np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_vmap_over_x_and_over_weights():
+    rng = np.random.default_rng(8)
+    scheme = Scheme(4, 32, False, True, False)
+    layers = [make_weight(rng, n=40, k=64, scheme=scheme) for _ in range(3)]
+    xs = make_x(rng, (3, 5, 64), "bfloat16")
+    f = jax.jit(lambda x, qw: run(x, qw, scheme))
+    # Only x batched: folded into M.
+    y = jax.vmap(f, in_axes=(0, None))(xs, layers[0])
+    check(y, xs, layers[0], scheme)
+    # x and weights batched: one problem per batch element.
+    stacked = jax.tree.map(lambda *a: jnp.stack(a), *layers)
+    ys = jax.vmap(f)(xs, stacked)
+    for i, qw in enumerate(layers):
+        check(ys[i], xs[i], qw, scheme)
+    # Weights batched, x shared.
+    ys = jax.vmap(f, in_axes=(None, 0))(xs[0], stacked)
+    for i, qw in enumerate(layers):
+        check(ys[i], xs[0], qw, scheme)
+
+
+def _results(fn, args):
+    return [np.asarray(fn(*a)) for a in args]
+
+
+def _mixed_cases(rng):
+    cases = []
+    for scheme in (Scheme(4, 32, False, True, False), Scheme(8, -1, True, False, True),
+                   Scheme(8, -1, False, False, False), Scheme(4, -1, True, True, True)):
+        qw = make_weight(rng, n=200, k=256, scheme=scheme)
+        for m in (1, 4, 40):
+            x = make_x(rng, (m, 256), "bfloat16")
+            cases.append((x, qw, scheme))
+    return cases
+
+
+def test_results_do_not_depend_on_the_thread_count():
+    rng = np.random.default_rng(9)
+    cases = _mixed_cases(rng)
+    before = custom_call.num_threads()
+    try:
+        outs = []
+        for n in (1, 2, 3):
+            custom_call.set_num_threads(n)
+            outs.append([np.asarray(run(*c)) for c in cases])
+        for other in outs[1:]:
+            for a, b in zip(outs[0], other):
+                np.testing.assert_array_equal(a, b)
+    finally:
+        custom_call.set_num_threads(before)
+    with pytest.raises(ValueError, match="n: expected an int >= 1"):
+        custom_call.set_num_threads(0)
+
+
+def test_concurrent_calls_from_threads_give_identical_results():
+    rng = np.random.default_rng(10)
+    cases = _mixed_cases(rng)
+    fns = [jax.jit(lambda x, qw, s=c[2]: run(x, qw, s)) for c in cases]
+    expected = [np.asarray(f(x, qw)) for f, (x, qw, _) in zip(fns, cases)]
+    work = [i % len(cases) for i in range(48)]
+    with concurrent.futures.ThreadPoolExecutor(max_workers=6) as pool:
+        got = list(pool.map(lambda i: np.asarray(fns[i](*cases[i][:2])), work))
+    for i, y in zip(work, got):
+        np.testing.assert_array_equal(y, expected[i])
+
+
+def test_bad_input_is_rejected_before_the_kernel():
+    rng = np.random.default_rng(11)
+    qw = make_weight(rng, n=16, k=64, scheme=Scheme(4, 32, False, True, False))
+    with pytest.raises(ValueError, match=r"w: expected shape \[2, 16, 16\]"):
+        xla_qops.quantized_matmul(make_x(rng, (2, 64), "float32"), qw.w[:, :8], qw.scale,
+                                  qw.zero_point, 32, True, impl="custom_call")
+    with pytest.raises(TypeError, match="x: expected dtype"):
+        xla_qops.quantized_matmul(jnp.zeros((2, 64), jnp.int32), qw, impl="custom_call")
+
+
+def test_kernel_checks_operands_it_is_given():
+    """The FFI handler does not trust its caller: a spec that does not match
+    the arrays is an error, not a wrong read."""
+    rng = np.random.default_rng(12)
+    qw = make_weight(rng, n=16, k=64, scheme=Scheme(8, -1, True, False, False))
+    x = make_x(rng, (2, 64), "float32")
+    spec = check_args(x, *op_args(qw), False)
+    lying = spec.__class__(**{**spec.__dict__, "bits": 4, "packed": True})
+    with pytest.raises(Exception, match="w: expected int8"):
+        np.asarray(custom_call.matmul(x, qw.w, qw.scale, None, lying))
+
+
+def test_portable_kernels_match_the_reference():
+    """XLA_QOPS_CPU_ISA=generic: the C++ kernels every x86-64 can run."""
+    script = textwrap.dedent("""
+        import numpy as np
+        import xla_qops
+        from xla_qops.backends import custom_call
+        from cases import all_schemes, make_weight, make_x, op_args
+        import numpy_reference as ref
+        assert custom_call.isa() == "generic"
+        rng = np.random.default_rng(0)
+        for s in all_schemes(block_size=16):
+            qw = make_weight(rng, n=20, k=48, scheme=s)
+            for m, dt in ((1, "float32"), (9, "bfloat16"), (2, "float16")):
+                x = make_x(rng, (m, 48), dt)
+                y = xla_qops.quantized_matmul(x, *op_args(qw), s.quantize_activation,
+                                              impl="custom_call")
+                ref.assert_close(y, x, qw.w, qw.scale, qw.zero_point, qw.block_size,
+                                 s.quantize_activation)
+        print("generic ok")
+    """)
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, XLA_QOPS_CPU_ISA="generic", JAX_PLATFORMS="cpu",
+               PYTHONPATH=os.pathsep.join([here, os.path.dirname(here),
+                                           os.environ.get("PYTHONPATH", "")]))
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "generic ok" in out.stdout
