@@ -22,9 +22,6 @@ Buffers (`in` = input_dim, `out` = output_dim, B = block_size):
 
 from __future__ import annotations
 
-import functools
-
-import jax
 import torch
 
 import xla_qops
@@ -38,16 +35,6 @@ def _pack_int4(weight: torch.Tensor, blockwise: bool) -> torch.Tensor:
     """int8 in [-8, 7] -> packed uint8 (xla_qops.packing, run on the host once at load)."""
     packed = packing.pack_int4(interop.to_jax(weight.cpu()), packing.input_axis(blockwise))
     return interop.to_torch(packed).to(weight.device)
-
-
-@functools.cache
-def _quantize_jit():
-    # Jitted: one compile per (shape, bits, block_size, symmetric) instead of
-    # one per primitive, ~8x faster on a first model swap. Under jit
-    # quantize_weight cannot inspect values, so checks.float_linear checks
-    # finiteness on the torch side.
-    return jax.jit(xla_qops.quantize_weight,
-                   static_argnames=("bits", "block_size", "symmetric", "pack"))
 
 
 class XlaQuantizedLinear(torch.nn.Module):
@@ -143,8 +130,11 @@ class XlaQuantizedLinear(torch.nn.Module):
                      quantize_activation=quantize_activation, bias=linear.bias is not None,
                      impl=impl)
         w = linear.weight.detach().to("cpu", torch.float32)
-        qw = _quantize_jit()(interop.to_jax(w), bits=bits, block_size=block_size,
-                             symmetric=symmetric, pack=True)
+        # Not jitted: under jit XLA turns `absmax / qmax` into a multiply by the
+        # reciprocal, and scales would differ from xla_qops.quantize_weight's
+        # (correctly rounded) ones in the last bit.
+        qw = xla_qops.quantize_weight(interop.to_jax(w), bits=bits, block_size=block_size,
+                                      symmetric=symmetric, pack=True)
         module.load_quantized_weight(qw)
         if linear.bias is not None:
             module.bias = torch.nn.Parameter(linear.bias.detach().to("cpu").clone(),

@@ -136,7 +136,7 @@ def quantize_model(model, *, scheme: str = "w8a16", block_size: int = -1,
     # under two names is swapped everywhere, by one quantized module.
     parents: dict[int, list] = {}
     for parent_name, parent in model.named_modules(remove_duplicate=False):
-        for child_name, child in parent.named_children():
+        for child_name, child in parent._modules.items():  # named_children() dedups
             if isinstance(child, torch.nn.Linear):
                 parents.setdefault(id(child), []).append((parent, child_name))
 
