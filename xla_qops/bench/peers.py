@@ -1,0 +1,127 @@
+"""The implementations a benchmark case is timed with, each from one float weight.
+
+Every peer builds `copies` distinct weights in its own format (so decode cases
+can rotate through more bytes than the last-level cache holds) and returns a
+callable ``step(i)`` that runs the matmul on copy ``i % copies`` and waits for
+the result. Peers:
+
+* ``ours``: ``xla_qops.quantized_matmul(..., impl="custom_call")`` under jit.
+* ``xla``: the same with ``impl="xla"`` (XLA:CPU's fused path).
+* ``torch_q``: torch's own CPU kernel for the scheme:
+  ``_weight_int4pack_mm_for_cpu`` (W4A16) or ``_weight_int8pack_mm`` (W8A16,
+  symmetric per-channel only); None for the others.
+* ``torch_bf16``: ``torch.nn.functional.linear`` with a bf16 weight.
+* ``torch_xla``: torch_xla's ``torch.ops.xla.quantized_matmul`` on its CPU
+  device (its own op, not torch_bridge's).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import xla_qops
+
+
+@dataclasses.dataclass(frozen=True)
+class Scheme:
+    name: str
+    bits: int
+    block_size: int
+    symmetric: bool
+    quantize_activation: bool
+
+
+SCHEMES = {
+    "w8a16": Scheme("w8a16", 8, -1, True, False),
+    "w4a16-g128-sym": Scheme("w4a16-g128-sym", 4, 128, True, False),
+    "w4a16-g128-asym": Scheme("w4a16-g128-asym", 4, 128, False, False),
+    "w8a8": Scheme("w8a8", 8, -1, True, True),
+}
+
+
+def float_weights(rng, n_out, n_in, copies):
+    """`copies` distinct float32 weights [out, in] (numpy), scaled like a linear layer."""
+    base = rng.standard_normal((n_out, n_in), dtype=np.float32) * (1.0 / np.sqrt(n_in))
+    return [base + np.float32(0.01 * i) for i in range(copies)]
+
+
+def quantized(ws, scheme):
+    return [xla_qops.quantize_weight(jnp.asarray(w), bits=scheme.bits,
+                                     block_size=scheme.block_size,
+                                     symmetric=scheme.symmetric) for w in ws]
+
+
+def weight_bytes(qw) -> int:
+    """Bytes a matmul reads from the weight (integers, scales, zero points)."""
+    return qw.nbytes
+
+
+def jax_peer(qws, x_np, scheme, impl):
+    x = jnp.asarray(x_np, jnp.bfloat16)
+    f = jax.jit(lambda x, qw: xla_qops.quantized_matmul(
+        x, qw, quantize_activation=scheme.quantize_activation, impl=impl))
+    return lambda i: f(x, qws[i % len(qws)]).block_until_ready()
+
+
+def torch_quantized_peer(qws, x_np, scheme):
+    """torch's CPU kernel for this scheme, or None if torch has none."""
+    import torch
+    x = torch.from_numpy(x_np).to(torch.bfloat16)
+    if scheme.quantize_activation:
+        return None
+    if scheme.bits == 8:
+        if not scheme.symmetric or scheme.block_size != -1:
+            return None
+        packs = [(torch.from_numpy(np.asarray(q.w)), torch.from_numpy(np.asarray(q.scale)).to(torch.bfloat16))
+                 for q in qws]
+        return lambda i: torch.ops.aten._weight_int8pack_mm(x, *packs[i % len(packs)])
+    # int4: torch stores q + 8 in [0, 15] with w = (u - 8) * scale + zero, i.e.
+    # zero = -zero_point in this project's convention.
+    packs = []
+    for q in qws:
+        ints = np.asarray(q.unpack().int_values()).astype(np.int32)  # [in/B, B, out]
+        u = torch.from_numpy(ints.reshape(-1, ints.shape[-1]).T.copy() + 8)  # [out, in]
+        packed = torch._convert_weight_to_int4pack_for_cpu(u.contiguous(), 2)
+        scale = np.asarray(q.scale, np.float32)
+        zero = -np.asarray(q.zero_point, np.float32) if q.zero_point is not None else 0 * scale
+        sz = torch.from_numpy(np.stack([scale, zero], -1)).to(torch.bfloat16).contiguous()
+        packs.append((packed, sz))
+    group = scheme.block_size
+    return lambda i: torch.ops.aten._weight_int4pack_mm_for_cpu(
+        x, packs[i % len(packs)][0], group, packs[i % len(packs)][1])
+
+
+def torch_bf16_peer(ws, x_np):
+    import torch
+    x = torch.from_numpy(x_np).to(torch.bfloat16)
+    wt = [torch.from_numpy(w).to(torch.bfloat16) for w in ws]
+    return lambda i: torch.nn.functional.linear(x, wt[i % len(wt)])
+
+
+def torch_xla_peer(qws, x_np, scheme):
+    """torch_xla's own op on its XLA:CPU device (int4 in its unpacked form)."""
+    import torch
+    import torch_xla
+    import torch_xla.core.xla_model as xm
+    import torch_xla.experimental.xla_quantized_matmul  # noqa: F401  registers the op
+    dev = torch_xla.device()
+    x = torch.from_numpy(x_np).to(torch.bfloat16).to(dev)
+    packs = []
+    for q in qws:
+        w = np.asarray(q.unpack().w if q.packed else q.w)
+        zp = None if q.zero_point is None else torch.from_numpy(np.asarray(q.zero_point)).to(dev)
+        packs.append((torch.from_numpy(w).to(dev), torch.from_numpy(np.asarray(q.scale)).to(dev), zp))
+    torch_xla.sync()
+
+    def step(i):
+        w, s, z = packs[i % len(packs)]
+        y = torch.ops.xla.quantized_matmul(x, w, s, z, scheme.block_size, scheme.bits == 4,
+                                           scheme.quantize_activation)
+        torch_xla.sync()
+        xm.wait_device_ops()
+        return y
+    return step
