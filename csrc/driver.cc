@@ -78,13 +78,19 @@ void prepare(const Problem& p, Prep prep, const X& xa) {
 // Runs fn(tile) for every tile: each thread takes strips of consecutive tiles,
 // so the packers can prefetch the next tile (the same rows, 64 columns on).
 template <class Fn>
-void for_each_tile(int64_t tiles, const Fn& fn) {
+void for_each_strip(int64_t tiles, const Fn& fn) {
   const int64_t strips_wanted = 2 * static_cast<int64_t>(num_threads());
   const int64_t per = (tiles + strips_wanted - 1) / strips_wanted;
   const int64_t strips = (tiles + per - 1) / per;
   parallel_for(strips, [&](int64_t strip) {
     const int64_t t1 = (strip + 1) * per < tiles ? (strip + 1) * per : tiles;
-    for (int64_t t = strip * per; t < t1; ++t) fn(t);
+    fn(strip * per, t1);
+  });
+}
+template <class Fn>
+void for_each_tile(int64_t tiles, const Fn& fn) {
+  for_each_strip(tiles, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) fn(t);
   });
 }
 
@@ -114,6 +120,16 @@ void run_a16(const Problem& p, const Kernels& k) {
       k.store(p, xa.rowexp, n0, ncols, out);
     });
     if (kTrace) std::fprintf(stderr, "a16 dot M=%ld K=%ld N=%ld prep %.3f ms, tiles %.3f ms, tiles cpu %.3f ms\n",
+                             (long)p.M, (long)p.K, (long)p.N, t1 - t0, now_ms() - t1, cpu_ms() - c1);
+    return;
+  }
+  if (p.blockwise && R <= k.max_stream_rows) {  // decode, blockwise
+    for_each_strip(tiles, [&](int64_t t0, int64_t t1) {
+      float* acc = reinterpret_cast<float*>(tl_acc.get((t1 - t0) * R * kNR * 4));
+      float* out = reinterpret_cast<float*>(tl_out.get((t1 - t0) * p.M * kNR * 4));
+      k.stream_a16(p, xa, t0, t1, acc, out);
+    });
+    if (kTrace) std::fprintf(stderr, "a16 stream M=%ld K=%ld N=%ld prep %.3f ms, tiles %.3f ms, tiles cpu %.3f ms\n",
                              (long)p.M, (long)p.K, (long)p.N, t1 - t0, now_ms() - t1, cpu_ms() - c1);
     return;
   }

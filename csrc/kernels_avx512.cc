@@ -725,6 +725,95 @@ void dot_a8(const Problem& p, const XA8& xa, const int8_t* xd, int64_t Kq, int64
   }
 }
 
+// ---------------------------------------------------------------- blockwise decode
+// See Kernels::stream_a16. Chunks of kStreamRows k-pairs: every row of the
+// chunk is read across the strip's width in one sweep (kStreamRows concurrent
+// sequential streams), 64 columns at a time into register accumulators.
+constexpr int kMaxStreamRows = 4;
+constexpr int64_t kStreamRows = 8;
+
+struct PairUnpacker {  // 64 columns of one k-pair -> 4 x (bf16 lo | bf16 hi << 16)
+  __m512i idx[4], shifts, lut;
+  PairUnpacker() {
+    for (int cb = 0; cb < 4; ++cb)
+      idx[cb] = _mm512_add_epi8(_mm512_set1_epi32(0x01010101 * (16 * cb)),
+                                _mm512_set_epi32(0x0f0f0f0f, 0x0e0e0e0e, 0x0d0d0d0d, 0x0c0c0c0c,
+                                                 0x0b0b0b0b, 0x0a0a0a0a, 0x09090909, 0x08080808,
+                                                 0x07070707, 0x06060606, 0x05050505, 0x04040404,
+                                                 0x03030303, 0x02020202, 0x01010101, 0x00000000));
+    shifts = _mm512_set1_epi32(0x00040000);
+    lut = nibble_bf16_lut();
+  }
+  void int4(const uint8_t* src, __mmask64 m, __m512i w[4]) const {
+    const __m512i v = _mm512_maskz_loadu_epi8(m, src);
+    for (int cb = 0; cb < 4; ++cb)
+      w[cb] = _mm512_permutexvar_epi16(_mm512_srlv_epi16(_mm512_permutexvar_epi8(idx[cb], v), shifts), lut);
+  }
+  static void int8(const uint8_t* a, const uint8_t* b, __mmask64 m, __m512i w[4]) {
+    for (int cb = 0; cb < 4; ++cb) {
+      const __mmask16 mc = static_cast<__mmask16>(m >> (16 * cb));
+      const __m512i fa = int8_to_f32bits(_mm_maskz_loadu_epi8(mc, a + 16 * cb));
+      const __m512i fb = b ? int8_to_f32bits(_mm_maskz_loadu_epi8(mc, b + 16 * cb)) : _mm512_setzero_si512();
+      w[cb] = _mm512_or_si512(_mm512_srli_epi32(fa, 16), fb);
+    }
+  }
+};
+
+template <int R>
+void stream_a16_t(const Problem& p, const XA16& xa, int64_t t0, int64_t t1, float* acc, float* out) {
+  const PairUnpacker unpack;
+  const int64_t N = p.N, nt = t1 - t0, pairs = xa.Gp / 2;
+  for (int64_t g = 0; g < p.groups; ++g) {
+    for (int64_t s0 = 0; s0 < pairs; s0 += kStreamRows) {
+      const int64_t ns = pairs - s0 < kStreamRows ? pairs - s0 : kStreamRows;
+      const uint16_t* xg = xa.xb + g * xa.Gp + 2 * s0;
+      for (int64_t t = 0; t < nt; ++t) {
+        const int64_t n0 = (t0 + t) * kNR;
+        const __mmask64 m = mask64(N - n0);
+        float* a = acc + t * R * kNR;
+        __m512 c[R][4];
+        for (int r = 0; r < R; ++r)
+          for (int cb = 0; cb < 4; ++cb)
+            c[r][cb] = s0 == 0 ? _mm512_setzero_ps() : _mm512_load_ps(a + r * kNR + 16 * cb);
+        for (int64_t s = 0; s < ns; ++s) {
+          const int64_t kk = 2 * (s0 + s), k = g * p.G + kk;
+          __m512i w[4];
+          if (p.bits == 4) {
+            unpack.int4(p.w + (k / 2) * N + n0, m, w);
+          } else {
+            const uint8_t* ra = p.w + k * N + n0;
+            PairUnpacker::int8(ra, kk + 1 < p.G ? ra + N : nullptr, m, w);
+          }
+          for (int r = 0; r < R; ++r) {
+            const __m512bh xr = as_bh(_mm512_set1_epi32(load_i32(xg + r * xa.Kp + 2 * s)));
+            for (int cb = 0; cb < 4; ++cb) c[r][cb] = _mm512_dpbf16_ps(c[r][cb], xr, as_bh(w[cb]));
+          }
+        }
+        for (int r = 0; r < R; ++r)
+          for (int cb = 0; cb < 4; ++cb) _mm512_store_ps(a + r * kNR + 16 * cb, c[r][cb]);
+      }
+    }
+    for (int64_t t = 0; t < nt; ++t) {
+      const int64_t n0 = (t0 + t) * kNR;
+      fin_a16(p, xa, g, n0, static_cast<int>(N - n0 < kNR ? N - n0 : kNR), acc + t * R * kNR,
+              out + t * p.M * kNR, g == 0);
+    }
+  }
+  for (int64_t t = 0; t < nt; ++t) {
+    const int64_t n0 = (t0 + t) * kNR;
+    store(p, xa.rowexp, n0, static_cast<int>(N - n0 < kNR ? N - n0 : kNR), out + t * p.M * kNR);
+  }
+}
+
+void stream_a16(const Problem& p, const XA16& xa, int64_t t0, int64_t t1, float* acc, float* out) {
+  switch (p.M * xa.T) {
+    case 1: return stream_a16_t<1>(p, xa, t0, t1, acc, out);
+    case 2: return stream_a16_t<2>(p, xa, t0, t1, acc, out);
+    case 3: return stream_a16_t<3>(p, xa, t0, t1, acc, out);
+    default: return stream_a16_t<4>(p, xa, t0, t1, acc, out);
+  }
+}
+
 }  // namespace
 
 const Kernels& avx512_kernels() {
@@ -740,6 +829,8 @@ const Kernels& avx512_kernels() {
     t.fin_a8 = fin_a8;
     t.store = store;
     t.max_dot_rows = kMaxDotRows;
+    t.max_stream_rows = kMaxStreamRows;
+    t.stream_a16 = stream_a16;
     t.dot_prep_a16 = dot_prep_a16;
     t.dot_a16 = dot_a16;
     t.dot_prep_a8 = dot_prep_a8;

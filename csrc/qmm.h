@@ -98,6 +98,13 @@ struct Kernels {
   // xd [R][Kq] (Kq = Kp rounded up to 128, zero padded) in the order the
   // weight unpacking produces. dot_* write out[m][c] like fin_* then store.
   int max_dot_rows;
+  // Blockwise decode: tiles [t0, t1) of one thread. Per group, chunks of a few
+  // weight rows are swept across the whole strip (each row read as one long
+  // run: DRAM- and prefetcher-friendly) with register accumulators that are
+  // parked in acc [t1-t0][R][kNR] between chunks; out: [t1-t0][M][kNR].
+  // For R = M*T <= max_stream_rows.
+  int max_stream_rows;
+  void (*stream_a16)(const Problem&, const XA16&, int64_t t0, int64_t t1, float* acc, float* out);
   void (*dot_prep_a16)(const Problem&, const XA16&, uint16_t* xd, int64_t Kq);
   void (*dot_a16)(const Problem&, const XA16&, const uint16_t* xd, int64_t Kq, int64_t n0,
                   int ncols, float* out);
