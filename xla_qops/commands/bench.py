@@ -96,7 +96,8 @@ def run(args) -> int:
     llc = llc_bytes()
     info = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, kernels "
             f"'{custom_call.isa()}' with {custom_call.num_threads()} threads, jax {jax.__version__}; "
-            f"measured read bandwidth {read_bw:.1f} GB/s; LLC {llc >> 20} MiB")
+            f"measured read bandwidth {read_bw:.1f} GB/s; LLC {llc >> 20} MiB; "
+            f"load average at start {os.getloadavg()[0]:.1f} (other jobs share the cores)")
     print(info, flush=True)
     rng = np.random.default_rng(0)
     rows = []
@@ -141,7 +142,7 @@ def run(args) -> int:
 
     md = "\n\n".join([
         "# `xla-qops bench` results",
-        f"Machine: {info}. Times are medians; ratios are peer time / our time from the "
+        f"Machine: {info}; load average at the end {os.getloadavg()[0]:.1f}. Times are medians; ratios are peer time / our time from the "
         "same run (> 1 means ours is faster). GB/s counts the weight, scale and zero-point "
         "bytes read. Decode rows (M <= 16) rotate through distinct weights totalling more "
         "than twice the LLC. See docs/cpu_kernels.md for what the kernels do.",
