@@ -29,7 +29,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
 
 import xla_qops  # noqa: E402
 from xla_qops import sharding  # noqa: E402
@@ -246,6 +247,20 @@ def run_gspmd(out_dir: str, hlo_report: dict) -> None:
     hlo_report["control-gathered-weight"] = collectives(g.lower(x_s, qw_s).compile().as_text())
 
 
+def run_docs_example(out_dir: str) -> None:
+    """Runs docs/scaling.md's JAX block as written; saves what it computed."""
+    text = open(os.path.join(os.path.dirname(HERE), "docs", "scaling.md")).read()
+    ns = {}
+    exec(compile(re.findall(r"```python\n(.*?)```", text, re.S)[0], "scaling.md", "exec"), ns)
+    record = {name: np.asarray(ns[name]).astype(np.float32) for name in ("x", "h", "g", "y")}
+    for name in ("up", "down"):
+        qw = ns[name]
+        record.update({f"{name}_w": np.asarray(qw.w), f"{name}_scale": np.asarray(qw.scale),
+                       f"{name}_zero_point": np.asarray(qw.zero_point)})
+    record["h_spec"] = np.array(str(ns["h"].sharding.spec))
+    np.savez(os.path.join(out_dir, "docs-scaling.npz"), **record)
+
+
 def main(argv) -> None:
     assert jax.device_count() == N_DEVICES, (
         f"expected {N_DEVICES} devices (XLA_FLAGS={os.environ.get('XLA_FLAGS')!r}), "
@@ -257,6 +272,7 @@ def main(argv) -> None:
         run_case(case, out_dir, hlo_report)
         print(f"{case.id}: {time.perf_counter() - t0:.2f}s", flush=True)
     run_gspmd(out_dir, hlo_report)
+    run_docs_example(out_dir)
     with open(os.path.join(out_dir, "hlo.json"), "w") as f:
         json.dump(hlo_report, f, indent=1)
 

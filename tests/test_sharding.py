@@ -172,6 +172,19 @@ def test_plain_jit_of_a_kernel_gathers_the_weight(spmd_run, layout):
     assert f"u8[{','.join(map(str, full))}]" in gathers, gathers
 
 
+def test_scaling_doc_example(spmd_run):
+    """docs/scaling.md's column -> gelu -> row MLP, run as written on 8 devices."""
+    out, _ = spmd_run
+    rec = load(out, "docs-scaling")
+    args = {name: (rec[f"{name}_w"], rec[f"{name}_scale"], rec[f"{name}_zero_point"], 64)
+            for name in ("up", "down")}
+    bf16 = lambda a: np.asarray(jnp.asarray(a, jnp.bfloat16))
+    assert rec["h"].shape == (4, 16, 512) and rec["y"].shape == (4, 16, 256)
+    assert str(rec["h_spec"]) == str(P("data", None, "model"))
+    ref.assert_close(rec["h"], bf16(rec["x"]), *args["up"])
+    ref.assert_close(rec["y"], bf16(rec["g"]), *args["down"])
+
+
 def n_elements(shape: str) -> int:
     dims = shape.split("[", 1)[1].split("]", 1)[0]
     return int(np.prod([int(d) for d in dims.split(",") if d]))

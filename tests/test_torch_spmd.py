@@ -86,3 +86,12 @@ def test_partitioned_hlo_does_not_gather_the_weight(run, layout, scheme, dtype):
 def elements(shape: str) -> int:
     dims = shape.split("[", 1)[1].split("]", 1)[0]
     return int(np.prod([int(d) for d in dims.split(",") if d]))
+
+
+def test_scaling_doc_torch_example(run):
+    """docs/scaling.md's torch_xla block, run as written on 8 devices."""
+    out, _ = run
+    rec = dict(np.load(out / "docs-scaling-torch.npz"))
+    assert rec["y"].shape == (6, 48)
+    assert str(rec["y_spec"]).startswith("{devices=[2,4]"), rec["y_spec"]
+    ref.assert_close(rec["y"], rec["x"], rec["w"], rec["scale"], None, 32)

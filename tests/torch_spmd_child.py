@@ -20,6 +20,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 import sys
 
 import numpy as np
@@ -53,6 +54,18 @@ def cases():
 
 def compiled_modules(dump: str) -> set[str]:
     return set(glob.glob(os.path.join(dump, "*SyncTensorsGraph*after_optimizations.txt")))
+
+
+def run_docs_example(out: str) -> None:
+    """Runs docs/scaling.md's torch_xla block as written; saves what it computed."""
+    text = open(os.path.join(os.path.dirname(HERE), "docs", "scaling.md")).read()
+    ns = {}
+    exec(compile(re.findall(r"```python\n(.*?)```", text, re.S)[1], "scaling.md", "exec"), ns)
+    layer, y = ns["layer"], ns["y"]
+    np.savez(os.path.join(out, "docs-scaling-torch.npz"), x=ns["x"].cpu().numpy(),
+             y=y.detach().cpu().numpy(), w=layer.weight.cpu().numpy(),
+             scale=layer.weight_scaler.cpu().numpy(),
+             y_spec=np.array(torch_xla._XLAC._get_xla_sharding_spec(y)))
 
 
 def main(out: str) -> None:
@@ -94,6 +107,7 @@ def main(out: str) -> None:
                  w=module.weight.cpu().numpy(), scale=module.weight_scaler.cpu().numpy(),
                  zero_point=module.zero_point.cpu().numpy(),
                  y_spec=np.array(spec(y)), w_spec=np.array(spec(module.weight)))
+    run_docs_example(out)
     with open(os.path.join(out, "hlo.json"), "w") as f:
         json.dump(report, f, indent=1)
 
