@@ -207,6 +207,24 @@ def test_layout_for_common_projections():
         sharding.layout_for("lm_head")
 
 
+def test_shard_quantized_weights_by_module_path():
+    """On a 1-device mesh (this process): the layout comes from the name."""
+    rng = np.random.default_rng(3)
+    mesh = jax.make_mesh((1,), ("model",))
+    named = {
+        "layers.0.self_attn.q_proj": make_weight(rng, 8, 64, Scheme(4, 32, False, True, False)),
+        "layers.0.mlp.down_proj": make_weight(rng, 8, 64, Scheme(8, -1, False, False, False)),
+    }
+    placed = sharding.shard_quantized_weights(named, mesh)
+    q, down = placed["layers.0.self_attn.q_proj"], placed["layers.0.mlp.down_proj"]
+    assert q.w.sharding.spec == P(None, None, "model")  # column, blockwise
+    assert down.w.sharding.spec == P(None, "model")  # row, per-channel
+    assert down.scale.sharding.spec == P(None)
+    np.testing.assert_array_equal(np.asarray(q.w), np.asarray(named["layers.0.self_attn.q_proj"].w))
+    with pytest.raises(ValueError, match="name: expected a module path"):
+        sharding.shard_quantized_weights({"lm_head": named["layers.0.mlp.down_proj"]}, mesh)
+
+
 def test_weight_partition_specs():
     rng = np.random.default_rng(0)
     pc = make_weight(rng, 8, 64, Scheme(4, -1, False, True, False))
@@ -222,7 +240,8 @@ def test_weight_partition_specs():
 @pytest.mark.parametrize("n, k, scheme, layout, match", [
     (10, 64, Scheme(8, -1, True, False, False), "column",
      r"column-parallel splits out=10 over the 4 devices of mesh axis 'model'"),
-    (8, 34, Scheme(8, -1, True, False, False), "row", r"in=34 over the 4 devices.*in must be a multiple of 4"),
+    (8, 34, Scheme(8, -1, True, False, False), "row",
+     r"in=34 over the 4 devices.*in must be a multiple of 4"),
     # 20 input features: 5 per shard, so a packed byte would straddle two shards.
     (8, 20, Scheme(4, -1, True, True, False), "row",
      r"packed int4 stores two input features per byte.*in=20, 5 per shard"),

@@ -4,9 +4,9 @@ torch_xla's PJRT CPU client exposes CPU_NUM_DEVICES devices, and SPMD mode
 (torch_xla.runtime.use_spmd) must be switched on before any XLA tensor
 exists, so this runs in its own process, started with
 
-    PJRT_DEVICE=CPU CPU_NUM_DEVICES=8 \\
-    XLA_FLAGS="--xla_dump_to=OUT/dump --xla_dump_hlo_as_text --xla_dump_hlo_module_re=SyncTensorsGraph" \\
-    python tests/torch_spmd_child.py OUT
+    PJRT_DEVICE=CPU CPU_NUM_DEVICES=8 XLA_FLAGS="--xla_dump_to=OUT/dump \\
+        --xla_dump_hlo_as_text --xla_dump_hlo_module_re=SyncTensorsGraph" \\
+        python tests/torch_spmd_child.py OUT
 
 For every scheme row and both layouts it shards one XlaQuantizedLinear's
 buffers with xs.mark_sharding (specs from xla_qops.sharding.layout_specs),

@@ -7,12 +7,10 @@ devices of one mesh axis (the "model" axis, size n):
   with all input features. ``x`` is whole along ``in``; ``y`` comes out split
   along ``out``. No communication.
 
-  ========== =================== ==================== ===========================
-  scheme      ``w``               ``scale``/``zero_point``  stored shape
-  ========== =================== ==================== ===========================
-  per-channel P(axis, None)       P(axis)              [out, in] / [out, in/2]
-  blockwise   P(None, None, axis) P(None, axis)        [in/B, B, out] / [in/B, B/2, out]
-  ========== =================== ==================== ===========================
+  * per-channel: ``w`` [out, in] (packed [out, in/2]) P(axis, None);
+    ``scale``/``zero_point`` [out] P(axis).
+  * blockwise: ``w`` [in/B, B, out] (packed [in/B, B/2, out])
+    P(None, None, axis); ``scale``/``zero_point`` [in/B, out] P(None, axis).
 
 ``"row"`` (split along ``in``): every device holds in/n input features of
   every output channel; ``x`` is split along its last axis the same way. Each
@@ -54,7 +52,9 @@ by `shard_quantized_weight` (GSPMD), without gathering the weight.
 Common layouts (Megatron): attention q/k/v and MLP gate/up projections are
 column-parallel, attention output and MLP down projections row-parallel
 (`layout_for`). A column layer's output, split along its features, is exactly
-the input a row layer wants, so each column -> row pair costs one all-reduce.
+the input a row layer wants, so each column -> row pair costs one
+all-reduce. `shard_quantized_weights` places a whole
+``{module path: QuantizedWeight}`` dict that way.
 """
 
 from __future__ import annotations
@@ -178,6 +178,18 @@ def shard_quantized_weight(qw: QuantizedWeight, mesh, layout: str,
     specs = weight_partition_specs(qw, layout, axis_name)
     shardings = jax.tree.map(lambda spec: NamedSharding(mesh, spec), specs)
     return jax.device_put(qw, shardings)
+
+
+def shard_quantized_weights(named, mesh, axis_name: str = "model") -> dict:
+    """Places every weight of ``{module path: QuantizedWeight}`` with `layout_for(path)`.
+
+    ``{"layers.0.self_attn.q_proj": qw, "layers.0.mlp.down_proj": qw2, ...}``
+    -> the same dict with q/k/v/gate/up column-parallel and o/down
+    row-parallel. Raises ValueError (from `layout_for`) for a path with no
+    known layout, so nothing is silently left replicated.
+    """
+    return {name: shard_quantized_weight(qw, mesh, layout_for(name), axis_name)
+            for name, qw in named.items()}
 
 
 def sharded_quantized_matmul(x, qw: QuantizedWeight, mesh, layout: str, *,
