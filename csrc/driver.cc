@@ -140,7 +140,20 @@ void run_a16(const Problem& p, const Kernels& k) {
     uint32_t* panel = reinterpret_cast<uint32_t*>(tl_panel.get(kMaxSteps * kNR * 4));
     float* acc = reinterpret_cast<float*>(tl_acc.get(R * kNR * 4));
     float* out = reinterpret_cast<float*>(tl_out.get(p.M * kNR * 4));
+    const bool fused = k.mk_a16_fused && xa.T == 1 && xa.Gp <= chunk;
     for (int64_t g = 0; g < p.groups; ++g) {
+      if (fused) {  // the group in one panel: scale in the microkernel's epilogue
+        k.pack_a16(p, g, 0, xa.Gp, n0, panel);
+        const int64_t gs = p.blockwise ? g * p.N : 0;
+        const float* s = p.scale + gs + n0;
+        const float* z = p.has_zp ? p.zp + gs + n0 : nullptr;
+        for (int64_t r0 = 0; r0 < R; r0 += kMR) {
+          const int mr = static_cast<int>(R - r0 < kMR ? R - r0 : kMR);
+          k.mk_a16_fused(mr, xa.xb + r0 * xa.Kp + g * xa.Gp, xa.Kp, panel, xa.Gp / 2, s, z,
+                         xa.xsum + r0 * p.groups + g, p.groups, ncols, out + r0 * kNR, g == 0);
+        }
+        continue;
+      }
       for (int64_t kk0 = 0; kk0 < xa.Gp; kk0 += chunk) {
         const int64_t kk1 = kk0 + chunk < xa.Gp ? kk0 + chunk : xa.Gp;
         k.pack_a16(p, g, kk0, kk1, n0, panel);

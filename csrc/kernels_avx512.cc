@@ -378,6 +378,69 @@ void mk_a16(int mr, const uint16_t* x, int64_t ldx, const uint32_t* panel, int64
   }
 }
 
+// mk_a16_t with fin_a16's epilogue in registers (T == 1, one panel per group).
+template <int MR>
+void mk_a16_fused_t(const uint16_t* x, int64_t ldx, const uint32_t* panel, int64_t steps,
+                    const float* sp, const float* zp, const float* xsum, int64_t xsum_stride,
+                    int ncols, float* out, bool init_out) {
+#define DECL(r) __m512 c##r##0, c##r##1, c##r##2, c##r##3;
+  XQK_ROWS(DECL)
+#undef DECL
+#define INIT(r) \
+  if constexpr (r < MR) c##r##0 = c##r##1 = c##r##2 = c##r##3 = _mm512_setzero_ps();
+  XQK_ROWS(INIT)
+#undef INIT
+  for (int64_t s = 0; s < steps; ++s) {
+    const uint32_t* pb = panel + s * kNR;
+    const __m512bh b0 = as_bh(_mm512_load_si512(pb)), b1 = as_bh(_mm512_load_si512(pb + 16)),
+                   b2 = as_bh(_mm512_load_si512(pb + 32)), b3 = as_bh(_mm512_load_si512(pb + 48));
+#define STEP(r)                                                                 \
+  if constexpr (r < MR) {                                                       \
+    const __m512bh a = as_bh(_mm512_set1_epi32(load_i32(x + r * ldx + 2 * s))); \
+    c##r##0 = _mm512_dpbf16_ps(c##r##0, a, b0);                                 \
+    c##r##1 = _mm512_dpbf16_ps(c##r##1, a, b1);                                 \
+    c##r##2 = _mm512_dpbf16_ps(c##r##2, a, b2);                                 \
+    c##r##3 = _mm512_dpbf16_ps(c##r##3, a, b3);                                 \
+  }
+    XQK_ROWS(STEP)
+#undef STEP
+  }
+  __m512 sv[4], zv[4];
+  for (int j = 0; j < 4; ++j) {
+    const __mmask16 m = tail_mask(ncols - 16 * j);
+    sv[j] = _mm512_maskz_loadu_ps(m, sp + 16 * j);
+    zv[j] = zp ? _mm512_maskz_loadu_ps(m, zp + 16 * j) : _mm512_setzero_ps();
+  }
+  // Same arithmetic as fin_a16: v = s * acc (- z * xsum), out (+)= v.
+#define EPI1(r, j)                                                                   \
+  {                                                                                  \
+    __m512 v = _mm512_mul_ps(sv[j], c##r##j);                                        \
+    if (zp) v = _mm512_fnmadd_ps(zv[j], _mm512_set1_ps(xsum[r * xsum_stride]), v);   \
+    float* o = out + r * kNR + 16 * j;                                               \
+    _mm512_storeu_ps(o, init_out ? v : _mm512_add_ps(_mm512_loadu_ps(o), v));        \
+  }
+#define EPI(r)                                      \
+  if constexpr (r < MR) {                           \
+    EPI1(r, 0) EPI1(r, 1) EPI1(r, 2) EPI1(r, 3)     \
+  }
+  XQK_ROWS(EPI)
+#undef EPI
+#undef EPI1
+}
+
+void mk_a16_fused(int mr, const uint16_t* x, int64_t ldx, const uint32_t* panel, int64_t steps,
+                  const float* s, const float* z, const float* xsum, int64_t xsum_stride,
+                  int ncols, float* out, bool init_out) {
+  switch (mr) {
+    case 1: return mk_a16_fused_t<1>(x, ldx, panel, steps, s, z, xsum, xsum_stride, ncols, out, init_out);
+    case 2: return mk_a16_fused_t<2>(x, ldx, panel, steps, s, z, xsum, xsum_stride, ncols, out, init_out);
+    case 3: return mk_a16_fused_t<3>(x, ldx, panel, steps, s, z, xsum, xsum_stride, ncols, out, init_out);
+    case 4: return mk_a16_fused_t<4>(x, ldx, panel, steps, s, z, xsum, xsum_stride, ncols, out, init_out);
+    case 5: return mk_a16_fused_t<5>(x, ldx, panel, steps, s, z, xsum, xsum_stride, ncols, out, init_out);
+    default: return mk_a16_fused_t<6>(x, ldx, panel, steps, s, z, xsum, xsum_stride, ncols, out, init_out);
+  }
+}
+
 // acc[r][0:64] (+)= sum_s dpbusd(panel[s] as u8, broadcast x[r][4s:4s+4] as s8).
 template <int MR>
 void mk_a8_t(const int8_t* x, int64_t ldx, const uint32_t* panel, int64_t steps,
@@ -828,6 +891,7 @@ const Kernels& avx512_kernels() {
     t.fin_a16 = fin_a16;
     t.fin_a8 = fin_a8;
     t.store = store;
+    t.mk_a16_fused = mk_a16_fused;
     t.max_dot_rows = kMaxDotRows;
     t.max_stream_rows = kMaxStreamRows;
     t.stream_a16 = stream_a16;

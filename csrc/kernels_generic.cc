@@ -179,8 +179,8 @@ void store(const Problem& p, const float* rowexp, int64_t n0, int ncols, const f
 
 const Kernels& generic_kernels() {
   static const Kernels k = {prep_a16, prep_a8, pack_a16, pack_a8, mk_a16, mk_a8,
-                            fin_a16,  fin_a8,  store,    0,       0,       nullptr,
-                            nullptr,  nullptr, nullptr,  nullptr};
+                            fin_a16,  fin_a8,  store,    nullptr, 0,       0,
+                            nullptr,  nullptr, nullptr,  nullptr, nullptr};
   return k;
 }
 

@@ -97,6 +97,12 @@ struct Kernels {
   // x rows (R = M*T for A16, M for A8, R <= max_dot_rows) are first copied to
   // xd [R][Kq] (Kq = Kp rounded up to 128, zero padded) in the order the
   // weight unpacking produces. dot_* write out[m][c] like fin_* then store.
+  // Optional (null = use mk_a16 + fin_a16): the A16 microkernel for T == 1
+  // when a whole group fits one panel, with fin_a16's epilogue applied in
+  // registers: out[r] (= if init_out, else +=) s * acc - z * xsum[r * xsum_stride].
+  void (*mk_a16_fused)(int mr, const uint16_t* x, int64_t ldx, const uint32_t* panel,
+                       int64_t steps, const float* s, const float* z, const float* xsum,
+                       int64_t xsum_stride, int ncols, float* out, bool init_out);
   int max_dot_rows;
   // Blockwise decode: tiles [t0, t1) of one thread. Per group, chunks of a few
   // weight rows are swept across the whole strip (each row read as one long
