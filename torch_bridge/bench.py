@@ -6,8 +6,9 @@ On the XLA device both run as torch_xla graphs (one sync per call, so each
 figure includes graph execution and, for torch_xla's int4 path, its
 weight-to-host copy). Rows are the schemes torch_xla can run on the XLA CPU
 device: W8A16 per-channel and W4A16 blockwise (its per-channel int4 does not
-compile there). CPU tensors: the op (DLPack into xla_qops) against torch's
-float F.linear on the dequantized weight. Reported: the median of `--repeats`
+compile there). CPU tensors: the op (DLPack into xla_qops; impl="auto", i.e.
+the C++ kernels when built, and impl="xla") against torch's bfloat16
+F.linear on the dequantized weight. Reported: the median of `--repeats`
 timed calls after `--warmup` calls, and ours/theirs ratios from the same run.
 """
 
@@ -66,21 +67,25 @@ def run(k: int, n: int, ms, block: int, warmup: int, repeats: int):
             x_xla = x.to(device)
             torch_xla.sync()
 
+            # The result must stay alive through sync(), else torch_xla drops
+            # the graph unexecuted.
             def theirs():
-                txq.quantized_matmul_xla(x_xla, w_xla, s_xla, block_size=blk,
-                                         int4_weight=int4)
+                y = txq.quantized_matmul_xla(x_xla, w_xla, s_xla, block_size=blk,
+                                             int4_weight=int4)
                 torch_xla.sync()
                 xm.wait_device_ops()
+                return y
 
             def ours():
-                torch.ops.xla.quantized_matmul(x_xla, ours_w, s_xla, block_size=blk,
-                                               int4_weight=int4)
+                y = torch.ops.xla.quantized_matmul(x_xla, ours_w, s_xla, block_size=blk,
+                                                   int4_weight=int4)
                 torch_xla.sync()
                 xm.wait_device_ops()
+                return y
 
-            def ours_cpu():
-                torch.ops.xla.quantized_matmul(x, packed if int4 else q, scale, block_size=blk,
-                                               int4_weight=int4)
+            def ours_cpu(impl="auto"):
+                return torch.ops.xla.quantized_matmul(x, packed if int4 else q, scale,
+                                                      block_size=blk, int4_weight=int4, impl=impl)
 
             if int4:  # [k/B, B, n] -> [n, k]
                 w_float = (q.float() * scale.float()[:, None, :]).reshape(k, n).T.contiguous()
@@ -89,13 +94,14 @@ def run(k: int, n: int, ms, block: int, warmup: int, repeats: int):
             w_float = w_float.to(torch.bfloat16)
 
             def float_cpu():
-                torch.nn.functional.linear(x, w_float)
+                return torch.nn.functional.linear(x, w_float)
 
             t_theirs = _median_seconds(theirs, warmup, repeats)
             t_ours = _median_seconds(ours, warmup, repeats)
             t_cpu = _median_seconds(ours_cpu, warmup, repeats)
+            t_cpu_xla = _median_seconds(lambda: ours_cpu("xla"), warmup, repeats)
             t_float = _median_seconds(float_cpu, warmup, repeats)
-            rows.append((scheme, m, t_theirs, t_ours, t_cpu, t_float))
+            rows.append((scheme, m, t_theirs, t_ours, t_cpu, t_cpu_xla, t_float))
     return rows
 
 
@@ -111,11 +117,12 @@ def main(argv=None) -> int:
     rows = run(args.k, args.n, args.m, args.block, args.warmup, args.repeats)
     print(f"K={args.k} N={args.n}, bfloat16 activations, median of {args.repeats} calls")
     print("| scheme | M | torch_xla op, XLA device | torch_bridge, XLA device | ratio | "
-          "torch_bridge, CPU tensors | torch F.linear bf16, CPU |")
-    print("|---|---|---|---|---|---|---|")
-    for scheme, m, theirs, ours, cpu, flt in rows:
+          "torch_bridge, CPU tensors (auto) | same, impl=\"xla\" | torch F.linear bf16, CPU |")
+    print("|---|---|---|---|---|---|---|---|")
+    for scheme, m, theirs, ours, cpu, cpu_xla, flt in rows:
         print(f"| {scheme} | {m} | {theirs * 1e3:.2f} ms | {ours * 1e3:.2f} ms | "
-              f"{theirs / ours:.1f}x | {cpu * 1e3:.2f} ms | {flt * 1e3:.2f} ms |")
+              f"{theirs / ours:.1f}x | {cpu * 1e3:.2f} ms | {cpu_xla * 1e3:.2f} ms | "
+              f"{flt * 1e3:.2f} ms |")
     return 0
 
 
