@@ -203,6 +203,7 @@ static PyMethodDef kMethods[] = {
     {nullptr, nullptr, 0, nullptr}};
 
 static PyModuleDef kModule = {PyModuleDef_HEAD_INIT, "_cpu_kernels",
-                              "Host-CPU quantized-matmul kernels (XLA FFI).", -1, kMethods};
+                              "Host-CPU quantized-matmul kernels (XLA FFI).", -1, kMethods,
+                              nullptr, nullptr, nullptr, nullptr};
 
 PyMODINIT_FUNC PyInit__cpu_kernels() { return PyModule_Create(&kModule); }
