@@ -85,6 +85,9 @@ def _statics(block_size, int4_weight, quantize_activation, impl) -> dict:
 def _check(x, w, scale, zero_point, static) -> MatmulSpec:
     """All argument checks of the op: devices here, the rest in xla_qops.spec."""
     dispatch.check_impl(static["impl"])
+    if x.device.type not in ("cpu", "xla", "meta"):
+        raise ValueError(f"x: torch_bridge runs on CPU and XLA tensors, got a tensor on "
+                         f"{x.device}")
     if x.device.type == "xla":
         _impl_for_xla_tensors(static["impl"])  # raises for impls that cannot run there
     for name, t in (("w", w), ("scale", scale), ("zero_point", zero_point)):
@@ -127,29 +130,26 @@ def _impl_for_xla_tensors(impl: str) -> str:
 # ---------------------------------------------------------------------------
 # Kernels.
 
+def _run(backward: bool, tensors, static):
+    """Forward or backward on `tensors` (x is tensors[-4]): DLPack on CPU,
+    call_jax on XLA."""
+    if tensors[-4].device.type == "xla":
+        static = dict(static, impl=_impl_for_xla_tensors(static["impl"]))
+        return interop.run_on_xla(backward, tensors, **static)
+    return interop.run_on_cpu(backward, tensors, **static)
+
+
 def _forward(x, w, scale, zero_point=None, block_size=-1, int4_weight=False,
              quantize_activation=False, impl="auto"):
     static = _statics(block_size, int4_weight, quantize_activation, impl)
     _check(x, w, scale, zero_point, static)
-    tensors = (x, w, scale, zero_point)
-    if x.device.type == "xla":
-        static["impl"] = _impl_for_xla_tensors(static["impl"])
-        return interop.run_on_xla(False, tensors, **static)
-    if x.device.type == "cpu":
-        return interop.run_on_cpu(False, tensors, **static)
-    raise ValueError(f"x: torch_bridge runs on CPU and XLA tensors, got a tensor on {x.device}")
+    return _run(False, (x, w, scale, zero_point), static)
 
 
 def _backward(grad, x, w, scale, zero_point, block_size, int4_weight,
               quantize_activation, impl):
     static = _statics(block_size, int4_weight, quantize_activation, impl)
-    tensors = (grad, x, w, scale, zero_point)
-    if x.device.type == "xla":
-        static["impl"] = _impl_for_xla_tensors(static["impl"])
-        return interop.run_on_xla(True, tensors, **static)
-    if x.device.type == "cpu":
-        return interop.run_on_cpu(True, tensors, **static)
-    raise ValueError(f"x: torch_bridge runs on CPU and XLA tensors, got a tensor on {x.device}")
+    return _run(True, (grad, x, w, scale, zero_point), static)
 
 
 def _forward_fake(x, w, scale, zero_point=None, block_size=-1, int4_weight=False,
@@ -168,8 +168,10 @@ def _backward_fake(grad, x, w, scale, zero_point, block_size, int4_weight,
 # Autograd.
 
 def _setup_context(ctx, inputs, output):
-    x, w, scale, zero_point, *rest = inputs
-    ctx.static = _statics(*rest, *(() if len(rest) == 4 else ("auto",)))
+    # inputs: all schema arguments, defaults filled in; 8 for with_impl, 7 otherwise.
+    x, w, scale, zero_point, block_size, int4_weight, quantize_activation, *impl = inputs
+    ctx.static = _statics(block_size, int4_weight, quantize_activation,
+                          impl[0] if impl else "auto")
     ctx.has_zero_point = zero_point is not None
     ctx.save_for_backward(x, w, scale, zero_point)
 
