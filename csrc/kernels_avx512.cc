@@ -661,6 +661,8 @@ void dot_a16_t(const Problem& p, const XA16& xa, const uint16_t* xd, int64_t Kq,
       for (int64_t k = 0; k < K; k += 32) {
         const __mmask32 m = mask32(K - k);
         for (int i = 0; i < NW; ++i) {
+          // The next NW rows, same offset: one row pass ahead (see stream_a16_t).
+          if ((k & 63) == 0) _mm_prefetch(reinterpret_cast<const char*>(row[i] + NW * K + k), _MM_HINT_T0);
           const __m256i b = _mm256_maskz_loadu_epi8(m, row[i] + k);
           const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(b)));
           const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(b, 1)));
@@ -673,6 +675,7 @@ void dot_a16_t(const Problem& p, const XA16& xa, const uint16_t* xd, int64_t Kq,
       for (int64_t k = 0; k < K; k += 128) {
         const __mmask64 m = mask64((K - k) / 2);
         for (int i = 0; i < NW; ++i) {
+          _mm_prefetch(reinterpret_cast<const char*>(row[i] + NW * (K / 2) + k / 2), _MM_HINT_T0);
           const __m512i v = _mm512_maskz_loadu_epi8(m, row[i] + k / 2);
           // Word j of v holds features 4j..4j+3, one per nibble; the LUT takes
           // the low 5 bits (bit 4 is ignored), so a shift selects the nibble.
@@ -740,6 +743,7 @@ void dot_a8_t(const Problem& p, const XA8& xa, const int8_t* xd, int64_t Kq, int
       for (int64_t k = 0; k < K; k += 64) {
         const __mmask64 m = mask64(K - k);
         for (int i = 0; i < NW; ++i) {
+          _mm_prefetch(reinterpret_cast<const char*>(row[i] + NW * K + k), _MM_HINT_T0);
           const __m512i w = _mm512_xor_si512(_mm512_maskz_loadu_epi8(m, row[i] + k), flip);  // q + 128
           for (int r = 0; r < R; ++r)
             acc[i][r] = _mm512_dpbusd_epi32(acc[i][r], w, _mm512_loadu_si512(xd + r * Kq + k));
@@ -749,6 +753,7 @@ void dot_a8_t(const Problem& p, const XA8& xa, const int8_t* xd, int64_t Kq, int
       for (int64_t k = 0; k < K; k += 128) {
         const __mmask64 m = mask64((K - k) / 2);
         for (int i = 0; i < NW; ++i) {
+          _mm_prefetch(reinterpret_cast<const char*>(row[i] + NW * (K / 2) + k / 2), _MM_HINT_T0);
           const __m512i v = _mm512_xor_si512(_mm512_maskz_loadu_epi8(m, row[i] + k / 2), x88);
           const __m512i lo = _mm512_and_si512(v, low);                          // even k, q + 8
           const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);   // odd k, q + 8
@@ -833,6 +838,14 @@ void stream_a16_t(const Problem& p, const XA16& xa, int64_t t0, int64_t t1, floa
       for (int64_t t = 0; t < nt; ++t) {
         const int64_t n0 = (t0 + t) * kNR;
         const __mmask64 m = mask64(N - n0);
+        // The next chunk's rows, same columns: a chunk sweep ahead, long
+        // enough to hide DRAM latency (the hardware prefetchers restart on
+        // every short row run).
+        for (int64_t s = 0; s < kStreamRows; ++s) {
+          const int64_t row = (p.bits == 4 ? (g * p.G) / 2 : g * p.G) + (p.bits == 4 ? 1 : 2) * (s0 + kStreamRows + s);
+          _mm_prefetch(reinterpret_cast<const char*>(p.w + row * N + n0), _MM_HINT_T0);
+          if (p.bits == 8) _mm_prefetch(reinterpret_cast<const char*>(p.w + (row + 1) * N + n0), _MM_HINT_T0);
+        }
         float* a = acc + t * R * kNR;
         __m512 c[R][4];
         for (int r = 0; r < R; ++r)
