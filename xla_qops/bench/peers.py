@@ -76,7 +76,7 @@ def torch_quantized_peer(qws, x_np, scheme):
     if scheme.bits == 8:
         if not scheme.symmetric or scheme.block_size != -1:
             return None
-        packs = [(torch.from_numpy(np.asarray(q.w)), torch.from_numpy(np.asarray(q.scale)).to(torch.bfloat16))
+        packs = [(torch.from_numpy(np.array(q.w)), torch.from_numpy(np.array(q.scale)).to(torch.bfloat16))
                  for q in qws]
         return lambda i: torch.ops.aten._weight_int8pack_mm(x, *packs[i % len(packs)])
     # int4: torch stores q + 8 in [0, 15] with w = (u - 8) * scale + zero, i.e.
@@ -113,8 +113,8 @@ def torch_xla_peer(qws, x_np, scheme):
     packs = []
     for q in qws:
         w = np.asarray(q.unpack().w if q.packed else q.w)
-        zp = None if q.zero_point is None else torch.from_numpy(np.asarray(q.zero_point)).to(dev)
-        packs.append((torch.from_numpy(w).to(dev), torch.from_numpy(np.asarray(q.scale)).to(dev), zp))
+        zp = None if q.zero_point is None else torch.from_numpy(np.array(q.zero_point)).to(dev)
+        packs.append((torch.from_numpy(w.copy()).to(dev), torch.from_numpy(np.array(q.scale)).to(dev), zp))
     torch_xla.sync()
 
     def step(i):
