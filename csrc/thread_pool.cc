@@ -1,6 +1,7 @@
 #include "thread_pool.h"
 
 #include <sched.h>
+#include <unistd.h>
 #include <xmmintrin.h>
 
 #include <algorithm>
@@ -78,7 +79,17 @@ class Pool {
     for (int64_t t = next_.fetch_add(1); t < n_tasks; t = next_.fetch_add(1)) fn(t);
   }
 
+  // In a forked child the workers did not survive the fork: their std::thread
+  // objects are abandoned (leaked, never joined) and new ones are started.
+  void forget_workers_after_fork() {
+    if (owner_ == getpid()) return;
+    new std::vector<std::thread>(std::move(workers_));
+    workers_.clear();
+    owner_ = getpid();
+  }
+
   void start() {
+    forget_workers_after_fork();
     int want = target_ - 1;
     if (static_cast<int>(workers_.size()) == want) return;
     stop();
@@ -94,6 +105,7 @@ class Pool {
   }
 
   void stop() {
+    forget_workers_after_fork();
     {
       std::lock_guard<std::mutex> lock(mu_);
       quit_ = true;
@@ -134,6 +146,7 @@ class Pool {
   int active_ = 0;
   uint64_t generation_ = 0;
   bool quit_ = false;
+  pid_t owner_ = getpid();
 };
 
 Pool& pool() {
