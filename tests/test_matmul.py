@@ -199,3 +199,16 @@ def test_property_random_shapes(bits, blocks, block_pairs, m, n, symmetric, pack
     x = make_x(rng, (m, k), x_dtype)
     y = xla_qops.quantized_matmul(x, *op_args(qw), quantize_activation, impl=impl)
     check(y, x, qw, scheme)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_no_rows(impl):
+    """Zero tokens give an empty [..., out] result of x's dtype, for every impl."""
+    rng = np.random.default_rng(10)
+    qw = make_weight(rng, n=24, k=64, scheme=Scheme(4, 32, False, True, True))
+    x = jnp.zeros((2, 0, 64), jnp.bfloat16)
+    y = xla_qops.quantized_matmul(x, qw, quantize_activation=True, impl=impl)
+    assert y.shape == (2, 0, 24) and y.dtype == jnp.bfloat16
+    dx = jax.grad(lambda x: xla_qops.quantized_matmul(x, qw, impl=impl).sum())(
+        x.astype(jnp.float32))
+    assert dx.shape == x.shape

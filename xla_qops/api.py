@@ -12,6 +12,7 @@ import dataclasses
 import functools
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from xla_qops import dispatch
@@ -66,8 +67,11 @@ def quantized_matmul(x, w, scale=None, zero_point=None, block_size=-1, int4_weig
     spec = check_args(x, w, scale, zero_point, block_size, int4_weight, quantize_activation)
     run = dispatch.resolve(impl, spec)
     leading = tuple(x.shape[:-1])
-    x2d = x.reshape(int(np.prod(leading, dtype=np.int64)), spec.in_features)
-    y = _with_vjp(run, spec, x2d, w, scale, zero_point)
+    rows = int(np.prod(leading, dtype=np.int64))
+    if rows == 0:
+        # No tokens: nothing for a kernel to do (and no grid to launch).
+        return jnp.zeros((*leading, spec.out_features), x.dtype)
+    y = _with_vjp(run, spec, x.reshape(rows, spec.in_features), w, scale, zero_point)
     return y.reshape(*leading, spec.out_features)
 
 
