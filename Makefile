@@ -4,6 +4,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export PJRT_DEVICE ?= CPU
 export HF_HUB_OFFLINE ?= 1
+# torch's OpenMP workers otherwise spin and starve XLA's threads (tests/conftest.py).
+export OMP_WAIT_POLICY ?= PASSIVE
 
 .PHONY: venv demo test test-slow bench
 

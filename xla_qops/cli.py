@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 COMMANDS = {
@@ -17,6 +18,9 @@ COMMANDS = {
 
 
 def main(argv=None) -> int:
+    # Before torch is imported by any command: torch's OpenMP workers otherwise
+    # busy-wait between ops and starve XLA's and the C++ kernels' threads.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     parser = argparse.ArgumentParser(prog="xla-qops", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     modules = {}
