@@ -6,11 +6,15 @@ Public API (see docs/ and API.md):
                      int4_weight=False, quantize_activation=False, *, impl="auto")
     quantize_weight(w, *, bits=8, block_size=-1, symmetric=True, pack=True)
     QuantizedWeight
+
+Submodules: `xla_qops.interop` (GPTQ, AWQ, HQQ, int4pack, MLX importers),
+`xla_qops.checkpoint` (safetensors), `xla_qops.sharding` (sharded matmul).
 """
 
 from xla_qops.api import quantized_matmul
 from xla_qops.dispatch import IMPLS
 from xla_qops.quantize import QuantizedWeight, quantize_weight
+from xla_qops import checkpoint, interop, sharding  # noqa: E402  (public submodules)
 
 __all__ = ["quantized_matmul", "quantize_weight", "QuantizedWeight", "IMPLS"]
 __version__ = "0.1.0"
