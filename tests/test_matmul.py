@@ -175,7 +175,7 @@ def test_gradient_with_respect_to_integer_weight_is_refused():
         jax.grad(lambda w: xla_qops.quantized_matmul(x, w, qw.scale).sum())(qw.w)
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=20, deadline=None)
 @given(
     bits=st.sampled_from([8, 4]),
     blocks=st.integers(1, 4),
