@@ -817,6 +817,22 @@ struct PairUnpacker {  // 64 columns of one k-pair -> 4 x (bf16 lo | bf16 hi << 
     for (int cb = 0; cb < 4; ++cb)
       w[cb] = _mm512_permutexvar_epi16(_mm512_srlv_epi16(_mm512_permutexvar_epi8(idx[cb], v), shifts), lut);
   }
+  // Same 64 columns with half the shuffles, in "quad order": w[j] lane i holds
+  // column 4i + j. Word u of the row holds columns 2u, 2u+1 as nibbles n0..n3;
+  // V_t = LUT(n_t) puts each weight at word u, and a word shift + blend pairs
+  // the low and high nibble of one column in a dword (unquad() restores order).
+  void int4_quad(const uint8_t* src, __mmask64 m, __m512i w[4]) const {
+    const __m512i v = _mm512_maskz_loadu_epi8(m, src);
+    const __m512i v0 = _mm512_permutexvar_epi16(v, lut);
+    const __m512i v1 = _mm512_permutexvar_epi16(_mm512_srli_epi16(v, 4), lut);
+    const __m512i v2 = _mm512_permutexvar_epi16(_mm512_srli_epi16(v, 8), lut);
+    const __m512i v3 = _mm512_permutexvar_epi16(_mm512_srli_epi16(v, 12), lut);
+    const __mmask32 odd = 0xaaaaaaaau;
+    w[0] = _mm512_mask_blend_epi16(odd, v0, _mm512_slli_epi32(v1, 16));  // columns 4i
+    w[2] = _mm512_mask_blend_epi16(odd, _mm512_srli_epi32(v0, 16), v1);  // columns 4i + 2
+    w[1] = _mm512_mask_blend_epi16(odd, v2, _mm512_slli_epi32(v3, 16));  // columns 4i + 1
+    w[3] = _mm512_mask_blend_epi16(odd, _mm512_srli_epi32(v2, 16), v3);  // columns 4i + 3
+  }
   static void int8(const uint8_t* a, const uint8_t* b, __mmask64 m, __m512i w[4]) {
     for (int cb = 0; cb < 4; ++cb) {
       const __mmask16 mc = static_cast<__mmask16>(m >> (16 * cb));
@@ -826,6 +842,23 @@ struct PairUnpacker {  // 64 columns of one k-pair -> 4 x (bf16 lo | bf16 hi << 
     }
   }
 };
+
+// Quad order (c[j] lane i = column 4i + j) -> natural order (q[b] = columns 16b..16b+15).
+inline void unquad(__m512 c[4]) {
+  alignas(64) static const int32_t kIdx[4][16] = {
+      {0, 16, 0, 16, 1, 17, 1, 17, 2, 18, 2, 18, 3, 19, 3, 19},
+      {4, 20, 4, 20, 5, 21, 5, 21, 6, 22, 6, 22, 7, 23, 7, 23},
+      {8, 24, 8, 24, 9, 25, 9, 25, 10, 26, 10, 26, 11, 27, 11, 27},
+      {12, 28, 12, 28, 13, 29, 13, 29, 14, 30, 14, 30, 15, 31, 15, 31}};
+  __m512 q[4];
+  for (int b = 0; b < 4; ++b) {
+    const __m512i idx = _mm512_load_si512(kIdx[b]);
+    const __m512 x01 = _mm512_permutex2var_ps(c[0], idx, c[1]);  // lanes with j = 0, 1
+    const __m512 x23 = _mm512_permutex2var_ps(c[2], idx, c[3]);  // lanes with j = 2, 3
+    q[b] = _mm512_mask_blend_ps(0xcccc, x01, x23);
+  }
+  for (int b = 0; b < 4; ++b) c[b] = q[b];
+}
 
 template <int R>
 void stream_a16_t(const Problem& p, const XA16& xa, int64_t t0, int64_t t1, float* acc, float* out) {
@@ -843,8 +876,8 @@ void stream_a16_t(const Problem& p, const XA16& xa, int64_t t0, int64_t t1, floa
         // every short row run).
         for (int64_t s = 0; s < kStreamRows; ++s) {
           const int64_t row = (p.bits == 4 ? (g * p.G) / 2 : g * p.G) + (p.bits == 4 ? 1 : 2) * (s0 + kStreamRows + s);
-          _mm_prefetch(reinterpret_cast<const char*>(p.w + row * N + n0), _MM_HINT_T0);
-          if (p.bits == 8) _mm_prefetch(reinterpret_cast<const char*>(p.w + (row + 1) * N + n0), _MM_HINT_T0);
+          _mm_prefetch(reinterpret_cast<const char*>(p.w + row * N + n0), _MM_HINT_T1);
+          if (p.bits == 8) _mm_prefetch(reinterpret_cast<const char*>(p.w + (row + 1) * N + n0), _MM_HINT_T1);
         }
         float* a = acc + t * R * kNR;
         __m512 c[R][4];
@@ -855,7 +888,7 @@ void stream_a16_t(const Problem& p, const XA16& xa, int64_t t0, int64_t t1, floa
           const int64_t kk = 2 * (s0 + s), k = g * p.G + kk;
           __m512i w[4];
           if (p.bits == 4) {
-            unpack.int4(p.w + (k / 2) * N + n0, m, w);
+            unpack.int4_quad(p.w + (k / 2) * N + n0, m, w);  // accumulators in quad order
           } else {
             const uint8_t* ra = p.w + k * N + n0;
             PairUnpacker::int8(ra, kk + 1 < p.G ? ra + N : nullptr, m, w);
@@ -865,8 +898,13 @@ void stream_a16_t(const Problem& p, const XA16& xa, int64_t t0, int64_t t1, floa
             for (int cb = 0; cb < 4; ++cb) c[r][cb] = _mm512_dpbf16_ps(c[r][cb], xr, as_bh(w[cb]));
           }
         }
-        for (int r = 0; r < R; ++r)
+        // int4 accumulates in quad order (parked as is between chunks); the
+        // group's last chunk restores column order for fin_a16.
+        const bool last = s0 + ns == pairs;
+        for (int r = 0; r < R; ++r) {
+          if (p.bits == 4 && last) unquad(c[r]);
           for (int cb = 0; cb < 4; ++cb) _mm512_store_ps(a + r * kNR + 16 * cb, c[r][cb]);
+        }
       }
     }
     for (int64_t t = 0; t < nt; ++t) {
