@@ -104,7 +104,7 @@ def plot(rows, read_bw, path) -> None:
     ax.axvline(read_bw, color="k", ls="--", label=f"measured read BW {read_bw:.1f} GB/s")
     ax.axvline(0.7 * read_bw, color="k", ls=":", label="70%")
     ax.set(xlabel="effective GB/s at M=1 (weights rotated past the LLC)", title="decode bandwidth")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="lower right", framealpha=0.9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
