@@ -5,7 +5,6 @@ Numerics are checked against tests/numpy_reference.py (float64) with its
 derived tolerance (half an ulp of the output dtype plus float32 accumulation).
 """
 
-import dataclasses
 
 import jax.numpy as jnp
 import numpy as np
@@ -13,6 +12,7 @@ import pytest
 import torch
 
 import numpy_reference as ref
+from cases import Scheme
 import torch_bridge  # noqa: F401  (registers the op)
 import xla_qops
 
@@ -28,20 +28,8 @@ torch_xla.device()
 TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
-@dataclasses.dataclass(frozen=True)
-class Case:
-    bits: int
-    block_size: int
-    symmetric: bool
-    packed: bool
-    quantize_activation: bool
-
-    @property
-    def id(self):
-        layout = "pc" if self.block_size == -1 else f"g{self.block_size}"
-        pack = "-packed" if self.packed else ("-unpacked" if self.bits == 4 else "")
-        return (f"w{self.bits}a{8 if self.quantize_activation else 16}-{layout}-"
-                f"{'sym' if self.symmetric else 'asym'}{pack}")
+# The scheme description the JAX tests use (bits, block_size, symmetric, packed, A8).
+Case = Scheme
 
 
 CASES = [Case(bits, block, sym, packed, qa)
