@@ -142,7 +142,7 @@ def run_paths(model, inputs, paths, runs):
                 results[path] = (mean_pool(forward(), mask), _median_ms(forward, runs))
         if "jax" in paths:
             forward = _jax_forward(model, inputs)
-            hidden = torch.from_numpy(np.asarray(forward(), np.float32))
+            hidden = torch.from_numpy(np.array(forward(), np.float32))  # writable copy
             results["jax"] = (mean_pool(hidden, mask), _median_ms(forward, runs))
     return results
 
