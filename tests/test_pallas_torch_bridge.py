@@ -10,8 +10,7 @@ import pytest
 import torch
 
 import numpy_reference as ref
-import xla_qops
-from cases import Scheme
+from cases import Scheme, make_weight
 
 torch_xla = pytest.importorskip("torch_xla")
 import torch_bridge  # noqa: E402,F401  (registers the op)
@@ -28,11 +27,7 @@ def to_numpy(t):
 
 def make_case(scheme, m, k, n, x_dtype, seed=0):
     rng = np.random.default_rng(seed)
-    w = rng.standard_normal((n, k)).astype(np.float32) * 0.1
-    if not scheme.symmetric:
-        w += rng.uniform(-0.05, 0.05, (n, 1)).astype(np.float32)
-    qw = xla_qops.quantize_weight(w, bits=scheme.bits, block_size=scheme.block_size,
-                                  symmetric=scheme.symmetric, pack=scheme.packed)
+    qw = make_weight(rng, n, k, scheme)
     as_torch = lambda a: None if a is None else torch.from_numpy(np.array(a))
     x = torch.from_numpy(rng.standard_normal((m, k)).astype(np.float32)).to(TORCH_DTYPES[x_dtype])
     return x, as_torch(qw.w), as_torch(qw.scale), as_torch(qw.zero_point)

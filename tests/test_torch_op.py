@@ -12,9 +12,9 @@ import pytest
 import torch
 
 import numpy_reference as ref
+import cases
 from cases import Scheme
 import torch_bridge  # noqa: F401  (registers the op)
-import xla_qops
 
 torch_xla = pytest.importorskip("torch_xla")
 import torch_xla.debug.metrics as met  # noqa: E402
@@ -47,12 +47,7 @@ def to_numpy(t):
 
 def make_weight(case, n=40, k=96, seed=0):
     """(w, scale, zero_point) torch CPU tensors for `case` (API.md layouts)."""
-    rng = np.random.default_rng(seed)
-    w = rng.standard_normal((n, k)).astype(np.float32) * 0.1
-    if not case.symmetric:
-        w += rng.uniform(-0.05, 0.05, (n, 1)).astype(np.float32)
-    qw = xla_qops.quantize_weight(w, bits=case.bits, block_size=case.block_size,
-                                  symmetric=case.symmetric, pack=case.packed)
+    qw = cases.make_weight(np.random.default_rng(seed), n, k, case)
     as_torch = lambda a: None if a is None else torch.from_numpy(np.array(a))
     return as_torch(qw.w), as_torch(qw.scale), as_torch(qw.zero_point)
 
