@@ -37,7 +37,7 @@ struct Scratch {
     return buf.get();
   }
 };
-thread_local Scratch tl_panel, tl_acc, tl_out;
+thread_local Scratch tl_panel, tl_acc, tl_out, tl_parts;
 // The caller's prepared x (kept between calls: fresh pages cost more than the work).
 thread_local Scratch tl_x[5];
 
@@ -51,6 +51,17 @@ const Kernels& kernels() {
 int64_t prep_rows_per_task(const Problem& p) {
   int64_t rows = (1 << 16) / (p.K > 0 ? p.K : 1);
   return rows < 1 ? 1 : rows;
+}
+
+// K slices of the blockwise decode: about 1 MiB of weight each (enough to
+// amortize summing the partial results), at least 8 so that every thread has
+// work, whole groups. A function of the shape only: the order of the sums
+// never depends on the thread count.
+int64_t stream_slices(const Problem& p) {
+  const int64_t bytes = p.bits == 4 ? p.K * p.N / 2 : p.K * p.N;
+  int64_t slices = bytes >> 20;
+  if (slices < 8) slices = 8;
+  return slices < p.groups ? slices : p.groups;
 }
 
 // XLA_QOPS_TRACE=1 prints the time of each phase (for tuning).
@@ -123,14 +134,18 @@ void run_a16(const Problem& p, const Kernels& k) {
                              (long)p.M, (long)p.K, (long)p.N, t1 - t0, now_ms() - t1, cpu_ms() - c1);
     return;
   }
-  if (p.blockwise && R <= k.max_stream_rows) {  // decode, blockwise
-    for_each_strip(tiles, [&](int64_t t0, int64_t t1) {
-      float* acc = reinterpret_cast<float*>(tl_acc.get((t1 - t0) * R * kNR * 4));
-      float* out = reinterpret_cast<float*>(tl_out.get((t1 - t0) * p.M * kNR * 4));
-      k.stream_a16(p, xa, t0, t1, acc, out);
+  if (p.blockwise && R <= k.max_stream_rows) {  // decode, blockwise: K slices, then their sum
+    const int64_t slices = stream_slices(p);
+    float* parts = reinterpret_cast<float*>(tl_parts.get(slices * p.M * p.N * 4));
+    parallel_for(slices, [&](int64_t sl) {
+      float* acc = reinterpret_cast<float*>(tl_acc.get(tiles * R * kNR * 4));
+      k.stream_a16(p, xa, sl * p.groups / slices, (sl + 1) * p.groups / slices, acc,
+                   parts + sl * p.M * p.N);
     });
-    if (kTrace) std::fprintf(stderr, "a16 stream M=%ld K=%ld N=%ld prep %.3f ms, tiles %.3f ms, tiles cpu %.3f ms\n",
-                             (long)p.M, (long)p.K, (long)p.N, t1 - t0, now_ms() - t1, cpu_ms() - c1);
+    const double t2 = kTrace ? now_ms() : 0;
+    for_each_strip(tiles, [&](int64_t t0, int64_t t1) { k.sum_slices(p, xa.rowexp, parts, slices, t0, t1); });
+    if (kTrace) std::fprintf(stderr, "a16 stream M=%ld K=%ld N=%ld prep %.3f ms, slices %.3f ms, sum %.3f ms\n",
+                             (long)p.M, (long)p.K, (long)p.N, t1 - t0, t2 - t1, now_ms() - t2);
     return;
   }
   const int64_t chunk = 2 * kMaxSteps;  // padded-k per panel

@@ -104,13 +104,15 @@ struct Kernels {
                        int64_t steps, const float* s, const float* z, const float* xsum,
                        int64_t xsum_stride, int ncols, float* out, bool init_out);
   int max_dot_rows;
-  // Blockwise decode: tiles [t0, t1) of one thread. Per group, chunks of a few
-  // weight rows are swept across the whole strip (each row read as one long
-  // run: DRAM- and prefetcher-friendly) with register accumulators that are
-  // parked in acc [t1-t0][R][kNR] between chunks; out: [t1-t0][M][kNR].
-  // For R = M*T <= max_stream_rows.
+  // Blockwise decode (R = M*T <= max_stream_rows): the K groups [g0, g1) of
+  // one slice, all N columns, into part [M][N]; acc: [tiles][R][kNR] scratch.
+  // Each slice is one contiguous run of weight memory (see kernels_avx512.cc).
+  // sum_slices then writes y for tiles [t0, t1): the slices' parts (stride
+  // M*N floats) summed in slice order, times rowexp.
   int max_stream_rows;
-  void (*stream_a16)(const Problem&, const XA16&, int64_t t0, int64_t t1, float* acc, float* out);
+  void (*stream_a16)(const Problem&, const XA16&, int64_t g0, int64_t g1, float* acc, float* part);
+  void (*sum_slices)(const Problem&, const float* rowexp, const float* parts, int64_t slices,
+                     int64_t t0, int64_t t1);
   void (*dot_prep_a16)(const Problem&, const XA16&, uint16_t* xd, int64_t Kq);
   void (*dot_a16)(const Problem&, const XA16&, const uint16_t* xd, int64_t Kq, int64_t n0,
                   int ncols, float* out);

@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <cstdlib>
 #include <mutex>
@@ -37,6 +38,29 @@ struct FloatEnv {
   ~FloatEnv() { _mm_setcsr(saved); }
 };
 
+// Waking a sleeping thread costs tens of microseconds here (a futex wake and a
+// reschedule inside a VM): more than a whole decode matmul's share of work. So
+// after a region a worker polls for the next one for kSpin before it sleeps,
+// and the caller polls for the workers to finish before it sleeps; the polls
+// call sched_yield, so a spinning thread gives way to any runnable thread
+// (XLA's or torch's) instead of starving it. Back-to-back calls (a model's
+// layers) then start and end without a wake-up.
+constexpr auto kSpin = std::chrono::microseconds(300);
+
+// Polls ready() with pause/yield for at most kSpin; true if it became ready.
+template <class Ready>
+bool spin_until(const Ready& ready) {
+  const auto deadline = std::chrono::steady_clock::now() + kSpin;
+  for (int i = 0;; ++i) {
+    if (ready()) return true;
+    _mm_pause();
+    if ((i & 63) == 63) {
+      if (std::chrono::steady_clock::now() > deadline) return ready();
+      sched_yield();
+    }
+  }
+}
+
 class Pool {
  public:
   Pool() : target_(default_threads()) {}
@@ -63,13 +87,16 @@ class Pool {
       fn_ = &fn;
       n_tasks_ = n_tasks;
       next_.store(0);
-      active_ = static_cast<int>(workers_.size());
-      ++generation_;
+      active_.store(static_cast<int>(workers_.size()));
+      generation_.fetch_add(1, std::memory_order_release);
     }
     cv_.notify_all();
     work(fn, n_tasks);
-    std::unique_lock<std::mutex> lock(mu_);
-    done_cv_.wait(lock, [&] { return active_ == 0; });
+    if (!spin_until([&] { return active_.load(std::memory_order_acquire) == 0; })) {
+      std::unique_lock<std::mutex> lock(mu_);
+      done_cv_.wait(lock, [&] { return active_.load() == 0; });
+    }
+    std::lock_guard<std::mutex> lock(mu_);
     fn_ = nullptr;
   }
 
@@ -94,11 +121,7 @@ class Pool {
     if (static_cast<int>(workers_.size()) == want) return;
     stop();
     quit_ = false;
-    uint64_t gen;
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      gen = generation_;
-    }
+    const uint64_t gen = generation_.load();
     // A worker starts from the generation current now, so a region published
     // before the thread first runs is not missed.
     for (int i = 0; i < want; ++i) workers_.emplace_back([this, gen] { loop(gen); });
@@ -119,18 +142,19 @@ class Pool {
     for (;;) {
       const std::function<void(int64_t)>* fn;
       int64_t n;
+      spin_until([&] { return generation_.load(std::memory_order_acquire) != seen; });
       {
         std::unique_lock<std::mutex> lock(mu_);
-        cv_.wait(lock, [&] { return quit_ || generation_ != seen; });
+        cv_.wait(lock, [&] { return quit_ || generation_.load() != seen; });
         if (quit_) return;
-        seen = generation_;
+        seen = generation_.load();
         fn = fn_;
         n = n_tasks_;
       }
       work(*fn, n);
-      {
-        std::lock_guard<std::mutex> lock(mu_);
-        if (--active_ == 0) done_cv_.notify_one();
+      if (active_.fetch_sub(1, std::memory_order_acq_rel) == 1) {
+        std::lock_guard<std::mutex> lock(mu_);  // the caller may be about to sleep
+        done_cv_.notify_one();
       }
     }
   }
@@ -143,8 +167,8 @@ class Pool {
   const std::function<void(int64_t)>* fn_ = nullptr;
   int64_t n_tasks_ = 0;
   std::atomic<int64_t> next_{0};
-  int active_ = 0;
-  uint64_t generation_ = 0;
+  std::atomic<int> active_{0};
+  std::atomic<uint64_t> generation_{0};  // written under mu_, polled without it
   bool quit_ = false;
   pid_t owner_ = getpid();
 };
