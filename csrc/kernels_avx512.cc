@@ -25,20 +25,23 @@ inline __mmask16 tail_mask(int n) {  // first n of 16 lanes (n may be <= 0 or >=
 }
 
 // ---------------------------------------------------------------- x preparation
-// 16 values of x (any activation dtype) as float32; lanes outside `mask` are 0.
+// 16 values of x (activation dtype XT) as float32; lanes outside `mask` are 0.
+template <XType XT>
 inline __m512 load_x16(const Problem& p, int64_t i, __mmask16 mask) {
-  if (p.xt == kF32) return _mm512_maskz_loadu_ps(mask, static_cast<const float*>(p.x) + i);
+  if constexpr (XT == kF32) return _mm512_maskz_loadu_ps(mask, static_cast<const float*>(p.x) + i);
   const __m256i h = _mm256_maskz_loadu_epi16(mask, static_cast<const uint16_t*>(p.x) + i);
-  if (p.xt == kF16) return _mm512_cvtph_ps(h);
+  if constexpr (XT == kF16) return _mm512_cvtph_ps(h);
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 
 inline __mmask16 lanes(int64_t n) { return n >= 16 ? 0xffff : (n <= 0 ? 0 : (__mmask16)((1u << n) - 1)); }
 
+template <XType XT>
 inline float group_absmax(const Problem& p, int64_t base, int64_t len) {
   __m512 mx = _mm512_setzero_ps();
-  for (int64_t k = 0; k < len; k += 16)
-    mx = _mm512_max_ps(mx, _mm512_abs_ps(load_x16(p, base + k, lanes(len - k))));
+  int64_t k = 0;
+  for (; k + 16 <= len; k += 16) mx = _mm512_max_ps(mx, _mm512_abs_ps(load_x16<XT>(p, base + k, 0xffff)));
+  if (k < len) mx = _mm512_max_ps(mx, _mm512_abs_ps(load_x16<XT>(p, base + k, lanes(len - k))));
   return _mm512_reduce_max_ps(mx);
 }
 
@@ -51,10 +54,11 @@ inline __m512 bf16_to_f32v(__m256i h) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 
-void prep_a16(const Problem& p, const XA16& xa, int64_t m0, int64_t m1) {
+template <XType XT, int T>
+void prep_a16_t(const Problem& p, const XA16& xa, int64_t m0, int64_t m1) {
   for (int64_t m = m0; m < m1; ++m) {
     const int64_t base = m * p.K;
-    const float absmax = group_absmax(p, base, p.K);
+    const float absmax = group_absmax<XT>(p, base, p.K);
     int e = 0;
     if (absmax > 0.0f && absmax <= 3.4028235e38f) {
       __builtin_frexpf(absmax, &e);  // builtins: no libstdc++ inline copies here
@@ -66,14 +70,14 @@ void prep_a16(const Problem& p, const XA16& xa, int64_t m0, int64_t m1) {
     for (int64_t g = 0; g < p.groups; ++g) {
       __m512 sum = _mm512_setzero_ps();
       for (int64_t kk = 0; kk < xa.Gp; kk += 16) {
-        const __m512 v = load_x16(p, base + g * p.G + kk, lanes(p.G - kk));
+        const __m512 v = load_x16<XT>(p, base + g * p.G + kk, lanes(p.G - kk));
         sum = _mm512_add_ps(sum, v);
         __m512 r = _mm512_mul_ps(v, down);
         const __mmask16 out = lanes(xa.Gp - kk);
-        for (int t = 0; t < xa.T; ++t) {
+        for (int t = 0; t < T; ++t) {
           const __m256i h = bf16_bits(r);
-          _mm256_mask_storeu_epi16(xa.xb + (m * xa.T + t) * xa.Kp + g * xa.Gp + kk, out, h);
-          if (t + 1 < xa.T) r = _mm512_sub_ps(r, bf16_to_f32v(h));  // exact remainder
+          _mm256_mask_storeu_epi16(xa.xb + (m * T + t) * xa.Kp + g * xa.Gp + kk, out, h);
+          if (t + 1 < T) r = _mm512_sub_ps(r, bf16_to_f32v(h));  // exact remainder
         }
       }
       xa.xsum[m * p.groups + g] = _mm512_reduce_add_ps(sum) * down_s;
@@ -81,18 +85,28 @@ void prep_a16(const Problem& p, const XA16& xa, int64_t m0, int64_t m1) {
   }
 }
 
+// One instance per activation dtype: no branch on it in the per-element loops.
+void prep_a16(const Problem& p, const XA16& xa, int64_t m0, int64_t m1) {
+  switch (p.xt) {
+    case kBF16: return prep_a16_t<kBF16, 1>(p, xa, m0, m1);
+    case kF16: return prep_a16_t<kF16, 2>(p, xa, m0, m1);
+    default: return prep_a16_t<kF32, 3>(p, xa, m0, m1);
+  }
+}
+
 // activation.py: inv = 127 / absmax (0 if absmax == 0), q = clip(rint(x * inv)).
-void prep_a8(const Problem& p, const XA8& xa, int64_t m0, int64_t m1) {
+template <XType XT>
+void prep_a8_t(const Problem& p, const XA8& xa, int64_t m0, int64_t m1) {
   for (int64_t m = m0; m < m1; ++m) {
     for (int64_t g = 0; g < p.groups; ++g) {
       const int64_t base = m * p.K + g * p.G;
-      const float absmax = group_absmax(p, base, p.G);
+      const float absmax = group_absmax<XT>(p, base, p.G);
       const float inv_s = absmax == 0.0f ? 0.0f : 127.0f / absmax;
       const __m512 inv = _mm512_set1_ps(inv_s);
       __m512i sum = _mm512_setzero_si512();
       int8_t* row = xa.xq + m * xa.Kp + g * xa.Gp;
       for (int64_t kk = 0; kk < xa.Gp; kk += 16) {
-        const __m512 v = load_x16(p, base + kk, lanes(p.G - kk));
+        const __m512 v = load_x16<XT>(p, base + kk, lanes(p.G - kk));
         __m512i q = _mm512_cvt_roundps_epi32(_mm512_mul_ps(v, inv),
                                              _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
         q = _mm512_max_epi32(_mm512_min_epi32(q, _mm512_set1_epi32(127)), _mm512_set1_epi32(-127));
@@ -108,8 +122,15 @@ void prep_a8(const Problem& p, const XA8& xa, int64_t m0, int64_t m1) {
   }
 }
 
+void prep_a8(const Problem& p, const XA8& xa, int64_t m0, int64_t m1) {
+  switch (p.xt) {
+    case kBF16: return prep_a8_t<kBF16>(p, xa, m0, m1);
+    case kF16: return prep_a8_t<kF16>(p, xa, m0, m1);
+    default: return prep_a8_t<kF32>(p, xa, m0, m1);
+  }
+}
+
 // ---------------------------------------------------------------- panel packers
-constexpr int64_t kPrefetchBytes = 512;  // per-channel: bytes ahead in the same row
 
 // In-place transpose of a 16x16 matrix of dwords (r[i] = row i).
 inline void transpose16(__m512i r[16]) {
@@ -175,6 +196,44 @@ inline __m512i int4_to_u8(__m256i bytes) {
   return _mm512_xor_si512(_mm512_or_si512(lo, hi), _mm512_set1_epi16(0x0808));
 }
 
+struct PairUnpacker {  // 64 columns of one k-pair -> 4 x (bf16 lo | bf16 hi << 16)
+  __m512i idx[4], lut;
+  PairUnpacker() {
+    // Dword i of quarter cb takes byte 16cb+i of the row (word 0: its low
+    // nibble in bits 0-3) and byte 16cb+i of the row shifted right by 4 (word 1:
+    // its high nibble in bits 0-3); the LUT reads bits 0-4 and ignores bit 4.
+    for (int cb = 0; cb < 4; ++cb) {
+      alignas(64) uint8_t ix[64];
+      for (int i = 0; i < 16; ++i) {
+        ix[4 * i] = ix[4 * i + 1] = static_cast<uint8_t>(16 * cb + i);
+        ix[4 * i + 2] = ix[4 * i + 3] = static_cast<uint8_t>(64 + 16 * cb + i);
+      }
+      idx[cb] = _mm512_load_si512(ix);
+    }
+    lut = nibble_bf16_lut();
+  }
+  // Two shuffles per 16 columns, columns in natural order: w[cb] lane i = column 16cb+i.
+  void int4(const uint8_t* src, __mmask64 m, __m512i w[4]) const {
+    const __m512i v = _mm512_maskz_loadu_epi8(m, src);
+    const __m512i hi = _mm512_srli_epi16(v, 4);  // each byte's high nibble in its bits 0-3
+    for (int cb = 0; cb < 4; ++cb)
+      w[cb] = _mm512_permutexvar_epi16(_mm512_permutex2var_epi8(v, idx[cb], hi), lut);
+  }
+  static void int8(const uint8_t* a, const uint8_t* b, __mmask64 m, __m512i w[4]) {
+    for (int cb = 0; cb < 4; ++cb) {
+      const __mmask16 mc = static_cast<__mmask16>(m >> (16 * cb));
+      const __m512i fa = int8_to_f32bits(_mm_maskz_loadu_epi8(mc, a + 16 * cb));
+      const __m512i fb = b ? int8_to_f32bits(_mm_maskz_loadu_epi8(mc, b + 16 * cb)) : _mm512_setzero_si512();
+      w[cb] = _mm512_or_si512(_mm512_srli_epi32(fa, 16), fb);
+    }
+  }
+};
+
+// Per-channel packers: the same rows' bytes of the next panel (a panel spans
+// 2 * kMaxSteps features for A16 and 4 * kMaxSteps for A8), into L2: it is
+// used after this panel's microkernels, by which time L1 has been refilled.
+constexpr int64_t kNextPanelA16 = 2 * kMaxSteps, kNextPanelA8 = 4 * kMaxSteps;
+
 void pack_a16(const Problem& p, int64_t g, int64_t kk0, int64_t kk1, int64_t n0, uint32_t* panel) {
   const int64_t steps = (kk1 - kk0) / 2;
   if (p.blockwise && p.bits == 4) {
@@ -182,28 +241,16 @@ void pack_a16(const Problem& p, int64_t g, int64_t kk0, int64_t kk1, int64_t n0,
     const int64_t N = p.N;
     const uint8_t* row = p.w + ((g * p.G + kk0) / 2) * N + n0;
     const __mmask64 m = mask64(N - n0);
-    const __m512i lut = nibble_bf16_lut();
-    // vpermb spreads byte c of each 16-column quarter over dword c; vpsrlvw then
-    // leaves the low nibble in word 0 and the high nibble in word 1 (the LUT
-    // reads the low 5 bits, bit 4 is ignored).
-    __m512i idx[4];
-    for (int cb = 0; cb < 4; ++cb)
-      idx[cb] = _mm512_add_epi8(_mm512_set1_epi32(0x01010101 * (16 * cb)),
-                                _mm512_set_epi32(0x0f0f0f0f, 0x0e0e0e0e, 0x0d0d0d0d, 0x0c0c0c0c,
-                                                 0x0b0b0b0b, 0x0a0a0a0a, 0x09090909, 0x08080808,
-                                                 0x07070707, 0x06060606, 0x05050505, 0x04040404,
-                                                 0x03030303, 0x02020202, 0x01010101, 0x00000000));
-    const __m512i shifts = _mm512_set1_epi32(0x00040000);
+    const PairUnpacker unpack;
     for (int64_t s = 0; s < steps; ++s, row += N) {
-      // Rows are N bytes apart (a page or more), which the hardware prefetchers
-      // do not follow: fetch the next tile's part of this row (same page, used
-      // after this tile; tiles run in order within a thread's strip).
-      _mm_prefetch(reinterpret_cast<const char*>(row + kNR), _MM_HINT_T1);
-      const __m512i v = _mm512_maskz_loadu_epi8(m, row);
-      for (int cb = 0; cb < 4; ++cb) {
-        const __m512i e = _mm512_srlv_epi16(_mm512_permutexvar_epi8(idx[cb], v), shifts);
-        _mm512_store_si512(panel + s * kNR + 16 * cb, _mm512_permutexvar_epi16(e, lut));
-      }
+      // Rows are N bytes apart, which the hardware prefetchers do not follow:
+      // fetch the next panel's rows (the same columns, used after this
+      // panel's microkernels; a line fetched for the next tile would be gone
+      // by then, x streams through L2 in between).
+      _mm_prefetch(reinterpret_cast<const char*>(row + steps * N), _MM_HINT_T1);
+      __m512i w[4];
+      unpack.int4(row, m, w);
+      for (int cb = 0; cb < 4; ++cb) _mm512_store_si512(panel + s * kNR + 16 * cb, w[cb]);
     }
     return;
   }
@@ -215,8 +262,8 @@ void pack_a16(const Problem& p, int64_t g, int64_t kk0, int64_t kk1, int64_t n0,
     for (int cb = 0; cb < 4; ++cb) m[cb] = mask16(N - n0 - 16 * cb);
     for (int64_t s = 0; s < steps; ++s, row += 2 * N) {
       const int64_t kk = kk0 + 2 * s;
-      _mm_prefetch(reinterpret_cast<const char*>(row + kNR), _MM_HINT_T1);
-      _mm_prefetch(reinterpret_cast<const char*>(row + N + kNR), _MM_HINT_T1);
+      _mm_prefetch(reinterpret_cast<const char*>(row + 2 * steps * N), _MM_HINT_T1);  // the next panel
+      _mm_prefetch(reinterpret_cast<const char*>(row + 2 * steps * N + N), _MM_HINT_T1);
       const bool has_b = kk + 1 < p.G;  // an odd block ends in a padding feature
       for (int cb = 0; cb < 4; ++cb) {
         const __m512i fa = int8_to_f32bits(_mm_maskz_loadu_epi8(m[cb], row + 16 * cb));
@@ -240,11 +287,11 @@ void pack_a16(const Problem& p, int64_t g, int64_t kk0, int64_t kk1, int64_t n0,
         if (n >= p.N) {
           r[i] = _mm512_setzero_si512();
         } else if (p.bits == 4) {
-          _mm_prefetch(reinterpret_cast<const char*>(p.w + n * (p.K / 2) + k0 / 2 + kPrefetchBytes), _MM_HINT_T0);
+          _mm_prefetch(reinterpret_cast<const char*>(p.w + n * (p.K / 2) + (k0 + kNextPanelA16) / 2), _MM_HINT_T1);
           r[i] = int4_pairs_to_bf16(
               _mm_maskz_loadu_epi8(mask16(valid_k / 2), p.w + n * (p.K / 2) + k0 / 2), lut);
         } else {
-          _mm_prefetch(reinterpret_cast<const char*>(p.w + n * p.K + k0 + kPrefetchBytes), _MM_HINT_T0);
+          _mm_prefetch(reinterpret_cast<const char*>(p.w + n * p.K + k0 + kNextPanelA16), _MM_HINT_T1);
           const __m256i b = _mm256_maskz_loadu_epi8(mask32(valid_k), p.w + n * p.K + k0);
           const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(b)));
           const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(b, 1)));
@@ -302,10 +349,10 @@ void pack_a8(const Problem& p, int64_t g, int64_t kk0, int64_t kk1, int64_t n0, 
         if (n >= p.N) {
           r[i] = _mm512_setzero_si512();
         } else if (p.bits == 4) {
-          _mm_prefetch(reinterpret_cast<const char*>(p.w + n * (p.K / 2) + k0 / 2 + kPrefetchBytes), _MM_HINT_T0);
+          _mm_prefetch(reinterpret_cast<const char*>(p.w + n * (p.K / 2) + (k0 + kNextPanelA8) / 2), _MM_HINT_T1);
           r[i] = int4_to_u8(_mm256_maskz_loadu_epi8(mask32(valid_k / 2), p.w + n * (p.K / 2) + k0 / 2));
         } else {
-          _mm_prefetch(reinterpret_cast<const char*>(p.w + n * p.K + k0 + kPrefetchBytes), _MM_HINT_T0);
+          _mm_prefetch(reinterpret_cast<const char*>(p.w + n * p.K + k0 + kNextPanelA8), _MM_HINT_T1);
           r[i] = _mm512_xor_si512(_mm512_maskz_loadu_epi8(mask64(valid_k), p.w + n * p.K + k0), flip);
         }
       }
@@ -504,9 +551,10 @@ void fin_a16(const Problem& p, const XA16& xa, int64_t g, int64_t n0, int ncols,
              const float* acc, float* out, bool init) {
   const float* s = p.scale + (p.blockwise ? g * p.N : 0) + n0;
   const float* z = p.has_zp ? p.zp + (p.blockwise ? g * p.N : 0) + n0 : nullptr;
-  for (int l = 0; l < 4; ++l) {  // the next tile's scale / zero point (same rows)
-    _mm_prefetch(reinterpret_cast<const char*>(s + kNR + 16 * l), _MM_HINT_T1);
-    if (z) _mm_prefetch(reinterpret_cast<const char*>(z + kNR + 16 * l), _MM_HINT_T1);
+  const int64_t ahead = p.blockwise ? p.N : kNR;  // the next group's (or tile's) scale / zero point
+  for (int l = 0; l < 4; ++l) {
+    _mm_prefetch(reinterpret_cast<const char*>(s + ahead + 16 * l), _MM_HINT_T1);
+    if (z) _mm_prefetch(reinterpret_cast<const char*>(z + ahead + 16 * l), _MM_HINT_T1);
   }
   for (int j = 0; j < 4; ++j) {
     const __mmask16 mask = tail_mask(ncols - 16 * j);
@@ -530,9 +578,10 @@ void fin_a8(const Problem& p, const XA8& xa, int64_t g, int64_t n0, int ncols,
   const float* s = p.scale + (p.blockwise ? g * p.N : 0) + n0;
   const float* z = p.has_zp ? p.zp + (p.blockwise ? g * p.N : 0) + n0 : nullptr;
   const int32_t bias = p.bits == 8 ? 128 : 8;
-  for (int l = 0; l < 4; ++l) {  // the next tile's scale / zero point (same rows)
-    _mm_prefetch(reinterpret_cast<const char*>(s + kNR + 16 * l), _MM_HINT_T1);
-    if (z) _mm_prefetch(reinterpret_cast<const char*>(z + kNR + 16 * l), _MM_HINT_T1);
+  const int64_t ahead = p.blockwise ? p.N : kNR;  // the next group's (or tile's) scale / zero point
+  for (int l = 0; l < 4; ++l) {
+    _mm_prefetch(reinterpret_cast<const char*>(s + ahead + 16 * l), _MM_HINT_T1);
+    if (z) _mm_prefetch(reinterpret_cast<const char*>(z + ahead + 16 * l), _MM_HINT_T1);
   }
   for (int j = 0; j < 4; ++j) {
     const __mmask16 mask = tail_mask(ncols - 16 * j);
@@ -798,38 +847,6 @@ void dot_a8(const Problem& p, const XA8& xa, const int8_t* xd, int64_t Kq, int64
 constexpr int kMaxStreamRows = 4;
 constexpr int64_t kStreamPairs = 4;  // k-pairs per sweep: weight rows read together
 
-struct PairUnpacker {  // 64 columns of one k-pair -> 4 x (bf16 lo | bf16 hi << 16)
-  __m512i idx[4], lut;
-  PairUnpacker() {
-    // Dword i of quarter cb takes byte 16cb+i of the row (word 0: its low
-    // nibble in bits 0-3) and byte 16cb+i of the row shifted right by 4 (word 1:
-    // its high nibble in bits 0-3); the LUT reads bits 0-4 and ignores bit 4.
-    for (int cb = 0; cb < 4; ++cb) {
-      alignas(64) uint8_t ix[64];
-      for (int i = 0; i < 16; ++i) {
-        ix[4 * i] = ix[4 * i + 1] = static_cast<uint8_t>(16 * cb + i);
-        ix[4 * i + 2] = ix[4 * i + 3] = static_cast<uint8_t>(64 + 16 * cb + i);
-      }
-      idx[cb] = _mm512_load_si512(ix);
-    }
-    lut = nibble_bf16_lut();
-  }
-  // Two shuffles per 16 columns, columns in natural order: w[cb] lane i = column 16cb+i.
-  void int4(const uint8_t* src, __mmask64 m, __m512i w[4]) const {
-    const __m512i v = _mm512_maskz_loadu_epi8(m, src);
-    const __m512i hi = _mm512_srli_epi16(v, 4);  // each byte's high nibble in its bits 0-3
-    for (int cb = 0; cb < 4; ++cb)
-      w[cb] = _mm512_permutexvar_epi16(_mm512_permutex2var_epi8(v, idx[cb], hi), lut);
-  }
-  static void int8(const uint8_t* a, const uint8_t* b, __mmask64 m, __m512i w[4]) {
-    for (int cb = 0; cb < 4; ++cb) {
-      const __mmask16 mc = static_cast<__mmask16>(m >> (16 * cb));
-      const __m512i fa = int8_to_f32bits(_mm_maskz_loadu_epi8(mc, a + 16 * cb));
-      const __m512i fb = b ? int8_to_f32bits(_mm_maskz_loadu_epi8(mc, b + 16 * cb)) : _mm512_setzero_si512();
-      w[cb] = _mm512_or_si512(_mm512_srli_epi32(fa, 16), fb);
-    }
-  }
-};
 
 // Groups [g0, g1) of all N columns (one K slice) into part[m][N]. The slice
 // is one contiguous run of memory, read in address order: a sweep multiplies
