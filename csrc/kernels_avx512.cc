@@ -631,13 +631,18 @@ void store(const Problem& p, const float* rowexp, int64_t n0, int ncols, const f
 
 // ---------------------------------------------------------------- per-channel decode
 // Dot-product form for small M: each weight row [K] (or [K/2] packed) is read
-// once, NW rows at a time, and multiplied with every prepared x row; the
-// zmm partial sums are reduced at the end of the row (fixed order).
-constexpr int kMaxDotRows = 8;
+// once, NW rows at a time, and multiplied with every prepared x row. K is cut
+// into chunks whose x rows (all R of them) stay in L1 (~32 KiB: with x from L2
+// the M=8..16 cases ran at a third of the dot-product rate); per chunk the zmm
+// partial sums are reduced and added to the row's result (fixed order).
+constexpr int kMaxDotRows = 16;
+constexpr int64_t kDotXBytes = 32 << 10;  // x bytes per K chunk
 
-// xd rows for the A16 dot kernels: int8 weights use k order; packed int4 uses,
-// per 128 features, four blocks of 32 (t = 0..3) holding x[4i + t], the order
-// in which the weight nibbles come out of a 16-bit lane (see dot_a16_t).
+// xd for the A16 dot kernels, blocks of 128 features with the R rows of each
+// block together ([Kq/128][R][128]: one base pointer per step, the rows at
+// constant offsets). Within a block int8 weights use k order; packed int4
+// uses four runs of 32 (t = 0..3) holding x[4i + t], the order in which the
+// weight nibbles come out of a 16-bit lane (see dot_a16_t).
 void dot_prep_a16(const Problem& p, const XA16& xa, uint16_t* xd, int64_t Kq) {
   const int64_t R = p.M * xa.T;
   alignas(64) uint16_t tmp[32];
@@ -650,8 +655,8 @@ void dot_prep_a16(const Problem& p, const XA16& xa, uint16_t* xd, int64_t Kq) {
   }
   for (int64_t r = 0; r < R; ++r) {
     const uint16_t* src = xa.xb + r * xa.Kp;
-    uint16_t* dst = xd + r * Kq;
     for (int64_t c = 0; c < Kq; c += 128) {
+      uint16_t* dst = xd + c * R + r * 128 - c;  // + c below: block c / 128, row r
       for (int j = 0; j < 4; ++j) {
         const __m512i a = _mm512_maskz_loadu_epi16(mask32(xa.Kp - c - 32 * j), src + c + 32 * j);
         if (p.bits == 8) {
@@ -665,8 +670,9 @@ void dot_prep_a16(const Problem& p, const XA16& xa, uint16_t* xd, int64_t Kq) {
   }
 }
 
-// xd rows for the A8 dot kernels: int8 in k order; packed int4, per 128
-// features, the 64 even then the 64 odd ones (low and high nibbles).
+// xd for the A8 dot kernels, [Kq/128][M][128] like dot_prep_a16's: int8 in k
+// order; packed int4, per block, the 64 even then the 64 odd features (low and
+// high nibbles).
 void dot_prep_a8(const Problem& p, const XA8& xa, int8_t* xd, int64_t Kq) {
   alignas(64) uint8_t ev[64], od[64];
   for (int i = 0; i < 64; ++i) {
@@ -675,8 +681,8 @@ void dot_prep_a8(const Problem& p, const XA8& xa, int8_t* xd, int64_t Kq) {
   }
   for (int64_t m = 0; m < p.M; ++m) {
     const int8_t* src = xa.xq + m * xa.Kp;
-    int8_t* dst = xd + m * Kq;
     for (int64_t c = 0; c < Kq; c += 128) {
+      int8_t* dst = xd + c * p.M + m * 128 - c;  // + c below: block c / 128, row m
       const __m512i a = _mm512_maskz_loadu_epi8(mask64(xa.Kp - c), src + c);
       const __m512i b = _mm512_maskz_loadu_epi8(mask64(xa.Kp - c - 64), src + c + 64);
       if (p.bits == 8) {
@@ -693,10 +699,13 @@ void dot_prep_a8(const Problem& p, const XA8& xa, int8_t* xd, int64_t Kq) {
 template <int R>
 void dot_a16_t(const Problem& p, const XA16& xa, const uint16_t* xd, int64_t Kq, int64_t n0,
                int ncols, float* out) {
-  constexpr int NW = R <= 4 ? 4 : 2;  // weight rows at a time (NW * R accumulators)
+  constexpr int NW = R <= 4 ? 4 : (R <= 8 ? 2 : 1);  // weight rows at a time (NW * R accumulators)
+  constexpr int64_t KC = kDotXBytes / (2 * R) / 128 * 128;  // features per chunk
   const int64_t K = p.K;
   const __m512i lut = nibble_bf16_lut();
-  alignas(64) float res[R][kNR];
+  alignas(64) float res[R][kNR] = {};
+  for (int64_t kc = 0; kc < K; kc += KC) {
+  const int64_t kend = K - kc < KC ? K : kc + KC;
   for (int c0 = 0; c0 < ncols; c0 += NW) {
     const uint8_t* row[NW];
     for (int i = 0; i < NW; ++i) {  // a short last group repeats its last row
@@ -707,24 +716,26 @@ void dot_a16_t(const Problem& p, const XA16& xa, const uint16_t* xd, int64_t Kq,
     for (int i = 0; i < NW; ++i)
       for (int r = 0; r < R; ++r) acc[i][r] = _mm512_setzero_ps();
     if (p.bits == 8) {
-      for (int64_t k = 0; k < K; k += 32) {
+      for (int64_t k = kc; k < kend; k += 32) {
         const __mmask32 m = mask32(K - k);
+        const uint16_t* xk = xd + (k & ~int64_t{127}) * R + (k & 127);  // x rows of this 128-block
         for (int i = 0; i < NW; ++i) {
           // The next NW rows, same offset: one row pass ahead (see stream_a16_t).
-          if ((k & 63) == 0) _mm_prefetch(reinterpret_cast<const char*>(row[i] + NW * K + k), _MM_HINT_T0);
+          if ((k & 63) == 0) _mm_prefetch(reinterpret_cast<const char*>(row[i] + 4 * NW * K + k), _MM_HINT_T0);
           const __m256i b = _mm256_maskz_loadu_epi8(m, row[i] + k);
           const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(b)));
           const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(b, 1)));
           const __m512bh w = _mm512_cvtne2ps_pbh(hi, lo);  // 32 exact bf16 in k order
           for (int r = 0; r < R; ++r)
-            acc[i][r] = _mm512_dpbf16_ps(acc[i][r], as_bh(_mm512_loadu_si512(xd + r * Kq + k)), w);
+            acc[i][r] = _mm512_dpbf16_ps(acc[i][r], as_bh(_mm512_loadu_si512(xk + r * 128)), w);
         }
       }
     } else {
-      for (int64_t k = 0; k < K; k += 128) {
+      for (int64_t k = kc; k < kend; k += 128) {
         const __mmask64 m = mask64((K - k) / 2);
+        const uint16_t* xk = xd + (k & ~int64_t{127}) * R + (k & 127);  // x rows of this 128-block
         for (int i = 0; i < NW; ++i) {
-          _mm_prefetch(reinterpret_cast<const char*>(row[i] + NW * (K / 2) + k / 2), _MM_HINT_T0);
+          _mm_prefetch(reinterpret_cast<const char*>(row[i] + 4 * NW * (K / 2) + k / 2), _MM_HINT_T0);
           const __m512i v = _mm512_maskz_loadu_epi8(m, row[i] + k / 2);
           // Word j of v holds features 4j..4j+3, one per nibble; the LUT takes
           // the low 5 bits (bit 4 is ignored), so a shift selects the nibble.
@@ -733,7 +744,7 @@ void dot_a16_t(const Problem& p, const XA16& xa, const uint16_t* xd, int64_t Kq,
           const __m512i w2 = _mm512_permutexvar_epi16(_mm512_srli_epi16(v, 8), lut);
           const __m512i w3 = _mm512_permutexvar_epi16(_mm512_srli_epi16(v, 12), lut);
           for (int r = 0; r < R; ++r) {
-            const uint16_t* x = xd + r * Kq + k;
+            const uint16_t* x = xk + r * 128;
             __m512 a = acc[i][r];
             a = _mm512_dpbf16_ps(a, as_bh(_mm512_loadu_si512(x)), as_bh(w0));
             a = _mm512_dpbf16_ps(a, as_bh(_mm512_loadu_si512(x + 32)), as_bh(w1));
@@ -744,7 +755,8 @@ void dot_a16_t(const Problem& p, const XA16& xa, const uint16_t* xd, int64_t Kq,
       }
     }
     for (int i = 0; i < NW && c0 + i < ncols; ++i)
-      for (int r = 0; r < R; ++r) res[r][c0 + i] = _mm512_reduce_add_ps(acc[i][r]);
+      for (int r = 0; r < R; ++r) res[r][c0 + i] += _mm512_reduce_add_ps(acc[i][r]);
+  }
   }
   const int T = xa.T;
   for (int64_t m = 0; m < p.M; ++m)
@@ -767,18 +779,29 @@ void dot_a16(const Problem& p, const XA16& xa, const uint16_t* xd, int64_t Kq, i
     case 5: return dot_a16_t<5>(p, xa, xd, Kq, n0, ncols, out);
     case 6: return dot_a16_t<6>(p, xa, xd, Kq, n0, ncols, out);
     case 7: return dot_a16_t<7>(p, xa, xd, Kq, n0, ncols, out);
-    default: return dot_a16_t<8>(p, xa, xd, Kq, n0, ncols, out);
+    case 8: return dot_a16_t<8>(p, xa, xd, Kq, n0, ncols, out);
+    case 9: return dot_a16_t<9>(p, xa, xd, Kq, n0, ncols, out);
+    case 10: return dot_a16_t<10>(p, xa, xd, Kq, n0, ncols, out);
+    case 11: return dot_a16_t<11>(p, xa, xd, Kq, n0, ncols, out);
+    case 12: return dot_a16_t<12>(p, xa, xd, Kq, n0, ncols, out);
+    case 13: return dot_a16_t<13>(p, xa, xd, Kq, n0, ncols, out);
+    case 14: return dot_a16_t<14>(p, xa, xd, Kq, n0, ncols, out);
+    case 15: return dot_a16_t<15>(p, xa, xd, Kq, n0, ncols, out);
+    default: return dot_a16_t<16>(p, xa, xd, Kq, n0, ncols, out);
   }
 }
 
 template <int R>
 void dot_a8_t(const Problem& p, const XA8& xa, const int8_t* xd, int64_t Kq, int64_t n0,
               int ncols, float* out) {
-  constexpr int NW = R <= 4 ? 4 : 2;
+  constexpr int NW = R <= 4 ? 4 : (R <= 8 ? 2 : 1);
+  constexpr int64_t KC = kDotXBytes / R / 128 * 128;  // features per chunk
   const int64_t K = p.K;
   const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
   const __m512i x88 = _mm512_set1_epi8(static_cast<char>(0x88)), low = _mm512_set1_epi8(0x0f);
-  alignas(64) int32_t res[R][kNR];
+  alignas(64) int32_t res[R][kNR] = {};
+  for (int64_t kc = 0; kc < K; kc += KC) {
+  const int64_t kend = K - kc < KC ? K : kc + KC;
   for (int c0 = 0; c0 < ncols; c0 += NW) {
     const uint8_t* row[NW];
     for (int i = 0; i < NW; ++i) {
@@ -789,25 +812,27 @@ void dot_a8_t(const Problem& p, const XA8& xa, const int8_t* xd, int64_t Kq, int
     for (int i = 0; i < NW; ++i)
       for (int r = 0; r < R; ++r) acc[i][r] = _mm512_setzero_si512();
     if (p.bits == 8) {
-      for (int64_t k = 0; k < K; k += 64) {
+      for (int64_t k = kc; k < kend; k += 64) {
         const __mmask64 m = mask64(K - k);
+        const int8_t* xk = xd + (k & ~int64_t{127}) * R + (k & 127);  // x rows of this 128-block
         for (int i = 0; i < NW; ++i) {
-          _mm_prefetch(reinterpret_cast<const char*>(row[i] + NW * K + k), _MM_HINT_T0);
+          _mm_prefetch(reinterpret_cast<const char*>(row[i] + 4 * NW * K + k), _MM_HINT_T0);
           const __m512i w = _mm512_xor_si512(_mm512_maskz_loadu_epi8(m, row[i] + k), flip);  // q + 128
           for (int r = 0; r < R; ++r)
-            acc[i][r] = _mm512_dpbusd_epi32(acc[i][r], w, _mm512_loadu_si512(xd + r * Kq + k));
+            acc[i][r] = _mm512_dpbusd_epi32(acc[i][r], w, _mm512_loadu_si512(xk + r * 128));
         }
       }
     } else {
-      for (int64_t k = 0; k < K; k += 128) {
+      for (int64_t k = kc; k < kend; k += 128) {
         const __mmask64 m = mask64((K - k) / 2);
+        const int8_t* xk = xd + (k & ~int64_t{127}) * R + (k & 127);  // x rows of this 128-block
         for (int i = 0; i < NW; ++i) {
-          _mm_prefetch(reinterpret_cast<const char*>(row[i] + NW * (K / 2) + k / 2), _MM_HINT_T0);
+          _mm_prefetch(reinterpret_cast<const char*>(row[i] + 4 * NW * (K / 2) + k / 2), _MM_HINT_T0);
           const __m512i v = _mm512_xor_si512(_mm512_maskz_loadu_epi8(m, row[i] + k / 2), x88);
           const __m512i lo = _mm512_and_si512(v, low);                          // even k, q + 8
           const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);   // odd k, q + 8
           for (int r = 0; r < R; ++r) {
-            const int8_t* x = xd + r * Kq + k;
+            const int8_t* x = xk + r * 128;
             acc[i][r] = _mm512_dpbusd_epi32(acc[i][r], lo, _mm512_loadu_si512(x));
             acc[i][r] = _mm512_dpbusd_epi32(acc[i][r], hi, _mm512_loadu_si512(x + 64));
           }
@@ -815,7 +840,8 @@ void dot_a8_t(const Problem& p, const XA8& xa, const int8_t* xd, int64_t Kq, int
       }
     }
     for (int i = 0; i < NW && c0 + i < ncols; ++i)
-      for (int r = 0; r < R; ++r) res[r][c0 + i] = _mm512_reduce_add_epi32(acc[i][r]);
+      for (int r = 0; r < R; ++r) res[r][c0 + i] += _mm512_reduce_add_epi32(acc[i][r]);
+  }
   }
   const int32_t bias = p.bits == 8 ? 128 : 8;
   for (int64_t m = 0; m < p.M; ++m) {
@@ -838,7 +864,15 @@ void dot_a8(const Problem& p, const XA8& xa, const int8_t* xd, int64_t Kq, int64
     case 5: return dot_a8_t<5>(p, xa, xd, Kq, n0, ncols, out);
     case 6: return dot_a8_t<6>(p, xa, xd, Kq, n0, ncols, out);
     case 7: return dot_a8_t<7>(p, xa, xd, Kq, n0, ncols, out);
-    default: return dot_a8_t<8>(p, xa, xd, Kq, n0, ncols, out);
+    case 8: return dot_a8_t<8>(p, xa, xd, Kq, n0, ncols, out);
+    case 9: return dot_a8_t<9>(p, xa, xd, Kq, n0, ncols, out);
+    case 10: return dot_a8_t<10>(p, xa, xd, Kq, n0, ncols, out);
+    case 11: return dot_a8_t<11>(p, xa, xd, Kq, n0, ncols, out);
+    case 12: return dot_a8_t<12>(p, xa, xd, Kq, n0, ncols, out);
+    case 13: return dot_a8_t<13>(p, xa, xd, Kq, n0, ncols, out);
+    case 14: return dot_a8_t<14>(p, xa, xd, Kq, n0, ncols, out);
+    case 15: return dot_a8_t<15>(p, xa, xd, Kq, n0, ncols, out);
+    default: return dot_a8_t<16>(p, xa, xd, Kq, n0, ncols, out);
   }
 }
 

@@ -1,8 +1,10 @@
 """The host-CPU C++ kernels (impl="custom_call") against the float64 reference.
 
 Shapes are chosen to hit every code path of csrc/ (docs/cpu_kernels.md):
-per-channel decode in dot-product form (M*T <= 8 prepared rows), the panel +
-microkernel path (everything else), several k-chunks per panel, tails in M,
+per-channel decode in dot-product form (M*T <= 16 prepared rows, x in K
+chunks that stay in L1), blockwise decode (M*T <= 4, K slices summed in
+order), the panel + microkernel path (everything else), several k-chunks per
+panel, tails in M,
 N and K that are not multiples of the kernels' tiles, odd block sizes, and
 the portable kernels (XLA_QOPS_CPU_ISA=generic, in a subprocess).
 """
@@ -80,6 +82,28 @@ def test_tails_and_chunks(scheme):
     qw = make_weight(rng, n=130, k=k, scheme=scheme)
     for shape in ((2, 4, k), (9, k), (1, k)):
         x = make_x(rng, shape, "bfloat16")
+        check(run(x, qw, scheme), x, qw, scheme)
+
+
+@pytest.mark.parametrize("scheme", [s for s in SCHEMES if s.block_size == -1], ids=lambda s: s.id)
+def test_dot_form_k_chunks(scheme):
+    """Per-channel decode with up to 16 prepared rows: K = 2304 spans two or
+    three x chunks (32 KiB of x each), the last one partial."""
+    rng = np.random.default_rng(8)
+    qw = make_weight(rng, n=70, k=2304, scheme=scheme)
+    for m, x_dtype in ((16, "bfloat16"), (5, "float32"), (9, "float16")):
+        x = make_x(rng, (m, 2304), x_dtype)
+        check(run(x, qw, scheme), x, qw, scheme)
+
+
+@pytest.mark.parametrize("scheme", [s for s in SCHEMES if s.block_size != -1], ids=lambda s: s.id)
+def test_blockwise_decode_slices(scheme):
+    """Blockwise decode (M*T <= 4): K = 40 blocks of 32, cut into 8 slices of
+    5 blocks whose partial sums are added in order; N not a multiple of 64."""
+    rng = np.random.default_rng(9)
+    qw = make_weight(rng, n=100, k=1280, scheme=scheme)
+    for m, x_dtype in ((1, "bfloat16"), (4, "bfloat16"), (2, "float16"), (1, "float32")):
+        x = make_x(rng, (m, 1280), x_dtype)
         check(run(x, qw, scheme), x, qw, scheme)
 
 
@@ -174,7 +198,7 @@ def _mixed_cases(rng):
     for scheme in (Scheme(4, 32, False, True, False), Scheme(8, -1, True, False, True),
                    Scheme(8, -1, False, False, False), Scheme(4, -1, True, True, True)):
         qw = make_weight(rng, n=200, k=256, scheme=scheme)
-        for m in (1, 4, 40):
+        for m in (1, 4, 12, 40):  # blockwise decode / dot form / panels
             x = make_x(rng, (m, 256), "bfloat16")
             cases.append((x, qw, scheme))
     return cases
