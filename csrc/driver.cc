@@ -53,16 +53,11 @@ int64_t prep_rows_per_task(const Problem& p) {
   return rows < 1 ? 1 : rows;
 }
 
-// K slices of the blockwise decode: about 1 MiB of weight each (enough to
-// amortize summing the partial results), at least 8 so that every thread has
-// work, whole groups. A function of the shape only: the order of the sums
-// never depends on the thread count.
-int64_t stream_slices(const Problem& p) {
-  const int64_t bytes = p.bits == 4 ? p.K * p.N / 2 : p.K * p.N;
-  int64_t slices = bytes >> 20;
-  if (slices < 8) slices = 8;
-  return slices < p.groups ? slices : p.groups;
-}
+// K slices of the blockwise decode: at most 16 (enough for 16 threads; each
+// slice adds an M x N partial sum), whole groups. A function of K alone: the
+// order of the sums depends on neither the thread count nor N, so a
+// column-parallel shard computes its columns bit for bit as one device does.
+int64_t stream_slices(const Problem& p) { return p.groups < 16 ? p.groups : 16; }
 
 // XLA_QOPS_TRACE=1 prints the time of each phase (for tuning).
 const bool kTrace = std::getenv("XLA_QOPS_TRACE") != nullptr;

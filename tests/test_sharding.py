@@ -94,8 +94,12 @@ def test_sharded_matches_single_device(spmd_run, case):
     assert rec["shard_shapes"].shape[0] == 8
     assert all(list(s) == expected_shard_shape(case) for s in rec["shard_shapes"])
     ref.assert_close(rec["y_sharded"], x, w, scale, zp, case.scheme.block_size, qa)
-    if case.layout == "column":
+    if case.layout == "column" and (case.mesh == "1x8" or case.impl != "custom_call"):
+        # Bit for bit when every device sees all rows. With a batch axis the CPU
+        # kernels see fewer rows per device and may pick another loop form for
+        # them (dot-product vs panels, chosen by M): then only the tolerance.
         np.testing.assert_array_equal(rec["y_sharded"], rec["y_single"])
+    if case.layout == "column":
         assert str(rec["y_spec"]).endswith("'model')")  # y stays split along out
     else:
         ref.assert_close(rec["y_single"], x, w, scale, zp, case.scheme.block_size, qa)
