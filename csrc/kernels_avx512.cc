@@ -458,13 +458,14 @@ void mk_a16_fused_t(const uint16_t* x, int64_t ldx, const uint32_t* panel, int64
     sv[j] = _mm512_maskz_loadu_ps(m, sp + 16 * j);
     zv[j] = zp ? _mm512_maskz_loadu_ps(m, zp + 16 * j) : _mm512_setzero_ps();
   }
-  // Same arithmetic as fin_a16: v = s * acc (- z * xsum), out (+)= v.
-#define EPI1(r, j)                                                                   \
-  {                                                                                  \
-    __m512 v = _mm512_mul_ps(sv[j], c##r##j);                                        \
-    if (zp) v = _mm512_fnmadd_ps(zv[j], _mm512_set1_ps(xsum[r * xsum_stride]), v);   \
-    float* o = out + r * kNR + 16 * j;                                               \
-    _mm512_storeu_ps(o, init_out ? v : _mm512_add_ps(_mm512_loadu_ps(o), v));        \
+  // Same arithmetic as fin_a16: out = (out +) s * acc (- z * xsum), one FMA each.
+#define EPI1(r, j)                                                                          \
+  {                                                                                         \
+    float* o = out + r * kNR + 16 * j;                                                      \
+    __m512 v = init_out ? _mm512_mul_ps(sv[j], c##r##j)                                     \
+                        : _mm512_fmadd_ps(sv[j], c##r##j, _mm512_loadu_ps(o));              \
+    if (zp) v = _mm512_fnmadd_ps(zv[j], _mm512_set1_ps(xsum[r * xsum_stride]), v);          \
+    _mm512_storeu_ps(o, v);                                                                 \
   }
 #define EPI(r)                                      \
   if constexpr (r < MR) {                           \
@@ -565,10 +566,10 @@ void fin_a16(const Problem& p, const XA16& xa, int64_t g, int64_t n0, int ncols,
       const float* a = acc + (m * xa.T) * kNR + 16 * j;
       __m512 sum = _mm512_loadu_ps(a);
       for (int t = 1; t < xa.T; ++t) sum = _mm512_add_ps(sum, _mm512_loadu_ps(a + t * kNR));
-      __m512 v = _mm512_mul_ps(sv, sum);
-      if (z) v = _mm512_fnmadd_ps(zv, _mm512_set1_ps(xa.xsum[m * p.groups + g]), v);
       float* o = out + m * kNR + 16 * j;
-      _mm512_storeu_ps(o, init ? v : _mm512_add_ps(_mm512_loadu_ps(o), v));
+      __m512 v = init ? _mm512_mul_ps(sv, sum) : _mm512_fmadd_ps(sv, sum, _mm512_loadu_ps(o));
+      if (z) v = _mm512_fnmadd_ps(zv, _mm512_set1_ps(xa.xsum[m * p.groups + g]), v);
+      _mm512_storeu_ps(o, v);
     }
   }
 }
@@ -601,13 +602,19 @@ void fin_a8(const Problem& p, const XA8& xa, int64_t g, int64_t n0, int ncols,
 }
 
 // float32 -> bf16 bits, round to nearest even, NaN kept (no flush to zero).
-inline __m256i to_bf16(__m512 v) {
+inline __m256i to_bf16_exact(__m512 v) {
   const __m512i u = _mm512_castps_si512(v);
   const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
   __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
   const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
   r = _mm512_mask_or_epi32(r, nan, u, _mm512_set1_epi32(0x400000));
   return _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16));
+}
+// The same bits as to_bf16_exact; vcvtneps2bf16 (one instruction) where no
+// lane is subnormal or NaN (it flushes the former and may differ on the latter).
+inline __m256i to_bf16(__m512 v) {
+  if (_mm512_fpclass_ps_mask(v, 0x20 | 0x01 | 0x80)) return to_bf16_exact(v);  // denormal, QNaN, SNaN
+  return bf16_bits(v);
 }
 
 void store(const Problem& p, const float* rowexp, int64_t n0, int ncols, const float* out) {
@@ -938,8 +945,7 @@ void stream_a16_t(const Problem& p, const XA16& xa, int64_t g0, int64_t g1, floa
           for (int cb = 0; cb < 4; ++cb) _mm512_store_ps(a + r * kNR + 16 * cb, c[r][cb]);
         if (!last) continue;
         // The group's last sweep: fin_a16's arithmetic (from L1, which keeps
-        // c in registers above), part (= for the slice's first group, else +=)
-        // s * sum_t acc - z * xsum.
+        // c in registers above): part = (part +) s * sum_t acc (- z * xsum).
         for (int cb = 0; cb < 4; ++cb) {
           const __mmask16 mc = tail_mask(static_cast<int>(N - n0 - 16 * cb));
           const __m512 sv = _mm512_maskz_loadu_ps(mc, sg + n0 + 16 * cb);
@@ -948,10 +954,10 @@ void stream_a16_t(const Problem& p, const XA16& xa, int64_t g0, int64_t g1, floa
             const float* am = a + m_row * xa.T * kNR + 16 * cb;
             __m512 sum = _mm512_load_ps(am);
             for (int tt = 1; tt < xa.T; ++tt) sum = _mm512_add_ps(sum, _mm512_load_ps(am + tt * kNR));
-            __m512 v = _mm512_mul_ps(sv, sum);
-            if (zg) v = _mm512_fnmadd_ps(zv, _mm512_set1_ps(xa.xsum[m_row * p.groups + g]), v);
             float* o = part + m_row * N + n0 + 16 * cb;
-            _mm512_mask_storeu_ps(o, mc, g == g0 ? v : _mm512_add_ps(_mm512_maskz_loadu_ps(mc, o), v));
+            __m512 v = g == g0 ? _mm512_mul_ps(sv, sum) : _mm512_fmadd_ps(sv, sum, _mm512_maskz_loadu_ps(mc, o));
+            if (zg) v = _mm512_fnmadd_ps(zv, _mm512_set1_ps(xa.xsum[m_row * p.groups + g]), v);
+            _mm512_mask_storeu_ps(o, mc, v);
           }
         }
       }
