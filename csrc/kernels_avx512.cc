@@ -707,6 +707,9 @@ template <int R>
 void dot_a16_t(const Problem& p, const XA16& xa, const uint16_t* xd, int64_t Kq, int64_t n0,
                int ncols, float* out) {
   constexpr int NW = R <= 4 ? 4 : (R <= 8 ? 2 : 1);  // weight rows at a time (NW * R accumulators)
+  // Weight rows prefetched this many rows ahead (same offset): the next NW
+  // rows, but at least 4 (with NW = 1 a row's chunk is only 1-2 KiB).
+  constexpr int kAhead = NW < 4 ? 4 : NW;
   constexpr int64_t KC = kDotXBytes / (2 * R) / 128 * 128;  // features per chunk
   const int64_t K = p.K;
   const __m512i lut = nibble_bf16_lut();
@@ -727,8 +730,8 @@ void dot_a16_t(const Problem& p, const XA16& xa, const uint16_t* xd, int64_t Kq,
         const __mmask32 m = mask32(K - k);
         const uint16_t* xk = xd + (k & ~int64_t{127}) * R + (k & 127);  // x rows of this 128-block
         for (int i = 0; i < NW; ++i) {
-          // The next NW rows, same offset: one row pass ahead (see stream_a16_t).
-          if ((k & 63) == 0) _mm_prefetch(reinterpret_cast<const char*>(row[i] + 4 * NW * K + k), _MM_HINT_T0);
+          // Rows kAhead further on, same offset (within a thread rows run in order).
+          if ((k & 63) == 0) _mm_prefetch(reinterpret_cast<const char*>(row[i] + kAhead * K + k), _MM_HINT_T0);
           const __m256i b = _mm256_maskz_loadu_epi8(m, row[i] + k);
           const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(b)));
           const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(b, 1)));
@@ -742,7 +745,7 @@ void dot_a16_t(const Problem& p, const XA16& xa, const uint16_t* xd, int64_t Kq,
         const __mmask64 m = mask64((K - k) / 2);
         const uint16_t* xk = xd + (k & ~int64_t{127}) * R + (k & 127);  // x rows of this 128-block
         for (int i = 0; i < NW; ++i) {
-          _mm_prefetch(reinterpret_cast<const char*>(row[i] + 4 * NW * (K / 2) + k / 2), _MM_HINT_T0);
+          _mm_prefetch(reinterpret_cast<const char*>(row[i] + kAhead * (K / 2) + k / 2), _MM_HINT_T0);
           const __m512i v = _mm512_maskz_loadu_epi8(m, row[i] + k / 2);
           // Word j of v holds features 4j..4j+3, one per nibble; the LUT takes
           // the low 5 bits (bit 4 is ignored), so a shift selects the nibble.
@@ -803,6 +806,7 @@ void dot_a8_t(const Problem& p, const XA8& xa, const int8_t* xd, int64_t Kq, int
               int ncols, float* out) {
   constexpr int NW = R <= 4 ? 4 : (R <= 8 ? 2 : 1);
   constexpr int64_t KC = kDotXBytes / R / 128 * 128;  // features per chunk
+  constexpr int kAhead = NW < 4 ? 4 : NW;  // rows ahead to prefetch (see dot_a16_t)
   const int64_t K = p.K;
   const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
   const __m512i x88 = _mm512_set1_epi8(static_cast<char>(0x88)), low = _mm512_set1_epi8(0x0f);
@@ -823,7 +827,7 @@ void dot_a8_t(const Problem& p, const XA8& xa, const int8_t* xd, int64_t Kq, int
         const __mmask64 m = mask64(K - k);
         const int8_t* xk = xd + (k & ~int64_t{127}) * R + (k & 127);  // x rows of this 128-block
         for (int i = 0; i < NW; ++i) {
-          _mm_prefetch(reinterpret_cast<const char*>(row[i] + 4 * NW * K + k), _MM_HINT_T0);
+          _mm_prefetch(reinterpret_cast<const char*>(row[i] + kAhead * K + k), _MM_HINT_T0);
           const __m512i w = _mm512_xor_si512(_mm512_maskz_loadu_epi8(m, row[i] + k), flip);  // q + 128
           for (int r = 0; r < R; ++r)
             acc[i][r] = _mm512_dpbusd_epi32(acc[i][r], w, _mm512_loadu_si512(xk + r * 128));
@@ -834,7 +838,7 @@ void dot_a8_t(const Problem& p, const XA8& xa, const int8_t* xd, int64_t Kq, int
         const __mmask64 m = mask64((K - k) / 2);
         const int8_t* xk = xd + (k & ~int64_t{127}) * R + (k & 127);  // x rows of this 128-block
         for (int i = 0; i < NW; ++i) {
-          _mm_prefetch(reinterpret_cast<const char*>(row[i] + 4 * NW * (K / 2) + k / 2), _MM_HINT_T0);
+          _mm_prefetch(reinterpret_cast<const char*>(row[i] + kAhead * (K / 2) + k / 2), _MM_HINT_T0);
           const __m512i v = _mm512_xor_si512(_mm512_maskz_loadu_epi8(m, row[i] + k / 2), x88);
           const __m512i lo = _mm512_and_si512(v, low);                          // even k, q + 8
           const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);   // odd k, q + 8
