@@ -18,9 +18,6 @@ COMMANDS = {
 
 
 def main(argv=None) -> int:
-    # Before torch is imported by any command: torch's OpenMP workers otherwise
-    # busy-wait between ops and starve XLA's and the C++ kernels' threads.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     parser = argparse.ArgumentParser(prog="xla-qops", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     modules = {}
@@ -35,6 +32,12 @@ def main(argv=None) -> int:
         module.add_arguments(sub_parser)
         modules[name] = module
     args = parser.parse_args(argv)
+    if args.command != "bench":
+        # Before torch is imported by the command: torch's OpenMP workers
+        # otherwise busy-wait between ops and starve XLA's and the C++
+        # kernels' threads. (bench leaves torch's default: its own kernels,
+        # the peers, are fastest with their workers spinning between calls.)
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     if args.command not in modules:
         parser.error(f"command {args.command!r} is not available in this version")
     try:

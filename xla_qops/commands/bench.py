@@ -6,10 +6,15 @@ per-channel, W4A16 g128 symmetric and asymmetric, W8A8 per-channel.
 
 Each case: the median of several runs of impl="custom_call" and of every peer
 (xla_qops/bench/peers.py), reported as peer time / our time, plus our
-effective GB/s (weight, scale and zero-point bytes / time) against this
-machine's read bandwidth, measured first. Decode cases (M <= 16) rotate
-through enough distinct weights to exceed twice the last-level cache, so they
-read from DRAM as a real model's layers would. Writes docs/bench.md and
+effective GB/s (weight, scale and zero-point bytes / time). The fast peers run
+in turn within each repetition (the memory bandwidth here drifts by up to 2x
+over seconds; each takes two untimed calls before its timed one). torch runs
+with its default OpenMP wait policy (`make bench` unsets OMP_WAIT_POLICY),
+which is its fastest. Decode cases (M <= 16) rotate through enough distinct weights
+to exceed twice the last-level cache, so they read from DRAM as a real
+model's layers would, and time a torch sum over the same bytes alongside: the
+"% of read BW" of a decode case is against that bandwidth of the same
+moments (other cases: against the bandwidth measured at the start). Writes docs/bench.md and
 docs/bench.png and prints the table.
 """
 
@@ -55,6 +60,44 @@ def _median_time(step, reps, warmup=2):
         step(warmup + i)
         times.append(time.perf_counter() - t)
     return statistics.median(times)
+
+
+# Pause before each turn: torch's OpenMP workers (libgomp's default policy)
+# spin for a few milliseconds after a parallel region, which would take the
+# cores from whatever runs next.
+SETTLE_S = 0.01
+
+
+def _interleaved_medians(steps: dict, reps: int, warm: int = 2) -> dict:
+    """Median time of each step; the steps take turns within every repetition.
+
+    This machine's memory bandwidth drifts by up to 2x over seconds (other
+    tenants): timing all of one implementation's runs and then the next's
+    would put that drift into the ratios. Each turn starts after SETTLE_S and
+    runs `warm` untimed calls first, so every step is timed as in a model's
+    consecutive layers: its own threads awake, no other library's threads
+    spinning."""
+    times = {name: [] for name in steps}
+    call = 0
+    for _ in range(reps):
+        for name, step in steps.items():
+            time.sleep(SETTLE_S)
+            for _ in range(warm):
+                step(call)
+                call += 1
+            t = time.perf_counter()
+            step(call)
+            times[name].append(time.perf_counter() - t)
+            call += 1
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def read_peer(total_bytes: int):
+    """A multithreaded sum over `total_bytes` (torch, float32): the read
+    bandwidth of the moment, timed alongside a decode case's implementations."""
+    import torch
+    a = torch.ones(max(1, total_bytes // 4), dtype=torch.float32)
+    return (lambda i: a.sum()), a.numel() * 4
 
 
 def measure_read_bandwidth() -> float:
@@ -129,17 +172,26 @@ def run(args) -> int:
                         steps["torch_xla"] = peers.torch_xla_peer(qws[:rot], x, scheme)
                     except Exception as e:  # noqa: BLE001  a peer that cannot run is reported, not fatal
                         print(f"  torch_xla unavailable for {scheme.name}: {e!r}"[:200])
+                fast = {name: step for name, step in steps.items()
+                        if step is not None and name not in ("xla", "torch_xla")}
+                read_bytes = None
+                if m <= DECODE_MAX_M:  # DRAM-bound: the read bandwidth of the same moments
+                    fast["read"], read_bytes = read_peer(copies * nbytes)
                 times = {}
-                for name, step in steps.items():
-                    if step is None:
+                try:
+                    times = _interleaved_medians(fast, args.reps)
+                except Exception as e:  # noqa: BLE001  a peer that cannot run is reported, not fatal
+                    print(f"  a fast peer failed for {scheme.name} M={m}: {e!r}"[:200])
+                for name in ("xla", "torch_xla"):
+                    if steps.get(name) is None:
                         continue
-                    slow = name in ("xla", "torch_xla")
                     try:
-                        times[name] = _median_time(step, args.slow_reps if slow else args.reps,
-                                                   warmup=1 if slow else 2)
+                        times[name] = _median_time(steps[name], args.slow_reps, warmup=1)
                     except Exception as e:  # noqa: BLE001
                         print(f"  {name} failed for {scheme.name} M={m}: {e!r}"[:200])
                 row = dict(k=k, n=n, m=m, scheme=scheme.name, bytes=nbytes, times=times)
+                if "read" in times:
+                    row["read_bw"] = read_bytes / times.pop("read") / 1e9
                 rows.append(row)
                 print(report.table([row], read_bw).splitlines()[-1], flush=True)
             del ws, qws
