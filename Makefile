@@ -21,5 +21,8 @@ test: venv
 test-slow: venv
 	$(PY) -m pytest -q -m slow
 
-bench: venv  # torch's peers run with their default OpenMP wait policy
-	env -u OMP_WAIT_POLICY $(VENV)/bin/xla-qops bench
+# bench: torch's peers with their default OpenMP wait policy, spinning briefly
+# after their turn; huge pages for XLA's buffers as numpy's get (docs/bench.md).
+bench: venv
+	env -u OMP_WAIT_POLICY GOMP_SPINCOUNT=20000 GLIBC_TUNABLES=glibc.malloc.hugetlb=1 \
+	  $(VENV)/bin/xla-qops bench

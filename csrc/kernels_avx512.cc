@@ -896,7 +896,6 @@ constexpr int64_t kStreamPairs = 4;  // k-pairs per sweep: weight rows read toge
 // sweep ahead into L2 (T1) took 0.30 ms.
 constexpr int64_t kStreamAhead = 2;
 
-
 // Groups [g0, g1) of all N columns (one K slice) into part[m][N]. The slice
 // is one contiguous run of memory, read in address order: a sweep multiplies
 // kStreamPairs weight rows (k-pairs) with every column, 64 at a time, and

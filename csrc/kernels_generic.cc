@@ -178,9 +178,19 @@ void store(const Problem& p, const float* rowexp, int64_t n0, int ncols, const f
 }  // namespace
 
 const Kernels& generic_kernels() {
-  static const Kernels k = {prep_a16, prep_a8, pack_a16, pack_a8, mk_a16, mk_a8,
-                            fin_a16,  fin_a8,  store,    nullptr, 0,       0,
-                            nullptr,  nullptr, nullptr,  nullptr, nullptr};
+  static const Kernels k = [] {
+    Kernels t{};  // the decode forms (dot, K slices) are AVX-512 only: null / 0
+    t.prep_a16 = prep_a16;
+    t.prep_a8 = prep_a8;
+    t.pack_a16 = pack_a16;
+    t.pack_a8 = pack_a8;
+    t.mk_a16 = mk_a16;
+    t.mk_a8 = mk_a8;
+    t.fin_a16 = fin_a16;
+    t.fin_a8 = fin_a8;
+    t.store = store;
+    return t;
+  }();
   return k;
 }
 

@@ -3,8 +3,7 @@
 from xla_qops.commands import bench
 
 
-def test_peers_take_turns_with_untimed_warm_calls(monkeypatch):
-    monkeypatch.setattr(bench, "SETTLE_S", 0.0)
+def test_peers_take_turns_with_untimed_warm_calls():
     calls = []
     steps = {name: (lambda i, name=name: calls.append((name, i))) for name in ("ours", "torch")}
     medians = bench._interleaved_medians(steps, reps=3, warm=2)

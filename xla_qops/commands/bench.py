@@ -8,9 +8,12 @@ Each case: the median of several runs of impl="custom_call" and of every peer
 (xla_qops/bench/peers.py), reported as peer time / our time, plus our
 effective GB/s (weight, scale and zero-point bytes / time). The fast peers run
 in turn within each repetition (the memory bandwidth here drifts by up to 2x
-over seconds; each takes two untimed calls before its timed one). torch runs
-with its default OpenMP wait policy (`make bench` unsets OMP_WAIT_POLICY),
-which is its fastest. Decode cases (M <= 16) rotate through enough distinct weights
+over seconds; each takes three untimed calls before its timed one). `make
+bench` runs torch with its default OpenMP wait policy (its workers spin
+between calls: its fastest), GOMP_SPINCOUNT=20000 so that they stop spinning
+soon after torch's turn, and GLIBC_TUNABLES=glibc.malloc.hugetlb=1 so that
+XLA's weight buffers get transparent huge pages as numpy's (torch's weights
+here) already do; the header records these. Decode cases (M <= 16) rotate through enough distinct weights
 to exceed twice the last-level cache, so they read from DRAM as a real
 model's layers would, and time a torch sum over the same bytes alongside: the
 "% of read BW" of a decode case is against that bandwidth of the same
@@ -62,26 +65,19 @@ def _median_time(step, reps, warmup=2):
     return statistics.median(times)
 
 
-# Pause before each turn: torch's OpenMP workers (libgomp's default policy)
-# spin for a few milliseconds after a parallel region, which would take the
-# cores from whatever runs next.
-SETTLE_S = 0.01
-
-
-def _interleaved_medians(steps: dict, reps: int, warm: int = 2) -> dict:
+def _interleaved_medians(steps: dict, reps: int, warm: int = 3) -> dict:
     """Median time of each step; the steps take turns within every repetition.
 
     This machine's memory bandwidth drifts by up to 2x over seconds (other
     tenants): timing all of one implementation's runs and then the next's
-    would put that drift into the ratios. Each turn starts after SETTLE_S and
-    runs `warm` untimed calls first, so every step is timed as in a model's
-    consecutive layers: its own threads awake, no other library's threads
-    spinning."""
+    would put that drift into the ratios. Each turn runs `warm` untimed calls
+    first, so every step is timed as in a model's consecutive layers, with its
+    own threads awake. (Pausing between turns made every peer erratic here:
+    idle virtual CPUs come back slowly.)"""
     times = {name: [] for name in steps}
     call = 0
     for _ in range(reps):
         for name, step in steps.items():
-            time.sleep(SETTLE_S)
             for _ in range(warm):
                 step(call)
                 call += 1
@@ -141,10 +137,12 @@ def run(args) -> int:
 
     read_bw = measure_read_bandwidth()
     llc = llc_bytes()
+    env = ", ".join(f"{v}={os.environ.get(v, '(unset)')}"
+                    for v in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "GLIBC_TUNABLES"))
     info = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, kernels "
             f"'{custom_call.isa()}' with {custom_call.num_threads()} threads, jax {jax.__version__}; "
             f"measured read bandwidth {read_bw:.1f} GB/s; LLC {llc >> 20} MiB; "
-            f"load average at start {os.getloadavg()[0]:.1f} (other jobs share the cores)")
+            f"load average at start {os.getloadavg()[0]:.1f} (other jobs share the cores); {env}")
     print(info, flush=True)
     rng = np.random.default_rng(0)
     rows = []
