@@ -919,10 +919,21 @@ void stream_a16_t(const Problem& p, const XA16& xa, int64_t g0, int64_t g1, floa
       const char* next = reinterpret_cast<const char*>(ws + kStreamAhead * kStreamPairs * pair_bytes);
       const uint16_t* xs = xa.xb + g * xa.Gp + 2 * s0;
       const bool first = s0 == 0, last = s0 + ns == pairs;
+      // The group's scale / zero-point rows are read by its last sweep; the
+      // sweep kStreamAhead before it (or the first) fetches them, a tile's
+      // 64 columns at a time.
+      const int64_t last_s0 = (pairs - 1) / kStreamPairs * kStreamPairs;
+      const int64_t fetch_s0 = last_s0 - kStreamAhead * kStreamPairs;
+      const bool fetch_sz = s0 == (fetch_s0 > 0 ? fetch_s0 : 0);
       for (int64_t t = 0; t < tiles; ++t) {
         const int64_t n0 = t * kNR;
         for (int64_t l = 0; l < lines_per_tile; ++l)
           _mm_prefetch(next + (t * lines_per_tile + l) * 64, _MM_HINT_NTA);
+        if (fetch_sz)
+          for (int64_t l = 0; l < kNR; l += 16) {
+            _mm_prefetch(reinterpret_cast<const char*>(sg + n0 + l), _MM_HINT_T1);
+            if (zg) _mm_prefetch(reinterpret_cast<const char*>(zg + n0 + l), _MM_HINT_T1);
+          }
         const __mmask64 m = t + 1 == tiles ? last_mask : ~0ull;
         float* a = acc + t * R * kNR;
         __m512 c[R][4];
