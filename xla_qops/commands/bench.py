@@ -197,9 +197,14 @@ def run(args) -> int:
     md = "\n\n".join([
         "# `xla-qops bench` results",
         f"Machine: {info}; load average at the end {os.getloadavg()[0]:.1f}. Times are medians; ratios are peer time / our time from the "
-        "same run (> 1 means ours is faster). GB/s counts the weight, scale and zero-point "
+        "same run (> 1 means ours is faster); the fast peers take turns within every "
+        "repetition, each turn three untimed calls then a timed one (impl=\"xla\" and "
+        "torch_xla are timed separately). GB/s counts the weight, scale and zero-point "
         "bytes read. Decode rows (M <= 16) rotate through distinct weights totalling more "
-        "than twice the LLC. See docs/cpu_kernels.md for what the kernels do.",
+        "than twice the LLC, and their % is of the read bandwidth of a torch sum over the "
+        "same bytes timed in the same turns (other rows: of the bandwidth measured at the "
+        "start). On this shared machine decode figures move by up to 1.5x between full "
+        "runs. See docs/cpu_kernels.md for what the kernels do.",
         "## Targets (issue #5 §3)",
         report.targets(rows, read_bw),
         "## All cases",
