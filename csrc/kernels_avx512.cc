@@ -649,6 +649,22 @@ constexpr int kMaxDotRows = 16;
 constexpr int kAhead = 8;
 constexpr int64_t kDotXBytes = 32 << 10;  // x bytes per K chunk
 
+// fn(Rows<R>{}) for R = rows, clamped to [1, kMax]: one instance of a
+// row-count template per count (a compile-time count keeps the accumulators
+// in registers). Hand-written, not std::integral_constant: no C++ library
+// templates in this file (see CMakeLists.txt).
+template <int R>
+struct Rows {
+  static constexpr int value = R;
+};
+template <int kMax, int R = 1, class Fn>
+inline void with_rows(int64_t rows, const Fn& fn) {
+  if constexpr (R < kMax) {
+    if (rows > R) return with_rows<kMax, R + 1>(rows, fn);
+  }
+  fn(Rows<R>{});
+}
+
 // xd for the A16 dot kernels, blocks of 128 features with the R rows of each
 // block together ([Kq/128][R][128]: one base pointer per step, the rows at
 // constant offsets). Within a block int8 weights use k order; packed int4
@@ -782,24 +798,9 @@ void dot_a16_t(const Problem& p, const XA16& xa, const uint16_t* xd, int64_t Kq,
 
 void dot_a16(const Problem& p, const XA16& xa, const uint16_t* xd, int64_t Kq, int64_t n0,
              int ncols, float* out) {
-  switch (p.M * xa.T) {
-    case 1: return dot_a16_t<1>(p, xa, xd, Kq, n0, ncols, out);
-    case 2: return dot_a16_t<2>(p, xa, xd, Kq, n0, ncols, out);
-    case 3: return dot_a16_t<3>(p, xa, xd, Kq, n0, ncols, out);
-    case 4: return dot_a16_t<4>(p, xa, xd, Kq, n0, ncols, out);
-    case 5: return dot_a16_t<5>(p, xa, xd, Kq, n0, ncols, out);
-    case 6: return dot_a16_t<6>(p, xa, xd, Kq, n0, ncols, out);
-    case 7: return dot_a16_t<7>(p, xa, xd, Kq, n0, ncols, out);
-    case 8: return dot_a16_t<8>(p, xa, xd, Kq, n0, ncols, out);
-    case 9: return dot_a16_t<9>(p, xa, xd, Kq, n0, ncols, out);
-    case 10: return dot_a16_t<10>(p, xa, xd, Kq, n0, ncols, out);
-    case 11: return dot_a16_t<11>(p, xa, xd, Kq, n0, ncols, out);
-    case 12: return dot_a16_t<12>(p, xa, xd, Kq, n0, ncols, out);
-    case 13: return dot_a16_t<13>(p, xa, xd, Kq, n0, ncols, out);
-    case 14: return dot_a16_t<14>(p, xa, xd, Kq, n0, ncols, out);
-    case 15: return dot_a16_t<15>(p, xa, xd, Kq, n0, ncols, out);
-    default: return dot_a16_t<16>(p, xa, xd, Kq, n0, ncols, out);
-  }
+  with_rows<kMaxDotRows>(p.M * xa.T, [&](auto rows) {
+    dot_a16_t<decltype(rows)::value>(p, xa, xd, Kq, n0, ncols, out);
+  });
 }
 
 template <int R>
@@ -867,24 +868,9 @@ void dot_a8_t(const Problem& p, const XA8& xa, const int8_t* xd, int64_t Kq, int
 
 void dot_a8(const Problem& p, const XA8& xa, const int8_t* xd, int64_t Kq, int64_t n0,
             int ncols, float* out) {
-  switch (p.M) {
-    case 1: return dot_a8_t<1>(p, xa, xd, Kq, n0, ncols, out);
-    case 2: return dot_a8_t<2>(p, xa, xd, Kq, n0, ncols, out);
-    case 3: return dot_a8_t<3>(p, xa, xd, Kq, n0, ncols, out);
-    case 4: return dot_a8_t<4>(p, xa, xd, Kq, n0, ncols, out);
-    case 5: return dot_a8_t<5>(p, xa, xd, Kq, n0, ncols, out);
-    case 6: return dot_a8_t<6>(p, xa, xd, Kq, n0, ncols, out);
-    case 7: return dot_a8_t<7>(p, xa, xd, Kq, n0, ncols, out);
-    case 8: return dot_a8_t<8>(p, xa, xd, Kq, n0, ncols, out);
-    case 9: return dot_a8_t<9>(p, xa, xd, Kq, n0, ncols, out);
-    case 10: return dot_a8_t<10>(p, xa, xd, Kq, n0, ncols, out);
-    case 11: return dot_a8_t<11>(p, xa, xd, Kq, n0, ncols, out);
-    case 12: return dot_a8_t<12>(p, xa, xd, Kq, n0, ncols, out);
-    case 13: return dot_a8_t<13>(p, xa, xd, Kq, n0, ncols, out);
-    case 14: return dot_a8_t<14>(p, xa, xd, Kq, n0, ncols, out);
-    case 15: return dot_a8_t<15>(p, xa, xd, Kq, n0, ncols, out);
-    default: return dot_a8_t<16>(p, xa, xd, Kq, n0, ncols, out);
-  }
+  with_rows<kMaxDotRows>(p.M, [&](auto rows) {
+    dot_a8_t<decltype(rows)::value>(p, xa, xd, Kq, n0, ncols, out);
+  });
 }
 
 // ---------------------------------------------------------------- blockwise decode
