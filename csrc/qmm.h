@@ -10,7 +10,8 @@
 //   blockwise   int8 [K/G, G, N] = [K, N]     int4 packed [K/2, N]
 // (packed: two's-complement nibbles, even k in the low nibble).
 //
-// Scheme of every kernel (driver.cc): output columns are cut into tiles of
+// Scheme of the panel path (driver.cc; the decode forms are described at
+// Kernels::dot_a16 and Kernels::stream_a16): output columns are cut into tiles of
 // kNR = 64 (one task each, so results do not depend on the thread count); for
 // each tile and group the weights are unpacked into a small "panel" in L1, in
 // the pair/quad-interleaved order that vdpbf16ps / vpdpbusd consume:
@@ -95,11 +96,11 @@ struct Kernels {
   // Per-channel decode in dot-product form: weight rows [N, K] are streamed
   // once, a few at a time, with no panel (null / 0 where not implemented).
   // x rows (R = M*T for A16, M for A8, R <= max_dot_rows) are first copied to
-  // xd [R][Kq] (Kq = Kp rounded up to 128, zero padded) in the order the
-  // weight unpacking produces. dot_* write out[m][c] like fin_* then store.
+  // xd [Kq/128][R][128] (Kq = Kp rounded up to 128, zero padded) in the order
+  // the weight unpacking produces. dot_* write out[m][c] like fin_* then store.
   // Optional (null = use mk_a16 + fin_a16): the A16 microkernel for T == 1
   // when a whole group fits one panel, with fin_a16's epilogue applied in
-  // registers: out[r] (= if init_out, else +=) s * acc - z * xsum[r * xsum_stride].
+  // registers: out[r] = (out[r] +) s * acc (- z * xsum[r * xsum_stride]).
   void (*mk_a16_fused)(int mr, const uint16_t* x, int64_t ldx, const uint32_t* panel,
                        int64_t steps, const float* s, const float* z, const float* xsum,
                        int64_t xsum_stride, int ncols, float* out, bool init_out);
