@@ -13,11 +13,12 @@ bench` runs torch with its default OpenMP wait policy (its workers spin
 between calls: its fastest), GOMP_SPINCOUNT=20000 so that they stop spinning
 soon after torch's turn, and GLIBC_TUNABLES=glibc.malloc.hugetlb=1 so that
 XLA's weight buffers get transparent huge pages as numpy's (torch's weights
-here) already do; the header records these. Decode cases (M <= 16) rotate through enough distinct weights
-to exceed twice the last-level cache, so they read from DRAM as a real
-model's layers would, and time a torch sum over the same bytes alongside: the
-"% of read BW" of a decode case is against that bandwidth of the same
-moments (other cases: against the bandwidth measured at the start). Writes docs/bench.md and
+here) already do; the header records these. Decode cases (M <= 16) rotate
+through enough distinct weights to exceed twice the last-level cache, so they
+read from DRAM as a real model's layers would, and time a torch sum over the
+same bytes alongside: the "% of read BW" of a decode case is against that
+bandwidth of the same moments (other cases: against the bandwidth measured
+at the start). Writes docs/bench.md and
 docs/bench.png and prints the table.
 """
 
