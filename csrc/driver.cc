@@ -120,7 +120,7 @@ void run_a16(const Problem& p, const Kernels& k) {
     k.dot_prep_a16(p, xa, xd, Kq);
     for_each_tile(tiles, [&](int64_t tile) {
       const int64_t n0 = tile * kNR;
-      const int ncols = static_cast<int>(p.N - n0 < kNR ? p.N - n0 : kNR);
+      const int ncols = tile_cols(p.N, n0);
       float* out = reinterpret_cast<float*>(tl_out.get(p.M * kNR * 4));
       k.dot_a16(p, xa, xd, Kq, n0, ncols, out);
       k.store(p, xa.rowexp, n0, ncols, out);
@@ -146,7 +146,7 @@ void run_a16(const Problem& p, const Kernels& k) {
   const int64_t chunk = 2 * kMaxSteps;  // padded-k per panel
   for_each_tile(tiles, [&](int64_t tile) {
     const int64_t n0 = tile * kNR;
-    const int ncols = static_cast<int>(p.N - n0 < kNR ? p.N - n0 : kNR);
+    const int ncols = tile_cols(p.N, n0);
     uint32_t* panel = reinterpret_cast<uint32_t*>(tl_panel.get(kMaxSteps * kNR * 4));
     float* acc = reinterpret_cast<float*>(tl_acc.get(R * kNR * 4));
     float* out = reinterpret_cast<float*>(tl_out.get(p.M * kNR * 4));
@@ -202,7 +202,7 @@ void run_a8(const Problem& p, const Kernels& k) {
     k.dot_prep_a8(p, xa, xd, Kq);
     for_each_tile(tiles, [&](int64_t tile) {
       const int64_t n0 = tile * kNR;
-      const int ncols = static_cast<int>(p.N - n0 < kNR ? p.N - n0 : kNR);
+      const int ncols = tile_cols(p.N, n0);
       float* out = reinterpret_cast<float*>(tl_out.get(p.M * kNR * 4));
       k.dot_a8(p, xa, xd, Kq, n0, ncols, out);
       k.store(p, nullptr, n0, ncols, out);
@@ -214,7 +214,7 @@ void run_a8(const Problem& p, const Kernels& k) {
   const int64_t chunk = 4 * kMaxSteps;
   for_each_tile(tiles, [&](int64_t tile) {
     const int64_t n0 = tile * kNR;
-    const int ncols = static_cast<int>(p.N - n0 < kNR ? p.N - n0 : kNR);
+    const int ncols = tile_cols(p.N, n0);
     uint32_t* panel = reinterpret_cast<uint32_t*>(tl_panel.get(kMaxSteps * kNR * 4));
     int32_t* acc = reinterpret_cast<int32_t*>(tl_acc.get(p.M * kNR * 4));
     float* out = reinterpret_cast<float*>(tl_out.get(p.M * kNR * 4));

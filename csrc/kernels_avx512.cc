@@ -986,7 +986,7 @@ void sum_slices(const Problem& p, const float* rowexp, const float* parts, int64
   const int64_t N = p.N;
   for (int64_t t = t0; t < t1; ++t) {
     const int64_t n0 = t * kNR;
-    const int ncols = static_cast<int>(N - n0 < kNR ? N - n0 : kNR);
+    const int ncols = tile_cols(N, n0);
     for (int64_t m = 0; m < p.M; ++m)
       for (int cb = 0; cb < 4; ++cb) {
         const __mmask16 mc = tail_mask(ncols - 16 * cb);

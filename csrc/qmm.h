@@ -68,6 +68,10 @@ struct XA8 {
 };
 
 static inline int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
+// Columns of the tile starting at column n0 of N (the last tile may be short).
+static inline int tile_cols(int64_t N, int64_t n0) {
+  return static_cast<int>(N - n0 < kNR ? N - n0 : kNR);
+}
 
 // One implementation per ISA; the driver calls through this table.
 struct Kernels {
