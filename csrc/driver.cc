@@ -10,7 +10,6 @@
 
 #include "cpu_features.h"
 #include "qmm.h"
-#include "thread_pool.h"
 
 namespace xqk {
 namespace {
@@ -72,10 +71,10 @@ double cpu_ms() {  // CPU time of the whole process: unaffected by other load
 }
 
 template <class Prep, class X>
-void prepare(const Problem& p, Prep prep, const X& xa) {
+void prepare(const Executor& ex, const Problem& p, Prep prep, const X& xa) {
   const int64_t rows = prep_rows_per_task(p);
   const int64_t tasks = (p.M + rows - 1) / rows;
-  parallel_for(tasks, [&](int64_t t) {
+  ex.parallel_for(tasks, [&](int64_t t) {
     int64_t m0 = t * rows, m1 = m0 + rows < p.M ? m0 + rows : p.M;
     prep(p, xa, m0, m1);
   });
@@ -84,23 +83,23 @@ void prepare(const Problem& p, Prep prep, const X& xa) {
 // Runs fn(tile) for every tile: each thread takes strips of consecutive tiles,
 // so the packers can prefetch the next tile (the same rows, 64 columns on).
 template <class Fn>
-void for_each_strip(int64_t tiles, const Fn& fn) {
-  const int64_t strips_wanted = 2 * static_cast<int64_t>(num_threads());
+void for_each_strip(const Executor& ex, int64_t tiles, const Fn& fn) {
+  const int64_t strips_wanted = 2 * static_cast<int64_t>(ex.num_threads());
   const int64_t per = (tiles + strips_wanted - 1) / strips_wanted;
   const int64_t strips = (tiles + per - 1) / per;
-  parallel_for(strips, [&](int64_t strip) {
+  ex.parallel_for(strips, [&](int64_t strip) {
     const int64_t t1 = (strip + 1) * per < tiles ? (strip + 1) * per : tiles;
     fn(strip * per, t1);
   });
 }
 template <class Fn>
-void for_each_tile(int64_t tiles, const Fn& fn) {
-  for_each_strip(tiles, [&](int64_t t0, int64_t t1) {
+void for_each_tile(const Executor& ex, int64_t tiles, const Fn& fn) {
+  for_each_strip(ex, tiles, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) fn(t);
   });
 }
 
-void run_a16(const Problem& p, const Kernels& k) {
+void run_a16(const Problem& p, const Kernels& k, const Executor& ex) {
   XA16 xa;
   xa.T = p.xt == kBF16 ? 1 : (p.xt == kF16 ? 2 : 3);
   xa.Gp = round_up(p.G, 2);
@@ -110,7 +109,7 @@ void run_a16(const Problem& p, const Kernels& k) {
   xa.rowexp = reinterpret_cast<float*>(tl_x[1].get(p.M * 4));
   xa.xsum = reinterpret_cast<float*>(tl_x[2].get(p.M * p.groups * 4));
   const double t0 = kTrace ? now_ms() : 0;
-  prepare(p, k.prep_a16, xa);
+  prepare(ex, p, k.prep_a16, xa);
   const double t1 = kTrace ? now_ms() : 0, c1 = kTrace ? cpu_ms() : 0;
 
   const int64_t tiles = (p.N + kNR - 1) / kNR;
@@ -118,7 +117,7 @@ void run_a16(const Problem& p, const Kernels& k) {
     const int64_t Kq = round_up(xa.Kp, 128);
     uint16_t* xd = reinterpret_cast<uint16_t*>(tl_x[3].get(R * Kq * 2));
     k.dot_prep_a16(p, xa, xd, Kq);
-    for_each_tile(tiles, [&](int64_t tile) {
+    for_each_tile(ex, tiles, [&](int64_t tile) {
       const int64_t n0 = tile * kNR;
       const int ncols = tile_cols(p.N, n0);
       float* out = reinterpret_cast<float*>(tl_out.get(p.M * kNR * 4));
@@ -132,19 +131,19 @@ void run_a16(const Problem& p, const Kernels& k) {
   if (p.blockwise && R <= k.max_stream_rows) {  // decode, blockwise: K slices, then their sum
     const int64_t slices = stream_slices(p);
     float* parts = reinterpret_cast<float*>(tl_parts.get(slices * p.M * p.N * 4));
-    parallel_for(slices, [&](int64_t sl) {
+    ex.parallel_for(slices, [&](int64_t sl) {
       float* acc = reinterpret_cast<float*>(tl_acc.get(tiles * R * kNR * 4));
       k.stream_a16(p, xa, sl * p.groups / slices, (sl + 1) * p.groups / slices, acc,
                    parts + sl * p.M * p.N);
     });
     const double t2 = kTrace ? now_ms() : 0;
-    for_each_strip(tiles, [&](int64_t t0, int64_t t1) { k.sum_slices(p, xa.rowexp, parts, slices, t0, t1); });
+    for_each_strip(ex, tiles, [&](int64_t t0, int64_t t1) { k.sum_slices(p, xa.rowexp, parts, slices, t0, t1); });
     if (kTrace) std::fprintf(stderr, "a16 stream M=%ld K=%ld N=%ld prep %.3f ms, slices %.3f ms, sum %.3f ms\n",
                              (long)p.M, (long)p.K, (long)p.N, t1 - t0, t2 - t1, now_ms() - t2);
     return;
   }
   const int64_t chunk = 2 * kMaxSteps;  // padded-k per panel
-  for_each_tile(tiles, [&](int64_t tile) {
+  for_each_tile(ex, tiles, [&](int64_t tile) {
     const int64_t n0 = tile * kNR;
     const int ncols = tile_cols(p.N, n0);
     uint32_t* panel = reinterpret_cast<uint32_t*>(tl_panel.get(kMaxSteps * kNR * 4));
@@ -182,7 +181,7 @@ void run_a16(const Problem& p, const Kernels& k) {
                            (long)p.M, (long)p.K, (long)p.N, t1 - t0, now_ms() - t1, cpu_ms() - c1);
 }
 
-void run_a8(const Problem& p, const Kernels& k) {
+void run_a8(const Problem& p, const Kernels& k, const Executor& ex) {
   XA8 xa;
   xa.Gp = round_up(p.G, 4);
   xa.Kp = p.groups * xa.Gp;
@@ -192,7 +191,7 @@ void run_a8(const Problem& p, const Kernels& k) {
   xa.sq = reinterpret_cast<int32_t*>(tl_x[2].get(mg * 4));
   xa.xzs = reinterpret_cast<float*>(tl_x[3].get(mg * 4));
   const double t0 = kTrace ? now_ms() : 0;
-  prepare(p, k.prep_a8, xa);
+  prepare(ex, p, k.prep_a8, xa);
   const double t1 = kTrace ? now_ms() : 0, c1 = kTrace ? cpu_ms() : 0;
 
   const int64_t tiles = (p.N + kNR - 1) / kNR;
@@ -200,7 +199,7 @@ void run_a8(const Problem& p, const Kernels& k) {
     const int64_t Kq = round_up(xa.Kp, 128);
     int8_t* xd = reinterpret_cast<int8_t*>(tl_x[4].get(p.M * Kq));
     k.dot_prep_a8(p, xa, xd, Kq);
-    for_each_tile(tiles, [&](int64_t tile) {
+    for_each_tile(ex, tiles, [&](int64_t tile) {
       const int64_t n0 = tile * kNR;
       const int ncols = tile_cols(p.N, n0);
       float* out = reinterpret_cast<float*>(tl_out.get(p.M * kNR * 4));
@@ -212,7 +211,7 @@ void run_a8(const Problem& p, const Kernels& k) {
     return;
   }
   const int64_t chunk = 4 * kMaxSteps;
-  for_each_tile(tiles, [&](int64_t tile) {
+  for_each_tile(ex, tiles, [&](int64_t tile) {
     const int64_t n0 = tile * kNR;
     const int ncols = tile_cols(p.N, n0);
     uint32_t* panel = reinterpret_cast<uint32_t*>(tl_panel.get(kMaxSteps * kNR * 4));
@@ -239,7 +238,7 @@ void run_a8(const Problem& p, const Kernels& k) {
 
 }  // namespace
 
-void run(const Problem& p) {
+void run(const Problem& p, const Executor& ex) {
   if (p.M == 0 || p.N == 0) return;
   const Kernels& k = kernels();
   if (p.K == 0) {  // empty contraction: y = 0
@@ -248,9 +247,9 @@ void run(const Problem& p) {
     return;
   }
   if (p.qa) {
-    run_a8(p, k);
+    run_a8(p, k, ex);
   } else {
-    run_a16(p, k);
+    run_a16(p, k, ex);
   }
 }
 

@@ -36,13 +36,18 @@ inline __m512 load_x16(const Problem& p, int64_t i, __mmask16 mask) {
 
 inline __mmask16 lanes(int64_t n) { return n >= 16 ? 0xffff : (n <= 0 ? 0 : (__mmask16)((1u << n) - 1)); }
 
+// max |x| over the group; NaN if any element is NaN (vmaxps alone would drop
+// it), so that a NaN row of an A8 product is NaN, as API.md's formula gives.
 template <XType XT>
 inline float group_absmax(const Problem& p, int64_t base, int64_t len) {
   __m512 mx = _mm512_setzero_ps();
-  int64_t k = 0;
-  for (; k + 16 <= len; k += 16) mx = _mm512_max_ps(mx, _mm512_abs_ps(load_x16<XT>(p, base + k, 0xffff)));
-  if (k < len) mx = _mm512_max_ps(mx, _mm512_abs_ps(load_x16<XT>(p, base + k, lanes(len - k))));
-  return _mm512_reduce_max_ps(mx);
+  __mmask16 nan = 0;
+  for (int64_t k = 0; k < len; k += 16) {
+    const __m512 v = load_x16<XT>(p, base + k, lanes(len - k));
+    mx = _mm512_max_ps(mx, _mm512_abs_ps(v));
+    nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+  }
+  return nan ? __builtin_nanf("") : _mm512_reduce_max_ps(mx);
 }
 
 // bf16 bits of v (exact when v has <= 8 significant bits), round to nearest even.

@@ -55,8 +55,11 @@ void prep_a8(const Problem& p, const XA8& xa, int64_t m0, int64_t m1) {
   for (int64_t m = m0; m < m1; ++m) {
     for (int64_t g = 0; g < p.groups; ++g) {
       const int64_t base = m * p.K + g * p.G;
-      float absmax = 0.0f;
-      for (int64_t kk = 0; kk < p.G; ++kk) absmax = std::fmax(absmax, std::fabs(load_x(p.x, p.xt, base + kk)));
+      float absmax = 0.0f;  // NaN if any element is (fmax alone would drop it)
+      for (int64_t kk = 0; kk < p.G; ++kk) {
+        const float v = std::fabs(load_x(p.x, p.xt, base + kk));
+        absmax = std::isnan(v) || std::isnan(absmax) ? v + absmax : std::fmax(absmax, v);
+      }
       const float inv = absmax == 0.0f ? 0.0f : 127.0f / absmax;
       int32_t sum = 0;
       int8_t* row = xa.xq + m * xa.Kp + g * xa.Gp;

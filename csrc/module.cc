@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "cpu_features.h"
+#include "problem.h"
 #include "qmm.h"
 #include "thread_pool.h"
 #include "xla/ffi/api/ffi.h"
@@ -55,40 +56,25 @@ ffi::Error QmmImpl(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Buffer<ffi::F32> sca
     default: return invalid("x: expected bfloat16, float16 or float32");
   }
   if (y->element_type() != x.element_type()) return invalid("y: expected x's dtype");
-  if (bits != 8 && bits != 4) return invalid("bits: expected 8 or 4");
   const bool packed = bits == 4;
   if (w.element_type() != (packed ? ffi::DataType::U8 : ffi::DataType::S8))
     return invalid("w: expected int8 (bits=8) or uint8 packed int4 (bits=4)");
-  p.bits = static_cast<int>(bits);
-  p.blockwise = block_size != -1;
+  const bool blockwise = block_size != -1;
   p.has_zp = has_zero_point != 0;
   p.qa = quantize_activation != 0;
 
   Operand ox, ow, os, oz, oy;
-  if (!split(x.dimensions(), 2, ox) || !split(w.dimensions(), p.blockwise ? 3 : 2, ow) ||
-      !split(scale.dimensions(), p.blockwise ? 2 : 1, os) ||
-      !split(zp.dimensions(), p.blockwise ? 2 : 1, oz) || !split(y->dimensions(), 2, oy))
+  if (!split(x.dimensions(), 2, ox) || !split(w.dimensions(), xqk::weight_rank(blockwise), ow) ||
+      !split(scale.dimensions(), xqk::scale_rank(blockwise), os) ||
+      !split(zp.dimensions(), xqk::scale_rank(blockwise), oz) || !split(y->dimensions(), 2, oy))
     return invalid("operand ranks do not match the scheme");
   p.M = ox.core[0];
   p.K = ox.core[1];
   p.N = oy.core[1];
   if (oy.core[0] != p.M) return invalid("y: rows differ from x");
-  if (p.blockwise) {
-    p.G = block_size;
-    if (p.G <= 0 || p.K % p.G != 0) return invalid("block_size must divide K");
-    p.groups = p.K / p.G;
-    if (ow.core[0] != p.groups || ow.core[1] != (packed ? p.G / 2 : p.G) || ow.core[2] != p.N ||
-        (packed && p.G % 2))
-      return invalid("w: shape does not match [K/B, B(/2), N]");
-    if (os.core[0] != p.groups || os.core[1] != p.N) return invalid("scale: expected [K/B, N]");
-  } else {
-    p.G = p.K;
-    p.groups = 1;
-    if (ow.core[0] != p.N || ow.core[1] != (packed ? p.K / 2 : p.K) || (packed && p.K % 2))
-      return invalid("w: shape does not match [N, K(/2)]");
-    if (os.core[0] != p.N) return invalid("scale: expected [N]");
-  }
-  if (p.has_zp && oz.core != os.core) return invalid("zero_point: expected scale's shape");
+  const std::string misfit =
+      xqk::fit_scheme(p, block_size, bits, ow.core, os.core, p.has_zp ? &oz.core : nullptr);
+  if (!misfit.empty()) return invalid(misfit);
 
   // Batch dims (from vmap): each operand's leading dims are the result's or 1.
   const size_t L = oy.lead.size();
@@ -120,7 +106,7 @@ ffi::Error QmmImpl(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Buffer<ffi::F32> sca
       p.x = xb;
       p.y = yb;
       p.M *= batch;
-      xqk::run(p);
+      xqk::run(p, xqk::pool_executor());
       return ffi::Error::Success();
     }
   }
@@ -137,7 +123,7 @@ ffi::Error QmmImpl(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Buffer<ffi::F32> sca
     p.scale = sb + offset(os);
     p.zp = p.has_zp ? zb + offset(oz) : nullptr;
     p.y = yb + b * p.M * p.N * xbytes;
-    xqk::run(p);
+    xqk::run(p, xqk::pool_executor());
     for (size_t i = L; i-- > 0;) {
       if (++idx[i] < oy.lead[i]) break;
       idx[i] = 0;

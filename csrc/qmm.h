@@ -25,6 +25,8 @@
 
 #include <cstdint>
 
+#include "executor.h"
+
 namespace xqk {
 
 enum XType : int { kBF16 = 0, kF16 = 1, kF32 = 2 };
@@ -132,7 +134,7 @@ const Kernels& avx512_kernels();  // only after cpu_features() says so
 // Panel/acc sizes.
 constexpr int64_t kMaxSteps = 128;  // panel: 128 x 64 dwords = 32 KiB
 
-// Runs the whole problem (multithreaded).
-void run(const Problem& p);
+// Runs the whole problem, its tasks on `ex`'s threads.
+void run(const Problem& p, const Executor& ex);
 
 }  // namespace xqk

@@ -2,7 +2,6 @@
 
 #include <sched.h>
 #include <unistd.h>
-#include <xmmintrin.h>
 
 #include <algorithm>
 #include <atomic>
@@ -28,15 +27,6 @@ int default_threads() {
   }
   return std::max(1u, std::thread::hardware_concurrency());
 }
-
-// Every task runs with the default floating-point environment (round to
-// nearest even, no flush-to-zero / denormals-are-zero), whatever the calling
-// thread had set: the same task gives the same bits on any thread.
-struct FloatEnv {
-  unsigned saved = _mm_getcsr();
-  FloatEnv() { _mm_setcsr(0x1f80); }
-  ~FloatEnv() { _mm_setcsr(saved); }
-};
 
 // Waking a sleeping thread costs tens of microseconds here (a futex wake and a
 // reschedule inside a VM): more than a whole decode matmul's share of work. So
@@ -185,5 +175,10 @@ void parallel_for(int64_t n_tasks, const std::function<void(int64_t)>& fn) {
 }
 int num_threads() { return pool().threads(); }
 void set_num_threads(int n) { pool().set_threads(n); }
+
+const Executor& pool_executor() {
+  static const Executor ex{&parallel_for, &num_threads};
+  return ex;
+}
 
 }  // namespace xqk

@@ -9,6 +9,8 @@
 #include <cstdint>
 #include <functional>
 
+#include "executor.h"
+
 namespace xqk {
 
 // Runs fn(task) for task in [0, n_tasks) and returns when all are done.
@@ -18,5 +20,8 @@ void parallel_for(int64_t n_tasks, const std::function<void(int64_t)>& fn);
 // process may run on (sched_getaffinity), or XLA_QOPS_NUM_THREADS if set.
 int num_threads();
 void set_num_threads(int n);  // n >= 1
+
+// parallel_for / num_threads above as an Executor (the XLA FFI path's).
+const Executor& pool_executor();
 
 }  // namespace xqk

@@ -156,6 +156,29 @@ def test_extreme_activation_magnitudes():
         check(run(x, qw, scheme), x, qw, scheme)
 
 
+NAN_ROW_SCHEMES = [Scheme(8, -1, True, False, False), Scheme(4, 32, False, True, False),
+                   Scheme(8, -1, True, False, True), Scheme(4, 32, True, True, True)]
+
+
+def nan_rows_check(run_impl, scheme, rng):
+    """A NaN in x makes its row NaN and an inf its row non-finite (API.md's formula
+    in float64 does), the other rows are untouched; for every impl."""
+    qw = make_weight(rng, n=40, k=64, scheme=scheme)
+    x = rng.standard_normal((4, 64)).astype(np.float32)
+    x[1, 5], x[2, 7] = np.nan, np.inf
+    y = np.asarray(run_impl(jnp.asarray(x, jnp.bfloat16), qw), np.float32)
+    assert np.isnan(y[1]).all() and not np.isfinite(y[2]).all()
+    assert np.isfinite(y[[0, 3]]).all()
+
+
+@pytest.mark.parametrize("scheme", NAN_ROW_SCHEMES, ids=lambda s: s.id)
+@pytest.mark.parametrize("impl", ["custom_call", "xla"])
+def test_nan_and_inf_stay_in_their_rows(scheme, impl):
+    nan_rows_check(lambda x, qw: xla_qops.quantized_matmul(
+        x, *op_args(qw), scheme.quantize_activation, impl=impl), scheme,
+        np.random.default_rng(11))
+
+
 def test_packed_and_unpacked_int4_are_identical():
     rng = np.random.default_rng(7)
     for block in (-1, 32):
@@ -274,6 +297,10 @@ def test_portable_kernels_match_the_reference():
                                               impl="custom_call")
                 ref.assert_close(y, x, qw.w, qw.scale, qw.zero_point, qw.block_size,
                                  s.quantize_activation)
+        from test_custom_call import NAN_ROW_SCHEMES, nan_rows_check
+        for s in NAN_ROW_SCHEMES:
+            nan_rows_check(lambda x, qw: xla_qops.quantized_matmul(
+                x, *op_args(qw), s.quantize_activation, impl="custom_call"), s, rng)
         print("generic ok")
     """)
     here = os.path.dirname(os.path.abspath(__file__))

@@ -27,10 +27,12 @@ def _is_int(v) -> bool:
 
 
 def linear_config(input_dim, output_dim, block_size, int4_weight) -> MatmulSpec:
-    """Checks an XlaQuantizedLinear configuration; returns its packed-storage spec.
+    """Checks an XlaQuantizedLinear configuration; returns its storage spec.
 
     The spec's `weight_shape` / `scale_shape` are the buffer layouts (API.md
-    section 2), int4 packed.
+    section 2). int4 is stored packed two per byte along the input features
+    where they pair up (even `input_dim` per-channel, even block size), and
+    unpacked in an int8 container (torch_xla's form) where they do not.
     """
     for name, v in (("input_dim", input_dim), ("output_dim", output_dim)):
         if not _is_int(v) or v <= 0:
@@ -40,14 +42,9 @@ def linear_config(input_dim, output_dim, block_size, int4_weight) -> MatmulSpec:
     if block_size != -1 and (block_size <= 0 or input_dim % block_size):
         raise ValueError(f"block_size: expected -1 (per-channel) or a positive divisor of "
                          f"input_dim={input_dim}, got {block_size}")
-    if int4_weight:
-        group = input_dim if block_size == -1 else block_size
-        if group % 2:
-            what = "input_dim" if block_size == -1 else "block_size"
-            raise ValueError(f"{what}: int4 weights are stored packed two per byte along "
-                             f"the input features, so {what} must be even, got {group}")
+    group = input_dim if block_size == -1 else block_size
     return MatmulSpec(in_features=input_dim, out_features=output_dim, block_size=block_size,
-                      bits=4 if int4_weight else 8, packed=bool(int4_weight),
+                      bits=4 if int4_weight else 8, packed=bool(int4_weight) and group % 2 == 0,
                       has_zero_point=False, quantize_activation=False, x_dtype="float32")
 
 
@@ -55,9 +52,11 @@ def quantized_weight(module, weight, weight_scaler, zero_point):
     """Checks tensors for `XlaQuantizedLinear.load_quantized_weight`.
 
     Accepted weights (API.md section 2): int8 `[out, in]` / `[in/B, B, out]`;
-    for int4 modules additionally torch_xla's unpacked form (int8 holding
-    [-8, 7], same shapes) or the packed form (uint8, `[out, in/2]` /
-    `[in/B, B/2, out]`).
+    int4 modules take torch_xla's unpacked form (int8 holding [-8, 7], same
+    shapes) and, where int4 is stored packed (`linear_config`), the packed
+    form (uint8, `[out, in/2]` / `[in/B, B/2, out]`). A zero point is
+    accepted by a module built with is_symmetric=True too, as torch_xla's
+    module does (the module then uses it).
 
     Returns:
       True if `weight` is unpacked int4 and must be packed before storing.
@@ -75,25 +74,31 @@ def quantized_weight(module, weight, weight_scaler, zero_point):
             raise ValueError(f"{name}: expected a tensor on {weight.device} like weight, "
                              f"got one on {t.device}")
 
-    packed_spec = linear_config(module.input_dim, module.output_dim, module.block_size,
-                                module.int4_weight)
-    unpacked_shape = dataclasses.replace(packed_spec, packed=False).weight_shape
+    storage = linear_config(module.input_dim, module.output_dim, module.block_size,
+                            module.int4_weight)
+    unpacked_shape = dataclasses.replace(storage, packed=False).weight_shape
     needs_packing = False
     if module.int4_weight:
-        if weight.dtype == torch.uint8 and tuple(weight.shape) == packed_spec.weight_shape:
+        if storage.packed and weight.dtype == torch.uint8 and tuple(weight.shape) == storage.weight_shape:
             pass
         elif weight.dtype == torch.int8 and tuple(weight.shape) == unpacked_shape:
-            needs_packing = True
+            needs_packing = storage.packed
+        elif not storage.packed and weight.dtype == torch.uint8:
+            what = "input_dim" if module.block_size == -1 else "block_size"
+            raise TypeError(f"weight: {where} has an odd {what}, so its int4 values cannot pair "
+                            f"up into bytes; pass them unpacked as int8 "
+                            f"{_shape(unpacked_shape)}, got uint8 {_shape(weight.shape)}")
         else:
             kind = "uint8" if weight.dtype == torch.uint8 else "int8"
-            expected = _shape(packed_spec.weight_shape if kind == "uint8" else unpacked_shape)
+            expected = _shape(storage.weight_shape if kind == "uint8" else unpacked_shape)
             if weight.dtype not in (torch.uint8, torch.int8):
-                raise TypeError(f"weight: {where} expects packed int4 as uint8 "
-                                f"{_shape(packed_spec.weight_shape)} or unpacked int4 as int8 "
+                packed_form = (f"packed int4 as uint8 {_shape(storage.weight_shape)} or "
+                               if storage.packed else "")
+                raise TypeError(f"weight: {where} expects {packed_form}unpacked int4 as int8 "
                                 f"{_shape(unpacked_shape)}, got {weight.dtype}")
             raise ValueError(f"weight: {where} expects {kind} weights of shape {expected}, "
                              f"got {_shape(weight.shape)}")
-        if needs_packing:
+        if weight.dtype == torch.int8:
             lo, hi = int(weight.min()), int(weight.max())
             if lo < -8 or hi > 7:
                 raise ValueError(f"weight: int4 values stored as int8 must lie in [-8, 7], "
@@ -112,12 +117,9 @@ def quantized_weight(module, weight, weight_scaler, zero_point):
         if not t.dtype.is_floating_point:
             raise TypeError(f"{name}: expected a floating dtype (float32, bfloat16 or "
                             f"float16), got {t.dtype}")
-        if tuple(t.shape) != packed_spec.scale_shape:
-            raise ValueError(f"{name}: {where} expects shape {_shape(packed_spec.scale_shape)} "
+        if tuple(t.shape) != storage.scale_shape:
+            raise ValueError(f"{name}: {where} expects shape {_shape(storage.scale_shape)} "
                              f"{layout}, got {_shape(t.shape)}")
-    if zero_point is not None and module.is_symmetric:
-        raise ValueError("zero_point: the module was built with is_symmetric=True and has no "
-                         "zero point; build it with is_symmetric=False to load one")
     return needs_packing
 
 

@@ -16,8 +16,16 @@ Buffers (`in` = input_dim, `out` = output_dim, B = block_size):
 | int8 blockwise | int8 `[in/B, B, out]` | `[in/B, out]` |
 | int4 per-channel | uint8 `[out, in/2]` | `[out]` |
 | int4 blockwise | uint8 `[in/B, B/2, out]` | `[in/B, out]` |
+| int4, odd `in` (per-channel) or odd B | int8 `[out, in]` / `[in/B, B, out]` holding [-8, 7] (unpacked: the values do not pair up into bytes) | as above |
 
-`zero_point` exists only when ``is_symmetric=False`` (torch_xla's default).
+`zero_point` exists when ``is_symmetric=False`` (torch_xla's default), or once
+one is loaded into a symmetric module (torch_xla's module uses it too).
+
+On CPU the module keeps its weight prepared for the C++ kernels
+(`torch_bridge._cpu_ops.PreparedWeight`: float32 scales, packed nibbles),
+made when the weight is loaded and after `.to()`; a forward that needs no
+gradient then goes straight to the kernels. The state_dict is always the
+buffers above.
 """
 
 from __future__ import annotations
@@ -25,16 +33,10 @@ from __future__ import annotations
 import torch
 
 import xla_qops
+from torch_bridge import _cpu_ops
 from torch_bridge import _jax_interop as interop
 from torch_bridge import checks
-from torch_bridge import op as _op  # noqa: F401  (registers torch.ops.xla.quantized_matmul)
-from xla_qops import packing
-
-
-def _pack_int4(weight: torch.Tensor, blockwise: bool) -> torch.Tensor:
-    """int8 in [-8, 7] -> packed uint8 (xla_qops.packing, run on the host once at load)."""
-    packed = packing.pack_int4(interop.to_jax(weight.cpu()), packing.input_axis(blockwise))
-    return interop.to_torch(packed).to(weight.device)
+from torch_bridge import op as _op
 
 
 class XlaQuantizedLinear(torch.nn.Module):
@@ -65,7 +67,8 @@ class XlaQuantizedLinear(torch.nn.Module):
         self.quantize_activation = bool(quantize_activation)
         xla_qops.dispatch.check_impl(impl)
         self.impl = impl
-        weight_dtype = torch.uint8 if int4_weight else torch.int8
+        self.packed = spec.packed
+        weight_dtype = torch.uint8 if spec.packed else torch.int8
         self.register_buffer("weight", torch.zeros(spec.weight_shape, dtype=weight_dtype))
         self.register_buffer("weight_scaler", torch.zeros(spec.scale_shape))
         self.register_buffer("zero_point",
@@ -74,6 +77,7 @@ class XlaQuantizedLinear(torch.nn.Module):
             self.bias = torch.nn.Parameter(torch.zeros(output_dim))
         else:
             self.register_parameter("bias", None)
+        self._prepare()
 
     @property
     def scheme(self) -> str:
@@ -103,8 +107,10 @@ class XlaQuantizedLinear(torch.nn.Module):
             weight, weight_scaler = interop.to_torch(qw.w), interop.to_torch(qw.scale)
             zero_point = None if qw.zero_point is None else interop.to_torch(qw.zero_point)
         needs_packing = checks.quantized_weight(self, weight, weight_scaler, zero_point)
-        if needs_packing:
-            weight = _pack_int4(weight, self.block_size != -1)
+        if needs_packing:  # on the host, once
+            weight = _cpu_ops.pack_int4(weight.cpu(), self.block_size != -1).to(weight.device)
+        if zero_point is not None and self.is_symmetric:
+            self.is_symmetric = False  # torch_xla's module stores and uses it too
         if zero_point is None and not self.is_symmetric:
             zero_point = torch.zeros_like(weight_scaler)
         # CPU buffers JAX cannot alias would be copied on every call.
@@ -113,6 +119,7 @@ class XlaQuantizedLinear(torch.nn.Module):
         self.weight = weight
         self.weight_scaler = weight_scaler
         self.zero_point = zero_point
+        self._prepare()
 
     @classmethod
     def from_float(cls, linear, *, bits: int = 8, block_size: int = -1, symmetric: bool = True,
@@ -134,15 +141,63 @@ class XlaQuantizedLinear(torch.nn.Module):
         # reciprocal, and scales would differ from xla_qops.quantize_weight's
         # (correctly rounded) ones in the last bit.
         qw = xla_qops.quantize_weight(interop.to_jax(w), bits=bits, block_size=block_size,
-                                      symmetric=symmetric, pack=True)
+                                      symmetric=symmetric, pack=module.packed)
         module.load_quantized_weight(qw)
         if linear.bias is not None:
             module.bias = torch.nn.Parameter(linear.bias.detach().to("cpu").clone(),
                                              requires_grad=linear.bias.requires_grad)
         return module.to(linear.weight.device)
 
+    # ------------------------------------------------------------------ prepared weight
+
+    def _prepare(self):
+        """Makes the C++ kernels' form of the weight (CPU buffers only), once per
+        load: on `load_quantized_weight`, after `.to()` and friends, on unpickling."""
+        self._x_checked = set()  # x signatures validated against this weight
+        self._cpu = None
+        if self.weight.device.type == "cpu" and _cpu_ops.available():
+            spec = checks.linear_config(self.input_dim, self.output_dim, self.block_size,
+                                        self.int4_weight)
+            self._cpu = _cpu_ops.prepare(self.weight, self.weight_scaler, self.zero_point, spec)
+        return self._cpu
+
+    def _apply(self, fn, *args, **kwargs):
+        result = super()._apply(fn, *args, **kwargs)
+        self._prepare()  # the buffers may have moved or changed dtype
+        return result
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state.pop("_cpu", None)  # rebuilt from the buffers on unpickling
+        state.pop("_x_checked", None)
+        return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self._prepare()
+
+    def _check_x(self, x):
+        """The op's validation of `x` against this weight, once per x signature."""
+        key = (x.dtype, x.dim(), x.shape[-1] if x.dim() else None)
+        if key not in self._x_checked:
+            _op.check(x, self.weight, self.weight_scaler, self.zero_point, self.block_size,
+                      self.int4_weight, self.quantize_activation, self.impl)
+            self._x_checked.add(key)
+
+    # ------------------------------------------------------------------ forward
+
     def forward(self, x):
-        if self.impl == "auto":
+        prepared = self._cpu
+        if (prepared is not None and x.device.type == "cpu"
+                and self.impl in _cpu_ops.DIRECT_IMPLS
+                and not (x.requires_grad and torch.is_grad_enabled())
+                and not torch.compiler.is_compiling()):
+            # Straight to the kernels (no autograd needed).
+            if not prepared.is_current(self.weight, self.weight_scaler, self.zero_point):
+                prepared = self._prepare()  # buffers edited in place or reassigned
+            self._check_x(x)
+            y = _cpu_ops.matmul(x, prepared, self.quantize_activation)
+        elif self.impl == "auto":
             y = torch.ops.xla.quantized_matmul(
                 x, self.weight, self.weight_scaler, self.zero_point, block_size=self.block_size,
                 int4_weight=self.int4_weight, quantize_activation=self.quantize_activation)
@@ -162,7 +217,9 @@ class XlaQuantizedLinear(torch.nn.Module):
         # current buffers, which would cast them; they land on the module's
         # current device. The bias is copied like nn.Linear's.
         device = self.weight.device
-        names = ["weight", "weight_scaler"] + ([] if self.is_symmetric else ["zero_point"])
+        # A symmetric module takes a zero point too (load_quantized_weight).
+        has_zero_point = not self.is_symmetric or prefix + "zero_point" in state_dict
+        names = ["weight", "weight_scaler"] + (["zero_point"] if has_zero_point else [])
         if self.bias is not None:
             names.append("bias")
         found = {n: state_dict[prefix + n] for n in names if prefix + n in state_dict}
@@ -192,7 +249,8 @@ class XlaQuantizedLinear(torch.nn.Module):
                  layout, "symmetric" if self.is_symmetric else "asymmetric (zero_point)",
                  f"bias={self.bias is not None}"]
         if self.int4_weight:
-            parts.append("int4 packed")
+            parts.append("int4 packed" if self.packed else
+                         "int4 unpacked (int8; odd group size, nibbles cannot pair)")
         if self.impl != "auto":
             parts.append(f"impl={self.impl!r}")
         return ", ".join(parts)

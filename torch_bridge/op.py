@@ -30,7 +30,12 @@ Registration, in this order, whatever the import order of the user's code:
 
 Validation is xla_qops.spec.check_args, applied to tensor shapes and dtypes
 before anything is converted (also in the fake kernel, so torch.compile
-reports the same errors as eager).
+reports the same errors as eager), once per distinct signature.
+
+Routes: CPU tensors with ``impl`` "auto" or "custom_call" go straight to the
+C++ kernels (`_cpu_ops`, a torch operator on torch's thread pool); other
+impls on CPU tensors, and every backward pass, go to JAX by DLPack
+(`_jax_interop`); XLA tensors are embedded in torch_xla's graph by call_jax.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ import warnings
 
 import torch
 
+from torch_bridge import _cpu_ops
 from torch_bridge import _jax_interop as interop
 from xla_qops import dispatch
 from xla_qops.spec import MatmulSpec, check_args
@@ -83,6 +89,40 @@ def _statics(block_size, int4_weight, quantize_activation, impl) -> dict:
 
 
 def _check(x, w, scale, zero_point, static) -> MatmulSpec:
+    """All argument checks of the op, run once per distinct signature (devices,
+    dtypes, the shapes validation reads, static arguments); later calls with the
+    same signature reuse the spec. Symbolic shapes (torch.compile) are never
+    cached."""
+    key = (x.device, x.dtype, x.dim(), x.shape[-1] if x.dim() else None,
+           w.device, w.dtype, w.shape, scale.device, scale.dtype, scale.shape,
+           None if zero_point is None else (zero_point.device, zero_point.dtype,
+                                             zero_point.shape),
+           static["block_size"], static["int4_weight"], static["quantize_activation"],
+           static["impl"])
+    try:
+        spec = _SPECS.get(key)
+    except TypeError:  # unhashable symbolic sizes
+        return _check_uncached(x, w, scale, zero_point, static)
+    if spec is None:
+        spec = _check_uncached(x, w, scale, zero_point, static)
+        if len(_SPECS) >= _MAX_SPECS:
+            _SPECS.clear()
+        _SPECS[key] = spec
+    return spec
+
+
+_SPECS: dict = {}
+_MAX_SPECS = 4096
+
+
+def check(x, w, scale, zero_point=None, block_size=-1, int4_weight=False,
+          quantize_activation=False, impl="auto") -> MatmulSpec:
+    """The op's validation (what a call with these arguments would raise)."""
+    return _check(x, w, scale, zero_point,
+                  _statics(block_size, int4_weight, quantize_activation, impl))
+
+
+def _check_uncached(x, w, scale, zero_point, static) -> MatmulSpec:
     """All argument checks of the op: devices here, the rest in xla_qops.spec."""
     dispatch.check_impl(static["impl"])
     if x.device.type not in ("cpu", "xla", "meta"):
@@ -131,18 +171,26 @@ def _impl_for_xla_tensors(impl: str) -> str:
 # Kernels.
 
 def _run(backward: bool, tensors, static):
-    """Forward or backward on `tensors` (x is tensors[-4]): DLPack on CPU,
-    call_jax on XLA."""
+    """Forward or backward on `tensors` (x is tensors[-4]) through JAX: DLPack
+    on CPU, call_jax on XLA."""
     if tensors[-4].device.type == "xla":
         static = dict(static, impl=_impl_for_xla_tensors(static["impl"]))
         return interop.run_on_xla(backward, tensors, **static)
     return interop.run_on_cpu(backward, tensors, **static)
 
 
+def runs_direct(x, impl: str) -> bool:
+    """Whether a forward on `x` goes straight to the C++ kernels (`_cpu_ops`)."""
+    return x.device.type == "cpu" and impl in _cpu_ops.DIRECT_IMPLS and _cpu_ops.available()
+
+
 def _forward(x, w, scale, zero_point=None, block_size=-1, int4_weight=False,
              quantize_activation=False, impl="auto"):
     static = _statics(block_size, int4_weight, quantize_activation, impl)
-    _check(x, w, scale, zero_point, static)
+    spec = _check(x, w, scale, zero_point, static)
+    if runs_direct(x, static["impl"]):
+        prepared = _cpu_ops.prepare(w, scale, zero_point, spec)
+        return _cpu_ops.matmul(x, prepared, static["quantize_activation"])
     return _run(False, (x, w, scale, zero_point), static)
 
 

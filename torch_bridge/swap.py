@@ -88,7 +88,7 @@ def _model_bytes(model: torch.nn.Module) -> int:
     return total
 
 
-def _skip_reason(name, module, parents, bits, block_size, filter_fn):
+def _skip_reason(name, module, parents, block_size, filter_fn):
     """Why `module` is not swapped, or None."""
     if filter_fn is not None and not filter_fn(name, module):
         return "filter_fn returned False"
@@ -100,10 +100,6 @@ def _skip_reason(name, module, parents, bits, block_size, filter_fn):
     in_features = module.in_features
     if block_size != -1 and in_features % block_size:
         return f"in_features={in_features} is not divisible by block_size={block_size}"
-    if bits == 4 and block_size == -1 and in_features % 2:
-        return f"in_features={in_features} is odd; packed int4 needs pairs of input features"
-    if bits == 4 and block_size != -1 and block_size % 2:
-        return f"block_size={block_size} is odd; packed int4 needs pairs of input features"
     return None
 
 
@@ -147,7 +143,7 @@ def quantize_model(model, *, scheme: str = "w8a16", block_size: int = -1,
         if not isinstance(module, torch.nn.Linear):
             continue
         holders = parents.get(id(module), [])
-        reason = _skip_reason(name, module, holders, bits, block_size, filter_fn)
+        reason = _skip_reason(name, module, holders, block_size, filter_fn)
         if reason is not None:
             skipped.append(SkippedLayer(name, reason))
             continue

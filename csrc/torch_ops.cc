@@ -1,0 +1,128 @@
+// The kernels as a torch operator, for torch CPU tensors: no JAX, no DLPack,
+// and the tasks run on torch's own intra-op pool (at::parallel_for), so that
+// torch's OpenMP workers and the kernels never compete for the cores.
+//
+//   xla_qops_cpu::quantized_matmul(Tensor x, Tensor w, Tensor scale,
+//       Tensor? zero_point, int block_size, int bits, bool quantize_activation)
+//       -> Tensor
+//
+// x [..., K] (bf16/f16/f32, any strides); w, scale, zero_point as the FFI
+// target takes them (module.cc): API.md layouts, contiguous, w int8 (bits 8)
+// or packed uint8 (bits 4), scale / zero_point float32. The result is
+// [..., N] in x's dtype, bit-identical to the FFI target's for the same
+// inputs (same kernels; results do not depend on the thread count).
+//
+// torch_bridge/cpu_ops.py validates the user's arguments (xla_qops.spec) and
+// prepares w / scale / zero_point; the checks here only keep the kernels
+// in bounds.
+//
+// Built only when torch is importable at build time (CMakeLists.txt); the
+// module is loaded by importing it after torch (it registers the operator
+// from static initializers, and torch's libraries satisfy its links).
+// Compiled with -fopenmp: at::parallel_for is inline and uses the OpenMP
+// runtime that torch already loaded (torch/lib/libgomp.so.1, same soname).
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <Python.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <optional>
+#include <vector>
+
+#include "problem.h"
+#include "qmm.h"
+
+namespace {
+
+// Tasks are pulled from a shared counter by each of torch's threads (the
+// driver's tasks are not of equal cost; a static split would idle threads).
+void torch_parallel_for(int64_t n_tasks, const std::function<void(int64_t)>& fn) {
+  const int64_t workers = std::min<int64_t>(n_tasks, at::get_num_threads());
+  if (workers <= 1 || at::in_parallel_region()) {
+    xqk::FloatEnv env;
+    for (int64_t t = 0; t < n_tasks; ++t) fn(t);
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    xqk::FloatEnv env;
+    for (int64_t t = next.fetch_add(1); t < n_tasks; t = next.fetch_add(1)) fn(t);
+  });
+}
+
+int torch_threads() { return at::get_num_threads(); }
+
+const xqk::Executor kTorchExecutor{&torch_parallel_for, &torch_threads};
+
+std::vector<int64_t> dims(const at::Tensor& t) { return t.sizes().vec(); }
+
+at::Tensor quantized_matmul(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale,
+                            const std::optional<at::Tensor>& zero_point, int64_t block_size,
+                            int64_t bits, bool quantize_activation) {
+  const char* op = "xla_qops_cpu::quantized_matmul: ";
+  for (const at::Tensor* t : {&x, &w, &scale})
+    TORCH_CHECK(t->device().is_cpu(), op, "expected CPU tensors");
+  xqk::Problem p{};
+  switch (x.scalar_type()) {
+    case at::kBFloat16: p.xt = xqk::kBF16; break;
+    case at::kHalf: p.xt = xqk::kF16; break;
+    case at::kFloat: p.xt = xqk::kF32; break;
+    default: TORCH_CHECK(false, op, "x: expected bfloat16, float16 or float32, got ", x.scalar_type());
+  }
+  TORCH_CHECK(x.dim() >= 1, op, "x: expected [..., K]");
+  TORCH_CHECK(w.scalar_type() == (bits == 4 ? at::kByte : at::kChar), op,
+              "w: expected int8 (bits=8) or uint8 packed int4 (bits=4), got ", w.scalar_type());
+  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.is_contiguous(), op,
+              "scale: expected contiguous float32");
+  TORCH_CHECK(w.is_contiguous(), op, "w: expected a contiguous tensor");
+  const bool has_zp = zero_point.has_value();
+  if (has_zp) {
+    TORCH_CHECK(zero_point->device().is_cpu() && zero_point->scalar_type() == at::kFloat &&
+                    zero_point->is_contiguous(),
+                op, "zero_point: expected contiguous float32 on the CPU");
+  }
+  p.K = x.size(-1);
+  const bool blockwise = block_size != -1;
+  TORCH_CHECK(w.dim() == static_cast<int64_t>(xqk::weight_rank(blockwise)), op,
+              "w: rank does not match block_size");
+  p.N = blockwise ? w.size(2) : w.size(0);
+  std::vector<int64_t> zp_dims = has_zp ? dims(*zero_point) : std::vector<int64_t>{};
+  const std::string misfit =
+      xqk::fit_scheme(p, block_size, bits, dims(w), dims(scale), has_zp ? &zp_dims : nullptr);
+  TORCH_CHECK(misfit.empty(), op, misfit);
+  p.has_zp = has_zp;
+  p.qa = quantize_activation;
+
+  std::vector<int64_t> out_shape = x.sizes().vec();
+  out_shape.back() = p.N;
+  p.M = 1;
+  for (int64_t i = 0; i + 1 < x.dim(); ++i) p.M *= x.size(i);
+  const at::Tensor x2 = x.reshape({p.M, p.K}).contiguous();
+  at::Tensor y = at::empty({p.M, p.N}, x.options());
+  p.x = x2.const_data_ptr();
+  p.w = static_cast<const uint8_t*>(w.const_data_ptr());
+  p.scale = scale.const_data_ptr<float>();
+  p.zp = has_zp ? zero_point->const_data_ptr<float>() : nullptr;
+  p.y = y.mutable_data_ptr();
+  xqk::run(p, kTorchExecutor);  // M == 0 or N == 0: nothing; K == 0: zeros
+  return y.view(out_shape);
+}
+
+}  // namespace
+
+TORCH_LIBRARY(xla_qops_cpu, m) {
+  m.def("quantized_matmul(Tensor x, Tensor w, Tensor scale, Tensor? zero_point, int block_size, "
+        "int bits, bool quantize_activation) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(xla_qops_cpu, CPU, m) { m.impl("quantized_matmul", &quantized_matmul); }
+
+// Importing the module (after torch) is what registers the operator.
+static PyModuleDef kModule = {PyModuleDef_HEAD_INIT, "_torch_ops",
+                              "Registers torch.ops.xla_qops_cpu.quantized_matmul.", -1, nullptr,
+                              nullptr, nullptr, nullptr, nullptr};
+
+PyMODINIT_FUNC PyInit__torch_ops() { return PyModule_Create(&kModule); }

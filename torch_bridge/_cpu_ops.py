@@ -1,0 +1,131 @@
+"""Torch CPU tensors straight into the C++ kernels: no JAX, no DLPack.
+
+``torch_bridge._torch_ops`` (csrc/torch_ops.cc, built when torch is present at
+install time) registers ::
+
+    torch.ops.xla_qops_cpu.quantized_matmul(x, w, scale, zero_point, block_size, bits,
+                                             quantize_activation) -> Tensor
+
+the same kernels as the XLA FFI target of ``impl="custom_call"`` (bit-identical
+results), run on torch's intra-op thread pool. It takes the weight in the form
+the kernels read (`PreparedWeight`); `prepare` makes that form once, and
+`XlaQuantizedLinear` keeps it with the module, so a call only runs the kernel.
+
+Where the extension is missing (torch was not importable when the package
+was built), `available()` is False and torch_bridge uses the DLPack route
+into JAX instead (`_jax_interop.run_on_cpu`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+
+import torch
+
+try:
+    from torch_bridge import _torch_ops  # noqa: F401  (registers the operator)
+    _OP = torch.ops.xla_qops_cpu.quantized_matmul.default
+except ImportError:
+    _OP = None
+
+# impl values the direct route serves: the C++ kernels are what "auto" picks
+# on the host CPU, and what "custom_call" names.
+DIRECT_IMPLS = ("auto", "custom_call")
+
+
+def available() -> bool:
+    """Whether the torch operator was built (and registered)."""
+    return _OP is not None
+
+
+# How many weights `prepare` has made: a call that re-prepares a module's
+# weight is a bug the tests look for with this count.
+_preparations = 0
+_preparations_lock = threading.Lock()
+
+
+def preparations() -> int:
+    return _preparations
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class PreparedWeight:
+    """A quantized weight in the form the C++ kernels read.
+
+    Attributes:
+      w: contiguous; int8 (`bits` 8) or packed int4 as uint8 (`bits` 4), in
+        API.md's layout. An unpacked int4 weight (int8 holding [-8, 7]) is
+        packed, except where pairs do not fit (odd `in` per-channel, odd
+        block size): there it runs as int8, which holds [-8, 7] exactly, as
+        the JAX custom_call backend does, so the two routes agree bit for bit.
+      scale, zero_point: contiguous float32 (None: symmetric).
+      block_size: -1 per-channel, else B.
+      bits: what the kernels are told: 8, or 4 for packed nibbles.
+      sources: the tensors it was made from with their version counters;
+        `is_current` compares them, so in-place edits and reassignment of a
+        module's buffers are noticed.
+    """
+
+    w: torch.Tensor
+    scale: torch.Tensor
+    zero_point: torch.Tensor | None
+    block_size: int
+    bits: int
+    sources: tuple
+
+    def is_current(self, w, scale, zero_point) -> bool:
+        for (src, version), now in zip(self.sources, (w, scale, zero_point)):
+            if src is not now or (now is not None and now._version != version):
+                return False
+        return True
+
+
+def pack_int4(q: torch.Tensor, blockwise: bool) -> torch.Tensor:
+    """int8 in [-8, 7] -> uint8 pairs along the input features (API.md section 2;
+    `xla_qops.packing.pack_int4` for torch tensors)."""
+    axis = 1 if blockwise else q.dim() - 1
+    pairs = q.unflatten(axis, (q.shape[axis] // 2, 2)).to(torch.uint8)
+    low, high = pairs.select(axis + 1, 0), pairs.select(axis + 1, 1)
+    return ((low & 0xF) | ((high & 0xF) << 4)).contiguous()
+
+
+def _float32(t: torch.Tensor | None) -> torch.Tensor | None:
+    if t is None:
+        return None
+    return t.to(torch.float32).contiguous()  # no copy when it already is
+
+
+def prepare(w, scale, zero_point, spec) -> PreparedWeight:
+    """The kernels' form of a validated weight (`spec`: xla_qops.spec.MatmulSpec).
+
+    No copy is made of tensors already in that form (contiguous packed or
+    int8 weight, contiguous float32 scale and zero point): the result then
+    aliases the module's buffers.
+    """
+    global _preparations
+    bits = 8 if spec.bits == 8 or not spec.packed else 4
+    weight = w
+    if spec.bits == 4 and not spec.packed:
+        pairs_along = spec.block_size if spec.blockwise else spec.in_features
+        if pairs_along % 2 == 0:
+            weight, bits = pack_int4(w, spec.blockwise), 4
+    with _preparations_lock:
+        _preparations += 1
+    return PreparedWeight(
+        w=weight.contiguous(), scale=_float32(scale), zero_point=_float32(zero_point),
+        block_size=spec.block_size, bits=bits,
+        sources=tuple((t, None if t is None else t._version) for t in (w, scale, zero_point)))
+
+
+def matmul(x: torch.Tensor, weight: PreparedWeight, quantize_activation: bool) -> torch.Tensor:
+    """``[..., in] -> [..., out]`` in x's dtype, for a validated CPU `x`."""
+    return _OP(x, weight.w, weight.scale, weight.zero_point, weight.block_size, weight.bits,
+               quantize_activation)
+
+
+if _OP is not None:
+    @torch.library.register_fake("xla_qops_cpu::quantized_matmul")
+    def _fake(x, w, scale, zero_point, block_size, bits, quantize_activation):
+        out = w.shape[-1] if block_size != -1 else w.shape[0]
+        return x.new_empty((*x.shape[:-1], out))
