@@ -112,12 +112,15 @@ struct Kernels {
                        int64_t xsum_stride, int ncols, float* out, bool init_out);
   int max_dot_rows;
   // Blockwise decode (R = M*T <= max_stream_rows): the K groups [g0, g1) of
-  // one slice, all N columns, into part [M][N]; acc: [tiles][R][kNR] scratch.
-  // Each slice is one contiguous run of weight memory (see kernels_avx512.cc).
+  // one slice, the columns of tiles [t0, t1) (a column block), into part
+  // [M][N]; acc: [t1 - t0][R][kNR] scratch. Each slice is one contiguous run
+  // of weight memory, a block the same columns of each of its rows (see
+  // kernels_avx512.cc).
   // sum_slices then writes y for tiles [t0, t1): the slices' parts (stride
   // M*N floats) summed in slice order, times rowexp.
   int max_stream_rows;
-  void (*stream_a16)(const Problem&, const XA16&, int64_t g0, int64_t g1, float* acc, float* part);
+  void (*stream_a16)(const Problem&, const XA16&, int64_t g0, int64_t g1, int64_t t0, int64_t t1,
+                     float* acc, float* part);
   void (*sum_slices)(const Problem&, const float* rowexp, const float* parts, int64_t slices,
                      int64_t t0, int64_t t1);
   void (*dot_prep_a16)(const Problem&, const XA16&, uint16_t* xd, int64_t Kq);

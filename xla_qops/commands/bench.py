@@ -44,15 +44,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--m", default=DEFAULT_M, help=f"comma-separated token counts (default {DEFAULT_M})")
     parser.add_argument("--schemes", default=",".join(SCHEMES),
                         help=f"comma-separated subset of {', '.join(SCHEMES)}")
-    parser.add_argument("--reps", type=int, default=9, help="timed runs per fast implementation")
-    parser.add_argument("--slow-reps", type=int, default=3,
-                        help='timed runs for impl="xla" and torch_xla (slow)')
+    parser.add_argument("--reps", type=int, default=None,
+                        help="timed runs per fast implementation (default 9; --model: 3 "
+                             "generations per variant)")
+    parser.add_argument("--slow-reps", type=int, default=None,
+                        help='timed runs for impl="xla" and torch_xla, slow (default 3; '
+                             '--model: 1 for JAX bf16)')
     parser.add_argument("--quick", action="store_true",
                         help="4096x4096, M=1 and 256, fewer runs (a minute or two)")
     parser.add_argument("--torch-xla", choices=("some", "all", "none"), default="some",
                         help="torch_xla's op: 'some' = 4096x4096 with M <= 256 (it is slow)")
     parser.add_argument("--out", default="docs", help="directory for bench.md and bench.png")
     parser.add_argument("--no-write", action="store_true", help="print only")
+    model = parser.add_argument_group(
+        "end-to-end decoder (--model llama; writes bench_e2e.md/.png instead)")
+    model.add_argument("--model", choices=("llama",), default=None,
+                       help="benchmark a whole decoder's generate instead of single kernels")
+    model.add_argument("--layers", type=int, default=None,
+                       help="decoder layers (default 8 of TinyLlama-1.1B's 22: all 22 take "
+                            "about 3x the time and 20 GB)")
+    model.add_argument("--batch", default="1,4", help="comma-separated batch sizes (default 1,4)")
+    model.add_argument("--prefill", type=int, default=128, help="prompt tokens (default 128)")
+    model.add_argument("--decode", type=int, default=64, help="generated tokens (default 64)")
+    model.add_argument("--paths", default="eager,jax",
+                       help="eager (torch CPU tensors), jax (torchax, jitted) or both")
+    model.add_argument("--xla-layers", type=int, default=2,
+                       help="layers of the torch_xla-device section (static cache; its "
+                            "first generate compiles for minutes); 0 skips it (default 2)")
 
 
 def _median_time(step, reps, warmup=2):
@@ -124,10 +142,15 @@ def llc_bytes() -> int:
 
 
 def run(args) -> int:
+    if args.model:
+        from xla_qops.commands import bench_model
+        return bench_model.run(args)
     import jax
     from xla_qops.backends import custom_call
     from xla_qops.bench import peers, report
 
+    args.reps = 9 if args.reps is None else args.reps
+    args.slow_reps = 3 if args.slow_reps is None else args.slow_reps
     if args.quick:
         args.shapes, args.m, args.reps, args.slow_reps = "4096x4096", "1,256", 5, 2
     shapes = [tuple(int(v) for v in s.lower().split("x")) for s in args.shapes.split(",")]

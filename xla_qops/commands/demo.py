@@ -32,6 +32,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="synthetic: weight shape [out, in] (default 4096 4096)")
     parser.add_argument("--tokens", type=int, default=8, help="synthetic: rows of x (default 8)")
     parser.add_argument("--runs", type=int, default=5, help="timed calls per case (median)")
+    parser.add_argument("--decoder-layers", type=int, default=4,
+                        help="real model: layers of the decoder section (TinyLlama-1.1B's "
+                             "dimensions, random weights); 0 skips it (default 4)")
     parser.add_argument("--impls", default=None,
                         help="synthetic: comma-separated impls to time (default: every available one "
                              "except pallas, whose CPU interpret mode is for tests)")

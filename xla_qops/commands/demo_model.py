@@ -185,4 +185,35 @@ def run(args) -> int:
               f"{float(cos.mean()):>9.5f} {float(cos.min()):>8.5f} "
               + " ".join(f"{results[p][1]:>11.2f}" for p in paths)
               + f"  max diff {spread:.1e}", flush=True)
+    if args.decoder_layers:
+        decoder_section(args.decoder_layers, [p for p in ("eager", "jax") if p in paths])
     return 0
+
+
+def decoder_section(layers: int, paths) -> None:
+    """What quantization buys a decoder's `generate`: tokens/s of float, W4A16 and
+    W8A16 (lm_head quantized too) on each path, a few layers of the model that
+    `xla-qops bench --model llama` measures in full (docs/bench_e2e.md)."""
+    from xla_qops.bench import decoder
+    if not paths:
+        return
+    rows = [decoder.Variant("bf16", path) for path in paths]
+    rows += [decoder.Variant("xla_qops", path, scheme, block, True, True)
+             for path in paths for scheme, block in (("w4a16", 128), ("w8a16", -1))]
+    prompt, new = 32, 32
+    print(f"\nDecoder: LlamaForCausalLM with TinyLlama-1.1B's dimensions, {layers} of its "
+          f"{decoder.TINYLLAMA_LAYERS} layers, random bf16 weights; greedy generate, batch 1, "
+          f"{prompt}-token prompt, {new} new tokens (full benchmark: docs/bench_e2e.md)")
+    base = decoder.build_model(layers)
+    results = decoder.measure(base, rows, batch=1, prefill=prompt, decode=new, reps=2,
+                              log=lambda *a: None)
+    float_rate = {r.variant.path: r.decode_tok_s for r in results if r.variant.kind == "bf16"}
+    header = f"{'path':<6} {'weights':<16} {'MiB/token':>9} {'tokens/s':>9} {'vs float':>9}"
+    print(header)
+    print("-" * len(header))
+    for r in results:
+        v = r.variant
+        what = "float (bf16)" if v.kind == "bf16" else (
+            f"{v.scheme.upper()} {'g128' if v.block_size == 128 else 'pc'}")
+        print(f"{v.path:<6} {what:<16} {r.step_bytes / 2**20:>9.0f} {r.decode_tok_s:>9.1f} "
+              f"{r.decode_tok_s / float_rate[v.path]:>8.2f}x", flush=True)
