@@ -103,6 +103,27 @@ void for_each_tile(const Executor& ex, int64_t tiles, const Fn& fn) {
   });
 }
 
+// The blockwise decode's loop: K slices x column blocks, one task each (blocks
+// fastest: neighbouring tasks read neighbouring bytes of the same weight
+// rows), each writing its slice's partial sums part [M][N]; then the slices'
+// parts summed in slice order, a strip of tiles per task.
+//   slice(g0, g1, t0, t1, part)   groups [g0, g1), tiles [t0, t1)
+//   finish(parts, slices, t0, t1) tiles [t0, t1) of y
+template <class Slice, class Finish>
+void run_slices(const Executor& ex, const Problem& p, int64_t tiles, const Slice& slice,
+                const Finish& finish) {
+  const int64_t slices = stream_slices(p);
+  const int64_t blocks = (tiles + kStreamBlockTiles - 1) / kStreamBlockTiles;
+  float* parts = reinterpret_cast<float*>(tl_parts.get(slices * p.M * p.N * 4));
+  ex.parallel_for(slices * blocks, [&](int64_t task) {
+    const int64_t sl = task / blocks, b = task % blocks;
+    const int64_t t0 = b * kStreamBlockTiles;
+    const int64_t t1 = t0 + kStreamBlockTiles < tiles ? t0 + kStreamBlockTiles : tiles;
+    slice(sl * p.groups / slices, (sl + 1) * p.groups / slices, t0, t1, parts + sl * p.M * p.N);
+  });
+  for_each_strip(ex, tiles, [&](int64_t t0, int64_t t1) { finish(parts, slices, t0, t1); });
+}
+
 void run_a16(const Problem& p, const Kernels& k, const Executor& ex) {
   XA16 xa;
   xa.T = p.xt == kBF16 ? 1 : (p.xt == kF16 ? 2 : 3);
@@ -133,23 +154,14 @@ void run_a16(const Problem& p, const Kernels& k, const Executor& ex) {
     return;
   }
   if (p.blockwise && R <= k.max_stream_rows) {  // decode, blockwise: K slices, then their sum
-    const int64_t slices = stream_slices(p);
-    const int64_t blocks = (tiles + kStreamBlockTiles - 1) / kStreamBlockTiles;
-    float* parts = reinterpret_cast<float*>(tl_parts.get(slices * p.M * p.N * 4));
-    // Task = (slice, column block), blocks fastest: neighbouring tasks read
-    // neighbouring bytes of the same weight rows.
-    ex.parallel_for(slices * blocks, [&](int64_t task) {
-      const int64_t sl = task / blocks, b = task % blocks;
-      const int64_t t0 = b * kStreamBlockTiles;
-      const int64_t t1 = t0 + kStreamBlockTiles < tiles ? t0 + kStreamBlockTiles : tiles;
+    run_slices(ex, p, tiles, [&](int64_t g0, int64_t g1, int64_t t0, int64_t t1, float* part) {
       float* acc = reinterpret_cast<float*>(tl_acc.get((t1 - t0) * R * kNR * 4));
-      k.stream_a16(p, xa, sl * p.groups / slices, (sl + 1) * p.groups / slices, t0, t1, acc,
-                   parts + sl * p.M * p.N);
+      k.stream_a16(p, xa, g0, g1, t0, t1, acc, part);
+    }, [&](const float* parts, int64_t slices, int64_t t0, int64_t t1) {
+      k.sum_slices(p, xa.rowexp, parts, slices, t0, t1);
     });
-    const double t2 = kTrace ? now_ms() : 0;
-    for_each_strip(ex, tiles, [&](int64_t t0, int64_t t1) { k.sum_slices(p, xa.rowexp, parts, slices, t0, t1); });
-    if (kTrace) std::fprintf(stderr, "a16 stream M=%ld K=%ld N=%ld prep %.3f ms, slices %.3f ms, sum %.3f ms\n",
-                             (long)p.M, (long)p.K, (long)p.N, t1 - t0, t2 - t1, now_ms() - t2);
+    if (kTrace) std::fprintf(stderr, "a16 stream M=%ld K=%ld N=%ld prep %.3f ms, total %.3f ms\n",
+                             (long)p.M, (long)p.K, (long)p.N, t1 - t0, now_ms() - t0);
     return;
   }
   const int64_t chunk = 2 * kMaxSteps;  // padded-k per panel
@@ -218,6 +230,17 @@ void run_a8(const Problem& p, const Kernels& k, const Executor& ex) {
     });
     if (kTrace) std::fprintf(stderr, "a8 dot M=%ld K=%ld N=%ld prep %.3f ms, tiles %.3f ms, tiles cpu %.3f ms\n",
                              (long)p.M, (long)p.K, (long)p.N, t1 - t0, now_ms() - t1, cpu_ms() - c1);
+    return;
+  }
+  if (p.blockwise && p.M <= k.max_stream_rows_a8) {  // decode, blockwise: K slices, then their sum
+    run_slices(ex, p, tiles, [&](int64_t g0, int64_t g1, int64_t t0, int64_t t1, float* part) {
+      int32_t* acc = reinterpret_cast<int32_t*>(tl_acc.get((t1 - t0) * p.M * kNR * 4));
+      k.stream_a8(p, xa, g0, g1, t0, t1, acc, part);
+    }, [&](const float* parts, int64_t slices, int64_t t0, int64_t t1) {
+      k.sum_slices(p, nullptr, parts, slices, t0, t1);
+    });
+    if (kTrace) std::fprintf(stderr, "a8 stream M=%ld K=%ld N=%ld prep %.3f ms, total %.3f ms\n",
+                             (long)p.M, (long)p.K, (long)p.N, t1 - t0, now_ms() - t0);
     return;
   }
   const int64_t chunk = 4 * kMaxSteps;

@@ -121,6 +121,11 @@ struct Kernels {
   int max_stream_rows;
   void (*stream_a16)(const Problem&, const XA16&, int64_t g0, int64_t g1, int64_t t0, int64_t t1,
                      float* acc, float* part);
+  // Blockwise A8 decode (M <= max_stream_rows_a8): stream_a16's structure
+  // with the integer product; acc: [t1 - t0][M][kNR] int32 scratch.
+  int max_stream_rows_a8;
+  void (*stream_a8)(const Problem&, const XA8&, int64_t g0, int64_t g1, int64_t t0, int64_t t1,
+                    int32_t* acc, float* part);
   void (*sum_slices)(const Problem&, const float* rowexp, const float* parts, int64_t slices,
                      int64_t t0, int64_t t1);
   void (*dot_prep_a16)(const Problem&, const XA16&, uint16_t* xd, int64_t Kq);
