@@ -409,3 +409,24 @@ def test_activation_quantization_with_every_layout(bits, block):
     m = module_for(scheme)
     x = rand_x((3, 64), "float32")
     module_check(m, x, _outputs(m, x))
+
+
+def test_compiled_module_calls_the_direct_operator():
+    """Under torch.compile (no grad) the graph holds the prepared weight and the
+    direct operator; a bad x raises the op's error from its fake kernel."""
+    m = module_for(ASYM4)
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+    torch._dynamo.reset()
+    compiled = torch.compile(m, backend=backend, fullgraph=True)
+    x = rand_x((3, 64))
+    with torch.no_grad():
+        assert torch.equal(compiled(x), _outputs(m, x))
+        targets = {str(n.target) for n in graphs[0].graph.nodes if n.op == "call_function"}
+        assert "xla_qops_cpu.quantized_matmul.default" in targets
+        assert not any("xla.quantized_matmul" in t for t in targets)
+        with pytest.raises(Exception, match=r"w: expected shape \[3, 16, 40\]"):
+            compiled(rand_x((3, 96)))

@@ -23,6 +23,8 @@ import threading
 
 import torch
 
+from xla_qops.spec import check_args
+
 try:
     from torch_bridge import _torch_ops  # noqa: F401  (registers the operator)
     _OP = torch.ops.xla_qops_cpu.quantized_matmul.default
@@ -112,10 +114,17 @@ def prepare(w, scale, zero_point, spec) -> PreparedWeight:
             weight, bits = pack_int4(w, spec.blockwise), 4
     with _preparations_lock:
         _preparations += 1
-    return PreparedWeight(
+    prepared = PreparedWeight(
         w=weight.contiguous(), scale=_float32(scale), zero_point=_float32(zero_point),
         block_size=spec.block_size, bits=bits,
         sources=tuple((t, None if t is None else t._version) for t in (w, scale, zero_point)))
+    for t in (prepared.w, prepared.scale, prepared.zero_point):
+        if t is not None:
+            # A module's plain tensor attributes are graph inputs to dynamo;
+            # static shapes keep torch.compile(dynamic=True) from duck-sizing
+            # a weight dim with the batch dim (and then specializing both).
+            torch._dynamo.mark_static(t)
+    return prepared
 
 
 def matmul(x: torch.Tensor, weight: PreparedWeight, quantize_activation: bool) -> torch.Tensor:
@@ -127,5 +136,11 @@ def matmul(x: torch.Tensor, weight: PreparedWeight, quantize_activation: bool) -
 if _OP is not None:
     @torch.library.register_fake("xla_qops_cpu::quantized_matmul")
     def _fake(x, w, scale, zero_point, block_size, bits, quantize_activation):
-        out = w.shape[-1] if block_size != -1 else w.shape[0]
-        return x.new_empty((*x.shape[:-1], out))
+        # The op's validation (what eager reports for the module's x), so that
+        # torch.compile raises the same errors.
+        from torch_bridge._jax_interop import abstract
+        spec = check_args(abstract(x, "x", batch_dims=True), abstract(w, "w"),
+                          abstract(scale, "scale"),
+                          None if zero_point is None else abstract(zero_point, "zero_point"),
+                          block_size, bits == 4, quantize_activation)
+        return x.new_empty((*x.shape[:-1], spec.out_features))

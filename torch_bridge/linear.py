@@ -190,12 +190,14 @@ class XlaQuantizedLinear(torch.nn.Module):
         prepared = self._cpu
         if (prepared is not None and x.device.type == "cpu"
                 and self.impl in _cpu_ops.DIRECT_IMPLS
-                and not (x.requires_grad and torch.is_grad_enabled())
-                and not torch.compiler.is_compiling()):
-            # Straight to the kernels (no autograd needed).
-            if not prepared.is_current(self.weight, self.weight_scaler, self.zero_point):
-                prepared = self._prepare()  # buffers edited in place or reassigned
-            self._check_x(x)
+                and not (x.requires_grad and torch.is_grad_enabled())):
+            # Straight to the kernels (no autograd needed). Under torch.compile
+            # the operator's fake kernel validates x instead, and the graph
+            # holds the prepared tensors.
+            if not torch.compiler.is_compiling():
+                if not prepared.is_current(self.weight, self.weight_scaler, self.zero_point):
+                    prepared = self._prepare()  # buffers edited in place or reassigned
+                self._check_x(x)
             y = _cpu_ops.matmul(x, prepared, self.quantize_activation)
         elif self.impl == "auto":
             y = torch.ops.xla.quantized_matmul(
