@@ -29,6 +29,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <optional>
 #include <vector>
 
@@ -59,9 +60,17 @@ const xqk::Executor kTorchExecutor{&torch_parallel_for, &torch_threads};
 
 std::vector<int64_t> dims(const at::Tensor& t) { return t.sizes().vec(); }
 
-at::Tensor quantized_matmul(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale,
-                            const std::optional<at::Tensor>& zero_point, int64_t block_size,
-                            int64_t bits, bool quantize_activation) {
+// The checked problem of one call (y allocated); x2 keeps a contiguous copy
+// of a strided x alive.
+struct Call {
+  xqk::Problem p{};
+  at::Tensor x2, y;
+  std::vector<int64_t> out_shape;
+};
+
+Call make_call(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale,
+               const std::optional<at::Tensor>& zero_point, int64_t block_size, int64_t bits,
+               bool quantize_activation) {
   const char* op = "xla_qops_cpu::quantized_matmul: ";
   for (const at::Tensor* t : {&x, &w, &scale})
     TORCH_CHECK(t->device().is_cpu(), op, "expected CPU tensors");
@@ -96,19 +105,53 @@ at::Tensor quantized_matmul(const at::Tensor& x, const at::Tensor& w, const at::
   p.has_zp = has_zp;
   p.qa = quantize_activation;
 
-  std::vector<int64_t> out_shape = x.sizes().vec();
-  out_shape.back() = p.N;
+  Call call;
+  call.out_shape = x.sizes().vec();
+  call.out_shape.back() = p.N;
   p.M = 1;
   for (int64_t i = 0; i + 1 < x.dim(); ++i) p.M *= x.size(i);
-  const at::Tensor x2 = x.reshape({p.M, p.K}).contiguous();
-  at::Tensor y = at::empty({p.M, p.N}, x.options());
-  p.x = x2.const_data_ptr();
+  call.x2 = x.reshape({p.M, p.K}).contiguous();
+  call.y = at::empty({p.M, p.N}, x.options());
+  p.x = call.x2.const_data_ptr();
   p.w = static_cast<const uint8_t*>(w.const_data_ptr());
   p.scale = scale.const_data_ptr<float>();
   p.zp = has_zp ? zero_point->const_data_ptr<float>() : nullptr;
-  p.y = y.mutable_data_ptr();
-  xqk::run(p, kTorchExecutor);  // M == 0 or N == 0: nothing; K == 0: zeros
-  return y.view(out_shape);
+  p.y = call.y.mutable_data_ptr();
+  call.p = p;
+  return call;
+}
+
+at::Tensor quantized_matmul(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale,
+                            const std::optional<at::Tensor>& zero_point, int64_t block_size,
+                            int64_t bits, bool quantize_activation) {
+  Call call = make_call(x, w, scale, zero_point, block_size, bits, quantize_activation);
+  xqk::run(call.p, kTorchExecutor);  // M == 0 or N == 0: nothing; K == 0: zeros
+  return call.y.view(call.out_shape);
+}
+
+// The kernels' own time, for the benchmarks: `rounds` passes over the weights
+// (w[i], scale[i], zero_point[i]; distinct copies, so that a pass can read
+// more than the last-level cache holds), one call each, timed in C++ around
+// the same work quantized_matmul does for a call. Returns the seconds of
+// every call, [rounds * len(w)], float64.
+at::Tensor kernel_seconds(const at::Tensor& x, at::TensorList w, at::TensorList scale,
+                          const c10::List<std::optional<at::Tensor>>& zero_point,
+                          int64_t block_size, int64_t bits, bool quantize_activation,
+                          int64_t rounds) {
+  TORCH_CHECK(!w.empty() && scale.size() == w.size() && zero_point.size() == w.size(),
+              "xla_qops_cpu::kernel_seconds: expected equally many w, scale, zero_point");
+  std::vector<double> seconds;
+  for (int64_t r = 0; r < rounds; ++r)
+    for (size_t i = 0; i < w.size(); ++i) {
+      const auto start = std::chrono::steady_clock::now();
+      Call call = make_call(x, w[i], scale[i], zero_point.get(i), block_size, bits,
+                            quantize_activation);
+      xqk::run(call.p, kTorchExecutor);
+      seconds.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
+    }
+  at::Tensor out = at::empty({static_cast<int64_t>(seconds.size())}, at::kDouble);
+  std::copy(seconds.begin(), seconds.end(), out.mutable_data_ptr<double>());
+  return out;
 }
 
 }  // namespace
@@ -116,9 +159,14 @@ at::Tensor quantized_matmul(const at::Tensor& x, const at::Tensor& w, const at::
 TORCH_LIBRARY(xla_qops_cpu, m) {
   m.def("quantized_matmul(Tensor x, Tensor w, Tensor scale, Tensor? zero_point, int block_size, "
         "int bits, bool quantize_activation) -> Tensor");
+  m.def("kernel_seconds(Tensor x, Tensor[] w, Tensor[] scale, Tensor?[] zero_point, "
+        "int block_size, int bits, bool quantize_activation, int rounds) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(xla_qops_cpu, CPU, m) { m.impl("quantized_matmul", &quantized_matmul); }
+TORCH_LIBRARY_IMPL(xla_qops_cpu, CPU, m) {
+  m.impl("quantized_matmul", &quantized_matmul);
+  m.impl("kernel_seconds", &kernel_seconds);
+}
 
 // Importing the module (after torch) is what registers the operator.
 static PyModuleDef kModule = {PyModuleDef_HEAD_INIT, "_torch_ops",

@@ -77,10 +77,9 @@ class PreparedWeight:
     sources: tuple
 
     def is_current(self, w, scale, zero_point) -> bool:
-        for (src, version), now in zip(self.sources, (w, scale, zero_point)):
-            if src is not now or (now is not None and now._version != version):
-                return False
-        return True
+        (w0, wv), (s0, sv), (z0, zv) = self.sources  # unrolled: this runs every call
+        return (w is w0 and scale is s0 and zero_point is z0 and w._version == wv
+                and scale._version == sv and (z0 is None or zero_point._version == zv))
 
 
 def pack_int4(q: torch.Tensor, blockwise: bool) -> torch.Tensor:

@@ -177,12 +177,11 @@ class XlaQuantizedLinear(torch.nn.Module):
         self._prepare()
 
     def _check_x(self, x):
-        """The op's validation of `x` against this weight, once per x signature."""
-        key = (x.dtype, x.dim(), x.shape[-1] if x.dim() else None)
-        if key not in self._x_checked:
-            _op.check(x, self.weight, self.weight_scaler, self.zero_point, self.block_size,
-                      self.int4_weight, self.quantize_activation, self.impl)
-            self._x_checked.add(key)
+        """The op's validation of `x` against this weight (the forward runs it
+        once per x signature: dtype, features)."""
+        _op.check(x, self.weight, self.weight_scaler, self.zero_point, self.block_size,
+                  self.int4_weight, self.quantize_activation, self.impl)
+        self._x_checked.add((x.dtype, x.shape[-1:]))
 
     # ------------------------------------------------------------------ forward
 
@@ -195,9 +194,12 @@ class XlaQuantizedLinear(torch.nn.Module):
             # the operator's fake kernel validates x instead, and the graph
             # holds the prepared tensors.
             if not torch.compiler.is_compiling():
-                if not prepared.is_current(self.weight, self.weight_scaler, self.zero_point):
+                buffers = self._buffers  # (not self.weight: Module.__getattr__ is slow)
+                if not prepared.is_current(buffers["weight"], buffers["weight_scaler"],
+                                           buffers["zero_point"]):
                     prepared = self._prepare()  # buffers edited in place or reassigned
-                self._check_x(x)
+                if (x.dtype, x.shape[-1:]) not in self._x_checked:
+                    self._check_x(x)
             y = _cpu_ops.matmul(x, prepared, self.quantize_activation)
         elif self.impl == "auto":
             y = torch.ops.xla.quantized_matmul(
@@ -208,8 +210,9 @@ class XlaQuantizedLinear(torch.nn.Module):
                 x, self.weight, self.weight_scaler, self.zero_point, block_size=self.block_size,
                 int4_weight=self.int4_weight, quantize_activation=self.quantize_activation,
                 impl=self.impl)
-        if self.bias is not None:
-            y = y + self.bias.to(y.dtype)
+        bias = self._parameters["bias"]
+        if bias is not None:
+            y = y + bias.to(y.dtype)
         return y
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,

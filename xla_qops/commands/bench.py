@@ -147,7 +147,7 @@ def run(args) -> int:
         return bench_model.run(args)
     import jax
     from xla_qops.backends import custom_call
-    from xla_qops.bench import peers, report
+    from xla_qops.bench import module_calls, peers, report
 
     args.reps = 9 if args.reps is None else args.reps
     args.slow_reps = 3 if args.slow_reps is None else args.slow_reps
@@ -218,6 +218,11 @@ def run(args) -> int:
                 print(report.table([row], read_bw).splitlines()[-1], flush=True)
             del ws, qws
 
+    from torch_bridge import _cpu_ops
+    module_rows = []
+    if _cpu_ops.available():
+        print("per call through XlaQuantizedLinear (M=1, weights rotated):", flush=True)
+        module_rows = module_calls.measure(llc_bytes=llc, reps=args.reps)
     md = "\n\n".join([
         "# `xla-qops bench` results",
         f"Machine: {info}; load average at the end {os.getloadavg()[0]:.1f}. Times are medians; ratios are peer time / our time from the "
@@ -234,6 +239,13 @@ def run(args) -> int:
         "## All cases",
         report.table(rows, read_bw),
         "![bench](bench.png)",
+        *(["## Per call through `XlaQuantizedLinear` on torch CPU tensors (M=1)",
+           "The module's forward against the kernels' own time (timed in C++ around the same "
+           "work, no Python) and torch's int4 kernel in an nn.Module, each a pass over "
+           "distinct weight copies (more than twice the LLC), in turns; medians per call.",
+           module_calls.table(module_rows)] if module_rows else []),
+        "The end-to-end decoder benchmark (`xla-qops bench --model llama`): "
+        "[bench_e2e.md](bench_e2e.md).",
     ]) + "\n"
     print()
     print(report.table(rows, read_bw))
