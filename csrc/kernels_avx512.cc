@@ -881,11 +881,14 @@ void dot_a8(const Problem& p, const XA8& xa, const int8_t* xd, int64_t Kq, int64
 // ---------------------------------------------------------------- blockwise decode
 // See Kernels::stream_a16.
 constexpr int kMaxStreamRows = 4;
-constexpr int64_t kStreamPairs = 4;  // k-pairs per sweep: weight rows read together
+// k-pairs per sweep (weight rows read together): more rows of x share each
+// load and store of the accumulators kept between sweeps.
+constexpr int64_t stream_pairs(int rows) { return rows == 1 ? 4 : 8; }
 // Prefetch distance in sweeps, non-temporal (each weight line is used once):
 // measured at M=1 4096x4096, two sweeps ahead with NTA took 0.21 ms where one
 // sweep ahead into L2 (T1) took 0.30 ms.
 constexpr int64_t kStreamAhead = 2;
+constexpr int64_t kStreamAheadPairs = 8;  // the same distance in k-pairs
 
 // Groups [g0, g1) of the columns of tiles [t0, t1) (one K slice of one column
 // block) into part[m][N]. The slice is one contiguous run of memory; a block
@@ -902,6 +905,7 @@ template <int R, int BITS>
 void stream_a16_t(const Problem& p, const XA16& xa, int64_t g0, int64_t g1, int64_t t0,
                   int64_t t1, float* acc, float* part) {
   const PairUnpacker unpack;
+  constexpr int64_t SP = stream_pairs(R);
   const int64_t N = p.N, tiles = (N + kNR - 1) / kNR, pairs = xa.Gp / 2;
   const int64_t row_bytes = BITS == 4 ? N : 2 * N;  // weight bytes of one k-pair
   const int64_t rows_per_pair = BITS == 4 ? 1 : 2;
@@ -910,25 +914,25 @@ void stream_a16_t(const Problem& p, const XA16& xa, int64_t g0, int64_t g1, int6
   // may be short), and the lines of a later sweep each tile prefetches.
   const int64_t block_bytes = t1 == tiles ? N - t0 * kNR : (t1 - t0) * kNR;
   const int64_t block_lines = (block_bytes + 63) / 64;
-  const int64_t sweep_lines = kStreamPairs * rows_per_pair * block_lines;
+  const int64_t sweep_lines = SP * rows_per_pair * block_lines;
   const int64_t lines_per_tile = (sweep_lines + (t1 - t0) - 1) / (t1 - t0);
   for (int64_t g = g0; g < g1; ++g) {
     const uint8_t* wg = p.w + (BITS == 4 ? (g * p.G) / 2 : g * p.G) * N;
     const float* sg = p.scale + g * N;
     const float* zg = p.has_zp ? p.zp + g * N : nullptr;
-    for (int64_t s0 = 0; s0 < pairs; s0 += kStreamPairs) {
-      const int64_t ns = pairs - s0 < kStreamPairs ? pairs - s0 : kStreamPairs;
+    for (int64_t s0 = 0; s0 < pairs; s0 += SP) {
+      const int64_t ns = pairs - s0 < SP ? pairs - s0 : SP;
       const uint8_t* ws = wg + s0 * row_bytes;
       // The first row of the sweep kStreamAhead later, at this block's columns.
       const char* next = reinterpret_cast<const char*>(
-          ws + kStreamAhead * kStreamPairs * row_bytes + t0 * kNR);
+          ws + kStreamAheadPairs * row_bytes + t0 * kNR);
       const uint16_t* xs = xa.xb + g * xa.Gp + 2 * s0;
       const bool first = s0 == 0, last = s0 + ns == pairs;
       // The group's scale / zero-point rows are read by its last sweep; the
       // sweep kStreamAhead before it (or the first) fetches them, a tile's
       // 64 columns at a time.
-      const int64_t last_s0 = (pairs - 1) / kStreamPairs * kStreamPairs;
-      const int64_t fetch_s0 = last_s0 - kStreamAhead * kStreamPairs;
+      const int64_t last_s0 = (pairs - 1) / SP * SP;
+      const int64_t fetch_s0 = last_s0 - kStreamAheadPairs;
       const bool fetch_sz = s0 == (fetch_s0 > 0 ? fetch_s0 : 0);
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t n0 = t * kNR;
@@ -958,9 +962,9 @@ void stream_a16_t(const Problem& p, const XA16& xa, int64_t g0, int64_t g1, int6
             for (int cb = 0; cb < 4; ++cb) c[r][cb] = _mm512_dpbf16_ps(c[r][cb], xr, as_bh(w[cb]));
           }
         };
-        if (ns == kStreamPairs) {  // a constant trip count: unrolled, so tiles overlap
+        if (ns == SP) {  // a constant trip count: unrolled, so tiles overlap
 #pragma GCC unroll 8
-          for (int64_t s = 0; s < kStreamPairs; ++s) step(s);
+          for (int64_t s = 0; s < SP; ++s) step(s);
         } else {
           for (int64_t s = 0; s < ns; ++s) step(s);
         }
