@@ -897,10 +897,9 @@ constexpr int64_t kStreamAheadPairs = 8;  // the same distance in k-pairs
 // block, 64 at a time, and prefetches a later sweep's rows line by line in
 // address order. (Reading the rows interleaved, or a column strip of each
 // row, leaves DRAM bandwidth unused: ~33 GB/s against ~50 for an
-// address-order stream on this machine.) Column blocks keep the prefetch
-// distance and the accumulators within L1 for wide N (an lm_head's 32000
-// columns: 0.73 -> XX ms at M=1, K=2048); each column's arithmetic does not
-// depend on the blocking.
+// address-order stream on this machine.) A column block (the driver's
+// stream_blocks) reads the same span of each row; each column's arithmetic
+// does not depend on the blocking.
 template <int R, int BITS>
 void stream_a16_t(const Problem& p, const XA16& xa, int64_t g0, int64_t g1, int64_t t0,
                   int64_t t1, float* acc, float* part) {

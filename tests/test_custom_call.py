@@ -112,12 +112,14 @@ def test_blockwise_decode_slices(scheme):
                                     Scheme(8, 6, True, False, True), Scheme(8, 5, False, False, True),
                                     Scheme(4, 32, True, True, False), Scheme(8, 32, False, False, False)],
                          ids=lambda s: s.id)
-def test_blockwise_decode_column_blocks(scheme):
-    """Blockwise decode, A8 (M <= 4) and A16 (M*T <= 4): N = 2200 is two column
-    blocks of 32 tiles (the second short); K slices of several groups; groups
-    whose last quad of k is partly outside the group (B = 6, 5)."""
+@pytest.mark.parametrize("groups", [40, 2])
+def test_blockwise_decode_slices_and_column_blocks(scheme, groups):
+    """Blockwise decode, A8 (M <= 4) and A16 (M*T <= 4), N = 2200 (not a multiple
+    of 64): 40 groups make 16 K slices of 2-3 groups; 2 groups make 2 slices,
+    each cut into column blocks so that both threads have work; groups whose
+    last quad of k is partly outside the group (B = 6, 5)."""
     rng = np.random.default_rng(10)
-    k = 40 * scheme.block_size
+    k = groups * scheme.block_size
     qw = make_weight(rng, n=2200, k=k, scheme=scheme)
     for m, x_dtype in ((1, "bfloat16"), (2, "float32"), (3, "float16"), (4, "bfloat16")):
         x = make_x(rng, (m, k), x_dtype)
