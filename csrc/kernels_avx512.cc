@@ -1011,7 +1011,7 @@ constexpr int kMaxStreamRowsA8 = 4;
 constexpr int64_t kStreamQuads = 2;  // quads per sweep: 4 packed int4 rows, as stream_a16
 
 struct QuadUnpacker {  // 64 columns of one quad -> 4 x u8[4] (dword lanes, column order)
-  __m512i idx[4];
+  __m512i idx[4], pick02;
   QuadUnpacker() {
     // Dword i of quarter cb: bytes (a[16cb+i], a[16cb+i], b[16cb+i], b[16cb+i]).
     for (int cb = 0; cb < 4; ++cb) {
@@ -1022,54 +1022,54 @@ struct QuadUnpacker {  // 64 columns of one quad -> 4 x u8[4] (dword lanes, colu
       }
       idx[cb] = _mm512_load_si512(ix);
     }
-  }
-  // Packed rows a (k-pair 2s) and b (k-pair 2s+1; null: zeros): byte 0 of a
-  // lane is a's low nibble, byte 1 its high nibble, bytes 2-3 b's; + 8 each.
-  void int4(const uint8_t* a, const uint8_t* b, __mmask64 m, __m512i w[4]) const {
-    const __m512i va = _mm512_maskz_loadu_epi8(m, a);
-    const __m512i vb = b ? _mm512_maskz_loadu_epi8(m, b) : _mm512_setzero_si512();
-    for (int cb = 0; cb < 4; ++cb) {
-      const __m512i q = _mm512_permutex2var_epi8(va, idx[cb], vb);
-      // Odd bytes: the byte's high nibble, brought down by a 16-bit shift.
-      const __m512i odd = _mm512_srli_epi16(q, 4);
-      const __m512i sel = _mm512_ternarylogic_epi32(_mm512_set1_epi32(0xff00ff00), odd, q, 0xca);
-      w[cb] = _mm512_ternarylogic_epi32(sel, _mm512_set1_epi8(0x0f), _mm512_set1_epi8(0x08), 0x6a);
-    }
-  }
-  // int8 rows r[0..3] (null: zeros): lane bytes r0, r1, r2, r3 of the column, ^ 0x80.
-  void int8(const uint8_t* const r[4], __mmask64 m, __m512i w[4]) const {
-    __m512i v[4];
-    for (int j = 0; j < 4; ++j) v[j] = r[j] ? _mm512_maskz_loadu_epi8(m, r[j]) : _mm512_setzero_si512();
-    for (int cb = 0; cb < 4; ++cb) {
-      const __m512i p01 = _mm512_permutex2var_epi8(v[0], idx[cb], v[1]);  // r0 r0 r1 r1
-      const __m512i p23 = _mm512_permutex2var_epi8(v[2], idx[cb], v[3]);  // r2 r2 r3 r3
-      // bytes 0, 1 <- p01 bytes 0, 2; bytes 2, 3 <- p23 bytes 0, 2.
-      const __m512i lo = _mm512_shuffle_epi8(p01, pick02());
-      const __m512i hi = _mm512_slli_epi32(_mm512_shuffle_epi8(p23, pick02()), 16);
-      w[cb] = _mm512_xor_si512(_mm512_or_si512(lo, hi), _mm512_set1_epi8(static_cast<char>(0x80)));
-    }
-  }
-  static __m512i pick02() {  // per dword: bytes 0 and 2 into bytes 0 and 1
-    alignas(64) int8_t t[64];
+    alignas(64) int8_t t[64];  // per dword: bytes 0 and 2 into bytes 0 and 1, zeros above
     for (int i = 0; i < 64; i += 4) {
       t[i] = static_cast<int8_t>(i & 15);
       t[i + 1] = static_cast<int8_t>((i & 15) + 2);
       t[i + 2] = t[i + 3] = -1;
     }
-    return _mm512_load_si512(t);
+    pick02 = _mm512_load_si512(t);
+  }
+  // Packed rows a (k-pair 2s) and b (k-pair 2s+1; mask mb 0: zeros): byte 0 of
+  // a lane is a's low nibble, byte 1 its high nibble, bytes 2-3 b's; + 8 each.
+  void int4(const uint8_t* a, const uint8_t* b, __mmask64 m, __mmask64 mb, __m512i w[4]) const {
+    const __m512i va = _mm512_maskz_loadu_epi8(m, a);
+    const __m512i vb = _mm512_maskz_loadu_epi8(mb, b);
+    for (int cb = 0; cb < 4; ++cb) {
+      const __m512i q = _mm512_permutex2var_epi8(va, idx[cb], vb);
+      // Odd bytes: the byte's high nibble, brought down by a 16-bit shift.
+      const __m512i odd = _mm512_srli_epi16(q, 4);
+      // sel = mask ? odd : q (bytes 1 and 3 from odd), then (sel & 0x0f) ^ 0x08.
+      const __m512i sel = _mm512_ternarylogic_epi32(_mm512_set1_epi32(0xff00ff00), odd, q, 0xca);
+      w[cb] = _mm512_ternarylogic_epi32(sel, _mm512_set1_epi8(0x0f), _mm512_set1_epi8(0x08), 0x6a);
+    }
+  }
+  // int8 rows r, r + N, r + 2N, r + 3N (row j loaded where bit j of `real` is
+  // set, else zeros): lane bytes r0, r1, r2, r3 of the column, ^ 0x80.
+  void int8(const uint8_t* r, int64_t N, __mmask64 m, int real, __m512i w[4]) const {
+    __m512i v[4];
+    for (int j = 0; j < 4; ++j) v[j] = _mm512_maskz_loadu_epi8((real >> j) & 1 ? m : 0, r + j * N);
+    for (int cb = 0; cb < 4; ++cb) {
+      const __m512i p01 = _mm512_permutex2var_epi8(v[0], idx[cb], v[1]);  // r0 r0 r1 r1
+      const __m512i p23 = _mm512_permutex2var_epi8(v[2], idx[cb], v[3]);  // r2 r2 r3 r3
+      const __m512i lo = _mm512_shuffle_epi8(p01, pick02);                // r0 r1 0 0
+      const __m512i hi = _mm512_slli_epi32(_mm512_shuffle_epi8(p23, pick02), 16);  // 0 0 r2 r3
+      w[cb] = _mm512_ternarylogic_epi32(lo, hi, _mm512_set1_epi8(static_cast<char>(0x80)),
+                                        0x56);  // (lo | hi) ^ 0x80
+    }
   }
 };
 
 // Groups [g0, g1) of the columns of tiles [t0, t1) into part[m][N] (as
-// stream_a16_t): part = sum over groups of x_scale * (scale * (acc - bias * sum
-// xq) ) - zero_point * x_scale * sum xq, fin_a8's arithmetic per group.
+// stream_a16_t): part = sum over the groups of fin_a8's arithmetic,
+// x_scale * scale * (acc - bias * sum xq) - zero_point * x_scale * sum xq.
 template <int R, int BITS>
 void stream_a8_t(const Problem& p, const XA8& xa, int64_t g0, int64_t g1, int64_t t0,
                  int64_t t1, int32_t* acc, float* part) {
   const QuadUnpacker unpack;
   const int64_t N = p.N, tiles = (N + kNR - 1) / kNR, quads = xa.Gp / 4;
   // Weight rows (N bytes each) per quad, and real rows in a group.
-  const int64_t rows_per_quad = BITS == 4 ? 2 : 4;
+  constexpr int64_t rows_per_quad = BITS == 4 ? 2 : 4;
   const int64_t group_rows = BITS == 4 ? p.G / 2 : p.G;
   const int32_t bias = BITS == 4 ? 8 : 128;
   const __mmask64 last_mask = mask64(N - (tiles - 1) * kNR);
@@ -1083,7 +1083,7 @@ void stream_a8_t(const Problem& p, const XA8& xa, int64_t g0, int64_t g1, int64_
     const float* zg = p.has_zp ? p.zp + g * N : nullptr;
     for (int64_t s0 = 0; s0 < quads; s0 += kStreamQuads) {
       const int64_t ns = quads - s0 < kStreamQuads ? quads - s0 : kStreamQuads;
-      const int64_t row0 = s0 * rows_per_quad;  // first weight row of the sweep in the group
+      const int64_t row0 = s0 * rows_per_quad;  // the sweep's first weight row in the group
       const char* next = reinterpret_cast<const char*>(
           wg + (row0 + kStreamAhead * kStreamQuads * rows_per_quad) * N + t0 * kNR);
       const int8_t* xs = xa.xq + g * xa.Gp + 4 * s0;
@@ -1098,35 +1098,39 @@ void stream_a8_t(const Problem& p, const XA8& xa, int64_t g0, int64_t g1, int64_
         for (int r = 0; r < R; ++r)
           for (int cb = 0; cb < 4; ++cb)
             c[r][cb] = first ? _mm512_setzero_si512() : _mm512_load_si512(a + r * kNR + 16 * cb);
-        for (int64_t s = 0; s < ns; ++s) {
+        const auto step = [&](int64_t s) __attribute__((always_inline)) {
           __m512i w[4];
           const int64_t row = row0 + s * rows_per_quad;  // within the group
           const uint8_t* src = wg + row * N + n0;
           if constexpr (BITS == 4) {
-            unpack.int4(src, row + 1 < group_rows ? src + N : nullptr, m, w);
+            unpack.int4(src, src + N, m, row + 1 < group_rows ? m : 0, w);
           } else {
-            const uint8_t* rows[4];
-            for (int j = 0; j < 4; ++j) rows[j] = row + j < group_rows ? src + j * N : nullptr;
-            unpack.int8(rows, m, w);
+            const int64_t real = group_rows - row;  // rows of the quad inside the group
+            unpack.int8(src, N, m, real >= 4 ? 15 : (1 << real) - 1, w);
           }
           for (int r = 0; r < R; ++r) {
             const __m512i xr = _mm512_set1_epi32(load_i32(xs + r * xa.Kp + 4 * s));
             for (int cb = 0; cb < 4; ++cb) c[r][cb] = _mm512_dpbusd_epi32(c[r][cb], w[cb], xr);
           }
+        };
+        if (ns == kStreamQuads) {  // a constant trip count: unrolled, so tiles overlap
+#pragma GCC unroll 8
+          for (int64_t s = 0; s < kStreamQuads; ++s) step(s);
+        } else {
+          for (int64_t s = 0; s < ns; ++s) step(s);
         }
-        if (!last) {
-          for (int r = 0; r < R; ++r)
-            for (int cb = 0; cb < 4; ++cb) _mm512_store_si512(a + r * kNR + 16 * cb, c[r][cb]);
-          continue;
-        }
-        // The group's last sweep: fin_a8's arithmetic, into the slice's part.
+        for (int r = 0; r < R; ++r)
+          for (int cb = 0; cb < 4; ++cb) _mm512_store_si512(a + r * kNR + 16 * cb, c[r][cb]);
+        if (!last) continue;
+        // The group's last sweep: fin_a8's arithmetic (from L1), into the slice's part.
         for (int cb = 0; cb < 4; ++cb) {
           const __mmask16 mc = tail_mask(static_cast<int>(N - n0 - 16 * cb));
           const __m512 sv = _mm512_maskz_loadu_ps(mc, sg + n0 + 16 * cb);
           const __m512 zv = zg ? _mm512_maskz_loadu_ps(mc, zg + n0 + 16 * cb) : _mm512_setzero_ps();
           for (int r = 0; r < R; ++r) {
             const int64_t i = r * p.groups + g;
-            const __m512i ai = _mm512_sub_epi32(c[r][cb], _mm512_set1_epi32(bias * xa.sq[i]));
+            const __m512i ai = _mm512_sub_epi32(_mm512_load_si512(a + r * kNR + 16 * cb),
+                                                _mm512_set1_epi32(bias * xa.sq[i]));
             __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(ai), _mm512_mul_ps(_mm512_set1_ps(xa.xs[i]), sv));
             if (zg) v = _mm512_fnmadd_ps(zv, _mm512_set1_ps(xa.xzs[i]), v);
             float* o = part + r * N + n0 + 16 * cb;
