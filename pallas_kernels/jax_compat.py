@@ -11,6 +11,8 @@ testing versions or attributes itself. The differences that matter here:
 | `pltpu.get_tpu_info` (VMEM, MXU width, generation of the target) | absent | present (`tpu_info`) |
 | Mosaic's layout passes (``tpu-infer-memref-layout`` ...) in jaxlib | registered | gone from jaxlib >= 0.8.2 (`mosaic_layout_passes_available`) |
 | `jaxprs_in_params` | `jax.core` | `jax.extend.core` |
+| Mosaic GPU's `plgpu.kernel` output argument | ``out_shape`` | ``out_type`` (`mosaic_gpu_kernel`) |
+| Pallas' Triton backend | supported | deprecated: a DeprecationWarning at every lowering (0.12) |
 
 Not here, because they are not version differences but settings every version
 has: the axis types of a mesh (`jax.make_mesh` defaults to Explicit axes from
@@ -124,6 +126,19 @@ def tpu_info():
         return None
 
 
+def mosaic_gpu_kernel(body, out_type, **kwargs):
+    """`jax.experimental.pallas.mosaic_gpu.kernel` with its output types.
+
+    The argument was ``out_shape`` in JAX 0.7.1 and is ``out_type`` since.
+    """
+    import inspect
+
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    name = "out_type" if "out_type" in inspect.signature(plgpu.kernel).parameters else "out_shape"
+    return plgpu.kernel(body, **{name: out_type}, **kwargs)
+
+
 @functools.cache
 def mosaic_layout_passes_available() -> bool:
     """Whether jaxlib registers Mosaic's layout passes (gone from jaxlib 0.8.2 on)."""
@@ -143,5 +158,5 @@ def mosaic_layout_passes_available() -> bool:
 
 
 __all__ = ["JAX_VERSION", "DEFAULT_TARGET_KIND", "abstract_devices_supported",
-           "lowering_target", "tpu_target_kind", "tpu_info",
+           "lowering_target", "tpu_target_kind", "tpu_info", "mosaic_gpu_kernel",
            "mosaic_layout_passes_available", "jaxprs_in_params"]

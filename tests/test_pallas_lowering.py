@@ -25,6 +25,7 @@ Nothing here executes a kernel; lowering is cheap at full size.
 
 import functools
 import itertools
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -385,3 +386,37 @@ def test_real_model_tpu_kernels_no_tile_divides_pass_the_mosaic_check():
             kernel = functools.partial(tpu_kernel.quantized_matmul, block_size=-1)
             assert not failures(mosaic_check.check(kernel, *avals(m, k, n, bits, -1))), (
                 shape.name, shape.label, bits, m)
+
+
+# ---- GPU lowering facts behind docs/pallas_kernels.md's Triton / Mosaic GPU notes
+
+def test_triton_lowering_warns_about_its_deprecation_on_newer_jax():
+    """JAX 0.12 deprecates Pallas' Triton backend (a DeprecationWarning at
+    each lowering); 0.7.1 does not."""
+    fn = functools.partial(gpu_kernel.quantized_matmul, block_size=-1)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        assert TRITON in export_cuda(fn, *avals(16, 4096, 4096, 8, -1))
+    deprecations = [w for w in seen if issubclass(w.category, DeprecationWarning)
+                    and "Pallas Triton backend is deprecated" in str(w.message)]
+    assert bool(deprecations) == (jax_compat.JAX_VERSION >= (0, 12)), [str(w.message) for w in seen]
+
+
+def test_mosaic_gpu_kernel_exports_for_cuda_without_a_gpu():
+    """A Mosaic GPU kernel (plgpu.kernel, the backend JAX keeps) exports for
+    cuda on this CPU machine as a mosaic_gpu custom call, on both JAX
+    versions; the module does not depend on the target GPU (H100 or A100:
+    the architecture is only checked when compiled on the device)."""
+    def body(x_ref, o_ref):
+        o_ref[...] = x_ref[...] * 2
+
+    def fn(x):
+        return jax_compat.mosaic_gpu_kernel(body, S((128, 128), jnp.float32))(x)
+
+    texts = []
+    for kind in ("NVIDIA H100", "NVIDIA A100"):
+        with jax_compat.lowering_target("cuda", kind):
+            texts.append(export.export(jax.jit(fn), platforms=["cuda"])(
+                S((128, 128), jnp.float32)).mlir_module())
+    assert "mosaic_gpu" in texts[0] and TRITON not in texts[0]
+    assert texts[0] == texts[1]

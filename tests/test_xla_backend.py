@@ -42,6 +42,14 @@ def dots(text):
     return DOT.findall(text)
 
 
+def contraction_sizes(attrs, lhs):
+    """Sizes of the lhs dims a dot_general contracts."""
+    dims = [int(d) for d in re.search(r"contracting_dims = \[([0-9, ]*)\]", attrs)
+            .group(1).split(",") if d.strip()]
+    shape = [int(d) for d in lhs[len("tensor<"):].split("x")[:-1]]
+    return [shape[d] for d in dims]
+
+
 def avals(m, bits, block_size, x_dtype, zero_point=True):
     p = 2 if bits == 4 else 1
     w_dtype = jnp.uint8 if bits == 4 else jnp.int8
@@ -78,16 +86,17 @@ def weight_sized_f32(text, bits, block_size):
                                                (4, 128, 16)])
 def test_bf16_products_on_accelerators(platform, bits, block_size, m):
     """Per-channel (any M) and blockwise decode: bf16 x bf16 -> f32 weight
-    dots at default precision, no float32 weight; the only float32 dot is the
-    zero-point correction, a contraction over K/B (or 1) terms."""
+    dots at default precision, no float32 weight; the only float32 dots
+    contract over the K/B blocks (or 1 term): the blocks' scaled partial sums
+    and the zero-point correction."""
     text = lowered(platform, m, bits, block_size, jnp.bfloat16)
     weight_dots = [d for d in dots(text) if element(d[1]) == "bf16"]
     assert weight_dots and all(element(d[2]) == "bf16" and element(d[3]) == "f32"
                                and "HIGHEST" not in d[0] for d in weight_dots), weight_dots
+    groups = 1 if block_size == -1 else K // block_size
     for attrs, lhs, rhs, out in dots(text):
-        if element(lhs) == "f32":  # [M, groups] x [groups, N]
-            groups = 1 if block_size == -1 else K // block_size
-            assert f"contracting_dims = [1] x [0]" in attrs and f"x{groups}xf32" in lhs, lhs
+        if element(lhs) == "f32":
+            assert contraction_sizes(attrs, lhs) == [groups], (attrs, lhs, rhs)
     assert not weight_sized_f32(text, bits, block_size)
 
 

@@ -171,6 +171,17 @@ def _bf16_split_matmul(pairs, scale, zero_point):
     return total
 
 
+def _reduce_blocks(subscripts, *operands):
+    """The scaled sum of per-block partials [nb, M, N] over the blocks.
+
+    A float32 contraction over the K/B blocks only (the weight has been
+    contracted already). A dot rather than a multiply-and-reduce: XLA:CPU's
+    reduction order depends on the output width, a dot's does not, which
+    keeps column-parallel shards bit-identical to one device.
+    """
+    return jnp.einsum(subscripts, *operands, precision=_HIGHEST)
+
+
 def _matmul(x, w, scale, zero_point, spec, products):
     m = x.shape[0]
     scale = scale.astype(jnp.float32)
@@ -184,8 +195,7 @@ def _matmul(x, w, scale, zero_point, spec, products):
         x_sum = x_q.astype(jnp.int32).reshape(m, x_scale.shape[1], -1).sum(-1)
         x_sum = x_sum.astype(jnp.float32) * x_scale  # [M, groups]
         if spec.blockwise:
-            # [nb, M, N] * [nb, M, 1] * [nb, 1, N], reduced over blocks.
-            y = (acc * x_scale.T[:, :, None] * scale[:, None, :]).sum(0)
+            y = _reduce_blocks("bmn,mb,bn->mn", acc, x_scale, scale)
         else:
             y = acc * x_scale * scale[None, :]
     else:
@@ -197,7 +207,7 @@ def _matmul(x, w, scale, zero_point, spec, products):
             zero_point = None  # already in the dequantized weight
         else:
             acc = _contract(pairs, spec, products, jnp.float32)
-            y = (acc * scale[:, None, :]).sum(0) if spec.blockwise else acc * scale[None, :]
+            y = _reduce_blocks("bmn,bn->mn", acc, scale) if spec.blockwise else acc * scale[None, :]
 
     if zero_point is not None:
         zp = zero_point if spec.blockwise else zero_point[None, :]  # [groups, N]
