@@ -29,21 +29,37 @@ HERE = pathlib.Path(__file__).resolve().parent
 collect_ignore_glob = [] if HAVE_TORCH else list(TORCH_FILES)
 
 
+def _torch_files():
+    return sorted({p.name for pattern in TORCH_FILES for p in HERE.glob(pattern)})
+
+
 def pytest_report_header(config):
     import jax
 
     line = f"jax {jax.__version__}"
     if HAVE_TORCH:
         return line + ", torch installed: all tests collected"
-    files = sorted({p.name for pattern in TORCH_FILES for p in HERE.glob(pattern)})
-    return (line + f", no torch: {len(files)} torch test files not collected "
-            f"({', '.join(files)}); tests marked 'torch' deselected")
+    return line + f", no torch: {len(_torch_files())} torch test files not collected"
 
 
 def pytest_collection_modifyitems(config, items):
     if HAVE_TORCH:
         return
     needs_torch = [item for item in items if item.get_closest_marker("torch")]
+    config._torch_deselected = len(needs_torch)
     if needs_torch:
         items[:] = [item for item in items if not item.get_closest_marker("torch")]
         config.hook.pytest_deselected(items=needs_torch)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """Also under -q: say what was left out for want of torch."""
+    if HAVE_TORCH:
+        return
+    import jax
+
+    files = _torch_files()
+    terminalreporter.write_line(
+        f"jax {jax.__version__}, no torch: {len(files)} torch test files not collected "
+        f"({', '.join(files)}); {getattr(config, '_torch_deselected', 0)} tests marked "
+        f"'torch' deselected")
