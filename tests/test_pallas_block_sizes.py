@@ -9,7 +9,6 @@ import itertools
 import json
 import warnings
 
-import numpy as np
 import pytest
 
 from pallas_kernels import block_sizes as bs
