@@ -30,15 +30,38 @@ TPU constraints the rule satisfies (Mosaic):
 
 GPU (Triton) constraints: every array a kernel loads has a power-of-2 size,
 ``tl.dot`` operands are at least 16 along every dim, so ``bm >= 16``.
+
+Neither rule copies the weight where it can be helped: padding N or K of the
+weight means a copy inside every call (84 MB per decode call for Falcon-7B's
+MLP). Both try tiles that divide N and K first; the TPU rule then takes a
+full-extent tile (always legal for Mosaic) when it fits VMEM, the GPU rule
+masks the last, partial K step. The real-model table of `pallas_kernels.shapes`
+is tiled without padding by both (tests/test_pallas_block_sizes.py).
+
+The TPU generation is matched exactly: `pltpu.get_tpu_info()` where the JAX
+version has it, else the device kind (`DEVICE_KINDS`); a kind neither knows
+gets `CONSERVATIVE` tiles and a warning, never another chip's.
+
+For tuning on hardware, `override_tiles` sets tiles per call and
+`register_measured_tiles` / `load_measured_tiles` install a measured table
+keyed by target, bucketed row count and layer shape (`TileKey`); lookups fall
+back to the analytic rule.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
+import json
 import os
+import warnings
+from typing import Mapping
 
 import jax.numpy as jnp
 import numpy as np
+
+from pallas_kernels import jax_compat
 
 KiB, MiB = 1024, 1024 * 1024
 
@@ -68,46 +91,82 @@ class Chip:
     tn_max: int
 
 
-# v5e/v6e: 128 MiB VMEM per core, v5p/v7: 64 MiB (per the project brief);
-# MXU 128 wide before v6, 256 from v6.
+# VMEM per TensorCore: v4 16 MiB, v5e/v6e 128 MiB, v5p/v7 64 MiB (the figures
+# of JAX's own table, jax._src.tpu_info); MXU 128 wide before v6, 256 from v6.
 # weight_tile: ~15-20x the per-step overhead (~0.35 us) in HBM time, so steps
-# cost <= ~7% of a decode call. tm_max/tn_max: a step's arithmetic intensity
-# 2 / (x_bytes/tn + w_bytes/tm) is ~2x the chip's ridge point (v5e ~240,
-# v6e ~560 flop/byte for bf16) when M allows tm_max rows.
+# cost <= ~7% of a decode call (v4: what its 16 MiB leaves room for).
+# tm_max/tn_max: a step's arithmetic intensity 2 / (x_bytes/tn + w_bytes/tm)
+# is ~2x the chip's ridge point (v5e ~240, v6e ~560 flop/byte for bf16) when M
+# allows tm_max rows.
 CHIPS = {
+    "v4": Chip("v4", 4, 16 * MiB, 128, 1 * MiB, 256, 512),
     "v5e": Chip("v5e", 5, 128 * MiB, 128, 4 * MiB, 512, 1024),
     "v5p": Chip("v5p", 5, 64 * MiB, 128, 4 * MiB, 512, 1024),
     "v6e": Chip("v6e", 6, 128 * MiB, 256, 8 * MiB, 1024, 2048),
     "v7": Chip("v7", 7, 64 * MiB, 256, 8 * MiB, 1024, 2048),
 }
-# Used when lowering for TPU from a machine without one (jax.export).
+# Used when lowering for TPU from a machine without one (jax.export) and no
+# target chip is given (jax_compat.lowering_target, $XLA_QOPS_TPU_CHIP).
 DEFAULT_CHIP = "v6e"
+# jax.Device.device_kind of each chip, matched exactly (JAX's own spellings).
+DEVICE_KINDS = {
+    "TPU v4": "v4",
+    "TPU v5 lite": "v5e", "TPU v5e": "v5e",
+    "TPU v5": "v5p", "TPU v5p": "v5p",
+    "TPU v6 lite": "v6e", "TPU v6e": "v6e",
+    "TPU7": "v7", "TPU7x": "v7",
+}
+# pltpu.get_tpu_info().chip_version values of the same chips.
+CHIP_VERSIONS = {"v4": "v4", "v5e": "v5e", "v5p": "v5p", "v6e": "v6e", "7": "v7", "7x": "v7"}
+# A TPU this table does not know: the smallest VMEM of any generation (unless
+# JAX reports the chip's own) and small tiles, which fit every chip.
+CONSERVATIVE = Chip("unknown", 0, 16 * MiB, 128, 1 * MiB, 256, 512)
 
 
 def tpu_chip(name: str | None = None) -> Chip:
-    """The target TPU: `name`, else $XLA_QOPS_TPU_CHIP, else the attached TPU,
-    else `DEFAULT_CHIP`."""
+    """The target TPU.
+
+    `name` if given, else $XLA_QOPS_TPU_CHIP, else the TPU being lowered for
+    (an abstract TPU set by `jax_compat.lowering_target`, or the attached
+    one), else `DEFAULT_CHIP` (lowering for TPU on a machine without one).
+    """
     name = name or os.environ.get("XLA_QOPS_TPU_CHIP")
-    if name is None:
-        name = _attached_tpu() or DEFAULT_CHIP
-    if name not in CHIPS:
-        raise ValueError(f"chip: expected one of {', '.join(CHIPS)}, got {name!r}")
-    return CHIPS[name]
+    if name is not None:
+        if name not in CHIPS:
+            raise ValueError(f"chip: expected one of {', '.join(CHIPS)}, got {name!r}")
+        return CHIPS[name]
+    kind = jax_compat.tpu_target_kind()
+    if kind is None:
+        return CHIPS[DEFAULT_CHIP]
+    return chip_for_device_kind(kind, jax_compat.tpu_info())
 
 
-def _attached_tpu() -> str | None:
-    import jax  # deferred: only to look for an attached TPU
+def chip_for_device_kind(kind: str, info=None) -> Chip:
+    """The `Chip` of a TPU device kind, matched exactly.
 
-    if jax.default_backend() != "tpu":
-        return None
-    kind = jax.devices()[0].device_kind.lower()  # e.g. "tpu v5 lite", "tpu v6e"
-    if "v5" in kind:
-        return "v5e" if ("lite" in kind or "v5e" in kind) else "v5p"
-    if "v6" in kind:
-        return "v6e"
-    if "7" in kind:
-        return "v7"
-    return DEFAULT_CHIP
+    `info` is `pltpu.get_tpu_info()` for that device where the JAX version
+    has it: its chip version decides, and its VMEM size is used. A kind
+    neither knows gets `CONSERVATIVE` tiles (with the VMEM and MXU width
+    `info` reports, if any) and a warning.
+    """
+    if info is not None:
+        name = CHIP_VERSIONS.get(str(info.chip_version))
+        if name is not None:
+            return dataclasses.replace(CHIPS[name], vmem_bytes=int(info.vmem_capacity_bytes))
+    elif kind in DEVICE_KINDS:
+        return CHIPS[DEVICE_KINDS[kind]]
+    chip = dataclasses.replace(
+        CONSERVATIVE, name=f"unknown ({kind})",
+        generation=int(getattr(info, "generation", 0) or 0),
+        vmem_bytes=int(getattr(info, "vmem_capacity_bytes", 0) or CONSERVATIVE.vmem_bytes),
+        mxu=int(getattr(info, "mxu_column_size", 0) or CONSERVATIVE.mxu))
+    warnings.warn(
+        f"TPU device kind {kind!r} is not one of {', '.join(sorted(DEVICE_KINDS))}: "
+        f"using conservative Pallas tiles ({chip.vmem_bytes // MiB} MiB VMEM, "
+        f"{chip.weight_tile // MiB} MiB weight tiles, prefill tiles up to "
+        f"{chip.tm_max}x{chip.tn_max}); set XLA_QOPS_TPU_CHIP to one of "
+        f"{', '.join(CHIPS)} to choose a chip's tiles", RuntimeWarning, stacklevel=2)
+    return chip
 
 
 def round_up(x: int, m: int) -> int:
@@ -184,13 +243,38 @@ def tpu_vmem_bytes(tm, tn, tk, k_chunk, *, packed, w_itemsize, x_itemsize,
 
 def tpu_blocks(m: int, k: int, n: int, *, block_size: int, packed: bool, x_dtype,
                quantize_activation: bool, chip: str | None = None) -> TpuBlocks:
-    """Block sizes for the TPU kernel (see the module docstring for the rule)."""
+    """Block sizes for the TPU kernel: `override_tiles` over a measured table
+    entry (`register_measured_tiles`) over the analytic rule (module docstring)."""
     c = tpu_chip(chip)
+    key = TileKey.of("tpu:" + c.name, m, k, n, block_size=block_size, packed=packed,
+                     x_dtype=x_dtype, quantize_activation=quantize_activation)
+    chosen = dict(_MEASURED.get(key, {}))
+    chosen.update(_OVERRIDE.get().get("tpu", {}))
+    rule = _tpu_rule(m, k, n, c, block_size=block_size, packed=packed, x_dtype=x_dtype,
+                     quantize_activation=quantize_activation)
+    if not chosen:
+        return rule
+    tiles = {f: chosen.get(f, getattr(rule, f)) for f in ("tm", "tn", "tk", "k_chunk")}
+    if "tk" in chosen and "k_chunk" not in chosen:
+        tiles["k_chunk"] = block_size if block_size != -1 else _k_chunk(tiles["tk"], packed)
+    return _tpu_finish(m, k, n, c, block_size=block_size, packed=packed, x_dtype=x_dtype,
+                       quantize_activation=quantize_activation, **tiles)
+
+
+def _k_chunk(tk: int, packed: bool) -> int:
+    """Logical K per in-kernel step of a per-channel tile: the largest 128*p
+    multiple dividing tk up to _K_CHUNK*p, else the whole (full-extent) tile."""
+    p = 2 if packed else 1
+    ok = [d for d in _divisor_tiles(tk, 128 * p) if d <= _K_CHUNK * p]
+    return ok[0] if ok else tk
+
+
+def _tpu_rule(m, k, n, c: Chip, *, block_size, packed, x_dtype, quantize_activation):
     p = 2 if packed else 1
     blockwise = block_size != -1
     op_dtype = tpu_operand_dtype(x_dtype, quantize_activation)
     x_itemsize = op_dtype.itemsize
-    out_itemsize = 4 if jnp.dtype(x_dtype) == np.float16 else jnp.dtype(x_dtype).itemsize
+    out_itemsize = _tpu_out_itemsize(x_dtype)
     w_bytes_per_k = 1.0 / p  # bytes of weight per (output, logical K) element
     budget = c.vmem_bytes // 4
 
@@ -203,16 +287,26 @@ def tpu_blocks(m: int, k: int, n: int, *, block_size: int, packed: bool, x_dtype
     else:
         n_m = -(-m // c.tm_max)
         tm = round_up(-(-m // n_m), c.mxu)
-    m_pad = round_up(m, tm)
 
-    # N: multiples of 128 dividing N (256 preferred from v6); a full-extent
-    # tile when N is not a multiple of 128 (legal, avoids copying the weight).
+    def chunk_of(tk):
+        return block_size if blockwise else _k_chunk(tk, packed)
+
+    def fits(tn, tk):
+        return tpu_vmem_bytes(tm, tn, tk, chunk_of(tk), packed=packed, w_itemsize=1,
+                              x_itemsize=x_itemsize, out_itemsize=out_itemsize,
+                              blockwise=blockwise) <= budget
+
+    # Padding N or K copies the weight inside every call, so it is the last
+    # resort: divisor tiles first, then a full-extent tile (always legal) when
+    # it fits VMEM, and only then padding.
+    # N: multiples of 128 dividing N (256 preferred from v6).
+    tk_min = block_size if blockwise else min(k, 128 * p)
     if n % 128 == 0:
         n_pad = n
         tn_options = _divisor_tiles(n, 128)
         if c.mxu == 256 and any(t % 256 == 0 for t in tn_options):
             tn_options = [t for t in tn_options if t % 256 == 0]
-    elif n * 128 * w_bytes_per_k <= c.weight_tile or n < 128:
+    elif n < 128 or fits(n, tk_min):
         n_pad, tn_options = n, [n]
     else:
         n_pad = round_up(n, 128)
@@ -228,22 +322,11 @@ def tpu_blocks(m: int, k: int, n: int, *, block_size: int, packed: bool, x_dtype
         unit = 128 * p
         if k % unit == 0:
             k_pad, tk_options = k, [k] + [t for t in _divisor_tiles(k, unit) if t != k]
-        elif k * 128 * w_bytes_per_k <= c.weight_tile:
+        elif fits(tn_options[-1], k):
             k_pad, tk_options = k, [k]
         else:
             k_pad = round_up(k, unit)
             tk_options = _divisor_tiles(k_pad, unit)
-
-    def chunk_of(tk):
-        if blockwise:
-            return block_size
-        ok = [d for d in _divisor_tiles(tk, 128 * p) if d <= _K_CHUNK * p]
-        return ok[0] if ok else tk
-
-    def fits(tn, tk):
-        return tpu_vmem_bytes(tm, tn, tk, chunk_of(tk), packed=packed, w_itemsize=1,
-                              x_itemsize=x_itemsize, out_itemsize=out_itemsize,
-                              blockwise=blockwise) <= budget
 
     if decode:
         # Memory-bound: weight tiles of ~weight_tile bytes, at least
@@ -265,14 +348,53 @@ def tpu_blocks(m: int, k: int, n: int, *, block_size: int, packed: bool, x_dtype
         tk = next((t for t in tk_options if t <= tk_cap and fits(tn, t)), tk_options[-1])
         while not fits(tn, tk) and tn != tn_options[-1]:
             tn = next(t for t in tn_options if t < tn)
+    return _tpu_finish(m, k, n, c, block_size=block_size, packed=packed, x_dtype=x_dtype,
+                       quantize_activation=quantize_activation, tm=tm, tn=tn, tk=tk,
+                       k_chunk=chunk_of(tk), n_pad=n_pad, k_pad=k_pad)
 
-    est = tpu_vmem_bytes(tm, tn, tk, chunk_of(tk), packed=packed, w_itemsize=1,
-                         x_itemsize=x_itemsize, out_itemsize=out_itemsize,
+
+def _tpu_out_itemsize(x_dtype) -> int:
+    # float16 results leave the kernel as float32 (cast after it).
+    return 4 if jnp.dtype(x_dtype) == np.float16 else jnp.dtype(x_dtype).itemsize
+
+
+def _tpu_finish(m, k, n, c: Chip, *, block_size, packed, x_dtype, quantize_activation,
+                tm, tn, tk, k_chunk, n_pad=None, k_pad=None) -> TpuBlocks:
+    """Padded extents and the VMEM limit for chosen tiles, checked against
+    Mosaic's rules (tiles from an override or a measured table may be anything)."""
+    p = 2 if packed else 1
+    blockwise = block_size != -1
+    op_dtype = tpu_operand_dtype(x_dtype, quantize_activation)
+    n_pad = n_pad if n_pad is not None else (n if tn == n else round_up(n, tn))
+    k_pad = k_pad if k_pad is not None else (k if tk == k else round_up(k, tk))
+    sub = _sublanes(op_dtype)
+    problems = []
+    if tm <= 0 or tm % sub:
+        problems.append(f"tm={tm} must be a positive multiple of {sub} (sublane packing "
+                        f"of {op_dtype.name} activations)")
+    if tn <= 0 or (tn % 128 and tn != n_pad):
+        problems.append(f"tn={tn} must be a multiple of 128 or all of N={n}")
+    if blockwise:
+        if tk <= 0 or tk % block_size or k % tk:
+            problems.append(f"tk={tk} must be a multiple of block_size={block_size} "
+                            f"dividing K={k}")
+        if k_chunk != block_size:
+            problems.append(f"k_chunk={k_chunk} must equal block_size={block_size}")
+    else:
+        if tk <= 0 or (tk % (128 * p) and tk != k_pad):
+            problems.append(f"tk={tk} must be a multiple of {128 * p} or all of K={k}")
+        if k_chunk <= 0 or tk % k_chunk or (k_chunk % (128 * p) and k_chunk != tk):
+            problems.append(f"k_chunk={k_chunk} must divide tk={tk} and be a multiple of "
+                            f"{128 * p} (or all of tk)")
+    if problems:
+        raise ValueError("tiles: " + "; ".join(problems))
+    est = tpu_vmem_bytes(tm, tn, tk, k_chunk, packed=packed, w_itemsize=1,
+                         x_itemsize=op_dtype.itemsize, out_itemsize=_tpu_out_itemsize(x_dtype),
                          blockwise=blockwise)
     # Ask the compiler for 2x the estimate (Mosaic's own scratch and spills),
     # at least the 32 MiB default, never more than 3/4 of the core's VMEM.
     vmem_limit = int(min(max(2 * est, 32 * MiB), c.vmem_bytes * 3 // 4))
-    return TpuBlocks(tm=tm, tn=tn, tk=tk, k_chunk=chunk_of(tk), m_pad=m_pad,
+    return TpuBlocks(tm=tm, tn=tn, tk=tk, k_chunk=k_chunk, m_pad=round_up(m, tm),
                      n_pad=n_pad, k_pad=k_pad, vmem_limit_bytes=vmem_limit)
 
 
@@ -302,14 +424,30 @@ def _pow2_at_most(x: int) -> int:
     return 1 << (max(int(x), 1).bit_length() - 1)
 
 
-def gpu_blocks(m: int, k: int, n: int, *, block_size: int, packed: bool) -> GpuBlocks:
-    """Block sizes for the Triton kernel.
+def gpu_blocks(m: int, k: int, n: int, *, block_size: int, packed: bool,
+               x_dtype="bfloat16", quantize_activation: bool = False) -> GpuBlocks:
+    """Block sizes for the Triton kernel: `override_tiles` over a measured table
+    entry over the analytic rule (`_gpu_rule`)."""
+    key = TileKey.of("cuda", m, k, n, block_size=block_size, packed=packed, x_dtype=x_dtype,
+                     quantize_activation=quantize_activation)
+    chosen = dict(_MEASURED.get(key, {}))
+    chosen.update(_OVERRIDE.get().get("gpu", {}))
+    rule = _gpu_rule(m, k, n, block_size=block_size, packed=packed)
+    if not chosen:
+        return rule
+    tiles = {f: chosen.get(f, getattr(rule, f))
+             for f in ("bm", "bn", "bk", "num_warps", "num_stages")}
+    return _gpu_finish(m, k, n, block_size=block_size, packed=packed, **tiles)
 
-    Decode (M <= 16) uses narrow N tiles (64) so a 4096-wide layer still
+
+def _gpu_rule(m, k, n, *, block_size, packed) -> GpuBlocks:
+    """Decode (M <= 16) uses narrow N tiles (64) so a 4096-wide layer still
     launches 64+ programs to spread the weight stream over the SMs; prefill
     uses 64x128 tiles (or 128x128 from M > 64) with a 3-stage software
-    pipeline. K is walked in steps of 128 stored elements per-channel, one
-    quantization block at a time blockwise.
+    pipeline. K is walked one quantization block at a time blockwise, and
+    per-channel in power-of-2 steps of at most 128 stored elements: the
+    largest such step that divides K, else 128 with the last, partial step
+    masked -- the weight is never padded along K (which would copy it).
     """
     p = 2 if packed else 1
     bm = min(max(16, 1 << max(m - 1, 0).bit_length()), 128)
@@ -320,17 +458,152 @@ def gpu_blocks(m: int, k: int, n: int, *, block_size: int, packed: bool) -> GpuB
         # Prefer a power-of-2 tile dividing N over padding the weight.
         divisor = next((t for t in (bn, bn // 2, 32, 16) if t >= 16 and n % t == 0), None)
         bn = divisor or bn
-    n_pad = round_up(n, bn)
     if block_size != -1:
-        bk, k_pad = block_size, k
+        bk = block_size
     else:
         stored = k // p
-        bk_stored = min(128, _pow2_at_most(stored)) if stored >= 16 else 16
-        bk_stored = max(bk_stored, 16)
-        bk = bk_stored * p
-        k_pad = round_up(k, bk)
-    return GpuBlocks(bm=bm, bn=bn, bk=bk, m_pad=round_up(m, bm), n_pad=n_pad,
-                     k_pad=k_pad, num_warps=4, num_stages=3 if m > 16 else 2)
+        dividing = [t for t in (128, 64, 32, 16) if stored % t == 0]
+        bk = p * (dividing[0] if dividing else min(128, max(16, _pow2_at_most(stored))))
+    return _gpu_finish(m, k, n, block_size=block_size, packed=packed, bm=bm, bn=bn, bk=bk,
+                       num_warps=4, num_stages=3 if m > 16 else 2)
+
+
+def _is_pow2(v: int) -> bool:
+    return v > 0 and v & (v - 1) == 0
+
+
+def _gpu_finish(m, k, n, *, block_size, packed, bm, bn, bk, num_warps,
+                num_stages) -> GpuBlocks:
+    """Padded extents for chosen tiles, checked against Triton's shape rules."""
+    p = 2 if packed else 1
+    problems = [f"{name}={v} must be a power of 2 >= 16"
+                for name, v in (("bm", bm), ("bn", bn)) if not (_is_pow2(v) and v >= 16)]
+    if block_size != -1 and bk != block_size:
+        problems.append(f"bk={bk} must equal block_size={block_size} (one block per step)")
+    if block_size == -1 and not (bk % p == 0 and _is_pow2(bk // p) and bk // p >= 16):
+        problems.append(f"bk={bk} must be {p} x a power of 2 >= 16 (stored elements per step)")
+    if not _is_pow2(num_warps) or num_stages < 1:
+        problems.append(f"num_warps={num_warps} must be a power of 2 and "
+                        f"num_stages={num_stages} >= 1")
+    if problems:
+        raise ValueError("tiles: " + "; ".join(problems))
+    return GpuBlocks(bm=bm, bn=bn, bk=bk, m_pad=round_up(m, bm), n_pad=round_up(n, bn),
+                     k_pad=k, num_warps=num_warps, num_stages=num_stages)
+
+
+# ---------------------------------------------------------------- tuning hooks
+#
+# Tiles are chosen, in this order of precedence, by
+#   1. `override_tiles(...)` around the call (tuning on hardware; per call);
+#   2. a measured table entry for the call's bucketed shape
+#      (`register_measured_tiles` / `load_measured_tiles`), when one exists;
+#   3. the analytic rule above.
+# An override or table entry may give only some fields; the rule's choice
+# fills in the rest, and the result is checked against the same hardware
+# rules (ValueError naming the field otherwise).
+
+TPU_TILE_FIELDS = ("tm", "tn", "tk", "k_chunk")
+GPU_TILE_FIELDS = ("bm", "bn", "bk", "num_warps", "num_stages")
+_OVERRIDE: contextvars.ContextVar[dict] = contextvars.ContextVar("xla_qops_tiles", default={})
+
+
+def m_bucket(m: int) -> int:
+    """Rows bucketed to the next power of 2 (1, 2, 4, ..., 1024, then 2048+)."""
+    return min(1 << max(m - 1, 0).bit_length(), 2048)
+
+
+@dataclasses.dataclass(frozen=True)
+class TileKey:
+    """A measured table's key: the target, the bucketed row count and the exact
+    layer shape and scheme (layer shapes are few per model, rows vary per call)."""
+
+    target: str  # "tpu:v6e", "tpu:v5e", ..., or "cuda"
+    m_bucket: int
+    k: int
+    n: int
+    block_size: int
+    packed: bool
+    x_dtype: str
+    quantize_activation: bool
+
+    @classmethod
+    def of(cls, target, m, k, n, *, block_size, packed, x_dtype, quantize_activation):
+        return cls(target, m_bucket(m), int(k), int(n), int(block_size), bool(packed),
+                   jnp.dtype(x_dtype).name, bool(quantize_activation))
+
+
+_MEASURED: dict[TileKey, dict] = {}
+
+
+def _check_fields(tiles: Mapping, allowed, what: str) -> dict:
+    unknown = sorted(set(tiles) - set(allowed))
+    if unknown:
+        raise ValueError(f"{what}: expected fields among {', '.join(allowed)}, "
+                         f"got {', '.join(unknown)}")
+    bad = [f"{f}={v!r}" for f, v in tiles.items()
+           if not isinstance(v, (int, np.integer)) or isinstance(v, bool)]
+    if bad:
+        raise ValueError(f"{what}: expected int values, got {', '.join(bad)}")
+    return {f: int(v) for f, v in tiles.items()}
+
+
+@contextlib.contextmanager
+def override_tiles(*, tpu: Mapping | None = None, gpu: Mapping | None = None):
+    """Within the block, kernels use these tiles (fields not given: the rule's).
+
+        with block_sizes.override_tiles(tpu=dict(tn=512, tk=2048)):
+            y = xla_qops.quantized_matmul(x, qw, impl="pallas")
+
+    Tiles are chosen when a function is traced, so a function jitted before
+    the block keeps its tiles; trace (call, or ``jax.jit(f).lower``) inside it.
+    Nested blocks replace the platform they name. Fields: `TPU_TILE_FIELDS`
+    (``tm, tn, tk, k_chunk``) and `GPU_TILE_FIELDS` (``bm, bn, bk, num_warps,
+    num_stages``); a tile that breaks a hardware rule raises ValueError when
+    the kernel is traced.
+    """
+    current = dict(_OVERRIDE.get())
+    if tpu is not None:
+        current["tpu"] = _check_fields(tpu, TPU_TILE_FIELDS, "tpu")
+    if gpu is not None:
+        current["gpu"] = _check_fields(gpu, GPU_TILE_FIELDS, "gpu")
+    token = _OVERRIDE.set(current)
+    try:
+        yield
+    finally:
+        _OVERRIDE.reset(token)
+
+
+def register_measured_tiles(entries: Mapping[TileKey, Mapping]) -> None:
+    """Adds measured tiles: ``{TileKey: {"tn": 512, ...}}`` (replacing equal keys)."""
+    for key, tiles in entries.items():
+        if not isinstance(key, TileKey):
+            raise TypeError(f"entries: expected TileKey keys, got {type(key).__name__}")
+        allowed = TPU_TILE_FIELDS if key.target.startswith("tpu") else GPU_TILE_FIELDS
+        _MEASURED[key] = _check_fields(tiles, allowed, f"entries[{key}]")
+
+
+def clear_measured_tiles() -> None:
+    _MEASURED.clear()
+
+
+def load_measured_tiles(path: str) -> int:
+    """Registers the entries of a JSON file written by a tuning run; returns their count.
+
+    Format: a list of ``{"target": "tpu:v6e", "m": 16, "k": 4096, "n": 14336,
+    "block_size": -1, "packed": false, "x_dtype": "bfloat16",
+    "quantize_activation": false, "tiles": {"tn": 1792, "tk": 4096}}``
+    (``m`` is bucketed like `m_bucket`).
+    """
+    with open(path) as f:
+        rows = json.load(f)
+    entries = {}
+    for row in rows:
+        key = TileKey.of(row["target"], row["m"], row["k"], row["n"],
+                         block_size=row["block_size"], packed=row["packed"],
+                         x_dtype=row["x_dtype"], quantize_activation=row["quantize_activation"])
+        entries[key] = row["tiles"]
+    register_measured_tiles(entries)
+    return len(entries)
 
 
 def describe(blocks) -> str:
@@ -339,6 +612,8 @@ def describe(blocks) -> str:
     return ", ".join(f"{k}={v}" for k, v in fields.items())
 
 
-__all__ = ["Chip", "CHIPS", "DEFAULT_CHIP", "TpuBlocks", "GpuBlocks", "tpu_chip",
-           "tpu_blocks", "gpu_blocks", "tpu_vmem_bytes", "tpu_operand_dtype",
-           "round_up", "describe"]
+__all__ = ["Chip", "CHIPS", "DEFAULT_CHIP", "DEVICE_KINDS", "CONSERVATIVE", "TpuBlocks",
+           "GpuBlocks", "TileKey", "tpu_chip", "chip_for_device_kind", "tpu_blocks",
+           "gpu_blocks", "tpu_vmem_bytes", "tpu_operand_dtype", "round_up", "m_bucket",
+           "override_tiles", "register_measured_tiles", "clear_measured_tiles",
+           "load_measured_tiles", "describe"]

@@ -1,8 +1,14 @@
 """The prologue shared by the TPU and GPU kernels: API layouts -> kernel operands.
 
 Everything here is plain XLA work on the activations and on the small scale /
-zero-point vectors; the weight is passed through untouched (only padded when a
-shape is not a tile multiple, which the block rule avoids for common shapes).
+zero-point vectors; the weight is passed through untouched. Where a tile does
+not divide N or K, the activations and scales are padded (cheap) and the
+weight is not: its last block along that axis is partial, which Pallas reads
+with unspecified values past the end (finite integers: a weight is int8 or
+uint8) that meet zero activations along K, or land in output columns that are
+sliced off along N. Padding the weight would copy it inside every call. The
+GPU kernel pads the weight only where Triton's power-of-2 rule leaves no
+other choice (N not a multiple of 16, explicit tiles), via ``pad_weight``.
 
 Kernel operand layouts (``p`` = 2 for packed int4, else 1; ``Bs = B/p``;
 ``Ks = K/p``; M, N, K padded to the block sizes' ``m_pad``, ``n_pad``,
@@ -31,15 +37,16 @@ indexes a block with a leading-dim index and the (M, B) tile keeps the full
 block on the lane axis. Scales get a unit axis so their blocks ``(1, tn)`` and
 x_scale's ``(tm, 1)`` satisfy Mosaic's last-two-dims rule.
 
-With A8 the activation is quantized here with `xla_qops.activation`'s own
-function, so the kernels see exactly the integers every other backend sees.
+With A8 the activation is quantized here with `pallas_kernels.activation`
+(which `xla_qops` uses too), so the kernels see exactly the integers every
+other backend sees.
 """
 
 from __future__ import annotations
 
 import jax.numpy as jnp
 
-from xla_qops.activation import quantize_activation as _quantize_activation
+from pallas_kernels.activation import quantize_activation as _quantize_activation
 
 
 def _pad(a, axis: int, size: int):
@@ -59,12 +66,15 @@ def _parts(x, packed: bool):
 
 
 def kernel_operands(x, w, scale, zero_point, *, block_size: int, quantize_activation: bool,
-                    op_dtype, m_pad: int, n_pad: int, k_pad: int):
+                    op_dtype, m_pad: int, n_pad: int, k_pad: int, pad_weight: bool = False):
     """Builds ``(xs, w, scale, zero, x_scale)`` in the layouts above.
 
     `x` is ``[M, K]``; `w`, `scale`, `zero_point` are in API.md's layouts and
     already validated (`xla_qops.spec`). `zero` / `x_scale` are None when
-    there is no zero point / no activation quantization.
+    there is no zero point / no activation quantization. Activations are
+    padded to ``m_pad`` rows and ``k_pad`` features, scales to ``n_pad``
+    outputs; the weight only with ``pad_weight`` (else its edge blocks are
+    partial, see the module docstring).
     """
     packed = w.dtype == jnp.uint8
     p = 2 if packed else 1
@@ -79,11 +89,10 @@ def kernel_operands(x, w, scale, zero_point, *, block_size: int, quantize_activa
 
     if block_size == -1:
         n = w.shape[0]
-        if k_pad != k:
-            x = _pad(x, 1, k_pad)
-            w = _pad(w, 1, k_pad // p)
+        x = _pad(x, 1, k_pad)
         xs = _pad(_parts(x, packed), 1, m_pad)
-        w = _pad(w, 0, n_pad)
+        if pad_weight:
+            w = _pad(_pad(w, 1, k_pad // p), 0, n_pad)
         scale = _pad(scale.reshape(1, n), 1, n_pad)
         zero = None if zero is None else _pad(zero.reshape(1, n), 1, n_pad)
         if x_scale is not None:
@@ -96,7 +105,8 @@ def kernel_operands(x, w, scale, zero_point, *, block_size: int, quantize_activa
     nb, n = k // block_size, w.shape[-1]
     xb = x.reshape(m, nb, block_size)
     xs = _pad(_parts(xb, packed).transpose(0, 2, 1, 3), 2, m_pad)  # [p, nb, M, Bs]
-    w = _pad(w, 2, n_pad)
+    if pad_weight:
+        w = _pad(w, 2, n_pad)
     scale = _pad(scale.reshape(nb, 1, n), 2, n_pad)
     zero = None if zero is None else _pad(zero.reshape(nb, 1, n), 2, n_pad)
     if x_scale is not None:

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from pallas_kernels import block_sizes
+from pallas_kernels import block_sizes, shapes
 
 # Assumed fixed cost of one grid step (DMA issue, semaphore waits, loop
 # bookkeeping) -- an order of magnitude to calibrate on hardware, not a
@@ -81,7 +81,11 @@ def estimate(chip: str, m: int, k: int, n: int, bits: int, block_size: int,
                 bound="HBM" if t_hbm >= t_mxu else "MXU")
 
 
-def markdown(k: int = 4096, n: int = 14336, ms=(1, 16, 256, 2048)) -> str:
+_UP_PROJ = shapes.LLAMA3_8B[1]  # 4096 -> 14336, the MLP's gate/up projection
+
+
+def markdown(k: int = _UP_PROJ.in_features, n: int = _UP_PROJ.out_features,
+             ms=(1, 16, 256, 2048)) -> str:
     lines = ["| chip | scheme | ridge M* | M | tm x tn x tk (grid) | HBM us | MXU us | "
              "steps+bubble us | bound | est. us |",
              "|---|---|---:|---:|---|---:|---:|---:|---|---:|"]

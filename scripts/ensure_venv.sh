@@ -1,33 +1,82 @@
 #!/usr/bin/env bash
-# Creates .venv with the pinned stack if it is missing, and reinstalls when a
-# pin changes (deps stamp) or the package's build inputs change (project stamp).
+# Creates a virtual environment with one of the project's stacks if it is
+# missing, and reinstalls when a pin changes (deps stamp) or the package's
+# build inputs change (project stamp).
+#
+#   scripts/ensure_venv.sh [VENV] [STACK]
+#
+# STACK "pinned" (default; VENV .venv): the torch_xla stack of requirements.txt
+#   and requirements-nodeps.txt, on python3 ($PYTHON overrides).
+# STACK "jax" (VENV .venv-jax): the newest JAX of requirements-jax.txt, no
+#   torch, on Python 3.12 ($PYTHON_JAX overrides; otherwise python3.12 on the
+#   PATH or in pyenv, else a newer 3.x the same way).
 set -euo pipefail
 venv=${1:-.venv}
+stack=${2:-pinned}
 cd "$(dirname "$0")/.."
-python=${PYTHON:-python3}
 
 hash_of() { cat "$@" 2>/dev/null | sha256sum | cut -d' ' -f1; }
 
-deps_hash=$(hash_of requirements.txt requirements-nodeps.txt)
+# A Python >= 3.12 for the jax stack (JAX >= 0.11 needs it), 3.12 preferred.
+find_python312() {
+  local candidates=() root="" minor
+  [ -n "${PYTHON_JAX:-}" ] && candidates+=("$PYTHON_JAX")
+  command -v pyenv >/dev/null 2>&1 && root=$(pyenv root)
+  for minor in 12 13 14; do
+    candidates+=("python3.$minor")
+    [ -n "$root" ] && while IFS= read -r p; do candidates+=("$p"); done < <(
+      ls -d "$root"/versions/3."$minor".*/bin/python3 2>/dev/null | sort -rV)
+  done
+  local c
+  for c in "${candidates[@]}"; do
+    if "$c" -c 'import sys; sys.exit(sys.version_info < (3, 12))' >/dev/null 2>&1; then
+      echo "$c"
+      return 0
+    fi
+  done
+  echo "ensure_venv.sh: the jax stack needs Python >= 3.12; none found (tried" \
+       "${candidates[*]}); set PYTHON_JAX to one" >&2
+  return 1
+}
+
+case "$stack" in
+  pinned)
+    python=${PYTHON:-python3}
+    dep_files=(requirements.txt requirements-nodeps.txt) ;;
+  jax)
+    python=$(find_python312)
+    dep_files=(requirements-jax.txt) ;;
+  *)
+    echo "ensure_venv.sh: STACK must be 'pinned' or 'jax', got '$stack'" >&2
+    exit 2 ;;
+esac
+
+deps_hash=$(hash_of "${dep_files[@]}")
 project_files=(pyproject.toml)
 [ -f CMakeLists.txt ] && project_files+=(CMakeLists.txt)
 [ -d csrc ] && while IFS= read -r f; do project_files+=("$f"); done < <(find csrc -type f | sort)
 project_hash=$(hash_of "${project_files[@]}")
 
 if [ ! -x "$venv/bin/python" ]; then
-  echo "creating $venv"
+  echo "creating $venv ($("$python" --version 2>&1))"
   "$python" -m venv "$venv"
 fi
 pip=("$venv/bin/python" -m pip install --quiet --disable-pip-version-check)
+quiet_pip() { "${pip[@]}" "$@" 2> >(grep -v "is ignored: it is neither" >&2); }
 if [ "$(cat "$venv/.deps-stamp" 2>/dev/null)" != "$deps_hash" ]; then
-  echo "installing the pinned stack into $venv (a few minutes, ~7.6 GB)"
-  "${pip[@]}" -r requirements.txt 2> >(grep -v "is ignored: it is neither" >&2)
-  "${pip[@]}" --no-deps -r requirements-nodeps.txt 2> >(grep -v "is ignored: it is neither" >&2)
+  if [ "$stack" = pinned ]; then
+    echo "installing the pinned stack into $venv (a few minutes, ~7.6 GB)"
+    quiet_pip -r requirements.txt
+    quiet_pip --no-deps -r requirements-nodeps.txt
+  else
+    echo "installing the current-JAX stack into $venv (a minute, ~0.6 GB)"
+    quiet_pip -r requirements-jax.txt
+  fi
   echo "$deps_hash" > "$venv/.deps-stamp"
   rm -f "$venv/.project-stamp"
 fi
 if [ "$(cat "$venv/.project-stamp" 2>/dev/null)" != "$project_hash" ]; then
   echo "installing xla-qops into $venv"
-  "${pip[@]}" --no-deps --no-build-isolation -e . 2> >(grep -v "is ignored: it is neither" >&2)
+  quiet_pip --no-deps --no-build-isolation -e .
   echo "$project_hash" > "$venv/.project-stamp"
 fi

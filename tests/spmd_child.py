@@ -27,7 +27,7 @@ import zlib
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -130,8 +130,8 @@ def collectives(hlo: str) -> list[list[str]]:
 
 def make_mesh(name: str):
     if name == "2x4":
-        return jax.make_mesh((2, 4), ("data", "model"))
-    return jax.make_mesh((1, 8), ("data", "model"))
+        return jax.make_mesh((2, 4), ("data", "model"), axis_types=(AxisType.Auto,) * 2)
+    return jax.make_mesh((1, 8), ("data", "model"), axis_types=(AxisType.Auto,) * 2)
 
 
 @functools.partial(jax.jit, static_argnums=(1,))
@@ -160,8 +160,15 @@ def inputs(scheme: Scheme, k: int, rows: int, x_dtype: str):
 
 
 @functools.lru_cache(maxsize=None)
-def single_device(impl: str, scheme: Scheme, k: int, rows: int, x_dtype: str, grad: bool):
-    """The unsharded result (or d/dx sum(y * c)) on device 0, as float32 numpy."""
+def single_device(impl: str, scheme: Scheme, k: int, rows: int, x_dtype: str, grad: bool,
+                  per_batch: bool = False):
+    """The unsharded result (or d/dx sum(y * c)) on device 0, as float32 numpy.
+
+    per_batch: one call per batch element, so that each call has the rows one
+    device of a batch-split mesh holds. XLA:CPU's dot (YNNPACK, from JAX 0.8 on)
+    and the C++ kernels pick their loop form by the row count, so a row's
+    result may depend on how many rows are multiplied with it.
+    """
     qw, x, c = inputs(scheme, k, rows, x_dtype)
 
     def f(x, qw):
@@ -169,7 +176,11 @@ def single_device(impl: str, scheme: Scheme, k: int, rows: int, x_dtype: str, gr
                                          impl=impl)
     if grad:
         f = jax.grad(lambda x, qw, f=f: jnp.sum(f(x, qw) * c))
-    return np.asarray(jax.jit(f)(x, qw)).astype(np.float32)
+    f = jax.jit(f)
+    if per_batch:
+        return np.concatenate([np.asarray(f(x[b:b + 1], qw)) for b in range(x.shape[0])]
+                              ).astype(np.float32)
+    return np.asarray(f(x, qw)).astype(np.float32)
 
 
 def run_case(case: Case, out_dir: str, hlo_report: dict) -> None:
@@ -205,6 +216,10 @@ def run_case(case: Case, out_dir: str, hlo_report: dict) -> None:
         record["y_sharded"] = np.asarray(y).astype(np.float32)
         record["y_spec"] = np.array(str(y.sharding.spec))
         record["y_single"] = single
+        # The rows each device holds: all of them on the 1x8 mesh, one batch
+        # element on the 2x4 mesh.
+        record["y_single_rows"] = (single if batch is None else single_device(
+            case.impl, scheme, case.k, case.rows, case.x_dtype, False, per_batch=True))
     np.savez(os.path.join(out_dir, case.id + ".npz"), **record)
 
 

@@ -1,5 +1,7 @@
 """How `xla-qops bench` times its peers (the figures themselves are not tested)."""
 
+import pytest
+
 from xla_qops.commands import bench
 
 
@@ -14,6 +16,7 @@ def test_peers_take_turns_with_untimed_warm_calls():
     assert [i for _, i in calls] == list(range(18))
 
 
+@pytest.mark.torch
 def test_read_peer_reads_the_requested_bytes():
     step, nbytes = bench.read_peer(1 << 20)
     assert nbytes == 1 << 20

@@ -121,6 +121,7 @@ def test_save_rejects_inconsistent_state(tmp_path):
         checkpoint.load_quantized(tmp_path / "missing.safetensors")
 
 
+@pytest.mark.torch
 def test_loads_into_module_swapped_torch_model(tmp_path):
     torch = pytest.importorskip("torch")
     torch_bridge = pytest.importorskip("torch_bridge")

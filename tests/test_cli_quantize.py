@@ -124,6 +124,7 @@ def test_bad_input_exits_nonzero_with_clear_message(model_file, tmp_path, capsys
 
 
 @pytest.mark.slow
+@pytest.mark.torch
 def test_real_minilm_loads_into_swapped_bert(tmp_path, capsys):
     """The shipped all-MiniLM-L6-v2: quantize, load into a module-swapped BertModel, compare."""
     torch = pytest.importorskip("torch")

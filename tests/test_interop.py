@@ -14,11 +14,18 @@ import sys
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 
 import xla_qops
 from xla_qops import interop
 import numpy_reference as ref
+
+
+@pytest.fixture
+def torch():
+    """torch, for the tests marked torch (the others run without it)."""
+    import torch
+    return torch
+
 
 RNG = np.random.default_rng(1234)
 
@@ -303,7 +310,8 @@ def test_int4pack_cpu_layouts(layout):
     _assert_bits_equal(qw, _tinygemm_w(codes, sz, g))
 
 
-def test_int4pack_matches_torch_converter_on_this_machine():
+@pytest.mark.torch
+def test_int4pack_matches_torch_converter_on_this_machine(torch):
     n, k, g = 80, 256, 128
     codes = RNG.integers(0, 16, (n, k)).astype(np.int32)
     packed = torch._convert_weight_to_int4pack_for_cpu(torch.from_numpy(codes), 2)
@@ -314,8 +322,9 @@ def test_int4pack_matches_torch_converter_on_this_machine():
     _assert_bits_equal(qw, _tinygemm_w(codes, sz.float().numpy(), g))
 
 
+@pytest.mark.torch
 @pytest.mark.parametrize("capability,layout", [("avx2", "cpu_avx2"), ("default", "cpu_default")])
-def test_int4pack_other_capabilities_match_torch(capability, layout, tmp_path):
+def test_int4pack_other_capabilities_match_torch(capability, layout, tmp_path, torch):
     """torch's own converter under ATEN_CPU_CAPABILITY, read back by our layout."""
     code = ("import torch,numpy as np,sys;"
             "c=torch.from_numpy(np.load(sys.argv[1]));"
@@ -349,8 +358,9 @@ def _cuda_pack(codes_nk, inner_k_tiles):
     return out.view(np.int32)
 
 
+@pytest.mark.torch
 @pytest.mark.parametrize("inner_k_tiles", [2, 8])
-def test_int4pack_cuda_layout(inner_k_tiles):
+def test_int4pack_cuda_layout(inner_k_tiles, torch):
     n, k, g = 16, 256, 32
     codes = RNG.integers(0, 16, (n, k))
     sz = RNG.standard_normal((k // g, n, 2)).astype(np.float16)
@@ -364,8 +374,9 @@ def test_int4pack_cuda_layout(inner_k_tiles):
     np.testing.assert_array_equal(back.weight.numpy(), packed)
 
 
+@pytest.mark.torch
 @pytest.mark.parametrize("bits_block", [(-1, True), (512, False)])
-def test_to_int4pack_product_matches_our_op(bits_block):
+def test_to_int4pack_product_matches_our_op(bits_block, torch):
     block, symmetric = bits_block
     n, k = 48, 1024
     w = RNG.standard_normal((n, k)).astype(np.float32)
@@ -395,7 +406,8 @@ def _int4_weight(n, k, block_size):
                                     block_size=block_size, packed=False)
 
 
-def test_to_int4pack_errors():
+@pytest.mark.torch
+def test_to_int4pack_errors(torch):
     qw8 = xla_qops.QuantizedWeight(w=np.zeros((16, 64), np.int8), scale=np.ones(16, np.float32),
                                    zero_point=None, bits=8, block_size=-1, packed=False)
     with pytest.raises(ValueError, match="qw: expected a 4-bit"):

@@ -90,3 +90,50 @@ def test_supports_table():
     assert not backend.supports(spec(16, True), "cuda")  # B/2 = 8 < 16
     with pytest.raises(ValueError, match="platform: the pallas backend has kernels for"):
         backend.matmul(None, None, None, None, spec(), "rocm")
+
+
+def _pallas_grids(fn, *args):
+    """The grid of every pallas_call in fn's jaxpr."""
+    from pallas_kernels import jax_compat
+
+    grids = []
+
+    def walk(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "pallas_call":
+                grids.append(tuple(eqn.params["grid_mapping"].grid))
+            for sub in jax_compat.jaxprs_in_params(eqn.params):
+                walk(sub)
+    walk(jax.make_jaxpr(fn)(*args).jaxpr)
+    return grids
+
+
+@pytest.mark.parametrize("scheme", [Scheme(8, -1, False, False, False),
+                                    Scheme(4, -1, True, True, True)], ids=lambda s: s.id)
+def test_override_tiles_reach_the_kernel_with_partial_weight_blocks(scheme):
+    """Tiles set per call through block_sizes.override_tiles (public API, the
+    interpreted TPU kernel): K = 4544 (Falcon-7B's hidden size, no multiple of
+    128) and N = 300 in 512 x 128 tiles, so the weight's last block is partial
+    along both -- and the result is still right."""
+    from pallas_kernels import block_sizes
+
+    rng = np.random.default_rng(7)
+    qw = make_weight(rng, n=300, k=4544, scheme=scheme)
+    x = make_x(rng, (5, 4544), "bfloat16")
+    qa = scheme.quantize_activation
+
+    def f(x):
+        return xla_qops.quantized_matmul(x, qw, quantize_activation=qa, impl="pallas")
+
+    tk = 512 * (2 if scheme.packed else 1)
+    with block_sizes.override_tiles(tpu=dict(tn=128, tk=tk)):
+        grids = _pallas_grids(f, x)
+        y = f(x)
+    # The TPU kernel's grid (M, N, K) in the cpu (interpret) and tpu branches;
+    # the cuda branch's Triton grid is 2-D.
+    tpu_grids = {g for g in grids if len(g) == 3}
+    assert tpu_grids == {(1, 3, -(-4544 // tk))}, grids
+    check(y, x, qw, qa)
+    # Outside the block, a new trace gets the rule's tiles again (a function
+    # traced inside it keeps its tiles: make_jaxpr(f) would hit its cache).
+    assert {g for g in _pallas_grids(lambda x: f(x), x) if len(g) == 3} == {(1, 1, 1)}

@@ -79,14 +79,18 @@ def test_quantized_weight_with_extra_arguments_is_refused():
         xla_qops.quantized_matmul(X, qw, S, block_size=B)
 
 
-def _fake_backend(monkeypatch, available, supported):
+def _fake_backend(monkeypatch, available, supported, platforms=("cpu", "tpu", "cuda", "rocm")):
     import sys
     import types
     from xla_qops import dispatch
     module = types.ModuleType("fake_backend", "fake backend: only for this test")
     module.available = lambda: available
-    module.supports = lambda spec, platform: supported
-    module.matmul = lambda *args: pytest.fail("an unavailable backend must not run")
+    module.supports = lambda spec, platform: supported and platform in platforms
+    if platforms == ("cpu", "tpu", "cuda", "rocm"):
+        module.matmul = lambda *args: pytest.fail("an unavailable backend must not run")
+    else:  # traced for the platforms it supports, never run here
+        module.matmul = lambda x, w, scale, zp, spec, platform: jnp.zeros(
+            (x.shape[0], spec.out_features), x.dtype)
     monkeypatch.setitem(sys.modules, "fake_backend", module)
     monkeypatch.setitem(dispatch.BACKENDS, "fake", "fake_backend")
 
@@ -102,5 +106,17 @@ def test_impl_that_is_not_available_is_a_clear_error(monkeypatch):
 
 def test_impl_that_does_not_cover_the_scheme_is_a_clear_error(monkeypatch):
     _fake_backend(monkeypatch, available=True, supported=False)
-    with pytest.raises(ValueError, match="impl: 'fake' does not support w8a16 block_size=-1 on cpu"):
+    with pytest.raises(ValueError, match=r"impl: 'fake' does not support w8a16 block_size=-1 "
+                                         r"\(bfloat16 x\) on cpu, tpu, cuda or rocm"):
         xla_qops.quantized_matmul(X, W8, S, impl="fake")
+
+
+def test_impl_that_runs_elsewhere_fails_when_lowered_here(monkeypatch):
+    """Supported on TPU only: tracing succeeds (the function could be exported
+    for TPU), lowering for this CPU fails, naming impl, scheme and platform."""
+    _fake_backend(monkeypatch, available=True, supported=True, platforms=("tpu",))
+    fn = jax.jit(lambda x: xla_qops.quantized_matmul(x, W8, S, impl="fake"))
+    assert jax.eval_shape(fn, X).shape == (X.shape[0], W8.shape[0])
+    with pytest.raises(ValueError, match=r"impl: 'fake' cannot run w8a16 block_size=-1 "
+                                         r"\(bfloat16 x\) on cpu; lowering for cpu needs"):
+        fn.lower(X)

@@ -4,6 +4,7 @@ Public API (see docs/ and API.md):
 
     quantized_matmul(x, w, scale, zero_point=None, block_size=-1,
                      int4_weight=False, quantize_activation=False, *, impl="auto")
+    Impl, IMPLS         the impl names (a Literal type and its values)
     quantize_weight(w, *, bits=8, block_size=-1, symmetric=True, pack=True)
     QuantizedWeight
 
@@ -12,9 +13,9 @@ Submodules: `xla_qops.interop` (GPTQ, AWQ, HQQ, int4pack, MLX importers),
 """
 
 from xla_qops.api import quantized_matmul
-from xla_qops.dispatch import IMPLS
+from xla_qops.dispatch import IMPLS, Impl
 from xla_qops.quantize import QuantizedWeight, quantize_weight
 from xla_qops import checkpoint, interop, sharding  # noqa: E402  (public submodules)
 
-__all__ = ["quantized_matmul", "quantize_weight", "QuantizedWeight", "IMPLS"]
+__all__ = ["quantized_matmul", "quantize_weight", "QuantizedWeight", "IMPLS", "Impl"]
 __version__ = "0.1.0"

@@ -22,7 +22,7 @@ from xla_qops.spec import check_args
 
 
 def quantized_matmul(x, w, scale=None, zero_point=None, block_size=-1, int4_weight=False,
-                     quantize_activation=False, *, impl="auto"):
+                     quantize_activation=False, *, impl: dispatch.Impl = "auto"):
     """``x @ (scale * q - zero_point).T`` with a quantized weight.
 
     Args:
@@ -38,10 +38,13 @@ def quantized_matmul(x, w, scale=None, zero_point=None, block_size=-1, int4_weig
       int4_weight: the weight holds int4 values.
       quantize_activation: quantize `x` to int8 per token (and input block)
         and multiply integer by integer with int32 accumulation (W8A8, W4A8).
-      impl: "auto" (best for the platform, chosen at lowering), "xla" (fused
-        pure JAX, any platform), "pallas" (Pallas kernel; interpret mode on
-        CPU), "custom_call" (host-CPU C++ kernels) or "reference" (the plain
-        dequantize-then-matmul formula).
+      impl: "auto" (best for the platform), "xla" (fused pure JAX, any
+        platform), "pallas" (Pallas kernel: Mosaic on TPU, Triton on CUDA,
+        interpret mode on the host CPU), "custom_call" (host-CPU C++ kernels)
+        or "reference" (the plain dequantize-then-matmul formula). Every impl
+        is resolved per platform when the function is lowered; one that
+        cannot run on the platform lowered for fails that lowering with a
+        ValueError (`xla_qops.dispatch`).
 
     Returns:
       ``[..., out]`` in ``x``'s dtype. Accumulation is float32 (int32 for

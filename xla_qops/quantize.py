@@ -10,6 +10,15 @@ Convention (API.md section 1): ``w_float = scale * q - zero_point``.
 Degenerate groups keep a finite scale: an all-zero group gets ``scale = 1``
 (``q = 0``, ``zero_point = 0``, so it dequantizes to exact zeros), and a constant
 non-zero group in asymmetric mode gets ``scale = |c| / qmax``.
+
+Every step is one float32 IEEE operation, rounded once, computed with numpy
+on the host (`_round_to_nearest`): ``q = round_half_even(w / scale)`` needs a
+true division, and XLA rewrites a division by a broadcast scale into a
+multiplication by its reciprocal (one ulp off, enough to move a .5 tie to the
+other integer) and may fuse ``scale * qmin - lo`` into one FMA. On the host
+the scales, zero points and integers are the same bits on every platform and
+JAX version (tests/test_numerics.py pins them). Under `jax.jit` the same
+numpy code runs through `jax.pure_callback`.
 """
 
 from __future__ import annotations
@@ -124,9 +133,67 @@ def _check_weight(w, bits, block_size):
                          f"in={in_features}, got {block_size}")
     if not isinstance(w, jax.core.Tracer):
         # Only concrete weights can be inspected; under jit the check is skipped.
-        if not bool(jnp.all(jnp.isfinite(w))):
-            n_bad = int(jnp.sum(~jnp.isfinite(w)))
-            raise ValueError(f"w: expected finite values, found {n_bad} NaN/inf entries")
+        finite = np.isfinite(np.asarray(w, np.float32))
+        if not finite.all():
+            raise ValueError(f"w: expected finite values, found {int((~finite).sum())} "
+                             f"NaN/inf entries")
+
+
+def _round_to_nearest(w: np.ndarray, bits: int, block_size: int, symmetric: bool):
+    """(q int8, scale float32, zero_point float32 or None) of a float32 [out, in].
+
+    numpy, so that each step is one correctly rounded float32 operation (see
+    the module docstring). Layouts: per-channel q [out, in], scale [out];
+    blockwise q [in/B, B, out], scale [in/B, out].
+    """
+    f32 = np.float32
+    out_features, in_features = w.shape
+    qmin, qmax = _QRANGE[bits]
+    # Group axis last: per-channel [out, in] -> groups over `in`;
+    # blockwise -> [in/B, out, B].
+    if block_size == -1:
+        grouped = w
+    else:
+        grouped = w.reshape(out_features, in_features // block_size, block_size)
+        grouped = grouped.transpose(1, 0, 2)
+    lo = grouped.min(axis=-1)
+    hi = grouped.max(axis=-1)
+    absmax = np.maximum(np.abs(lo), np.abs(hi))
+    all_zero = absmax == 0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        if symmetric:
+            scale = np.where(all_zero, f32(1), absmax / f32(qmax)).astype(f32)
+            zero_point = None
+            q = np.rint(grouped / scale[..., None])
+        else:
+            spread = hi - lo
+            scale = np.where(spread > 0, spread / f32(qmax - qmin),
+                             np.where(all_zero, f32(1), absmax / f32(qmax))).astype(f32)
+            zero_point = np.where(all_zero, f32(0), scale * f32(qmin) - lo).astype(f32)
+            q = np.rint((grouped + zero_point[..., None]) / scale[..., None])
+    q = np.clip(q, qmin, qmax).astype(np.int8)
+    if block_size != -1:
+        q = np.ascontiguousarray(q.transpose(0, 2, 1))  # [in/B, out, B] -> [in/B, B, out]
+    return q, scale, zero_point
+
+
+def _round_to_nearest_traced(w, bits: int, block_size: int, symmetric: bool):
+    """`_round_to_nearest` under jit/vmap: the same numpy code, via a host callback."""
+    out_features, in_features = w.shape
+    groups = (out_features,) if block_size == -1 else (in_features // block_size, out_features)
+    q_shape = ((out_features, in_features) if block_size == -1
+               else (in_features // block_size, block_size, out_features))
+    shapes = [jax.ShapeDtypeStruct(q_shape, jnp.int8), jax.ShapeDtypeStruct(groups, jnp.float32)]
+    if not symmetric:
+        shapes.append(jax.ShapeDtypeStruct(groups, jnp.float32))
+
+    def host(w):
+        q, scale, zero_point = _round_to_nearest(np.asarray(w, np.float32), bits, block_size,
+                                                 symmetric)
+        return (q, scale) if symmetric else (q, scale, zero_point)
+
+    result = jax.pure_callback(host, tuple(shapes), w, vmap_method="sequential")
+    return result if not symmetric else (*result, None)
 
 
 def quantize_weight(w, *, bits: int = 8, block_size: int = -1, symmetric: bool = True,
@@ -146,33 +213,12 @@ def quantize_weight(w, *, bits: int = 8, block_size: int = -1, symmetric: bool =
       A `QuantizedWeight`; scales and zero points are float32.
     """
     _check_weight(w, bits, block_size)
-    w = jnp.asarray(w, jnp.float32)
-    out_features, in_features = w.shape
-    qmin, qmax = _QRANGE[bits]
-    # Group axis last: per-channel [out, in] -> groups over `in`;
-    # blockwise -> [in/B, out, B].
-    if block_size == -1:
-        grouped = w
+    if isinstance(w, jax.core.Tracer):
+        q, scale, zero_point = _round_to_nearest_traced(w.astype(jnp.float32), bits,
+                                                        int(block_size), symmetric)
     else:
-        grouped = w.reshape(out_features, in_features // block_size, block_size)
-        grouped = grouped.transpose(1, 0, 2)
-    lo = jnp.min(grouped, axis=-1)
-    hi = jnp.max(grouped, axis=-1)
-    absmax = jnp.maximum(jnp.abs(lo), jnp.abs(hi))
-    all_zero = absmax == 0
-    if symmetric:
-        scale = jnp.where(all_zero, 1.0, absmax / qmax)
-        zero_point = None
-        q = jnp.round(grouped / scale[..., None])
-    else:
-        spread = hi - lo
-        scale = jnp.where(spread > 0, spread / (qmax - qmin),
-                          jnp.where(all_zero, 1.0, absmax / qmax))
-        zero_point = jnp.where(all_zero, 0.0, scale * qmin - lo)
-        q = jnp.round((grouped + zero_point[..., None]) / scale[..., None])
-    q = jnp.clip(q, qmin, qmax).astype(jnp.int8)
-    if block_size != -1:
-        q = q.transpose(0, 2, 1)  # [in/B, out, B] -> [in/B, B, out]
+        q, scale, zero_point = (None if a is None else jnp.asarray(a) for a in _round_to_nearest(
+            np.asarray(w, np.float32), bits, int(block_size), symmetric))
     result = QuantizedWeight(w=q, scale=scale, zero_point=zero_point, bits=bits,
                              block_size=int(block_size), packed=False)
     return result.pack() if (pack and bits == 4) else result

@@ -45,9 +45,13 @@ upcast first, exactly), sums the partials with ``psum`` and rounds once to
 within the float32 accumulation bound, not bit for bit.
 
 Every backend runs inside `jax.shard_map`, so GSPMD never sees a kernel call
-it cannot split (and so never gathers the weight to run it whole). The
-pure-XLA backend also partitions under plain ``jax.jit`` with weights placed
-by `shard_quantized_weight` (GSPMD), without gathering the weight.
+it cannot split (and so never gathers the weight to run it whole). Meshes with
+Auto or Explicit axes both work (`jax.make_mesh` makes Explicit ones from JAX
+0.8 on; inputs are then resharded on entry explicitly). The pure-XLA backend
+also partitions under plain ``jax.jit`` with weights placed by
+`shard_quantized_weight` on a mesh with Auto axes (GSPMD), without gathering
+the weight; with Explicit axes plain jit needs the output sharding spelled
+out, so use `sharded_quantized_matmul` there.
 
 Common layouts (Megatron): attention q/k/v and MLP gate/up projections are
 column-parallel, attention output and MLP down projections row-parallel
@@ -64,7 +68,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from xla_qops import dispatch
 from xla_qops.activation import quantize_activation as _quantize_activation
@@ -236,12 +240,27 @@ def sharded_quantized_matmul(x, qw: QuantizedWeight, mesh, layout: str, *,
         x_spec, y_spec = P(*lead, axis_name), P(*lead, None)
         body = _row_body(qw, quantize_activation, impl, axis_name)
     w_specs = weight_partition_specs(qw, layout, axis_name)
+    x, qw = _resharded_for(mesh, (x, x_spec), (qw, w_specs))
     # check_vma=False: kernel primitives (pallas_call, FFI calls) carry no
     # varying-manual-axes rule. Gradients are checked against one device in
     # tests/test_sharding.py.
     run = jax.shard_map(body, mesh=mesh, in_specs=(x_spec, w_specs), out_specs=y_spec,
                         check_vma=False)
     return run(x, qw)
+
+
+def _resharded_for(mesh, *pairs):
+    """Each (tree, specs) pair placed as `jax.shard_map` expects it on `mesh`.
+
+    With Auto mesh axes shard_map moves a differently placed input itself.
+    With Explicit axes (the default of `jax.make_mesh` from JAX 0.8 on) an
+    input's sharding is part of its type and shard_map refuses a mismatch, so
+    inputs are resharded here (a no-op when they are already in place).
+    """
+    if not any(t == AxisType.Explicit for t in mesh.axis_types):
+        return tuple(tree for tree, _ in pairs)
+    return tuple(jax.tree.map(lambda a, spec: jax.sharding.reshard(a, NamedSharding(mesh, spec)),
+                              tree, specs) for tree, specs in pairs)
 
 
 def _column_body(quantize_activation, impl):

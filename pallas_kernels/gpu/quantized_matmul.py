@@ -30,8 +30,13 @@ scale row before it is added.
 Block constraints (Triton): every loaded array has a power-of-2 size and dot
 operands are >= 16 along every dim, so bm, bn >= 16 are powers of 2, per-channel
 ``bk/p`` is a power of 2 >= 16, and blockwise needs ``B/p`` to be a power of
-2 >= 16 (`supports`). M, N (and per-channel K) are padded to tile multiples and
-the result sliced; there is no masking inside the kernel.
+2 >= 16 (`supports`). M and N are padded to tile multiples and the result
+sliced (N only when it is no multiple of 16, which no real model has: the
+weight is then copied). K is never padded: where no power-of-2 step divides
+it, the last step's loads are masked (``plgpu.load(..., mask=, other=0)``).
+
+Pallas' Triton backend is deprecated from JAX 0.12 on in favour of Mosaic GPU;
+docs/pallas_kernels.md has what that means here and the plan.
 """
 
 from __future__ import annotations
@@ -63,18 +68,34 @@ def _split_refs(refs, has_zero, has_x_scale):
     return xs, w, scale, zero, x_scale, rest[0]
 
 
-def _per_channel_kernel(*refs, parts, packed, has_zero, has_x_scale, chunk, n_chunks):
+def _load_chunk(ref, lead, off, chunk, k_stored, masked):
+    """``ref[*lead, :, off:off+chunk]`` (2-D); with `masked`, columns past
+    `k_stored` read as 0. One indexer: Triton lowering takes no chained ones."""
+    idx = (*lead, slice(None), pl.ds(off, chunk))
+    if not masked:
+        return ref[idx]
+    # Leading indices as arrays: the interpreter's masked load takes no ints.
+    view = ref.at[(*(jnp.int32(i) for i in lead), slice(None), pl.ds(off, chunk))]
+    cols = off + lax.broadcasted_iota(jnp.int32, view.shape, len(view.shape) - 1)
+    return plgpu.load(view, mask=cols < k_stored, other=0)
+
+
+def _per_channel_kernel(*refs, parts, packed, has_zero, has_x_scale, chunk, n_chunks,
+                        k_stored):
     xs_ref, w_ref, scale_ref, zero_ref, xsc_ref, o_ref = _split_refs(refs, has_zero, has_x_scale)
     op_dtype = xs_ref.dtype
     acc_dtype = jnp.int32 if jnp.dtype(op_dtype) == jnp.int8 else jnp.float32
     bm, bn = o_ref.shape
+    # A last, partial step (no power-of-2 step divides K): masked loads, zeros
+    # past the end of K in both operands.
+    masked = n_chunks * chunk != k_stored
 
     def step(c, carry):
         acc, x_sum = carry
         off = pl.multiple_of(c * chunk, chunk)
-        w_tile = w_ref[:, pl.ds(off, chunk)]  # (bn, chunk)
+        w_tile = _load_chunk(w_ref, (), off, chunk, k_stored, masked)  # (bn, chunk)
         for part in range(parts):
-            x = xs_ref[part, :, pl.ds(off, chunk)]  # (bm, chunk)
+            x = _load_chunk(xs_ref, (part,), off, chunk, k_stored, masked)  # (bm, chunk)
             q = operands.weight_part(w_tile, part, packed, op_dtype)
             acc += lax.dot_general(x, q, (((1,), (1,)), ((), ())),
                                    precision=_precision(op_dtype),
@@ -141,30 +162,43 @@ def supports(*, block_size: int, packed: bool, x_dtype, quantize_activation: boo
     return _is_pow2(bs) and bs >= 16
 
 
-@functools.partial(jax.jit, static_argnames=(
-    "block_size", "quantize_activation", "blocks", "interpret"))
 def quantized_matmul(x, w, scale, zero_point=None, *, block_size: int = -1,
                      quantize_activation: bool = False,
                      blocks: block_sizes.GpuBlocks | None = None, interpret=False):
     """``x [M, K] @ dequantized(w).T -> [M, N]`` in x's dtype, on the Triton kernel.
 
     Args as `pallas_kernels.tpu.quantized_matmul.quantized_matmul`; `blocks`
-    defaults to `block_sizes.gpu_blocks`; ``interpret=True`` runs the same
-    kernel body on the CPU (Pallas' generic interpreter).
+    defaults to `block_sizes.gpu_blocks` (which applies `override_tiles` and a
+    measured table, so it is called here, outside the jit, on every call);
+    ``interpret=True`` runs the same kernel body on the CPU (Pallas' generic
+    interpreter).
     """
     m, k = x.shape
     packed = w.dtype == jnp.uint8
-    parts = 2 if packed else 1
     n = w.shape[-1] if block_size != -1 else w.shape[0]
     if m == 0:  # no rows: nothing to tile
         return jnp.zeros((0, n), x.dtype)
     if blocks is None:
-        blocks = block_sizes.gpu_blocks(m, k, n, block_size=block_size, packed=packed)
+        blocks = block_sizes.gpu_blocks(m, k, n, block_size=block_size, packed=packed,
+                                        x_dtype=x.dtype, quantize_activation=quantize_activation)
+    return _quantized_matmul(x, w, scale, zero_point, block_size=block_size,
+                             quantize_activation=quantize_activation, blocks=blocks,
+                             interpret=interpret)
+
+
+@functools.partial(jax.jit, static_argnames=(
+    "block_size", "quantize_activation", "blocks", "interpret"))
+def _quantized_matmul(x, w, scale, zero_point, *, block_size, quantize_activation, blocks,
+                      interpret):
+    m, k = x.shape
+    packed = w.dtype == jnp.uint8
+    parts = 2 if packed else 1
+    n = w.shape[-1] if block_size != -1 else w.shape[0]
     op_dtype = jnp.int8 if quantize_activation else x.dtype
     xs, wk, sk, zk, xsck = operands.kernel_operands(
         x, w, scale, zero_point, block_size=block_size,
         quantize_activation=quantize_activation, op_dtype=op_dtype,
-        m_pad=blocks.m_pad, n_pad=blocks.n_pad, k_pad=blocks.k_pad)
+        m_pad=blocks.m_pad, n_pad=blocks.n_pad, k_pad=blocks.k_pad, pad_weight=True)
     bm, bn = blocks.bm, blocks.bn
     has_zero, has_x_scale = zk is not None, xsck is not None
 
@@ -180,7 +214,7 @@ def quantized_matmul(x, w, scale, zero_point=None, *, block_size: int = -1,
             in_specs.append(pl.BlockSpec((bm, 1), lambda i, j: (i, 0)))
         kernel = functools.partial(_per_channel_kernel, parts=parts, packed=packed,
                                    has_zero=has_zero, has_x_scale=has_x_scale,
-                                   chunk=chunk, n_chunks=ks // chunk)
+                                   chunk=chunk, n_chunks=-(-ks // chunk), k_stored=ks)
     else:
         nb, bs = k // block_size, block_size // parts
         in_specs = [pl.BlockSpec((parts, nb, bm, bs), lambda i, j: (0, 0, i, 0)),

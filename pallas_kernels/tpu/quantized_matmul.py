@@ -5,7 +5,7 @@ int8 weights, int4 weights unpacked in an int8 container, and packed int4
 (uint8, two features per byte along K, even feature in the low nibble), with
 one scale per output channel (``block_size=-1``) or per output channel and
 block of B input features. With ``quantize_activation`` x is quantized to int8
-per token (and block) by `xla_qops.activation` in the prologue and the MXU
+per token (and block) by `pallas_kernels.activation` in the prologue and the MXU
 multiplies int8 by int8 (int4 weights widened to int8 in VMEM) with int32
 accumulation. The algebra is `pallas_kernels.reference`: scales and zero
 points are applied to partial sums, never to weight elements.
@@ -44,7 +44,9 @@ Blocks (all chosen by `pallas_kernels.block_sizes.tpu_blocks`):
 Block constraints: last two dims of each block divisible by (8, 128) or equal
 to the array's (tn, tk/p multiples of 128 or full; tm a multiple of the
 activation's sublane packing; Bs is always a full dim), which the block rule
-guarantees; M, N and K are padded to tile multiples and the result sliced.
+guarantees. M, N and K are padded to tile multiples in the activations and
+scales, never in the weight: where a tile does not divide N or K the weight's
+last block is partial (`pallas_kernels.operands`), and the result is sliced.
 
 Zero points: the kernel keeps a running activation sum (per row, and per
 block), and subtracts ``sum(x) * zero`` from the accumulator -- per-channel
@@ -184,8 +186,6 @@ def supports(*, block_size: int, packed: bool, x_dtype, quantize_activation: boo
     return (block_size // (2 if packed else 1)) % 8 == 0
 
 
-@functools.partial(jax.jit, static_argnames=(
-    "block_size", "quantize_activation", "chip", "blocks", "interpret"))
 def quantized_matmul(x, w, scale, zero_point=None, *, block_size: int = -1,
                      quantize_activation: bool = False, chip: str | None = None,
                      blocks: block_sizes.TpuBlocks | None = None, interpret=False):
@@ -196,15 +196,16 @@ def quantized_matmul(x, w, scale, zero_point=None, *, block_size: int = -1,
       w, scale, zero_point: API.md layouts (validated by `xla_qops.spec`).
       block_size: -1 per-channel, else B.
       quantize_activation: W8A8 / W4A8.
-      chip: target TPU for the block rule ("v5e", "v5p", "v6e", "v7"); default
-        the attached TPU or `block_sizes.DEFAULT_CHIP`.
-      blocks: explicit tiles (tests), else `block_sizes.tpu_blocks`.
+      chip: target TPU for the block rule ("v4", "v5e", "v5p", "v6e", "v7");
+        default `block_sizes.tpu_chip()` (the TPU lowered for).
+      blocks: explicit tiles (tests), else `block_sizes.tpu_blocks` (which
+        applies `override_tiles` and a measured table, so it is called here,
+        outside the jit, on every call).
       interpret: False to compile with Mosaic; True or a
         ``pltpu.InterpretParams()`` to run the same kernel on the CPU.
     """
     m, k = x.shape
     packed = w.dtype == jnp.uint8
-    parts = 2 if packed else 1
     n = w.shape[-1] if block_size != -1 else w.shape[0]
     if m == 0:  # no rows: nothing to tile
         return jnp.zeros((0, n), x.dtype)
@@ -212,6 +213,19 @@ def quantized_matmul(x, w, scale, zero_point=None, *, block_size: int = -1,
         blocks = block_sizes.tpu_blocks(m, k, n, block_size=block_size, packed=packed,
                                         x_dtype=x.dtype, quantize_activation=quantize_activation,
                                         chip=chip)
+    return _quantized_matmul(x, w, scale, zero_point, block_size=block_size,
+                             quantize_activation=quantize_activation, blocks=blocks,
+                             interpret=interpret)
+
+
+@functools.partial(jax.jit, static_argnames=(
+    "block_size", "quantize_activation", "blocks", "interpret"))
+def _quantized_matmul(x, w, scale, zero_point, *, block_size, quantize_activation, blocks,
+                      interpret):
+    m, k = x.shape
+    packed = w.dtype == jnp.uint8
+    parts = 2 if packed else 1
+    n = w.shape[-1] if block_size != -1 else w.shape[0]
     op_dtype = block_sizes.tpu_operand_dtype(x.dtype, quantize_activation)
     out_dtype = jnp.float32 if x.dtype == jnp.float16 else x.dtype
     xs, wk, sk, zk, xsck = operands.kernel_operands(

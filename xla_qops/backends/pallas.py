@@ -7,8 +7,9 @@
   It is slow (a checking path, not a fast one), so impl="auto" never picks it.
 
 Each kernel declines a spec it cannot tile (`supports`); impl="auto" then
-falls back to the fused XLA backend, impl="pallas" raises a ValueError in
-`xla_qops.dispatch`.
+falls back to the fused XLA backend, and impl="pallas" fails the lowering for
+that platform with a ValueError (`xla_qops.dispatch`), or fails at once if no
+platform's kernel takes the spec. ROCm has no kernel here.
 """
 
 from __future__ import annotations

@@ -21,7 +21,28 @@ Blockwise weights ``[in/B, B, out]`` need one scale per block and output:
 
 With ``quantize_activation`` the products are int8 x int8 with int32
 accumulation and both scales are applied to the int32 sums.
+
+What the products are computed in depends on the platform, chosen when the
+function is lowered (`lax.platform_dependent`; `matmul` receives the platform
+when dispatch already knows it):
+
+* bfloat16 x on TPU and GPUs, float16 x on GPUs: the integer weight is
+  converted to x's dtype, which holds every int8 and int4 value exactly, and
+  the dots multiply in that dtype with float32 accumulation
+  (``preferred_element_type=float32``, default precision): the products are
+  exact, so the result is that of the float32 formula up to summation order,
+  at the MXU's / tensor cores' native rate. Blockwise prefill multiplies the
+  float32-dequantized weight split exactly into three bfloat16 terms
+  (``w = t1 + t2 + t3``; 3 x 8 significand bits cover float32's 24) in one
+  dot with K tripled, so no float32 dot is needed there either.
+* float32 x everywhere, float16 x on TPU (which has no float16 MXU), and
+  every dtype on the host CPU (where XLA's bf16 dots are far slower than its
+  float32 ones): float32 operands at ``precision=HIGHEST``.
 """
+
+from __future__ import annotations
+
+import functools
 
 import jax.numpy as jnp
 from jax import lax
@@ -30,6 +51,9 @@ from xla_qops import packing
 from xla_qops.activation import quantize_activation
 
 _HIGHEST = lax.Precision.HIGHEST
+# platform_dependent's names; an unknown platform gets the float32 plan.
+PLATFORMS = ("cpu", "tpu", "cuda", "rocm")
+_GPUS = ("cuda", "rocm")
 
 
 def available() -> bool:
@@ -39,6 +63,16 @@ def available() -> bool:
 def supports(spec, platform) -> bool:
     del spec, platform
     return True
+
+
+def product_dtype(x_dtype: str, platform: str | None):
+    """The dtype A16 products are computed in on `platform`: x's own dtype
+    where that is exact and native (module docstring), else float32."""
+    if x_dtype == "bfloat16" and platform in ("tpu",) + _GPUS:
+        return jnp.bfloat16
+    if x_dtype == "float16" and platform in _GPUS:
+        return jnp.float16
+    return jnp.float32
 
 
 def _weight_pairs(x, w, spec):
@@ -63,12 +97,14 @@ def _weight_pairs(x, w, spec):
     return [(x[..., 0::2], low), (x[..., 1::2], high)]
 
 
-def _contract(pairs, spec, acc_dtype):
+def _contract(pairs, spec, operand_dtype, acc_dtype):
     """Sum over pairs of the integer-weight contraction.
 
     Per-channel: [M, N]. Blockwise: [nb, M, N] (one partial sum per block).
     """
-    operand_dtype = jnp.int8 if acc_dtype == jnp.int32 else jnp.float32
+    # float32 operands need HIGHEST (else TPUs and GPUs round them to bf16 /
+    # tf32); bf16, f16 and int8 operands are exact at the default precision.
+    precision = _HIGHEST if operand_dtype == jnp.float32 else None
     total = None
     for x_part, q_part in pairs:
         a, b = x_part.astype(operand_dtype), q_part.astype(operand_dtype)
@@ -78,57 +114,119 @@ def _contract(pairs, spec, acc_dtype):
         else:
             # a [M, K'] . b [N, K'] -> [M, N].
             dims = (((1,), (1,)), ((), ()))
-        part = lax.dot_general(a, b, dims, precision=_HIGHEST,
+        part = lax.dot_general(a, b, dims, precision=precision,
                                preferred_element_type=acc_dtype)
         total = part if total is None else total + part
     return total
 
 
-def _dequantized_matmul(pairs, scale, zero_point):
-    """Blockwise prefill: dequantize each weight part, then one f32 matmul."""
-    total = None
+def _dequantized_parts(pairs, scale, zero_point):
+    """(x part [M, K'], float32 weight part [K', N]) of a blockwise weight."""
     for x_part, q_part in pairs:
         w_part = q_part.astype(jnp.float32) * scale[:, None, :]
         if zero_point is not None:
             w_part = w_part - zero_point[:, None, :]
-        m = x_part.shape[0]
-        part = lax.dot_general(x_part.reshape(m, -1).astype(jnp.float32),
-                               w_part.reshape(-1, w_part.shape[-1]),
-                               (((1,), (0,)), ((), ())), precision=_HIGHEST,
+        yield x_part.reshape(x_part.shape[0], -1), w_part.reshape(-1, w_part.shape[-1])
+
+
+def _dequantized_matmul(pairs, scale, zero_point):
+    """Blockwise prefill: dequantize each weight part, then one f32 matmul."""
+    total = None
+    for x_part, w_part in _dequantized_parts(pairs, scale, zero_point):
+        part = lax.dot_general(x_part.astype(jnp.float32), w_part, (((1,), (0,)), ((), ())),
+                               precision=_HIGHEST, preferred_element_type=jnp.float32)
+        total = part if total is None else total + part
+    return total
+
+
+def _leading_bf16(v):
+    """The float32 `v` cut to its top 8 significand bits (exactly a bfloat16).
+
+    A bit mask rather than a bf16 round trip: XLA may elide a f32 -> bf16 ->
+    f32 conversion pair (excess precision), a mask it cannot.
+    """
+    bits = lax.bitcast_convert_type(v, jnp.uint32) & jnp.uint32(0xFFFF0000)
+    return lax.bitcast_convert_type(bits, jnp.float32)
+
+
+def _bf16_split_matmul(pairs, scale, zero_point):
+    """Blockwise prefill in bf16: x @ (t1 + t2 + t3) for w = t1 + t2 + t3 exactly.
+
+    t1 holds w's top 8 significand bits, t2 the next 8 of the rest, t3 what
+    is left (at most 8 bits: exact in bf16, as t1 and t2 are); the
+    differences are exact in float32. One bf16 dot with K tripled and
+    float32 accumulation then gives the float32 formula up to summation order.
+    """
+    total = None
+    for x_part, w_part in _dequantized_parts(pairs, scale, zero_point):
+        t1 = _leading_bf16(w_part)
+        rest = w_part - t1
+        t2 = _leading_bf16(rest)
+        t3 = rest - t2
+        w3 = jnp.concatenate([t1, t2, t3], axis=0).astype(jnp.bfloat16)  # [3K', N]
+        x3 = jnp.tile(x_part.astype(jnp.bfloat16), (1, 3))  # [M, 3K']
+        part = lax.dot_general(x3, w3, (((1,), (0,)), ((), ())),
                                preferred_element_type=jnp.float32)
         total = part if total is None else total + part
     return total
 
 
-def matmul(x, w, scale, zero_point, spec, platform=None):
-    del platform  # platform-independent
+def _reduce_blocks(subscripts, *operands):
+    """The scaled sum of per-block partials [nb, M, N] over the blocks.
+
+    A float32 contraction over the K/B blocks only (the weight has been
+    contracted already). A dot rather than a multiply-and-reduce: XLA:CPU's
+    reduction order depends on the output width, a dot's does not, which
+    keeps column-parallel shards bit-identical to one device.
+    """
+    return jnp.einsum(subscripts, *operands, precision=_HIGHEST)
+
+
+def _matmul(x, w, scale, zero_point, spec, products):
     m = x.shape[0]
     scale = scale.astype(jnp.float32)
     zero_point = None if zero_point is None else zero_point.astype(jnp.float32)
 
     if spec.quantize_activation:
         x_q, x_scale = quantize_activation(x, spec.block_size)  # [M,K], [M,groups]
-        acc = _contract(_weight_pairs(x_q, w, spec), spec, jnp.int32).astype(jnp.float32)
+        acc = _contract(_weight_pairs(x_q, w, spec), spec, jnp.int8, jnp.int32)
+        acc = acc.astype(jnp.float32)
         # Activation sum per group in the quantized domain (for the zero point).
         x_sum = x_q.astype(jnp.int32).reshape(m, x_scale.shape[1], -1).sum(-1)
         x_sum = x_sum.astype(jnp.float32) * x_scale  # [M, groups]
         if spec.blockwise:
-            y = jnp.einsum("bmn,mb,bn->mn", acc, x_scale, scale, precision=_HIGHEST)
+            y = _reduce_blocks("bmn,mb,bn->mn", acc, x_scale, scale)
         else:
             y = acc * x_scale * scale[None, :]
     else:
-        x_f32 = x.astype(jnp.float32)
-        x_sum = x_f32.reshape(m, spec.n_blocks, -1).sum(-1)  # [M, groups]
-        pairs = _weight_pairs(x_f32, w, spec)
+        x_sum = x.astype(jnp.float32).reshape(m, spec.n_blocks, -1).sum(-1)  # [M, groups]
+        pairs = _weight_pairs(x, w, spec)
         if spec.blockwise and m > spec.block_size:
-            return _dequantized_matmul(pairs, scale, zero_point).astype(x.dtype)
-        acc = _contract(pairs, spec, jnp.float32)
-        if spec.blockwise:
-            y = jnp.einsum("bmn,bn->mn", acc, scale, precision=_HIGHEST)
+            prefill = _bf16_split_matmul if products == jnp.bfloat16 else _dequantized_matmul
+            y = prefill(pairs, scale, zero_point)
+            zero_point = None  # already in the dequantized weight
         else:
-            y = acc * scale[None, :]
+            acc = _contract(pairs, spec, products, jnp.float32)
+            y = _reduce_blocks("bmn,bn->mn", acc, scale) if spec.blockwise else acc * scale[None, :]
 
     if zero_point is not None:
         zp = zero_point if spec.blockwise else zero_point[None, :]  # [groups, N]
+        # [M, groups] x [groups, N]: a contraction over K/B (or 1) terms only.
         y = y - lax.dot_general(x_sum, zp, (((1,), (0,)), ((), ())), precision=_HIGHEST)
     return y.astype(x.dtype)
+
+
+def matmul(x, w, scale, zero_point, spec, platform=None):
+    """The fused formula; products per `platform` (module docstring).
+
+    `platform` None: chosen when the function is lowered, per platform.
+    """
+    if platform is not None or spec.quantize_activation:
+        return _matmul(x, w, scale, zero_point, spec, product_dtype(spec.x_dtype, platform))
+    plans = {p: product_dtype(spec.x_dtype, p) for p in PLATFORMS}
+    if len(set(plans.values())) == 1:
+        return _matmul(x, w, scale, zero_point, spec, plans["cpu"])
+    branches = {p: functools.partial(_matmul, spec=spec, products=d) for p, d in plans.items()}
+    return lax.platform_dependent(
+        x, w, scale, zero_point,
+        default=functools.partial(_matmul, spec=spec, products=jnp.float32), **branches)

@@ -32,7 +32,9 @@ import time
 
 import numpy as np
 
-DEFAULT_SHAPES = "4096x4096,4096x14336,14336x4096"
+from pallas_kernels import shapes
+
+DEFAULT_SHAPES = shapes.to_text(shapes.LLAMA3_8B)  # "4096x4096,4096x14336,14336x4096"
 DEFAULT_M = "1,4,16,64,256,1024"
 DECODE_MAX_M = 16
 
