@@ -137,9 +137,8 @@ class XlaQuantizedLinear(torch.nn.Module):
                      quantize_activation=quantize_activation, bias=linear.bias is not None,
                      impl=impl)
         w = linear.weight.detach().to("cpu", torch.float32)
-        # Not jitted: under jit XLA turns `absmax / qmax` into a multiply by the
-        # reciprocal, and scales would differ from xla_qops.quantize_weight's
-        # (correctly rounded) ones in the last bit.
+        # xla_qops.quantize_weight computes on the host (numpy), so the scales
+        # are bit-identical to a JAX caller's, eager or jitted.
         qw = xla_qops.quantize_weight(interop.to_jax(w), bits=bits, block_size=block_size,
                                       symmetric=symmetric, pack=module.packed)
         module.load_quantized_weight(qw)
