@@ -41,6 +41,14 @@ LLAMA3_8B = (
     Linear(14336, 4096, "MLP down"),
 )
 
+# TinyLlama-1.1B's MLP and its lm_head (hidden 2048, vocabulary 32000): the
+# decode shapes of the end-to-end benchmark's model (`xla-qops bench --model`).
+TINYLLAMA_DECODE = (
+    Linear(2048, 5632, "TinyLlama MLP gate/up"),
+    Linear(5632, 2048, "TinyLlama MLP down"),
+    Linear(2048, 32000, "TinyLlama lm_head"),
+)
+
 # K (per-channel) or N no multiple of 128, K no multiple of the GPU's K step.
 ODD = (
     Linear(1000, 200, "K, N no multiples of 128"),
@@ -127,5 +135,5 @@ def to_text(shapes) -> str:
     return ",".join(Linear(*s).label for s in shapes)
 
 
-__all__ = ["Linear", "LLAMA3_8B", "ODD", "REAL_MODELS", "real_model_shapes", "parse",
+__all__ = ["Linear", "LLAMA3_8B", "TINYLLAMA_DECODE", "ODD", "REAL_MODELS", "real_model_shapes", "parse",
            "to_text"]

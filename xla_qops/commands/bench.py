@@ -1,8 +1,11 @@
 """`xla-qops bench`: the host-CPU kernels against their peers, same run, same machine.
 
-Cases: Llama-3-8B layer shapes (in×out) 4096×4096, 4096×14336, 14336×4096;
-M = 1, 4, 16 (decode) and 64, 256, 1024 (prefill); bf16 activations; W8A16
-per-channel, W4A16 g128 symmetric and asymmetric, W8A8 per-channel.
+Cases: Llama-3-8B layer shapes (in×out) 4096×4096, 4096×14336, 14336×4096 at
+M = 1, 4, 16 (decode) and 64, 256, 1024 (prefill), plus TinyLlama's MLP and
+lm_head (2048×5632, 5632×2048, 2048×32000) at the decode M; bf16 activations;
+W8A16 per-channel, W4A16 g128 symmetric and asymmetric, W8A8 per-channel.
+Then the per-call cost of `XlaQuantizedLinear` on torch CPU tensors against
+the kernels' own time (xla_qops/bench/module_calls.py).
 
 Each case: the median of several runs of impl="custom_call" and of every peer
 (xla_qops/bench/peers.py), reported as peer time / our time, plus our
@@ -35,6 +38,8 @@ import numpy as np
 from pallas_kernels import shapes
 
 DEFAULT_SHAPES = shapes.to_text(shapes.LLAMA3_8B)  # "4096x4096,4096x14336,14336x4096"
+# Decode-only cases (M <= 16): TinyLlama's MLP and lm_head, the end-to-end model's.
+DEFAULT_DECODE_SHAPES = shapes.to_text(shapes.TINYLLAMA_DECODE)
 DEFAULT_M = "1,4,16,64,256,1024"
 DECODE_MAX_M = 16
 
@@ -43,6 +48,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from xla_qops.bench.peers import SCHEMES
     parser.add_argument("--shapes", default=DEFAULT_SHAPES,
                         help=f"comma-separated INxOUT layer shapes (default {DEFAULT_SHAPES})")
+    parser.add_argument("--decode-shapes", default=DEFAULT_DECODE_SHAPES,
+                        help=f"INxOUT shapes timed at the decode M only (<= {DECODE_MAX_M}; "
+                             f"default {DEFAULT_DECODE_SHAPES}); '' for none")
     parser.add_argument("--m", default=DEFAULT_M, help=f"comma-separated token counts (default {DEFAULT_M})")
     parser.add_argument("--schemes", default=",".join(SCHEMES),
                         help=f"comma-separated subset of {', '.join(SCHEMES)}")
@@ -155,8 +163,12 @@ def run(args) -> int:
     args.slow_reps = 3 if args.slow_reps is None else args.slow_reps
     if args.quick:
         args.shapes, args.m, args.reps, args.slow_reps = "4096x4096", "1,256", 5, 2
-    shapes = [tuple(int(v) for v in s.lower().split("x")) for s in args.shapes.split(",")]
+        args.decode_shapes = "2048x32000"
     ms = [int(v) for v in args.m.split(",")]
+    decode_only = [m for m in ms if m <= DECODE_MAX_M]
+    cases = [(k, n, ms) for k, n in shapes.parse(args.shapes)]
+    if args.decode_shapes and decode_only:
+        cases += [(k, n, decode_only) for k, n in shapes.parse(args.decode_shapes)]
     schemes = [peers.SCHEMES[s] for s in args.schemes.split(",")]
     if not custom_call.available():
         raise SystemExit("bench: xla_qops._cpu_kernels is not built (reinstall the package)")
@@ -172,15 +184,15 @@ def run(args) -> int:
     print(info, flush=True)
     rng = np.random.default_rng(0)
     rows = []
-    for k, n in shapes:
+    for k, n, case_ms in cases:
         for scheme in schemes:
-            decode_ms = [m for m in ms if m <= DECODE_MAX_M]
+            decode_ms = [m for m in case_ms if m <= DECODE_MAX_M]
             probe = peers.quantized(peers.float_weights(rng, n, k, 1), scheme)[0]
             nbytes = peers.weight_bytes(probe)
             copies = max(2, -(-2 * llc // nbytes)) if decode_ms else 1
             ws = peers.float_weights(rng, n, k, copies)
             qws = peers.quantized(ws, scheme)
-            for m in ms:
+            for m in case_ms:
                 rot = copies if m <= DECODE_MAX_M else 1
                 x = rng.standard_normal((m, k), dtype=np.float32)
                 steps = {
@@ -236,7 +248,7 @@ def run(args) -> int:
         "same bytes timed in the same turns (other rows: of the bandwidth measured at the "
         "start). On this shared machine decode figures move by up to 1.5x between full "
         "runs. See docs/cpu_kernels.md for what the kernels do.",
-        "## Targets (issue #5 §3)",
+        "## Targets (issue K: small batches; then prefill)",
         report.targets(rows, read_bw),
         "## All cases",
         report.table(rows, read_bw),
