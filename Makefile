@@ -12,7 +12,7 @@ export HF_HUB_OFFLINE ?= 1
 # torch's OpenMP workers otherwise spin and starve XLA's threads (tests/conftest.py).
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: venv venv-jax demo test test-pinned test-jax test-slow bench
+.PHONY: venv venv-jax demo test test-pinned test-jax test-slow bench bench-model
 
 venv:
 	@scripts/ensure_venv.sh $(VENV) pinned
@@ -51,3 +51,8 @@ test-slow: venv venv-jax
 bench: venv
 	env -u OMP_WAIT_POLICY GOMP_SPINCOUNT=20000 GLIBC_TUNABLES=glibc.malloc.hugetlb=1 \
 	  $(VENV)/bin/xla-qops bench
+
+# bench-model: the end-to-end decoder benchmark (docs/bench_e2e.md) in the
+# environment a user's script has: torch's default OpenMP policy, no tunables.
+bench-model: venv
+	env -u OMP_WAIT_POLICY $(VENV)/bin/xla-qops bench --model llama

@@ -97,7 +97,7 @@ def build_model(layers: int, seed: int = 0, dims=None):
     from transformers import LlamaConfig, LlamaForCausalLM
     torch.manual_seed(seed)
     config = LlamaConfig(num_hidden_layers=layers, **(dims or TINYLLAMA))
-    model = LlamaForCausalLM._from_config(config, torch_dtype=torch.bfloat16)
+    model = LlamaForCausalLM._from_config(config, dtype=torch.bfloat16)
     return model.eval()
 
 
@@ -180,7 +180,10 @@ def make_variant(base, variant: Variant):
         return _swap_linears(model, _torch_int4_linear_class(), variant.lm_head)
     if variant.kind == "torchao_int4":
         from torchao.quantization import Int4WeightOnlyConfig, quantize_
-        config = Int4WeightOnlyConfig(group_size=128, int4_packing_format="opaque")
+        # set_inductor_config=False: it would change torch's global float32 matmul
+        # precision for everything else in the process.
+        config = Int4WeightOnlyConfig(group_size=128, int4_packing_format="opaque",
+                                      set_inductor_config=False)
         keep = _linear_filter(variant.lm_head)
         import torch
         quantize_(model, config,
@@ -265,6 +268,7 @@ class JaxGenerator:
 
     def __init__(self, model, prompt, decode: int):
         import jax
+        import jax.numpy as jnp
         import torch
         import torchax
         from transformers import StaticCache
@@ -279,6 +283,7 @@ class JaxGenerator:
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self.cache_shape = (prompt.shape[0], config.num_key_value_heads, self.max_len, head_dim)
         self.layers = config.num_hidden_layers
+        self.cache_dtype = jnp.dtype(str(model.get_input_embeddings().weight.dtype).split(".")[-1])
         max_len = self.max_len
 
         def step(params, keys, values, ids, positions):
@@ -299,7 +304,7 @@ class JaxGenerator:
     def __call__(self) -> Timing:
         import jax
         import jax.numpy as jnp
-        zeros = lambda: [jnp.zeros(self.cache_shape, jnp.bfloat16) for _ in range(self.layers)]
+        zeros = lambda: [jnp.zeros(self.cache_shape, self.cache_dtype) for _ in range(self.layers)]
         keys, values = zeros(), zeros()
         n = self.prompt.shape[1]
         start = time.perf_counter()

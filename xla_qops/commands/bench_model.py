@@ -42,6 +42,21 @@ def run(args) -> int:
     torchao_missing = decoder.torchao_available()
     rows = decoder.variants(paths, torchao=torchao_missing is None)
     start = time.perf_counter()
+    torchao_note = (f"- torchao: {torchao_missing}" if torchao_missing else
+                    "- torchao: `Int4WeightOnlyConfig(group_size=128, int4_packing_format="
+                    "\"opaque\")`, its CPU int4 format, swapped in by "
+                    "`torchao.quantization.quantize_`.")
+
+    def write(results, xla_rows, done):
+        if args.no_write:
+            return
+        md = _markdown(args, info, layers, reps, slow_reps, batches, results, xla_rows,
+                       (time.perf_counter() - start) / 60, torchao_note, done)
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "bench_e2e.md"), "w") as f:
+            f.write(md)
+        decoder_report.plot(results, os.path.join(args.out, "bench_e2e.png"))
+
     base = decoder.build_model(layers)
     results = []
     for batch in batches:
@@ -50,21 +65,64 @@ def run(args) -> int:
         results += decoder.measure(base, rows, batch=batch, prefill=args.prefill,
                                    decode=args.decode, reps=reps, slow_reps=slow_reps)
         print(decoder_report.table(results, batch), flush=True)
+        write(results, [], done=False)  # a crash later keeps what was measured
+    del base
     xla_rows = []
     if args.xla_layers:
         print(f"torch_xla device: {args.xla_layers} layers, batch 1", flush=True)
-        xla_base = decoder.build_model(args.xla_layers)
-        xla_rows = decoder.measure_xla_device(
-            xla_base, [decoder.Variant("bf16", "xla")]
-            + [decoder.Variant("xla_qops", "xla", s, b, True, True)
-               for s, b in (("w4a16", 128), ("w8a16", -1))],
-            prefill=args.prefill, decode=min(args.decode, 16))
-    minutes = (time.perf_counter() - start) / 60
-    notes = [f"- torchao: {torchao_missing}" if torchao_missing else
-             "- torchao: `Int4WeightOnlyConfig(group_size=128, int4_packing_format=\"opaque\")`, "
-             "its CPU int4 format, swapped in by `torchao.quantization.quantize_`."]
-    md = "\n\n".join([
+        xla_rows = _xla_device_in_child(args.xla_layers, args.prefill, min(args.decode, 16))
+        print(decoder_report.xla_table(xla_rows), flush=True)
+    write(results, xla_rows, done=True)
+    print()
+    print(decoder_report.targets_markdown(results))
+    if not args.no_write:
+        print(f"wrote {args.out}/bench_e2e.md and {args.out}/bench_e2e.png")
+    return 0
+
+
+# The torch_xla section runs in a child process: by then this process holds
+# dozens of XLA:CPU executables (the JAX rows), and torch_xla's compilations
+# on top of them exhausted the memory mappings LLVM needs ("LLVM compilation
+# error: Cannot allocate memory", then a crash).
+_XLA_CHILD = """
+import dataclasses, json, sys
+from xla_qops.bench import decoder
+layers, prefill, decode = (int(v) for v in sys.argv[1:4])
+base = decoder.build_model(layers)
+rows = [decoder.Variant("bf16", "xla")] + [decoder.Variant("xla_qops", "xla", s, b, True, True)
+                                         for s, b in (("w4a16", 128), ("w8a16", -1))]
+for r in decoder.measure_xla_device(base, rows, prefill=prefill, decode=decode):
+    d = dataclasses.asdict(r)
+    print("RESULT " + json.dumps(d), flush=True)
+"""
+
+
+def _xla_device_in_child(layers, prefill, decode):
+    import json
+    import subprocess
+    import sys
+    env = dict(os.environ, PJRT_DEVICE=os.environ.get("PJRT_DEVICE", "CPU"))
+    proc = subprocess.run([sys.executable, "-c", _XLA_CHILD, str(layers), str(prefill),
+                           str(decode)], env=env, capture_output=True, text=True)
+    rows = []
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            d = json.loads(line[len("RESULT "):])
+            d["variant"] = decoder.Variant(**d["variant"])
+            rows.append(decoder.XlaDeviceResult(**d))
+        elif line.strip():
+            print(line, flush=True)
+    if proc.returncode != 0:
+        print(f"torch_xla device section failed (exit {proc.returncode}): "
+              f"{proc.stderr[-2000:]}", flush=True)
+    return rows
+
+
+def _markdown(args, info, layers, reps, slow_reps, batches, results, xla_rows, minutes,
+              torchao_note, done) -> str:
+    return "\n\n".join([
         "# End-to-end decoder benchmark (`xla-qops bench --model llama`)",
+        *([] if done else ["**Partial: the run has not finished.**"]),
         f"Machine: {info}; load average at the end {os.getloadavg()[0]:.1f}; "
         f"{minutes:.0f} min.",
         f"Model: transformers `LlamaForCausalLM` with TinyLlama-1.1B's dimensions (hidden "
@@ -81,19 +139,11 @@ def run(args) -> int:
         "quantized too).",
         "## Targets (issue G)",
         decoder_report.targets_markdown(results),
-        *[f"## Batch {b}\n\n{decoder_report.table(results, b)}" for b in batches],
+        *[f"## Batch {b}\n\n{decoder_report.table(results, b)}" for b in batches
+          if any(r.batch == b for r in results)],
         "![decode tokens/s](bench_e2e.png)",
         *([f"## torch_xla device ({args.xla_layers} layers, batch 1, static cache)\n\n"
            + decoder_report.xla_table(xla_rows)] if xla_rows else []),
         "## Notes",
-        "\n".join(notes),
+        torchao_note,
     ]) + "\n"
-    print()
-    print(decoder_report.targets_markdown(results))
-    if not args.no_write:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "bench_e2e.md"), "w") as f:
-            f.write(md)
-        decoder_report.plot(results, os.path.join(args.out, "bench_e2e.png"))
-        print(f"wrote {args.out}/bench_e2e.md and {args.out}/bench_e2e.png")
-    return 0
