@@ -223,45 +223,218 @@ def run_case(case: Case, out_dir: str, hlo_report: dict) -> None:
     np.savez(os.path.join(out_dir, case.id + ".npz"), **record)
 
 
-def run_gspmd(out_dir: str, hlo_report: dict) -> None:
-    """Plain jax.jit of the op (impl="xla") on weights placed by shard_quantized_weight.
+# ---- plain jax.jit with NamedSharding inputs (xla_qops.partitioning) ----
 
-    Also a control: the same with the weight constrained to be replicated,
-    which must show an all-gather (so that the absence above means something).
-    """
-    mesh = make_mesh("2x4")
-    for i, scheme in enumerate(CORE_SCHEMES):
-        for layout in sharding.LAYOUTS:
-            rng = np.random.default_rng(100 + i)
-            qw = make_weight(rng, N, K, scheme)
-            x = make_x(rng, (2, 3, K), "float32")
-            qw_s = sharding.shard_quantized_weight(qw, mesh, layout, "model")
-            x_s = jax.device_put(x, NamedSharding(
-                mesh, P("data", None, "model" if layout == "row" else None)))
-            f = jax.jit(lambda x, qw, qa=scheme.quantize_activation: xla_qops.quantized_matmul(
-                x, qw, quantize_activation=qa, impl="xla"))
-            cid = f"gspmd-{layout}-{scheme.id}"
-            compiled = f.lower(x_s, qw_s).compile()
-            hlo_report[cid] = collectives(compiled.as_text())
-            record = dict(x=np.asarray(x), w=np.asarray(qw.w), scale=np.asarray(qw.scale),
-                          zero_point=np.asarray(qw.zero_point),
-                          y_sharded=np.asarray(compiled(x_s, qw_s)))
-            np.savez(os.path.join(out_dir, cid + ".npz"), **record)
-    # Plain jax.jit of a kernel impl: GSPMD cannot split an opaque kernel call,
-    # so it gathers the weight (why sharded_quantized_matmul uses shard_map).
-    if xla_qops.dispatch._module("custom_call").available():
-        for layout in sharding.LAYOUTS:
-            qw_s = sharding.shard_quantized_weight(qw, mesh, layout, "model")
-            x_s = jax.device_put(x, NamedSharding(
-                mesh, P("data", None, "model" if layout == "row" else None)))
-            f = jax.jit(lambda x, qw: xla_qops.quantized_matmul(x, qw, impl="custom_call"))
-            hlo_report[f"plain-jit-custom_call-{layout}"] = collectives(
-                f.lower(x_s, qw_s).compile().as_text())
+# Every scheme row, symmetric and asymmetric, int4 packed.
+PLAIN_SCHEMES = [Scheme(bits, block, symmetric, packed, qa)
+                 for bits, packed in ((8, False), (4, True)) for block in (-1, BLOCK)
+                 for symmetric in (False, True) for qa in (False, True)]
+# (x spec, weight layout or None for replicated) on the 2x4 (data x model) mesh.
+PLACEMENTS = {
+    "batch": (P("data"), None),
+    "column": (P(), "column"),
+    "row": (P(None, None, "model"), "row"),
+    "batch-column": (P("data"), "column"),
+    "batch-row": (P("data", None, "model"), "row"),
+}
+# The kernel impls the rule is for, and xla (the partitioner's own split).
+PLAIN_IMPLS = ("auto", "custom_call", "pallas", "xla")
+
+
+@dataclasses.dataclass(frozen=True)
+class PlainCase:
+    impl: str
+    placement: str
+    scheme: Scheme
+    x_dtype: str
+    explicit: bool = False  # mesh axes of type Explicit instead of Auto
+    grad: bool = False
+    gspmd: bool = False  # jax_use_shardy_partitioner=False: the GSPMD callbacks
+
+    @property
+    def id(self) -> str:
+        kind = "explicit" if self.explicit else "auto-axes"
+        g = "-grad" if self.grad else ""
+        partitioner = "-gspmd" if self.gspmd else ""
+        return (f"plain-{kind}-{self.impl}-{self.placement}-{self.scheme.id}-{self.x_dtype}"
+                f"{g}{partitioner}")
+
+
+def plain_cases(impls) -> list[PlainCase]:
+    """Every scheme x placement for custom_call (the kernel on this machine);
+    the 2-D placements for the other impls; a few on Explicit axes and with
+    gradients. Also imported by test_sharding.py."""
+    out = []
+    for impl in PLAIN_IMPLS:
+        if impl != "auto" and impl not in impls:
+            continue
+        places = PLACEMENTS if impl == "custom_call" else ("batch-column", "batch-row")
+        for i, scheme in enumerate(PLAIN_SCHEMES):
+            dtype = DTYPES[i % 3]
+            if impl != "auto" and not supported(impl, scheme, dtype):
+                continue
+            out += [PlainCase(impl, place, scheme, dtype) for place in places]
+    for impl in ("auto", "xla"):
+        for scheme in (PLAIN_SCHEMES[1], PLAIN_SCHEMES[-4]):  # w8a8 pc asym, w4a16 g32 sym
+            out += [PlainCase(impl, place, scheme, "float32", explicit=True)
+                    for place in ("batch-column", "batch-row")]
+    for scheme in GRAD_SCHEMES:
+        out += [PlainCase("auto", place, scheme, "float32", grad=True)
+                for place in ("batch-column", "batch-row")]
+        out += [PlainCase("auto", place, scheme, "float32", gspmd=True)
+                for place in ("batch-column", "batch-row")]
+    return out
+
+
+def make_mesh_typed(explicit: bool):
+    kind = AxisType.Explicit if explicit else AxisType.Auto
+    return jax.make_mesh((2, 4), ("data", "model"), axis_types=(kind,) * 2)
+
+
+def place(mesh, qw, layout):
+    if layout is None:
+        return jax.device_put(qw, NamedSharding(mesh, P()))
+    return sharding.shard_quantized_weight(qw, mesh, layout, "model")
+
+
+def weight_record(qw) -> dict:
+    record = dict(w=np.asarray(qw.w), scale=np.asarray(qw.scale))
+    if qw.zero_point is not None:
+        record["zero_point"] = np.asarray(qw.zero_point)
+    return record
+
+
+def run_plain_case(case: PlainCase, out_dir: str, hlo_report: dict) -> None:
+    scheme = case.scheme
+    qw, x, c = inputs(scheme, K, 3, case.x_dtype)
+    mesh = make_mesh_typed(case.explicit)
+    x_spec, layout = PLACEMENTS[case.placement]
+    qw_s, x_s = place(mesh, qw, layout), jax.device_put(x, NamedSharding(mesh, x_spec))
+
+    def f(x, qw):
+        return xla_qops.quantized_matmul(x, qw, quantize_activation=scheme.quantize_activation,
+                                         impl=case.impl)
+    record = dict(x=np.asarray(x).astype(np.float32), **weight_record(qw))
+    shardy = jax.config.jax_use_shardy_partitioner
+    jax.config.update("jax_use_shardy_partitioner", not case.gspmd)
+    try:
+        run_plain(case, f, x_s, qw_s, c, record, hlo_report)
+    finally:
+        jax.config.update("jax_use_shardy_partitioner", shardy)
+    np.savez(os.path.join(out_dir, case.id + ".npz"), **record)
+
+
+def run_plain(case: PlainCase, f, x_s, qw_s, c, record: dict, hlo_report: dict) -> None:
+    if case.grad:
+        record["c"] = np.asarray(c)
+        g = jax.jit(jax.grad(lambda x, qw: jnp.sum(f(x, qw) * c)))
+        record["dx_sharded"] = np.asarray(g(x_s, qw_s))
+    else:
+        compiled = jax.jit(f).lower(x_s, qw_s).compile()
+        hlo_report[case.id] = collectives(compiled.as_text())
+        y = compiled(x_s, qw_s)
+        record["y_sharded"] = np.asarray(y).astype(np.float32)
+        record["y_spec"] = np.array(str(tuple(y.sharding.spec)))
+        # One device on the rows each device holds: one batch element when x
+        # is split over "data", all of them otherwise.
+        record["y_single_rows"] = single_device(case.impl, case.scheme, K, 3, case.x_dtype,
+                                                False,
+                                                per_batch=case.placement.startswith("batch"))
+
+
+# The Megatron pair: up (column, W4A16 g32 asym) -> gelu -> down (row, W8A8 pc
+# asym), the intermediate split along its features between the two.
+MLP_HIDDEN = 128
+MLP_SCHEMES = (Scheme(4, BLOCK, False, True, False), Scheme(8, -1, False, False, True))
+
+
+def run_plain_mlp(impl: str, explicit: bool, out_dir: str, hlo_report: dict) -> None:
+    rng = np.random.default_rng(zlib.crc32(f"mlp-{impl}".encode()))
+    up = make_weight(rng, MLP_HIDDEN, K, MLP_SCHEMES[0])
+    down = make_weight(rng, N, MLP_HIDDEN, MLP_SCHEMES[1])
+    x = make_x(rng, (2, 3, K), "float32")
+    mesh = make_mesh_typed(explicit)
+    up_s, down_s = place(mesh, up, "column"), place(mesh, down, "row")
+    x_s = jax.device_put(x, NamedSharding(mesh, P("data")))
+
+    def mlp(x, up, down):
+        h = xla_qops.quantized_matmul(x, up, impl=impl)
+        g = jax.nn.gelu(h)
+        return h, g, xla_qops.quantized_matmul(g, down, quantize_activation=True, impl=impl)
+    compiled = jax.jit(mlp).lower(x_s, up_s, down_s).compile()
+    cid = f"mlp-{'explicit' if explicit else 'auto-axes'}-{impl}"
+    hlo_report[cid] = collectives(compiled.as_text())
+    h, g, y = compiled(x_s, up_s, down_s)
+    record = dict(x=np.asarray(x), h=np.asarray(h), g=np.asarray(g), y=np.asarray(y),
+                  h_spec=np.array(str(tuple(h.sharding.spec))))
+    for name, qw in (("up", up), ("down", down)):
+        record.update({f"{name}_{k}": v for k, v in weight_record(qw).items()})
+    np.savez(os.path.join(out_dir, cid + ".npz"), **record)
+
+
+# Placements the rule cannot honour, on the 2x4 mesh with custom_call: each is
+# resharded (the documented fallback) and must still be right.
+#   id: (scheme, in_features, x spec, weight spec or None for replicated)
+FALLBACKS = {
+    # x split along in at 5 features per shard: a packed byte holds 2.
+    "packed-byte-split": (Scheme(4, -1, False, True, False), 20, P(None, None, "model"), None),
+    # the blockwise weight split inside its blocks (its B dimension).
+    "inside-blocks": (Scheme(8, BLOCK, False, False, False), K, P(), P(None, "model", None)),
+    # 3 blocks over 4 shards of x's in.
+    "blocks-not-divisible": (Scheme(4, BLOCK, True, True, True), 96, P(None, None, "model"),
+                             None),
+}
+
+
+def run_fallbacks(out_dir: str, hlo_report: dict) -> None:
+    mesh = make_mesh_typed(False)
+    for name, (scheme, k, x_spec, w_spec) in FALLBACKS.items():
+        qw, x, _ = inputs(scheme, k, 3, "float32")
+        w_sharding = NamedSharding(mesh, w_spec if w_spec is not None else P())
+        qw_s = dataclasses.replace(qw, w=jax.device_put(qw.w, w_sharding))
+        x_s = jax.device_put(x, NamedSharding(mesh, x_spec))
+        f = jax.jit(lambda x, qw, qa=scheme.quantize_activation: xla_qops.quantized_matmul(
+            x, qw, quantize_activation=qa, impl="custom_call"))
+        compiled = f.lower(x_s, qw_s).compile()
+        hlo_report[f"fallback-{name}"] = collectives(compiled.as_text())
+        record = dict(x=np.asarray(x), y_sharded=np.asarray(compiled(x_s, qw_s)),
+                      **weight_record(qw))
+        np.savez(os.path.join(out_dir, f"fallback-{name}.npz"), **record)
+
+
+def run_controls(hlo_report: dict) -> None:
+    """The weight forced to be replicated inside the jit: the HLO parser must
+    then find its all-gather (so that its absence elsewhere means something)."""
+    mesh = make_mesh_typed(False)
+    scheme = CORE_SCHEMES[-1]  # w4a8 blockwise packed asym: u8[in/B, B/2, out]
+    qw, x, _ = inputs(scheme, K, 3, "float32")
+    qw_s = place(mesh, qw, "column")
+    x_s = jax.device_put(x, NamedSharding(mesh, P("data")))
     replicated = NamedSharding(mesh, P())
-    g = jax.jit(lambda x, qw: xla_qops.quantized_matmul(
-        x, dataclasses.replace(qw, w=jax.lax.with_sharding_constraint(qw.w, replicated)),
-        impl="xla"))
-    hlo_report["control-gathered-weight"] = collectives(g.lower(x_s, qw_s).compile().as_text())
+    for impl in ("custom_call", "xla"):
+        if not xla_qops.dispatch._module(impl).available():
+            continue
+        g = jax.jit(lambda x, qw, impl=impl: xla_qops.quantized_matmul(
+            x, dataclasses.replace(qw, w=jax.lax.with_sharding_constraint(qw.w, replicated)),
+            quantize_activation=True, impl=impl))
+        hlo_report[f"control-gathered-weight-{impl}"] = collectives(
+            g.lower(x_s, qw_s).compile().as_text())
+
+
+def run_plain_jit(out_dir: str, hlo_report: dict, impls) -> None:
+    for case in plain_cases(impls):
+        t0 = time.perf_counter()
+        run_plain_case(case, out_dir, hlo_report)
+        print(f"{case.id}: {time.perf_counter() - t0:.2f}s", flush=True)
+    for impl, explicit in MLP_CASES:
+        if impl == "auto" or impl in impls:
+            run_plain_mlp(impl, explicit, out_dir, hlo_report)
+    if "custom_call" in impls:
+        run_fallbacks(out_dir, hlo_report)
+    run_controls(hlo_report)
+
+
+MLP_CASES = [(impl, False) for impl in PLAIN_IMPLS] + [("auto", True)]
 
 
 def run_docs_example(out_dir: str) -> None:
@@ -288,7 +461,7 @@ def main(argv) -> None:
         t0 = time.perf_counter()
         run_case(case, out_dir, hlo_report)
         print(f"{case.id}: {time.perf_counter() - t0:.2f}s", flush=True)
-    run_gspmd(out_dir, hlo_report)
+    run_plain_jit(out_dir, hlo_report, impls)
     run_docs_example(out_dir)
     with open(os.path.join(out_dir, "hlo.json"), "w") as f:
         json.dump(hlo_report, f, indent=1)

@@ -12,7 +12,11 @@ initialised JAX with one device. Every assertion is made here:
 * the compiled HLO of the sharded op has no all-gather at all (and, with the
   row layout, the all-reduce of the result); a control that replicates the
   weight on purpose shows that the parser does find an all-gather of it;
-* gradients with respect to x match c @ W in float64.
+* gradients with respect to x match c @ W in float64;
+* the same under plain jax.jit with NamedSharding inputs (xla_qops.partitioning,
+  no shard_map): batch, column and row splits and their 2-D combinations, on
+  Auto and Explicit mesh axes, with Shardy and with GSPMD, the Megatron pair,
+  and the fallbacks for splits the kernels cannot honour.
 
 Layout checks (no devices needed) run in this process on an AbstractMesh.
 """
@@ -125,57 +129,144 @@ def test_sharded_hlo_has_no_all_gather(spmd_run, case):
 
 @pytest.mark.parametrize("case", GRAD_CASES, ids=lambda c: c.id)
 def test_sharded_gradient_with_respect_to_x(spmd_run, case):
+    out, _ = spmd_run
+    rec = load(out, case.id)
+    for name in ("dx_single", "dx_sharded"):
+        assert_gradient_is_c_times_w(rec, case.scheme, name)
+
+
+def assert_gradient_is_c_times_w(rec, scheme, name):
     """d/dx sum(y * c) = c @ W (activation quantization is straight-through)."""
+    w, scale, zp = weight_args(rec)
+    w64 = ref.dequantize(w, scale, zp, scheme.block_size, scheme.packed)
+    c = rec["c"].reshape(-1, spmd_child.N).astype(np.float64)
+    dx_ref = (c @ w64).reshape(rec["x"].shape)
+    bound = ((w64.shape[1] + spmd_child.N) * 2.0 ** -24
+             * (np.abs(c) @ np.abs(w64)).reshape(dx_ref.shape))
+    err = np.abs(rec[name] - dx_ref)
+    assert np.all(err <= 4 * bound + 2.0 ** -24 * np.abs(dx_ref)), (name, err.max())
+
+
+# ---- plain jax.jit with NamedSharding inputs (xla_qops.partitioning) ----
+
+PLAIN_CASES = spmd_child.plain_cases(IMPLS)
+PLAIN_MATMUL = [c for c in PLAIN_CASES if not c.grad]
+PLAIN_GRAD = [c for c in PLAIN_CASES if c.grad]
+
+
+def full_shape_gathers(ops, *arrays):
+    """The all-gathers whose result is one of `arrays` whole (same dims)."""
+    shapes = {tuple(a.shape) for a in arrays if a is not None}
+    return [shape for op, shape in ops if op == "all-gather" and dims(shape) in shapes]
+
+
+def dims(shape: str) -> tuple:
+    inside = shape.split("[", 1)[1].split("]", 1)[0]
+    return tuple(int(d) for d in inside.split(",") if d)
+
+
+@pytest.mark.parametrize("case", PLAIN_MATMUL, ids=lambda c: c.id)
+def test_plain_jit_matches_single_device(spmd_run, case):
+    """quantized_matmul under plain jax.jit on sharded operands: an m or n
+    split (batch, column) is bit for bit one device on the same rows; a k
+    split (row) sums float32 partials in another order, so it is checked
+    against the float64 reference with the single-device tolerance."""
     out, _ = spmd_run
     rec = load(out, case.id)
     w, scale, zp = weight_args(rec)
-    w64 = ref.dequantize(w, scale, zp, case.scheme.block_size, case.scheme.packed)
-    c = rec["c"].reshape(-1, spmd_child.N).astype(np.float64)
-    dx_ref = (c @ w64).reshape(rec["x"].shape)
-    bound = ((spmd_child.K + spmd_child.N) * 2.0 ** -24
-             * (np.abs(c) @ np.abs(w64)).reshape(dx_ref.shape))
-    for name in ("dx_single", "dx_sharded"):
-        err = np.abs(rec[name] - dx_ref)
-        assert np.all(err <= 4 * bound + 2.0 ** -24 * np.abs(dx_ref)), (name, err.max())
+    qa = case.scheme.quantize_activation
+    ref.assert_close(rec["y_sharded"], typed_x(rec, case.x_dtype), w, scale, zp,
+                     case.scheme.block_size, qa)
+    spec = str(rec["y_spec"])
+    if case.placement.endswith("row"):
+        assert "model" not in spec  # whole along out after the all-reduce
+    else:
+        np.testing.assert_array_equal(rec["y_sharded"], rec["y_single_rows"])
+    if case.placement.endswith("column"):
+        assert spec.endswith("'model')"), spec  # y stays split along out
+    if case.placement.startswith("batch"):
+        assert spec.startswith("('data'"), spec  # and along the batch
 
 
-@pytest.mark.parametrize("scheme", spmd_child.CORE_SCHEMES, ids=lambda s: s.id)
-@pytest.mark.parametrize("layout", sharding.LAYOUTS)
-def test_gspmd_partitions_the_xla_path_without_gathering_the_weight(spmd_run, layout, scheme):
-    """Plain jax.jit of quantized_matmul(impl="xla") on weights placed by
-    shard_quantized_weight: GSPMD alone splits it. It may move activations
-    (the int4 per-channel row split strides across shards), never the weight:
-    no all-gather produces as many elements as the weight."""
+@pytest.mark.parametrize("case", PLAIN_MATMUL, ids=lambda c: c.id)
+def test_plain_jit_hlo_gathers_no_weight(spmd_run, case):
+    """No all-gather in the compiled HLO: the kernels run on the slices each
+    device holds. Batch and column splits need no communication at all; a row
+    split one all-reduce of the float32 partials (and, for per-channel A8,
+    one of the token maxima). The xla impl is split by XLA itself, which may
+    choose other collectives, but never gathers the weight, scale or zero point."""
     out, hlo = spmd_run
-    cid = f"gspmd-{layout}-{scheme.id}"
+    ops = hlo[case.id]
+    if case.impl == "xla":
+        rec = load(out, case.id)
+        assert not full_shape_gathers(ops, rec["w"], rec["scale"], rec.get("zero_point")), ops
+        return
+    assert not [o for o in ops if o[0] == "all-gather"], ops
+    if not case.placement.endswith("row"):
+        assert ops == [], ops
+        return
+    reduces = [shape for op, shape in ops if op == "all-reduce"]
+    assert set(op for op, _ in ops) == {"all-reduce"}, ops
+    assert any(s.startswith(f"f32[3,{spmd_child.N}]") or s.startswith(f"f32[6,{spmd_child.N}]")
+               for s in reduces), ops
+    global_absmax = case.scheme.quantize_activation and case.scheme.block_size == -1
+    assert len(reduces) == (2 if global_absmax else 1), ops
+
+
+@pytest.mark.parametrize("case", PLAIN_GRAD, ids=lambda c: c.id)
+def test_plain_jit_gradient_with_respect_to_x(spmd_run, case):
+    out, _ = spmd_run
+    rec = load(out, case.id)
+    assert_gradient_is_c_times_w(rec, case.scheme, "dx_sharded")
+
+
+@pytest.mark.parametrize("impl, explicit", [(impl, explicit) for impl, explicit in spmd_child.MLP_CASES
+                                            if impl == "auto" or impl in IMPLS])
+def test_plain_jit_megatron_mlp(spmd_run, impl, explicit):
+    """up (column) -> gelu -> down (row, W8A8) under plain jit: the
+    intermediate stays split along its features, the only communication is
+    the row layer's all-reduces, and both layers match the float64 reference."""
+    out, hlo = spmd_run
+    cid = f"mlp-{'explicit' if explicit else 'auto-axes'}-{impl}"
     rec = load(out, cid)
-    w, scale, zp = weight_args(rec)
-    ref.assert_close(rec["y_sharded"], rec["x"], w, scale, zp, scheme.block_size,
-                     scheme.quantize_activation)
-    gathers = [shape for op, shape in hlo[cid] if op == "all-gather"]
-    assert all(n_elements(s) < w.size for s in gathers), gathers
-
-
-def test_weight_all_gather_is_detected_when_forced(spmd_run):
-    """Control for the two tests above: replicating the weight inside the jit
-    shows up as an all-gather of the stored (packed uint8) weight."""
-    _, hlo = spmd_run
-    gathers = [shape for op, shape in hlo["control-gathered-weight"] if op == "all-gather"]
-    full = [spmd_child.K // spmd_child.BLOCK, spmd_child.BLOCK // 2, spmd_child.N]
-    assert f"u8[{','.join(map(str, full))}]" in [s.split("{")[0] for s in gathers], gathers
+    assert str(rec["h_spec"]) == str(("data", None, "model"))
+    up, down = spmd_child.MLP_SCHEMES
+    ref.assert_close(rec["h"], rec["x"], rec["up_w"], rec["up_scale"], rec["up_zero_point"],
+                     up.block_size)
+    ref.assert_close(rec["y"], rec["g"], rec["down_w"], rec["down_scale"],
+                     rec["down_zero_point"], down.block_size, True)
+    ops = hlo[cid]
+    assert set(op for op, _ in ops) == {"all-reduce"}, ops
+    if impl != "xla":  # the token maxima and the partial products
+        assert sorted(s.split("{")[0] for _, s in ops) == ["f32[3,1]", f"f32[3,{spmd_child.N}]"]
 
 
 @pytest.mark.skipif("custom_call" not in IMPLS, reason="custom_call backend not built")
-@pytest.mark.parametrize("layout", sharding.LAYOUTS)
-def test_plain_jit_of_a_kernel_gathers_the_weight(spmd_run, layout):
-    """Why the kernels run under shard_map: GSPMD cannot split an opaque FFI
-    call, so plain jax.jit on a sharded weight all-gathers it (the last
-    scheme of CORE_SCHEMES, w4a8 blockwise packed: u8[in/B, B/2, out])."""
+@pytest.mark.parametrize("name", spmd_child.FALLBACKS)
+def test_plain_jit_fallback_reshards_and_stays_exact(spmd_run, name):
+    """Splits the rule cannot honour (a packed byte or a block cut by a shard
+    boundary, blocks the shards do not divide) are resharded by XLA -- an
+    all-gather of the split operand -- and the result is still right."""
+    out, hlo = spmd_run
+    rec = load(out, f"fallback-{name}")
+    scheme, k, _, _ = spmd_child.FALLBACKS[name]
+    w, scale, zp = weight_args(rec)
+    ref.assert_close(rec["y_sharded"], rec["x"], w, scale, zp, scheme.block_size,
+                     scheme.quantize_activation)
+    gathered = [dims(s) for op, s in hlo[f"fallback-{name}"] if op == "all-gather"]
+    whole = tuple(w.shape) if name == "inside-blocks" else (6, k)  # the weight, else x's rows
+    assert whole in gathered, hlo[f"fallback-{name}"]
+
+
+@pytest.mark.parametrize("impl", [i for i in ("custom_call", "xla") if i in IMPLS])
+def test_weight_all_gather_is_detected_when_forced(spmd_run, impl):
+    """Control for the HLO tests: replicating the weight inside the jit shows
+    up as an all-gather of the stored (packed uint8) weight."""
     _, hlo = spmd_run
-    gathers = [shape.split("{")[0] for op, shape in hlo[f"plain-jit-custom_call-{layout}"]
+    gathers = [shape for op, shape in hlo[f"control-gathered-weight-{impl}"]
                if op == "all-gather"]
-    full = [spmd_child.K // spmd_child.BLOCK, spmd_child.BLOCK // 2, spmd_child.N]
-    assert f"u8[{','.join(map(str, full))}]" in gathers, gathers
+    full = (spmd_child.K // spmd_child.BLOCK, spmd_child.BLOCK // 2, spmd_child.N)
+    assert full in [dims(s) for s in gathers], gathers
 
 
 def test_scaling_doc_example(spmd_run):
@@ -189,11 +280,6 @@ def test_scaling_doc_example(spmd_run):
     assert str(rec["h_spec"]) == str(P("data", None, "model"))
     ref.assert_close(rec["h"], bf16(rec["x"]), *args["up"])
     ref.assert_close(rec["y"], bf16(rec["g"]), *args["down"])
-
-
-def n_elements(shape: str) -> int:
-    dims = shape.split("[", 1)[1].split("]", 1)[0]
-    return int(np.prod([int(d) for d in dims.split(",") if d]))
 
 
 # ---- layout helpers and checks (this process, no devices needed) ----

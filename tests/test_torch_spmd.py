@@ -88,6 +88,28 @@ def elements(shape: str) -> int:
     return int(np.prod([int(d) for d in dims.split(",") if d]))
 
 
+def test_megatron_mlp_keeps_the_intermediate_sharded(run):
+    """up (column) -> gelu -> down (row, W8A8) with xs.mark_sharding: the
+    intermediate stays split over data x model, nothing as large as a weight
+    is gathered, the row layer all-reduces its [6, 48] result, and both
+    layers match the float64 reference."""
+    out, report = run
+    rec = dict(np.load(out / "mlp.npz"))
+    assert str(rec["h_spec"]).startswith("{devices=[2,4]"), rec["h_spec"]
+    up, down = child.MLP_SCHEMES
+    ref.assert_close(rec["h"], rec["x"], rec["up_w"], rec["up_scale"], rec["up_zero_point"],
+                     up.block_size)
+    ref.assert_close(rec["y"], rec["g"], rec["down_w"], rec["down_scale"], rec["down_zero_point"],
+                     down.block_size, True)
+    entry = report["mlp"]
+    assert len(entry["modules"]) == 1, entry
+    ops = entry["collectives"]
+    smallest_weight = min(rec["up_w"].size, rec["down_w"].size)
+    gathers = [shape for op, shape in ops if op == "all-gather"]
+    assert all(elements(s) < smallest_weight for s in gathers), gathers
+    assert any(op == "all-reduce" and f",{child.N}]" in shape for op, shape in ops), ops
+
+
 def test_scaling_doc_torch_example(run):
     """docs/scaling.md's torch_xla block, run as written on 8 devices."""
     out, _ = run

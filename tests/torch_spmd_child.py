@@ -68,6 +68,62 @@ def run_docs_example(out: str) -> None:
              y_spec=np.array(torch_xla._XLAC._get_xla_sharding_spec(y)))
 
 
+# The Megatron pair: up (column, W4A16 g32) -> gelu -> down (row, W8A8 pc),
+# both asymmetric, the intermediate split along its features in between.
+MLP_HIDDEN = 128
+MLP_SCHEMES = (Scheme(4, BLOCK, False, True, False), Scheme(8, -1, False, False, True))
+
+
+def quantized_linear(rng, n, k, scheme: Scheme, dev):
+    linear = torch.nn.Linear(k, n, bias=False)
+    with torch.no_grad():
+        linear.weight.copy_(torch.from_numpy(
+            rng.standard_normal((n, k)).astype(np.float32) * 0.1
+            + rng.uniform(-0.05, 0.05, (n, 1)).astype(np.float32)))
+    return torch_bridge.XlaQuantizedLinear.from_float(
+        linear, bits=scheme.bits, block_size=scheme.block_size, symmetric=False,
+        quantize_activation=scheme.quantize_activation).to(dev)
+
+
+def mark_layout(module, mesh, layout: str) -> None:
+    w_spec, s_spec = sharding.layout_specs(module.block_size != -1, layout, "model")
+    xs.mark_sharding(module.weight, mesh, tuple(w_spec))
+    xs.mark_sharding(module.weight_scaler, mesh, tuple(s_spec))
+    if module.zero_point is not None:
+        xs.mark_sharding(module.zero_point, mesh, tuple(s_spec))
+
+
+def buffers(module) -> dict:
+    return dict(w=module.weight.cpu().numpy(), scale=module.weight_scaler.cpu().numpy(),
+                zero_point=module.zero_point.cpu().numpy())
+
+
+def run_mlp(out: str, mesh, dev, dump: str, report: dict) -> None:
+    """Column then row under SPMD: what the HLO moves, and the results."""
+    rng = np.random.default_rng(1234)
+    up = quantized_linear(rng, MLP_HIDDEN, K, MLP_SCHEMES[0], dev)
+    down = quantized_linear(rng, N, MLP_HIDDEN, MLP_SCHEMES[1], dev)
+    mark_layout(up, mesh, "column")
+    mark_layout(down, mesh, "row")
+    x = torch.from_numpy(rng.standard_normal((6, K)).astype(np.float32))
+    x_dev = x.to(dev)
+    xs.mark_sharding(x_dev, mesh, ("data", None))
+    before = compiled_modules(dump)
+    h = up(x_dev)
+    g = torch.nn.functional.gelu(h)
+    y = down(g)
+    torch_xla.sync()
+    new = sorted(compiled_modules(dump) - before)
+    report["mlp"] = {"modules": [os.path.basename(f) for f in new],
+                     "collectives": [c for f in new for c in collectives(open(f).read())]}
+    spec = torch_xla._XLAC._get_xla_sharding_spec
+    record = dict(x=x.numpy(), h=h.cpu().numpy(), g=g.cpu().numpy(), y=y.cpu().numpy(),
+                  h_spec=np.array(spec(h)))
+    for name, module in (("up", up), ("down", down)):
+        record.update({f"{name}_{k}": v for k, v in buffers(module).items()})
+    np.savez(os.path.join(out, "mlp.npz"), **record)
+
+
 def main(out: str) -> None:
     xr.use_spmd()
     n = xr.global_runtime_device_count()
@@ -79,18 +135,8 @@ def main(out: str) -> None:
     for layout, scheme, dtype in cases():
         cid = case_id(layout, scheme, dtype)
         rng = np.random.default_rng(len(report))
-        linear = torch.nn.Linear(K, N, bias=False)
-        with torch.no_grad():
-            linear.weight.copy_(torch.from_numpy(
-                rng.standard_normal((N, K)).astype(np.float32) * 0.1
-                + rng.uniform(-0.05, 0.05, (N, 1)).astype(np.float32)))
-        module = torch_bridge.XlaQuantizedLinear.from_float(
-            linear, bits=scheme.bits, block_size=scheme.block_size, symmetric=False,
-            quantize_activation=scheme.quantize_activation).to(dev)
-        w_spec, s_spec = sharding.layout_specs(scheme.block_size != -1, layout, "model")
-        xs.mark_sharding(module.weight, mesh, tuple(w_spec))
-        xs.mark_sharding(module.weight_scaler, mesh, tuple(s_spec))
-        xs.mark_sharding(module.zero_point, mesh, tuple(s_spec))
+        module = quantized_linear(rng, N, K, scheme, dev)
+        mark_layout(module, mesh, layout)
         x = torch.from_numpy(rng.standard_normal((6, K)).astype(np.float32)).to(DTYPES[dtype])
         x_dev = x.to(dev)
         xs.mark_sharding(x_dev, mesh, ("data", "model" if layout == "row" else None))
@@ -103,10 +149,9 @@ def main(out: str) -> None:
                        "collectives": [c for f in new for c in collectives(open(f).read())]}
         spec = torch_xla._XLAC._get_xla_sharding_spec
         np.savez(os.path.join(out, cid + ".npz"),
-                 x=x.float().numpy(), y=y.cpu().float().numpy(),
-                 w=module.weight.cpu().numpy(), scale=module.weight_scaler.cpu().numpy(),
-                 zero_point=module.zero_point.cpu().numpy(),
+                 x=x.float().numpy(), y=y.cpu().float().numpy(), **buffers(module),
                  y_spec=np.array(spec(y)), w_spec=np.array(spec(module.weight)))
+    run_mlp(out, mesh, dev, dump, report)
     run_docs_example(out)
     with open(os.path.join(out, "hlo.json"), "w") as f:
         json.dump(report, f, indent=1)

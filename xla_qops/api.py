@@ -1,9 +1,11 @@
 """Public entry point: `quantized_matmul`.
 
-validate (`spec.check_args`) -> pick a backend (`dispatch.resolve`) -> run it
-under a custom VJP whose backward pass is the fused XLA formula, so every
-backend (Pallas and C++ kernels included) is differentiable with respect to
-`x`, `scale` and `zero_point`.
+validate (`spec.check_args`) -> pick a backend (`dispatch.resolve`; for the
+kernel impls with the partitioning rule of `xla_qops.partitioning`, so that
+sharded operands under plain `jax.jit` are not gathered) -> run it under a
+custom VJP whose backward pass is the fused XLA formula, so every backend
+(Pallas and C++ kernels included) is differentiable with respect to `x`,
+`scale` and `zero_point`.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from xla_qops import dispatch
+from xla_qops import dispatch, partitioning
 from xla_qops.backends import xla as xla_backend
 from xla_qops.quantize import QuantizedWeight
 from xla_qops.spec import check_args
@@ -68,14 +70,24 @@ def quantized_matmul(x, w, scale=None, zero_point=None, block_size=-1, int4_weig
         raise TypeError("scale: required when w is an array (or pass a QuantizedWeight as w)")
     dispatch.check_impl(impl)
     spec = check_args(x, w, scale, zero_point, block_size, int4_weight, quantize_activation)
-    run = dispatch.resolve(impl, spec)
+    if impl in partitioning.PARTITIONED_IMPLS:
+        run = partitioning.partitioned(impl, spec)
+    else:
+        run = dispatch.resolve(impl, spec)
     leading = tuple(x.shape[:-1])
     rows = int(np.prod(leading, dtype=np.int64))
     if rows == 0:
         # No tokens: nothing for a kernel to do (and no grid to launch).
         return jnp.zeros((*leading, spec.out_features), x.dtype)
-    y = _with_vjp(run, spec, x.reshape(rows, spec.in_features), w, scale, zero_point)
-    return y.reshape(*leading, spec.out_features)
+
+    def matmul(x, w, scale, zero_point):
+        y = _with_vjp(run, spec, x.reshape(rows, spec.in_features), w, scale, zero_point)
+        return y.reshape(*leading, spec.out_features)
+
+    # Operands typed with Explicit mesh axes: run the op with those axes Auto,
+    # so that the partitioner places it (one rule for both axis types).
+    matmul = partitioning.with_auto_axes(matmul, spec, x, w, scale, zero_point)
+    return matmul(x, w, scale, zero_point)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))

@@ -44,14 +44,13 @@ upcast first, exactly), sums the partials with ``psum`` and rounds once to
 ``x``'s dtype: the summation order differs from one device, so results agree
 within the float32 accumulation bound, not bit for bit.
 
-Every backend runs inside `jax.shard_map`, so GSPMD never sees a kernel call
-it cannot split (and so never gathers the weight to run it whole). Meshes with
-Auto or Explicit axes both work (`jax.make_mesh` makes Explicit ones from JAX
-0.8 on; inputs are then resharded on entry explicitly). The pure-XLA backend
-also partitions under plain ``jax.jit`` with weights placed by
-`shard_quantized_weight` on a mesh with Auto axes (GSPMD), without gathering
-the weight; with Explicit axes plain jit needs the output sharding spelled
-out, so use `sharded_quantized_matmul` there.
+`sharded_quantized_matmul` runs every backend inside `jax.shard_map`: the
+split is written out, and the per-shard computation of a row layer is
+`xla_qops.partitioning.row_parallel`, the same one the op's own partitioning
+rule uses. Meshes with Auto or Explicit axes both work (`jax.make_mesh` makes
+Explicit ones from JAX 0.8 on; inputs are then resharded on entry explicitly).
+Without this helper, plain ``jax.jit`` of `quantized_matmul` on weights placed
+by `shard_quantized_weight` splits the same way (`xla_qops.partitioning`).
 
 Common layouts (Megatron): attention q/k/v and MLP gate/up projections are
 column-parallel, attention output and MLP down projections row-parallel
@@ -66,12 +65,9 @@ from __future__ import annotations
 import dataclasses
 
 import jax
-import jax.numpy as jnp
-from jax import lax
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
-from xla_qops import dispatch
-from xla_qops.activation import quantize_activation as _quantize_activation
+from xla_qops import dispatch, partitioning
 from xla_qops.api import quantized_matmul
 from xla_qops.quantize import QuantizedWeight
 from xla_qops.spec import check_args
@@ -270,24 +266,12 @@ def _column_body(quantize_activation, impl):
 
 
 def _row_body(qw, quantize_activation, impl, axis_name):
-    global_absmax = quantize_activation and not qw.blockwise
-
     def body(x, qw):
         lead, k = x.shape[:-1], x.shape[-1]
-        # float32 partials: the psum is part of the accumulation, rounded once below.
-        x32 = x.astype(jnp.float32)
-        if global_absmax:
-            x2 = x32.reshape(-1, k)
-            # The scale gets no gradient (straight-through), and pmax has no JVP.
-            absmax = lax.pmax(lax.stop_gradient(jnp.max(jnp.abs(x2), axis=-1, keepdims=True)),
-                              axis_name)
-            x_q, x_scale = _quantize_activation(x2, -1, absmax=absmax)
-            x_hat = x_q.astype(jnp.float32) * x_scale
-            # Straight-through: the value is exactly x_hat (x2 - x2 == 0), the
-            # gradient with respect to x the identity, as in the op itself.
-            x2 = lax.stop_gradient(x_hat) + (x2 - lax.stop_gradient(x2))
-            y = quantized_matmul(x2, qw, impl=impl).reshape(*lead, -1)
-        else:
-            y = quantized_matmul(x32, qw, quantize_activation=quantize_activation, impl=impl)
-        return lax.psum(y, axis_name).astype(x.dtype)
+
+        def matmul(x, *, quantize_activation):
+            return quantized_matmul(x, qw, quantize_activation=quantize_activation, impl=impl)
+        y = partitioning.row_parallel(x.reshape(-1, k), axis_name, blockwise=qw.blockwise,
+                                      quantize_activation=quantize_activation, matmul=matmul)
+        return y.reshape(*lead, -1)
     return body
