@@ -460,3 +460,203 @@ def test_from_state_dict_gptq_and_mlx(tmp_path):
     _assert_bits_equal(weights["l"], w)
     with pytest.raises(ValueError, match="layer 'l' \\(mlx\\) lacks l.scales"):
         interop.from_state_dict({"l.weight": wq, "l.biases": biases}, "mlx")
+
+
+# ---------------------------------------------------------------- compressed-tensors
+# Stored form: signed values + 2**(bits-1), packed along in (weight) or out
+# (zero point) into int32 words, little end first, the last word zero-padded;
+# the source's dequantization (q - z) * s, here rounded once to float32.
+
+def _ct_fixture(n, k, bits, group, symmetric, scale_dtype=np.float16, g_idx=None):
+    lo, hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    q = RNG.integers(lo, hi + 1, (n, k))
+    n_groups = k // group
+    z = np.zeros((n, n_groups), np.int64) if symmetric else RNG.integers(lo, hi + 1, (n, n_groups))
+    s = RNG.uniform(0.001, 0.05, (n, n_groups)).astype(scale_dtype)
+    per = 32 // bits
+    padded = np.pad(q + (1 << (bits - 1)), [(0, 0), (0, -k % per)])
+    tensors = dict(weight_packed=_pack_words(padded, bits, axis=1).view(np.int32),
+                   weight_scale=s, weight_shape=np.array([n, k]))
+    if not symmetric:
+        zp = np.pad(z + (1 << (bits - 1)), [(0, -n % per), (0, 0)])
+        tensors["weight_zero_point"] = _pack_words(zp, bits, axis=0).view(np.int32)
+    groups = np.arange(k) // group if g_idx is None else g_idx
+    w = (q - z[:, groups]).astype(np.float32) * s.astype(np.float32)[:, groups]  # [N, K]
+    return tensors, w
+
+
+@pytest.mark.parametrize("bits,n,k,group,symmetric,strategy", [
+    (4, 64, 256, 128, True, "group"), (4, 64, 256, 32, False, "group"),
+    (4, 40, 20, 20, False, "channel"),   # K = 20: the last word is half padding
+    (8, 64, 256, 256, True, "channel"), (8, 24, 128, 64, False, "group")])
+def test_compressed_tensors_pack_quantized_exact(bits, n, k, group, symmetric, strategy):
+    tensors, w = _ct_fixture(n, k, bits, group, symmetric)
+    if strategy == "channel":
+        tensors["weight_scale"] = tensors["weight_scale"].reshape(n, 1)
+    qw = interop.from_compressed_tensors(tensors, num_bits=bits, group_size=group,
+                                         symmetric=symmetric, strategy=strategy)
+    assert qw.bits == bits and qw.packed == (bits == 4)
+    assert qw.block_size == (-1 if group == k else group)
+    assert (qw.zero_point is None) == symmetric
+    _assert_bits_equal(qw, w.T)
+    _assert_matmul(qw)
+
+
+def test_compressed_tensors_export_round_trips():
+    for bits, group, symmetric in ((4, 32, False), (4, 64, True), (8, 64, False)):
+        tensors, w = _ct_fixture(48, 128, bits, group, symmetric, scale_dtype=np.float32)
+        qw = interop.from_compressed_tensors(tensors, num_bits=bits, group_size=group,
+                                             symmetric=symmetric, exact=False)
+        layer = interop.to_compressed_tensors(qw)
+        for name in tensors:
+            np.testing.assert_array_equal(layer.tensors[name], tensors[name], err_msg=name)
+        back = interop.from_compressed_tensors(layer.tensors, num_bits=bits, exact=False,
+                                               **{k: layer.config[k] for k in (
+                                                   "group_size", "symmetric", "strategy")})
+        np.testing.assert_array_equal(np.asarray(back.dequantize()), np.asarray(qw.dequantize()))
+
+
+def test_compressed_tensors_act_order():
+    n, k, group = 32, 128, 32
+    g_idx = RNG.permutation(np.arange(k) // group)
+    tensors, w = _ct_fixture(n, k, 4, group, False, g_idx=g_idx)
+    tensors["weight_g_idx"] = g_idx.astype(np.int32)
+    with pytest.raises(ValueError, match="weight_g_idx: act-order"):
+        interop.from_compressed_tensors(tensors, num_bits=4, group_size=group, symmetric=False,
+                                        actorder="group")
+    qw, perm = interop.from_compressed_tensors(tensors, num_bits=4, group_size=group,
+                                               symmetric=False, actorder="group",
+                                               permute_act_order=True)
+    _assert_bits_equal(qw, w[:, perm].T)
+
+
+def test_compressed_tensors_int_quantized_w8a8():
+    n, k = 32, 64
+    q = RNG.integers(-127, 128, (n, k)).astype(np.int8)
+    s = RNG.uniform(0.001, 0.05, (n, 1)).astype(np.float32)
+    qw = interop.from_compressed_tensors({"weight": q, "weight_scale": s}, num_bits=8,
+                                         strategy="channel",
+                                         compression_format="int-quantized")
+    _assert_bits_equal(qw, (q.astype(np.float32) * s).T)
+    config = {"quant_method": "compressed-tensors", "format": "int-quantized",
+              "config_groups": {"group_0": {
+                  "targets": ["Linear"],
+                  "weights": {"num_bits": 8, "type": "int", "symmetric": True,
+                              "strategy": "channel", "dynamic": False},
+                  "input_activations": {"num_bits": 8, "type": "int", "symmetric": True,
+                                        "strategy": "token", "dynamic": True}}},
+              "ignore": ["lm_head"]}
+    args = interop.compressed_tensors.scheme_args(config)
+    assert args["quantize_activation"] and args["ignore"] == ["lm_head"]
+    assert args["importer"]["compression_format"] == "int-quantized"
+    same = interop.from_compressed_tensors({"weight": q, "weight_scale": s}, **args["importer"])
+    np.testing.assert_array_equal(np.asarray(same.w), np.asarray(qw.w))
+
+
+def test_compressed_tensors_errors_name_the_argument():
+    tensors, _ = _ct_fixture(16, 64, 4, 32, False)
+    for fmt in ("float-quantized", "nvfp4-pack-quantized", "mxfp4-pack-quantized",
+                "sparse-24-bitmask", "marlin-24"):
+        with pytest.raises(ValueError, match=f"compression_format: '{fmt}' is a compressed-"
+                                             f"tensors format this importer does not read"):
+            interop.from_compressed_tensors(tensors, num_bits=4, group_size=32,
+                                            compression_format=fmt)
+    with pytest.raises(ValueError, match="weight_zero_point: symmetric=False needs"):
+        interop.from_compressed_tensors({k: v for k, v in tensors.items()
+                                         if k != "weight_zero_point"},
+                                        num_bits=4, group_size=32, symmetric=False)
+    with pytest.raises(ValueError, match=r"weight_scale: expected shape \[16, 4\] "
+                                         r"\(group_size 16\), got \[16, 2\]"):
+        interop.from_compressed_tensors(tensors, num_bits=4, group_size=16, symmetric=False)
+    with pytest.raises(ValueError, match=r"weight_packed: expected shape \[16, 8\], got \[16, 4\]"):
+        interop.from_compressed_tensors(dict(tensors, weight_packed=tensors["weight_packed"][:, :4]),
+                                        num_bits=4, group_size=32, symmetric=False)
+    with pytest.raises(KeyError, match="expected a 'weight_packed' entry"):
+        interop.from_compressed_tensors({"weight_scale": tensors["weight_scale"]}, num_bits=4)
+    with pytest.raises(ValueError, match="num_bits: expected 4 or 8, got 2"):
+        interop.from_compressed_tensors(tensors, num_bits=2)
+    # quantize_weight's min/max zero points are not whole numbers of scales.
+    qw = xla_qops.quantize_weight(RNG.standard_normal((16, 64)).astype(np.float32), bits=4,
+                                  block_size=32, symmetric=False)
+    with pytest.raises(ValueError, match="zero points are not an integer number of scales"):
+        interop.to_compressed_tensors(qw)
+    approx = interop.to_compressed_tensors(qw, exact=False)
+    assert approx.tensors["weight_zero_point"].dtype == np.int32
+
+
+@pytest.fixture
+def compressed_tensors_lib(torch):
+    """compressed-tensors 0.15 (the last release for torch < 2.10)."""
+    return pytest.importorskip("compressed_tensors")
+
+
+def _their_decompress(tensors, config, fmt, torch):
+    from compressed_tensors.compressors.base import BaseCompressor
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+    scheme = QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(**config))
+    state = {name: a if isinstance(a, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(a))
+             for name, a in tensors.items()}
+    return BaseCompressor.load_from_registry(fmt).decompress(state, scheme)["weight"]
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("bits,group,symmetric", [(4, 32, False), (4, 128, True), (8, -1, False),
+                                                  (4, -1, True)])
+def test_compressed_tensors_library_reads_our_export(bits, group, symmetric,
+                                                     compressed_tensors_lib, torch):
+    """Their compressor packs, we import; we export, their decompressor reads
+    it back. Equality is bit for bit where its arithmetic, done in the scale's
+    dtype, is one float32 rounding like ours (float32 scales); with the bf16
+    scales it writes, its own weight is ours rounded once more to bf16."""
+    from compressed_tensors.compressors.base import BaseCompressor
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+    n, k = 48, 256
+    g = k if group == -1 else group
+    lo, hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    w = torch.randn(n, k).to(torch.bfloat16)
+    s = (torch.rand(n, k // g) * 0.05 + 0.001).to(torch.bfloat16)
+    z = None if symmetric else torch.randint(lo, hi + 1, (n, k // g), dtype=torch.int8)
+    config = dict(num_bits=bits, type="int", symmetric=symmetric,
+                  strategy="group" if group != -1 else "channel",
+                  group_size=group if group != -1 else None)
+    scheme = QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(**config))
+    state = {"weight": w, "weight_scale": s}
+    if z is not None:
+        state["weight_zero_point"] = z
+    packed = BaseCompressor.load_from_registry("pack-quantized").compress(state, scheme)
+    assert packed["weight_packed"].dtype == torch.int32
+    qw = interop.from_compressed_tensors(packed, **{k_: config[k_] for k_ in (
+        "num_bits", "group_size", "symmetric", "strategy")})
+    ours = np.asarray(qw.dequantize())
+    as_f32 = {name: (t.float() if name == "weight_scale" else t).numpy()
+              for name, t in packed.items()}
+    np.testing.assert_array_equal(
+        _their_decompress(as_f32, config, "pack-quantized", torch).numpy(), ours)
+    their_bf16 = _their_decompress({name: t for name, t in packed.items()}, config,
+                                   "pack-quantized", torch)
+    assert their_bf16.dtype == torch.bfloat16
+    np.testing.assert_array_equal(their_bf16.float().numpy(),
+                                  torch.from_numpy(ours).to(torch.bfloat16).float().numpy())
+    layer = interop.to_compressed_tensors(qw)
+    again = _their_decompress(layer.tensors, layer.config, "pack-quantized", torch)
+    np.testing.assert_array_equal(again.numpy(), ours)
+
+
+def test_compressed_tensors_state_dict():
+    """A two-layer compressed-tensors state dict (one W4A16 g32 asym layer, one
+    int-quantized W8A8 layer under another config group) plus a norm."""
+    up, w_up = _ct_fixture(32, 64, 4, 32, False, scale_dtype=np.float16)
+    tensors = {f"model.layers.0.mlp.up_proj.{k}": v for k, v in up.items()}
+    tensors["model.norm.weight"] = np.ones(64, np.float32)
+    config = {"quant_method": "compressed-tensors", "config_groups": {"g": {
+        "targets": ["Linear"], "format": "pack-quantized",
+        "weights": {"num_bits": 4, "type": "int", "symmetric": False, "strategy": "group",
+                    "group_size": 32}}}}
+    importer = interop.compressed_tensors.scheme_args(config)["importer"]
+    weights, others = interop.from_state_dict(tensors, "compressed-tensors", **importer)
+    assert list(weights) == ["model.layers.0.mlp.up_proj"] and list(others) == ["model.norm.weight"]
+    _assert_bits_equal(weights["model.layers.0.mlp.up_proj"], w_up.T)
+    del tensors["model.layers.0.mlp.up_proj.weight_packed"], tensors["model.norm.weight"]
+    with pytest.raises(ValueError, match=r"layer 'model.layers.0.mlp.up_proj' \(compressed-tensors\) "
+                                         r"lacks model.layers.0.mlp.up_proj.weight"):
+        interop.from_state_dict(tensors, "compressed-tensors", **importer)

@@ -12,6 +12,8 @@ each format's convention, how it maps onto ours and when that is exact.
     from_hqq(W_q, scale, zero, *, shape, group_size, nbits=4, axis=1, ...)
     from_int4pack(weight, scales_and_zeros, *, group_size=None, layout=None, ...)
     from_mlx(wq, scales, biases, *, group_size=64, bits=4, ...)
+    from_compressed_tensors(tensors, *, num_bits, group_size=None, symmetric=True, ...)
+    to_compressed_tensors(qw, ...) -> CompressedTensorsLayer   # pack-quantized, vLLM reads it
     to_int4pack(qw, *, layout="cpu", inner_k_tiles=2, dtype=None) -> Int4Pack
     from_state_dict(tensors, format, **kwargs) -> (weights, other tensors)   # gptq/awq/mlx
 
@@ -21,7 +23,9 @@ True), ``exact`` (default True: raise rather than return an inexact weight).
 Inputs may be numpy, JAX or torch arrays.
 """
 
+from xla_qops.interop import compressed_tensors
 from xla_qops.interop.awq import from_awq
+from xla_qops.interop.compressed_tensors import from_compressed_tensors, to_compressed_tensors
 from xla_qops.interop.gptq import from_gptq
 from xla_qops.interop.hqq import from_hqq
 from xla_qops.interop.int4pack import Int4Pack, from_int4pack, to_int4pack
@@ -29,4 +33,4 @@ from xla_qops.interop.mlx import from_mlx
 from xla_qops.interop.state_dict import from_state_dict
 
 __all__ = ["from_gptq", "from_awq", "from_hqq", "from_int4pack", "from_mlx", "to_int4pack",
-           "Int4Pack", "from_state_dict"]
+           "Int4Pack", "from_state_dict", "from_compressed_tensors", "to_compressed_tensors"]

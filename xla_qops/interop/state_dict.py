@@ -1,9 +1,12 @@
-"""Whole checkpoints: every quantized layer of a GPTQ, AWQ or MLX state dict.
+"""Whole checkpoints: every quantized layer of a GPTQ, AWQ, MLX or compressed-tensors state dict.
 
 These formats name a quantized linear layer's tensors after the layer
 (``<layer>.qweight``, ``<layer>.qzeros``, ``<layer>.scales``, ``<layer>.g_idx``
 for GPTQ/AWQ; ``<layer>.weight`` (uint32), ``<layer>.scales``,
-``<layer>.biases`` for MLX), so a state dict can be converted layer by layer.
+``<layer>.biases`` for MLX; ``<layer>.weight_packed`` or int8
+``<layer>.weight``, ``<layer>.weight_scale``, ``<layer>.weight_shape``,
+``<layer>.weight_zero_point``, ``<layer>.weight_g_idx`` for
+compressed-tensors), so a state dict can be converted layer by layer.
 The result feeds `xla_qops.checkpoint.save_quantized` directly.
 """
 
@@ -12,10 +15,12 @@ from __future__ import annotations
 from typing import Mapping
 
 from xla_qops.interop.awq import from_awq
+from xla_qops.interop.compressed_tensors import from_compressed_tensors
 from xla_qops.interop.gptq import from_gptq
 from xla_qops.interop.mlx import from_mlx
 
-FORMATS = ("gptq", "awq", "mlx")
+FORMATS = ("gptq", "awq", "mlx", "compressed-tensors")
+_CT_PARTS = ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point", "weight_g_idx")
 
 
 def _layers(tensors, fmt):
@@ -27,6 +32,13 @@ def _layers(tensors, fmt):
             parts = {"qweight": name, "qzeros": f"{prefix}.qzeros", "scales": f"{prefix}.scales"}
             if fmt == "gptq" and f"{prefix}.g_idx" in tensors:
                 parts["g_idx"] = f"{prefix}.g_idx"
+            layers[prefix] = parts
+        elif fmt == "compressed-tensors" and name.endswith(".weight_scale"):
+            prefix = name[: -len(".weight_scale")]
+            parts = {part: f"{prefix}.{part}" for part in _CT_PARTS
+                     if f"{prefix}.{part}" in tensors}
+            if "weight_packed" not in parts:  # int-quantized: an int8 weight
+                parts["weight"] = f"{prefix}.weight"
             layers[prefix] = parts
         elif fmt == "mlx" and name.endswith(".biases"):
             prefix = name[: -len(".biases")]
@@ -44,9 +56,11 @@ def from_state_dict(tensors: Mapping[str, object], format: str, **kwargs):
 
     Args:
       tensors: name -> array (numpy, JAX or torch), e.g. a loaded safetensors file.
-      format: "gptq", "awq" or "mlx".
-      **kwargs: passed to `from_gptq` / `from_awq` / `from_mlx` for every
-        layer (e.g. ``bits=4, version=1`` or ``group_size=64``).
+      format: "gptq", "awq", "mlx" or "compressed-tensors".
+      **kwargs: passed to `from_gptq` / `from_awq` / `from_mlx` /
+        `from_compressed_tensors` for every layer (e.g. ``bits=4, version=1``,
+        ``group_size=64``, or for compressed-tensors
+        ``**scheme_args(quantization_config)["importer"]``).
 
     Returns:
       ``(weights, others)``: layer name -> `QuantizedWeight`, and every tensor
@@ -57,7 +71,8 @@ def from_state_dict(tensors: Mapping[str, object], format: str, **kwargs):
     if kwargs.get("permute_act_order"):
         raise ValueError("permute_act_order: a permutation per layer has no place in a state "
                          "dict; import act-order layers one by one with from_gptq")
-    importer = {"gptq": from_gptq, "awq": from_awq, "mlx": from_mlx}[format]
+    importer = {"gptq": from_gptq, "awq": from_awq, "mlx": from_mlx,
+                "compressed-tensors": _compressed_tensors_layer}[format]
     layers = _layers(tensors, format)
     weights, used = {}, set()
     for prefix, parts in layers.items():
@@ -68,3 +83,8 @@ def from_state_dict(tensors: Mapping[str, object], format: str, **kwargs):
         used.update(parts.values())
     others = {name: a for name, a in tensors.items() if name not in used}
     return weights, others
+
+
+def _compressed_tensors_layer(**kwargs):
+    tensors = {name: kwargs.pop(name) for name in (*_CT_PARTS, "weight") if name in kwargs}
+    return from_compressed_tensors(tensors, **kwargs)
