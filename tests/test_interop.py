@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 
+import gguf
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -586,8 +587,9 @@ def test_compressed_tensors_errors_name_the_argument():
 
 @pytest.fixture
 def compressed_tensors_lib(torch):
-    """compressed-tensors 0.15 (the last release for torch < 2.10)."""
-    return pytest.importorskip("compressed_tensors")
+    """compressed-tensors 0.15 (the last release for torch < 2.10; requirements-nodeps.txt)."""
+    import compressed_tensors
+    return compressed_tensors
 
 
 def _their_decompress(tensors, config, fmt, torch):
@@ -660,3 +662,161 @@ def test_compressed_tensors_state_dict():
     with pytest.raises(ValueError, match=r"layer 'model.layers.0.mlp.up_proj' \(compressed-tensors\) "
                                          r"lacks model.layers.0.mlp.up_proj.weight"):
         interop.from_state_dict(tensors, "compressed-tensors", **importer)
+
+
+# ---------------------------------------------------------------- GGUF (ggml block formats)
+
+GGML = gguf.GGMLQuantizationType
+
+
+def _ggml_blocks(qtype, n, k, rng=RNG, tiny_min=False):
+    """n x k values of `qtype` as random blocks with finite float16 fields."""
+    values, size = gguf.GGML_QUANT_SIZES[qtype]
+    blocks = rng.integers(0, 256, (n * k // values, size), dtype=np.uint8)
+
+    def put(offset, lo, hi):
+        blocks[:, offset:offset + 2] = rng.uniform(lo, hi, (len(blocks), 1)).astype(
+            np.float16).view(np.uint8)
+    put(208 if qtype == GGML.Q6_K else 0, *((10, 60) if tiny_min else (1e-3, 0.05)))  # d
+    if qtype in (GGML.Q4_1, GGML.Q5_1):
+        # tiny_min: a normal float16 m about 20 binades below 8d, with all its bits.
+        put(2, *((6.2e-5, 1.2e-4) if tiny_min else (-0.5, 0.5)))  # m
+    if qtype == GGML.Q4_K:
+        put(2, 1e-3, 0.05)  # dmin
+    return blocks.reshape(n, -1)
+
+
+@pytest.mark.parametrize("name,bits,block", [
+    ("Q8_0", 8, 32), ("Q4_0", 4, 32), ("Q4_1", 4, 32), ("Q5_0", 8, 32), ("Q5_1", 8, 32),
+    ("Q4_K", 4, 32), ("Q6_K", 8, 16)])
+def test_gguf_exact_against_gguf_dequantize(name, bits, block):
+    qtype = GGML[name]
+    n, k = 40, 512  # out not a multiple of 8
+    # Random Q4_K bytes pair large scales with tiny mins now and then (see
+    # test_gguf_q4_k_far_apart_min_needs_int8); quantized weights do not.
+    data = _q4_k_blocks(RNG.standard_normal((n, k))) if name == "Q4_K" else _ggml_blocks(qtype, n, k)
+    theirs = gguf.quants.dequantize(data, qtype)
+    qw = interop.from_gguf(data, name, (n, k))
+    assert (qw.bits, qw.block_size, qw.packed) == (bits, block, bits == 4)
+    assert (qw.zero_point is None) == (name not in ("Q4_1", "Q5_1", "Q4_K"))
+    _assert_bits_equal(qw, theirs.T)
+    _assert_matmul(qw)
+    wide = interop.from_gguf(data, qtype, (n, k), target_bits=8)  # always exact as int8
+    _assert_bits_equal(wide, theirs.T)
+
+
+def _q4_k_blocks(w, sc=None, m=None, d=None, dmin=None):
+    """Q4_K blocks of float w [n, k] written from ggml's layout: per 256-value
+    super-block fp16 d and dmin, 8 six-bit scales and mins packed in 12 bytes,
+    then 4 chunks of 32 bytes (sub-block 2c in the low nibbles, 2c + 1 high).
+    A plain min/max quantizer (not llama.cpp's search); sc, m, d, dmin override."""
+    n, k = w.shape
+    sub = w.reshape(-1, 8, 32)
+    lo, hi = np.minimum(sub.min(-1), 0), np.maximum(sub.max(-1), 0)
+    scale, mins = (hi - lo) / 15, -lo
+    d = (scale.max(-1) / 63).astype(np.float16) if d is None else d
+    dmin = (mins.max(-1) / 63).astype(np.float16) if dmin is None else dmin
+    if sc is None:
+        sc = np.clip(np.rint(scale / np.maximum(d.astype(np.float32), 1e-8)[:, None]), 1, 63)
+        m = np.clip(np.rint(mins / np.maximum(dmin.astype(np.float32), 1e-8)[:, None]), 0, 63)
+    sc, m = sc.astype(np.uint8), m.astype(np.uint8)
+    eff_s = d.astype(np.float32)[:, None] * sc
+    eff_m = dmin.astype(np.float32)[:, None] * m
+    u = np.clip(np.rint((sub + eff_m[..., None]) / np.maximum(eff_s, 1e-8)[..., None]), 0, 15)
+    u = u.astype(np.uint8)
+    scales = np.zeros((len(sub), 12), np.uint8)
+    scales[:, 0:4] = (sc[:, :4] & 0x3F) | ((sc[:, 4:] >> 4) << 6)
+    scales[:, 4:8] = (m[:, :4] & 0x3F) | ((m[:, 4:] >> 4) << 6)
+    scales[:, 8:12] = (sc[:, 4:] & 0x0F) | ((m[:, 4:] & 0x0F) << 4)
+    qs = (u[:, 0::2] | (u[:, 1::2] << 4)).reshape(len(sub), 128)
+    blocks = np.concatenate([d.reshape(-1, 1).view(np.uint8), dmin.reshape(-1, 1).view(np.uint8),
+                             scales, qs], axis=1)
+    return blocks.reshape(n, -1)
+
+
+def test_gguf_q4_k_far_apart_min_needs_int8():
+    """A sub-block whose min dmin*m sits far below 8*d*sc: dmin*m - 8*d*sc is
+    not a float32 number, so int4 is refused naming the exact int8 form."""
+    w = RNG.standard_normal((1, 256))
+    sc, m = np.full((1, 8), 63), np.full((1, 8), 1)
+    data = _q4_k_blocks(w, sc=sc, m=m, d=np.array([0.0471], np.float16),
+                        dmin=np.array([1.1e-4], np.float16))
+    with pytest.raises(ValueError, match="GGUF Q4_K: .* target_bits=8 is exact"):
+        interop.from_gguf(data, "Q4_K", (1, 256))
+    _assert_bits_equal(interop.from_gguf(data, "Q4_K", (1, 256), target_bits=8),
+                       gguf.quants.dequantize(data, GGML.Q4_K).T)
+
+
+def test_gguf_quantized_by_gguf_py():
+    x = RNG.standard_normal((24, 256)).astype(np.float32)
+    for qtype in (GGML.Q8_0, GGML.Q4_0, GGML.Q4_1, GGML.Q5_0, GGML.Q5_1):
+        data = gguf.quants.quantize(x, qtype)
+        _assert_bits_equal(interop.from_gguf(data, qtype, x.shape),
+                           gguf.quants.dequantize(data, qtype).T)
+
+
+def test_gguf_q4_0_layout_from_the_spec():
+    """One Q4_0 block written by hand: fp16 d, then 16 bytes whose low nibbles
+    are values 0-15 and high nibbles 16-31; w = d * (q - 8)."""
+    u = RNG.integers(0, 16, 32)
+    d = np.float16(0.03125)
+    block = np.concatenate([np.array([d]).view(np.uint8),
+                            (u[:16] | (u[16:] << 4)).astype(np.uint8)])
+    qw = interop.from_gguf(block, "Q4_0", (1, 32))
+    np.testing.assert_array_equal(np.asarray(qw.dequantize())[0],
+                                  np.float32(d) * (u - 8).astype(np.float32))
+
+
+def test_gguf_q4_1_tiny_min_needs_int8():
+    """m + 8d is not a float32 number when m is ~20 binades below 8d: int4 is
+    refused with the exact alternative named; int8 (q = u, zero_point = -m) is exact."""
+    data = _ggml_blocks(GGML.Q4_1, 8, 64, tiny_min=True)
+    with pytest.raises(ValueError, match="GGUF Q4_1: .* target_bits=8 is exact"):
+        interop.from_gguf(data, "Q4_1", (8, 64))
+    _assert_bits_equal(interop.from_gguf(data, "Q4_1", (8, 64), target_bits=8),
+                       gguf.quants.dequantize(data, GGML.Q4_1).T)
+
+
+def test_gguf_errors_name_the_argument():
+    data = _ggml_blocks(GGML.Q4_0, 4, 64)
+    with pytest.raises(ValueError, match="ggml_type: Q2_K is a ggml type with no int4/int8"):
+        interop.from_gguf(data, "Q2_K", (4, 64))
+    with pytest.raises(ValueError, match="ggml_type: F16 is unquantized"):
+        interop.from_gguf(data, GGML.F16, (4, 64))
+    with pytest.raises(ValueError, match="ggml_type: 'Q9_9' is not a ggml type"):
+        interop.from_gguf(data, "Q9_9", (4, 64))
+    with pytest.raises(ValueError, match=r"data: Q4_0 \[4, 96\] takes 216 bytes, got 144"):
+        interop.from_gguf(data, "Q4_0", (4, 96))
+    with pytest.raises(ValueError, match="in=48 is not a multiple"):
+        interop.from_gguf(data, "Q4_0", (4, 48))
+    with pytest.raises(ValueError, match="target_bits: expected one of \\[8\\]"):
+        interop.from_gguf(_ggml_blocks(GGML.Q6_K, 2, 256), "Q6_K", (2, 256), target_bits=4)
+
+
+def test_read_gguf_file(tmp_path):
+    path = str(tmp_path / "tiny.gguf")
+    q4k = _q4_k_blocks(RNG.standard_normal((16, 256)))
+    q8 = _ggml_blocks(GGML.Q8_0, 8, 64)
+    q2k = _ggml_blocks(GGML.Q2_K, 4, 256)
+    norm = RNG.standard_normal(256).astype(np.float32)
+    writer = gguf.GGUFWriter(path, arch="llama")
+    writer.add_block_count(1)
+    writer.add_tensor("blk.0.ffn_up.weight", q4k, raw_dtype=GGML.Q4_K)
+    writer.add_tensor("blk.0.attn_q.weight", q8, raw_dtype=GGML.Q8_0)
+    writer.add_tensor("output_norm.weight", norm)
+    writer.add_tensor("blk.0.ffn_gate.weight", q2k, raw_dtype=GGML.Q2_K)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(ValueError, match=r"1 tensors of types with no int4/int8 form here: "
+                                         r"blk.0.ffn_gate.weight \(Q2_K, shape \[4, 256\]\)"):
+        interop.read_gguf(path)
+    weights, others, metadata = interop.read_gguf(path, dequantize_unsupported=True)
+    assert sorted(weights) == ["blk.0.attn_q.weight", "blk.0.ffn_up.weight"]
+    _assert_bits_equal(weights["blk.0.ffn_up.weight"], gguf.quants.dequantize(q4k, GGML.Q4_K).T)
+    _assert_bits_equal(weights["blk.0.attn_q.weight"], gguf.quants.dequantize(q8, GGML.Q8_0).T)
+    np.testing.assert_array_equal(others["output_norm.weight"], norm)
+    np.testing.assert_array_equal(others["blk.0.ffn_gate.weight"],
+                                  gguf.quants.dequantize(q2k, GGML.Q2_K))
+    assert metadata["general.architecture"] == "llama" and metadata["llama.block_count"] == 1
