@@ -98,6 +98,36 @@ def test_filter_skip_and_activation_scheme(model_file, tmp_path, capsys):
     assert "embed" in checkpoint.load_quantized(out2).weights
 
 
+@pytest.mark.parametrize("scheme,block,ct_format", [("w4a16", "32", "pack-quantized"),
+                                                   ("w8a8", "-1", "int-quantized")])
+def test_quantize_writes_compressed_tensors(model_file, tmp_path, capsys, scheme, block, ct_format):
+    """--format compressed-tensors: a directory with config.json (read back by
+    interop.read_checkpoint to the same weights as our own format)."""
+    src, tensors = model_file
+    ours, theirs = tmp_path / "ours.safetensors", tmp_path / "ct"
+    common = ["--scheme", scheme, "--block-size", block, "--no-progress"]
+    assert main(["quantize", str(src), str(ours), *common]) == 0
+    assert main(["quantize", str(src), str(theirs), "--format", "compressed-tensors", *common]) == 0
+    capsys.readouterr()
+    config = json.loads((theirs / "config.json").read_text())["quantization_config"]
+    group = config["config_groups"]["group_0"]
+    assert config["quant_method"] == "compressed-tensors" and group["format"] == ct_format
+    assert ("input_activations" in group) == (scheme == "w8a8")
+    assert "embed" in config["ignore"]
+    imported = xla_qops.interop.read_checkpoint(theirs)
+    reference = checkpoint.load_quantized(ours)
+    assert set(imported.weights) == set(reference.weights)
+    for name, qw in reference.weights.items():
+        np.testing.assert_array_equal(np.asarray(imported.weights[name].dequantize()),
+                                      np.asarray(qw.dequantize()))
+        assert imported.quantize_activation[name] == reference.schemes[name].quantize_activation
+    np.testing.assert_array_equal(imported.tensors["layers.0.attn.q.bias"],
+                                  tensors["layers.0.attn.q.bias"])
+    assert main(["quantize", str(src), str(tmp_path / "x"), "--format", "compressed-tensors",
+                 "--asymmetric", "--no-progress"]) == 2
+    assert "asymmetric: compressed-tensors stores integer zero points" in capsys.readouterr().err
+
+
 def test_bad_input_exits_nonzero_with_clear_message(model_file, tmp_path, capsys):
     src, _ = model_file
     out = str(tmp_path / "x.safetensors")

@@ -13,6 +13,7 @@ import sys
 
 import gguf
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 import pytest
 
@@ -58,7 +59,7 @@ def _pack_words(codes, bits, axis):
     words = np.zeros((c.shape[0] // per,) + c.shape[1:], np.uint64)
     for j in range(per):
         words |= c[j::per] << np.uint64(bits * j)
-    return np.moveaxis(words.astype(np.uint32), 0, axis)
+    return np.ascontiguousarray(np.moveaxis(words.astype(np.uint32), 0, axis))
 
 
 def _f16(shape, lo=0.001, hi=0.05):
@@ -295,17 +296,22 @@ def _cpu_pack(codes_nk, layout):
 
 
 def _tinygemm_w(codes_nk, sz, g):
-    """(q - 8) * s + z, in float32, as [K, N]."""
-    s = np.repeat(sz[..., 0].astype(np.float32), g, 0)
-    z = np.repeat(sz[..., 1].astype(np.float32), g, 0)
-    return (codes_nk.T - 8).astype(np.float32) * s + z
+    """(q - 8) * s + z rounded once to float32 (torch's fused multiply-add), as [K, N]."""
+    s = np.repeat(sz[..., 0].astype(np.float32), g, 0).astype(np.float64)
+    z = np.repeat(sz[..., 1].astype(np.float32), g, 0).astype(np.float64)
+    return ((codes_nk.T - 8) * s + z).astype(np.float32)
+
+
+def _bf16_values(shape):
+    """float32 numbers that bfloat16 holds exactly (tinygemm's usual scales)."""
+    return RNG.standard_normal(shape).astype(ml_dtypes.bfloat16).astype(np.float32)
 
 
 @pytest.mark.parametrize("layout", ["cpu_avx512", "cpu_avx2", "cpu_default"])
 def test_int4pack_cpu_layouts(layout):
     n, k, g = 112, 128, 64  # 112 = 64 + 48: a full block and a partial one
     codes = RNG.integers(0, 16, (n, k))
-    sz = RNG.standard_normal((k // g, n, 2)).astype(np.float32)
+    sz = _bf16_values((k // g, n, 2))
     qw = interop.from_int4pack(_cpu_pack(codes, layout), sz, layout=layout)
     assert qw.bits == 4 and qw.packed and qw.block_size == g
     _assert_bits_equal(qw, _tinygemm_w(codes, sz, g))
@@ -321,6 +327,33 @@ def test_int4pack_matches_torch_converter_on_this_machine(torch):
     sz = torch.randn(k // g, n, 2).to(torch.bfloat16)
     qw = interop.from_int4pack(packed, sz)
     _assert_bits_equal(qw, _tinygemm_w(codes, sz.float().numpy(), g))
+
+
+@pytest.mark.torch
+def test_int4pack_against_torch_kernel_itself(torch):
+    """torch._weight_int4pack_mm_for_cpu with an identity x returns its own
+    weight: bf16 scales/zeros import exactly to it; float32 ones are refused
+    (its fused multiply-add rounds once, scale * q - zero_point twice) and
+    with exact=False differ by at most one ulp."""
+    n, k, g = 64, 128, 32
+    codes = RNG.integers(0, 16, (n, k)).astype(np.int32)
+    packed = torch._convert_weight_to_int4pack_for_cpu(torch.from_numpy(codes), 2)
+    eye = torch.eye(k)
+    sz_bf16 = torch.randn(k // g, n, 2).to(torch.bfloat16)
+    theirs = torch._weight_int4pack_mm_for_cpu(eye.to(torch.bfloat16), packed, g, sz_bf16)
+    ours = np.asarray(interop.from_int4pack(packed, sz_bf16).dequantize())  # [N, K] float32
+    np.testing.assert_array_equal(torch.from_numpy(ours.T.copy()).to(torch.bfloat16).float(),
+                                  theirs.float())
+    sz32 = torch.randn(k // g, n, 2)
+    theirs32 = torch._weight_int4pack_mm_for_cpu(eye, packed, g, sz32).numpy()  # [K, N]
+    np.testing.assert_array_equal(theirs32, _tinygemm_w(codes, sz32.numpy(), g))
+    with pytest.raises(ValueError, match="int4pack: .* cannot be represented bit-exactly"):
+        interop.from_int4pack(packed, sz32)
+    approx = np.asarray(interop.from_int4pack(packed, sz32, exact=False).dequantize()).T
+    # Off by the product's rounding (half an ulp of (q - 8) * s) plus the sum's.
+    product = (codes.T - 8) * np.repeat(sz32[..., 0].numpy(), g, 0)
+    bound = np.spacing(np.abs(product).astype(np.float32)) / 2 + np.spacing(np.abs(theirs32))
+    assert np.all(np.abs(approx - theirs32) <= bound) and np.any(approx != theirs32)
 
 
 @pytest.mark.torch
@@ -392,8 +425,10 @@ def test_to_int4pack_product_matches_our_op(bits_block, torch):
             None if qw.zero_point is None else np.asarray(qw.zero_point), qw.block_size)
     ref.assert_close(y_torch, *args)
     ref.assert_close(y_ours, *args)
-    # and the round trip back is the same weight, bit for bit
-    again = interop.from_int4pack(packed.weight, packed.scales_and_zeros)
+    # and the round trip back is the same weight, bit for bit. exact=False:
+    # the importer checks against torch's fused multiply-add, which rounds
+    # float32 scales' products once where our convention rounds twice.
+    again = interop.from_int4pack(packed.weight, packed.scales_and_zeros, exact=False)
     np.testing.assert_array_equal(np.asarray(again.dequantize()), np.asarray(qw.dequantize()))
 
 

@@ -9,12 +9,15 @@ schema; CPU tensors, XLA tensors, torch.compile) backed by xla_qops, whether
     quantize_model(model, *, scheme="w8a16", block_size=-1, symmetric=True,
                    filter_fn=None) -> model
     quantization_report(model=None) -> QuantizationReport
+    load_quantized(model, source, *, format=None) -> LoadReport   # GPTQ/AWQ/compressed-tensors
 """
 
 from torch_bridge import op  # noqa: F401  (registers the op first)
 from torch_bridge.checks import SCHEMES
 from torch_bridge.linear import XlaQuantizedLinear
+from torch_bridge.load import CheckpointMismatch, LoadReport, load_quantized
 from torch_bridge.swap import QuantizationReport, quantization_report, quantize_model
 
 __all__ = ["XlaQuantizedLinear", "quantize_model", "quantization_report",
-           "QuantizationReport", "SCHEMES"]
+           "QuantizationReport", "SCHEMES", "load_quantized", "LoadReport",
+           "CheckpointMismatch"]

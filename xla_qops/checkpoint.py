@@ -254,10 +254,23 @@ def save_quantized(path, weights: Mapping[str, QuantizedWeight],
     save_state_dict(path, state, schemes, metadata)
 
 
-def load_quantized(path, expected: Optional[Mapping[str, object]] = None) -> QuantizedCheckpoint:
-    """Loads a file written by `save_quantized`, `save_state_dict` or `xla-qops quantize`."""
+def load_quantized(path, expected: Optional[Mapping[str, object]] = None, *,
+                   format: Optional[str] = None, **overrides) -> QuantizedCheckpoint:
+    """Loads a quantized checkpoint: ``weights`` {module path: QuantizedWeight} + the rest.
+
+    `path` is a file written by `save_quantized`, `save_state_dict` or
+    ``xla-qops quantize``, or another tool's checkpoint -- a GPTQ, AWQ or
+    compressed-tensors directory (``config.json`` + ``*.safetensors``) or
+    ``.safetensors`` file, converted by `xla_qops.interop.read_checkpoint`
+    (`format` and importer `overrides` go there; ``metadata["format"]`` says
+    which format it was, ``schemes`` which layers quantize activations).
+    """
     import jax.numpy as jnp
 
+    if not os.path.exists(os.fspath(path)):
+        raise FileNotFoundError(f"{os.fspath(path)}: no such checkpoint file or directory")
+    if format is not None or overrides or not _is_own_file(path):
+        return _load_foreign(path, expected, format, overrides)
     tensors, schemes, metadata = load_state_dict(path, expected)
     weights = {}
     for prefix, s in schemes.items():
@@ -269,6 +282,36 @@ def load_quantized(path, expected: Optional[Mapping[str, object]] = None) -> Qua
             bits=s.bits, block_size=s.block_size, packed=s.packed)
     return QuantizedCheckpoint(weights=weights, schemes=schemes, tensors=tensors,
                                metadata=metadata)
+
+
+def _is_own_file(path) -> bool:
+    """A safetensors file with this project's scheme metadata."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        return False
+    from safetensors import safe_open
+    with safe_open(path, framework="numpy") as f:
+        return SCHEMES_KEY in (f.metadata() or {})
+
+
+def _load_foreign(path, expected, format, overrides) -> QuantizedCheckpoint:
+    from xla_qops.interop.checkpoints import read_checkpoint
+
+    imported = read_checkpoint(path, format=format, **overrides)
+    schemes = {p: LayerScheme.of(qw, imported.quantize_activation[p])
+               for p, qw in imported.weights.items()}
+    if expected is not None:
+        state = dict(imported.tensors)
+        for prefix, qw in imported.weights.items():
+            state[f"{prefix}.weight"] = np.asarray(qw.w)
+            state[f"{prefix}.weight_scaler"] = np.asarray(qw.scale)
+            if qw.zero_point is not None:
+                state[f"{prefix}.zero_point"] = np.asarray(qw.zero_point)
+        problems = check_tensors(state, schemes, expected, strict=True)
+        if problems:
+            raise CheckpointError(os.fspath(path), problems)
+    return QuantizedCheckpoint(weights=imported.weights, schemes=schemes,
+                               tensors=imported.tensors, metadata={"format": imported.format})
 
 
 # ------------------------------------------------------------------ torch helpers

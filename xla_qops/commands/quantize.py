@@ -20,6 +20,14 @@ per-layer scheme goes into the safetensors metadata (`xla_qops.checkpoint`).
 A block size that does not divide a layer's input features is an error
 naming every such layer, unless ``--skip-indivisible`` keeps those layers in
 float (and says so in the report).
+
+``--format compressed-tensors`` writes what vLLM reads instead: a directory
+with ``model.safetensors`` in compressed-tensors' layout (``pack-quantized``
+for W4A16/W8A16, ``int-quantized`` with dynamic per-token int8 activations
+for W8A8/W4A8; `xla_qops.interop.to_compressed_tensors`) and ``config.json``
+(the input directory's, if it has one) with its ``quantization_config``;
+skipped weights go to ``ignore``. Symmetric only: compressed-tensors stores
+integer zero points, ``--asymmetric`` gives float ones.
 """
 
 from __future__ import annotations
@@ -34,6 +42,7 @@ import sys
 import numpy as np
 
 SCHEMES = {"w8a16": (8, False), "w4a16": (4, False), "w8a8": (8, True), "w4a8": (4, True)}
+FORMATS = ("xla-qops", "compressed-tensors")
 DEFAULT_SKIP = ("*embed*", "*norm*", "*ln_*")
 
 
@@ -56,6 +65,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--skip-indivisible", action="store_true",
                         help="keep layers whose input features the block size does not divide "
                              "in float instead of failing")
+    parser.add_argument("--format", default="xla-qops", choices=FORMATS,
+                        help="xla-qops (default): one .safetensors file for this library; "
+                             "compressed-tensors: a directory vLLM loads (OUTPUT is a directory)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -186,14 +198,15 @@ def plan(header: dict[str, tuple[list[int], str]], *, bits: int, block_size: int
 
 def quantize_file(source: str, output: str, *, scheme: str = "w8a16", block_size: int = -1,
                   symmetric: bool = True, filters=(), skips=(), default_skip: bool = True,
-                  skip_indivisible: bool = False, progress: bool = True) -> Report:
+                  skip_indivisible: bool = False, progress: bool = True,
+                  format: str = "xla-qops") -> Report:
     """Quantizes every Linear weight of a safetensors model; see the module docstring."""
     import jax.numpy as jnp
     from safetensors import safe_open
     from tqdm import tqdm
 
     import xla_qops
-    from xla_qops import checkpoint
+    from xla_qops import checkpoint, interop
 
     if scheme not in SCHEMES:
         raise ValueError(f"scheme: expected one of {', '.join(sorted(SCHEMES))}, got {scheme!r}")
@@ -204,6 +217,13 @@ def quantize_file(source: str, output: str, *, scheme: str = "w8a16", block_size
     if bits == 4 and block_size != -1 and block_size % 2:
         raise ValueError(f"block-size: packed int4 pairs values inside a block, so it must be "
                          f"even, got {block_size}")
+    if format not in FORMATS:
+        raise ValueError(f"format: expected one of {', '.join(FORMATS)}, got {format!r}")
+    if format == "compressed-tensors" and not symmetric:
+        raise ValueError("asymmetric: compressed-tensors stores integer zero points and "
+                         "quantize_weight's min/max zero points are floats; drop --asymmetric "
+                         "with --format compressed-tensors")
+    source_dir = source if os.path.isdir(source) else None
     source = resolve_input(source)
     if os.path.abspath(source) == os.path.abspath(output):
         raise ValueError(f"output: would overwrite the input {source}")
@@ -236,21 +256,62 @@ def quantize_file(source: str, output: str, *, scheme: str = "w8a16", block_size
                                               block_size=block_size, symmetric=symmetric,
                                               pack=True)
                 schemes[layer.name] = checkpoint.LayerScheme.of(qw, quantize_activation)
-                state[name] = np.asarray(qw.w)
-                state[f"{layer.name}.weight_scaler"] = np.asarray(qw.scale)
-                if qw.zero_point is not None:
-                    state[f"{layer.name}.zero_point"] = np.asarray(qw.zero_point)
-                layer.bytes_after = qw.nbytes
+                if format == "compressed-tensors":
+                    ct = interop.to_compressed_tensors(qw, compression_format=(
+                        "int-quantized" if quantize_activation else "pack-quantized"))
+                    state.update({f"{layer.name}.{k}": v for k, v in ct.tensors.items()})
+                    layer.bytes_after = sum(v.nbytes for v in ct.tensors.values())
+                else:
+                    state[name] = np.asarray(qw.w)
+                    state[f"{layer.name}.weight_scaler"] = np.asarray(qw.scale)
+                    if qw.zero_point is not None:
+                        state[f"{layer.name}.zero_point"] = np.asarray(qw.zero_point)
+                    layer.bytes_after = qw.nbytes
             bar.update(1)
         bar.close()
     settings = {"scheme": scheme, "block_size": block_size, "symmetric": symmetric,
                 "source": os.path.basename(source)}
-    checkpoint.save_state_dict(output, state, schemes,
-                               metadata={"xla_qops.quantize": json.dumps(settings)})
+    if format == "compressed-tensors":
+        _write_compressed_tensors(output, state, source_dir, bits=bits, block_size=block_size,
+                                  quantize_activation=quantize_activation,
+                                  ignore=[layer.name for layer in layers if layer.skipped])
+    else:
+        checkpoint.save_state_dict(output, state, schemes,
+                                   metadata={"xla_qops.quantize": json.dumps(settings)})
     after = sum(a.nbytes for a in state.values())
     return Report(source=source, output=output, scheme=scheme, block_size=block_size,
                   symmetric=symmetric, layers=layers,
                   other_tensors=len(names) - len(todo), bytes_before=before, bytes_after=after)
+
+
+def _write_compressed_tensors(output: str, state: dict, source_dir, *, bits: int,
+                              block_size: int, quantize_activation: bool, ignore) -> None:
+    """`output`/model.safetensors and `output`/config.json with its quantization_config."""
+    from safetensors.numpy import save_file
+
+    os.makedirs(output, exist_ok=True)
+    # C order: safetensors.numpy writes an array's raw buffer, whatever its strides.
+    save_file({k: np.ascontiguousarray(v) for k, v in state.items()},
+              os.path.join(output, "model.safetensors"), metadata={"format": "pt"})
+    config = {}
+    if source_dir is not None and os.path.isfile(os.path.join(source_dir, "config.json")):
+        with open(os.path.join(source_dir, "config.json")) as f:
+            config = json.load(f)
+    group = {"targets": ["Linear"],
+             "format": "int-quantized" if quantize_activation else "pack-quantized",
+             "weights": {"num_bits": bits, "type": "int", "symmetric": True,
+                         "strategy": "group" if block_size != -1 else "channel",
+                         "group_size": block_size if block_size != -1 else None,
+                         "dynamic": False, "observer": "minmax"}}
+    if quantize_activation:
+        group["input_activations"] = {"num_bits": 8, "type": "int", "symmetric": True,
+                                      "strategy": "token", "dynamic": True}
+    config["quantization_config"] = {
+        "quant_method": "compressed-tensors", "format": group["format"],
+        "quantization_status": "compressed", "config_groups": {"group_0": group},
+        "ignore": sorted(ignore)}
+    with open(os.path.join(output, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
 
 
 def run(args) -> int:
@@ -259,6 +320,6 @@ def run(args) -> int:
                            filters=args.filter, skips=args.skip,
                            default_skip=not args.no_default_skip,
                            skip_indivisible=args.skip_indivisible,
-                           progress=not args.no_progress)
+                           progress=not args.no_progress, format=args.format)
     print("\n".join(report.lines()))
     return 0

@@ -16,6 +16,7 @@ each format's convention, how it maps onto ours and when that is exact.
     to_compressed_tensors(qw, ...) -> CompressedTensorsLayer   # pack-quantized, vLLM reads it
     from_gguf(data, ggml_type, shape, ...)                     # Q8_0 Q4_0 Q4_1 Q5_0 Q5_1 Q4_K Q6_K
     read_gguf(path) -> (weights, other tensors, metadata)      # a whole .gguf file
+    read_checkpoint(source, *, format=None) -> ImportedCheckpoint   # GPTQ/AWQ/compressed-tensors dir
     to_int4pack(qw, *, layout="cpu", inner_k_tiles=2, dtype=None) -> Int4Pack
     from_state_dict(tensors, format, **kwargs) -> (weights, other tensors)   # gptq/awq/mlx
 
@@ -27,6 +28,7 @@ Inputs may be numpy, JAX or torch arrays.
 
 from xla_qops.interop import compressed_tensors
 from xla_qops.interop.awq import from_awq
+from xla_qops.interop.checkpoints import ImportedCheckpoint, read_checkpoint
 from xla_qops.interop.compressed_tensors import from_compressed_tensors, to_compressed_tensors
 from xla_qops.interop.ggml import from_gguf, read_gguf
 from xla_qops.interop.gptq import from_gptq
@@ -36,4 +38,4 @@ from xla_qops.interop.mlx import from_mlx
 from xla_qops.interop.state_dict import from_state_dict
 
 __all__ = ["from_gptq", "from_awq", "from_hqq", "from_int4pack", "from_mlx", "to_int4pack",
-           "Int4Pack", "from_state_dict", "from_compressed_tensors", "to_compressed_tensors", "from_gguf", "read_gguf"]
+           "Int4Pack", "from_state_dict", "from_compressed_tensors", "to_compressed_tensors", "from_gguf", "read_gguf", "read_checkpoint", "ImportedCheckpoint"]

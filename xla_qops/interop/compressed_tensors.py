@@ -213,21 +213,23 @@ def _zero_codes(zero, fmt: str, bits: int, n: int, n_groups: int, strategy: str)
 
 
 class CompressedTensorsLayer(NamedTuple):
-    """One layer in compressed-tensors' ``pack-quantized`` format (numpy arrays)."""
+    """One layer in a compressed-tensors format (numpy arrays)."""
 
     tensors: dict
     config: dict  # the ``weights`` quantization args of its config group
+    compression_format: str  # the config group's ``format``
 
 
-def to_compressed_tensors(qw, *, scale_dtype=np.float32, exact: bool = True
-                          ) -> CompressedTensorsLayer:
-    """Writes a `QuantizedWeight` in compressed-tensors' ``pack-quantized`` format.
+def to_compressed_tensors(qw, *, compression_format: str = "pack-quantized",
+                          scale_dtype=np.float32, exact: bool = True) -> CompressedTensorsLayer:
+    """Writes a `QuantizedWeight` in a compressed-tensors format.
 
-    The tensors (``weight_packed``, ``weight_scale``, ``weight_shape`` and,
-    with zero points, ``weight_zero_point``) are what compressed-tensors'
-    decompressor reads back to ``qw.dequantize()``; ``config`` is the
-    ``weights`` entry of the config group (num_bits, type, symmetric,
-    strategy, group_size).
+    ``pack-quantized`` (the W4A16/W8A16 format): ``weight_packed``,
+    ``weight_shape``; ``int-quantized`` (what W8A8/W4A8 checkpoints use, the
+    values in an int8 ``weight``). Both with ``weight_scale`` and, with zero
+    points, ``weight_zero_point``: what compressed-tensors' decompressor reads
+    back to ``qw.dequantize()``. ``config`` is the ``weights`` entry of the
+    config group (num_bits, type, symmetric, strategy, group_size).
 
     A zero point must be an integer number of scales, ``z = zero_point /
     scale`` within the signed range of ``bits`` -- true of weights imported
@@ -245,6 +247,10 @@ def to_compressed_tensors(qw, *, scale_dtype=np.float32, exact: bool = True
     from xla_qops.quantize import QuantizedWeight
     if not isinstance(qw, QuantizedWeight):
         raise TypeError(f"qw: expected a xla_qops.QuantizedWeight, got {type(qw).__name__}")
+    if compression_format not in ("pack-quantized", "int-quantized"):
+        raise ValueError(f"compression_format: expected 'pack-quantized' or 'int-quantized', "
+                         f"got {compression_format!r}")
+    packed = compression_format == "pack-quantized"
     bits, n, k = qw.bits, qw.out_features, qw.in_features
     q = np.asarray(qw.int_values()).astype(np.int32)  # stored layout
     q = q.reshape(k, n).T if qw.blockwise else q  # [N, K]
@@ -254,9 +260,11 @@ def to_compressed_tensors(qw, *, scale_dtype=np.float32, exact: bool = True
     if exact and not np.array_equal(out_scale.astype(np.float32), scale_ng):
         raise ValueError(f"scale_dtype: {np.dtype(scale_dtype).name} does not hold these "
                          f"float32 scales exactly; keep float32 or pass exact=False")
-    tensors = {"weight_packed": _pack_words(q + (1 << (bits - 1)), bits, axis=1),
-               "weight_scale": out_scale,
-               "weight_shape": np.array([n, k], np.int64)}
+    if packed:
+        tensors = {"weight_packed": _pack_words(q + (1 << (bits - 1)), bits, axis=1),
+                   "weight_scale": out_scale, "weight_shape": np.array([n, k], np.int64)}
+    else:
+        tensors = {"weight": q.astype(np.int8), "weight_scale": out_scale}
     symmetric = qw.zero_point is None
     if not symmetric:
         zp = np.asarray(qw.zero_point, np.float32)
@@ -273,12 +281,16 @@ def to_compressed_tensors(qw, *, scale_dtype=np.float32, exact: bool = True
                 f"integer zero points: pass exact=False to round them, or export a "
                 f"symmetric weight")
         z = np.clip(z, lo, hi).astype(np.int32)
-        tensors["weight_zero_point"] = _pack_words(z + (1 << (bits - 1)), bits, axis=0)
+        tensors["weight_zero_point"] = (_pack_words(z + (1 << (bits - 1)), bits, axis=0)
+                                        if packed else z.astype(np.int8))
     config = {"num_bits": bits, "type": "int", "symmetric": symmetric,
               "strategy": "group" if qw.blockwise else "channel",
               "group_size": qw.block_size if qw.blockwise else None,
               "dynamic": False, "observer": "minmax"}
-    return CompressedTensorsLayer(tensors=tensors, config=config)
+    # C order: writers such as safetensors' numpy save take the raw buffer.
+    tensors = {name: np.ascontiguousarray(a) for name, a in tensors.items()}
+    return CompressedTensorsLayer(tensors=tensors, config=config,
+                                  compression_format=compression_format)
 
 
 def _pack_words(codes: np.ndarray, bits: int, axis: int) -> np.ndarray:

@@ -8,8 +8,15 @@ with ``scales_and_zeros`` ``[K / group_size, N, 2]`` (``[..., 0]`` = s,
 ``[..., 1]`` = z) in the activation dtype, group sizes 32, 64, 128 or 256.
 
 Mapping: ``q' = q - 8`` (exactly the int4 range), ``scale = s``,
-``zero_point = -z``. This is the same arithmetic (one product, one
-addition), so it is exact for every scale and zero.
+``zero_point = -z``. torch's CPU kernel evaluates ``(q - 8) * s + z`` as one
+fused multiply-add (one rounding), while API.md's ``scale * q - zero_point``
+rounds the product first. The two agree whenever ``(q - 8) * s`` is a
+float32 number -- for every bfloat16 or float16 scale (at most 11
+significant bits times a 4-bit integer), the dtypes tinygemm is used with --
+and the import is then exact. Float32 scales with more than 21 significant
+bits generally are not (about one weight in seven differs by one ulp from
+torch's kernel); those are refused unless ``exact=False``. The reference is
+the single rounding, as torch's kernel computes it.
 
 Packed layouts (K input features, N output features):
 
@@ -123,8 +130,8 @@ def from_int4pack(weight, scales_and_zeros, *, group_size: int | None = None,
       layout: one of `LAYOUTS`; default "cuda" for a 4-D int32 weight and
         this machine's CPU layout (`local_cpu_layout`) for a uint8 one.
       pack: store the int4 values two per byte (this project's form).
-      exact: raise if the result is not bit-exact (it always is; kept for a
-        uniform signature and as a self-check).
+      exact: raise if the result is not bit-exact against torch's kernel
+        (always exact for bfloat16/float16 scales; see the module docstring).
     """
     weight = _core.to_numpy(weight, "weight")
     if layout is None:
@@ -154,8 +161,12 @@ def from_int4pack(weight, scales_and_zeros, *, group_size: int | None = None,
     codes = _codes(weight, layout, n, k, inner_k_tiles).T  # [K, N]
     s32, z32 = _core.f32(sz[..., 0]), _core.f32(sz[..., 1])  # [G, N]
     n_groups = k // group_size
-    reference = ((codes - 8).reshape(n_groups, group_size, n).astype(np.float32)
-                 * s32[:, None, :] + z32[:, None, :]).reshape(k, n)
+    # One rounding of the exact (q - 8) * s + z, as torch's kernel (fused
+    # multiply-add): the float64 product is exact (24 + 4 bits) and so is the
+    # sum unless z lies more than 25 binades from it.
+    reference = ((codes - 8).reshape(n_groups, group_size, n).astype(np.float64)
+                 * s32.astype(np.float64)[:, None, :] + z32.astype(np.float64)[:, None, :]
+                 ).reshape(k, n).astype(np.float32)
     candidates = {4: lambda: _core.Encoding(bits=4, q=codes - 8, scale=s32, zero_point=-z32)}
     return _core.assemble(reference, candidates, group_size=group_size, target_bits=4,
                           exact=exact, pack=pack, source="int4pack")

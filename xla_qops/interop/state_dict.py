@@ -23,7 +23,7 @@ FORMATS = ("gptq", "awq", "mlx", "compressed-tensors")
 _CT_PARTS = ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point", "weight_g_idx")
 
 
-def _layers(tensors, fmt):
+def layer_tensors(tensors, fmt):
     """layer name -> {argument: tensor name} of every quantized layer."""
     layers = {}
     for name in tensors:
@@ -73,7 +73,7 @@ def from_state_dict(tensors: Mapping[str, object], format: str, **kwargs):
                          "dict; import act-order layers one by one with from_gptq")
     importer = {"gptq": from_gptq, "awq": from_awq, "mlx": from_mlx,
                 "compressed-tensors": _compressed_tensors_layer}[format]
-    layers = _layers(tensors, format)
+    layers = layer_tensors(tensors, format)
     weights, used = {}, set()
     for prefix, parts in layers.items():
         try:
