@@ -855,3 +855,24 @@ def test_read_gguf_file(tmp_path):
     np.testing.assert_array_equal(others["blk.0.ffn_gate.weight"],
                                   gguf.quants.dequantize(q2k, GGML.Q2_K))
     assert metadata["general.architecture"] == "llama" and metadata["llama.block_count"] == 1
+
+
+def test_read_checkpoint_detects_awq_and_gptq_by_shape(tmp_path):
+    """No config.json: GPTQ packs along in ([K/8, N]), AWQ along out ([K, N/8])."""
+    from safetensors.numpy import save_file
+    k, n, g = 256, 48, 64
+    codes, zeros = RNG.integers(0, 16, (k, n)), RNG.integers(0, 16, (k // g, n))
+    scales = _f16((k // g, n))
+    save_file({"m.qweight": _awq_pack(codes), "m.qzeros": _awq_pack(zeros), "m.scales": scales,
+               "norm.weight": np.ones(4, np.float32)}, str(tmp_path / "awq.safetensors"))
+    ckpt = interop.read_checkpoint(tmp_path / "awq.safetensors")
+    assert ckpt.format == "awq" and list(ckpt.tensors) == ["norm.weight"]
+    w = np.repeat(scales.astype(np.float32), g, 0) * (codes - np.repeat(zeros, g, 0))
+    _assert_bits_equal(ckpt.weights["m"], w.astype(np.float32))
+    tensors, w = _gptq_fixture(k, n, g, 4, 1)
+    (tmp_path / "gptq").mkdir()
+    save_file({f"m.{name}": np.ascontiguousarray(a) for name, a in tensors.items()},
+              str(tmp_path / "gptq" / "model.safetensors"))
+    ckpt = interop.read_checkpoint(tmp_path / "gptq")
+    assert ckpt.format == "gptq" and not ckpt.quantize_activation["m"]
+    _assert_bits_equal(ckpt.weights["m"], w)
