@@ -53,3 +53,15 @@ def make_x(rng, shape, dtype):
 def op_args(qw):
     """QuantizedWeight -> the positional arguments of quantized_matmul after x."""
     return (qw.w, qw.scale, qw.zero_point, qw.block_size, qw.int4_weight)
+
+
+def pack_words(codes, bits, axis):
+    """int32 words of unsigned `bits`-wide codes along `axis`, little end first
+    (value j of a word at bits [j*bits, (j+1)*bits)): GPTQ's and compressed-tensors' packing."""
+    per = 32 // bits
+    c = np.moveaxis(codes.astype(np.uint64), axis, 0)
+    words = np.zeros((c.shape[0] // per,) + c.shape[1:], np.uint64)
+    for j in range(per):
+        words |= c[j::per] << np.uint64(bits * j)
+    # C order: safetensors' numpy writer takes the raw buffer.
+    return np.ascontiguousarray(np.moveaxis(words.astype(np.uint32), 0, axis))

@@ -20,6 +20,7 @@ import pytest
 import xla_qops
 from xla_qops import interop
 import numpy_reference as ref
+from cases import pack_words
 
 
 @pytest.fixture
@@ -52,16 +53,6 @@ def _assert_matmul(qw, x=None, source_w_kn=None):
                      qw.block_size)
 
 
-def _pack_words(codes, bits, axis):
-    """Little end first: value j of each word goes to bits [j*bits, (j+1)*bits)."""
-    per = 32 // bits
-    c = np.moveaxis(codes.astype(np.uint64), axis, 0)
-    words = np.zeros((c.shape[0] // per,) + c.shape[1:], np.uint64)
-    for j in range(per):
-        words |= c[j::per] << np.uint64(bits * j)
-    return np.ascontiguousarray(np.moveaxis(words.astype(np.uint32), 0, axis))
-
-
 def _f16(shape, lo=0.001, hi=0.05):
     return RNG.uniform(lo, hi, shape).astype(np.float16)
 
@@ -73,8 +64,8 @@ def _gptq_fixture(k, n, g, bits, version):
     zeros = RNG.integers(0, 1 << bits, (k // g, n))
     scales = _f16((k // g, n))
     stored = (zeros - 1) % (1 << bits) if version == 1 else zeros
-    qweight = _pack_words(codes, bits, axis=0).view(np.int32)
-    qzeros = _pack_words(stored, bits, axis=1).view(np.int32)
+    qweight = pack_words(codes, bits, axis=0).view(np.int32)
+    qzeros = pack_words(stored, bits, axis=1).view(np.int32)
     g_idx = (np.arange(k) // g).astype(np.int32)
     # GPTQ's own dequantization: scales[g_idx] * (q - z[g_idx]), in float32.
     w = scales.astype(np.float32)[g_idx] * (codes - zeros[g_idx]).astype(np.float32)
@@ -109,7 +100,7 @@ def test_gptq_extreme_float16_scales_exact():
 def test_gptq_symmetric_drops_zero_point():
     tensors, w = _gptq_fixture(256, 32, 128, 4, 2)
     zeros = np.full((2, 32), 8)
-    tensors["qzeros"] = _pack_words(zeros, 4, axis=1).view(np.int32)
+    tensors["qzeros"] = pack_words(zeros, 4, axis=1).view(np.int32)
     codes = interop.gptq._core.unpack_words(tensors["qweight"], 4, 0)
     w = np.repeat(tensors["scales"].astype(np.float32), 128, 0) * (codes - 8).astype(np.float32)
     qw = interop.from_gptq(**tensors, version=2)
@@ -121,7 +112,7 @@ def test_gptq_act_order():
     k, n, g = 256, 32, 64
     tensors, _ = _gptq_fixture(k, n, g, 4, 1)
     codes = np.asarray(RNG.integers(0, 16, (k, n)))
-    tensors["qweight"] = _pack_words(codes, 4, 0).view(np.int32)
+    tensors["qweight"] = pack_words(codes, 4, 0).view(np.int32)
     g_idx = RNG.permutation(np.arange(k) // g).astype(np.int32)
     tensors["g_idx"] = g_idx
     zeros = interop.gptq._core.unpack_words(tensors["qzeros"], 4, 1)
@@ -255,7 +246,7 @@ def _mlx_fixture(n, k, g, bits, dtype=np.float16):
     # MLX: w = scales * q + biases, per group of g along K.
     w = (codes.astype(np.float32) * np.repeat(scales.astype(np.float32), g, 1)
          + np.repeat(biases.astype(np.float32), g, 1))
-    return _pack_words(codes, bits, axis=1), scales, biases, w.T
+    return pack_words(codes, bits, axis=1), scales, biases, w.T
 
 
 @pytest.mark.parametrize("bits,g", [(4, 64), (4, 32), (8, 64), (4, 128)])
@@ -511,11 +502,11 @@ def _ct_fixture(n, k, bits, group, symmetric, scale_dtype=np.float16, g_idx=None
     s = RNG.uniform(0.001, 0.05, (n, n_groups)).astype(scale_dtype)
     per = 32 // bits
     padded = np.pad(q + (1 << (bits - 1)), [(0, 0), (0, -k % per)])
-    tensors = dict(weight_packed=_pack_words(padded, bits, axis=1).view(np.int32),
+    tensors = dict(weight_packed=pack_words(padded, bits, axis=1).view(np.int32),
                    weight_scale=s, weight_shape=np.array([n, k]))
     if not symmetric:
         zp = np.pad(z + (1 << (bits - 1)), [(0, -n % per), (0, 0)])
-        tensors["weight_zero_point"] = _pack_words(zp, bits, axis=0).view(np.int32)
+        tensors["weight_zero_point"] = pack_words(zp, bits, axis=0).view(np.int32)
     groups = np.arange(k) // group if g_idx is None else g_idx
     w = (q - z[:, groups]).astype(np.float32) * s.astype(np.float32)[:, groups]  # [N, K]
     return tensors, w

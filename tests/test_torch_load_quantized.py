@@ -22,6 +22,7 @@ from safetensors.numpy import save_file
 import torch_bridge
 import xla_qops
 from xla_qops import checkpoint, interop
+from cases import pack_words
 
 CONFIG = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, vocab_size=128, max_position_embeddings=64)
@@ -200,16 +201,6 @@ def test_load_gptq_model(tmp_path):
     # Without the config the format and bits come from the tensors.
     (tmp_path / "config.json").unlink()
     assert interop.read_checkpoint(tmp_path).format == "gptq"
-
-
-def pack_words(codes, bits, axis):
-    """GPTQ's packing: value j of each int32 at bits [j*bits, (j+1)*bits), along `axis`."""
-    per = 32 // bits
-    c = np.moveaxis(codes.astype(np.uint64), axis, 0)
-    words = np.zeros((c.shape[0] // per,) + c.shape[1:], np.uint64)
-    for j in range(per):
-        words |= c[j::per] << np.uint64(bits * j)
-    return np.ascontiguousarray(np.moveaxis(words.astype(np.uint32), 0, axis))
 
 
 def test_bad_sources_name_the_problem(tmp_path):

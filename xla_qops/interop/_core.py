@@ -215,3 +215,31 @@ def offset_encoding(bits: int, codes: np.ndarray, scale32: np.ndarray,
     offset = 1 << (bits - 1)
     return Encoding(bits=bits, q=codes - offset, scale=scale32,
                     zero_point=zero_exact.astype(np.float32))
+
+
+def act_order_permutation(g_idx: np.ndarray, group_size: int, *, name: str,
+                          permute: bool) -> Optional[np.ndarray]:
+    """The input-feature order for a group index ``g_idx`` [K] (GPTQ's desc_act,
+    compressed-tensors' actorder="group").
+
+    None when ``g_idx[k] == k // group_size`` (contiguous groups). Otherwise
+    the features sorted by group (stable), after checking every group holds
+    `group_size` of them -- or, unless `permute`, a ValueError: blockwise
+    layouts need contiguous groups, and the caller must feed ``x[..., perm]``.
+    """
+    k = g_idx.shape[0]
+    n_groups = k // group_size
+    plain = np.arange(k) // group_size
+    if np.array_equal(g_idx, plain):
+        return None
+    if not permute:
+        raise ValueError(
+            f"{name}: act-order checkpoint: input features are not grouped contiguously "
+            f"along K ({name}[k] != k // {group_size} at {int(np.sum(g_idx != plain))} of "
+            f"{k} positions); pass permute_act_order=True to get (weight, perm) and feed "
+            f"x[..., perm]")
+    counts = np.bincount(g_idx.clip(0), minlength=n_groups)
+    if g_idx.min() < 0 or len(counts) != n_groups or np.any(counts != group_size):
+        raise ValueError(f"{name}: expected each of the {n_groups} groups to hold "
+                         f"{group_size} input features, got counts {counts.tolist()}")
+    return np.argsort(g_idx, kind="stable")

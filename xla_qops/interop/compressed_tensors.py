@@ -168,19 +168,11 @@ def from_compressed_tensors(tensors: Mapping, *, num_bits: int, group_size: int 
                                   dtypes=("int32", "int64")).astype(np.int64)
         if np.all(g_idx == -1):  # initialised but unused (compressed-tensors' sentinel)
             g_idx = None
-    if g_idx is not None and not np.array_equal(g_idx, np.arange(k) // group):
-        if not permute_act_order:
-            raise ValueError(
-                "weight_g_idx: act-order (actorder='group') layer: input features are not "
-                f"grouped contiguously (g_idx[k] != k // {group} at "
-                f"{int(np.sum(g_idx != np.arange(k) // group))} of {k} positions); pass "
-                "permute_act_order=True to get (weight, perm) and feed x[..., perm]")
-        counts = np.bincount(g_idx.clip(0), minlength=n_groups)
-        if g_idx.min() < 0 or len(counts) != n_groups or np.any(counts != group):
-            raise ValueError(f"weight_g_idx: expected each of the {n_groups} groups to hold "
-                             f"{group} input features, got counts {counts.tolist()}")
-        perm = np.argsort(g_idx, kind="stable")
-        codes = codes[perm]
+    if g_idx is not None:
+        perm = _core.act_order_permutation(g_idx, group, name="weight_g_idx",
+                                           permute=permute_act_order)
+        if perm is not None:
+            codes = codes[perm]
 
     reference, candidates = subtract_zero_candidates(codes, zeros, scale_gn, num_bits, group)
     weight = _core.assemble(reference, candidates, group_size=group,

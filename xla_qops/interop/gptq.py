@@ -111,20 +111,9 @@ def from_gptq(qweight, qzeros, scales, g_idx=None, *, bits: int = 4, version: in
     if g_idx is not None:
         g_idx = _core.check_array(g_idx, "g_idx", shape=(k,), dtypes=(
             "int32", "int64", "uint32")).astype(np.int64)
-        plain = np.arange(k) // group_size
-        if not np.array_equal(g_idx, plain):
-            if not permute_act_order:
-                raise ValueError(
-                    "g_idx: act-order (desc_act) checkpoint — input features are not grouped "
-                    f"contiguously along K (g_idx[k] != k // {group_size} at "
-                    f"{int(np.sum(g_idx != plain))} of {k} positions). This layout needs "
-                    "contiguous blocks; pass permute_act_order=True to get (weight, perm) "
-                    "and feed x[..., perm]")
-            counts = np.bincount(g_idx, minlength=n_groups)
-            if g_idx.min() < 0 or len(counts) != n_groups or np.any(counts != group_size):
-                raise ValueError(f"g_idx: expected each of the {n_groups} groups to hold "
-                                 f"{group_size} input features, got counts {counts.tolist()}")
-            perm = np.argsort(g_idx, kind="stable")
+        perm = _core.act_order_permutation(g_idx, group_size, name="g_idx",
+                                           permute=permute_act_order)
+        if perm is not None:
             codes = codes[perm]
 
     reference, candidates = subtract_zero_candidates(codes, zeros, scales, bits, group_size)
