@@ -573,6 +573,19 @@ def override_tiles(*, tpu: Mapping | None = None, gpu: Mapping | None = None):
         _OVERRIDE.reset(token)
 
 
+def trace_state() -> tuple:
+    """Everything the tile rules read when a kernel is traced, as a hashable token.
+
+    The chip override, the TPU and abstract device being lowered for, the
+    `override_tiles` block in force and the measured table: a caller that
+    caches a traced kernel (`xla_qops.partitioning.partitioned`) keys on it,
+    so a changed setting gets a fresh trace.
+    """
+    return (os.environ.get("XLA_QOPS_TPU_CHIP"), jax_compat.tpu_target_kind(),
+            jax_compat.abstract_target(), json.dumps(_OVERRIDE.get(), sort_keys=True),
+            tuple(sorted((repr(k), json.dumps(v, sort_keys=True)) for k, v in _MEASURED.items())))
+
+
 def register_measured_tiles(entries: Mapping[TileKey, Mapping]) -> None:
     """Adds measured tiles: ``{TileKey: {"tn": 512, ...}}`` (replacing equal keys)."""
     for key, tiles in entries.items():

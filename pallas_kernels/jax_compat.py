@@ -95,6 +95,14 @@ def _abstract_device():
     return getattr(mesh, "abstract_device", None)
 
 
+def abstract_target() -> tuple | None:
+    """(platform, device kind) of the abstract device set by `lowering_target`, or None."""
+    device = _abstract_device()
+    if device is None:
+        return None
+    return (getattr(device, "platform", None), device.device_kind)
+
+
 def tpu_target_kind() -> str | None:
     """The device kind of the TPU being lowered for, or None when that is unknown.
 
@@ -158,5 +166,5 @@ def mosaic_layout_passes_available() -> bool:
 
 
 __all__ = ["JAX_VERSION", "DEFAULT_TARGET_KIND", "abstract_devices_supported",
-           "lowering_target", "tpu_target_kind", "tpu_info", "mosaic_gpu_kernel",
+           "lowering_target", "abstract_target", "tpu_target_kind", "tpu_info", "mosaic_gpu_kernel",
            "mosaic_layout_passes_available", "jaxprs_in_params"]

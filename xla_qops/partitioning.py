@@ -65,6 +65,7 @@ from jax.experimental.custom_partitioning import (ArrayMapping, CompoundFactor, 
                                                    custom_partitioning)
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
+from pallas_kernels import block_sizes, jax_compat
 from xla_qops import dispatch
 from xla_qops.activation import quantize_activation as _quantize_activation
 from xla_qops.spec import MatmulSpec, check_args
@@ -209,12 +210,29 @@ def _sharding_rule(spec: MatmulSpec) -> SdyShardingRule:
     return SdyShardingRule(operands, (ArrayMapping("m", "n"),), **sizes)
 
 
-@functools.lru_cache(maxsize=None)
 def partitioned(impl: str, spec: MatmulSpec):
     """``f(x [M, K], w, scale, zero_point) -> [M, N]``: the backend for `impl`
     and `spec` with the partitioning rule (module docstring) and a batching
     rule (vmap over ``x`` folds into the rows; over the weight, each weight
-    runs on its own)."""
+    runs on its own).
+
+    Cached (custom_partitioning keeps the kernel it traced, and retracing it
+    for every eager call would cost a compilation each), keyed also on
+    `block_sizes.trace_state`, so that tile overrides, a measured table or a
+    lowering target set later still reach the kernel.
+
+    Under `jax_compat.lowering_target` (exporting for an abstract TPU or GPU
+    from a machine without one) the plain backend is returned: JAX refuses
+    custom_partitioning with an abstract mesh, and there is one device.
+    """
+    if jax_compat.abstract_target() is not None:
+        return dispatch.resolve(impl, spec)
+    return _partitioned(impl, spec, block_sizes.trace_state())
+
+
+@functools.lru_cache(maxsize=None)
+def _partitioned(impl: str, spec: MatmulSpec, trace_state: tuple):
+    del trace_state  # only part of the cache key
     run = dispatch.resolve(impl, spec)
     local = _local_run(impl, spec)
 
