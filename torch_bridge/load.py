@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from torch_bridge.linear import XlaQuantizedLinear
+from torch_bridge.swap import linear_holders
 from xla_qops.interop.checkpoints import read_checkpoint
 
 
@@ -146,6 +147,7 @@ def load_quantized(model: torch.nn.Module, source, *, format: str | None = None,
             target = expected[name]
             target.copy_(_to_torch(a).to(target.dtype))
         swapped = {}
+        holders = linear_holders(model)
         for path, linear, qw in swaps:
             quantized = XlaQuantizedLinear(
                 linear.in_features, linear.out_features, is_symmetric=qw.zero_point is None,
@@ -155,11 +157,8 @@ def load_quantized(model: torch.nn.Module, source, *, format: str | None = None,
             quantized.load_quantized_weight(qw)
             if linear.bias is not None:
                 quantized.bias.data = linear.bias.data  # loaded above under <path>.bias
-            # Every holder of this Linear (a module registered under two names).
-            for _, holder in model.named_modules(remove_duplicate=False):
-                for child_name, child in list(holder._modules.items()):
-                    if child is linear:
-                        setattr(holder, child_name, quantized)
+            for holder, attr in holders.get(id(linear), []):
+                setattr(holder, attr, quantized)
             swapped[path] = quantized.scheme
     report = LoadReport(format=imported.format, swapped=swapped, loaded=len(provided),
                         tied=tied)

@@ -88,6 +88,17 @@ def _model_bytes(model: torch.nn.Module) -> int:
     return total
 
 
+def linear_holders(model: torch.nn.Module) -> dict[int, list]:
+    """id(linear) -> every (parent module, attribute) holding that `nn.Linear`:
+    a module registered under two names is swapped everywhere, by one module."""
+    parents: dict[int, list] = {}
+    for _, parent in model.named_modules(remove_duplicate=False):
+        for child_name, child in parent._modules.items():  # named_children() dedups
+            if isinstance(child, torch.nn.Linear):
+                parents.setdefault(id(child), []).append((parent, child_name))
+    return parents
+
+
 def _skip_reason(name, module, parents, block_size, filter_fn):
     """Why `module` is not swapped, or None."""
     if filter_fn is not None and not filter_fn(name, module):
@@ -128,13 +139,7 @@ def quantize_model(model, *, scheme: str = "w8a16", block_size: int = -1,
         raise TypeError(f"filter_fn: expected a callable(name, module) or None, "
                         f"got {type(filter_fn).__name__}")
 
-    # Every (parent, attribute) holding each linear: a module registered
-    # under two names is swapped everywhere, by one quantized module.
-    parents: dict[int, list] = {}
-    for parent_name, parent in model.named_modules(remove_duplicate=False):
-        for child_name, child in parent._modules.items():  # named_children() dedups
-            if isinstance(child, torch.nn.Linear):
-                parents.setdefault(id(child), []).append((parent, child_name))
+    parents = linear_holders(model)
 
     model_bytes_before = _model_bytes(model)
     # Decide (and check) everything first, so a bad layer leaves the model untouched.
