@@ -52,11 +52,19 @@ int64_t prep_rows_per_task(const Problem& p) {
   return rows < 1 ? 1 : rows;
 }
 
-// K slices of the blockwise decode: at most 16 (enough for 16 threads; each
-// slice adds an M x N partial sum), whole groups. A function of K alone: the
-// order of the sums depends on neither the thread count nor N, so a
-// column-parallel shard computes its columns bit for bit as one device does.
-int64_t stream_slices(const Problem& p) { return p.groups < 16 ? p.groups : 16; }
+// K slices of the blockwise decode, whole groups: at most 8 (each slice adds
+// an M x N partial sum, written and read again: 16 slices cost an lm_head's
+// M=4 decode a third of its speed), 4 for the kernels' wide form (rows >
+// k.stream_register_rows), whose sweeps are whole groups: in a slice of 2
+// groups half of the sweeps would start without a prefetched predecessor.
+// More threads than slices get column blocks (stream_blocks). A function of
+// K and the row count alone: the order of the sums depends on neither the
+// thread count nor N, so a column-parallel shard computes its columns bit
+// for bit as one device does.
+int64_t stream_slices(const Problem& p, int64_t rows, const Kernels& k) {
+  const int64_t most = rows > k.stream_register_rows ? 4 : 8;
+  return p.groups < most ? p.groups : most;
+}
 // Column blocks of the blockwise decode: only as many as it takes for twice
 // as many tasks as threads when there are few K slices (a small K). A block
 // reads short runs of each weight row, which streams from DRAM more slowly
@@ -117,9 +125,9 @@ void for_each_tile(const Executor& ex, int64_t tiles, const Fn& fn) {
 //   slice(g0, g1, t0, t1, part)   groups [g0, g1), tiles [t0, t1)
 //   finish(parts, slices, t0, t1) tiles [t0, t1) of y
 template <class Slice, class Finish>
-void run_slices(const Executor& ex, const Problem& p, int64_t tiles, const Slice& slice,
-                const Finish& finish) {
-  const int64_t slices = stream_slices(p);
+void run_slices(const Executor& ex, const Problem& p, const Kernels& k, int64_t rows, int64_t tiles,
+                const Slice& slice, const Finish& finish) {
+  const int64_t slices = stream_slices(p, rows, k);
   const int64_t blocks = stream_blocks(ex, slices, tiles);
   float* parts = reinterpret_cast<float*>(tl_parts.get(slices * p.M * p.N * 4));
   ex.parallel_for(slices * blocks, [&](int64_t task) {
@@ -160,7 +168,7 @@ void run_a16(const Problem& p, const Kernels& k, const Executor& ex) {
     return;
   }
   if (p.blockwise && R <= k.max_stream_rows) {  // decode, blockwise: K slices, then their sum
-    run_slices(ex, p, tiles, [&](int64_t g0, int64_t g1, int64_t t0, int64_t t1, float* part) {
+    run_slices(ex, p, k, R, tiles, [&](int64_t g0, int64_t g1, int64_t t0, int64_t t1, float* part) {
       float* acc = reinterpret_cast<float*>(tl_acc.get((t1 - t0) * R * kNR * 4));
       k.stream_a16(p, xa, g0, g1, t0, t1, acc, part);
     }, [&](const float* parts, int64_t slices, int64_t t0, int64_t t1) {
@@ -239,7 +247,7 @@ void run_a8(const Problem& p, const Kernels& k, const Executor& ex) {
     return;
   }
   if (p.blockwise && p.M <= k.max_stream_rows_a8) {  // decode, blockwise: K slices, then their sum
-    run_slices(ex, p, tiles, [&](int64_t g0, int64_t g1, int64_t t0, int64_t t1, float* part) {
+    run_slices(ex, p, k, p.M, tiles, [&](int64_t g0, int64_t g1, int64_t t0, int64_t t1, float* part) {
       int32_t* acc = reinterpret_cast<int32_t*>(tl_acc.get((t1 - t0) * p.M * kNR * 4));
       k.stream_a8(p, xa, g0, g1, t0, t1, acc, part);
     }, [&](const float* parts, int64_t slices, int64_t t0, int64_t t1) {

@@ -662,6 +662,14 @@ template <int R>
 struct Rows {
   static constexpr int value = R;
 };
+template <bool B, class T, class F>
+struct Select {  // std::conditional, hand-written for the same reason
+  using type = T;
+};
+template <class T, class F>
+struct Select<false, T, F> {
+  using type = F;
+};
 template <int kMax, int R = 1, class Fn>
 inline void with_rows(int64_t rows, const Fn& fn) {
   if constexpr (R < kMax) {
@@ -879,16 +887,199 @@ void dot_a8(const Problem& p, const XA8& xa, const int8_t* xd, int64_t Kq, int64
 }
 
 // ---------------------------------------------------------------- blockwise decode
-// See Kernels::stream_a16.
-constexpr int kMaxStreamRows = 4;
+// See Kernels::stream_a16. Up to kRegisterRows rows of x, a sweep's weights
+// are unpacked in registers and multiplied with every row as they come (the
+// register form). For more rows (the wide form, R = 0 in the templates
+// below) a sweep is a whole group (up to kWidePairs k-pairs): its unpacked
+// weights go to a stack buffer in L1 (16 KiB) and are applied to the rows
+// in groups of up to kWideGroupRows, each group's accumulators in registers
+// from the first k to the scale epilogue. Each weight byte is unpacked once
+// whatever the batch, and the weight is still read in address order: the
+// panel path, which M = 5..16 took before, reads 64-column strips of every
+// row, which ran at half the speed from transparent huge pages (measured
+// 4096x4096 W4A16 g128, two threads, rotated weights: M=5 1.54 -> 0.65 ms,
+// M=16 1.99 -> 1.02 ms).
+constexpr int kRegisterRows = 4;
+// The wide form's row groups: up to 6 rows x 64 columns of accumulators (24
+// zmm), the 4 weight vectors and a broadcast x fit the 32 registers.
+constexpr int kWideGroupRows = 6;
+constexpr int kMaxStreamRows = 16;
 // k-pairs per sweep (weight rows read together): more rows of x share each
-// load and store of the accumulators kept between sweeps.
-constexpr int64_t stream_pairs(int rows) { return rows == 1 ? 4 : 8; }
+// load and store of the accumulators kept between sweeps. The wide form's
+// sweep is a whole group if it has at most kWidePairs k-pairs (a g128 group
+// has 64), so that its accumulators never leave registers (FusedEpilogue).
+constexpr int64_t kWidePairs = 64;
+constexpr int64_t stream_pairs(int rows) { return rows == 0 ? kWidePairs : (rows == 1 ? 4 : 8); }
+// Column blocks (tiles) within a task, so that what a sweep keeps in cache
+// stays small whatever N: the register form's accumulators between sweeps
+// (rows x 256 bytes a tile) within 128 KiB (measured 2048x32000 M=4: 1.3x
+// torch's int4 kernel against 0.7x unblocked, 0.5 MiB of them), the wide
+// form's prefetched next sweep (kWidePairs k-pairs of `rows_per_pair`
+// weight rows) within 256 KiB of L2. A column's arithmetic does not depend
+// on the blocking.
+constexpr int64_t stream_block_tiles(int64_t rows, int64_t rows_per_pair) {
+  return rows > kRegisterRows ? (256 << 10) / (kWidePairs * rows_per_pair * kNR)
+                              : (128 << 10) / (rows * kNR * 4);
+}
+template <class Fn>
+inline void in_column_blocks(int64_t t0, int64_t t1, int64_t block, const Fn& fn) {
+  for (int64_t b0 = t0; b0 < t1; b0 += block) fn(b0, b0 + block < t1 ? b0 + block : t1);
+}
+
+// The wide form's epilogue when one sweep covers a whole group (T = 1):
+// fin_a16's / fin_a8's arithmetic on the accumulators in registers, into the
+// slice's part rows, instead of storing the accumulators. Pointers are at
+// row 0 of the row group and column n0 of the tile; per-row values at stride
+// `groups` (the group's own entry).
+struct FusedEpilogue {
+  float* part;  // row r at part + r * N
+  int64_t N, groups;
+  const float *s, *z;      // the group's scale / zero point at n0 (z: null if none)
+  const float* xsum;       // A16: the rows' sums of x over the group
+  const float *xs, *xzs;   // A8: x_scale, x_scale * sum xq
+  const int32_t* sq;       // A8: sum xq
+  int32_t bias;            // A8: 8 (int4) or 128 (int8)
+  int ncols;               // real columns of the tile
+  bool init;               // the slice's first group: part = v, else part += v
+};
+
+// The wide form's row group: rows x0 + r*ldx (r < RG) times the ns unpacked
+// k-steps wb[4*s .. 4*s+4), into the accumulators a[r][kNR] (zeroed first if
+// `first`), or through `ep` into the part rows: dpbf16 for A16 (bf16 pairs,
+// float sums), dpbusd for A8 (int8 quads, int32 sums). Not inlined, and
+// written without lambdas: inlined into the sweep, GCC spilled the
+// accumulators to the stack (half the speed).
+template <int RG, bool A8>
+__attribute__((noinline)) void sweep_rows(void* acc, const void* xv, int64_t ldx,
+                                          const __m512i* wb, int64_t ns, bool first,
+                                          const FusedEpilogue* ep) {
+  using XT = typename Select<A8, int8_t, uint16_t>::type;
+  using CT = typename Select<A8, __m512i, __m512>::type;
+  constexpr int64_t xstep = A8 ? 4 : 2;  // x elements per k-step
+  // One definition of the accumulators before the loop (a zero source when
+  // `first`): with two (zeros or loads) GCC copied all 16 every step.
+  alignas(64) static const float zeros[kWideGroupRows * kNR] = {};
+  const XT* x0 = static_cast<const XT*>(xv);
+  float* a = static_cast<float*>(acc);
+  const float* src = first ? zeros : a;
+  CT c[RG][4];
+  for (int r = 0; r < RG; ++r)
+    for (int cb = 0; cb < 4; ++cb) {
+      if constexpr (A8) {
+        c[r][cb] = _mm512_load_si512(src + r * kNR + 16 * cb);
+      } else {
+        c[r][cb] = _mm512_load_ps(src + r * kNR + 16 * cb);
+      }
+    }
+  for (int64_t s = 0; s < ns; ++s) {
+    const __m512i* w = wb + 4 * s;
+    for (int r = 0; r < RG; ++r) {
+      const __m512i xr = _mm512_set1_epi32(load_i32(x0 + r * ldx + xstep * s));
+      for (int cb = 0; cb < 4; ++cb) {
+        if constexpr (A8) {
+          c[r][cb] = _mm512_dpbusd_epi32(c[r][cb], _mm512_load_si512(w + cb), xr);
+        } else {
+          c[r][cb] = _mm512_dpbf16_ps(c[r][cb], (__m512bh)xr, (__m512bh)_mm512_load_si512(w + cb));
+        }
+      }
+    }
+  }
+  if (ep == nullptr) {
+    for (int r = 0; r < RG; ++r)
+      for (int cb = 0; cb < 4; ++cb) {
+        if constexpr (A8) {
+          _mm512_store_si512(a + r * kNR + 16 * cb, c[r][cb]);
+        } else {
+          _mm512_store_ps(a + r * kNR + 16 * cb, c[r][cb]);
+        }
+      }
+    return;
+  }
+  for (int cb = 0; cb < 4; ++cb) {
+    const __mmask16 mc = tail_mask(ep->ncols - 16 * cb);
+    const __m512 sv = _mm512_maskz_loadu_ps(mc, ep->s + 16 * cb);
+    const __m512 zv = ep->z ? _mm512_maskz_loadu_ps(mc, ep->z + 16 * cb) : _mm512_setzero_ps();
+    for (int r = 0; r < RG; ++r) {
+      const int64_t i = r * ep->groups;
+      __m512 v;
+      if constexpr (A8) {
+        const __m512i ai = _mm512_sub_epi32(c[r][cb], _mm512_set1_epi32(ep->bias * ep->sq[i]));
+        v = _mm512_mul_ps(_mm512_cvtepi32_ps(ai), _mm512_mul_ps(_mm512_set1_ps(ep->xs[i]), sv));
+        if (ep->z) v = _mm512_fnmadd_ps(zv, _mm512_set1_ps(ep->xzs[i]), v);
+        float* o = ep->part + r * ep->N + 16 * cb;
+        _mm512_mask_storeu_ps(o, mc, ep->init ? v : _mm512_add_ps(_mm512_maskz_loadu_ps(mc, o), v));
+      } else {
+        float* o = ep->part + r * ep->N + 16 * cb;
+        v = ep->init ? _mm512_mul_ps(sv, c[r][cb]) : _mm512_fmadd_ps(sv, c[r][cb], _mm512_maskz_loadu_ps(mc, o));
+        if (ep->z) v = _mm512_fnmadd_ps(zv, _mm512_set1_ps(ep->xsum[i]), v);
+        _mm512_mask_storeu_ps(o, mc, v);
+      }
+    }
+  }
+}
+// All rows, in the fewest groups of at most kWideGroupRows, of equal size
+// (give or take one row: 5 rows as one group, 8 as 4 + 4, 16 as 6 + 5 + 5).
+// `ep`: null, or the fused epilogue for row 0 (moved on for each row group).
+template <bool A8>
+void sweep_all_rows(int rows, void* acc, const void* x0, int64_t ldx, const __m512i* wb,
+                    int64_t ns, bool first, const FusedEpilogue* ep) {
+  using XT = typename Select<A8, int8_t, uint16_t>::type;
+  const int groups = (rows + kWideGroupRows - 1) / kWideGroupRows;
+  for (int g = 0, r0 = 0; g < groups; ++g) {
+    const int rg = (rows - r0) / (groups - g);  // what is left, split evenly
+    FusedEpilogue e;
+    if (ep) {
+      e = *ep;
+      e.part += r0 * e.N;
+      e.xsum = e.xsum ? e.xsum + r0 * e.groups : nullptr;
+      e.xs = e.xs ? e.xs + r0 * e.groups : nullptr;
+      e.xzs = e.xzs ? e.xzs + r0 * e.groups : nullptr;
+      e.sq = e.sq ? e.sq + r0 * e.groups : nullptr;
+    }
+    with_rows<kWideGroupRows>(rg, [&](auto n) {
+      sweep_rows<decltype(n)::value, A8>(static_cast<char*>(acc) + 4 * r0 * kNR,
+                                         static_cast<const XT*>(x0) + r0 * ldx, ldx, wb, ns, first,
+                                         ep ? &e : nullptr);
+    });
+    r0 += rg;
+  }
+}
+
 // Prefetch distance in sweeps, non-temporal (each weight line is used once):
 // measured at M=1 4096x4096, two sweeps ahead with NTA took 0.21 ms where one
 // sweep ahead into L2 (T1) took 0.30 ms.
 constexpr int64_t kStreamAhead = 2;
 constexpr int64_t kStreamAheadPairs = 8;  // the same distance in k-pairs
+// The prefetch distance of a sweep of sp k-pairs: kStreamAheadPairs, or one
+// sweep for the wide form's longer sweeps.
+constexpr int64_t stream_ahead_pairs(int64_t sp) { return sp > kStreamAheadPairs ? sp : kStreamAheadPairs; }
+
+// Lines [l0, l1) of a later sweep (its rows `stride` bytes apart from
+// `next`, block_lines lines of each), in address order, non-temporal (into
+// L1: the register form's sweeps are 8 k-pairs). (Measured: the same
+// prefetches without the division per line, which spaces them out, halved
+// the M=1 decode's speed from DRAM.)
+inline void prefetch_sweep_lines(const char* next, int64_t stride, int64_t block_lines, int64_t l0,
+                                 int64_t l1) {
+  for (int64_t l = l0; l < l1; ++l)
+    _mm_prefetch(next + (l / block_lines) * stride + (l % block_lines) * 64, _MM_HINT_NTA);
+}
+// The wide form's, whose sweeps are more than L1 holds: the next sweep,
+// line after line in address order from line_index on, one or two per step
+// of the unpacking (no division per line: the steps space them out), into L1
+// and L2 (T0; T1, T2 and NTA measured no better).
+struct SweepCursor {
+  const char* row;
+  int64_t stride, block_lines, line, line_index;
+  SweepCursor(const char* next, int64_t stride_, int64_t block_lines_, int64_t l0)
+      : row(next + (l0 / block_lines_) * stride_), stride(stride_), block_lines(block_lines_),
+        line(l0 % block_lines_), line_index(l0) {}
+  void fetch() {
+    _mm_prefetch(row + line * 64, _MM_HINT_NTA);
+    ++line_index;
+    if (++line == block_lines) line = 0, row += stride;
+  }
+};
 
 // Groups [g0, g1) of the columns of tiles [t0, t1) (one K slice of one column
 // block) into part[m][N]. The slice is one contiguous run of memory; a block
@@ -900,11 +1091,13 @@ constexpr int64_t kStreamAheadPairs = 8;  // the same distance in k-pairs
 // address-order stream on this machine.) A column block (the driver's
 // stream_blocks) reads the same span of each row; each column's arithmetic
 // does not depend on the blocking.
+// R: rows of x (M*T) when at most kRegisterRows, 0 for the wide form.
 template <int R, int BITS>
 void stream_a16_t(const Problem& p, const XA16& xa, int64_t g0, int64_t g1, int64_t t0,
                   int64_t t1, float* acc, float* part) {
   const PairUnpacker unpack;
   constexpr int64_t SP = stream_pairs(R);
+  const int rows = R > 0 ? R : static_cast<int>(p.M * xa.T);
   const int64_t N = p.N, tiles = (N + kNR - 1) / kNR, pairs = xa.Gp / 2;
   const int64_t row_bytes = BITS == 4 ? N : 2 * N;  // weight bytes of one k-pair
   const int64_t rows_per_pair = BITS == 4 ? 1 : 2;
@@ -924,51 +1117,78 @@ void stream_a16_t(const Problem& p, const XA16& xa, int64_t g0, int64_t g1, int6
       const uint8_t* ws = wg + s0 * row_bytes;
       // The first row of the sweep kStreamAhead later, at this block's columns.
       const char* next = reinterpret_cast<const char*>(
-          ws + kStreamAheadPairs * row_bytes + t0 * kNR);
+          ws + stream_ahead_pairs(SP) * row_bytes + t0 * kNR);
       const uint16_t* xs = xa.xb + g * xa.Gp + 2 * s0;
       const bool first = s0 == 0, last = s0 + ns == pairs;
       // The group's scale / zero-point rows are read by its last sweep; the
       // sweep kStreamAhead before it (or the first) fetches them, a tile's
       // 64 columns at a time.
       const int64_t last_s0 = (pairs - 1) / SP * SP;
-      const int64_t fetch_s0 = last_s0 - kStreamAheadPairs;
+      const int64_t fetch_s0 = last_s0 - stream_ahead_pairs(SP);
       const bool fetch_sz = s0 == (fetch_s0 > 0 ? fetch_s0 : 0);
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t n0 = t * kNR;
-        for (int64_t l = (t - t0) * lines_per_tile, l1 = l + lines_per_tile; l < l1 && l < sweep_lines; ++l)
-          _mm_prefetch(next + (l / block_lines) * N + (l % block_lines) * 64, _MM_HINT_NTA);
+        // Register form: this tile's share of a later sweep's lines. (The
+        // wide form prefetches a few tiles ahead in its own sweep instead.)
+        if constexpr (R > 0) {
+          const int64_t la = (t - t0) * lines_per_tile;
+          prefetch_sweep_lines(next, N, block_lines, la,
+                               la + lines_per_tile < sweep_lines ? la + lines_per_tile : sweep_lines);
+        }
         if (fetch_sz)
           for (int64_t l = 0; l < kNR; l += 16) {
             _mm_prefetch(reinterpret_cast<const char*>(sg + n0 + l), _MM_HINT_T1);
             if (zg) _mm_prefetch(reinterpret_cast<const char*>(zg + n0 + l), _MM_HINT_T1);
           }
         const __mmask64 m = t + 1 == tiles ? last_mask : ~0ull;
-        float* a = acc + (t - t0) * R * kNR;
-        __m512 c[R][4];
-        for (int r = 0; r < R; ++r)
-          for (int cb = 0; cb < 4; ++cb)
-            c[r][cb] = first ? _mm512_setzero_ps() : _mm512_load_ps(a + r * kNR + 16 * cb);
-        const auto step = [&](int64_t s) __attribute__((always_inline)) {
-          __m512i w[4];
+        float* a = acc + (t - t0) * rows * kNR;
+        const auto unpack_step = [&](int64_t s, __m512i w[4]) __attribute__((always_inline)) {
           const uint8_t* src = ws + s * row_bytes + n0;
           if constexpr (BITS == 4) {
             unpack.int4(src, m, w);
           } else {
             PairUnpacker::int8(src, 2 * (s0 + s) + 1 < p.G ? src + N : nullptr, m, w);
           }
-          for (int r = 0; r < R; ++r) {
-            const __m512bh xr = as_bh(_mm512_set1_epi32(load_i32(xs + r * xa.Kp + 2 * s)));
-            for (int cb = 0; cb < 4; ++cb) c[r][cb] = _mm512_dpbf16_ps(c[r][cb], xr, as_bh(w[cb]));
-          }
         };
-        if (ns == SP) {  // a constant trip count: unrolled, so tiles overlap
-#pragma GCC unroll 8
-          for (int64_t s = 0; s < SP; ++s) step(s);
+        if constexpr (R == 0) {  // wide: unpack the sweep once, then every row group
+          alignas(64) __m512i wb[SP][4];
+          const int64_t la = (t - t0) * lines_per_tile, per = (lines_per_tile + ns - 1) / ns;
+          const int64_t lb = la + lines_per_tile < sweep_lines ? la + lines_per_tile : sweep_lines;
+          SweepCursor cursor(next, N, block_lines, la);
+          for (int64_t s = 0; s < ns; ++s) {
+            unpack_step(s, wb[s]);
+            for (int64_t i = 0; i < per && cursor.line_index < lb; ++i) cursor.fetch();
+          }
+          if (first && last && xa.T == 1) {  // the whole group in one sweep: fused epilogue
+            const FusedEpilogue ep{part + n0, N, p.groups, sg + n0, zg ? zg + n0 : nullptr,
+                                   xa.xsum + g, nullptr, nullptr, nullptr, 0,
+                                   static_cast<int>(N - n0 < kNR ? N - n0 : kNR), g == g0};
+            sweep_all_rows<false>(rows, a, xs, xa.Kp, wb[0], ns, true, &ep);
+            continue;
+          }
+          sweep_all_rows<false>(rows, a, xs, xa.Kp, wb[0], ns, first, nullptr);
         } else {
-          for (int64_t s = 0; s < ns; ++s) step(s);
+          __m512 c[R][4];
+          for (int r = 0; r < R; ++r)
+            for (int cb = 0; cb < 4; ++cb)
+              c[r][cb] = first ? _mm512_setzero_ps() : _mm512_load_ps(a + r * kNR + 16 * cb);
+          const auto step = [&](int64_t s) __attribute__((always_inline)) {
+            __m512i w[4];
+            unpack_step(s, w);
+            for (int r = 0; r < R; ++r) {
+              const __m512bh xr = as_bh(_mm512_set1_epi32(load_i32(xs + r * xa.Kp + 2 * s)));
+              for (int cb = 0; cb < 4; ++cb) c[r][cb] = _mm512_dpbf16_ps(c[r][cb], xr, as_bh(w[cb]));
+            }
+          };
+          if (ns == SP) {  // a constant trip count: unrolled, so tiles overlap
+#pragma GCC unroll 8
+            for (int64_t s = 0; s < SP; ++s) step(s);
+          } else {
+            for (int64_t s = 0; s < ns; ++s) step(s);
+          }
+          for (int r = 0; r < R; ++r)
+            for (int cb = 0; cb < 4; ++cb) _mm512_store_ps(a + r * kNR + 16 * cb, c[r][cb]);
         }
-        for (int r = 0; r < R; ++r)
-          for (int cb = 0; cb < 4; ++cb) _mm512_store_ps(a + r * kNR + 16 * cb, c[r][cb]);
         if (!last) continue;
         // The group's last sweep: fin_a16's arithmetic (from L1, which keeps
         // c in registers above): part = (part +) s * sum_t acc (- z * xsum).
@@ -994,12 +1214,16 @@ void stream_a16_t(const Problem& p, const XA16& xa, int64_t g0, int64_t g1, int6
 void stream_a16(const Problem& p, const XA16& xa, int64_t g0, int64_t g1, int64_t t0, int64_t t1,
                 float* acc, float* part) {
   const bool int4 = p.bits == 4;
-  switch (p.M * xa.T) {
-    case 1: return int4 ? stream_a16_t<1, 4>(p, xa, g0, g1, t0, t1, acc, part) : stream_a16_t<1, 8>(p, xa, g0, g1, t0, t1, acc, part);
-    case 2: return int4 ? stream_a16_t<2, 4>(p, xa, g0, g1, t0, t1, acc, part) : stream_a16_t<2, 8>(p, xa, g0, g1, t0, t1, acc, part);
-    case 3: return int4 ? stream_a16_t<3, 4>(p, xa, g0, g1, t0, t1, acc, part) : stream_a16_t<3, 8>(p, xa, g0, g1, t0, t1, acc, part);
-    default: return int4 ? stream_a16_t<4, 4>(p, xa, g0, g1, t0, t1, acc, part) : stream_a16_t<4, 8>(p, xa, g0, g1, t0, t1, acc, part);
-  }
+  const int64_t rows = p.M * xa.T;
+  in_column_blocks(t0, t1, stream_block_tiles(rows, int4 ? 1 : 2), [&](int64_t b0, int64_t b1) {
+    switch (rows) {
+      case 1: return int4 ? stream_a16_t<1, 4>(p, xa, g0, g1, b0, b1, acc, part) : stream_a16_t<1, 8>(p, xa, g0, g1, b0, b1, acc, part);
+      case 2: return int4 ? stream_a16_t<2, 4>(p, xa, g0, g1, b0, b1, acc, part) : stream_a16_t<2, 8>(p, xa, g0, g1, b0, b1, acc, part);
+      case 3: return int4 ? stream_a16_t<3, 4>(p, xa, g0, g1, b0, b1, acc, part) : stream_a16_t<3, 8>(p, xa, g0, g1, b0, b1, acc, part);
+      case 4: return int4 ? stream_a16_t<4, 4>(p, xa, g0, g1, b0, b1, acc, part) : stream_a16_t<4, 8>(p, xa, g0, g1, b0, b1, acc, part);
+      default: return int4 ? stream_a16_t<0, 4>(p, xa, g0, g1, b0, b1, acc, part) : stream_a16_t<0, 8>(p, xa, g0, g1, b0, b1, acc, part);
+    }
+  });
 }
 
 // ---------------------------------------------------------------- blockwise A8 decode
@@ -1007,8 +1231,10 @@ void stream_a16(const Problem& p, const XA16& xa, int64_t g0, int64_t g1, int64_
 // "quad" is 4 consecutive k (two packed int4 rows, or four int8 rows): one
 // vpdpbusd lane takes the quad's 4 weights of a column (unsigned: q + 8 or
 // q ^ 0x80) and the token's 4 activation integers.
-constexpr int kMaxStreamRowsA8 = 4;
-constexpr int64_t kStreamQuads = 2;  // quads per sweep: 4 packed int4 rows, as stream_a16
+constexpr int kMaxStreamRowsA8 = 16;
+// Quads per sweep: 4 packed int4 rows, as stream_a16; the wide form (R = 0)
+// sweeps as many k as stream_a16's (kWidePairs k-pairs), for the same reason.
+constexpr int64_t stream_quads(int rows) { return rows == 0 ? kWidePairs / 2 : 2; }
 
 struct QuadUnpacker {  // 64 columns of one quad -> 4 x u8[4] (dword lanes, column order)
   __m512i idx[4], pick02;
@@ -1063,10 +1289,13 @@ struct QuadUnpacker {  // 64 columns of one quad -> 4 x u8[4] (dword lanes, colu
 // Groups [g0, g1) of the columns of tiles [t0, t1) into part[m][N] (as
 // stream_a16_t): part = sum over the groups of fin_a8's arithmetic,
 // x_scale * scale * (acc - bias * sum xq) - zero_point * x_scale * sum xq.
+// R: rows of x (M) when at most kRegisterRows, 0 for the wide form.
 template <int R, int BITS>
 void stream_a8_t(const Problem& p, const XA8& xa, int64_t g0, int64_t g1, int64_t t0,
                  int64_t t1, int32_t* acc, float* part) {
   const QuadUnpacker unpack;
+  constexpr int64_t kStreamQuads = stream_quads(R);
+  const int rows = R > 0 ? R : static_cast<int>(p.M);
   const int64_t N = p.N, tiles = (N + kNR - 1) / kNR, quads = xa.Gp / 4;
   // Weight rows (N bytes each) per quad, and real rows in a group.
   constexpr int64_t rows_per_quad = BITS == 4 ? 2 : 4;
@@ -1090,16 +1319,16 @@ void stream_a8_t(const Problem& p, const XA8& xa, int64_t g0, int64_t g1, int64_
       const bool first = s0 == 0, last = s0 + ns == quads;
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t n0 = t * kNR;
-        for (int64_t l = (t - t0) * lines_per_tile, l1 = l + lines_per_tile; l < l1 && l < sweep_lines; ++l)
-          _mm_prefetch(next + (l / block_lines) * N + (l % block_lines) * 64, _MM_HINT_NTA);
+        // Register form: this tile's share of a later sweep's lines. (The
+        // wide form prefetches a few tiles ahead in its own sweep instead.)
+        if constexpr (R > 0) {
+          const int64_t la = (t - t0) * lines_per_tile;
+          prefetch_sweep_lines(next, N, block_lines, la,
+                               la + lines_per_tile < sweep_lines ? la + lines_per_tile : sweep_lines);
+        }
         const __mmask64 m = t + 1 == tiles ? last_mask : ~0ull;
-        int32_t* a = acc + (t - t0) * R * kNR;
-        __m512i c[R][4];
-        for (int r = 0; r < R; ++r)
-          for (int cb = 0; cb < 4; ++cb)
-            c[r][cb] = first ? _mm512_setzero_si512() : _mm512_load_si512(a + r * kNR + 16 * cb);
-        const auto step = [&](int64_t s) __attribute__((always_inline)) {
-          __m512i w[4];
+        int32_t* a = acc + (t - t0) * rows * kNR;
+        const auto unpack_step = [&](int64_t s, __m512i w[4]) __attribute__((always_inline)) {
           const int64_t row = row0 + s * rows_per_quad;  // within the group
           const uint8_t* src = wg + row * N + n0;
           if constexpr (BITS == 4) {
@@ -1108,26 +1337,53 @@ void stream_a8_t(const Problem& p, const XA8& xa, int64_t g0, int64_t g1, int64_
             const int64_t real = group_rows - row;  // rows of the quad inside the group
             unpack.int8(src, N, m, real >= 4 ? 15 : (1 << real) - 1, w);
           }
-          for (int r = 0; r < R; ++r) {
-            const __m512i xr = _mm512_set1_epi32(load_i32(xs + r * xa.Kp + 4 * s));
-            for (int cb = 0; cb < 4; ++cb) c[r][cb] = _mm512_dpbusd_epi32(c[r][cb], w[cb], xr);
-          }
         };
-        if (ns == kStreamQuads) {  // a constant trip count: unrolled, so tiles overlap
-#pragma GCC unroll 8
-          for (int64_t s = 0; s < kStreamQuads; ++s) step(s);
+        if constexpr (R == 0) {  // wide: unpack the sweep once, then every row group
+          alignas(64) __m512i wb[kStreamQuads][4];
+          const int64_t la = (t - t0) * lines_per_tile, per = (lines_per_tile + ns - 1) / ns;
+          const int64_t lb = la + lines_per_tile < sweep_lines ? la + lines_per_tile : sweep_lines;
+          SweepCursor cursor(next, N, block_lines, la);
+          for (int64_t s = 0; s < ns; ++s) {
+            unpack_step(s, wb[s]);
+            for (int64_t i = 0; i < per && cursor.line_index < lb; ++i) cursor.fetch();
+          }
+          if (first && last) {  // the whole group in one sweep: fused epilogue
+            const FusedEpilogue ep{part + n0, N, p.groups, sg + n0, zg ? zg + n0 : nullptr,
+                                   nullptr, xa.xs + g, xa.xzs + g, xa.sq + g, bias,
+                                   static_cast<int>(N - n0 < kNR ? N - n0 : kNR), g == g0};
+            sweep_all_rows<true>(rows, a, xs, xa.Kp, wb[0], ns, true, &ep);
+            continue;
+          }
+          sweep_all_rows<true>(rows, a, xs, xa.Kp, wb[0], ns, first, nullptr);
         } else {
-          for (int64_t s = 0; s < ns; ++s) step(s);
+          __m512i c[R][4];
+          for (int r = 0; r < R; ++r)
+            for (int cb = 0; cb < 4; ++cb)
+              c[r][cb] = first ? _mm512_setzero_si512() : _mm512_load_si512(a + r * kNR + 16 * cb);
+          const auto step = [&](int64_t s) __attribute__((always_inline)) {
+            __m512i w[4];
+            unpack_step(s, w);
+            for (int r = 0; r < R; ++r) {
+              const __m512i xr = _mm512_set1_epi32(load_i32(xs + r * xa.Kp + 4 * s));
+              for (int cb = 0; cb < 4; ++cb) c[r][cb] = _mm512_dpbusd_epi32(c[r][cb], w[cb], xr);
+            }
+          };
+          if (ns == kStreamQuads) {  // a constant trip count: unrolled, so tiles overlap
+#pragma GCC unroll 8
+            for (int64_t s = 0; s < kStreamQuads; ++s) step(s);
+          } else {
+            for (int64_t s = 0; s < ns; ++s) step(s);
+          }
+          for (int r = 0; r < R; ++r)
+            for (int cb = 0; cb < 4; ++cb) _mm512_store_si512(a + r * kNR + 16 * cb, c[r][cb]);
         }
-        for (int r = 0; r < R; ++r)
-          for (int cb = 0; cb < 4; ++cb) _mm512_store_si512(a + r * kNR + 16 * cb, c[r][cb]);
         if (!last) continue;
         // The group's last sweep: fin_a8's arithmetic (from L1), into the slice's part.
         for (int cb = 0; cb < 4; ++cb) {
           const __mmask16 mc = tail_mask(static_cast<int>(N - n0 - 16 * cb));
           const __m512 sv = _mm512_maskz_loadu_ps(mc, sg + n0 + 16 * cb);
           const __m512 zv = zg ? _mm512_maskz_loadu_ps(mc, zg + n0 + 16 * cb) : _mm512_setzero_ps();
-          for (int r = 0; r < R; ++r) {
+          for (int r = 0; r < rows; ++r) {
             const int64_t i = r * p.groups + g;
             const __m512i ai = _mm512_sub_epi32(_mm512_load_si512(a + r * kNR + 16 * cb),
                                                 _mm512_set1_epi32(bias * xa.sq[i]));
@@ -1145,12 +1401,15 @@ void stream_a8_t(const Problem& p, const XA8& xa, int64_t g0, int64_t g1, int64_
 void stream_a8(const Problem& p, const XA8& xa, int64_t g0, int64_t g1, int64_t t0, int64_t t1,
                int32_t* acc, float* part) {
   const bool int4 = p.bits == 4;
-  switch (p.M) {
-    case 1: return int4 ? stream_a8_t<1, 4>(p, xa, g0, g1, t0, t1, acc, part) : stream_a8_t<1, 8>(p, xa, g0, g1, t0, t1, acc, part);
-    case 2: return int4 ? stream_a8_t<2, 4>(p, xa, g0, g1, t0, t1, acc, part) : stream_a8_t<2, 8>(p, xa, g0, g1, t0, t1, acc, part);
-    case 3: return int4 ? stream_a8_t<3, 4>(p, xa, g0, g1, t0, t1, acc, part) : stream_a8_t<3, 8>(p, xa, g0, g1, t0, t1, acc, part);
-    default: return int4 ? stream_a8_t<4, 4>(p, xa, g0, g1, t0, t1, acc, part) : stream_a8_t<4, 8>(p, xa, g0, g1, t0, t1, acc, part);
-  }
+  in_column_blocks(t0, t1, stream_block_tiles(p.M, int4 ? 1 : 2), [&](int64_t b0, int64_t b1) {
+    switch (p.M) {
+      case 1: return int4 ? stream_a8_t<1, 4>(p, xa, g0, g1, b0, b1, acc, part) : stream_a8_t<1, 8>(p, xa, g0, g1, b0, b1, acc, part);
+      case 2: return int4 ? stream_a8_t<2, 4>(p, xa, g0, g1, b0, b1, acc, part) : stream_a8_t<2, 8>(p, xa, g0, g1, b0, b1, acc, part);
+      case 3: return int4 ? stream_a8_t<3, 4>(p, xa, g0, g1, b0, b1, acc, part) : stream_a8_t<3, 8>(p, xa, g0, g1, b0, b1, acc, part);
+      case 4: return int4 ? stream_a8_t<4, 4>(p, xa, g0, g1, b0, b1, acc, part) : stream_a8_t<4, 8>(p, xa, g0, g1, b0, b1, acc, part);
+      default: return int4 ? stream_a8_t<0, 4>(p, xa, g0, g1, b0, b1, acc, part) : stream_a8_t<0, 8>(p, xa, g0, g1, b0, b1, acc, part);
+    }
+  });
 }
 
 // y[:, tiles t0..t1) = rowexp * sum over the slices' partial sums, in slice order.
@@ -1191,6 +1450,7 @@ const Kernels& avx512_kernels() {
     t.mk_a16_fused = mk_a16_fused;
     t.max_dot_rows = kMaxDotRows;
     t.max_stream_rows = kMaxStreamRows;
+    t.stream_register_rows = kRegisterRows;
     t.stream_a16 = stream_a16;
     t.max_stream_rows_a8 = kMaxStreamRowsA8;
     t.stream_a8 = stream_a8;

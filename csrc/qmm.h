@@ -119,6 +119,9 @@ struct Kernels {
   // sum_slices then writes y for tiles [t0, t1): the slices' parts (stride
   // M*N floats) summed in slice order, times rowexp.
   int max_stream_rows;
+  // Rows up to which stream_a16 / stream_a8 keep their accumulators in
+  // registers; beyond, their wide form (the driver cuts fewer K slices).
+  int stream_register_rows;
   void (*stream_a16)(const Problem&, const XA16&, int64_t g0, int64_t g1, int64_t t0, int64_t t1,
                      float* acc, float* part);
   // Blockwise A8 decode (M <= max_stream_rows_a8): stream_a16's structure

@@ -98,11 +98,13 @@ def test_dot_form_k_chunks(scheme):
 
 @pytest.mark.parametrize("scheme", [s for s in SCHEMES if s.block_size != -1], ids=lambda s: s.id)
 def test_blockwise_decode_slices(scheme):
-    """Blockwise decode (M*T <= 4): K = 40 blocks of 32, cut into 8 slices of
-    5 blocks whose partial sums are added in order; N not a multiple of 64."""
+    """Blockwise decode (M*T <= 16; the register form up to 4 rows, the wide
+    form beyond): K = 40 blocks of 32, cut into 8 slices of 5 blocks whose
+    partial sums are added in order; N not a multiple of 64."""
     rng = np.random.default_rng(9)
     qw = make_weight(rng, n=100, k=1280, scheme=scheme)
-    for m, x_dtype in ((1, "bfloat16"), (4, "bfloat16"), (2, "float16"), (1, "float32")):
+    for m, x_dtype in ((1, "bfloat16"), (4, "bfloat16"), (2, "float16"), (1, "float32"),
+                       (5, "bfloat16"), (16, "bfloat16"), (7, "float16"), (5, "float32")):
         x = make_x(rng, (m, 1280), x_dtype)
         check(run(x, qw, scheme), x, qw, scheme)
 
@@ -114,15 +116,49 @@ def test_blockwise_decode_slices(scheme):
                          ids=lambda s: s.id)
 @pytest.mark.parametrize("groups", [40, 2])
 def test_blockwise_decode_slices_and_column_blocks(scheme, groups):
-    """Blockwise decode, A8 (M <= 4) and A16 (M*T <= 4), N = 2200 (not a multiple
-    of 64): 40 groups make 16 K slices of 2-3 groups; 2 groups make 2 slices,
-    each cut into column blocks so that both threads have work; groups whose
-    last quad of k is partly outside the group (B = 6, 5)."""
+    """Blockwise decode, A8 (M <= 16) and A16 (M*T <= 16), N = 2200 (not a
+    multiple of 64): 40 groups make 16 K slices of 2-3 groups; 2 groups make 2
+    slices, each cut into column blocks so that both threads have work; groups
+    whose last quad of k is partly outside the group (B = 6, 5); row counts
+    of the register form (<= 4) and of the wide form's row groups (5; 11 =
+    6 + 5; 12 = 6 + 6; 16 = 6 + 5 + 5)."""
     rng = np.random.default_rng(10)
     k = groups * scheme.block_size
     qw = make_weight(rng, n=2200, k=k, scheme=scheme)
-    for m, x_dtype in ((1, "bfloat16"), (2, "float32"), (3, "float16"), (4, "bfloat16")):
+    for m, x_dtype in ((1, "bfloat16"), (2, "float32"), (3, "float16"), (4, "bfloat16"),
+                       (5, "bfloat16"), (11, "bfloat16"), (6, "float16"), (16, "bfloat16")):
         x = make_x(rng, (m, k), x_dtype)
+        check(run(x, qw, scheme), x, qw, scheme)
+
+
+@pytest.mark.parametrize("scheme", [Scheme(4, 96, False, True, False), Scheme(4, 256, True, True, False),
+                                    Scheme(8, 96, False, False, False), Scheme(4, 96, False, True, True),
+                                    Scheme(4, 256, True, True, True), Scheme(8, 96, True, False, True)],
+                         ids=lambda s: s.id)
+def test_blockwise_wide_form_sweeps(scheme):
+    """The wide form's sweeps (32 k-pairs, or 4 quads for A8) against the
+    group: 96 = one whole sweep and a partial one, 256 = four whole sweeps;
+    its prefetch runs past the block's last tile into the next sweep."""
+    rng = np.random.default_rng(12)
+    k = 6 * scheme.block_size
+    qw = make_weight(rng, n=300, k=k, scheme=scheme)
+    for m, x_dtype in ((5, "bfloat16"), (9, "bfloat16"), (16, "bfloat16"), (5, "float32")):
+        x = make_x(rng, (m, k), x_dtype)
+        check(run(x, qw, scheme), x, qw, scheme)
+
+
+@pytest.mark.parametrize("scheme", [Scheme(4, 32, True, True, False), Scheme(8, 32, False, False, False),
+                                    Scheme(4, 32, False, True, True), Scheme(8, 32, True, False, True)],
+                         ids=lambda s: s.id)
+def test_blockwise_decode_column_blocks_within_a_task(scheme):
+    """N = 33000 (an lm_head's width): each K slice's columns are cut into
+    blocks inside the kernel (the register form's accumulators: 512 tiles at
+    1 row, 128 at 4; the wide form's prefetched sweep: 64 tiles of int4, 32 of
+    int8), the last block short."""
+    rng = np.random.default_rng(13)
+    qw = make_weight(rng, n=33000, k=64, scheme=scheme)
+    for m in (1, 4, 5, 16):
+        x = make_x(rng, (m, 64), "bfloat16")
         check(run(x, qw, scheme), x, qw, scheme)
 
 

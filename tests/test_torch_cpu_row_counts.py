@@ -2,7 +2,8 @@
 
 Which loop form a call takes depends on the number of rows (M, and M*T for
 A16 with T bf16 terms per f16/f32 value: the per-channel dot form up to 16,
-the blockwise decode up to 4, panels beyond), so each row count is checked
+the blockwise decode up to 16, in registers up to 4 and in the wide form
+beyond; panels beyond 16), so each row count is checked
 against the float64 reference, on odd shapes (N = 100, not a multiple of 64;
 several groups; an odd block size where int4 cannot be packed), and with one
 and with two threads (bit-identical). The kernels are reached through the
