@@ -77,6 +77,10 @@ class XlaQuantizedLinear(torch.nn.Module):
             self.bias = torch.nn.Parameter(torch.zeros(output_dim))
         else:
             self.register_parameter("bias", None)
+        # Optional float32 [in] multiplier of x (set_input_scale): where
+        # quantize_model's smoothing or AWQ scales could not be folded into
+        # the op producing x. None: not in the state_dict, no cost.
+        self.register_buffer("input_scale", None)
         self._prepare()
 
     @property
@@ -120,6 +124,20 @@ class XlaQuantizedLinear(torch.nn.Module):
         self.weight_scaler = weight_scaler
         self.zero_point = zero_point
         self._prepare()
+
+    def set_input_scale(self, scale) -> None:
+        """Multiplies every input by `scale` (float `[in]`, per input feature) before
+        the quantized matmul, in float32, rounded once to x's dtype; None removes it.
+        (quantize_model uses it for a per-channel scale it could not fold.)"""
+        if scale is not None:
+            scale = torch.as_tensor(scale)
+            if scale.shape != (self.input_dim,) or not scale.is_floating_point():
+                raise ValueError(f"scale: expected a float [{self.input_dim}] (input_dim), got "
+                                 f"{scale.dtype} {list(scale.shape)}")
+            if not bool(torch.isfinite(scale).all()):
+                raise ValueError("scale: expected finite values")
+            scale = scale.detach().to(self.weight.device, torch.float32)
+        self.input_scale = scale
 
     @classmethod
     def from_float(cls, linear, *, bits: int = 8, block_size: int = -1, symmetric: bool = True,
@@ -185,6 +203,9 @@ class XlaQuantizedLinear(torch.nn.Module):
     # ------------------------------------------------------------------ forward
 
     def forward(self, x):
+        input_scale = self._buffers["input_scale"]
+        if input_scale is not None:
+            x = (x.float() * input_scale).to(x.dtype)
         prepared = self._cpu
         if (prepared is not None and x.device.type == "cpu"
                 and self.impl in _cpu_ops.DIRECT_IMPLS
@@ -228,6 +249,15 @@ class XlaQuantizedLinear(torch.nn.Module):
             names.append("bias")
         found = {n: state_dict[prefix + n] for n in names if prefix + n in state_dict}
         missing_keys.extend(prefix + n for n in names if n not in found)
+        if self.input_scale is not None or prefix + "input_scale" in state_dict:
+            names.append("input_scale")  # optional: present when the module uses one
+            if prefix + "input_scale" in state_dict:
+                try:
+                    self.set_input_scale(state_dict[prefix + "input_scale"])
+                except ValueError as e:
+                    error_msgs.append(f"While loading {prefix or 'the module'}: input_{e}")
+            else:
+                missing_keys.append(prefix + "input_scale")
         if strict:
             unexpected_keys.extend(k for k in state_dict
                                    if k.startswith(prefix) and k[len(prefix):] not in names)
@@ -257,4 +287,6 @@ class XlaQuantizedLinear(torch.nn.Module):
                          "int4 unpacked (int8; odd group size, nibbles cannot pair)")
         if self.impl != "auto":
             parts.append(f"impl={self.impl!r}")
+        if self.input_scale is not None:
+            parts.append("input_scale")
         return ", ".join(parts)

@@ -8,11 +8,14 @@ as the module-level last report (`quantization_report()`).
 from __future__ import annotations
 
 import dataclasses
+import time
 
 import torch
 
-from torch_bridge import checks
+from torch_bridge import calibrate, checks
 from torch_bridge.linear import XlaQuantizedLinear
+from xla_qops import quantizers
+from xla_qops.quantize import check_method
 
 _REPORT_ATTR = "_xla_qops_report"
 _last_report = None
@@ -25,6 +28,10 @@ class SwappedLayer:
     out_features: int
     bytes_before: int  # float weight + bias
     bytes_after: int  # quantized weight + scales + zero points + bias
+    method: str = "rtn"  # the method used for this layer
+    weight_error_rtn: float | None = None  # |W - W_hat| / |W| with round-to-nearest
+    weight_error: float | None = None  # ... with `method` (and its input scale)
+    input_scale: str | None = None  # smoothing / AWQ scale: "folded into <module>", "explicit"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +57,11 @@ class QuantizationReport:
     skipped: list[SkippedLayer]
     model_bytes_before: int
     model_bytes_after: int
+    method: str = "rtn"
+    calibration_size: int = 0  # calibration inputs (model calls)
+    calibration_tokens: int = 0  # elements of their integer tensors (token ids), if any
+    smoothing: str | None = None  # e.g. "smoothquant(alpha=0.5)"
+    seconds: float = 0.0  # time quantize_model took
 
     @property
     def bytes_before(self) -> int:
@@ -61,10 +73,20 @@ class QuantizationReport:
 
     def __str__(self) -> str:
         lines = [f"quantize_model: scheme={self.scheme} block_size={self.block_size} "
-                 f"symmetric={self.symmetric}",
+                 f"symmetric={self.symmetric} method={self.method}"
+                 + (f" smoothing={self.smoothing}" if self.smoothing else "")
+                 + (f" calibration={self.calibration_size} inputs"
+                    + (f" ({self.calibration_tokens} tokens)" if self.calibration_tokens else "")
+                    if self.calibration_size else "") + f" in {self.seconds:.1f} s",
                  f"  swapped {len(self.swapped)} linear layers: {_mib(self.bytes_before)} -> "
                  f"{_mib(self.bytes_after)}",
                  f"  model: {_mib(self.model_bytes_before)} -> {_mib(self.model_bytes_after)}"]
+        if any(layer.weight_error is not None for layer in self.swapped):
+            lines.append("  weight error |W - W_hat| / |W|, round-to-nearest -> method:")
+            lines += [f"    {layer.name}: {layer.weight_error_rtn:.4f} -> {layer.weight_error:.4f}"
+                      f" ({layer.method}" + (f", input scale {layer.input_scale}"
+                                               if layer.input_scale else "") + ")"
+                      for layer in self.swapped if layer.weight_error is not None]
         if self.skipped:
             lines.append(f"  skipped {len(self.skipped)}:")
             lines += [f"    {s.name or '<model>'}: {s.reason}" for s in self.skipped]
@@ -114,8 +136,13 @@ def _skip_reason(name, module, parents, block_size, filter_fn):
     return None
 
 
+SMOOTHING = ("smoothquant",)
+
+
 def quantize_model(model, *, scheme: str = "w8a16", block_size: int = -1,
-                   symmetric: bool = True, filter_fn=None):
+                   symmetric: bool = True, filter_fn=None, method: str = "rtn",
+                   calibration=None, smoothing: str | None = None,
+                   smoothing_alpha: float = 0.5, progress: bool = True):
     """Swaps every `nn.Linear` of `model` for an `XlaQuantizedLinear`, in place.
 
     Args:
@@ -125,12 +152,25 @@ def quantize_model(model, *, scheme: str = "w8a16", block_size: int = -1,
         divide are skipped (and reported).
       symmetric: absmax scales without zero point, else min/max with one.
       filter_fn: optional ``filter_fn(name, module) -> bool``; False skips.
+      method: "rtn" (round to nearest), "hqq" (no data), "gptq" or "awq"
+        (need `calibration`); see docs/quantizers.md.
+      calibration: an iterable of model inputs (tensors, tuples of tensors or
+        dicts of tensors, as the model's forward takes them), run through the
+        model on its device under no_grad (torch_bridge.calibrate).
+      smoothing: None or "smoothquant" (A8 schemes, needs `calibration`):
+        activation outliers moved into the weights by per-channel scales,
+        folded into the preceding norm / Linear where the model allows it,
+        else applied by the layer (`XlaQuantizedLinear.input_scale`).
+      smoothing_alpha: SmoothQuant's migration strength in [0, 1].
+      progress: a progress bar per calibration pass (tqdm).
 
     Returns:
       `model`. `quantization_report(model)` tells what was swapped, skipped
-      (and why) and the bytes before and after.
+      (and why), the bytes before and after, and per layer the weight error of
+      round-to-nearest and of the method.
     """
     global _last_report
+    start = time.perf_counter()
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
     bits, quantize_activation = checks.scheme(scheme)
@@ -138,6 +178,21 @@ def quantize_model(model, *, scheme: str = "w8a16", block_size: int = -1,
     if filter_fn is not None and not callable(filter_fn):
         raise TypeError(f"filter_fn: expected a callable(name, module) or None, "
                         f"got {type(filter_fn).__name__}")
+    if smoothing is not None:
+        if smoothing not in SMOOTHING:
+            raise ValueError(f"smoothing: expected None or 'smoothquant', got {smoothing!r}")
+        if not quantize_activation:
+            raise ValueError(f"smoothing: 'smoothquant' is for schemes that quantize "
+                             f"activations (w8a8, w4a8), got scheme={scheme!r}")
+        if calibration is None:
+            raise ValueError("calibration: smoothing='smoothquant' needs calibration inputs, "
+                             "got None")
+        if not isinstance(smoothing_alpha, (int, float)) or not 0 <= smoothing_alpha <= 1:
+            raise ValueError(f"smoothing_alpha: expected a number in [0, 1], got "
+                             f"{smoothing_alpha!r}")
+    needs_data = method in quantizers.CALIBRATED or smoothing is not None
+    check_method(method, calibration is not None, allow_unused=smoothing is not None)
+    inputs = calibrate.check_inputs(calibration) if needs_data else None
 
     parents = linear_holders(model)
 
@@ -159,25 +214,55 @@ def quantize_model(model, *, scheme: str = "w8a16", block_size: int = -1,
         todo.append((name, module, holders))
 
     swapped = []
-    for name, module, holders in todo:
-        quantized = XlaQuantizedLinear.from_float(
-            module, bits=bits, block_size=block_size, symmetric=symmetric,
-            quantize_activation=quantize_activation)
-        for parent, attr in holders:
-            setattr(parent, attr, quantized)
-        swapped.append(SwappedLayer(
-            name, module.in_features, module.out_features,
-            bytes_before=_nbytes([module.weight, module.bias]),
-            bytes_after=_nbytes([quantized.weight, quantized.weight_scaler,
-                                 quantized.zero_point, quantized.bias])))
+    if method == "rtn" and smoothing is None:  # the plain path: no data, no errors measured
+        for name, module, holders in todo:
+            quantized = XlaQuantizedLinear.from_float(
+                module, bits=bits, block_size=block_size, symmetric=symmetric,
+                quantize_activation=quantize_activation)
+            for parent, attr in holders:
+                setattr(parent, attr, quantized)
+            swapped.append(_swapped(name, module, quantized))
+        rows = 0
+    else:
+        holders_of = {name: holders for name, _, holders in todo}
+
+        def swap(name, quantized):
+            for parent, attr in holders_of[name]:
+                setattr(parent, attr, quantized)
+
+        results = calibrate.quantize_linears(
+            model, [(name, module) for name, module, _ in todo], bits=bits,
+            block_size=block_size, symmetric=symmetric, quantize_activation=quantize_activation,
+            method=method, calibration=inputs, smoothing=smoothing,
+            smoothing_alpha=float(smoothing_alpha), swap=swap, progress=progress)
+        for name, module, _ in todo:
+            r = results[name]
+            swapped.append(dataclasses.replace(
+                _swapped(name, module, r.module), method=r.method,
+                weight_error_rtn=r.weight_error_rtn, weight_error=r.weight_error,
+                input_scale=r.input_scale))
+        rows = sum(calibrate.tokens_of(item) for item in inputs) if inputs else 0
 
     report = QuantizationReport(scheme=scheme, block_size=block_size, symmetric=symmetric,
                                 swapped=swapped, skipped=skipped,
                                 model_bytes_before=model_bytes_before,
-                                model_bytes_after=_model_bytes(model))
+                                model_bytes_after=_model_bytes(model), method=method,
+                                calibration_size=len(inputs) if inputs else 0,
+                                calibration_tokens=rows,
+                                smoothing=(f"{smoothing}(alpha={smoothing_alpha})"
+                                           if smoothing else None),
+                                seconds=time.perf_counter() - start)
     setattr(model, _REPORT_ATTR, report)
     _last_report = report
     return model
+
+
+def _swapped(name, module, quantized) -> SwappedLayer:
+    return SwappedLayer(
+        name, module.in_features, module.out_features,
+        bytes_before=_nbytes([module.weight, module.bias]),
+        bytes_after=_nbytes([quantized.weight, quantized.weight_scaler, quantized.zero_point,
+                             quantized.bias, quantized.input_scale]))
 
 
 def quantization_report(model=None) -> QuantizationReport | None:

@@ -30,9 +30,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from xla_qops import packing
-
-_QRANGE = {8: (-128, 127), 4: (-8, 7)}
+from xla_qops import packing, quantizers
+from xla_qops.quantizers.grid import QRANGE as _QRANGE
 
 
 @jax.tree_util.register_dataclass
@@ -146,35 +145,7 @@ def _round_to_nearest(w: np.ndarray, bits: int, block_size: int, symmetric: bool
     the module docstring). Layouts: per-channel q [out, in], scale [out];
     blockwise q [in/B, B, out], scale [in/B, out].
     """
-    f32 = np.float32
-    out_features, in_features = w.shape
-    qmin, qmax = _QRANGE[bits]
-    # Group axis last: per-channel [out, in] -> groups over `in`;
-    # blockwise -> [in/B, out, B].
-    if block_size == -1:
-        grouped = w
-    else:
-        grouped = w.reshape(out_features, in_features // block_size, block_size)
-        grouped = grouped.transpose(1, 0, 2)
-    lo = grouped.min(axis=-1)
-    hi = grouped.max(axis=-1)
-    absmax = np.maximum(np.abs(lo), np.abs(hi))
-    all_zero = absmax == 0
-    with np.errstate(divide="ignore", invalid="ignore"):
-        if symmetric:
-            scale = np.where(all_zero, f32(1), absmax / f32(qmax)).astype(f32)
-            zero_point = None
-            q = np.rint(grouped / scale[..., None])
-        else:
-            spread = hi - lo
-            scale = np.where(spread > 0, spread / f32(qmax - qmin),
-                             np.where(all_zero, f32(1), absmax / f32(qmax))).astype(f32)
-            zero_point = np.where(all_zero, f32(0), scale * f32(qmin) - lo).astype(f32)
-            q = np.rint((grouped + zero_point[..., None]) / scale[..., None])
-    q = np.clip(q, qmin, qmax).astype(np.int8)
-    if block_size != -1:
-        q = np.ascontiguousarray(q.transpose(0, 2, 1))  # [in/B, out, B] -> [in/B, B, out]
-    return q, scale, zero_point
+    return quantizers.quantize(w, bits, block_size, symmetric, "rtn")
 
 
 def _round_to_nearest_traced(w, bits: int, block_size: int, symmetric: bool):
@@ -196,9 +167,54 @@ def _round_to_nearest_traced(w, bits: int, block_size: int, symmetric: bool):
     return result if not symmetric else (*result, None)
 
 
+def check_method(method, calibration_given: bool, allow_unused: bool = False) -> None:
+    """`method` is known, and calibration is given when (and, unless `allow_unused`
+    because something else uses it, only when) it needs it."""
+    if not isinstance(method, str) or method not in quantizers.METHODS:
+        raise ValueError(f"method: expected one of {', '.join(map(repr, quantizers.METHODS))}, "
+                         f"got {method!r}")
+    if method in quantizers.CALIBRATED and not calibration_given:
+        raise ValueError(f"calibration: method={method!r} needs calibration inputs "
+                         f"(a float [n, in] sample of the layer's inputs), got None")
+    if method not in quantizers.CALIBRATED and calibration_given and not allow_unused:
+        raise ValueError(f"calibration: method={method!r} uses no calibration inputs; "
+                         f"pass calibration=None (or method='gptq' / 'awq')")
+
+
+def _check_calibration(calibration, in_features: int) -> np.ndarray:
+    if isinstance(calibration, jax.core.Tracer):
+        raise TypeError("calibration: expected concrete values (quantize outside jit), "
+                        "got a tracer")
+    x = np.asarray(calibration)
+    if x.ndim < 2 or x.shape[-1] != in_features:
+        raise ValueError(f"calibration: expected a float [n, in={in_features}] sample of the "
+                         f"layer's inputs, got shape {tuple(x.shape)}")
+    if not np.issubdtype(x.dtype, np.floating) and x.dtype != jnp.bfloat16:
+        raise TypeError(f"calibration: expected a floating dtype, got {x.dtype.name}")
+    x = x.astype(np.float32).reshape(-1, in_features)
+    if x.shape[0] == 0:
+        raise ValueError("calibration: expected at least one sample row, got 0")
+    if not np.isfinite(x).all():
+        raise ValueError("calibration: expected finite values, found NaN/inf entries")
+    return x
+
+
+def quantize_with_hessian(w: np.ndarray, *, bits: int, block_size: int, symmetric: bool,
+                          method: str, hessian: np.ndarray | None,
+                          pack: bool = True) -> QuantizedWeight:
+    """`quantize_weight` of a concrete float32 ``[out, in]`` given ``X^T X`` of its inputs
+    instead of the inputs (callers that accumulate it over many batches; inputs checked
+    by the caller)."""
+    q, scale, zero_point = (None if a is None else jnp.asarray(a) for a in quantizers.quantize(
+        np.asarray(w, np.float32), bits, int(block_size), symmetric, method, hessian))
+    result = QuantizedWeight(w=q, scale=scale, zero_point=zero_point, bits=bits,
+                             block_size=int(block_size), packed=False)
+    return result.pack() if (pack and bits == 4) else result
+
+
 def quantize_weight(w, *, bits: int = 8, block_size: int = -1, symmetric: bool = True,
-                    pack: bool = True) -> QuantizedWeight:
-    """Quantizes a float `[out, in]` weight with round-to-nearest.
+                    pack: bool = True, method: str = "rtn", calibration=None) -> QuantizedWeight:
+    """Quantizes a float `[out, in]` weight (round-to-nearest unless `method` says otherwise).
 
     Args:
       w: float weight in torch `nn.Linear` orientation `[out, in]`.
@@ -208,17 +224,33 @@ def quantize_weight(w, *, bits: int = 8, block_size: int = -1, symmetric: bool =
       symmetric: absmax scaling without zero point; otherwise min/max with a
         float zero point (``w = scale * q - zero_point``).
       pack: for bits=4, store two values per byte (uint8). Ignored for bits=8.
+      method: "rtn" (round to nearest), "hqq" (half-quadratic optimisation
+        of the grid, no data), "gptq" (error-compensating rounding with the
+        inputs' Hessian) or "awq" (activation-aware clipping of each group's
+        grid); see xla_qops.quantizers and docs/quantizers.md.
+      calibration: for "gptq" and "awq", a float `[n, in]` sample of the
+        layer's inputs (required); None otherwise.
 
     Returns:
-      A `QuantizedWeight`; scales and zero points are float32.
+      A `QuantizedWeight`; scales and zero points are float32. Every method
+      gives a plain weight in API.md's convention (AWQ's per-input-channel
+      scaling, which needs a place for the inverse scale, is
+      `torch_bridge.quantize_model`'s).
     """
     _check_weight(w, bits, block_size)
-    if isinstance(w, jax.core.Tracer):
-        q, scale, zero_point = _round_to_nearest_traced(w.astype(jnp.float32), bits,
-                                                        int(block_size), symmetric)
-    else:
-        q, scale, zero_point = (None if a is None else jnp.asarray(a) for a in _round_to_nearest(
-            np.asarray(w, np.float32), bits, int(block_size), symmetric))
+    check_method(method, calibration is not None)
+    if not isinstance(w, jax.core.Tracer):
+        hessian = None
+        if calibration is not None:
+            hessian = quantizers.calibration_hessian(_check_calibration(calibration, w.shape[1]))
+        return quantize_with_hessian(np.asarray(w, np.float32), bits=bits,
+                                     block_size=int(block_size), symmetric=symmetric,
+                                     method=method, hessian=hessian, pack=pack)
+    if method != "rtn":
+        raise TypeError(f"w: method={method!r} runs on concrete weights (outside jit); got a "
+                        f"tracer")
+    q, scale, zero_point = _round_to_nearest_traced(w.astype(jnp.float32), bits, int(block_size),
+                                                    symmetric)
     result = QuantizedWeight(w=q, scale=scale, zero_point=zero_point, bits=bits,
                              block_size=int(block_size), packed=False)
     return result.pack() if (pack and bits == 4) else result

@@ -66,6 +66,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="torch_xla's op: 'some' = 4096x4096 with M <= 256 (it is slow)")
     parser.add_argument("--out", default="docs", help="directory for bench.md and bench.png")
     parser.add_argument("--no-write", action="store_true", help="print only")
+    parser.add_argument("--quantizers", action="store_true",
+                        help="instead: every quantizer method x scheme on all-MiniLM-L6-v2 "
+                             "(cosine to the float model, time); writes quantizers_table.md")
     model = parser.add_argument_group(
         "end-to-end decoder (--model llama; writes bench_e2e.md/.png instead)")
     model.add_argument("--model", choices=("llama",), default=None,
@@ -152,6 +155,16 @@ def llc_bytes() -> int:
 
 
 def run(args) -> int:
+    if args.quantizers:
+        from xla_qops.bench import quantizers
+        text = quantizers.markdown(quantizers.run())
+        print(text)
+        if not args.no_write:
+            os.makedirs(args.out, exist_ok=True)
+            with open(os.path.join(args.out, "quantizers_table.md"), "w") as f:
+                f.write(text)
+            print(f"wrote {args.out}/quantizers_table.md")
+        return 0
     if args.model:
         from xla_qops.commands import bench_model
         return bench_model.run(args)

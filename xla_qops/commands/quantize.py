@@ -68,6 +68,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--format", default="xla-qops", choices=FORMATS,
                         help="xla-qops (default): one .safetensors file for this library; "
                              "compressed-tensors: a directory vLLM loads (OUTPUT is a directory)")
+    parser.add_argument("--method", default="rtn", choices=("rtn", "hqq", "gptq", "awq"),
+                        help="rtn (round to nearest, default), hqq (no data), gptq or awq "
+                             "(need --calibration); docs/quantizers.md")
+    parser.add_argument("--calibration", default=None, metavar="FILE",
+                        help="gptq/awq: a text file of sentences (one per line; tokenized with "
+                             "the input directory's tokenizer) or a .safetensors file with an "
+                             "integer 'input_ids' [n, seq]; the model is built from the input "
+                             "directory's config.json (transformers)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -91,6 +99,7 @@ class Report:
     other_tensors: int
     bytes_before: int
     bytes_after: int
+    method: str = "rtn"
 
     @property
     def quantized(self) -> list[Layer]:
@@ -105,7 +114,8 @@ class Report:
         q = self.quantized
         out = [f"{self.source} -> {self.output}",
                f"scheme {self.scheme}, block_size {self.block_size}, "
-               f"{'symmetric' if self.symmetric else 'asymmetric (zero point)'}",
+               f"{'symmetric' if self.symmetric else 'asymmetric (zero point)'}, "
+               f"method {self.method}",
                f"quantized {len(q)} linear weights:"]
         width = max([len(layer.name) for layer in self.layers] + [5])
         def shape(layer):
@@ -196,10 +206,86 @@ def plan(header: dict[str, tuple[list[int], str]], *, bits: int, block_size: int
     return layers, errors
 
 
+CALIBRATION_BATCH = 16  # sentences or token rows per model call
+
+
+def calibration_inputs(path: str, model_dir: str) -> list:
+    """Model inputs from a text file of sentences or a safetensors file of token ids."""
+    import torch
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"calibration: no such file: {path}")
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+        tensors = load_file(path)
+        ids = tensors.get("input_ids")
+        if ids is None or ids.ndim != 2 or ids.is_floating_point():
+            found = {k: (str(v.dtype), list(v.shape)) for k, v in tensors.items()}
+            raise ValueError(f"calibration: expected an integer 'input_ids' [n, seq] in {path}, "
+                             f"found {found}")
+        return [{"input_ids": ids[i:i + CALIBRATION_BATCH].long()}
+                for i in range(0, len(ids), CALIBRATION_BATCH)]
+    with open(path, encoding="utf-8") as f:
+        sentences = [line.strip() for line in f if line.strip()]
+    if not sentences:
+        raise ValueError(f"calibration: {path} holds no sentences (one per line)")
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return [dict(tokenizer(sentences[i:i + CALIBRATION_BATCH], padding=True, return_tensors="pt"))
+            for i in range(0, len(sentences), CALIBRATION_BATCH)]
+
+
+def load_float_model(model_dir: str):
+    """The float torch model of a Hugging Face directory (a causal LM if its config says so)."""
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(model_dir)
+    causal = any(a.endswith("ForCausalLM") for a in (config.architectures or []))
+    cls = transformers.AutoModelForCausalLM if causal else transformers.AutoModel
+    return cls.from_pretrained(model_dir, torch_dtype="float32").eval()
+
+
+def calibrated_weights(model_dir: str, calibration: str, layer_names, *, bits: int,
+                       block_size: int, symmetric: bool, quantize_activation: bool, method: str,
+                       progress: bool) -> dict:
+    """{layer name: QuantizedWeight} of the file's layers, by running the model."""
+    import jax.numpy as jnp
+
+    import xla_qops
+    from torch_bridge import calibrate
+
+    model = load_float_model(model_dir)
+    modules = {n: m for n, m in model.named_modules() if m.__class__.__name__ == "Linear"}
+    matched = {}
+    for layer in layer_names:
+        hits = [n for n in modules if layer == n or layer.endswith("." + n) or n.endswith("." + layer)]
+        if len(hits) != 1:
+            raise ValueError(f"layer {layer!r}: expected one Linear of the model built from "
+                             f"{model_dir}/config.json to match it, found {len(hits)}"
+                             f"{': ' + ', '.join(hits) if hits else ''}")
+        matched[hits[0]] = layer
+    results = calibrate.quantize_linears(
+        model, [(n, modules[n]) for n in matched], bits=bits, block_size=block_size,
+        symmetric=symmetric, quantize_activation=quantize_activation, method=method,
+        calibration=calibration_inputs(calibration, model_dir), smoothing=None,
+        smoothing_alpha=0.5, swap=lambda name, module: None, progress=progress)
+    out = {}
+    for name, layer in matched.items():
+        m = results[name].module
+        out[layer] = xla_qops.QuantizedWeight(
+            w=jnp.asarray(m.weight.numpy()), scale=jnp.asarray(m.weight_scaler.numpy()),
+            zero_point=None if m.zero_point is None else jnp.asarray(m.zero_point.numpy()),
+            bits=bits, block_size=block_size, packed=m.packed)
+    return out
+
+
 def quantize_file(source: str, output: str, *, scheme: str = "w8a16", block_size: int = -1,
                   symmetric: bool = True, filters=(), skips=(), default_skip: bool = True,
                   skip_indivisible: bool = False, progress: bool = True,
-                  format: str = "xla-qops") -> Report:
+                  format: str = "xla-qops", method: str = "rtn",
+                  calibration: str | None = None) -> Report:
     """Quantizes every Linear weight of a safetensors model; see the module docstring."""
     import jax.numpy as jnp
     from safetensors import safe_open
@@ -223,7 +309,13 @@ def quantize_file(source: str, output: str, *, scheme: str = "w8a16", block_size
         raise ValueError("asymmetric: compressed-tensors stores integer zero points and "
                          "quantize_weight's min/max zero points are floats; drop --asymmetric "
                          "with --format compressed-tensors")
+    from xla_qops.quantize import check_method
+    check_method(method, calibration is not None)
     source_dir = source if os.path.isdir(source) else None
+    if calibration is not None and (source_dir is None or not os.path.isfile(
+            os.path.join(source_dir, "config.json"))):
+        raise ValueError(f"calibration: --method {method} runs the model, so the input must be "
+                         f"a model directory with a config.json, got {source}")
     source = resolve_input(source)
     if os.path.abspath(source) == os.path.abspath(output):
         raise ValueError(f"output: would overwrite the input {source}")
@@ -242,6 +334,12 @@ def quantize_file(source: str, output: str, *, scheme: str = "w8a16", block_size
                              f"(pass --skip-indivisible to keep them in float):\n  "
                              + "\n  ".join(errors))
         todo = {layer.name: layer for layer in layers if not layer.skipped}
+        prepared = {}
+        if calibration is not None:
+            prepared = calibrated_weights(source_dir, calibration, list(todo), bits=bits,
+                                          block_size=block_size, symmetric=symmetric,
+                                          quantize_activation=quantize_activation,
+                                          method=method, progress=progress)
         state, schemes, before = {}, {}, 0
         bar = tqdm(total=len(names), desc="quantize", unit="tensor", disable=not progress,
                    file=sys.stderr)
@@ -252,9 +350,9 @@ def quantize_file(source: str, output: str, *, scheme: str = "w8a16", block_size
             if layer is None:
                 state[name] = array
             else:
-                qw = xla_qops.quantize_weight(jnp.asarray(array, jnp.float32), bits=bits,
-                                              block_size=block_size, symmetric=symmetric,
-                                              pack=True)
+                qw = prepared[layer.name] if layer.name in prepared else xla_qops.quantize_weight(
+                    jnp.asarray(array, jnp.float32), bits=bits, block_size=block_size,
+                    symmetric=symmetric, pack=True, method=method)
                 schemes[layer.name] = checkpoint.LayerScheme.of(qw, quantize_activation)
                 if format == "compressed-tensors":
                     ct = interop.to_compressed_tensors(qw, compression_format=(
@@ -270,7 +368,7 @@ def quantize_file(source: str, output: str, *, scheme: str = "w8a16", block_size
             bar.update(1)
         bar.close()
     settings = {"scheme": scheme, "block_size": block_size, "symmetric": symmetric,
-                "source": os.path.basename(source)}
+                "source": os.path.basename(source), "method": method}
     if format == "compressed-tensors":
         _write_compressed_tensors(output, state, source_dir, bits=bits, block_size=block_size,
                                   quantize_activation=quantize_activation,
@@ -281,7 +379,8 @@ def quantize_file(source: str, output: str, *, scheme: str = "w8a16", block_size
     after = sum(a.nbytes for a in state.values())
     return Report(source=source, output=output, scheme=scheme, block_size=block_size,
                   symmetric=symmetric, layers=layers,
-                  other_tensors=len(names) - len(todo), bytes_before=before, bytes_after=after)
+                  other_tensors=len(names) - len(todo), bytes_before=before, bytes_after=after,
+                  method=method)
 
 
 def _write_compressed_tensors(output: str, state: dict, source_dir, *, bits: int,
@@ -320,6 +419,7 @@ def run(args) -> int:
                            filters=args.filter, skips=args.skip,
                            default_skip=not args.no_default_skip,
                            skip_indivisible=args.skip_indivisible,
-                           progress=not args.no_progress, format=args.format)
+                           progress=not args.no_progress, format=args.format,
+                           method=args.method, calibration=args.calibration)
     print("\n".join(report.lines()))
     return 0

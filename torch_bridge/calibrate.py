@@ -1,0 +1,386 @@
+"""Calibrated quantization of a torch model's Linear layers (quantize_model's engine).
+
+The model is run on the calibration inputs with forward hooks on its
+`nn.Linear`s, on CPU, under `torch.no_grad()`:
+
+1. One pass on the first input records the order in which the Linears run,
+   which of them read the very same input tensor (q/k/v, gate/up: a "group",
+   quantized together and sharing one per-channel scale), and which module,
+   if any, produced that tensor (a LayerNorm, a Linear).
+2. Scales (``smoothing="smoothquant"``, ``method="awq"``), per group in run
+   order on the float model: the inputs' per-channel statistics (and, for
+   AWQ, ``X^T X``) are gathered, the scale s computed (xla_qops.quantizers.
+   awq), and ``1/s`` folded into the producer (a norm's weight and bias, a
+   Linear's output rows) while s multiplies the group's weight columns. A
+   fold is kept only if the model's outputs on the first calibration input
+   are unchanged (a producer whose output also feeds a residual connection
+   fails this), otherwise the group's modules get an explicit
+   `XlaQuantizedLinear.set_input_scale(1/s)`.
+3. Quantization, per group in run order. GPTQ gathers each group's ``X^T X``
+   with every earlier group already quantized (the inputs the quantized
+   model will really see); AWQ's clip search reuses step 2's statistics; RTN
+   and HQQ need no data. The group's Linears are then swapped.
+
+Each gathering pass stops a forward as soon as the group's Linears have run
+(unless a Linear runs twice in one forward), so GPTQ costs about half a
+forward per group and input, summed over the groups.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Mapping
+
+import numpy as np
+import torch
+
+from xla_qops import quantizers
+from xla_qops.quantizers import awq
+
+try:
+    from tqdm.auto import tqdm
+except ImportError:  # progress bars are optional
+    tqdm = None
+
+
+class _Stop(Exception):
+    """Raised by a hook to end a gathering forward early."""
+
+
+def check_inputs(calibration) -> list:
+    """The calibration inputs as a list, each a tensor, a tuple of tensors or a dict."""
+    if calibration is None:
+        raise ValueError("calibration: expected an iterable of model inputs, got None")
+    if isinstance(calibration, (torch.Tensor, Mapping)):
+        raise TypeError("calibration: expected an iterable of model inputs (e.g. a list of "
+                        "tensors or of tokenizer dicts), got a single "
+                        f"{type(calibration).__name__}; wrap it in a list")
+    if not isinstance(calibration, Iterable):
+        raise TypeError(f"calibration: expected an iterable of model inputs, got "
+                        f"{type(calibration).__name__}")
+    items = list(calibration)
+    if not items:
+        raise ValueError("calibration: expected at least one model input, got none")
+    for i, item in enumerate(items):
+        values = (item.values() if isinstance(item, Mapping)
+                  else item if isinstance(item, (tuple, list)) else [item])
+        if not all(isinstance(v, torch.Tensor) for v in values):
+            raise TypeError(f"calibration: item {i}: expected a tensor, a tuple of tensors or a "
+                            f"dict of tensors (as the model's forward takes them), got "
+                            f"{type(item).__name__}")
+    return items
+
+
+def tokens_of(item) -> int:
+    """Elements of an input's integer tensors (its token ids; attention masks excluded)."""
+    values = (item.items() if isinstance(item, Mapping)
+              else enumerate(item if isinstance(item, (tuple, list)) else [item]))
+    return sum(v.numel() for k, v in values
+               if not v.is_floating_point() and "mask" not in str(k) and "type" not in str(k))
+
+
+def _call(model, item):
+    if isinstance(item, Mapping):
+        return model(**item)
+    if isinstance(item, (tuple, list)):
+        return model(*item)
+    return model(item)
+
+
+def _tensors(output) -> list:
+    """Every tensor in a model output (tensor, tuple, dict, ModelOutput)."""
+    if isinstance(output, torch.Tensor):
+        return [output]
+    if isinstance(output, Mapping):
+        return [t for v in output.values() for t in _tensors(v)]
+    if isinstance(output, (tuple, list)):
+        return [t for v in output for t in _tensors(v)]
+    return []
+
+
+@dataclasses.dataclass
+class Group:
+    """Linears that read the same input tensor, in run order."""
+    names: list
+    producer: str | None  # name of the module whose output that tensor is
+
+
+def trace(model, linears: dict, first_input) -> tuple[list, set]:
+    """(groups in run order, names of Linears that ran more than once) from one forward."""
+    produced, calls, order = {}, {}, []
+    alive = []  # every tensor whose id is recorded stays alive: ids are not reused
+
+    def after(name):
+        def hook(module, args, output):
+            if isinstance(output, torch.Tensor):
+                produced[id(output)] = name
+                alive.append(output)
+        return hook
+
+    def before(name):
+        def hook(module, args):
+            calls[name] = calls.get(name, 0) + 1
+            if calls[name] == 1:
+                x = args[0]
+                alive.append(x)
+                order.append((name, id(x), produced.get(id(x))))
+        return hook
+
+    handles = [m.register_forward_hook(after(n)) for n, m in model.named_modules() if n]
+    handles += [m.register_forward_pre_hook(before(n)) for n, m in linears.items()]
+    try:
+        _call(model, first_input)
+    except Exception as e:  # noqa: BLE001  the model's own error, named for the user
+        raise ValueError(f"calibration: the model cannot take calibration item 0 "
+                         f"({type(e).__name__}: {e})") from e
+    finally:
+        for h in handles:
+            h.remove()
+    groups, by_input = [], {}
+    for name, x_id, producer in order:
+        if x_id in by_input:
+            by_input[x_id].names.append(name)
+        else:
+            by_input[x_id] = Group([name], producer)
+            groups.append(by_input[x_id])
+    return groups, {n for n, c in calls.items() if c > 1}
+
+
+@dataclasses.dataclass
+class Stats:
+    """Input statistics of one group's (shared) input."""
+    rows: int = 0
+    absmax: torch.Tensor | None = None  # [in] float64
+    abssum: torch.Tensor | None = None  # [in] float64
+    hessian: torch.Tensor | None = None  # [in, in] float64 (X^T X), when asked for
+
+    @property
+    def mean_abs(self) -> np.ndarray:
+        return (self.abssum / max(self.rows, 1)).numpy()
+
+
+def gather(model, inputs, modules: list, *, hessian: bool, stop_early: bool,
+           progress: str | None = None) -> Stats:
+    """Statistics of the input shared by `modules` over all calibration inputs."""
+    stats, seen = Stats(), set()
+
+    def hook_for(index):
+        def hook(module, args):
+            if index == 0:  # the group shares one input: count it once
+                x = args[0].detach().reshape(-1, args[0].shape[-1]).to(torch.float64)
+                stats.rows += x.shape[0]
+                a, s = x.abs().amax(0), x.abs().sum(0)
+                stats.absmax = a if stats.absmax is None else torch.maximum(stats.absmax, a)
+                stats.abssum = s if stats.abssum is None else stats.abssum + s
+                if hessian:
+                    h = x.T @ x
+                    stats.hessian = h if stats.hessian is None else stats.hessian + h
+            seen.add(index)
+            if stop_early and len(seen) == len(modules):
+                raise _Stop
+        return hook
+
+    handles = [m.register_forward_pre_hook(hook_for(i)) for i, m in enumerate(modules)]
+    try:
+        for item in _progress(inputs, progress):
+            seen.clear()
+            try:
+                _call(model, item)
+            except _Stop:
+                pass
+    finally:
+        for h in handles:
+            h.remove()
+    return stats
+
+
+def _progress(items, description):
+    if tqdm is None or description is None:
+        return items
+    return tqdm(items, desc=description, leave=False)
+
+
+def _outputs(model, item) -> list:
+    return [t.detach().float().clone() for t in _tensors(_call(model, item))]
+
+
+def _same(a: list, b: list) -> bool:
+    if len(a) != len(b):
+        return False
+    for x, y in zip(a, b):
+        if x.shape != y.shape:
+            return False
+        tol = 1e-3 * float(x.abs().max()) + 1e-6
+        if float((x - y).abs().max()) > tol:
+            return False
+    return True
+
+
+def fold(producer: torch.nn.Module, inverse_scale: torch.Tensor) -> tuple | None:
+    """Multiplies `producer`'s outputs by `inverse_scale` in its parameters; returns what
+    to restore, or None if it cannot (not a norm with an affine weight, nor a Linear)."""
+    n = inverse_scale.numel()
+    if isinstance(producer, torch.nn.Linear) and producer.out_features == n:
+        saved = (producer.weight.detach().clone(),
+                 None if producer.bias is None else producer.bias.detach().clone())
+        with torch.no_grad():
+            producer.weight.mul_(inverse_scale.to(producer.weight.dtype)[:, None])
+            if producer.bias is not None:
+                producer.bias.mul_(inverse_scale.to(producer.bias.dtype))
+        return saved
+    weight = getattr(producer, "weight", None)
+    bias = getattr(producer, "bias", None)
+    is_norm = "norm" in type(producer).__name__.lower()
+    if is_norm and isinstance(weight, torch.Tensor) and weight.shape == (n,):
+        saved = (weight.detach().clone(),
+                 bias.detach().clone() if isinstance(bias, torch.Tensor) else None)
+        with torch.no_grad():
+            weight.mul_(inverse_scale.to(weight.dtype))
+            if isinstance(bias, torch.Tensor) and bias.shape == (n,):
+                bias.mul_(inverse_scale.to(bias.dtype))
+        return saved
+    return None
+
+
+def unfold(producer: torch.nn.Module, saved: tuple) -> None:
+    with torch.no_grad():
+        producer.weight.copy_(saved[0])
+        if saved[1] is not None:
+            producer.bias.copy_(saved[1])
+
+
+def weight_error(w: np.ndarray, qw, column_scale: np.ndarray | None = None) -> float:
+    """Relative Frobenius error ``|W - W_hat| / |W|`` of a QuantizedWeight (of ``W diag(s)``
+    when `column_scale` s is given: W_hat is then its dequantized weight divided by s)."""
+    w_hat = np.asarray(qw.dequantize(), np.float64)
+    if column_scale is not None:
+        w_hat = w_hat / column_scale.astype(np.float64)
+    norm = float(np.linalg.norm(w))
+    return float(np.linalg.norm(w.astype(np.float64) - w_hat)) / (norm if norm else 1.0)
+
+
+def method_hessian_needed(method: str) -> bool:
+    return method in quantizers.CALIBRATED
+
+
+@dataclasses.dataclass
+class LayerResult:
+    """What happened to one Linear."""
+    module: torch.nn.Module  # the XlaQuantizedLinear swapped in
+    method: str  # the method used (round-to-nearest where the inputs never reached it)
+    weight_error_rtn: float  # relative Frobenius error of round-to-nearest
+    weight_error: float  # ... of the method used (scales included)
+    input_scale: str | None  # None, "folded into <module>" or "explicit"
+
+
+def quantize_linears(model, todo, *, bits: int, block_size: int, symmetric: bool,
+                     quantize_activation: bool, method: str, calibration, smoothing,
+                     smoothing_alpha: float, swap, progress: bool = True) -> dict:
+    """Quantizes the Linears `todo` ([(name, module)]) of `model`, calling `swap(name, new)`
+    for each, in run order; returns {name: LayerResult}. Inputs are checked by the caller."""
+    from torch_bridge.linear import XlaQuantizedLinear  # noqa: PLC0415  (linear imports us not)
+
+    linears = dict(todo)
+    needs_data = method in quantizers.CALIBRATED or smoothing is not None
+    inputs = check_inputs(calibration) if needs_data else None
+    with torch.no_grad():
+        if needs_data:
+            groups, repeated = trace(model, linears, inputs[0])
+        else:
+            groups, repeated = [], set()
+        ran = {n for g in groups for n in g.names}
+        groups += [Group([n], None) for n in linears if n not in ran]  # never run: no data
+        modules = dict(model.named_modules())
+        scales, where = _scales(model, inputs, groups, ran, linears, modules, repeated, method,
+                                smoothing, smoothing_alpha, bits, block_size, symmetric,
+                                progress) if (smoothing or method == "awq") else ({}, {})
+        results = {}
+        for g in groups:
+            mods = [linears[n] for n in g.names]
+            group_method = method if g.names[0] in ran else (
+                "rtn" if method in quantizers.CALIBRATED else method)
+            hessian = None
+            if group_method in quantizers.CALIBRATED:
+                stats = gather(model, inputs, mods, hessian=True,
+                               stop_early=not set(g.names) & repeated,
+                               progress=f"{group_method} {g.names[0]}" if progress else None)
+                hessian = stats.hessian.numpy()
+            for name, linear in zip(g.names, mods):
+                w = linear.weight.detach().to("cpu", torch.float32).numpy()
+                s = scales.get(name)
+                explicit = s is not None and where[name] == "explicit"
+                w_eff = w * s if explicit else w
+                h_eff = (hessian / s[:, None] / s[None, :]
+                         if (explicit and hessian is not None) else hessian)
+                qw = _quantize(w_eff, bits, block_size, symmetric, group_method, h_eff)
+                module = XlaQuantizedLinear(linear.in_features, linear.out_features,
+                                            is_symmetric=symmetric, block_size=block_size,
+                                            int4_weight=bits == 4,
+                                            quantize_activation=quantize_activation,
+                                            bias=linear.bias is not None)
+                module.load_quantized_weight(qw)
+                if linear.bias is not None:
+                    module.bias = torch.nn.Parameter(linear.bias.detach().to("cpu").clone(),
+                                                     requires_grad=linear.bias.requires_grad)
+                if explicit:
+                    module.set_input_scale(1.0 / s)
+                # Errors against the layer's float weight as the model had it before
+                # any scale: a folded (or explicit) s is undone on the result.
+                w_orig = w / s if (s is not None and not explicit) else w
+                results[name] = LayerResult(
+                    module.to(linear.weight.device), group_method,
+                    weight_error(w_orig, _quantize(w_orig, bits, block_size, symmetric, "rtn", None)),
+                    weight_error(w_orig, qw, s),
+                    None if s is None else where[name])
+                swap(name, results[name].module)
+    return results
+
+
+def _quantize(w, bits, block_size, symmetric, method, hessian):
+    from xla_qops.quantize import quantize_with_hessian  # noqa: PLC0415
+    return quantize_with_hessian(w, bits=bits, block_size=block_size, symmetric=symmetric,
+                                 method=method, hessian=hessian)
+
+
+def _scales(model, inputs, groups, ran, linears, modules, repeated, method, smoothing, alpha,
+            bits, block_size, symmetric, progress):
+    """Phase 2 (module docstring): {name: s}, {name: "folded into X" | "explicit"}."""
+    scales, where = {}, {}
+    reference = None
+    for g in groups:
+        if g.names[0] not in ran:
+            continue  # the calibration inputs never reach it: no statistics
+        mods = [linears[n] for n in g.names]
+        stats = gather(model, inputs, mods, hessian=method == "awq" and not smoothing,
+                       stop_early=not set(g.names) & repeated,
+                       progress=f"scales {g.names[0]}" if progress else None)
+        if stats.rows == 0:
+            continue  # never run
+        w_cat = np.concatenate([m.weight.detach().to("cpu", torch.float32).numpy() for m in mods])
+        if smoothing:
+            s = awq.smoothquant_scales(stats.absmax.numpy(), w_cat, alpha)
+        else:
+            s = awq.scale_search(w_cat, stats.hessian.numpy(), stats.mean_abs, bits, block_size,
+                                 symmetric)
+        if np.all(s == 1):
+            continue
+        place = "explicit"
+        producer = modules.get(g.producer) if g.producer is not None else None
+        if producer is not None:
+            if reference is None:
+                reference = _outputs(model, inputs[0])
+            inverse = torch.from_numpy(1.0 / s)
+            saved = fold(producer, inverse)
+            if saved is not None:
+                originals = [m.weight.detach().clone() for m in mods]
+                for m in mods:
+                    m.weight.mul_(torch.from_numpy(s).to(m.weight.dtype))
+                if _same(reference, _outputs(model, inputs[0])):
+                    place = f"folded into {g.producer}"
+                else:
+                    unfold(producer, saved)
+                    for m, original in zip(mods, originals):
+                        m.weight.copy_(original)
+        for n in g.names:
+            scales[n], where[n] = s, place
+    return scales, where

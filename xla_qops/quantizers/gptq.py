@@ -1,0 +1,109 @@
+"""GPTQ: error-compensating rounding with the inverse Hessian of the inputs.
+
+Frantar et al., "GPTQ: Accurate Post-Training Quantization for Generative
+Pre-trained Transformers" (2022). For a layer ``y = x W^T`` the output error
+of a weight error D is ``tr(D H D^T)`` with ``H = X^T X`` (X the layer's
+inputs, ``[n, in]``). Columns are rounded one at a time (in order of
+decreasing ``H_jj`` with `act_order`: the most used features first); the
+rounding error of column j, divided by the pivot of the upper Cholesky
+factor U of ``H^-1``, is subtracted from the columns not yet rounded along
+U's row j, which is the least-squares compensation for it.
+
+Grid: each group's scale and zero point are round-to-nearest's, from the
+original weight ("static groups"), so groups stay contiguous in API.md's
+layout whatever the column order (act-order checkpoints elsewhere carry a
+permutation instead). Dampening: ``H += damp * mean(diag H) * I``; features
+no sample ever used (``H_jj = 0``) get ``H_jj = 1`` and weight 0 in the
+compensation (their value cannot matter to the outputs); if the Cholesky
+factorisation still fails (rank-deficient inputs), the dampening grows
+tenfold until it succeeds.
+
+Memory: H, its permuted copy and U are ``[in, in]`` float64 (the copy is
+freed once U is made); the weight is processed in chunks of output rows
+(the algorithm treats rows independently, so chunking changes no result),
+each in float64.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from xla_qops.quantizers import grid
+
+DAMP = 0.01
+BLOCK = 128  # columns whose compensation within the block is applied eagerly
+
+
+def hessian(x: np.ndarray) -> np.ndarray:
+    """``X^T X`` (float64) of layer inputs ``[n, in]``."""
+    x = np.asarray(x, np.float64).reshape(-1, np.shape(x)[-1])
+    return x.T @ x
+
+
+def inverse_cholesky(h: np.ndarray, damp: float = DAMP) -> np.ndarray:
+    """Upper U with ``U^T U = (H + damp * mean(diag H) * I)^-1``; H (float64, free of dead
+    columns) is damped in place. The dampening grows tenfold while H stays singular."""
+    base = float(np.mean(np.diag(h)))
+    base = base if base > 0 else 1.0
+    diagonal = np.einsum("ii->i", h)  # a writable view of the diagonal
+    added = 0.0
+    for attempt in range(8):
+        step = damp * 10 ** attempt * base
+        diagonal += step - added
+        added = step
+        try:
+            np.linalg.cholesky(h)  # positive definite? (the factor itself is not kept)
+            return np.linalg.cholesky(np.linalg.inv(h)).T
+        except np.linalg.LinAlgError:
+            continue
+    raise np.linalg.LinAlgError("calibration: the inputs' Hessian stays singular after "
+                                "dampening; pass more (or less degenerate) samples")
+
+
+def quantize(w: np.ndarray, h: np.ndarray, bits: int, block_size: int, symmetric: bool, *,
+             act_order: bool = True, damp: float = DAMP):
+    """GPTQ of a float32 ``[out, in]`` with ``H = X^T X`` ``[in, in]``: (q, scale, zero_point),
+    groups form (see grid)."""
+    out_features, in_features = w.shape
+    _, scale, zero_point = grid.round_to_nearest(w, bits, block_size, symmetric)
+    diag = np.diag(h)
+    dead = diag == 0
+    diag = np.where(dead, 1.0, diag)  # a dead feature is ordered as if H_jj were 1
+    order = np.argsort(-diag, kind="stable") if act_order else np.arange(in_features)
+    hp = np.asarray(h, np.float64)[np.ix_(order, order)]  # the one copy of H made here
+    hp[dead[order], dead[order]] = 1.0
+    u = inverse_cholesky(hp, damp)
+    del hp
+    group_of = (order // block_size) if block_size != -1 else np.zeros(in_features, np.int64)
+    qmin, qmax = grid.QRANGE[bits]
+    s = scale.astype(np.float64)  # [G, out]
+    z = np.zeros_like(s) if zero_point is None else zero_point.astype(np.float64)
+    q = np.empty((out_features, in_features), np.int8)
+    rows = grid.rows_per_chunk(out_features, in_features)
+    for r0 in range(0, out_features, rows):
+        r1 = min(r0 + rows, out_features)
+        wc = w[r0:r1][:, order].astype(np.float64)
+        wc[:, dead[order]] = 0.0
+        qc = _columns(wc, u, s[:, r0:r1], z[:, r0:r1], group_of, qmin, qmax)
+        q[r0:r1, order] = qc
+    grouped_q = grid.to_groups(q, block_size)
+    return np.ascontiguousarray(grouped_q), scale, zero_point
+
+
+def _columns(wc, u, s, z, group_of, qmin, qmax):
+    """The column loop on one chunk of rows (in processing order), in place on wc."""
+    n = wc.shape[1]
+    qc = np.empty(wc.shape, np.int8)
+    for i1 in range(0, n, BLOCK):
+        i2 = min(i1 + BLOCK, n)
+        errors = np.empty((wc.shape[0], i2 - i1))
+        for i in range(i1, i2):
+            g = group_of[i]
+            col = wc[:, i]
+            qi = np.clip(np.rint((col + z[g]) / s[g]), qmin, qmax)
+            qc[:, i] = qi
+            err = (col - (s[g] * qi - z[g])) / u[i, i]
+            wc[:, i + 1:i2] -= np.outer(err, u[i, i + 1:i2])
+            errors[:, i - i1] = err
+        wc[:, i2:] -= errors @ u[i1:i2, i2:]
+    return qc
