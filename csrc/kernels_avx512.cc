@@ -1081,6 +1081,21 @@ struct SweepCursor {
   }
 };
 
+// The wide form's unpacking of one tile's sweep (ns steps) into wb, with
+// this tile's share (lines_per_tile, from the cursor's line on) of the next
+// sweep's prefetches spread over the steps.
+template <int64_t S, class UnpackStep>
+inline void unpack_sweep(__m512i (&wb)[S][4], int64_t ns, const UnpackStep& unpack_step,
+                         SweepCursor cursor, int64_t lines_per_tile, int64_t sweep_lines) {
+  const int64_t end = cursor.line_index + lines_per_tile < sweep_lines
+                          ? cursor.line_index + lines_per_tile : sweep_lines;
+  const int64_t per = (lines_per_tile + ns - 1) / ns;
+  for (int64_t s = 0; s < ns; ++s) {
+    unpack_step(s, wb[s]);
+    for (int64_t i = 0; i < per && cursor.line_index < end; ++i) cursor.fetch();
+  }
+}
+
 // Groups [g0, g1) of the columns of tiles [t0, t1) (one K slice of one column
 // block) into part[m][N]. The slice is one contiguous run of memory; a block
 // reads the same columns of each of its rows, in address order: a sweep
@@ -1152,13 +1167,9 @@ void stream_a16_t(const Problem& p, const XA16& xa, int64_t g0, int64_t g1, int6
         };
         if constexpr (R == 0) {  // wide: unpack the sweep once, then every row group
           alignas(64) __m512i wb[SP][4];
-          const int64_t la = (t - t0) * lines_per_tile, per = (lines_per_tile + ns - 1) / ns;
-          const int64_t lb = la + lines_per_tile < sweep_lines ? la + lines_per_tile : sweep_lines;
-          SweepCursor cursor(next, N, block_lines, la);
-          for (int64_t s = 0; s < ns; ++s) {
-            unpack_step(s, wb[s]);
-            for (int64_t i = 0; i < per && cursor.line_index < lb; ++i) cursor.fetch();
-          }
+          unpack_sweep(wb, ns, unpack_step,
+                       SweepCursor(next, N, block_lines, (t - t0) * lines_per_tile),
+                       lines_per_tile, sweep_lines);
           if (first && last && xa.T == 1) {  // the whole group in one sweep: fused epilogue
             const FusedEpilogue ep{part + n0, N, p.groups, sg + n0, zg ? zg + n0 : nullptr,
                                    xa.xsum + g, nullptr, nullptr, nullptr, 0,
@@ -1340,13 +1351,9 @@ void stream_a8_t(const Problem& p, const XA8& xa, int64_t g0, int64_t g1, int64_
         };
         if constexpr (R == 0) {  // wide: unpack the sweep once, then every row group
           alignas(64) __m512i wb[kStreamQuads][4];
-          const int64_t la = (t - t0) * lines_per_tile, per = (lines_per_tile + ns - 1) / ns;
-          const int64_t lb = la + lines_per_tile < sweep_lines ? la + lines_per_tile : sweep_lines;
-          SweepCursor cursor(next, N, block_lines, la);
-          for (int64_t s = 0; s < ns; ++s) {
-            unpack_step(s, wb[s]);
-            for (int64_t i = 0; i < per && cursor.line_index < lb; ++i) cursor.fetch();
-          }
+          unpack_sweep(wb, ns, unpack_step,
+                       SweepCursor(next, N, block_lines, (t - t0) * lines_per_tile),
+                       lines_per_tile, sweep_lines);
           if (first && last) {  // the whole group in one sweep: fused epilogue
             const FusedEpilogue ep{part + n0, N, p.groups, sg + n0, zg ? zg + n0 : nullptr,
                                    nullptr, xa.xs + g, xa.xzs + g, xa.sq + g, bias,

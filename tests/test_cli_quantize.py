@@ -178,3 +178,63 @@ def test_real_minilm_loads_into_swapped_bert(tmp_path, capsys):
     with torch.no_grad():
         a, b = flt(ids).last_hidden_state.mean(1), q(ids).last_hidden_state.mean(1)
     assert torch.nn.functional.cosine_similarity(a, b).item() > 0.99
+
+
+def test_method_hqq_on_a_file(model_file, tmp_path, capsys):
+    src, tensors = model_file
+    out = tmp_path / "hqq.safetensors"
+    assert main(["quantize", str(src), str(out), "--scheme", "w4a16", "--block-size", "32",
+                 "--method", "hqq", "--no-progress"]) == 0
+    assert "method hqq" in capsys.readouterr().out
+    assert json.loads(_metadata(out)["xla_qops.quantize"])["method"] == "hqq"
+    weights = checkpoint.load_quantized(str(out)).weights
+    expected = xla_qops.quantize_weight(tensors["head.weight"], bits=4, block_size=32,
+                                        method="hqq")
+    np.testing.assert_array_equal(np.asarray(weights["head"].w), np.asarray(expected.w))
+
+
+def test_calibrated_method_errors(model_file, tmp_path, capsys):
+    src, _ = model_file
+    out = str(tmp_path / "o.safetensors")
+    assert main(["quantize", str(src), out, "--method", "gptq", "--no-progress"]) == 2
+    assert "calibration: method='gptq' needs calibration" in capsys.readouterr().err
+    sentences = tmp_path / "s.txt"
+    sentences.write_text("one sentence\n")
+    assert main(["quantize", str(src), out, "--method", "gptq", "--calibration", str(sentences),
+                 "--no-progress"]) == 2
+    assert "the input must be a model directory with a config.json" in capsys.readouterr().err
+
+
+@pytest.mark.torch
+def test_gptq_with_token_ids_matches_quantize_model(tmp_path, capsys):
+    """--method gptq --calibration ids.safetensors on a tiny BERT directory gives the
+    weights torch_bridge.quantize_model gives the same model with the same inputs."""
+    import torch
+    import transformers
+    from safetensors.torch import save_file as save_torch
+
+    import torch_bridge
+
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2,
+                                     num_attention_heads=4, intermediate_size=128)
+    model = transformers.BertModel(config).eval()
+    model_dir = tmp_path / "bert"
+    model.save_pretrained(model_dir)
+    ids = torch.randint(0, 100, (40, 12))
+    save_torch({"input_ids": ids}, str(tmp_path / "ids.safetensors"))
+    out = tmp_path / "q.safetensors"
+    assert main(["quantize", str(model_dir), str(out), "--scheme", "w4a16", "--block-size", "32",
+                 "--method", "gptq", "--calibration", str(tmp_path / "ids.safetensors"),
+                 "--no-progress"]) == 0
+    assert "method gptq" in capsys.readouterr().out
+    weights = checkpoint.load_quantized(str(out)).weights
+    ours = torch_bridge.quantize_model(
+        transformers.BertModel.from_pretrained(model_dir).eval(), scheme="w4a16", block_size=32,
+        method="gptq", progress=False,
+        calibration=[{"input_ids": ids[i:i + 16]} for i in range(0, 40, 16)])
+    for name in ("encoder.layer.0.attention.self.query", "encoder.layer.1.output.dense"):
+        module = ours.get_submodule(name)
+        np.testing.assert_array_equal(np.asarray(weights[name].w), module.weight.numpy())
+        np.testing.assert_array_equal(np.asarray(weights[name].scale),
+                                      module.weight_scaler.numpy())

@@ -181,3 +181,31 @@ def test_input_scale_validation():
     assert "input_scale" in layer.state_dict() and "input_scale" in repr(layer)
     layer.set_input_scale(None)
     assert "input_scale" not in layer.state_dict()
+
+
+def test_llama_folds_into_its_rmsnorms():
+    """A pre-norm decoder: q/k/v and gate/up take their scale into the RMSNorm before them;
+    o_proj and down_proj (attention and SiLU-gate outputs) keep an explicit one."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128,
+                                      num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2)
+    model = transformers.LlamaForCausalLM(config).eval()
+    ids = [torch.randint(0, 128, (2, 16)) for _ in range(4)]
+    held_out = torch.randint(0, 128, (2, 16))
+    with torch.no_grad():
+        reference = model(held_out).logits
+    torch_bridge.quantize_model(model, scheme="w8a8", smoothing="smoothquant", calibration=ids,
+                                progress=False)
+    where = {layer.name: layer.input_scale
+             for layer in torch_bridge.quantization_report(model).swapped}
+    for i in range(2):
+        prefix = f"model.layers.{i}."
+        for name in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
+            assert where[prefix + name] == f"folded into {prefix}input_layernorm"
+        for name in ("mlp.gate_proj", "mlp.up_proj"):
+            assert where[prefix + name] == f"folded into {prefix}post_attention_layernorm"
+        assert where[prefix + "self_attn.o_proj"] == where[prefix + "mlp.down_proj"] == "explicit"
+    with torch.no_grad():
+        assert rel_err(model(held_out).logits, reference) < 0.02

@@ -34,7 +34,9 @@ from collections.abc import Iterable, Mapping
 import numpy as np
 import torch
 
+from torch_bridge.linear import XlaQuantizedLinear
 from xla_qops import quantizers
+from xla_qops.quantize import quantize_with_hessian
 from xla_qops.quantizers import awq
 
 try:
@@ -259,10 +261,6 @@ def weight_error(w: np.ndarray, qw, column_scale: np.ndarray | None = None) -> f
     return float(np.linalg.norm(w.astype(np.float64) - w_hat)) / (norm if norm else 1.0)
 
 
-def method_hessian_needed(method: str) -> bool:
-    return method in quantizers.CALIBRATED
-
-
 @dataclasses.dataclass
 class LayerResult:
     """What happened to one Linear."""
@@ -278,8 +276,6 @@ def quantize_linears(model, todo, *, bits: int, block_size: int, symmetric: bool
                      smoothing_alpha: float, swap, progress: bool = True) -> dict:
     """Quantizes the Linears `todo` ([(name, module)]) of `model`, calling `swap(name, new)`
     for each, in run order; returns {name: LayerResult}. Inputs are checked by the caller."""
-    from torch_bridge.linear import XlaQuantizedLinear  # noqa: PLC0415  (linear imports us not)
-
     linears = dict(todo)
     needs_data = method in quantizers.CALIBRATED or smoothing is not None
     inputs = check_inputs(calibration) if needs_data else None
@@ -337,7 +333,6 @@ def quantize_linears(model, todo, *, bits: int, block_size: int, symmetric: bool
 
 
 def _quantize(w, bits, block_size, symmetric, method, hessian):
-    from xla_qops.quantize import quantize_with_hessian  # noqa: PLC0415
     return quantize_with_hessian(w, bits=bits, block_size=block_size, symmetric=symmetric,
                                  method=method, hessian=hessian)
 

@@ -255,9 +255,12 @@ def calibrated_weights(model_dir: str, calibration: str, layer_names, *, bits: i
 
     import xla_qops
     from torch_bridge import calibrate
+    from torch_bridge.swap import linear_holders
+
+    import torch
 
     model = load_float_model(model_dir)
-    modules = {n: m for n, m in model.named_modules() if m.__class__.__name__ == "Linear"}
+    modules = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     matched = {}
     for layer in layer_names:
         hits = [n for n in modules if layer == n or layer.endswith("." + n) or n.endswith("." + layer)]
@@ -266,11 +269,17 @@ def calibrated_weights(model_dir: str, calibration: str, layer_names, *, bits: i
                              f"{model_dir}/config.json to match it, found {len(hits)}"
                              f"{': ' + ', '.join(hits) if hits else ''}")
         matched[hits[0]] = layer
+    holders = linear_holders(model)
+
+    def swap(name, quantized):  # later layers calibrate on the quantized earlier ones
+        for parent, attr in holders[id(modules[name])]:
+            setattr(parent, attr, quantized)
+
     results = calibrate.quantize_linears(
         model, [(n, modules[n]) for n in matched], bits=bits, block_size=block_size,
         symmetric=symmetric, quantize_activation=quantize_activation, method=method,
         calibration=calibration_inputs(calibration, model_dir), smoothing=None,
-        smoothing_alpha=0.5, swap=lambda name, module: None, progress=progress)
+        smoothing_alpha=0.5, swap=swap, progress=progress)
     out = {}
     for name, layer in matched.items():
         m = results[name].module
