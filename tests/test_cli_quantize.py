@@ -77,7 +77,7 @@ def test_quantize_w4_blockwise_asymmetric(model_file, tmp_path, capsys):
         np.testing.assert_array_equal(loaded.tensors[name], tensors[name])
     settings = json.loads(_metadata(out)["xla_qops.quantize"])
     assert settings == {"scheme": "w4a16", "block_size": 32, "symmetric": False,
-                        "source": "model.safetensors"}
+                        "source": "model.safetensors", "method": "rtn"}
 
 
 def test_filter_skip_and_activation_scheme(model_file, tmp_path, capsys):

@@ -1,7 +1,7 @@
 """Calibrated quantization of a torch model's Linear layers (quantize_model's engine).
 
-The model is run on the calibration inputs with forward hooks on its
-`nn.Linear`s, on CPU, under `torch.no_grad()`:
+The model is run on the calibration inputs (on its own device) with
+forward hooks on its `nn.Linear`s, under `torch.no_grad()`:
 
 1. One pass on the first input records the order in which the Linears run,
    which of them read the very same input tensor (q/k/v, gate/up: a "group",
@@ -16,10 +16,11 @@ The model is run on the calibration inputs with forward hooks on its
    are unchanged (a producer whose output also feeds a residual connection
    fails this), otherwise the group's modules get an explicit
    `XlaQuantizedLinear.set_input_scale(1/s)`.
-3. Quantization, per group in run order. GPTQ gathers each group's ``X^T X``
-   with every earlier group already quantized (the inputs the quantized
-   model will really see); AWQ's clip search reuses step 2's statistics; RTN
-   and HQQ need no data. The group's Linears are then swapped.
+3. Quantization, per group in run order. GPTQ and AWQ's clip search gather
+   each group's ``X^T X`` with every earlier group already quantized (the
+   inputs the quantized model will really see; for AWQ that is a second
+   pass per group after step 2's); RTN and HQQ need no data. The group's
+   Linears are then swapped.
 
 Each gathering pass stops a forward as soon as the group's Linears have run
 (unless a Linear runs twice in one forward), so GPTQ costs about half a

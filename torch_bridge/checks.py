@@ -157,3 +157,22 @@ def block_size(value) -> int:
     if value != -1 and value <= 0:
         raise ValueError(f"block_size: expected -1 (per-channel) or a positive int, got {value}")
     return value
+
+
+SMOOTHING = ("smoothquant",)
+
+
+def smoothing(value, alpha, scheme_name: str, quantize_activation: bool,
+              calibration_given: bool) -> None:
+    """quantize_model's `smoothing` / `smoothing_alpha` (None: nothing to check)."""
+    if value is None:
+        return
+    if value not in SMOOTHING:
+        raise ValueError(f"smoothing: expected None or 'smoothquant', got {value!r}")
+    if not quantize_activation:
+        raise ValueError(f"smoothing: 'smoothquant' is for schemes that quantize activations "
+                         f"(w8a8, w4a8), got scheme={scheme_name!r}")
+    if not calibration_given:
+        raise ValueError("calibration: smoothing='smoothquant' needs calibration inputs, got None")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1:
+        raise ValueError(f"smoothing_alpha: expected a number in [0, 1], got {alpha!r}")

@@ -136,9 +136,6 @@ def _skip_reason(name, module, parents, block_size, filter_fn):
     return None
 
 
-SMOOTHING = ("smoothquant",)
-
-
 def quantize_model(model, *, scheme: str = "w8a16", block_size: int = -1,
                    symmetric: bool = True, filter_fn=None, method: str = "rtn",
                    calibration=None, smoothing: str | None = None,
@@ -178,18 +175,8 @@ def quantize_model(model, *, scheme: str = "w8a16", block_size: int = -1,
     if filter_fn is not None and not callable(filter_fn):
         raise TypeError(f"filter_fn: expected a callable(name, module) or None, "
                         f"got {type(filter_fn).__name__}")
-    if smoothing is not None:
-        if smoothing not in SMOOTHING:
-            raise ValueError(f"smoothing: expected None or 'smoothquant', got {smoothing!r}")
-        if not quantize_activation:
-            raise ValueError(f"smoothing: 'smoothquant' is for schemes that quantize "
-                             f"activations (w8a8, w4a8), got scheme={scheme!r}")
-        if calibration is None:
-            raise ValueError("calibration: smoothing='smoothquant' needs calibration inputs, "
-                             "got None")
-        if not isinstance(smoothing_alpha, (int, float)) or not 0 <= smoothing_alpha <= 1:
-            raise ValueError(f"smoothing_alpha: expected a number in [0, 1], got "
-                             f"{smoothing_alpha!r}")
+    checks.smoothing(smoothing, smoothing_alpha, scheme, quantize_activation,
+                     calibration is not None)
     needs_data = method in quantizers.CALIBRATED or smoothing is not None
     check_method(method, calibration is not None, allow_unused=smoothing is not None)
     inputs = calibrate.check_inputs(calibration) if needs_data else None

@@ -11,7 +11,8 @@ Each case: the median of several runs of impl="custom_call" and of every peer
 (xla_qops/bench/peers.py), reported as peer time / our time, plus our
 effective GB/s (weight, scale and zero-point bytes / time). The fast peers run
 in turn within each repetition (the memory bandwidth here drifts by up to 2x
-over seconds; each takes three untimed calls before its timed one). `make
+over seconds; each takes untimed calls, three and at least 4 ms of them,
+before its timed one). `make
 bench` runs torch with its default OpenMP wait policy (its workers spin
 between calls: its fastest), GOMP_SPINCOUNT=20000 so that they stop spinning
 soon after torch's turn, and GLIBC_TUNABLES=glibc.malloc.hugetlb=1 so that
@@ -97,22 +98,34 @@ def _median_time(step, reps, warmup=2):
     return statistics.median(times)
 
 
-def _interleaved_medians(steps: dict, reps: int, warm: int = 3) -> dict:
+# Untimed calls of a turn last at least this long: torch's OpenMP workers keep
+# spinning after its turn (GOMP_SPINCOUNT=20000 is about 2 ms here) and took
+# the cores from the next peer's threads: the custom call's 4096x4096 M=1
+# decode timed 0.33 ms three calls after a torch turn, 0.21 ms after 4 ms of
+# calls, 0.19 ms with no torch in the process.
+WARM_SECONDS = 0.004
+
+
+def _interleaved_medians(steps: dict, reps: int, warm: int = 3,
+                         warm_seconds: float = WARM_SECONDS) -> dict:
     """Median time of each step; the steps take turns within every repetition.
 
     This machine's memory bandwidth drifts by up to 2x over seconds (other
     tenants): timing all of one implementation's runs and then the next's
-    would put that drift into the ratios. Each turn runs `warm` untimed calls
-    first, so every step is timed as in a model's consecutive layers, with its
-    own threads awake. (Pausing between turns made every peer erratic here:
-    idle virtual CPUs come back slowly.)"""
+    would put that drift into the ratios. Each turn runs untimed calls first
+    (at least `warm`, and for at least `warm_seconds`), so every step is timed
+    as in a model's consecutive layers, with its own threads awake and the
+    previous peer's threads gone quiet. (Pausing between turns made every
+    peer erratic here: idle virtual CPUs come back slowly.)"""
     times = {name: [] for name in steps}
     call = 0
     for _ in range(reps):
         for name, step in steps.items():
-            for _ in range(warm):
+            start, n = time.perf_counter(), 0
+            while n < warm or time.perf_counter() - start < warm_seconds:
                 step(call)
                 call += 1
+                n += 1
             t = time.perf_counter()
             step(call)
             times[name].append(time.perf_counter() - t)
@@ -254,7 +267,8 @@ def run(args) -> int:
         "# `xla-qops bench` results",
         f"Machine: {info}; load average at the end {os.getloadavg()[0]:.1f}. Times are medians; ratios are peer time / our time from the "
         "same run (> 1 means ours is faster); the fast peers take turns within every "
-        "repetition, each turn three untimed calls then a timed one (impl=\"xla\" and "
+        "repetition, each turn untimed calls (three, and at least 4 ms of them: torch's "
+        "OpenMP workers spin after its turn) then a timed one (impl=\"xla\" and "
         "torch_xla are timed separately). GB/s counts the weight, scale and zero-point "
         "bytes read. Decode rows (M <= 16) rotate through distinct weights totalling more "
         "than twice the LLC, and their % is of the read bandwidth of a torch sum over the "
