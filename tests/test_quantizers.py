@@ -16,7 +16,7 @@ import pytest
 import numpy_reference as ref
 import xla_qops
 from xla_qops import quantizers
-from xla_qops.quantizers import awq, gptq, grid, hqq
+from xla_qops.quantizers import gptq, grid, hqq
 
 LAYOUTS = [(4, -1, True), (4, 32, True), (4, 32, False), (8, -1, False), (8, 16, True)]
 layout_ids = [f"w{b}-{'pc' if bs == -1 else f'g{bs}'}-{'sym' if s else 'asym'}"

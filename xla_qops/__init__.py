@@ -5,11 +5,13 @@ Public API (see docs/ and API.md):
     quantized_matmul(x, w, scale, zero_point=None, block_size=-1,
                      int4_weight=False, quantize_activation=False, *, impl="auto")
     Impl, IMPLS         the impl names (a Literal type and its values)
-    quantize_weight(w, *, bits=8, block_size=-1, symmetric=True, pack=True)
+    quantize_weight(w, *, bits=8, block_size=-1, symmetric=True, pack=True,
+                    method="rtn", calibration=None)
     QuantizedWeight
 
 Submodules: `xla_qops.interop` (GPTQ, AWQ, HQQ, int4pack, MLX importers),
-`xla_qops.checkpoint` (safetensors), `xla_qops.sharding` (sharded matmul).
+`xla_qops.checkpoint` (safetensors), `xla_qops.sharding` (sharded matmul),
+`xla_qops.quantizers` (the quantization methods), `xla_qops.data` (sentence sets).
 """
 
 from xla_qops.api import quantized_matmul

@@ -17,6 +17,11 @@ is copied unchanged. Output tensor names are a module-swapped model's
 ``<layer>.zero_point`` (with ``--asymmetric``), ``<layer>.bias``; the
 per-layer scheme goes into the safetensors metadata (`xla_qops.checkpoint`).
 
+``--method`` picks the quantizer (docs/quantizers.md): ``rtn`` and ``hqq`` work
+on each tensor alone; ``gptq`` and ``awq`` need ``--calibration`` and a model
+directory with a ``config.json``, from which the float model is built
+(transformers) and run on the calibration inputs (`calibrated_weights`).
+
 A block size that does not divide a layer's input features is an error
 naming every such layer, unless ``--skip-indivisible`` keeps those layers in
 float (and says so in the report).
