@@ -56,3 +56,42 @@ def test_eager_and_jax_paths_generate_the_same_tokens(base):
     jax_run = decoder.JaxGenerator(model, prompt, 5)()
     assert eager.tokens.shape == jax_run.tokens.shape == (1, 5)
     np.testing.assert_array_equal(eager.tokens, jax_run.tokens)
+
+
+def test_jax_path_keeps_a_bfloat16_model_in_bfloat16(base, monkeypatch):
+    # torchax 0.0.7's attention returns float32 for bfloat16 inputs; the JAX
+    # path's registration casts it back, so every quantized Linear sees the
+    # bfloat16 activations eager torch gives it (and A16 runs its bf16 form).
+    import xla_qops
+    seen = []
+    real = xla_qops.quantized_matmul
+
+    def spy(x, *args, **kwargs):
+        seen.append(str(x.dtype))
+        return real(x, *args, **kwargs)
+    monkeypatch.setattr(xla_qops, "quantized_matmul", spy)
+    v = decoder.Variant("xla_qops", "jax", "w4a16", 128, True, True)
+    model = decoder.make_variant(base, v)  # bf16, every Linear and lm_head quantized
+    prompt = np.random.default_rng(1).integers(3, 512, (2, 6)).astype(np.int64)
+    decoder.JaxGenerator(model, prompt, 3)()
+    assert len(seen) >= 7 and set(seen) == {"bfloat16"}
+
+
+def test_jax_path_attention_matches_torch_in_bfloat16():
+    import torch
+    import torchax
+
+    from xla_qops.commands.demo_model import _register_op_with_torchax
+    _register_op_with_torchax()
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 5, 16, generator=g).bfloat16() for _ in range(3))
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    env = torchax.tensor.Environment()
+    with env:
+        got = torch.nn.functional.scaled_dot_product_attention(
+            *(t.to("jax") for t in (q, k, v)), is_causal=True)
+        dtype, got = got.dtype, got.float().to("cpu")
+    assert dtype == torch.bfloat16
+    # Both round a float32 computation to bfloat16 once: at most 1 ulp apart
+    # (2**-7 relative) where the float32 results straddle a rounding point.
+    np.testing.assert_allclose(got.numpy(), want.float().numpy(), rtol=2 ** -7, atol=2 ** -7)

@@ -16,6 +16,7 @@ and the time per forward on four execution paths:
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import os
 import statistics
@@ -79,10 +80,21 @@ def _median_ms(fn, runs):
 
 @functools.cache
 def _register_op_with_torchax():
-    """Teaches torchax that torch.ops.xla.quantized_matmul is xla_qops' op."""
-    import torch
-    from torchax.ops import ops_registry
+    """Teaches torchax that torch.ops.xla.quantized_matmul is xla_qops' op.
 
+    Also keeps scaled_dot_product_attention's output in the query's dtype, as
+    torch does: torchax 0.0.7 returns float32 for bfloat16 inputs (its
+    reference multiplies by a Python float, which JAX promotes; google/torchax
+    issue 31, fixed in later releases). Without that, a bfloat16 model's
+    activations turn float32 from the first attention on, and every A16
+    matmul after it runs the float32 form (three bfloat16 terms of x, three
+    times the arithmetic): a Llama's batch-4 decode step took 1.7x as long.
+    Call before creating the torchax environment (it loads ops at creation).
+    """
+    import torch
+    from torchax.ops import jtorch, ops_registry  # noqa: F401 (jtorch registers torch's ops)
+
+    import torch_bridge  # noqa: F401 (defines torch.ops.xla.quantized_matmul)
     import xla_qops
 
     def quantized_matmul(x, w, scale, zero_point=None, block_size=-1, int4_weight=False,
@@ -92,6 +104,21 @@ def _register_op_with_torchax():
 
     ops_registry.register_torch_dispatch_op(torch.ops.xla.quantized_matmul.default,
                                             quantized_matmul)
+    for registry, op in ((ops_registry.all_torch_functions,
+                          torch.nn.functional.scaled_dot_product_attention),
+                         (ops_registry.all_aten_ops, torch.ops.aten.scaled_dot_product_attention)):
+        if op in registry:
+            registry[op] = _in_query_dtype(registry[op])
+
+
+def _in_query_dtype(operator):
+    """The torchax operator with its result cast to its first argument's dtype."""
+    inner, on_jax = operator.func, operator.is_jax_function
+
+    def attention(query, *args, **kwargs):
+        out = inner(query, *args, **kwargs)
+        return out.astype(query.dtype) if on_jax else out.to(query.dtype)
+    return dataclasses.replace(operator, func=attention)
 
 
 def _jax_forward(model, inputs):
