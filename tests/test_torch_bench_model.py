@@ -95,3 +95,12 @@ def test_jax_path_attention_matches_torch_in_bfloat16():
     # Both round a float32 computation to bfloat16 once: at most 1 ulp apart
     # (2**-7 relative) where the float32 results straddle a rounding point.
     np.testing.assert_allclose(got.numpy(), want.float().numpy(), rtol=2 ** -7, atol=2 ** -7)
+
+
+def test_torch_xla_device_rows_are_the_documented_variants():
+    # One child process per row (bench_model._xla_device_in_child); each
+    # builds its variant from the row's index.
+    from xla_qops.commands import bench_model
+    names = [bench_model.xla_device_row(i).name for i in range(len(bench_model.XLA_DEVICE_ROWS))]
+    assert names == ["bf16 torch [xla]", "xla-qops W4A16 g128 +lm_head [xla]",
+                     "xla-qops W8A16 pc +lm_head [xla]"]

@@ -84,16 +84,28 @@ def run(args) -> int:
 # dozens of XLA:CPU executables (the JAX rows), and torch_xla's compilations
 # on top of them exhausted the memory mappings LLVM needs ("LLVM compilation
 # error: Cannot allocate memory", then a crash).
+# One child process per variant: torch_xla's CPU client keeps every compiled
+# executable's JIT mappings, and the second variant's compilations ran out of
+# them ("LLVM compilation error: Cannot allocate memory", then SIGSEGV).
+XLA_DEVICE_ROWS = (("bf16", None, -1), ("xla_qops", "w4a16", 128), ("xla_qops", "w8a16", -1))
+
+
+def xla_device_row(index: int) -> decoder.Variant:
+    """The torch_xla device section's variant number `index` (lm_head quantized too)."""
+    kind, scheme, block_size = XLA_DEVICE_ROWS[index]
+    if kind == "bf16":
+        return decoder.Variant(kind, "xla")
+    return decoder.Variant(kind, "xla", scheme, block_size, True, True)
+
 _XLA_CHILD = """
 import dataclasses, json, sys
 from xla_qops.bench import decoder
-layers, prefill, decode = (int(v) for v in sys.argv[1:4])
+from xla_qops.commands.bench_model import xla_device_row
+layers, prefill, decode, index = (int(v) for v in sys.argv[1:5])
+row = xla_device_row(index)
 base = decoder.build_model(layers)
-rows = [decoder.Variant("bf16", "xla")] + [decoder.Variant("xla_qops", "xla", s, b, True, True)
-                                         for s, b in (("w4a16", 128), ("w8a16", -1))]
-for r in decoder.measure_xla_device(base, rows, prefill=prefill, decode=decode):
-    d = dataclasses.asdict(r)
-    print("RESULT " + json.dumps(d), flush=True)
+for r in decoder.measure_xla_device(base, [row], prefill=prefill, decode=decode):
+    print("RESULT " + json.dumps(dataclasses.asdict(r)), flush=True)
 """
 
 
@@ -102,20 +114,30 @@ def _xla_device_in_child(layers, prefill, decode):
     import subprocess
     import sys
     env = dict(os.environ, PJRT_DEVICE=os.environ.get("PJRT_DEVICE", "CPU"))
-    proc = subprocess.run([sys.executable, "-c", _XLA_CHILD, str(layers), str(prefill),
-                           str(decode)], env=env, capture_output=True, text=True)
     rows = []
-    for line in proc.stdout.splitlines():
-        if line.startswith("RESULT "):
-            d = json.loads(line[len("RESULT "):])
-            d["variant"] = decoder.Variant(**d["variant"])
-            rows.append(decoder.XlaDeviceResult(**d))
-        elif line.strip():
-            print(line, flush=True)
-    if proc.returncode != 0:
-        print(f"torch_xla device section failed (exit {proc.returncode}): "
-              f"{proc.stderr[-2000:]}", flush=True)
+    for index in range(len(XLA_DEVICE_ROWS)):
+        proc = subprocess.run([sys.executable, "-c", _XLA_CHILD, str(layers), str(prefill),
+                               str(decode), str(index)], env=env, capture_output=True, text=True)
+        for line in proc.stdout.splitlines():
+            if line.startswith("RESULT "):
+                d = json.loads(line[len("RESULT "):])
+                d["variant"] = decoder.Variant(**d["variant"])
+                rows.append(decoder.XlaDeviceResult(**d))
+            elif line.strip():
+                print(line, flush=True)
+        if proc.returncode != 0:
+            print(f"torch_xla device row {XLA_DEVICE_ROWS[index]} failed (exit "
+                  f"{proc.returncode}): {proc.stderr[-2000:]}", flush=True)
     return rows
+
+
+TORCHAX_NOTE = (
+    "- jax: torchax 0.0.7 returns float32 from `scaled_dot_product_attention` on bfloat16 "
+    "inputs (google/torchax#31, fixed in later torchax); the JAX path casts the result back "
+    "to the query's dtype, as torch does (`_register_op_with_torchax` in "
+    "`xla_qops/commands/demo_model.py`). Without that the model's activations turn float32 "
+    "after the first attention, and every A16 matmul runs its float32 form (three bfloat16 "
+    "terms): the 2-layer model's batch-4 W4A16 decode step took 9.9 ms instead of 5.7.")
 
 
 def _markdown(args, info, layers, reps, slow_reps, batches, results, xla_rows, minutes,
@@ -146,4 +168,5 @@ def _markdown(args, info, layers, reps, slow_reps, batches, results, xla_rows, m
            + decoder_report.xla_table(xla_rows)] if xla_rows else []),
         "## Notes",
         torchao_note,
+        TORCHAX_NOTE,
     ]) + "\n"
