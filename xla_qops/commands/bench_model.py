@@ -80,13 +80,10 @@ def run(args) -> int:
     return 0
 
 
-# The torch_xla section runs in a child process: by then this process holds
-# dozens of XLA:CPU executables (the JAX rows), and torch_xla's compilations
-# on top of them exhausted the memory mappings LLVM needs ("LLVM compilation
-# error: Cannot allocate memory", then a crash).
-# One child process per variant: torch_xla's CPU client keeps every compiled
-# executable's JIT mappings, and the second variant's compilations ran out of
-# them ("LLVM compilation error: Cannot allocate memory", then SIGSEGV).
+# The torch_xla section runs one child process per variant: LLVM's JIT keeps
+# every compiled executable's memory mappings, and compilations on top of the
+# JAX rows' executables, or of an earlier variant's 54, ran out of them ("LLVM
+# compilation error: Cannot allocate memory", then a crash).
 XLA_DEVICE_ROWS = (("bf16", None, -1), ("xla_qops", "w4a16", 128), ("xla_qops", "w8a16", -1))
 
 
