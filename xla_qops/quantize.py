@@ -207,6 +207,12 @@ def quantize_with_hessian(w: np.ndarray, *, bits: int, block_size: int, symmetri
     by the caller)."""
     q, scale, zero_point = (None if a is None else jnp.asarray(a) for a in quantizers.quantize(
         np.asarray(w, np.float32), bits, int(block_size), symmetric, method, hessian))
+    return _quantized_weight(q, scale, zero_point, bits, block_size, pack)
+
+
+def _quantized_weight(q, scale, zero_point, bits: int, block_size: int,
+                      pack: bool) -> QuantizedWeight:
+    """The unpacked result as a `QuantizedWeight`, int4 packed when `pack`."""
     result = QuantizedWeight(w=q, scale=scale, zero_point=zero_point, bits=bits,
                              block_size=int(block_size), packed=False)
     return result.pack() if (pack and bits == 4) else result
@@ -251,6 +257,4 @@ def quantize_weight(w, *, bits: int = 8, block_size: int = -1, symmetric: bool =
                         f"tracer")
     q, scale, zero_point = _round_to_nearest_traced(w.astype(jnp.float32), bits, int(block_size),
                                                     symmetric)
-    result = QuantizedWeight(w=q, scale=scale, zero_point=zero_point, bits=bits,
-                             block_size=int(block_size), packed=False)
-    return result.pack() if (pack and bits == 4) else result
+    return _quantized_weight(q, scale, zero_point, bits, block_size, pack)

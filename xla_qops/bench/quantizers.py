@@ -16,6 +16,7 @@ import time
 
 import xla_qops
 from xla_qops import data
+from xla_qops.quantizers import CALIBRATED
 
 # (scheme, block_size, method, smoothing); None smoothing = none.
 ROWS = [(scheme, block, method, None)
@@ -58,7 +59,7 @@ def run(rows=ROWS, progress: bool = False):
         quantized = torch_bridge.quantize_model(
             copy.deepcopy(model), scheme=scheme, block_size=block, symmetric=True,
             method=method, smoothing=smoothing, progress=progress,
-            calibration=calibration if (method in ("gptq", "awq") or smoothing) else None)
+            calibration=calibration if (method in CALIBRATED or smoothing) else None)
         seconds = time.perf_counter() - start
         cos = (embeddings(quantized, tokenizer, evaluation) * reference).sum(-1)
         results.append((scheme, block, method, smoothing, float(cos.mean()), float(cos.min()),

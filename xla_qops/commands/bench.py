@@ -267,8 +267,8 @@ def run(args) -> int:
         "# `xla-qops bench` results",
         f"Machine: {info}; load average at the end {os.getloadavg()[0]:.1f}. Times are medians; ratios are peer time / our time from the "
         "same run (> 1 means ours is faster); the fast peers take turns within every "
-        "repetition, each turn untimed calls (three, and at least 4 ms of them: torch's "
-        "OpenMP workers spin after its turn) then a timed one (impl=\"xla\" and "
+        f"repetition, each turn untimed calls (three, and at least {WARM_SECONDS * 1e3:g} ms "
+        "of them: torch's OpenMP workers spin after its turn) then a timed one (impl=\"xla\" and "
         "torch_xla are timed separately). GB/s counts the weight, scale and zero-point "
         "bytes read. Decode rows (M <= 16) rotate through distinct weights totalling more "
         "than twice the LLC, and their % is of the read bandwidth of a torch sum over the "

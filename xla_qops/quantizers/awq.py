@@ -44,7 +44,7 @@ def output_error(w: np.ndarray, w_hat: np.ndarray, h: np.ndarray) -> float:
 
 def _group_errors(grouped: np.ndarray, w_hat: np.ndarray, h_blocks: np.ndarray) -> np.ndarray:
     """Per group and output channel ``d_g H_g d_g^T`` ``[G, out]`` (H_g: the group's block of H)."""
-    d = grouped.astype(np.float64) - w_hat
+    d = grouped.astype(np.float64, copy=False) - w_hat
     return (np.matmul(d, h_blocks) * d).sum(-1)
 
 
@@ -60,12 +60,14 @@ def clip_search(w: np.ndarray, h: np.ndarray, bits: int, block_size: int, symmet
     for r0 in range(0, grouped_all.shape[1], rows):
         grouped = np.ascontiguousarray(grouped_all[:, r0:r0 + rows])
         lo, hi = grouped.min(axis=-1), grouped.max(axis=-1)
+        grouped64 = grouped.astype(np.float64)  # once, for every ratio's error
         best = None
         for ratio in np.linspace(1.0, MIN_CLIP, CLIP_STEPS + 1):
             r = np.float32(ratio)
             scale, zero_point = grid.minmax_params(lo * r, hi * r, bits, symmetric)
             q = grid.round_to_grid(grouped, scale, zero_point, bits)
-            err = _group_errors(grouped, grid.dequantize(q, scale, zero_point, np.float64), h_blocks)
+            err = _group_errors(grouped64, grid.dequantize(q, scale, zero_point, np.float64),
+                                h_blocks)
             if best is None:
                 best = [err, q, scale, zero_point]
                 continue

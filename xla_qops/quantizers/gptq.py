@@ -65,7 +65,7 @@ def quantize(w: np.ndarray, h: np.ndarray, bits: int, block_size: int, symmetric
     """GPTQ of a float32 ``[out, in]`` with ``H = X^T X`` ``[in, in]``: (q, scale, zero_point),
     groups form (see grid)."""
     out_features, in_features = w.shape
-    _, scale, zero_point = grid.round_to_nearest(w, bits, block_size, symmetric)
+    scale, zero_point = grid.group_params(grid.to_groups(w, block_size), bits, symmetric)
     diag = np.diag(h)
     dead = diag == 0
     diag = np.where(dead, 1.0, diag)  # a dead feature is ordered as if H_jj were 1
@@ -86,8 +86,7 @@ def quantize(w: np.ndarray, h: np.ndarray, bits: int, block_size: int, symmetric
         wc[:, dead[order]] = 0.0
         qc = _columns(wc, u, s[:, r0:r1], z[:, r0:r1], group_of, qmin, qmax)
         q[r0:r1, order] = qc
-    grouped_q = grid.to_groups(q, block_size)
-    return np.ascontiguousarray(grouped_q), scale, zero_point
+    return grid.to_groups(q, block_size), scale, zero_point
 
 
 def _columns(wc, u, s, z, group_of, qmin, qmax):

@@ -91,9 +91,14 @@ def to_layout(q: np.ndarray, scale: np.ndarray, zero_point, block_size: int):
     return np.ascontiguousarray(q.transpose(0, 2, 1)), scale, zero_point
 
 
+def group_params(grouped: np.ndarray, bits: int, symmetric: bool):
+    """Round-to-nearest's (scale, zero_point or None) of float32 groups ``[G, out, B]``."""
+    return minmax_params(grouped.min(axis=-1), grouped.max(axis=-1), bits, symmetric)
+
+
 def round_to_nearest_groups(grouped: np.ndarray, bits: int, symmetric: bool):
     """Round-to-nearest of float32 groups ``[G, out, B]``: (q, scale, zero_point)."""
-    scale, zero_point = minmax_params(grouped.min(axis=-1), grouped.max(axis=-1), bits, symmetric)
+    scale, zero_point = group_params(grouped, bits, symmetric)
     return round_to_grid(grouped, scale, zero_point, bits), scale, zero_point
 
 

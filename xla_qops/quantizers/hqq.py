@@ -31,7 +31,7 @@ BETA, KAPPA = 10.0, 1.01
 
 def objective(grouped: np.ndarray, q, scale, zero_point) -> np.ndarray:
     """``sum |w - w_hat|^p`` per group ``[G, out]`` (float64)."""
-    err = grouped.astype(np.float64) - grid.dequantize(q, scale, zero_point, np.float64)
+    err = grouped.astype(np.float64, copy=False) - grid.dequantize(q, scale, zero_point, np.float64)
     return (np.abs(err) ** P_NORM).sum(axis=-1)
 
 
@@ -43,8 +43,8 @@ def _shrink(x: np.ndarray, beta: float) -> np.ndarray:
 def _optimise(grouped: np.ndarray, bits: int, symmetric: bool):
     """HQQ on float32 groups ``[G, rows, B]``: (q, scale, zero_point)."""
     q, scale, zero_point = grid.round_to_nearest_groups(grouped, bits, symmetric)
-    best = objective(grouped, q, scale, zero_point)
-    w = grouped.astype(np.float64)
+    w = grouped.astype(np.float64)  # the groups once in float64, for every objective
+    best = objective(w, q, scale, zero_point)
     q_it, s = q, scale.astype(np.float64)  # the iterate (the best is kept apart)
     z = None if zero_point is None else zero_point.astype(np.float64)
     beta = BETA
@@ -61,7 +61,7 @@ def _optimise(grouped: np.ndarray, bits: int, symmetric: bool):
         s32 = s.astype(np.float32)
         z32 = None if z is None else z.astype(np.float32)
         q_it = grid.round_to_grid(grouped, s32, z32, bits)
-        value = objective(grouped, q_it, s32, z32)
+        value = objective(w, q_it, s32, z32)
         better = value < best
         best = np.where(better, value, best)
         scale = np.where(better, s32, scale)
