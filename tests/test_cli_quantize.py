@@ -197,7 +197,8 @@ def test_calibrated_method_errors(model_file, tmp_path, capsys):
     src, _ = model_file
     out = str(tmp_path / "o.safetensors")
     assert main(["quantize", str(src), out, "--method", "gptq", "--no-progress"]) == 2
-    assert "calibration: method='gptq' needs calibration" in capsys.readouterr().err
+    assert ("calibration: method='gptq' needs calibration inputs (--calibration FILE"
+            in capsys.readouterr().err)
     sentences = tmp_path / "s.txt"
     sentences.write_text("one sentence\n")
     assert main(["quantize", str(src), out, "--method", "gptq", "--calibration", str(sentences),
@@ -238,3 +239,42 @@ def test_gptq_with_token_ids_matches_quantize_model(tmp_path, capsys):
         np.testing.assert_array_equal(np.asarray(weights[name].w), module.weight.numpy())
         np.testing.assert_array_equal(np.asarray(weights[name].scale),
                                       module.weight_scaler.numpy())
+
+
+@pytest.mark.torch
+def test_awq_on_a_file_writes_weights_of_the_unscaled_model(tmp_path, capsys):
+    """--method awq writes only the Linears' tensors, so no per-input-channel scale
+    (which would need its inverse in a norm or an input_scale the file lacks): the
+    first layer, whose inputs no earlier quantized layer changes, is
+    quantize_weight(method="awq") of its float weight on its calibration inputs."""
+    import torch
+    import transformers
+    from safetensors.torch import save_file as save_torch
+
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=100, hidden_size=64, num_hidden_layers=1,
+                                     num_attention_heads=4, intermediate_size=128)
+    model = transformers.BertModel(config).eval()
+    with torch.no_grad():  # uneven channels, so that a scale search would pick s != 1
+        model.embeddings.LayerNorm.weight.copy_(torch.exp(torch.randn(64)))
+    model_dir = tmp_path / "bert"
+    model.save_pretrained(model_dir)
+    ids = torch.randint(0, 100, (16, 12))
+    save_torch({"input_ids": ids}, str(tmp_path / "ids.safetensors"))
+    out = tmp_path / "q.safetensors"
+    assert main(["quantize", str(model_dir), str(out), "--scheme", "w4a16", "--block-size", "32",
+                 "--method", "awq", "--calibration", str(tmp_path / "ids.safetensors"),
+                 "--no-progress"]) == 0
+    capsys.readouterr()
+    name = "encoder.layer.0.attention.self.query"
+    query = model.get_submodule(name)
+    seen = []
+    handle = query.register_forward_hook(lambda m, args, _: seen.append(args[0]))
+    with torch.no_grad():
+        model(input_ids=ids)
+    handle.remove()
+    expected = xla_qops.quantize_weight(query.weight.detach().numpy(), bits=4, block_size=32,
+                                        method="awq", calibration=seen[0].numpy())
+    written = checkpoint.load_quantized(str(out)).weights[name]
+    np.testing.assert_array_equal(np.asarray(written.w), np.asarray(expected.w))
+    np.testing.assert_array_equal(np.asarray(written.scale), np.asarray(expected.scale))

@@ -120,6 +120,21 @@ def test_bad_quantize_arguments(kwargs, error, match):
         xla_qops.quantize_weight(np.ones((4, 32), np.float32), **kwargs)
 
 
+@pytest.mark.parametrize("shape, block_size, what", [((4, 33), -1, "in=33"),
+                                                     ((4, 30), 3, "block_size=3")])
+def test_int4_with_an_odd_pairing_axis_packs_only_on_request(shape, block_size, what):
+    # Packing pairs input features (within a block): an odd count cannot pack. A
+    # clear error names `pack` (it used to fail inside jax's broadcasting); unpacked
+    # works, and QuantizedWeight.pack() says the same.
+    w = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    with pytest.raises(ValueError, match=f"pack: int4 values pack in pairs .* {what} is odd"):
+        xla_qops.quantize_weight(w, bits=4, block_size=block_size)
+    unpacked = xla_qops.quantize_weight(w, bits=4, block_size=block_size, pack=False)
+    assert not unpacked.packed and unpacked.w.dtype == np.int8
+    with pytest.raises(ValueError, match=f"pack: .* {what} is odd"):
+        unpacked.pack()
+
+
 def test_bad_weight_rank_and_dtype():
     with pytest.raises(ValueError, match=r"w: expected a float weight \[out, in\].*\(32,\)"):
         xla_qops.quantize_weight(np.ones(32, np.float32))

@@ -140,7 +140,8 @@ def test_bad_arguments_fail_before_any_work():
 
     cases = [
         (dict(method="gptq2"), ValueError, "method: expected one of"),
-        (dict(method="gptq"), ValueError, "calibration: method='gptq' needs calibration"),
+        (dict(method="gptq"), ValueError,
+         r"calibration: method='gptq' needs calibration inputs \(an iterable of the model's "),
         (dict(method="hqq", calibration=calibration), ValueError, "uses no calibration"),
         (dict(scheme="w4a16", smoothing="smoothquant", calibration=calibration), ValueError,
          "smoothing: 'smoothquant' is for schemes that quantize activations"),
@@ -169,6 +170,21 @@ def test_linears_the_inputs_never_reach_fall_back_to_rtn():
                                 calibration=calibration[:2], progress=False)
     methods = {layer.name: layer.method for layer in torch_bridge.quantization_report(model).swapped}
     assert methods["unused"] == "rtn" and methods["q"] == "gptq"
+
+
+@pytest.mark.parametrize("method", ["hqq", "gptq", "awq"])
+def test_int4_layers_with_an_odd_in_features(method):
+    # Such a module stores int4 unpacked; the calibrated path handed it packed
+    # values it could not make (a crash inside jax). Now it matches from_float's.
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(33, 16), torch.nn.GELU(), torch.nn.Linear(16, 8))
+    data = [torch.randn(6, 33) for _ in range(2)]
+    torch_bridge.quantize_model(model, scheme="w4a16", method=method,
+                                calibration=None if method == "hqq" else data, progress=False)
+    first = model[0]
+    assert isinstance(first, XlaQuantizedLinear) and not first.packed
+    assert first.weight.dtype == torch.int8 and tuple(first.weight.shape) == (16, 33)
+    assert model[2].packed  # in=16 pairs up
 
 
 def test_input_scale_validation():

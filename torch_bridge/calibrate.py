@@ -274,9 +274,14 @@ class LayerResult:
 
 def quantize_linears(model, todo, *, bits: int, block_size: int, symmetric: bool,
                      quantize_activation: bool, method: str, calibration, smoothing,
-                     smoothing_alpha: float, swap, progress: bool = True) -> dict:
+                     smoothing_alpha: float, swap, progress: bool = True,
+                     search_scales: bool = True) -> dict:
     """Quantizes the Linears `todo` ([(name, module)]) of `model`, calling `swap(name, new)`
-    for each, in run order; returns {name: LayerResult}. Inputs are checked by the caller."""
+    for each, in run order; returns {name: LayerResult}. Inputs are checked by the caller.
+
+    search_scales=False: AWQ without its per-input-channel scales (the clip search
+    only, as `quantize_weight(method="awq")`), for callers that keep only the
+    Linears' weights and so have nowhere to put the inverse scale."""
     linears = dict(todo)
     needs_data = method in quantizers.CALIBRATED or smoothing is not None
     inputs = check_inputs(calibration) if needs_data else None
@@ -288,9 +293,11 @@ def quantize_linears(model, todo, *, bits: int, block_size: int, symmetric: bool
         ran = {n for g in groups for n in g.names}
         groups += [Group([n], None) for n in linears if n not in ran]  # never run: no data
         modules = dict(model.named_modules())
-        scales, where = _scales(model, inputs, groups, ran, linears, modules, repeated, method,
-                                smoothing, smoothing_alpha, bits, block_size, symmetric,
-                                progress) if (smoothing or method == "awq") else ({}, {})
+        scales, where = {}, {}
+        if smoothing or (method == "awq" and search_scales):
+            scales, where = _scales(model, inputs, groups, ran, linears, modules, repeated,
+                                    method, smoothing, smoothing_alpha, bits, block_size,
+                                    symmetric, progress)
         results = {}
         for g in groups:
             mods = [linears[n] for n in g.names]
@@ -334,8 +341,9 @@ def quantize_linears(model, todo, *, bits: int, block_size: int, symmetric: bool
 
 
 def _quantize(w, bits, block_size, symmetric, method, hessian):
+    # Unpacked: the module packs on load where its layout pairs up (not an odd in or B).
     return quantize_with_hessian(w, bits=bits, block_size=block_size, symmetric=symmetric,
-                                 method=method, hessian=hessian)
+                                 method=method, hessian=hessian, pack=False)
 
 
 def _scales(model, inputs, groups, ran, linears, modules, repeated, method, smoothing, alpha,

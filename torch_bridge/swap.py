@@ -178,7 +178,8 @@ def quantize_model(model, *, scheme: str = "w8a16", block_size: int = -1,
     checks.smoothing(smoothing, smoothing_alpha, scheme, quantize_activation,
                      calibration is not None)
     needs_data = method in quantizers.CALIBRATED or smoothing is not None
-    check_method(method, calibration is not None, allow_unused=smoothing is not None)
+    check_method(method, calibration is not None, allow_unused=smoothing is not None,
+                 calibration_is="an iterable of the model's inputs")
     inputs = calibrate.check_inputs(calibration) if needs_data else None
 
     parents = linear_holders(model)

@@ -104,6 +104,7 @@ class QuantizedWeight:
         """The same weight with int4 values packed two per byte."""
         if self.packed or self.bits != 4:
             return self
+        _check_pairs(self.w.shape[packing.input_axis(self.blockwise)], self.block_size)
         return dataclasses.replace(
             self, w=packing.pack_int4(self.w, packing.input_axis(self.blockwise)),
             packed=True)
@@ -115,7 +116,15 @@ class QuantizedWeight:
         return dataclasses.replace(self, w=self.int_values(), packed=False)
 
 
-def _check_weight(w, bits, block_size):
+def _check_pairs(pairing_features: int, block_size: int) -> None:
+    """int4 packs pairs along the input features (of each block): their count must be even."""
+    if pairing_features % 2:
+        what = "in" if block_size == -1 else "block_size"
+        raise ValueError(f"pack: int4 values pack in pairs along the input features, but "
+                         f"{what}={pairing_features} is odd; pass pack=False (int8 container)")
+
+
+def _check_weight(w, bits, block_size, pack=False):
     if bits not in _QRANGE:
         raise ValueError(f"bits: expected 8 or 4, got {bits}")
     if not hasattr(w, "ndim") or w.ndim != 2:
@@ -136,6 +145,8 @@ def _check_weight(w, bits, block_size):
         if not finite.all():
             raise ValueError(f"w: expected finite values, found {int((~finite).sum())} "
                              f"NaN/inf entries")
+    if pack and bits == 4:
+        _check_pairs(in_features if block_size == -1 else block_size, block_size)
 
 
 def _round_to_nearest(w: np.ndarray, bits: int, block_size: int, symmetric: bool):
@@ -167,15 +178,17 @@ def _round_to_nearest_traced(w, bits: int, block_size: int, symmetric: bool):
     return result if not symmetric else (*result, None)
 
 
-def check_method(method, calibration_given: bool, allow_unused: bool = False) -> None:
+def check_method(method, calibration_given: bool, allow_unused: bool = False,
+                 calibration_is: str = "a float [n, in] sample of the layer's inputs") -> None:
     """`method` is known, and calibration is given when (and, unless `allow_unused`
-    because something else uses it, only when) it needs it."""
+    because something else uses it, only when) it needs it; `calibration_is` says
+    what the caller's calibration argument holds."""
     if not isinstance(method, str) or method not in quantizers.METHODS:
         raise ValueError(f"method: expected one of {', '.join(map(repr, quantizers.METHODS))}, "
                          f"got {method!r}")
     if method in quantizers.CALIBRATED and not calibration_given:
         raise ValueError(f"calibration: method={method!r} needs calibration inputs "
-                         f"(a float [n, in] sample of the layer's inputs), got None")
+                         f"({calibration_is}), got None")
     if method not in quantizers.CALIBRATED and calibration_given and not allow_unused:
         raise ValueError(f"calibration: method={method!r} uses no calibration inputs; "
                          f"pass calibration=None (or method='gptq' / 'awq')")
@@ -243,7 +256,7 @@ def quantize_weight(w, *, bits: int = 8, block_size: int = -1, symmetric: bool =
       scaling, which needs a place for the inverse scale, is
       `torch_bridge.quantize_model`'s).
     """
-    _check_weight(w, bits, block_size)
+    _check_weight(w, bits, block_size, pack)
     check_method(method, calibration is not None)
     if not isinstance(w, jax.core.Tracer):
         hessian = None

@@ -284,7 +284,8 @@ def calibrated_weights(model_dir: str, calibration: str, layer_names, *, bits: i
         model, [(n, modules[n]) for n in matched], bits=bits, block_size=block_size,
         symmetric=symmetric, quantize_activation=quantize_activation, method=method,
         calibration=calibration_inputs(calibration, model_dir), smoothing=None,
-        smoothing_alpha=0.5, swap=swap, progress=progress)
+        smoothing_alpha=0.5, swap=swap, progress=progress,
+        search_scales=False)  # only the Linears are written: no place for 1/s
     out = {}
     for name, layer in matched.items():
         m = results[name].module
@@ -324,7 +325,8 @@ def quantize_file(source: str, output: str, *, scheme: str = "w8a16", block_size
                          "quantize_weight's min/max zero points are floats; drop --asymmetric "
                          "with --format compressed-tensors")
     from xla_qops.quantize import check_method
-    check_method(method, calibration is not None)
+    check_method(method, calibration is not None,
+                 calibration_is="--calibration FILE: sentences, or safetensors input_ids")
     source_dir = source if os.path.isdir(source) else None
     if calibration is not None and (source_dir is None or not os.path.isfile(
             os.path.join(source_dir, "config.json"))):
