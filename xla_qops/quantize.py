@@ -242,7 +242,8 @@ def quantize_weight(w, *, bits: int = 8, block_size: int = -1, symmetric: bool =
         for one scale per output channel and block of B input features.
       symmetric: absmax scaling without zero point; otherwise min/max with a
         float zero point (``w = scale * q - zero_point``).
-      pack: for bits=4, store two values per byte (uint8). Ignored for bits=8.
+      pack: for bits=4, store two values per byte (uint8); needs an even `in`
+        (per-channel) or B (blockwise), else pass False. Ignored for bits=8.
       method: "rtn" (round to nearest), "hqq" (half-quadratic optimisation
         of the grid, no data), "gptq" (error-compensating rounding with the
         inputs' Hessian) or "awq" (activation-aware clipping of each group's
