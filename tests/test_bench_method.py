@@ -2,7 +2,7 @@
 
 import pytest
 
-from xla_qops.commands import bench
+from xla_qops_app.commands import bench
 
 
 def test_peers_take_turns_with_untimed_warm_calls():

@@ -125,6 +125,7 @@ def test_save_rejects_inconsistent_state(tmp_path):
 def test_loads_into_module_swapped_torch_model(tmp_path):
     torch = pytest.importorskip("torch")
     torch_bridge = pytest.importorskip("torch_bridge")
+    from torch_bridge import checkpoint as torch_checkpoint
     torch.manual_seed(0)
 
     def model():
@@ -134,18 +135,18 @@ def test_loads_into_module_swapped_torch_model(tmp_path):
     source = model()
     torch_bridge.quantize_model(source, scheme="w4a16", block_size=32, symmetric=False)
     path = tmp_path / "t.safetensors"
-    checkpoint.save_torch(source, path)
+    torch_checkpoint.save_torch(source, path)
     schemes = checkpoint.read_schemes(_header(path)["__metadata__"])
     assert {s.scheme for s in schemes.values()} == {"w4a16"}
 
     target = torch_bridge.quantize_model(model(), scheme="w4a16", block_size=32, symmetric=False)
-    state, _ = checkpoint.load_torch(path, target)
+    state, _ = torch_checkpoint.load_torch(path, target)
     target.load_state_dict(state, strict=True)
     x = torch.randn(3, 64)
     torch.testing.assert_close(target(x), source(x), rtol=0, atol=0)
 
     wrong = torch_bridge.quantize_model(model(), scheme="w8a16", block_size=-1, symmetric=True)
     with pytest.raises(checkpoint.CheckpointError) as info:
-        checkpoint.load_torch(path, wrong)
+        torch_checkpoint.load_torch(path, wrong)
     names = {p.split(":")[0] for p in info.value.problems}
     assert {"0.weight", "0.weight_scaler", "0.zero_point", "2.weight"} <= names

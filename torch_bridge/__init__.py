@@ -10,6 +10,8 @@ schema; CPU tensors, XLA tensors, torch.compile) backed by xla_qops, whether
                    filter_fn=None) -> model
     quantization_report(model=None) -> QuantizationReport
     load_quantized(model, source, *, format=None) -> LoadReport   # GPTQ/AWQ/compressed-tensors
+    register_with_torchax()          # the op inside torchax-traced JAX functions
+    checkpoint.save_torch / load_torch                           # safetensors state dicts
 """
 
 from torch_bridge import op  # noqa: F401  (registers the op first)
@@ -17,7 +19,8 @@ from torch_bridge.checks import SCHEMES
 from torch_bridge.linear import XlaQuantizedLinear
 from torch_bridge.load import CheckpointMismatch, LoadReport, load_quantized
 from torch_bridge.swap import QuantizationReport, quantization_report, quantize_model
+from torch_bridge.torchax_ops import register_with_torchax
 
 __all__ = ["XlaQuantizedLinear", "quantize_model", "quantization_report",
            "QuantizationReport", "SCHEMES", "load_quantized", "LoadReport",
-           "CheckpointMismatch"]
+           "CheckpointMismatch", "register_with_torchax"]

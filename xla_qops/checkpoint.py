@@ -21,8 +21,9 @@ dtype, scheme name). Loading checks every quantized layer's tensors against
 its scheme, and optionally every tensor against an expected state dict; all
 problems are reported in one `CheckpointError`.
 
-Arrays are numpy (bfloat16 via ml_dtypes); torch is optional and only used
-by the ``*_torch`` helpers.
+Arrays are numpy (bfloat16 via ml_dtypes); torch tensors are accepted where
+arrays are. Saving and loading a torch model's state dict is
+``torch_bridge.checkpoint`` (``save_torch`` / ``load_torch``).
 """
 
 from __future__ import annotations
@@ -136,7 +137,7 @@ def check_tensors(tensors: Mapping[str, np.ndarray], schemes: Mapping[str, Layer
                             f"{source})")
             return
         have = tensors[name]
-        have_dtype = _dtype_name(have)
+        have_dtype = dtype_name(have)
         if tuple(have.shape) != tuple(want_shape) or have_dtype != want_dtype:
             problems.append(f"{name}: expected {want_dtype} {_shape(want_shape)} ({source}), "
                             f"got {have_dtype} {_shape(have.shape)}")
@@ -155,7 +156,7 @@ def check_tensors(tensors: Mapping[str, np.ndarray], schemes: Mapping[str, Layer
             if isinstance(want, tuple):
                 shape, dtype = want
             else:
-                shape, dtype = want.shape, _dtype_name(want)
+                shape, dtype = want.shape, dtype_name(want)
             compare(name, shape, dtype, "expected by the target")
         if strict:
             problems.extend(f"{name}: unexpected (not in the target)"
@@ -164,7 +165,7 @@ def check_tensors(tensors: Mapping[str, np.ndarray], schemes: Mapping[str, Layer
     return sorted(dict.fromkeys(problems))
 
 
-def _dtype_name(a) -> str:
+def dtype_name(a) -> str:
     d = getattr(a, "dtype", None)
     s = str(d)
     return s[len("torch."):] if s.startswith("torch.") else np.dtype(d).name
@@ -312,46 +313,3 @@ def _load_foreign(path, expected, format, overrides) -> QuantizedCheckpoint:
             raise CheckpointError(os.fspath(path), problems)
     return QuantizedCheckpoint(weights=imported.weights, schemes=schemes,
                                tensors=imported.tensors, metadata={"format": imported.format})
-
-
-# ------------------------------------------------------------------ torch helpers
-
-def schemes_of_torch_model(model) -> dict[str, LayerScheme]:
-    """LayerSchemes of every XlaQuantizedLinear-like submodule (duck-typed: it has
-    `weight_scaler` and `int4_weight`), keyed by module name."""
-    schemes = {}
-    for name, m in model.named_modules():
-        if hasattr(m, "weight_scaler") and hasattr(m, "int4_weight"):
-            packed = str(m.weight.dtype) == "torch.uint8"
-            schemes[name] = LayerScheme(
-                bits=4 if m.int4_weight else 8, block_size=int(m.block_size), packed=packed,
-                symmetric=getattr(m, "zero_point", None) is None,
-                quantize_activation=bool(m.quantize_activation),
-                in_features=int(m.input_dim), out_features=int(m.output_dim),
-                scale_dtype=_dtype_name(m.weight_scaler))
-    return schemes
-
-
-def save_torch(model, path, metadata: Optional[Mapping[str, str]] = None) -> None:
-    """Saves a module-swapped torch model's state_dict with its schemes."""
-    save_state_dict(path, model.state_dict(), schemes_of_torch_model(model), metadata)
-
-
-def load_torch(path, model=None, *, strict: bool = True) -> tuple[dict, dict[str, LayerScheme]]:
-    """(torch state dict, schemes) from `path`; with `model`, checked against its state_dict
-    (`strict` as in `load_state_dict`).
-
-    Typical use: build the module-swapped model the schemes describe, then
-    ``model.load_state_dict(load_torch(path, model)[0])``.
-    """
-    import torch
-
-    expected = None if model is None else model.state_dict()
-    tensors, schemes, _ = load_state_dict(path, expected, strict=strict)
-    out = {}
-    for name, a in tensors.items():
-        if a.dtype.name == "bfloat16":
-            out[name] = torch.from_numpy(a.view(np.int16).copy()).view(torch.bfloat16)
-        else:
-            out[name] = torch.from_numpy(np.array(a))
-    return out, schemes

@@ -58,9 +58,9 @@ def to_numpy(a, name: str) -> np.ndarray:
     if hasattr(a, "detach") and hasattr(a, "cpu"):  # torch.Tensor, without importing torch
         t = a.detach().cpu()
         if str(t.dtype) == "torch.bfloat16":
+            # numpy has no bfloat16: widen (exact) and narrow with ml_dtypes (exact).
             import ml_dtypes  # ships with jax
-            import torch
-            return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+            return t.float().numpy().astype(ml_dtypes.bfloat16)
         return t.numpy()
     if not hasattr(a, "shape") or not hasattr(a, "dtype"):
         raise TypeError(f"{name}: expected an array, got {type(a).__name__}")

@@ -35,7 +35,7 @@ def measure(shapes=DEFAULT_SHAPES, schemes=(("w4a16-g128-sym", True), ("w4a16-g1
 
     import torch_bridge
     from torch_bridge import _cpu_ops
-    from xla_qops.bench import decoder
+    from xla_qops_app.bench import decoder
 
     if not _cpu_ops.available():
         raise RuntimeError("torch_bridge._torch_ops was not built")

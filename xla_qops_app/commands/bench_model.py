@@ -1,6 +1,6 @@
 """`xla-qops bench --model llama`: the end-to-end decoder benchmark.
 
-Builds the decoder (xla_qops/bench/decoder.py), times every variant for each
+Builds the decoder (xla_qops_app/bench/decoder.py), times every variant for each
 batch size, and writes docs/bench_e2e.md and docs/bench_e2e.png (with
 `--out`), printing the tables and the targets.
 """
@@ -11,7 +11,7 @@ import os
 import platform
 import time
 
-from xla_qops.bench import decoder, decoder_report
+from xla_qops_app.bench import decoder, decoder_report
 
 
 def _environment() -> str:
@@ -96,8 +96,8 @@ def xla_device_row(index: int) -> decoder.Variant:
 
 _XLA_CHILD = """
 import dataclasses, json, sys
-from xla_qops.bench import decoder
-from xla_qops.commands.bench_model import xla_device_row
+from xla_qops_app.bench import decoder
+from xla_qops_app.commands.bench_model import xla_device_row
 layers, prefill, decode, index = (int(v) for v in sys.argv[1:5])
 row = xla_device_row(index)
 base = decoder.build_model(layers)
@@ -131,8 +131,8 @@ def _xla_device_in_child(layers, prefill, decode):
 TORCHAX_NOTE = (
     "- jax: torchax 0.0.7 returns float32 from `scaled_dot_product_attention` on bfloat16 "
     "inputs (google/torchax#31, fixed in later torchax); the JAX path casts the result back "
-    "to the query's dtype, as torch does (`_register_op_with_torchax` in "
-    "`xla_qops/commands/demo_model.py`). Without that the model's activations turn float32 "
+    "to the query's dtype, as torch does (`torch_bridge.register_with_torchax()`, "
+    "`torch_bridge/torchax_ops.py`). Without that the model's activations turn float32 "
     "after the first attention, and every A16 matmul runs its float32 form (three bfloat16 "
     "terms): the 2-layer model's batch-4 W4A16 decode step took 9.9 ms instead of 5.7.")
 

@@ -5,10 +5,10 @@ M = 1, 4, 16 (decode) and 64, 256, 1024 (prefill), plus TinyLlama's MLP and
 lm_head (2048×5632, 5632×2048, 2048×32000) at the decode M; bf16 activations;
 W8A16 per-channel, W4A16 g128 symmetric and asymmetric, W8A8 per-channel.
 Then the per-call cost of `XlaQuantizedLinear` on torch CPU tensors against
-the kernels' own time (xla_qops/bench/module_calls.py).
+the kernels' own time (xla_qops_app/bench/module_calls.py).
 
 Each case: the median of several runs of impl="custom_call" and of every peer
-(xla_qops/bench/peers.py), reported as peer time / our time, plus our
+(xla_qops_app/bench/peers.py), reported as peer time / our time, plus our
 effective GB/s (weight, scale and zero-point bytes / time). The fast peers run
 in turn within each repetition (the memory bandwidth here drifts by up to 2x
 over seconds; each takes untimed calls, three and at least 4 ms of them,
@@ -46,7 +46,7 @@ DECODE_MAX_M = 16
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from xla_qops.bench.peers import SCHEMES
+    from xla_qops_app.bench.peers import SCHEMES
     parser.add_argument("--shapes", default=DEFAULT_SHAPES,
                         help=f"comma-separated INxOUT layer shapes (default {DEFAULT_SHAPES})")
     parser.add_argument("--decode-shapes", default=DEFAULT_DECODE_SHAPES,
@@ -169,7 +169,7 @@ def llc_bytes() -> int:
 
 def run(args) -> int:
     if args.quantizers:
-        from xla_qops.bench import quantizers
+        from xla_qops_app.bench import quantizers
         text = quantizers.markdown(quantizers.run())
         print(text)
         if not args.no_write:
@@ -179,11 +179,11 @@ def run(args) -> int:
             print(f"wrote {args.out}/quantizers_table.md")
         return 0
     if args.model:
-        from xla_qops.commands import bench_model
+        from xla_qops_app.commands import bench_model
         return bench_model.run(args)
     import jax
     from xla_qops.backends import custom_call
-    from xla_qops.bench import module_calls, peers, report
+    from xla_qops_app.bench import module_calls, peers, report
 
     args.reps = 9 if args.reps is None else args.reps
     args.slow_reps = 3 if args.slow_reps is None else args.slow_reps

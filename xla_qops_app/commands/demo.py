@@ -17,7 +17,7 @@ import numpy as np
 
 import xla_qops
 from xla_qops import dispatch
-from xla_qops.timing import median_seconds
+from xla_qops_app.timing import median_seconds
 
 SCHEMES = [(bits, qa, block) for qa in (False, True) for bits in (8, 4) for block in (-1, 128)]
 
@@ -84,7 +84,7 @@ def run_synthetic(args) -> int:
 def run(args) -> int:
     if args.synthetic:
         return run_synthetic(args)
-    from xla_qops.commands import demo_model
+    from xla_qops_app.commands import demo_model
     if args.paths:
         unknown = set(args.paths.split(",")) - set(demo_model.PATHS)
         if unknown:

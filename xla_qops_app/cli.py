@@ -1,4 +1,4 @@
-"""The `xla-qops` command line: one subcommand per module in xla_qops.commands.
+"""The `xla-qops` command line: one subcommand per module in xla_qops_app.commands.
 
 Each command module provides ``add_arguments(parser)`` and ``run(args) -> int``.
 """
@@ -11,9 +11,9 @@ import os
 import sys
 
 COMMANDS = {
-    "demo": ("xla_qops.commands.demo", "quantize a model with every scheme; memory, accuracy, speed"),
-    "bench": ("xla_qops.commands.bench", "kernel benchmarks; writes a table and a plot into docs/"),
-    "quantize": ("xla_qops.commands.quantize", "safetensors model in, quantized safetensors out"),
+    "demo": ("xla_qops_app.commands.demo", "quantize a model with every scheme; memory, accuracy, speed"),
+    "bench": ("xla_qops_app.commands.bench", "kernel benchmarks; writes a table and a plot into docs/"),
+    "quantize": ("xla_qops_app.commands.quantize", "safetensors model in, quantized safetensors out"),
 }
 
 

@@ -16,7 +16,7 @@ without ``lm_head`` quantized, on torch CPU tensors (``eager``: HF
 module through torchax, greedy loop in Python around the jitted step, a static
 KV cache).
 
-Used by ``xla-qops bench --model llama`` (xla_qops/commands/bench.py) and by
+Used by ``xla-qops bench --model llama`` (xla_qops_app/commands/bench.py) and by
 the decoder section of ``xla-qops demo``.
 """
 
@@ -273,8 +273,8 @@ class JaxGenerator:
         import torchax
         from transformers import StaticCache
 
-        from xla_qops.commands.demo_model import _register_op_with_torchax
-        _register_op_with_torchax()
+        from torch_bridge import torchax_ops
+        torchax_ops.register_with_torchax()
         self.env = env = torchax.default_env()
         self.params, _ = torchax.extract_jax(model, env)
         self.prompt, self.decode = prompt, decode

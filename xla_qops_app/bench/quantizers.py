@@ -36,7 +36,7 @@ def calibration_inputs(tokenizer, sentences, batch=BATCH):
 def embeddings(model, tokenizer, sentences):
     import torch
 
-    from xla_qops.commands.demo_model import mean_pool
+    from xla_qops_app.minilm import mean_pool
     out = []
     with torch.no_grad():
         for batch in calibration_inputs(tokenizer, sentences, 50):
@@ -47,7 +47,7 @@ def embeddings(model, tokenizer, sentences):
 def run(rows=ROWS, progress: bool = False):
     """[(scheme, block, method, smoothing, cos mean, cos min, seconds)]."""
     import torch_bridge
-    from xla_qops.commands.demo_model import load_model
+    from xla_qops_app.minilm import load_model
 
     model, tokenizer = load_model()
     calibration = calibration_inputs(tokenizer, data.sentences("calibration"))

