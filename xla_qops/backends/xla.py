@@ -38,12 +38,39 @@ when dispatch already knows it):
 * float32 x everywhere, float16 x on TPU (which has no float16 MXU), and
   every dtype on the host CPU (where XLA's bf16 dots are far slower than its
   float32 ones): float32 operands at ``precision=HIGHEST``.
+
+The backward (`vjp`, the custom VJP of `xla_qops.quantized_matmul` for every
+impl) follows the same per-platform plan. With float32 products it is JAX's
+transpose of the float32 formula. With bf16 / f16 products it is written out,
+so that no weight-sized dot sees a float32 operand (JAX's transpose would
+contract the float32 cotangent of the float32 accumulation against the weight
+promoted to float32: a float32 copy of the weight per training step):
+
+* dx, per-channel and blockwise decode: ``dx = (g * scale) @ q`` per block,
+  minus ``(g @ zero_point.T)`` broadcast over the block's features. The
+  scale varies along the contracted ``out`` axis, so it goes with the
+  cotangent (``[M, out]`` per block, no bigger than the weight for M <= B),
+  which is rounded once to x's dtype (after dividing by a power of two >= the
+  block's largest |scale|, exact, so that float16 neither underflows nor
+  overflows); the integer weight is exact in that dtype and the dot
+  accumulates in float32. The rounding is that of a bf16 / f16
+  ``nn.Linear``'s backward, whose float weight is rounded the same way.
+* dx, blockwise prefill: ``g @ w.T`` with ``w = scale * q - zero_point``
+  dequantized (in float32, as the forward's prefill) and rounded once to x's
+  dtype; ``g`` is exact in it. (The per-block scaled cotangent would be
+  ``[in/B, M, out]``, larger than the weight for M > B.)
+* dscale, dzero_point: from the forward's partial sums ``x @ q`` per block
+  (per-channel, decode), or from ``x.T @ g`` (prefill: both operands exact in
+  x's dtype, float32 accumulation); the zero point's from the per-block
+  activation sums.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
+import jax
 import jax.numpy as jnp
 from jax import lax
 
@@ -230,3 +257,115 @@ def matmul(x, w, scale, zero_point, spec, platform=None):
     return lax.platform_dependent(
         x, w, scale, zero_point,
         default=functools.partial(_matmul, spec=spec, products=jnp.float32), **branches)
+
+
+# ---------------------------------------------------------------------- backward
+
+def vjp(x, w, scale, zero_point, spec, g, platform=None):
+    """(dx, dscale, dzero_point) of the float formula (`matmul` without
+    activation quantization: straight-through) for the cotangent `g`
+    (``[M, out]``, x's dtype); dzero_point is None without a zero point.
+
+    Products per `platform` as in `matmul` (module docstring); `platform`
+    None: chosen when the function is lowered.
+    """
+    spec = dataclasses.replace(spec, quantize_activation=False)
+    if platform is not None:
+        return _vjp(x, w, scale, zero_point, g, spec=spec,
+                    products=product_dtype(spec.x_dtype, platform))
+    plans = {p: product_dtype(spec.x_dtype, p) for p in PLATFORMS}
+    if len(set(plans.values())) == 1:
+        return _vjp(x, w, scale, zero_point, g, spec=spec, products=plans["cpu"])
+    branches = {p: functools.partial(_vjp, spec=spec, products=d) for p, d in plans.items()}
+    return lax.platform_dependent(
+        x, w, scale, zero_point, g,
+        default=functools.partial(_vjp, spec=spec, products=jnp.float32), **branches)
+
+
+def _vjp(x, w, scale, zero_point, g, spec, products):
+    if products == jnp.float32:
+        # JAX's transpose of the float32 formula: float32 operands at HIGHEST.
+        def forward(x, scale, zero_point):
+            return _matmul(x, w, scale, zero_point, spec, jnp.float32)
+
+        _, pullback = jax.vjp(forward, x, scale, zero_point)
+        return pullback(g)
+    return _low_precision_vjp(x, w, scale, zero_point, g, spec, products)
+
+
+def _power_of_two_above(v):
+    """2**e >= v for v >= 0 (1 for 0): dividing by it is exact."""
+    _, exponent = jnp.frexp(v)
+    return jnp.ldexp(jnp.ones_like(v), exponent)
+
+
+def _interleave(parts, m):
+    """dx parts [M, groups, K'] (one, or even/odd features) -> [M, K]."""
+    dx = parts[0] if len(parts) == 1 else jnp.stack(parts, axis=-1)
+    return dx.reshape(m, -1)
+
+
+def _low_precision_vjp(x, w, scale, zero_point, g, spec, products):
+    """The backward with bf16 / f16 operands for every weight-sized dot
+    (module docstring)."""
+    m = x.shape[0]
+    s = scale.astype(jnp.float32)
+    zp = None if zero_point is None else zero_point.astype(jnp.float32)
+    g32 = g.astype(jnp.float32)
+    g_p = g.astype(products)  # g has x's dtype: exact
+    pairs = _weight_pairs(x, w, spec)
+    # [groups, out] (groups = in/B, or 1 per-channel)
+    s_groups = s if spec.blockwise else s[None, :]
+
+    if spec.blockwise and m > spec.block_size:
+        # Prefill: g @ w.T with w dequantized to x's dtype; x.T @ g for dscale.
+        dx_parts, dscale = [], 0.0
+        for x_part, q_part in pairs:
+            q_part = q_part.astype(jnp.float32)
+            w_part = q_part * s[:, None, :]
+            if zp is not None:
+                w_part = w_part - zp[:, None, :]
+            w_part = w_part.astype(products)  # [nb, B', N], rounded once
+            # g [M, N] . w [nb, B', N] -> [M, nb, B']
+            dx_parts.append(lax.dot_general(g_p, w_part, (((1,), (2,)), ((), ())),
+                                            preferred_element_type=jnp.float32))
+            # x [M, nb, B'] . g [M, N] -> [nb, B', N]
+            dw = lax.dot_general(x_part.astype(products), g_p, (((0,), (0,)), ((), ())),
+                                 preferred_element_type=jnp.float32)
+            dscale = dscale + jnp.sum(dw * q_part, axis=1)
+        dx = _interleave(dx_parts, m)
+    else:
+        # Per-channel and blockwise decode: (g * scale) @ q per block.
+        c = _power_of_two_above(jnp.max(jnp.abs(s_groups), axis=1))  # [groups]
+        gs = (g32[None] * (s_groups / c[:, None])[:, None, :]).astype(products)  # [groups, M, N]
+        dx_parts = []
+        for _, q_part in pairs:
+            q_part = q_part.astype(products)
+            if spec.blockwise:
+                # gs [nb, M, N] . q [nb, B', N] -> [nb, M, B'], batched over blocks.
+                part = lax.dot_general(gs, q_part, (((2,), (2,)), ((0,), (0,))),
+                                       preferred_element_type=jnp.float32)
+            else:
+                # gs [M, N] . q [N, K'] -> [1, M, K'].
+                part = lax.dot_general(gs[0], q_part, (((1,), (0,)), ((), ())),
+                                       preferred_element_type=jnp.float32)[None]
+            dx_parts.append(jnp.transpose(part * c[:, None, None], (1, 0, 2)))
+        dx = _interleave(dx_parts, m)
+        if zp is not None:
+            zp_groups = zp if spec.blockwise else zp[None, :]
+            # [M, N] x [groups, N] -> [M, groups]: a contraction over out only.
+            shift = lax.dot_general(g32, zp_groups, (((1,), (1,)), ((), ())), precision=_HIGHEST)
+            dx = (dx.reshape(m, spec.n_blocks, -1) - shift[:, :, None]).reshape(m, -1)
+        acc = _contract(pairs, spec, products, jnp.float32)  # the forward's partial sums
+        if spec.blockwise:
+            dscale = _reduce_blocks("bmn,mn->bn", acc, g32)
+        else:
+            dscale = jnp.sum(acc * g32, axis=0)
+
+    dzero = None
+    if zero_point is not None:
+        x_sum = x.astype(jnp.float32).reshape(m, spec.n_blocks, -1).sum(-1)  # [M, groups]
+        # -(x_sum.T @ g): [groups, N], a contraction over M.
+        dzero = -lax.dot_general(x_sum, g32, (((0,), (0,)), ((), ())), precision=_HIGHEST)
+        dzero = dzero.reshape(zero_point.shape).astype(zero_point.dtype)
+    return dx.astype(x.dtype), dscale.reshape(scale.shape).astype(scale.dtype), dzero
