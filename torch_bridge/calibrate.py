@@ -273,18 +273,21 @@ class LayerResult:
 
 
 def quantize_linears(model, todo, *, bits: int, block_size: int, symmetric: bool,
-                     quantize_activation: bool, method: str, calibration, smoothing,
+                     quantize_activation: bool, method: str, inputs, smoothing,
                      smoothing_alpha: float, swap, progress: bool = True,
                      search_scales: bool = True) -> dict:
     """Quantizes the Linears `todo` ([(name, module)]) of `model`, calling `swap(name, new)`
-    for each, in run order; returns {name: LayerResult}. Inputs are checked by the caller.
+    for each, in run order; returns {name: LayerResult}.
+
+    inputs: the calibration inputs as `check_inputs` returns them (the caller
+    checks them, once, before it changes anything), or None where neither the
+    method nor the smoothing needs data. Arguments are checked by the caller.
 
     search_scales=False: AWQ without its per-input-channel scales (the clip search
     only, as `quantize_weight(method="awq")`), for callers that keep only the
     Linears' weights and so have nowhere to put the inverse scale."""
     linears = dict(todo)
     needs_data = method in quantizers.CALIBRATED or smoothing is not None
-    inputs = check_inputs(calibration) if needs_data else None
     with torch.no_grad():
         if needs_data:
             groups, repeated = trace(model, linears, inputs[0])
@@ -317,25 +320,18 @@ def quantize_linears(model, todo, *, bits: int, block_size: int, symmetric: bool
                 h_eff = (hessian / s[:, None] / s[None, :]
                          if (explicit and hessian is not None) else hessian)
                 qw = _quantize(w_eff, bits, block_size, symmetric, group_method, h_eff)
-                module = XlaQuantizedLinear(linear.in_features, linear.out_features,
-                                            is_symmetric=symmetric, block_size=block_size,
-                                            int4_weight=bits == 4,
-                                            quantize_activation=quantize_activation,
-                                            bias=linear.bias is not None)
-                module.load_quantized_weight(qw)
-                if linear.bias is not None:
-                    module.bias = torch.nn.Parameter(linear.bias.detach().to("cpu").clone(),
-                                                     requires_grad=linear.bias.requires_grad)
-                if explicit:
-                    module.set_input_scale(1.0 / s)
+                module = XlaQuantizedLinear.from_quantized(
+                    qw, quantize_activation=quantize_activation, bias=linear.bias,
+                    input_scale=1.0 / s if explicit else None, device=linear.weight.device)
                 # Errors against the layer's float weight as the model had it before
                 # any scale: a folded (or explicit) s is undone on the result.
                 w_orig = w / s if (s is not None and not explicit) else w
+                # Round-to-nearest of an unscaled weight is what qw already is.
+                rtn = (qw if group_method == "rtn" and s is None
+                       else _quantize(w_orig, bits, block_size, symmetric, "rtn", None))
                 results[name] = LayerResult(
-                    module.to(linear.weight.device), group_method,
-                    weight_error(w_orig, _quantize(w_orig, bits, block_size, symmetric, "rtn", None)),
-                    weight_error(w_orig, qw, s),
-                    None if s is None else where[name])
+                    module, group_method, weight_error(w_orig, rtn),
+                    weight_error(w_orig, qw, s), None if s is None else where[name])
                 swap(name, results[name].module)
     return results
 

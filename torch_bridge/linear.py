@@ -5,7 +5,8 @@ Constructor and `load_quantized_weight` follow
 state_dict keys are the same (`weight`, `weight_scaler`, `zero_point`, plus
 `bias`). Differences: an optional bias, int4 weights kept packed two per
 byte (API.md section 2), buffers shaped for the configured layout (so a
-fresh module accepts `load_state_dict` of a quantized one), `from_float`, and
+fresh module accepts `load_state_dict` of a quantized one), `from_float` and
+`from_quantized` (the one way every caller builds a module around a weight), and
 torch_xla's unpacked-int4 state dicts are accepted and packed on load.
 
 Buffers (`in` = input_dim, `out` = output_dim, B = block_size):
@@ -150,20 +151,39 @@ class XlaQuantizedLinear(torch.nn.Module):
         """
         checks.float_linear(linear)
         checks.bits(bits)
-        module = cls(linear.in_features, linear.out_features, is_symmetric=symmetric,
-                     block_size=block_size, int4_weight=bits == 4,
-                     quantize_activation=quantize_activation, bias=linear.bias is not None,
-                     impl=impl)
+        xla_qops.dispatch.check_impl(impl)
+        # Checked before the (costly) quantization; says whether int4 packs.
+        spec = checks.linear_config(linear.in_features, linear.out_features, block_size,
+                                    bits == 4)
         w = linear.weight.detach().to("cpu", torch.float32)
         # xla_qops.quantize_weight computes on the host (numpy), so the scales
         # are bit-identical to a JAX caller's, eager or jitted.
         qw = xla_qops.quantize_weight(interop.to_jax(w), bits=bits, block_size=block_size,
-                                      symmetric=symmetric, pack=module.packed)
+                                      symmetric=symmetric, pack=spec.packed)
+        return cls.from_quantized(qw, quantize_activation=quantize_activation, bias=linear.bias,
+                                  device=linear.weight.device, impl=impl)
+
+    @classmethod
+    def from_quantized(cls, qw, *, quantize_activation: bool = False, bias=None,
+                       input_scale=None, device=None, impl: str = "auto"):
+        """A module holding the `xla_qops.QuantizedWeight` `qw` (packed or not).
+
+        Its configuration is qw's: bits, block size, symmetric exactly when qw
+        has no zero point. `bias`: a float tensor `[out]` or None, copied into
+        a parameter that keeps its dtype and requires_grad. `input_scale`: see
+        `set_input_scale`. `device`: where the module lives (None: the host,
+        where qw's arrays are).
+        """
+        module = cls(qw.in_features, qw.out_features, is_symmetric=qw.zero_point is None,
+                     block_size=qw.block_size, int4_weight=qw.bits == 4,
+                     quantize_activation=quantize_activation, bias=bias is not None, impl=impl)
         module.load_quantized_weight(qw)
-        if linear.bias is not None:
-            module.bias = torch.nn.Parameter(linear.bias.detach().to("cpu").clone(),
-                                             requires_grad=linear.bias.requires_grad)
-        return module.to(linear.weight.device)
+        if bias is not None:
+            module.bias = torch.nn.Parameter(bias.detach().to("cpu").clone(),
+                                             requires_grad=bias.requires_grad)
+        if input_scale is not None:
+            module.set_input_scale(input_scale)
+        return module if device is None else module.to(device)
 
     # ------------------------------------------------------------------ prepared weight
 

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from torch_bridge.linear import XlaQuantizedLinear
-from torch_bridge.swap import linear_holders
+from torch_bridge.swap import linear_holders, swap_into
 from xla_qops.interop.checkpoints import read_checkpoint
 
 
@@ -149,16 +149,11 @@ def load_quantized(model: torch.nn.Module, source, *, format: str | None = None,
         swapped = {}
         holders = linear_holders(model)
         for path, linear, qw in swaps:
-            quantized = XlaQuantizedLinear(
-                linear.in_features, linear.out_features, is_symmetric=qw.zero_point is None,
-                block_size=qw.block_size, int4_weight=qw.bits == 4,
-                quantize_activation=imported.quantize_activation[path],
-                bias=linear.bias is not None).to(linear.weight.device)
-            quantized.load_quantized_weight(qw)
-            if linear.bias is not None:
-                quantized.bias.data = linear.bias.data  # loaded above under <path>.bias
-            for holder, attr in holders.get(id(linear), []):
-                setattr(holder, attr, quantized)
+            quantized = XlaQuantizedLinear.from_quantized(
+                qw, quantize_activation=imported.quantize_activation[path],
+                bias=linear.bias,  # loaded above under <path>.bias
+                device=linear.weight.device)
+            swap_into(holders.get(id(linear), []), quantized)
             swapped[path] = quantized.scheme
     report = LoadReport(format=imported.format, swapped=swapped, loaded=len(provided),
                         tied=tied)

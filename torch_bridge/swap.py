@@ -121,6 +121,13 @@ def linear_holders(model: torch.nn.Module) -> dict[int, list]:
     return parents
 
 
+def swap_into(holders, module: torch.nn.Module) -> None:
+    """Puts `module` in every (parent module, attribute) of `holders` (one entry of
+    `linear_holders`), replacing the Linear each held."""
+    for parent, attr in holders:
+        setattr(parent, attr, module)
+
+
 def _skip_reason(name, module, parents, block_size, filter_fn):
     """Why `module` is not swapped, or None."""
     if filter_fn is not None and not filter_fn(name, module):
@@ -207,22 +214,18 @@ def quantize_model(model, *, scheme: str = "w8a16", block_size: int = -1,
             quantized = XlaQuantizedLinear.from_float(
                 module, bits=bits, block_size=block_size, symmetric=symmetric,
                 quantize_activation=quantize_activation)
-            for parent, attr in holders:
-                setattr(parent, attr, quantized)
+            swap_into(holders, quantized)
             swapped.append(_swapped(name, module, quantized))
         rows = 0
     else:
         holders_of = {name: holders for name, _, holders in todo}
-
-        def swap(name, quantized):
-            for parent, attr in holders_of[name]:
-                setattr(parent, attr, quantized)
-
         results = calibrate.quantize_linears(
             model, [(name, module) for name, module, _ in todo], bits=bits,
             block_size=block_size, symmetric=symmetric, quantize_activation=quantize_activation,
-            method=method, calibration=inputs, smoothing=smoothing,
-            smoothing_alpha=float(smoothing_alpha), swap=swap, progress=progress)
+            method=method, inputs=inputs, smoothing=smoothing,
+            smoothing_alpha=float(smoothing_alpha),
+            swap=lambda name, quantized: swap_into(holders_of[name], quantized),
+            progress=progress)
         for name, module, _ in todo:
             r = results[name]
             swapped.append(dataclasses.replace(

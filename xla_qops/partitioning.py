@@ -103,6 +103,41 @@ def _axes(spec, dim: int) -> tuple[str, ...]:
     return tuple(entry) if isinstance(entry, (tuple, list)) else (entry,)
 
 
+def split_problem(weight, layout: str, n: int, where: str | None = None) -> str | None:
+    """Why splitting `weight` over `n` devices would not give each device whole pieces,
+    or None when it would: the one rule for this module's `plan` (which then replicates
+    instead) and `xla_qops.sharding.check_layout` (which raises it).
+
+    layout "column" splits ``out``: n must divide it. "row" splits ``in``: n must
+    divide the block count (blockwise: whole blocks with their scales), else ``in``,
+    and leave each shard an even ``in`` when int4 is packed (a byte holds two
+    input features). `weight`: anything with in_features, out_features,
+    block_size and packed (a `MatmulSpec`, a `QuantizedWeight`); `where`: the
+    devices, as the message names them.
+    """
+    where = where or f"over {n} devices"
+    if layout == "column":
+        if weight.out_features % n:
+            return (f"column-parallel splits out={weight.out_features} {where}; "
+                    f"out must be a multiple of {n}")
+        return None
+    in_features, block_size = weight.in_features, weight.block_size
+    if block_size != -1:
+        n_blocks = in_features // block_size
+        if n_blocks % n:
+            return (f"row-parallel blockwise splits whole blocks {where}; "
+                    f"in/B = {in_features}/{block_size} = {n_blocks} "
+                    f"blocks must be a multiple of {n}")
+    elif in_features % n:
+        return (f"row-parallel splits in={in_features} {where}; "
+                f"in must be a multiple of {n}")
+    elif weight.packed and (in_features // n) % 2:
+        return (f"packed int4 stores two input features per byte, so "
+                f"row-parallel shards need an even in/{n}; got "
+                f"in={in_features}, {in_features // n} per shard")
+    return None
+
+
 def plan(spec: MatmulSpec, mesh_shape, x_spec, w_spec, scale_spec, rows: int) -> Plan:
     """The split for operands placed as the given `PartitionSpec`s (module docstring).
 
@@ -122,15 +157,10 @@ def plan(spec: MatmulSpec, mesh_shape, x_spec, w_spec, scale_spec, rows: int) ->
     else:
         n = _axes(w_spec, 0) or _axes(scale_spec, 0)
         k = _axes(w_spec, 1) or _axes(x_spec, 1)
-    if spec.out_features % size(n):
+    if split_problem(spec, "column", size(n)):
         n = ()
     k = tuple(a for a in k if a not in n)
-    if spec.blockwise:
-        fits = spec.n_blocks % size(k) == 0
-    else:
-        local_k = spec.in_features // size(k)
-        fits = spec.in_features % size(k) == 0 and not (spec.packed and local_k % 2)
-    if not fits:
+    if split_problem(spec, "row", size(k)):
         k = ()
     m = tuple(a for a in _axes(x_spec, 0) if a not in n + k)
     if rows % size(m):

@@ -27,7 +27,9 @@ Constraints (checked by `check_layout`, ValueError otherwise): column needs
 ``out % n == 0``. Row per-channel needs ``in % n == 0``, and for packed int4
 an even ``in / n`` (two weights share a byte along ``in``, so a shard boundary
 must fall on an even input feature). Row blockwise needs ``(in / B) % n == 0``
-(shards hold whole blocks; packing pairs stay inside a block).
+(shards hold whole blocks; packing pairs stay inside a block). The rule is
+`xla_qops.partitioning.split_problem`, the same one the op's own partitioning
+under plain `jax.jit` follows.
 
 Activation quantization (A8): a blockwise token scale covers one block, which
 lives on one device, so blockwise A8 is local and gives the same integers as
@@ -121,25 +123,10 @@ def check_layout(qw, mesh, layout: str, axis_name: str) -> None:
         raise ValueError(f"axis_name: expected one of the mesh axes {tuple(mesh.axis_names)}, "
                          f"got {axis_name!r}")
     n = mesh.shape[axis_name]
-    where = f"over the {n} devices of mesh axis {axis_name!r}"
-    if layout == "column":
-        if qw.out_features % n:
-            raise ValueError(f"qw: column-parallel splits out={qw.out_features} {where}; "
-                             f"out must be a multiple of {n}")
-    elif qw.blockwise:
-        n_blocks = qw.in_features // qw.block_size
-        if n_blocks % n:
-            raise ValueError(f"qw: row-parallel blockwise splits whole blocks {where}; "
-                             f"in/B = {qw.in_features}/{qw.block_size} = {n_blocks} "
-                             f"blocks must be a multiple of {n}")
-    else:
-        if qw.in_features % n:
-            raise ValueError(f"qw: row-parallel splits in={qw.in_features} {where}; "
-                             f"in must be a multiple of {n}")
-        if qw.packed and (qw.in_features // n) % 2:
-            raise ValueError(f"qw: packed int4 stores two input features per byte, so "
-                             f"row-parallel shards need an even in/{n}; got "
-                             f"in={qw.in_features}, {qw.in_features // n} per shard")
+    problem = partitioning.split_problem(qw, layout, n,
+                                         f"over the {n} devices of mesh axis {axis_name!r}")
+    if problem is not None:
+        raise ValueError(f"qw: {problem}")
 
 
 def layout_specs(blockwise: bool, layout: str, axis_name: str):

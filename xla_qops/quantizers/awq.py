@@ -56,9 +56,8 @@ def clip_search(w: np.ndarray, h: np.ndarray, bits: int, block_size: int, symmet
     h = np.asarray(h, np.float64)
     h_blocks = np.stack([h[g * block:(g + 1) * block, g * block:(g + 1) * block]
                          for g in range(groups)])
-    parts, rows = [], grid.rows_per_chunk(*w.shape)
-    for r0 in range(0, grouped_all.shape[1], rows):
-        grouped = np.ascontiguousarray(grouped_all[:, r0:r0 + rows])
+
+    def search(grouped):
         lo, hi = grouped.min(axis=-1), grouped.max(axis=-1)
         grouped64 = grouped.astype(np.float64)  # once, for every ratio's error
         best = None
@@ -69,19 +68,12 @@ def clip_search(w: np.ndarray, h: np.ndarray, bits: int, block_size: int, symmet
             err = _group_errors(grouped64, grid.dequantize(q, scale, zero_point, np.float64),
                                 h_blocks)
             if best is None:
-                best = [err, q, scale, zero_point]
-                continue
-            better = err < best[0]
-            best[0] = np.where(better, err, best[0])
-            best[1] = np.where(better[..., None], q, best[1])
-            best[2] = np.where(better, scale, best[2])
-            if zero_point is not None:
-                best[3] = np.where(better, zero_point, best[3])
-        parts.append(best[1:])
-    q = np.concatenate([p[0] for p in parts], axis=1)
-    scale = np.concatenate([p[1] for p in parts], axis=1)
-    zero_point = None if symmetric else np.concatenate([p[2] for p in parts], axis=1)
-    return q, scale, zero_point
+                best = grid.BestGrid(err, q, scale, zero_point)
+            else:
+                best.offer(err, q, scale, zero_point)
+        return best.result()
+
+    return grid.in_row_chunks(grouped_all, search)
 
 
 def scale_search(w: np.ndarray, h: np.ndarray, mean_abs_x: np.ndarray, bits: int,

@@ -30,6 +30,45 @@ def rows_per_chunk(out_features: int, in_features: int) -> int:
     return max(1, min(out_features // 8, (1 << 22) // max(in_features, 1)))
 
 
+def in_row_chunks(grouped: np.ndarray, quantize_chunk):
+    """(q, scale, zero_point) of groups ``[G, out, B]``, `quantize_chunk` (C-ordered groups
+    ``[G, rows, B]`` -> (q, scale, zero_point or None)) run on `rows_per_chunk` output
+    rows at a time and the results joined along ``out``."""
+    groups, out_features, block = grouped.shape
+    rows = rows_per_chunk(out_features, groups * block)
+    parts = [quantize_chunk(np.ascontiguousarray(grouped[:, r:r + rows]))
+             for r in range(0, out_features, rows)]
+    q = np.concatenate([p[0] for p in parts], axis=1)
+    scale = np.concatenate([p[1] for p in parts], axis=1)
+    zero_point = None if parts[0][2] is None else np.concatenate([p[2] for p in parts], axis=1)
+    return q, scale, zero_point
+
+
+class BestGrid:
+    """The best grid seen so far per group and output channel, as the methods try
+    candidate grids in turn: lower error wins, a tie keeps the earlier one.
+
+    Attributes: `error` ``[G, out]``, and `q` ``[G, out, B]``, `scale`,
+    `zero_point` (``[G, out]``; None for symmetric grids) of the winners.
+    """
+
+    def __init__(self, error: np.ndarray, q: np.ndarray, scale: np.ndarray, zero_point):
+        self.error, self.q, self.scale, self.zero_point = error, q, scale, zero_point
+
+    def offer(self, error: np.ndarray, q: np.ndarray, scale: np.ndarray, zero_point) -> None:
+        """Keeps, per group and channel, the candidate's grid where its error is lower."""
+        better = error < self.error
+        self.error = np.where(better, error, self.error)
+        self.q = np.where(better[..., None], q, self.q)
+        self.scale = np.where(better, scale, self.scale)
+        if zero_point is not None:
+            self.zero_point = np.where(better, zero_point, self.zero_point)
+
+    def result(self):
+        """(q, scale, zero_point) of the winners."""
+        return self.q, self.scale, self.zero_point
+
+
 def to_groups(w: np.ndarray, block_size: int) -> np.ndarray:
     """``[out, in]`` -> ``[G, out, B]`` (a view where numpy can make one)."""
     out_features, in_features = w.shape

@@ -44,7 +44,7 @@ def _optimise(grouped: np.ndarray, bits: int, symmetric: bool):
     """HQQ on float32 groups ``[G, rows, B]``: (q, scale, zero_point)."""
     q, scale, zero_point = grid.round_to_nearest_groups(grouped, bits, symmetric)
     w = grouped.astype(np.float64)  # the groups once in float64, for every objective
-    best = objective(w, q, scale, zero_point)
+    best = grid.BestGrid(objective(w, q, scale, zero_point), q, scale, zero_point)
     q_it, s = q, scale.astype(np.float64)  # the iterate (the best is kept apart)
     z = None if zero_point is None else zero_point.astype(np.float64)
     beta = BETA
@@ -55,30 +55,18 @@ def _optimise(grouped: np.ndarray, bits: int, symmetric: bool):
         if symmetric:
             norm = (qf * qf).sum(-1)
             s = np.where(norm > 0, (qf * target).sum(-1) / np.where(norm > 0, norm, 1), s)
-            s = np.where(s > 0, s, scale)  # a non-positive scale is no grid
+            s = np.where(s > 0, s, best.scale)  # a non-positive scale is no grid
         else:
             z = (s[..., None] * qf - target).mean(-1)
         s32 = s.astype(np.float32)
         z32 = None if z is None else z.astype(np.float32)
         q_it = grid.round_to_grid(grouped, s32, z32, bits)
-        value = objective(w, q_it, s32, z32)
-        better = value < best
-        best = np.where(better, value, best)
-        scale = np.where(better, s32, scale)
-        if z32 is not None:
-            zero_point = np.where(better, z32, zero_point)
-        q = np.where(better[..., None], q_it, q)
+        best.offer(objective(w, q_it, s32, z32), q_it, s32, z32)
         beta *= KAPPA
-    return q, scale, zero_point
+    return best.result()
 
 
 def quantize(w: np.ndarray, bits: int, block_size: int, symmetric: bool):
     """HQQ of a float32 ``[out, in]``: (q, scale, zero_point) in groups form."""
-    grouped = grid.to_groups(w, block_size)
-    rows = grid.rows_per_chunk(*w.shape)
-    parts = [_optimise(np.ascontiguousarray(grouped[:, r:r + rows]), bits, symmetric)
-             for r in range(0, grouped.shape[1], rows)]
-    q = np.concatenate([p[0] for p in parts], axis=1)
-    scale = np.concatenate([p[1] for p in parts], axis=1)
-    zero_point = None if symmetric else np.concatenate([p[2] for p in parts], axis=1)
-    return q, scale, zero_point
+    return grid.in_row_chunks(grid.to_groups(w, block_size),
+                              lambda chunk: _optimise(chunk, bits, symmetric))

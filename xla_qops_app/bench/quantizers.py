@@ -17,6 +17,7 @@ import time
 import xla_qops
 from xla_qops import data
 from xla_qops.quantizers import CALIBRATED
+from xla_qops_app.calibration import BATCH, tokenized_batches
 
 # (scheme, block_size, method, smoothing); None smoothing = none.
 ROWS = [(scheme, block, method, None)
@@ -25,12 +26,6 @@ ROWS = [(scheme, block, method, None)
 ROWS += [("w8a8", -1, method, "smoothquant") for method in ("rtn", "gptq")]
 ROWS += [("w4a8", 128, method, "smoothquant") for method in ("rtn", "gptq")]
 TARGETS = {("w4a16", 128): 0.98, ("w4a16", -1): 0.96, ("w4a8", 128): 0.975, ("w8a8", -1): 0.999}
-BATCH = 16  # sentences per calibration input
-
-
-def calibration_inputs(tokenizer, sentences, batch=BATCH):
-    return [dict(tokenizer(sentences[i:i + batch], padding=True, return_tensors="pt"))
-            for i in range(0, len(sentences), batch)]
 
 
 def embeddings(model, tokenizer, sentences):
@@ -39,7 +34,7 @@ def embeddings(model, tokenizer, sentences):
     from xla_qops_app.minilm import mean_pool
     out = []
     with torch.no_grad():
-        for batch in calibration_inputs(tokenizer, sentences, 50):
+        for batch in tokenized_batches(tokenizer, sentences, 50):
             out.append(mean_pool(model(**batch).last_hidden_state, batch["attention_mask"]))
     return torch.cat(out)
 
@@ -50,7 +45,7 @@ def run(rows=ROWS, progress: bool = False):
     from xla_qops_app.minilm import load_model
 
     model, tokenizer = load_model()
-    calibration = calibration_inputs(tokenizer, data.sentences("calibration"))
+    calibration = tokenized_batches(tokenizer, data.sentences("calibration"))
     evaluation = data.sentences("evaluation")
     reference = embeddings(model, tokenizer, evaluation)
     results = []
@@ -75,7 +70,7 @@ def markdown(results) -> str:
     lines = ["# Quantizers on all-MiniLM-L6-v2 (`xla-qops bench --quantizers`)", "",
              f"Machine: {platform.machine()}, {torch.get_num_threads()} threads; xla_qops "
              f"{getattr(xla_qops, '__version__', '')}. Calibration: the 400 sentences of "
-             "`xla_qops.data.sentences('calibration')` in inputs of 16; evaluation: the 200 "
+             f"`xla_qops.data.sentences('calibration')` in inputs of {BATCH}; evaluation: the 200 "
              "disjoint ones of `sentences('evaluation')`. cos = cosine similarity of each "
              "sentence embedding (mean pooling, L2-normalised) to the float model's; time = "
              "the whole `torch_bridge.quantize_model` call. Symmetric weights.", "",

@@ -46,6 +46,8 @@ import sys
 
 import numpy as np
 
+from xla_qops_app.calibration import BATCH as CALIBRATION_BATCH, tokenized_batches
+
 SCHEMES = {"w8a16": (8, False), "w4a16": (4, False), "w8a8": (8, True), "w4a8": (4, True)}
 FORMATS = ("xla-qops", "compressed-tensors")
 DEFAULT_SKIP = ("*embed*", "*norm*", "*ln_*")
@@ -211,9 +213,6 @@ def plan(header: dict[str, tuple[list[int], str]], *, bits: int, block_size: int
     return layers, errors
 
 
-CALIBRATION_BATCH = 16  # sentences or token rows per model call
-
-
 def calibration_inputs(path: str, model_dir: str) -> list:
     """Model inputs from a text file of sentences or a safetensors file of token ids."""
     import torch
@@ -238,8 +237,7 @@ def calibration_inputs(path: str, model_dir: str) -> list:
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return [dict(tokenizer(sentences[i:i + CALIBRATION_BATCH], padding=True, return_tensors="pt"))
-            for i in range(0, len(sentences), CALIBRATION_BATCH)]
+    return tokenized_batches(tokenizer, sentences)
 
 
 def load_float_model(model_dir: str):
@@ -260,7 +258,7 @@ def calibrated_weights(model_dir: str, calibration: str, layer_names, *, bits: i
 
     import xla_qops
     from torch_bridge import calibrate
-    from torch_bridge.swap import linear_holders
+    from torch_bridge.swap import linear_holders, swap_into
 
     import torch
 
@@ -275,16 +273,14 @@ def calibrated_weights(model_dir: str, calibration: str, layer_names, *, bits: i
                              f"{': ' + ', '.join(hits) if hits else ''}")
         matched[hits[0]] = layer
     holders = linear_holders(model)
-
-    def swap(name, quantized):  # later layers calibrate on the quantized earlier ones
-        for parent, attr in holders[id(modules[name])]:
-            setattr(parent, attr, quantized)
-
+    inputs = calibrate.check_inputs(calibration_inputs(calibration, model_dir))
     results = calibrate.quantize_linears(
         model, [(n, modules[n]) for n in matched], bits=bits, block_size=block_size,
         symmetric=symmetric, quantize_activation=quantize_activation, method=method,
-        calibration=calibration_inputs(calibration, model_dir), smoothing=None,
-        smoothing_alpha=0.5, swap=swap, progress=progress,
+        inputs=inputs, smoothing=None, smoothing_alpha=0.5,
+        # Swapped as they go: later layers calibrate on the quantized earlier ones.
+        swap=lambda name, quantized: swap_into(holders[id(modules[name])], quantized),
+        progress=progress,
         search_scales=False)  # only the Linears are written: no place for 1/s
     out = {}
     for name, layer in matched.items():
