@@ -35,12 +35,19 @@ def test_every_kind_of_variant_generates(base):
             V("xla_qops", "jax", "w4a16", 128, False, True)]
     if decoder.torchao_available() is None:
         rows.append(V("torchao_int4", lm_head=True))
-    results = decoder.measure(base, rows, batch=2, prefill=8, decode=4, reps=1,
+    results = decoder.measure(base, rows, batch=2, prefill=8, decode=4, reps=2,
                               log=lambda *a: None)
-    by = {r.variant: r for r in results}
+    own, extra = results[:len(rows)], results[len(rows):]
+    assert [r.variant for r in own] == rows and not any(r.companion for r in own)
+    by = {r.variant: r for r in own}
     for r in results:
         assert r.decode_tok_s > 0 and r.prefill_tok_s > 0 and r.read_bw > 0
-        assert 0 < r.floor_share
+        assert 0 < r.floor_share and len(r.decode_runs) == len(r.prefill_runs) == 2
+        assert min(r.decode_runs) <= r.decode_tok_s <= max(r.decode_runs)
+    # The eager peers of the JAX row took turns with it again.
+    assert {(r.variant.kind, r.timed_with) for r in extra} >= {("bf16", "jax"),
+                                                              ("torch_int4", "jax")}
+    assert all(r.companion and r.variant.path == "eager" for r in extra)
     bf16 = by[rows[0]].step_bytes
     assert by[rows[2]].step_bytes < bf16 / 3  # int4 with lm_head: < 1/3 of bf16
     assert by[rows[1]].step_bytes < bf16 / 3
@@ -104,3 +111,109 @@ def test_torch_xla_device_rows_are_the_documented_variants():
     names = [bench_model.xla_device_row(i).name for i in range(len(bench_model.XLA_DEVICE_ROWS))]
     assert names == ["bf16 torch [xla]", "xla-qops W4A16 g128 +lm_head [xla]",
                      "xla-qops W8A16 pc +lm_head [xla]"]
+
+
+# --- the reports: same scheme, same turns, spread; only what the run measured ---
+
+def _result(kind, path="eager", scheme=None, block=-1, symmetric=True, lm_head=True,
+            tok_s=(100.0, 110.0, 90.0), timed_with=None, batch=1):
+    v = decoder.Variant(kind, path, scheme, block, symmetric, lm_head if kind != "bf16" else False)
+    return decoder.Result(v, batch, 200 << 20, 10 * tok_s[0], tok_s[0], 80.0,
+                          [10 * t for t in tok_s], list(tok_s), timed_with or path)
+
+
+def _results(scale=1.0):
+    """Fake results; `scale` changes every measurement, ours more than the peers'
+    (so that every ratio changes too)."""
+    s = lambda *ts: tuple(t * scale for t in ts)
+    p = lambda *ts: tuple(t * (1 + (scale - 1) / 3) for t in ts)
+    out = []
+    for batch in (1, 4):
+        out += [
+            _result("bf16", tok_s=p(30.0, 31.0, 29.0), batch=batch),
+            _result("torch_int4", tok_s=p(90.0, 92.0, 91.0), batch=batch),
+            _result("xla_qops", "eager", "w4a16", 128, True, tok_s=s(100.0, 104.0, 98.0),
+                    batch=batch),
+            _result("xla_qops", "eager", "w4a16", 128, False, tok_s=s(91.0, 92.0, 90.0),
+                    batch=batch),
+            _result("xla_qops", "eager", "w8a8", -1, True, tok_s=s(80.0, 81.0, 79.0),
+                    batch=batch),
+            _result("xla_qops", "jax", "w4a16", 128, False, tok_s=s(88.0, 89.0, 87.0),
+                    batch=batch),
+            # the eager peers, timed again in the JAX rows' turns
+            _result("bf16", tok_s=p(20.0, 20.0, 20.0), timed_with="jax", batch=batch),
+            _result("torch_int4", tok_s=p(80.0, 80.0, 80.0), timed_with="jax", batch=batch),
+        ]
+    return out
+
+
+def test_int4_ratios_are_like_for_like_or_say_they_are_not():
+    text = decoder_report.table(_results(), 1)
+    lines = {line.split(" | ")[1]: line for line in text.splitlines()[2:]
+             if line.startswith("| eager ")}
+    sym = lines["xla-qops W4A16 g128 +lm_head"]
+    asym = lines["xla-qops W4A16 g128 asym +lm_head"]
+    assert "sym vs asym" in sym and "sym vs asym" not in asym
+    # asym vs torch int4 (asym): median 91 / 91, per turn 91/90 .. 90/91
+    assert "| 1.00x (0.99–1.01) |" in asym
+    # W8A8 against torch's int4: no ratio at all
+    assert lines["xla-qops W8A8 pc +lm_head"].split(" | ")[7] == "–"
+    # the JAX row against its peers of the same turns: 88 / 80 and 88 / 20
+    jax = [line for line in text.splitlines() if line.startswith("| jax ")][0]
+    assert "| 1.10x (1.09–1.11) |" in jax and "| 4.40x (4.35–4.45) |" in jax
+    targets = dict((t, v) for t, v, _ in decoder_report.targets(_results()))
+    like = [t for t in targets if "both asymmetric" in t]
+    unlike = [t for t in targets if "NOT like for like" in t]
+    assert like and unlike
+    assert all("W4A16 g128 asym" in t for t in like)
+    assert all("W4A16 g128 sym" in t for t in unlike)
+
+
+def test_report_ratio_refuses_unlabelled_schemes_for_the_decoder_too():
+    from xla_qops_app.bench import report
+    r = _results()
+    w8a8, int4 = r[4], r[1]
+    assert decoder_report.compare(w8a8, int4) is None  # not published
+    with pytest.raises(report.SchemeMismatch):
+        report.ratio(w8a8.decode_runs, int4.decode_runs, num_scheme=w8a8.variant.scheme_key,
+                     den_scheme=int4.variant.scheme_key)
+
+
+def test_bench_e2e_markdown_holds_only_this_runs_figures(monkeypatch):
+    import argparse
+    import os
+    import re
+
+    from xla_qops_app.commands import bench_model
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    figure = re.compile(r"\d+(?:\.\d+)?\s?(?:ms|µs|s|tok/s|GB/s|MiB|x|%)(?![\w/])")
+
+    def render(scale):
+        args = argparse.Namespace(prefill=int(128 * scale), decode=int(64 * scale),
+                                  xla_layers=0)
+        reps = 3 if scale == 1 else 5
+        return bench_model._markdown(args, f"machine {scale}", int(8 * scale), reps, reps - 2,
+                                     [1, 4], _results(scale), [], 18 * scale, "- torchao: x",
+                                     True)
+    one, two = render(1.0), render(1.5)
+    static = set(one.splitlines()) & set(two.splitlines())
+    assert [f for line in static for f in figure.findall(line)] == []
+    assert "9.9 ms" not in one  # the torchax note once carried another run's figure
+
+
+def test_demo_decoder_section_compares_with_the_eager_float_model(base, monkeypatch, capsys):
+    """`make demo`'s 'vs float': against the float model in eager torch, from the
+    same turns, for the JAX rows too (not the float model through JAX)."""
+    import re
+
+    from xla_qops_app.commands import demo_model
+    monkeypatch.setattr(decoder, "TINYLLAMA", DIMS)
+    demo_model.decoder_section(1, ["jax"])
+    out = capsys.readouterr().out
+    assert "against the float model in eager torch" in out
+    rows = [line.split() for line in out.splitlines() if line.startswith(("eager ", "jax "))]
+    assert [r[0] for r in rows] == ["jax"] * 3  # eager only as the baseline
+    # tokens/s, then the ratio to the eager float model with its per-turn range
+    # (the float model through JAX runs once: slow_reps)
+    assert all(float(r[4]) > 0 and float(r[5].rstrip("x")) > 0 for r in rows), rows
+    assert all(re.fullmatch(r"\(.*–.*\)", r[6]) for r in rows if r[1] != "float"), rows

@@ -5,12 +5,14 @@ TinyLlama-1.1B's dimensions, random bf16 weights, nothing downloaded) is
 quantized or swapped into each variant, then every variant generates greedily
 from the same prompt (``prefill`` tokens, then ``decode`` new ones), the
 variants taking turns within every repetition. Per variant: prefill and decode
-tokens/s (medians), the weight bytes one decode step reads, and the floor those
-bytes set at the read bandwidth measured in the same turns.
+tokens/s (medians, and every generation's, for the spread and for ratios paired
+by turn), the weight bytes one decode step reads, and the floor those bytes set
+at the read bandwidth measured in the same turns. The eager peers the JAX rows
+are compared with take turns with them again (`companions`).
 
 Variants (`variants`): bf16 torch; torch's own int4 kernel
-(``_weight_int4pack_mm_for_cpu``, g128) and torchao's int4 (when it imports)
-swapped in the way `quantize_model` swaps ours; xla-qops schemes, with and
+(``_weight_int4pack_mm_for_cpu``, g128, asymmetric) and torchao's int4 (when it
+imports; asymmetric too) swapped in the way `quantize_model` swaps ours; xla-qops schemes, with and
 without ``lm_head`` quantized, on torch CPU tensors (``eager``: HF
 ``generate``) and as one jitted JAX function per step (``jax``: the same torch
 module through torchax, greedy loop in Python around the jitted step, a static
@@ -66,6 +68,21 @@ class Variant:
                     "torchao_int4": "torchao int4 g128"}[self.kind]
         head = " +lm_head" if self.lm_head else ""
         return f"{what}{head} [{self.path}]"
+
+    @property
+    def scheme_key(self) -> str:
+        """What the weights are, for `report.ratio`'s same-scheme check: the
+        scheme, layout, symmetry and whether lm_head is quantized too. torch's
+        and torchao's int4 are W4A16 g128 asymmetric (both quantize with zero
+        points: `TorchInt4Linear`, torchao's `Int4WeightOnlyConfig`)."""
+        if self.kind == "bf16":
+            return "bf16"
+        if self.kind in ("torch_int4", "torchao_int4"):
+            base = "w4a16-g128-asym"
+        else:
+            layout = "pc" if self.block_size == -1 else f"g{self.block_size}"
+            base = f"{self.scheme}-{layout}-{'sym' if self.symmetric else 'asym'}"
+        return base + (" +lm_head" if self.lm_head else "")
 
 
 OUR_SCHEMES = (("w4a16", 128, True), ("w4a16", 128, False), ("w8a16", -1, True),
@@ -126,12 +143,15 @@ def _torch_int4_linear_class():
     class TorchInt4Linear(torch.nn.Module):
         """An nn.Linear on torch's own int4 CPU kernel (the peer a CPU user has)."""
 
-        def __init__(self, linear, group_size=128):
+        def __init__(self, linear, group_size=128, symmetric=False):
             super().__init__()
             import jax.numpy as jnp
             import xla_qops
             w = jnp.asarray(linear.weight.detach().float().numpy())
-            qw = xla_qops.quantize_weight(w, bits=4, block_size=group_size, symmetric=False)
+            # Asymmetric by default, as torch's and torchao's int4 recipes quantize;
+            # symmetric=True gives the kernel a symmetric weight (zero points of 0).
+            qw = xla_qops.quantize_weight(w, bits=4, block_size=group_size,
+                                          symmetric=symmetric)
             packed, sz = torch_int4pack(qw)
             self.register_buffer("packed", packed)
             self.register_buffer("scales_and_zeros", sz)
@@ -350,9 +370,15 @@ class Result:
     variant: Variant
     batch: int
     step_bytes: int
-    prefill_tok_s: float
-    decode_tok_s: float
+    prefill_tok_s: float  # batch * prompt / median prefill time
+    decode_tok_s: float   # batch / median decode step time
     read_bw: float  # GB/s, median over the same turns
+    # Per generation, in turn order (the spread, and ratios paired by turn):
+    prefill_runs: list = dataclasses.field(default_factory=list)  # tok/s
+    decode_runs: list = dataclasses.field(default_factory=list)   # tok/s
+    # The path group whose turns timed it: its own path, or "jax" for an eager
+    # peer timed again alongside the JAX rows (`measure`'s companions).
+    timed_with: str = ""
 
     @property
     def floor_s(self) -> float:
@@ -363,6 +389,22 @@ class Result:
     def floor_share(self) -> float:
         return self.floor_s / (self.batch / self.decode_tok_s)
 
+    @property
+    def companion(self) -> bool:
+        """An eager peer timed in another path's turns (not a row of its own)."""
+        return bool(self.timed_with) and self.timed_with != self.variant.path
+
+
+def companions(rows, path: str) -> list[Variant]:
+    """The eager peers among `rows` that the rows of `path` are compared with
+    (bf16, and the int4 peers with the same lm_head coverage): timed again in
+    that path's turns, so that every ratio comes from the same turns."""
+    if path == "eager":
+        return []
+    heads = {v.lm_head for v in rows if v.path == path}
+    return [v for v in rows if v.path == "eager" and v.kind != "xla_qops"
+            and (v.kind == "bf16" or v.lm_head in heads)]
+
 
 def measure(base, rows, *, batch: int, prefill: int, decode: int, reps: int,
             slow_reps: int = 1, seed: int = 0, log=print) -> list[Result]:
@@ -372,14 +414,19 @@ def measure(base, rows, *, batch: int, prefill: int, decode: int, reps: int,
     the largest variant's bytes in each turn for the bandwidth of the same
     moments; the eager rows run as one group and the JAX rows as another
     (XLA's and torch's worker threads each linger after their turn and would
-    tax the next path's turn). JAX bf16, slow on XLA:CPU, runs `slow_reps`
-    times."""
+    tax the next path's turn). The eager peers the JAX rows are compared with
+    (`companions`) take turns in the JAX group too, so every ratio is between
+    generations of the same turns. JAX bf16, slow on XLA:CPU, runs
+    `slow_reps` times.
+
+    Returns one Result per row, in `rows`' order, then the companions' (their
+    `timed_with` names the group that timed them)."""
     import gc
     prompt = np.random.default_rng(seed).integers(
         3, base.config.vocab_size, (batch, prefill)).astype(np.int64)
-    results = {}
+    results, extra = {}, []
     for path in dict.fromkeys(v.path for v in rows):
-        group = [v for v in rows if v.path == path]
+        group = [v for v in rows if v.path == path] + companions(rows, path)
         gens, nbytes = {}, {}
         for v in group:
             model = make_variant(base, v)
@@ -403,11 +450,16 @@ def measure(base, rows, *, batch: int, prefill: int, decode: int, reps: int,
         for v in group:
             prefill_s = statistics.median(t.prefill_s for t in timings[v])
             step_s = statistics.median(t.step_s for t in timings[v])
-            results[v] = Result(v, batch, nbytes[v], batch * prefill / prefill_s,
-                                batch / step_s, read_bw)
+            r = Result(v, batch, nbytes[v], batch * prefill / prefill_s, batch / step_s, read_bw,
+                       [batch * prefill / t.prefill_s for t in timings[v]],
+                       [batch / t.step_s for t in timings[v]], path)
+            if v.path == path:
+                results[v] = r
+            else:
+                extra.append(r)
         del gens
         gc.collect()
-    return [results[v] for v in rows]
+    return [results[v] for v in rows] + extra
 
 
 # ---------------------------------------------------------------------------

@@ -8,10 +8,13 @@ within every repetition, each timing one pass over its copies:
   timed in C++ around the same work a call does, no Python);
 * ``module``: ``XlaQuantizedLinear.__call__`` (what a model's forward pays);
 * ``torch_int4``: torch's `_weight_int4pack_mm_for_cpu` in an nn.Module, the
-  peer a CPU user has (`decoder._torch_int4_linear_class`).
+  peer a CPU user has (`decoder._torch_int4_linear_class`), built with the
+  same scheme as the row (symmetric rows: torch's kernel with zero points of
+  0), so its ratio compares the same weights.
 
-Reported: medians per call, the module's overhead over the kernel, and torch
-int4 time / module time.
+Reported: medians per call (min-max over the turns), the module's overhead
+over the kernel, and torch int4 time / module time with the min-max of the
+per-turn ratios (`report.ratio`).
 """
 
 from __future__ import annotations
@@ -46,11 +49,11 @@ def measure(shapes=DEFAULT_SHAPES, schemes=(("w4a16-g128-sym", True), ("w4a16-g1
             copies = max(2, -(-2 * llc_bytes // (k * n // 2)))
             linears = [torch.nn.Linear(k, n, bias=False) for _ in range(copies)]
             x = torch.randn(1, k).to(torch.bfloat16)
-            peers = {"torch_int4": [torch_int4(lin) for lin in linears]}
             for name, symmetric in schemes:
                 ours = [torch_bridge.XlaQuantizedLinear.from_float(
                     lin, bits=4, block_size=128, symmetric=symmetric) for lin in linears]
                 prepared = [m._cpu for m in ours]
+                peers = {"torch_int4": [torch_int4(lin, symmetric=symmetric) for lin in linears]}
 
                 def kernel():
                     times = torch.ops.xla_qops_cpu.kernel_seconds(
@@ -65,23 +68,31 @@ def measure(shapes=DEFAULT_SHAPES, schemes=(("w4a16-g128-sym", True), ("w4a16-g1
                         step()  # warm: this implementation's threads and pages
                         times[s].append(step())
                 med = {s: statistics.median(v) for s, v in times.items()}
-                row = dict(k=k, n=n, scheme=name, copies=copies, **med)
+                row = dict(k=k, n=n, scheme=name, copies=copies, samples=times, **med)
                 rows.append(row)
                 log(f"  {k}x{n} {name}: kernel {med['kernel'] * 1e6:.1f} us, module "
                     f"{med['module'] * 1e6:.1f} us, torch int4 {med['torch_int4'] * 1e6:.1f} us")
-                del ours, prepared
+                del ours, prepared, peers
     return rows
 
 
 def table(rows) -> str:
-    lines = ["| shape (in×out) | scheme | kernel µs | XlaQuantizedLinear µs | overhead µs "
-             "(target ≤ 20) | torch int4 µs | torch int4 / module (target ≥ 1.3) |",
+    from xla_qops_app.bench.report import fmt_range, ratio
+    lines = ["| shape (in×out) | scheme | kernel µs | XlaQuantizedLinear µs (min–max) | "
+             "overhead µs (target ≤ 20) | torch int4, same weights, µs (min–max) | "
+             "torch int4 / module (target ≥ 1.3) |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
         over = (r["module"] - r["kernel"]) * 1e6
-        ratio = r["torch_int4"] / r["module"]
+        samples = r.get("samples", {})
+        # Same weights on both sides: torch's module was built with the row's scheme.
+        q = ratio(samples.get("torch_int4") or [r["torch_int4"]],
+                  samples.get("module") or [r["module"]],
+                  num_scheme=r["scheme"], den_scheme=r["scheme"])
         lines.append(f"| {r['k']}×{r['n']} | {r['scheme']} | {r['kernel'] * 1e6:.1f} | "
-                     f"{r['module'] * 1e6:.1f} | {over:.1f} ({'met' if over <= 20 else 'MISSED'}) | "
-                     f"{r['torch_int4'] * 1e6:.1f} | {ratio:.2f}x "
-                     f"({'met' if ratio >= 1.3 else 'MISSED'}) |")
+                     f"{r['module'] * 1e6:.1f}{fmt_range(samples.get('module', []), 1e6, 1)} | "
+                     f"{over:.1f} ({'met' if over <= 20 else 'MISSED'}) | "
+                     f"{r['torch_int4'] * 1e6:.1f}"
+                     f"{fmt_range(samples.get('torch_int4', []), 1e6, 1)} | {q.text()} "
+                     f"({'met' if q.value >= 1.3 else 'MISSED'}) |")
     return "\n".join(lines)

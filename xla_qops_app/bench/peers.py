@@ -5,14 +5,19 @@ can rotate through more bytes than the last-level cache holds) and returns a
 callable ``step(i)`` that runs the matmul on copy ``i % copies`` and waits for
 the result. Peers:
 
-* ``ours``: ``xla_qops.quantized_matmul(..., impl="custom_call")`` under jit.
-* ``xla``: the same with ``impl="xla"`` (XLA:CPU's fused path).
-* ``torch_q``: torch's own CPU kernel for the scheme:
+* ``ours``: ``xla_qops.quantized_matmul(..., impl="custom_call")`` under jit
+  (`jax_peer` runs any impl; the bench times only this one).
+* ``torch_q``: torch's own CPU kernel for the scheme, given the very weights
+  ours reads (same scheme; a symmetric weight has zero points of 0):
   ``_weight_int4pack_mm_for_cpu`` (W4A16) or ``_weight_int8pack_mm`` (W8A16,
   symmetric per-channel only); None for the others.
-* ``torch_bf16``: ``torch.nn.functional.linear`` with a bf16 weight.
+* ``torch_bf16``: ``torch.nn.functional.linear`` with a bf16 weight (the
+  unquantized layer: a different scheme, labelled as such in the reports).
 * ``torch_xla``: torch_xla's ``torch.ops.xla.quantized_matmul`` on its CPU
-  device (its own op, not torch_bridge's).
+  device (its own op, not torch_bridge's), same weights. Its int4 path copies
+  the weight to the host on every call and bakes it into the graph as a
+  constant: every weight it has not seen compiles a new graph, so the bench
+  gives it one weight and counts compilations (``step.compilations()``).
 """
 
 from __future__ import annotations
@@ -124,4 +129,12 @@ def torch_xla_peer(qws, x_np, scheme):
         torch_xla.sync()
         xm.wait_device_ops()
         return y
+    step.compilations = xla_compilations
     return step
+
+
+def xla_compilations() -> int:
+    """Graphs torch_xla has compiled in this process (its CompileTime metric)."""
+    import torch_xla.debug.metrics as met
+    data = met.metric_data("CompileTime")
+    return 0 if data is None else data[0]

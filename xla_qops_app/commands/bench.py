@@ -8,11 +8,16 @@ Then the per-call cost of `XlaQuantizedLinear` on torch CPU tensors against
 the kernels' own time (xla_qops_app/bench/module_calls.py).
 
 Each case: the median of several runs of impl="custom_call" and of every peer
-(xla_qops_app/bench/peers.py), reported as peer time / our time, plus our
-effective GB/s (weight, scale and zero-point bytes / time). The fast peers run
-in turn within each repetition (the memory bandwidth here drifts by up to 2x
-over seconds; each takes untimed calls, three and at least 4 ms of them,
-before its timed one). `make
+(xla_qops_app/bench/peers.py), reported as peer time / our time with the
+min-max of the per-turn ratios (xla_qops_app.bench.report.ratio, which refuses
+a ratio across schemes unless it is labelled), plus our effective GB/s
+(weight, scale and zero-point bytes / time). The peers run in turn within each
+repetition (the memory bandwidth here drifts by up to 2x over seconds; each
+takes untimed calls, three and at least 4 ms of them, before its timed one;
+torch_xla's op, about a second a call, takes one untimed call and only the
+first --slow-reps turns, on one weight compiled before the turns). The
+project's own pure-XLA fallback (impl="xla") is not a peer: it is not what a
+user would otherwise run (docs/benchmarks.md). `make
 bench` runs torch with its default OpenMP wait policy (its workers spin
 between calls: its fastest), GOMP_SPINCOUNT=20000 so that they stop spinning
 soon after torch's turn, and GLIBC_TUNABLES=glibc.malloc.hugetlb=1 so that
@@ -59,8 +64,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="timed runs per fast implementation (default 9; --model: 3 "
                              "generations per variant)")
     parser.add_argument("--slow-reps", type=int, default=None,
-                        help='timed runs for impl="xla" and torch_xla, slow (default 3; '
-                             '--model: 1 for JAX bf16)')
+                        help="turns of torch_xla's op, slow (default 3; 0 skips it; "
+                             "--model: generations of JAX bf16, default 1)")
     parser.add_argument("--quick", action="store_true",
                         help="4096x4096, M=1 and 256, fewer runs (a minute or two)")
     parser.add_argument("--torch-xla", choices=("some", "all", "none"), default="some",
@@ -87,17 +92,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                             "first generate compiles for minutes); 0 skips it (default 2)")
 
 
-def _median_time(step, reps, warmup=2):
-    for i in range(warmup):
-        step(i)
-    times = []
-    for i in range(reps):
-        t = time.perf_counter()
-        step(warmup + i)
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
-
-
 # Untimed calls of a turn last at least this long: torch's OpenMP workers keep
 # spinning after its turn (GOMP_SPINCOUNT=20000 is about 2 ms here) and took
 # the cores from the next peer's threads: the custom call's 4096x4096 M=1
@@ -106,9 +100,10 @@ def _median_time(step, reps, warmup=2):
 WARM_SECONDS = 0.004
 
 
-def _interleaved_medians(steps: dict, reps: int, warm: int = 3,
-                         warm_seconds: float = WARM_SECONDS) -> dict:
-    """Median time of each step; the steps take turns within every repetition.
+def _interleaved_times(steps: dict, reps: int, warm: int = 3,
+                       warm_seconds: float = WARM_SECONDS, slow: dict | None = None) -> dict:
+    """Every timed call of each step, in turn order; the steps take turns
+    within every repetition.
 
     This machine's memory bandwidth drifts by up to 2x over seconds (other
     tenants): timing all of one implementation's runs and then the next's
@@ -116,13 +111,21 @@ def _interleaved_medians(steps: dict, reps: int, warm: int = 3,
     (at least `warm`, and for at least `warm_seconds`), so every step is timed
     as in a model's consecutive layers, with its own threads awake and the
     previous peer's threads gone quiet. (Pausing between turns made every
-    peer erratic here: idle virtual CPUs come back slowly.)"""
+    peer erratic here: idle virtual CPUs come back slowly.)
+
+    slow: {name: turns} for steps too slow for that (torch_xla's op, about a
+    second a call): they take a turn only in the first `turns` repetitions,
+    one untimed call then the timed one, in the same rounds as the others."""
+    slow = slow or {}
     times = {name: [] for name in steps}
     call = 0
-    for _ in range(reps):
+    for rep in range(reps):
         for name, step in steps.items():
+            if name in slow and rep >= slow[name]:
+                continue
             start, n = time.perf_counter(), 0
-            while n < warm or time.perf_counter() - start < warm_seconds:
+            need_calls, need_s = (1, 0.0) if name in slow else (warm, warm_seconds)
+            while n < need_calls or time.perf_counter() - start < need_s:
                 step(call)
                 call += 1
                 n += 1
@@ -130,7 +133,27 @@ def _interleaved_medians(steps: dict, reps: int, warm: int = 3,
             step(call)
             times[name].append(time.perf_counter() - t)
             call += 1
-    return {name: statistics.median(ts) for name, ts in times.items()}
+    return times
+
+
+def _interleaved_medians(steps: dict, reps: int, warm: int = 3,
+                         warm_seconds: float = WARM_SECONDS) -> dict:
+    """Median time of each step (`_interleaved_times`)."""
+    return {name: statistics.median(ts)
+            for name, ts in _interleaved_times(steps, reps, warm, warm_seconds).items()}
+
+
+def _failing_quietly(step):
+    """`step`, except that once a call raises it does nothing: a slow peer that
+    fails mid-run loses its own times (`.error` says why), not the others'."""
+    def call(i):
+        if call.error is None:
+            try:
+                step(i)
+            except Exception as e:  # noqa: BLE001  reported by the caller
+                call.error = e
+    call.error = None
+    return call
 
 
 def read_peer(total_bytes: int):
@@ -165,6 +188,49 @@ def llc_bytes() -> int:
         return int(text[:-1]) * 1024 if text.endswith("K") else int(text)
     except (OSError, ValueError):
         return 64 << 20
+
+
+METHOD = (
+    "How these figures are made: docs/benchmarks.md (the rules) and docs/cpu_kernels.md "
+    "(what the kernels do). Times are medians of {reps} turns, with the min–max over the "
+    "turns in parentheses; ratios are peer time / our time from the same turns (> 1 means "
+    "ours is faster), with the min–max of the per-turn ratios. The peers take turns within "
+    "every repetition, each turn untimed calls (three, and at least {warm_ms} ms of them: "
+    "torch's OpenMP workers spin after its turn) then a timed one. torch's int kernel and "
+    "torch_xla's op get the very weights ours reads (same scheme); bf16 torch mm is the "
+    "unquantized layer. torch_xla's op (4096×4096 only, unless --torch-xla all) is timed in "
+    "steady state: one weight, reused, compiled by an untimed call before the turns, then "
+    "one untimed and one timed call in each of the first {slow_reps} turns; its cell says "
+    "so if anything compiled during its turns. GB/s counts the weight, scale and zero-point "
+    "bytes read. Decode rows (M <= 16) rotate ours and torch's through distinct weights "
+    "totalling more than twice the LLC, and their % is of the read bandwidth of a torch sum "
+    "over the same bytes timed in the same turns (other rows: of the bandwidth measured at "
+    "the start).")
+
+
+def markdown(info, rows, read_bw, module_rows, reps, slow_reps) -> str:
+    """docs/bench.md: only what this run measured, and how."""
+    from xla_qops_app.bench import module_calls, report
+    return "\n\n".join([
+        "# `xla-qops bench` results",
+        f"Machine: {info}; load average at the end {os.getloadavg()[0]:.1f}.",
+        METHOD.format(warm_ms=f"{WARM_SECONDS * 1e3:g}", reps=reps,
+                      slow_reps=slow_reps),
+        "## Targets (issue K: small batches; then prefill)",
+        report.targets(rows, read_bw),
+        "## All cases",
+        report.table(rows, read_bw),
+        "![bench](bench.png)",
+        *(["## Per call through `XlaQuantizedLinear` on torch CPU tensors (M=1)",
+           "The module's forward against the kernels' own time (timed in C++ around the same "
+           "work, no Python) and torch's int4 kernel in an nn.Module given the same quantized "
+           "weights (for the symmetric row: zero points of 0), each a pass over distinct "
+           "weight copies (more than twice the LLC), in turns; medians per call, min–max "
+           f"over the {reps} turns in parentheses.",
+           module_calls.table(module_rows)] if module_rows else []),
+        "The end-to-end decoder benchmark (`xla-qops bench --model llama`): "
+        "[bench_e2e.md](bench_e2e.md).",
+    ]) + "\n"
 
 
 def run(args) -> int:
@@ -225,35 +291,49 @@ def run(args) -> int:
                     "ours": peers.jax_peer(qws[:rot], x, scheme, "custom_call"),
                     "torch_q": peers.torch_quantized_peer(qws[:rot], x, scheme),
                     "torch_bf16": peers.torch_bf16_peer(ws[:rot], x),
-                    "xla": peers.jax_peer(qws[:rot], x, scheme, "xla"),
                 }
-                want_txla = args.torch_xla == "all" or (
-                    args.torch_xla == "some" and (k, n) == (4096, 4096) and m <= 256)
-                if want_txla:
-                    try:
-                        steps["torch_xla"] = peers.torch_xla_peer(qws[:rot], x, scheme)
-                    except Exception as e:  # noqa: BLE001  a peer that cannot run is reported, not fatal
-                        print(f"  torch_xla unavailable for {scheme.name}: {e!r}"[:200])
-                fast = {name: step for name, step in steps.items()
-                        if step is not None and name not in ("xla", "torch_xla")}
+                steps = {name: step for name, step in steps.items() if step is not None}
                 read_bytes = None
                 if m <= DECODE_MAX_M:  # DRAM-bound: the read bandwidth of the same moments
-                    fast["read"], read_bytes = read_peer(copies * nbytes)
-                times = {}
-                try:
-                    times = _interleaved_medians(fast, args.reps)
-                except Exception as e:  # noqa: BLE001  a peer that cannot run is reported, not fatal
-                    print(f"  a fast peer failed for {scheme.name} M={m}: {e!r}"[:200])
-                for name in ("xla", "torch_xla"):
-                    if steps.get(name) is None:
-                        continue
+                    steps["read"], read_bytes = read_peer(copies * nbytes)
+                want_txla = args.torch_xla == "all" or (
+                    args.torch_xla == "some" and (k, n) == (4096, 4096) and m <= 256)
+                compiles = {}
+                if want_txla and args.slow_reps > 0:
+                    # Steady state: one weight, reused (its int4 path takes the weight
+                    # into its graph as a constant, so each new weight compiles a new
+                    # graph), compiled by an untimed call before the turns; then it
+                    # takes its turns with the others. Compilations during the turns
+                    # are counted and reported with its ratio.
                     try:
-                        times[name] = _median_time(steps[name], args.slow_reps, warmup=1)
-                    except Exception as e:  # noqa: BLE001
-                        print(f"  {name} failed for {scheme.name} M={m}: {e!r}"[:200])
-                row = dict(k=k, n=n, m=m, scheme=scheme.name, bytes=nbytes, times=times)
+                        txla = peers.torch_xla_peer(qws[:1], x, scheme)
+                        txla(0)
+                        steps["torch_xla"] = _failing_quietly(txla)
+                    except Exception as e:  # noqa: BLE001  a peer that cannot run is reported, not fatal
+                        print(f"  torch_xla unavailable for {scheme.name}: {e!r}"[:200])
+                samples = {}
+                try:
+                    before = txla.compilations() if "torch_xla" in steps else 0
+                    samples = _interleaved_times(steps, args.reps,
+                                                 slow={"torch_xla": args.slow_reps})
+                    if "torch_xla" in steps:
+                        compiles["torch_xla"] = txla.compilations() - before
+                        if steps["torch_xla"].error is not None:
+                            print(f"  torch_xla failed for {scheme.name} M={m}: "
+                                  f"{steps['torch_xla'].error!r}"[:200])
+                            samples.pop("torch_xla")
+                except Exception as e:  # noqa: BLE001  a peer that cannot run is reported, not fatal
+                    print(f"  a peer failed for {scheme.name} M={m}: {e!r}"[:200])
+                samples = {name: ts for name, ts in samples.items() if ts}
+                times = {name: statistics.median(ts) for name, ts in samples.items()}
+                row = dict(k=k, n=n, m=m, scheme=scheme.name, bytes=nbytes, times=times,
+                           samples=samples, compiles=compiles)
                 if "read" in times:
                     row["read_bw"] = read_bytes / times.pop("read") / 1e9
+                    samples.pop("read")
+                if "ours" not in times:
+                    print(f"  no timing of ours for {scheme.name} M={m}: case left out")
+                    continue
                 rows.append(row)
                 print(report.table([row], read_bw).splitlines()[-1], flush=True)
             del ws, qws
@@ -263,31 +343,7 @@ def run(args) -> int:
     if _cpu_ops.available():
         print("per call through XlaQuantizedLinear (M=1, weights rotated):", flush=True)
         module_rows = module_calls.measure(llc_bytes=llc, reps=args.reps)
-    md = "\n\n".join([
-        "# `xla-qops bench` results",
-        f"Machine: {info}; load average at the end {os.getloadavg()[0]:.1f}. Times are medians; ratios are peer time / our time from the "
-        "same run (> 1 means ours is faster); the fast peers take turns within every "
-        f"repetition, each turn untimed calls (three, and at least {WARM_SECONDS * 1e3:g} ms "
-        "of them: torch's OpenMP workers spin after its turn) then a timed one (impl=\"xla\" and "
-        "torch_xla are timed separately). GB/s counts the weight, scale and zero-point "
-        "bytes read. Decode rows (M <= 16) rotate through distinct weights totalling more "
-        "than twice the LLC, and their % is of the read bandwidth of a torch sum over the "
-        "same bytes timed in the same turns (other rows: of the bandwidth measured at the "
-        "start). On this shared machine decode figures move by up to 1.5x between full "
-        "runs. See docs/cpu_kernels.md for what the kernels do.",
-        "## Targets (issue K: small batches; then prefill)",
-        report.targets(rows, read_bw),
-        "## All cases",
-        report.table(rows, read_bw),
-        "![bench](bench.png)",
-        *(["## Per call through `XlaQuantizedLinear` on torch CPU tensors (M=1)",
-           "The module's forward against the kernels' own time (timed in C++ around the same "
-           "work, no Python) and torch's int4 kernel in an nn.Module, each a pass over "
-           "distinct weight copies (more than twice the LLC), in turns; medians per call.",
-           module_calls.table(module_rows)] if module_rows else []),
-        "The end-to-end decoder benchmark (`xla-qops bench --model llama`): "
-        "[bench_e2e.md](bench_e2e.md).",
-    ]) + "\n"
+    md = markdown(info, rows, read_bw, module_rows, args.reps, args.slow_reps)
     print()
     print(report.table(rows, read_bw))
     print()

@@ -128,13 +128,15 @@ def _xla_device_in_child(layers, prefill, decode):
     return rows
 
 
+# Notes say what the code does, never what some other run measured: a
+# generated document holds only the figures of the run that wrote it.
 TORCHAX_NOTE = (
     "- jax: torchax 0.0.7 returns float32 from `scaled_dot_product_attention` on bfloat16 "
     "inputs (google/torchax#31, fixed in later torchax); the JAX path casts the result back "
     "to the query's dtype, as torch does (`torch_bridge.register_with_torchax()`, "
     "`torch_bridge/torchax_ops.py`). Without that the model's activations turn float32 "
     "after the first attention, and every A16 matmul runs its float32 form (three bfloat16 "
-    "terms): the 2-layer model's batch-4 W4A16 decode step took 9.9 ms instead of 5.7.")
+    "terms).")
 
 
 def _markdown(args, info, layers, reps, slow_reps, batches, results, xla_rows, minutes,
@@ -148,14 +150,19 @@ def _markdown(args, info, layers, reps, slow_reps, batches, results, xla_rows, m
         f"2048, MLP 5632, 32 heads, 4 KV heads, vocab 32000), {layers} of its "
         f"{decoder.TINYLLAMA_LAYERS} layers, random bf16 weights. Greedy generation: a "
         f"{args.prefill}-token prompt, then {args.decode} new tokens; per variant the median of "
-        f"{reps} generations (JAX bf16: {slow_reps}), the variants of one path taking turns "
-        "within every repetition. `eager` is HF `generate` on torch CPU tensors; `jax` is the "
-        "same torch module run by torchax as one jitted JAX step (static KV cache) in a "
-        "greedy loop. Decode tok/s counts every sequence of the batch. \"weights MiB/step\" is "
-        "what one decode step reads (every parameter and buffer but the token embeddings); "
-        "the floor is that at the read bandwidth of a torch sum timed in the same turns; "
-        "ratios are against the eager peers (for +lm_head rows, the peer with lm_head "
-        "quantized too).",
+        f"{reps} generations (JAX bf16: {slow_reps}), min–max over them in parentheses, the "
+        "variants of one path taking turns within every repetition. `eager` is HF `generate` "
+        "on torch CPU tensors; `jax` is the same torch module run by torchax as one jitted JAX "
+        "step (static KV cache) in a greedy loop. Decode tok/s counts every sequence of the "
+        "batch. \"weights MiB/step\" is what one decode step reads (every parameter and buffer "
+        "but the token embeddings); the floor is that at the read bandwidth of a torch sum "
+        "timed in the same turns. Ratios are against the eager peers timed in the same turns "
+        "(for the `jax` rows the peers take turns with them again), with the min–max of the "
+        "per-turn ratios in parentheses; only between the same scheme and lm_head coverage "
+        "(torch's and torchao's int4 are W4A16 g128 asymmetric), except against bf16, the "
+        "unquantized model, and our symmetric W4A16 against the asymmetric int4 peers, "
+        "marked \"sym vs asym\" (torch's kernel applies a zero point whatever the weights; "
+        "ours skips it for symmetric ones). The rules: [benchmarks.md](benchmarks.md).",
         "## Targets (issue G)",
         decoder_report.targets_markdown(results),
         *[f"## Batch {b}\n\n{decoder_report.table(results, b)}" for b in batches
