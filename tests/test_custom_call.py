@@ -7,6 +7,11 @@ order), the panel + microkernel path (everything else), several k-chunks per
 panel, tails in M,
 N and K that are not multiples of the kernels' tiles, odd block sizes, and
 the portable kernels (XLA_QOPS_CPU_ISA=generic, in a subprocess).
+
+The file is skipped only where the build does not make the kernels
+(conftest.cpu_kernels_expected: not x86-64); on x86-64 a missing or
+unimportable extension fails every test here, and
+test_extension_loads_from_the_installed_package says why.
 """
 
 import concurrent.futures
@@ -26,9 +31,10 @@ from xla_qops.backends import custom_call
 from xla_qops.spec import check_args
 from cases import X_DTYPES, Scheme, all_schemes, make_weight, make_x, op_args
 import numpy_reference as ref
+from conftest import avx512_expected, cpu_kernels_expected, import_error
 
-pytestmark = pytest.mark.skipif(not custom_call.available(),
-                                reason="xla_qops._cpu_kernels is not built")
+pytestmark = pytest.mark.skipif(not cpu_kernels_expected() and not custom_call.available(),
+                                reason="xla_qops._cpu_kernels is not built on this platform")
 
 SCHEMES = all_schemes(block_size=32)
 
@@ -45,6 +51,8 @@ def check(y, x, qw, scheme):
 
 
 def test_extension_loads_from_the_installed_package():
+    error = import_error("xla_qops._cpu_kernels")
+    assert error is None, f"xla_qops._cpu_kernels does not import: {error!r}"
     from xla_qops import _cpu_kernels
     assert custom_call.available()
     assert custom_call.TARGET in _cpu_kernels.registrations()
@@ -52,6 +60,8 @@ def test_extension_loads_from_the_installed_package():
     features = _cpu_kernels.cpu_features()
     if custom_call.isa() == "avx512":
         assert features["avx512_bf16"] and features["avx512_vnni"]
+    if avx512_expected():  # the CPU has the features: the fast kernels, not the portable ones
+        assert custom_call.isa() == "avx512", features
     assert custom_call.num_threads() >= 1
 
 

@@ -3,8 +3,12 @@
 GPTQ is checked against a float64 NumPy statement of the algorithm written
 out again here (column by column, no lazy block updates, the textbook
 inverse and Cholesky); HQQ and AWQ's clip search against round-to-nearest on
-the objective each minimises; every method's weight through every
-implementation of quantized_matmul against tests/numpy_reference.py.
+the objective each minimises: never worse (round-to-nearest is one of their
+candidates, so that alone would pass for RTN itself) and strictly better by
+a margin on cases built to show what each method is for; every method's
+weight through every implementation of quantized_matmul (each one this
+environment must have, conftest.expected_impls) against
+tests/numpy_reference.py.
 """
 
 import tracemalloc
@@ -15,6 +19,7 @@ import pytest
 
 import numpy_reference as ref
 import xla_qops
+from conftest import expected_impls
 from xla_qops import quantizers
 from xla_qops.quantizers import gptq, grid, hqq
 
@@ -98,10 +103,38 @@ def output_error(w, qw, x):
     return float(np.sum((x.astype(np.float64) @ d.T) ** 2))
 
 
+def outlier_layer(rng, out_features=48, in_features=128, n=400):
+    """(w, x, x_test): each group of 16 input features has one feature the layer's
+    inputs barely use (1/1000 of the others' scale) carrying weights ~10x the
+    rest. Round-to-nearest stretches every group's grid over that outlier; AWQ's
+    clip search sees (from H) that clipping it costs almost nothing and narrows
+    the grid for the features that matter."""
+    w = (rng.standard_normal((out_features, in_features)) * 0.1).astype(np.float32)
+    quiet = np.arange(5, in_features, 16)
+    w[:, quiet] = (rng.choice([-1.0, 1.0], (out_features, quiet.size))
+                   * rng.uniform(0.8, 1.2, (out_features, quiet.size)))
+    x = rng.standard_normal((2 * n, in_features))
+    x[:, quiet] *= 1e-3
+    x = x.astype(np.float32)
+    return w, x[:n], x[n:]
+
+
+@pytest.mark.parametrize("bits,block_size,symmetric", LAYOUTS, ids=layout_ids)
+def test_awq_clipping_pays_off_where_it_should(bits, block_size, symmetric):
+    """On `outlier_layer`, held-out inputs: AWQ at most half RTN's output error
+    (measured 0.21-0.38 of it; RTN in AWQ's place gives 1.0)."""
+    w, x, x_test = outlier_layer(np.random.default_rng(12))
+    kw = dict(bits=bits, block_size=block_size, symmetric=symmetric)
+    rtn = output_error(w, xla_qops.quantize_weight(w, **kw), x_test)
+    awq = output_error(w, xla_qops.quantize_weight(w, method="awq", calibration=x, **kw), x_test)
+    assert awq < 0.5 * rtn, awq / rtn
+
+
 @pytest.mark.parametrize("bits,block_size,symmetric", LAYOUTS, ids=layout_ids)
 def test_calibrated_methods_lower_the_output_error(bits, block_size, symmetric):
     """On held-out inputs from the same distribution: GPTQ well below RTN, AWQ's clip
-    search no worse than RTN on its calibration (r = 1 is one of its candidates)."""
+    search no worse than RTN on its calibration (r = 1 is one of its candidates; its
+    strict improvement is test_awq_clipping_pays_off_where_it_should)."""
     w, x, x_test = layer(np.random.default_rng(2), held_out=400)
     kw = dict(bits=bits, block_size=block_size, symmetric=symmetric)
     rtn = xla_qops.quantize_weight(w, **kw)
@@ -128,14 +161,27 @@ def test_gptq_with_rank_deficient_inputs():
         assert output_error(w, qw, x) < output_error(w, rtn, x)
 
 
+# HQQ's objective relative to RTN's on layer(rng 4), measured: int4 per-channel
+# symmetric 0.89 (whole rows: the absmax grid is set by the row's extreme value,
+# which the l_p norm lets keep a large error), the others 0.967-0.987, with
+# 31-92% of the groups strictly improved. The bounds below keep a quarter to a half
+# of each gain.
+HQQ_BOUND = {(4, -1, True): 0.95, (4, 32, True): 0.995, (4, 32, False): 0.99,
+             (8, -1, False): 0.99, (8, 16, True): 0.995}
+
+
 @pytest.mark.parametrize("bits,block_size,symmetric", LAYOUTS, ids=layout_ids)
 def test_hqq_is_never_worse_than_rtn_on_its_objective(bits, block_size, symmetric):
+    """Never worse per group (each group keeps the best grid it saw, RTN's
+    included), and it does optimise: the total at most HQQ_BOUND of RTN's and a
+    fifth of the groups strictly better (RTN in HQQ's place: 1.0 and none)."""
     w, _ = layer(np.random.default_rng(4))
     groups = grid.to_groups(w, block_size)
     rtn = hqq.objective(groups, *grid.round_to_nearest(w, bits, block_size, symmetric))
     ours = hqq.objective(groups, *hqq.quantize(w, bits, block_size, symmetric))
     assert (ours <= rtn).all()
-    assert ours.sum() < rtn.sum()  # and it does optimise
+    assert ours.sum() < HQQ_BOUND[bits, block_size, symmetric] * rtn.sum(), ours.sum() / rtn.sum()
+    assert (ours < rtn * (1 - 1e-6)).mean() >= 0.2
 
 
 @pytest.mark.parametrize("method", quantizers.METHODS)
@@ -150,10 +196,13 @@ def test_every_method_runs_through_every_impl(method, bits, block_size, symmetri
     xs = jnp.asarray(x[:7], jnp.bfloat16)
     for impl in (*xla_qops.dispatch.BACKENDS, "auto"):
         if impl != "auto" and not xla_qops.dispatch._module(impl).available():
+            # Only where this environment is not meant to have it (not silently).
+            assert impl not in expected_impls(), f"impl {impl!r} should be available here"
             continue
         y = xla_qops.quantized_matmul(xs, qw.w, qw.scale, qw.zero_point, qw.block_size,
                                       qw.int4_weight, impl=impl)
-        ref.assert_close(np.asarray(y, np.float32).astype(jnp.bfloat16), np.asarray(xs),
+        assert y.dtype == jnp.bfloat16
+        ref.assert_close(np.asarray(y), np.asarray(xs),
                          np.asarray(qw.w), np.asarray(qw.scale),
                          None if qw.zero_point is None else np.asarray(qw.zero_point),
                          qw.block_size)

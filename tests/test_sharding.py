@@ -35,14 +35,24 @@ from jax.sharding import AbstractMesh, PartitionSpec as P
 import numpy_reference as ref
 import spmd_child
 from cases import Scheme, make_weight
+from conftest import expected_impls
 from xla_qops import dispatch, sharding
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+# The implementations run sharded: those available here, which must include every
+# one this environment is expected to have (test_no_expected_impl_is_left_out).
 IMPLS = tuple(name for name in ("xla", "reference", "custom_call", "pallas")
               if dispatch._module(name).available())
 CASES = spmd_child.cases(IMPLS)
 MATMUL_CASES = [c for c in CASES if not c.grad]
 GRAD_CASES = [c for c in CASES if c.grad]
+
+
+def test_no_expected_impl_is_left_out():
+    """An implementation that should exist here (conftest.expected_impls) but is
+    not available would drop its sharded cases silently: that is a failure."""
+    missing = expected_impls() - set(IMPLS)
+    assert not missing, f"expected but not available, so not run sharded: {sorted(missing)}"
 
 
 @pytest.fixture(scope="module")
@@ -242,7 +252,8 @@ def test_plain_jit_megatron_mlp(spmd_run, impl, explicit):
         assert sorted(s.split("{")[0] for _, s in ops) == ["f32[3,1]", f"f32[3,{spmd_child.N}]"]
 
 
-@pytest.mark.skipif("custom_call" not in IMPLS, reason="custom_call backend not built")
+@pytest.mark.skipif("custom_call" not in set(IMPLS) | expected_impls(),
+                    reason="custom_call backend not built on this platform")
 @pytest.mark.parametrize("name", spmd_child.FALLBACKS)
 def test_plain_jit_fallback_reshards_and_stays_exact(spmd_run, name):
     """Splits the rule cannot honour (a packed byte or a block cut by a shard
