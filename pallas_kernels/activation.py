@@ -45,6 +45,24 @@ def divide_exactly(numerator, denominator):
     return numerator / lax.optimization_barrier(denominator)
 
 
+def quantize_groups(x, block_size: int, absmax, top: float):
+    """The shared first steps of per-token (and per-block) activation quantization.
+
+    Returns (absmax [M, groups], ``x * (top / absmax)`` as float32
+    [M, groups, B'], 0 for all-zero groups): one IEEE division per group, one
+    multiply per element.
+    """
+    x = x.astype(jnp.float32)
+    m, k = x.shape
+    group = k if block_size == -1 else block_size
+    grouped = x.reshape(m, k // group, group)
+    if absmax is None:
+        absmax = jnp.max(jnp.abs(grouped), axis=-1)
+    nonzero = jnp.where(absmax == 0, 1.0, absmax)
+    inv_scale = jnp.where(absmax == 0, 0.0, top / nonzero)
+    return absmax, grouped * inv_scale[..., None]
+
+
 def quantize_activation(x, block_size: int, absmax=None):
     """Quantizes `x` [M, K] to int8.
 
@@ -56,14 +74,7 @@ def quantize_activation(x, block_size: int, absmax=None):
       (x_q int8 [M, K], x_scale float32 [M, n_groups]) where n_groups is 1
       per-channel and K / block_size blockwise.
     """
-    x = x.astype(jnp.float32)
-    m, k = x.shape
-    group = k if block_size == -1 else block_size
-    grouped = x.reshape(m, k // group, group)
-    if absmax is None:
-        absmax = jnp.max(jnp.abs(grouped), axis=-1)
-    nonzero = jnp.where(absmax == 0, 1.0, absmax)
-    inv_scale = jnp.where(absmax == 0, 0.0, QMAX / nonzero)
-    x_q = jnp.clip(jnp.round(grouped * inv_scale[..., None]), -QMAX, QMAX).astype(jnp.int8)
+    absmax, scaled = quantize_groups(x, block_size, absmax, QMAX)
+    x_q = jnp.clip(jnp.round(scaled), -QMAX, QMAX).astype(jnp.int8)
     x_scale = divide_exactly(absmax, float(QMAX))
-    return x_q.reshape(m, k), x_scale
+    return x_q.reshape(x.shape), x_scale

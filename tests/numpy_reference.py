@@ -62,21 +62,140 @@ def quantize_activation(x: np.ndarray, block_size: int):
     return q.reshape(m, k), x_scale
 
 
+# ----------------------------------------------------- float element formats
+# API.md section 7, written out from its text: e4m3fn and e2m1 decoding by
+# their bit fields, rounding to e4m3 by search of its value grid, and the fp8
+# activation rule; `quantized_matmul` and the bound take `weight_format` and
+# `activation_format` for them.
+
+E2M1_MAGNITUDES = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
+
+
+def e4m3fn_value(bits) -> np.ndarray:
+    """float64 value of e4m3fn bit patterns (uint8): 1 sign, 4 exponent bits
+    (bias 7), 3 mantissa bits; exponent 0 is subnormal; 0x7F/0xFF are NaN."""
+    b = np.asarray(bits).astype(np.int64)
+    sign = np.where(b & 0x80, -1.0, 1.0)
+    exponent, mantissa = (b >> 3) & 0xF, b & 0x7
+    value = np.where(exponent == 0, mantissa / 8.0 * 2.0 ** -6,
+                     (1 + mantissa / 8.0) * 2.0 ** (exponent - 7))
+    value = np.where((b & 0x7F) == 0x7F, np.nan, value)
+    return sign * value
+
+
+def e2m1_value(codes) -> np.ndarray:
+    """float64 value of e2m1 codes (low nibble): sign bit 3, magnitude by bits 0-2."""
+    c = np.asarray(codes).astype(np.int64) & 0xF
+    return np.where(c & 8, -1.0, 1.0) * E2M1_MAGNITUDES[c & 7]
+
+
+def fp8_bits(w) -> np.ndarray:
+    """The uint8 bit patterns of a float8_e4m3fn array (numpy/ml_dtypes or JAX)."""
+    return np.asarray(w).view(np.uint8)
+
+
+def float_values(w, weight_format, block_size) -> np.ndarray:
+    """value(q) in the stored layout, float64, unpacked."""
+    if weight_format == "fp8":
+        return e4m3fn_value(fp8_bits(w))
+    axis = -1 if block_size == -1 else 1
+    p = np.asarray(w).astype(np.int64)
+    both = np.stack([e2m1_value(p & 0xF), e2m1_value(p >> 4)], axis=(axis % p.ndim) + 1)
+    shape = list(p.shape)
+    shape[axis] *= 2
+    return both.reshape(shape)
+
+
+def dequantize_float(w, scale, weight_format, block_size) -> np.ndarray:
+    """float64 ``scale * value(q)`` as [out, in]."""
+    v = float_values(w, weight_format, block_size)
+    scale = np.asarray(scale, np.float64)
+    if block_size == -1:
+        return v * scale[:, None]
+    wf = v * scale[:, None, :]
+    return wf.reshape(-1, wf.shape[-1]).T
+
+
+def round_to_e4m3(v) -> np.ndarray:
+    """float32 -> nearest e4m3fn value (ties to the even code), saturating at 448.
+
+    The non-negative finite codes 0..126 increase with their value, so the
+    even code of a tie is the even index into that grid."""
+    grid = e4m3fn_value(np.arange(127))  # 0 .. 448
+    v = np.clip(np.asarray(v, np.float64), -448.0, 448.0)
+    a = np.abs(v)
+    upper = np.clip(np.searchsorted(grid, a, side="left"), 0, 126)
+    lower = np.clip(upper - 1, 0, 126)
+    below, above = a - grid[lower], grid[upper] - a
+    pick_upper = (above < below) | ((above == below) & (upper % 2 == 0))
+    out = np.where(pick_upper, grid[upper], grid[lower])
+    out = np.where(a == grid[upper], grid[upper], out)
+    return np.copysign(out, v)
+
+
+def quantize_activation_fp8(x: np.ndarray, block_size: int):
+    """API.md's fp8 activation rule in float32 steps: per token (and block),
+    inv = 448 / amax, x_q = e4m3(clip(x * inv)), scale = amax / 448; all-zero
+    groups scale 1. Returns (x_q as float64 values [M, K], scale float32 [M, groups])."""
+    x = np.asarray(x, np.float32)
+    m, k = x.shape
+    group = k if block_size == -1 else block_size
+    g = x.reshape(m, k // group, group)
+    absmax = np.abs(g).max(-1)
+    with np.errstate(divide="ignore"):
+        inv = np.where(absmax == 0, np.float32(0), np.float32(448) / absmax).astype(np.float32)
+    scaled = (g * inv[..., None]).astype(np.float32)
+    q = round_to_e4m3(scaled)
+    x_scale = np.where(absmax == 0, np.float32(1), absmax / np.float32(448)).astype(np.float32)
+    return q.reshape(m, k), x_scale
+
+
+
+
+def dequantize_any(w, scale, zero_point, block_size, weight_format=None) -> np.ndarray:
+    """The float64 weight [out, in] of any weight format (None: int8 or int4 by dtype)."""
+    if weight_format in ("fp8", "fp4"):
+        assert zero_point is None, "the float formats have no zero point"
+        return dequantize_float(w, scale, weight_format, block_size)
+    return dequantize(w, scale, zero_point, block_size, np.asarray(w).dtype == np.uint8)
+
+
+def quantize_activation_as(activation_format, x, block_size):
+    """(x_q values float64 [M, K], x_scale float32 [M, groups]) in "int8" or "fp8"."""
+    if activation_format == "fp8":
+        return quantize_activation_fp8(x, block_size)
+    q, s = quantize_activation(x, block_size)
+    return q.astype(np.float64), s
+
+
 def quantized_matmul(x, w, scale, zero_point=None, block_size=-1, int4_weight=False,
-                     quantize_activation_=False) -> np.ndarray:
-    """float64 result of API.md's convention, shape [..., out]."""
+                     quantize_activation_=False, *, weight_format=None,
+                     activation_format=None) -> np.ndarray:
+    """float64 result of API.md's convention, shape [..., out].
+
+    `weight_format` None: int8 or int4 by w's dtype; "fp8" / "fp4" for
+    section 7's formats. `activation_format` applies with
+    `quantize_activation_`: None means "int8".
+    """
     x = np.asarray(x, np.float32)  # bf16/f16 -> f32 is exact
-    packed = np.asarray(w).dtype == np.uint8
-    wf = dequantize(w, scale, zero_point, block_size, packed)
+    wf = dequantize_any(w, scale, zero_point, block_size, weight_format)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     if quantize_activation_:
-        q, s = quantize_activation(x2, block_size)
+        q, s = quantize_activation_as(activation_format, x2, block_size)
         group = x2.shape[1] // s.shape[1]
-        x64 = q.astype(np.float64) * np.repeat(s.astype(np.float64), group, axis=1)
+        x64 = q * np.repeat(s.astype(np.float64), group, axis=1)
     else:
         x64 = x2.astype(np.float64)
     return (x64 @ wf.T).reshape(*lead, wf.shape[0])
+
+
+def quantized_matmul_formats(x, w, scale, zero_point=None, block_size=-1, *,
+                             weight_format, activation_format=None) -> np.ndarray:
+    """`quantized_matmul` named by formats: `activation_format` None is A16."""
+    return quantized_matmul(x, w, scale, zero_point, block_size, False,
+                            activation_format is not None, weight_format=weight_format,
+                            activation_format=activation_format)
 
 
 # Unit roundoff (half an ulp, relative) of each output dtype.
@@ -92,10 +211,10 @@ SIGMAS = 8.0
 TIE_WINDOW = 2.0 ** -21
 
 
-def _weight_terms(w, scale, zero_point, block_size):
-    """float64 ``scale * q`` and the zero point, both expanded to [out, in] (zero point None)."""
-    packed = np.asarray(w).dtype == np.uint8
-    sq = dequantize(w, scale, None, block_size, packed)
+def _weight_terms(w, scale, zero_point, block_size, weight_format=None):
+    """float64 ``scale * value(q)`` and the zero point, both expanded to [out, in]
+    (zero point None)."""
+    sq = dequantize_any(w, scale, None, block_size, weight_format)
     if zero_point is None:
         return sq, None
     zp = np.asarray(zero_point, np.float64)
@@ -104,15 +223,15 @@ def _weight_terms(w, scale, zero_point, block_size):
     return sq, z
 
 
-def _activations(x2, block_size, quantize_activation_):
+def _activations(x2, block_size, quantize_activation_, activation_format=None):
     """The float64 activations the product multiplies ([M, K]; x_scale * x_q for A8)
     and, for A8, x_scale expanded to [M, K] (else None)."""
     if not quantize_activation_:
         return x2.astype(np.float64), None
-    q, s = quantize_activation(x2, block_size)
+    q, s = quantize_activation_as(activation_format, x2, block_size)
     group = x2.shape[1] // s.shape[1]
     s_k = np.repeat(s.astype(np.float64), group, axis=1)
-    return q.astype(np.float64) * s_k, s_k
+    return q * s_k, s_k
 
 
 def near_ties(x, block_size):
@@ -139,16 +258,18 @@ def near_ties(x, block_size):
 
 
 def tolerance(x, w, scale, zero_point, block_size, out_dtype, quantize_activation_=False,
-              activation_ties=False):
+              activation_ties=False, *, weight_format=None, activation_format=None):
     """Elementwise error bound for an implementation against `quantized_matmul`
     (the sum of `tolerance_parts`)."""
     rounding, accumulation = tolerance_parts(x, w, scale, zero_point, block_size, out_dtype,
-                                             quantize_activation_, activation_ties)
+                                             quantize_activation_, activation_ties,
+                                             weight_format=weight_format,
+                                             activation_format=activation_format)
     return rounding + accumulation
 
 
 def tolerance_parts(x, w, scale, zero_point, block_size, out_dtype, quantize_activation_=False,
-                    activation_ties=False):
+                    activation_ties=False, *, weight_format=None, activation_format=None):
     """(final rounding, accumulation) parts of the elementwise error bound for an
     implementation against `quantized_matmul`.
 
@@ -203,7 +324,10 @@ def tolerance_parts(x, w, scale, zero_point, block_size, out_dtype, quantize_act
     a tie (`near_ties`) may then be one x_scale step off, x_scale * |w_k|
     added per such activation. (It is opt-in because bfloat16 inputs put
     ~100 activations of a 14336-long row on exact ties, whose allowance would
-    hide a bfloat16-rounded weight.)
+    hide a bfloat16-rounded weight.) The fp8 activation rule (section 7) is
+    likewise defined by float32 operations and round-to-nearest-even, and an
+    e4m3 activation times an e4m3, e2m1 or int8 weight value is exact in
+    float32 (at most 4 x 8 significand bits): the same bound holds.
 
     What it catches (tests/test_reference_checker.py, K = 96 ... 14336, every
     activation dtype, A16 and A8): a uniform 1% error, 8 input features
@@ -213,8 +337,8 @@ def tolerance_parts(x, w, scale, zero_point, block_size, out_dtype, quantize_act
     x = np.asarray(x, np.float32)
     x2 = x.reshape(-1, x.shape[-1])
     k = x2.shape[1]
-    sq, z = _weight_terms(w, scale, zero_point, block_size)
-    xe, s_k = _activations(x2, block_size, quantize_activation_)
+    sq, z = _weight_terms(w, scale, zero_point, block_size, weight_format)
+    xe, s_k = _activations(x2, block_size, quantize_activation_, activation_format)
     p = xe @ sq.T
     if z is None:
         zsum = np.zeros_like(p)
@@ -252,16 +376,19 @@ def _log_ratio(ratio, acc_ratio, actual, x, quantize_activation_):
 
 
 def assert_close(actual, x, w, scale, zero_point=None, block_size=-1,
-                 quantize_activation_=False, activation_ties=False):
+                 quantize_activation_=False, activation_ties=False, *, weight_format=None,
+                 activation_format=None):
     """Asserts |actual - reference| <= tolerance elementwise, with a useful message.
 
     A NaN or infinity where the reference is finite is outside the tolerance.
     """
     actual = np.asarray(actual, np.float64)
-    ref = quantized_matmul(x, w, scale, zero_point, block_size, False, quantize_activation_)
+    formats = dict(weight_format=weight_format, activation_format=activation_format)
+    ref = quantized_matmul(x, w, scale, zero_point, block_size, False, quantize_activation_,
+                           **formats)
     rounding, accumulation = tolerance_parts(x, w, scale, zero_point, block_size,
                                              np.asarray(x).dtype, quantize_activation_,
-                                             activation_ties)
+                                             activation_ties, **formats)
     tol = rounding + accumulation
     assert actual.shape == ref.shape, (actual.shape, ref.shape)
     with np.errstate(invalid="ignore", divide="ignore"):

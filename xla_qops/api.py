@@ -23,7 +23,8 @@ from xla_qops.spec import check_args
 
 
 def quantized_matmul(x, w, scale=None, zero_point=None, block_size=-1, int4_weight=False,
-                     quantize_activation=False, *, impl: dispatch.Impl = "auto"):
+                     quantize_activation=False, *, weight_format=None, activation_format=None,
+                     impl: dispatch.Impl = "auto"):
     """``x @ (scale * q - zero_point).T`` with a quantized weight.
 
     Args:
@@ -37,8 +38,18 @@ def quantized_matmul(x, w, scale=None, zero_point=None, block_size=-1, int4_weig
       zero_point: None (symmetric) or float, same shape as `scale`.
       block_size: -1 for per-channel, else B, which must divide ``in``.
       int4_weight: the weight holds int4 values.
-      quantize_activation: quantize `x` to int8 per token (and input block)
-        and multiply integer by integer with int32 accumulation (W8A8, W4A8).
+      quantize_activation: quantize `x` per token (and input block) and
+        multiply the quantized operands (W8A8, W4A8): int8 x int8 with int32
+        accumulation, or e4m3fn with float32 accumulation (`activation_format`).
+      weight_format: the weight's element format (API.md section 7): "int8",
+        "int4", "fp8" (``w`` float8_e4m3fn, same shapes as int8) or "fp4" (``w``
+        uint8, two e2m1 codes per byte packed as int4). None infers "fp8" from a
+        float8_e4m3fn ``w``, else "int4" with `int4_weight`, else "int8"; "fp4"
+        must be named. The float formats take no zero point.
+      activation_format: with `quantize_activation`, "int8" or "fp8" (scale
+        amax / 448 per token and block, round to nearest even, saturating; an
+        all-zero row gets scale 1). None means "int8" for int weights and
+        "fp8" for fp8/fp4 weights.
       impl: "auto" (best for the platform), "xla" (fused pure JAX, any
         platform), "pallas" (Pallas kernel: Mosaic on TPU, Triton on CUDA,
         interpret mode on the host CPU), "custom_call" (host-CPU C++ kernels)
@@ -63,12 +74,16 @@ def quantized_matmul(x, w, scale=None, zero_point=None, block_size=-1, int4_weig
         if extra:
             raise TypeError(f"w: a QuantizedWeight carries its own {', '.join(extra)}; "
                             f"do not pass them as well")
-        w, scale, zero_point, block_size, int4_weight = (
-            w.w, w.scale, w.zero_point, w.block_size, w.int4_weight)
+        if weight_format is not None and weight_format != w.weight_format:
+            raise ValueError(f"weight_format: the QuantizedWeight holds {w.weight_format!r} "
+                             f"values, got weight_format={weight_format!r}")
+        w, scale, zero_point, block_size, int4_weight, weight_format = (
+            w.w, w.scale, w.zero_point, w.block_size, w.int4_weight, w.weight_format)
     elif scale is None:
         raise TypeError("scale: required when w is an array (or pass a QuantizedWeight as w)")
     dispatch.check_impl(impl)
-    spec = check_args(x, w, scale, zero_point, block_size, int4_weight, quantize_activation)
+    spec = check_args(x, w, scale, zero_point, block_size, int4_weight, quantize_activation,
+                      weight_format, activation_format)
     if impl in partitioning.PARTITIONED_IMPLS:
         run = partitioning.partitioned(impl, spec)
     else:

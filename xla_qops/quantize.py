@@ -30,7 +30,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pallas_kernels import formats
 from xla_qops import packing, quantizers
+from xla_qops.quantizers import float_formats
 from xla_qops.quantizers.grid import QRANGE as _QRANGE
 
 
@@ -41,7 +43,9 @@ class QuantizedWeight:
 
     Array leaves: `w`, `scale`, `zero_point` (None when symmetric).
     Static fields: `bits` (8 or 4), `block_size` (-1 per-channel), `packed`
-    (int4 stored as uint8 pairs).
+    (4-bit values stored as uint8 pairs), `format` ("int", or the float
+    element formats of API.md section 7: "fp8" with `w` float8_e4m3fn, "fp4"
+    with `w` uint8 packed e2m1 codes; both symmetric).
 
     Layouts (`in` input features, `out` output features, B the block size):
       per-channel: w [out, in] (packed int4: [out, in/2]), scale/zero_point [out]
@@ -55,10 +59,16 @@ class QuantizedWeight:
     bits: int = dataclasses.field(metadata=dict(static=True))
     block_size: int = dataclasses.field(metadata=dict(static=True))
     packed: bool = dataclasses.field(metadata=dict(static=True))
+    format: str = dataclasses.field(default="int", metadata=dict(static=True))
 
     @property
     def int4_weight(self) -> bool:
         return self.bits == 4
+
+    @property
+    def weight_format(self) -> str:
+        """`quantized_matmul`'s name for the element format: int8, int4, fp8 or fp4."""
+        return f"int{self.bits}" if self.format == "int" else self.format
 
     @property
     def blockwise(self) -> bool:
@@ -82,13 +92,25 @@ class QuantizedWeight:
 
     def int_values(self) -> jax.Array:
         """The integer weight unpacked into int8, in the stored layout."""
+        if self.format != "int":
+            raise TypeError(f"int_values: a {self.format} weight holds float values; "
+                            f"use values()")
         if self.packed:
             return packing.unpack_int4(self.w, packing.input_axis(self.blockwise))
         return self.w
 
+    def values(self) -> jax.Array:
+        """``value(q)`` (API.md section 7) as float32, unpacked, in the stored layout."""
+        if self.format == "fp4":
+            return formats.unpack_fp4(self.w, packing.input_axis(self.blockwise)).astype(
+                jnp.float32)
+        if self.format == "fp8":
+            return self.w.astype(jnp.float32)
+        return self.int_values().astype(jnp.float32)
+
     def dequantize(self, dtype=jnp.float32) -> jax.Array:
-        """The float weight ``scale * q - zero_point`` as ``[out, in]``."""
-        q = self.int_values().astype(jnp.float32)
+        """The float weight ``scale * value(q) - zero_point`` as ``[out, in]``."""
+        q = self.values()
         scale = self.scale.astype(jnp.float32)
         zero = (0.0 if self.zero_point is None else self.zero_point.astype(jnp.float32))
         if self.blockwise:
@@ -111,6 +133,8 @@ class QuantizedWeight:
 
     def unpack(self) -> "QuantizedWeight":
         """The same weight with int4 values in an int8 container (torch_xla's form)."""
+        if self.format == "fp4":
+            raise TypeError("unpack: fp4 codes are stored packed only (API.md section 7)")
         if not self.packed:
             return self
         return dataclasses.replace(self, w=self.int_values(), packed=False)
@@ -231,8 +255,51 @@ def _quantized_weight(q, scale, zero_point, bits: int, block_size: int,
     return result.pack() if (pack and bits == 4) else result
 
 
+QUANTIZE_FORMATS = ("int",) + float_formats.FLOAT_FORMATS
+
+
+def _check_format(fmt, bits, block_size, symmetric, pack, method) -> int:
+    """Checks a float `format`'s arguments; returns its block size (MX/NV defaults)."""
+    if not isinstance(fmt, str) or fmt not in QUANTIZE_FORMATS:
+        raise ValueError(f"format: expected one of {', '.join(map(repr, QUANTIZE_FORMATS))}, "
+                         f"got {fmt!r}")
+    width = 8 if fmt == "fp8" else 4
+    # bits keeps its default (8) for the float formats; a contradicting width is refused.
+    if bits not in (8, width):
+        raise ValueError(f"bits: format={fmt!r} is {width}-bit, got bits={bits}")
+    if not symmetric:
+        raise ValueError(f"symmetric: format={fmt!r} is symmetric (no zero point in the "
+                         f"float formats, API.md section 7), got symmetric=False")
+    if method != "rtn":
+        raise ValueError(f"method: format={fmt!r} is quantized with method='rtn' (round to "
+                         f"nearest even onto its grid), got method={method!r}")
+    if width == 4 and not pack:
+        raise ValueError(f"pack: format={fmt!r} stores e2m1 codes packed two per byte "
+                         f"(API.md section 7), got pack=False")
+    if fmt == "nvfp4":
+        if block_size not in (-1, float_formats.NVFP4_BLOCK):
+            raise ValueError(f"block_size: format='nvfp4' has blocks of "
+                             f"{float_formats.NVFP4_BLOCK}, got {block_size}")
+        return float_formats.NVFP4_BLOCK
+    if fmt == "mxfp4" and block_size == -1:
+        return float_formats.MXFP4_BLOCK
+    return block_size
+
+
+def _quantize_float(w, fmt: str, block_size: int) -> QuantizedWeight:
+    """`quantize_weight` for the float formats (concrete `w`)."""
+    q, scale = float_formats.quantize(np.asarray(w, np.float32), fmt, block_size)
+    if fmt == "fp8":
+        return QuantizedWeight(w=jnp.asarray(q), scale=jnp.asarray(scale), zero_point=None,
+                               bits=8, block_size=block_size, packed=False, format="fp8")
+    codes = packing.pack_int4(q, packing.input_axis(block_size != -1))
+    return QuantizedWeight(w=codes, scale=jnp.asarray(scale), zero_point=None, bits=4,
+                           block_size=block_size, packed=True, format="fp4")
+
+
 def quantize_weight(w, *, bits: int = 8, block_size: int = -1, symmetric: bool = True,
-                    pack: bool = True, method: str = "rtn", calibration=None) -> QuantizedWeight:
+                    pack: bool = True, method: str = "rtn", calibration=None,
+                    format: str = "int") -> QuantizedWeight:
     """Quantizes a float `[out, in]` weight (round-to-nearest unless `method` says otherwise).
 
     Args:
@@ -250,6 +317,14 @@ def quantize_weight(w, *, bits: int = 8, block_size: int = -1, symmetric: bool =
         grid); see xla_qops.quantizers and docs/quantizers.md.
       calibration: for "gptq" and "awq", a float `[n, in]` sample of the
         layer's inputs (required); None otherwise.
+      format: "int" (bits 8 or 4), or a float element format (API.md section
+        7), symmetric, round to nearest even onto its grid: "fp8" (e4m3fn,
+        scale amax / 448 per channel or block), "mxfp4" (e2m1, B defaults to
+        32, power-of-two scales 2 ** (floor(log2(amax)) - 2)) or "nvfp4"
+        (e2m1, B = 16, e4m3-representable block scales times one float32
+        per-tensor factor, stored as one float32 per block); see
+        `xla_qops.quantizers.float_formats`. The result's `format` is "int",
+        "fp8" or "fp4".
 
     Returns:
       A `QuantizedWeight`; scales and zero points are float32. Every method
@@ -257,6 +332,22 @@ def quantize_weight(w, *, bits: int = 8, block_size: int = -1, symmetric: bool =
       scaling, which needs a place for the inverse scale, is
       `torch_bridge.quantize_model`'s).
     """
+    if format != "int":
+        block_size = _check_format(format, bits, block_size, symmetric, pack, method)
+        _check_weight(w, 8, block_size, pack)
+        if calibration is not None:
+            raise ValueError(f"calibration: format={format!r} uses no calibration inputs "
+                             f"(method='rtn'); pass calibration=None")
+        if block_size != -1 and block_size % 2 and format != "fp8":
+            raise ValueError(f"block_size: e2m1 codes pack in pairs inside a block, so "
+                             f"block_size must be even, got {block_size}")
+        if block_size == -1 and w.shape[1] % 2 and format != "fp8":
+            raise ValueError(f"pack: e2m1 codes pack in pairs along the input features, but "
+                             f"in={w.shape[1]} is odd")
+        if isinstance(w, jax.core.Tracer):
+            raise TypeError(f"w: format={format!r} quantizes concrete weights (outside jit); "
+                            f"got a tracer")
+        return _quantize_float(w, format, int(block_size))
     _check_weight(w, bits, block_size, pack)
     check_method(method, calibration is not None)
     if not isinstance(w, jax.core.Tracer):

@@ -10,11 +10,15 @@ actual shape or dtype, instead of failing deep inside XLA.
 from __future__ import annotations
 
 import dataclasses
+from typing import Optional
 
 import jax.numpy as jnp
 import numpy as np
 
 ACTIVATION_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
+WEIGHT_FORMATS = ("int8", "int4", "fp8", "fp4")
+FLOAT_WEIGHT_FORMATS = ("fp8", "fp4")
+ACTIVATION_FORMATS = ("int8", "fp8")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,8 +32,13 @@ class MatmulSpec:
       bits: 8 or 4.
       packed: int4 stored two per byte (uint8); False for int8 containers.
       has_zero_point: whether `zero_point` is given.
-      quantize_activation: W8A8 / W4A8 (int8 activations, int32 accumulation).
+      quantize_activation: W8A8 / W4A8 (activations quantized per token).
       x_dtype: activation dtype name; the result has this dtype.
+      weight_format: the weight's element format, "int8", "int4", "fp8" or
+        "fp4" (API.md section 7); derived from `bits` when not given.
+      activation_format: with `quantize_activation`, "int8" (int32
+        accumulation) or "fp8" (e4m3fn, float32 accumulation); None otherwise.
+        Derived from the weight format when not given.
     """
 
     in_features: int
@@ -40,6 +49,27 @@ class MatmulSpec:
     has_zero_point: bool
     quantize_activation: bool
     x_dtype: str
+    weight_format: str = ""
+    activation_format: Optional[str] = None
+
+    def __post_init__(self):
+        # Specs built before the float formats existed name only `bits`.
+        if not self.weight_format:
+            object.__setattr__(self, "weight_format", f"int{self.bits}")
+        if not self.quantize_activation:
+            object.__setattr__(self, "activation_format", None)
+        elif self.activation_format is None:
+            object.__setattr__(self, "activation_format",
+                               "fp8" if self.float_weight else "int8")
+
+    @property
+    def float_weight(self) -> bool:
+        return self.weight_format in FLOAT_WEIGHT_FORMATS
+
+    @property
+    def float_format(self) -> bool:
+        """Any operand in a float element format (the int-only kernels decline these)."""
+        return self.float_weight or self.activation_format == "fp8"
 
     @property
     def blockwise(self) -> bool:
@@ -51,8 +81,14 @@ class MatmulSpec:
 
     @property
     def scheme(self) -> str:
-        """'w8a16', 'w4a16', 'w8a8' or 'w4a8'."""
-        return f"w{self.bits}a{8 if self.quantize_activation else 16}"
+        """'w8a16', 'w4a16', 'w8a8' or 'w4a8'; with a float format, the formats
+        follow ('w8a16-fp8', 'w4a8-fp4/fp8', 'w4a8-int4/fp8')."""
+        base = f"w{self.bits}a{8 if self.quantize_activation else 16}"
+        if not self.float_format:
+            return base
+        if self.activation_format is None:
+            return f"{base}-{self.weight_format}"
+        return f"{base}-{self.weight_format}/{self.activation_format}"
 
     @property
     def weight_shape(self) -> tuple[int, ...]:
@@ -78,8 +114,52 @@ def _dtype_name(a) -> str:
     return np.dtype(a.dtype).name
 
 
+def _check_formats(w, int4_weight, quantize_activation, zero_point, weight_format,
+                   activation_format) -> tuple[str, Optional[str]]:
+    """(weight_format, activation_format) after API.md section 7's inference rules."""
+    if weight_format is not None and weight_format not in WEIGHT_FORMATS:
+        raise ValueError(f"weight_format: expected None or one of "
+                         f"{', '.join(map(repr, WEIGHT_FORMATS))}, got {weight_format!r}")
+    if activation_format is not None and activation_format not in ACTIVATION_FORMATS:
+        raise ValueError(f"activation_format: expected None or one of "
+                         f"{', '.join(map(repr, ACTIVATION_FORMATS))}, got {activation_format!r}")
+    if activation_format is not None and not quantize_activation:
+        raise ValueError(f"activation_format: applies with quantize_activation=True (the "
+                         f"activations are quantized on the fly), got "
+                         f"activation_format={activation_format!r} with quantize_activation=False")
+    w_dtype = np.dtype(w.dtype)
+    is_fp8_storage = w_dtype == np.dtype(jnp.float8_e4m3fn)
+    if weight_format is None and not (is_fp8_storage or w_dtype in (np.int8, np.uint8)):
+        raise TypeError(f"w: expected int8 (int8 weights, or unpacked int4 with "
+                        f"int4_weight=True), float8_e4m3fn (fp8) or uint8 (packed int4), "
+                        f"got {w_dtype.name}")
+    named = weight_format is not None
+    if not named:
+        weight_format = "fp8" if is_fp8_storage else ("int4" if int4_weight else "int8")
+    expected_dtype = {"int8": "int8", "int4": "int8 (unpacked) or uint8 (packed)",
+                      "fp8": "float8_e4m3fn", "fp4": "uint8 (two e2m1 codes per byte)"}
+    fits = {"int8": w_dtype == np.int8, "int4": w_dtype in (np.int8, np.uint8),
+            "fp8": is_fp8_storage, "fp4": w_dtype == np.uint8}
+    if named and not fits[weight_format]:  # an inferred int format: check_args' dtype rules
+        raise TypeError(f"w: weight_format={weight_format!r} is stored as "
+                        f"{expected_dtype[weight_format]}, got {w_dtype.name}")
+    if weight_format == "int8" and int4_weight:
+        raise ValueError("int4_weight: True says int4 values, but weight_format='int8'; "
+                         "pass weight_format='int4' or int4_weight=False")
+    if weight_format == "fp8" and int4_weight:
+        raise ValueError("int4_weight: fp8 weights hold e4m3fn values, not int4; "
+                         "pass int4_weight=False")
+    if weight_format in FLOAT_WEIGHT_FORMATS and zero_point is not None:
+        raise ValueError(f"zero_point: the float formats are symmetric (API.md section 7: "
+                         f"zero_point None), got an array with weight_format={weight_format!r}")
+    if quantize_activation and activation_format is None:
+        activation_format = "fp8" if weight_format in FLOAT_WEIGHT_FORMATS else "int8"
+    return weight_format, (activation_format if quantize_activation else None)
+
+
 def check_args(x, w, scale, zero_point, block_size, int4_weight,
-               quantize_activation) -> MatmulSpec:
+               quantize_activation, weight_format=None,
+               activation_format=None) -> MatmulSpec:
     """Validates the arguments of `quantized_matmul` and returns their spec.
 
     Raises:
@@ -120,25 +200,34 @@ def check_args(x, w, scale, zero_point, block_size, int4_weight,
                              f"(x.shape[-1]), got {block_size}")
     blockwise = block_size != -1
 
+    weight_format, activation_format = _check_formats(
+        w, int4_weight, quantize_activation, zero_point, weight_format, activation_format)
+
     # w dtype decides the storage form.
     w_dtype = np.dtype(w.dtype)
-    if w_dtype == np.uint8:
-        if not int4_weight:
-            raise TypeError("w: uint8 is the packed int4 form and needs int4_weight=True; "
-                            "int8 weights must be int8, got uint8 with int4_weight=False")
+    if weight_format == "fp8":
+        packed, bits = False, 8
+    elif weight_format == "fp4":
+        packed, bits = True, 4
+    elif w_dtype == np.uint8:
+        if weight_format != "int4":
+            raise TypeError("w: uint8 is the packed int4 form and needs int4_weight=True "
+                            "(or weight_format='fp4' for e2m1 codes); int8 weights must be "
+                            "int8, got uint8 with int4_weight=False")
         packed, bits = True, 4
     elif w_dtype == np.int8:
-        packed, bits = False, (4 if int4_weight else 8)
+        packed, bits = False, (4 if weight_format == "int4" else 8)
     else:
         raise TypeError(f"w: expected int8 (int8 weights, or unpacked int4 with "
                         f"int4_weight=True) or uint8 (packed int4), got {w_dtype.name}")
 
     if packed:
+        what = "fp4 (e2m1)" if weight_format == "fp4" else "int4"
         if in_features % 2:
-            raise ValueError(f"x: packed int4 weights need an even number of input "
+            raise ValueError(f"x: packed {what} weights need an even number of input "
                              f"features, got in={in_features}")
         if blockwise and block_size % 2:
-            raise ValueError(f"block_size: packed int4 weights pack pairs inside a "
+            raise ValueError(f"block_size: packed {what} weights pack pairs inside a "
                              f"block, so block_size must be even, got {block_size}")
 
     expected_rank = 3 if blockwise else 2
@@ -153,7 +242,8 @@ def check_args(x, w, scale, zero_point, block_size, int4_weight,
                       block_size=block_size, bits=bits, packed=packed,
                       has_zero_point=zero_point is not None,
                       quantize_activation=bool(quantize_activation),
-                      x_dtype=_dtype_name(x))
+                      x_dtype=_dtype_name(x), weight_format=weight_format,
+                      activation_format=activation_format)
 
     if tuple(w.shape) != spec.weight_shape:
         hint = ""

@@ -41,8 +41,8 @@ def _kernel_module(platform: str):
 
 def supports(spec, platform) -> bool:
     kernel = _kernel_module(platform or jax.default_backend())
-    if kernel is None:
-        return False
+    if kernel is None or spec.float_format:
+        return False  # the kernels take int8/int4 weights and int8 activations so far
     return kernel.supports(block_size=spec.block_size, packed=spec.packed,
                            x_dtype=spec.x_dtype, quantize_activation=spec.quantize_activation)
 

@@ -22,6 +22,14 @@ Blockwise weights ``[in/B, B, out]`` need one scale per block and output:
 With ``quantize_activation`` the products are int8 x int8 with int32
 accumulation and both scales are applied to the int32 sums.
 
+Float element formats (API.md section 7) take the same paths: an fp8
+weight's e4m3fn values, like int8's integers, are exact in every activation
+dtype; fp4's e2m1 codes are widened to e4m3fn with bit arithmetic
+(`pallas_kernels.formats`), low and high nibbles apart as for int4. With fp8
+activations (or float weights and int8 activations) every product of the two
+quantized operands is exact in float32, which is what they are multiplied and
+accumulated in.
+
 What the products are computed in depends on the platform, chosen when the
 function is lowered (`lax.platform_dependent`; `matmul` receives the platform
 when dispatch already knows it):
@@ -75,7 +83,8 @@ import jax.numpy as jnp
 from jax import lax
 
 from xla_qops import packing
-from xla_qops.activation import quantize_activation
+from pallas_kernels import formats
+from xla_qops.activation import quantize_activation_as
 
 _HIGHEST = lax.Precision.HIGHEST
 # platform_dependent's names; an unknown platform gets the float32 plan.
@@ -113,8 +122,11 @@ def _weight_pairs(x, w, spec):
     if spec.blockwise:
         x = x.reshape(m, spec.n_blocks, spec.block_size)
     if spec.bits == 8:
-        return [(x, w)]
-    if spec.packed:
+        return [(x, w)]  # int8, or fp8 (e4m3fn: exact in every activation dtype)
+    if spec.weight_format == "fp4":
+        # e2m1 codes widened to e4m3fn (exact), low and high nibbles apart.
+        low, high = formats.fp4_to_fp8(w & 0xF), formats.fp4_to_fp8(w >> 4)
+    elif spec.packed:
         low, high = packing.unpack_int4_halves(w)
     else:
         # Unpacked int4 is split the same way so that both int4 forms sum in the
@@ -215,12 +227,19 @@ def _matmul(x, w, scale, zero_point, spec, products):
     zero_point = None if zero_point is None else zero_point.astype(jnp.float32)
 
     if spec.quantize_activation:
-        x_q, x_scale = quantize_activation(x, spec.block_size)  # [M,K], [M,groups]
-        acc = _contract(_weight_pairs(x_q, w, spec), spec, jnp.int8, jnp.int32)
-        acc = acc.astype(jnp.float32)
-        # Activation sum per group in the quantized domain (for the zero point).
-        x_sum = x_q.astype(jnp.int32).reshape(m, x_scale.shape[1], -1).sum(-1)
-        x_sum = x_sum.astype(jnp.float32) * x_scale  # [M, groups]
+        x_q, x_scale = quantize_activation_as(spec.activation_format, x, spec.block_size)
+        if spec.float_format:
+            # e4m3fn activations, or float weights: every product of the two
+            # quantized operands is exact in float32 (at most 8 x 4 significand
+            # bits), so float32 operands at HIGHEST with float32 accumulation.
+            acc = _contract(_weight_pairs(x_q, w, spec), spec, jnp.float32, jnp.float32)
+        else:
+            acc = _contract(_weight_pairs(x_q, w, spec), spec, jnp.int8, jnp.int32)
+            acc = acc.astype(jnp.float32)
+        # Activation sum per group in the quantized domain (for the zero point;
+        # int8 sums are exact in float32 up to K = 2**24 / 127).
+        x_sum = x_q.astype(jnp.float32).reshape(m, x_scale.shape[1], -1).sum(-1)
+        x_sum = x_sum * x_scale  # [M, groups]
         if spec.blockwise:
             y = _reduce_blocks("bmn,mb,bn->mn", acc, x_scale, scale)
         else:
