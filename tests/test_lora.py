@@ -29,6 +29,7 @@ import pytest
 import numpy_reference as ref
 import xla_qops
 from cases import Scheme
+from conftest import expected_impls
 from xla_qops import dispatch
 from pallas_kernels import jax_compat
 from xla_qops.spec import MatmulSpec
@@ -37,7 +38,9 @@ K, N, BLOCK = 64, 24, 32
 # The eight scheme rows; zero points and packed int4 (the forms the modules store).
 SCHEMES = [Scheme(bits, block, False, bits == 4, qa)
            for bits in (8, 4) for block in (-1, BLOCK) for qa in (False, True)]
-JAX_IMPLS = tuple(n for n in dispatch.BACKENDS if dispatch._module(n).available())
+# Every backend that must exist here (conftest.expected_impls), none dropped
+# silently: an expected one that is unavailable fails test_expected_impls_run.
+JAX_IMPLS = tuple(n for n in dispatch.BACKENDS if n in expected_impls())
 
 # Training task. LoRA on both layers can represent the teacher exactly; the
 # A8 schemes keep an activation-quantization floor far below LOSS_DROP.
@@ -81,6 +84,11 @@ def assert_dx(dx, c, w64):
 
 # ---------------------------------------------------------------------------
 # 1-2. JAX gradients
+
+def test_expected_impls_run():
+    missing = [n for n in JAX_IMPLS if not dispatch._module(n).available()]
+    assert not missing, f"expected here but unavailable: {missing}"
+
 
 GRAD_CASES = [(impl, s) for impl in JAX_IMPLS for s in SCHEMES if supported(impl, s)]
 
