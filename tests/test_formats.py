@@ -232,6 +232,8 @@ X = jnp.ones((2, K), jnp.bfloat16)
     ((jnp.ones((2, 63), jnp.float32), jnp.ones((N, 31), jnp.uint8), S), {"weight_format": "fp4"},
      ValueError, r"x: packed fp4 \(e2m1\) weights need an even number of input features"),
     ((X, FP8_W[:, :64], S), {}, ValueError, r"w: expected shape \[48, 128\]"),
+    ((X, FP8_W, S.astype(jnp.float8_e4m3fn)), {}, TypeError,
+     "scale: expected a floating dtype .* got float8_e4m3fn"),
 ])
 def test_bad_float_format_arguments_fail_before_any_work(args, kwargs, error, match):
     with pytest.raises(error, match=match):

@@ -16,6 +16,9 @@ import jax.numpy as jnp
 import numpy as np
 
 ACTIVATION_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
+# Scales and zero points: float64 (a numpy default) becomes float32 as JAX
+# takes it; the 8- and 4-bit float types are refused, no path reads them.
+SCALE_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16, np.float64)
 WEIGHT_FORMATS = ("int8", "int4", "fp8", "fp4")
 FLOAT_WEIGHT_FORMATS = ("fp8", "fp4")
 ACTIVATION_FORMATS = ("int8", "fp8")
@@ -259,7 +262,7 @@ def check_args(x, w, scale, zero_point, block_size, int4_weight,
     for name, arr in (("scale", scale), ("zero_point", zero_point)):
         if arr is None:
             continue
-        if not jnp.issubdtype(arr.dtype, jnp.floating):
+        if np.dtype(arr.dtype) not in [np.dtype(d) for d in SCALE_DTYPES]:
             raise TypeError(f"{name}: expected a floating dtype (float32, bfloat16 or "
                             f"float16), got {_dtype_name(arr)}")
         if tuple(arr.shape) != spec.scale_shape:
