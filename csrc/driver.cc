@@ -138,9 +138,12 @@ void run_slices(const Executor& ex, const Problem& p, const Kernels& k, int64_t 
   for_each_strip(ex, tiles, [&](int64_t t0, int64_t t1) { finish(parts, slices, t0, t1); });
 }
 
+// A16, and the float-product form of A8 (float_products: its x is quantized
+// to values exact in bf16, then multiplied like bf16 activations).
 void run_a16(const Problem& p, const Kernels& k, const Executor& ex) {
   XA16 xa;
-  xa.T = p.xt == kBF16 ? 1 : (p.xt == kF16 ? 2 : 3);
+  const bool qf = float_products(p);
+  xa.T = qf || p.xt == kBF16 ? 1 : (p.xt == kF16 ? 2 : 3);
   xa.Gp = round_up(p.G, 2);
   xa.Kp = p.groups * xa.Gp;
   const int64_t R = p.M * xa.T;
@@ -148,7 +151,15 @@ void run_a16(const Problem& p, const Kernels& k, const Executor& ex) {
   xa.rowexp = reinterpret_cast<float*>(tl_x[1].get(p.M * 4));
   xa.xsum = reinterpret_cast<float*>(tl_x[2].get(p.M * p.groups * 4));
   const double t0 = kTrace ? now_ms() : 0;
-  prepare(ex, p, k.prep_a16, xa);
+  if (qf) {
+    float* xgs = reinterpret_cast<float*>(tl_x[4].get(p.M * p.groups * 4));
+    prepare(ex, p, [&](const Problem& pp, const XA16& x, int64_t m0, int64_t m1) {
+      k.prep_a8f(pp, x, xgs, m0, m1);
+    }, xa);
+    if (p.blockwise) xa.xgs = xgs;  // per-channel: x_scale is rowexp
+  } else {
+    prepare(ex, p, k.prep_a16, xa);
+  }
   const double t1 = kTrace ? now_ms() : 0, c1 = kTrace ? cpu_ms() : 0;
 
   const int64_t tiles = (p.N + kNR - 1) / kNR;
@@ -195,7 +206,9 @@ void run_a16(const Problem& p, const Kernels& k, const Executor& ex) {
         for (int64_t r0 = 0; r0 < R; r0 += kMR) {
           const int mr = static_cast<int>(R - r0 < kMR ? R - r0 : kMR);
           k.mk_a16_fused(mr, xa.xb + r0 * xa.Kp + g * xa.Gp, xa.Kp, panel, xa.Gp / 2, s, z,
-                         xa.xsum + r0 * p.groups + g, p.groups, ncols, out + r0 * kNR, g == 0);
+                         xa.xsum + r0 * p.groups + g,
+                         xa.xgs ? xa.xgs + r0 * p.groups + g : nullptr, p.groups, ncols,
+                         out + r0 * kNR, g == 0);
         }
         continue;
       }
@@ -293,7 +306,7 @@ void run(const Problem& p, const Executor& ex) {
     std::memset(p.y, 0, static_cast<size_t>(p.M * p.N * bytes));
     return;
   }
-  if (p.qa) {
+  if (p.qa && !float_products(p)) {
     run_a8(p, k, ex);
   } else {
     run_a16(p, k, ex);

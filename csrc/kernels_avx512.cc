@@ -135,6 +135,71 @@ void prep_a8(const Problem& p, const XA8& xa, int64_t m0, int64_t m1) {
   }
 }
 
+// v rounded to nearest even onto the e4m3fn grid (|v| <= 448, or NaN: kept),
+// as float32: 3 mantissa bits from 2^-6 up, multiples of 2^-9 below.
+inline __m512 round_to_e4m3(__m512 v) {
+  const __m512 a = _mm512_abs_ps(v);
+  __m512i u = _mm512_castps_si512(a);
+  u = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7ffff),
+                                           _mm512_and_si512(_mm512_srli_epi32(u, 20), _mm512_set1_epi32(1))));
+  __m512 r = _mm512_castsi512_ps(_mm512_and_si512(u, _mm512_set1_epi32(static_cast<int>(0xfff00000u))));
+  const __mmask16 small = _mm512_cmp_ps_mask(a, _mm512_set1_ps(0.015625f), _CMP_LT_OQ);
+  const __m512 sub = _mm512_mul_ps(
+      _mm512_roundscale_ps(_mm512_mul_ps(a, _mm512_set1_ps(512.0f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC),
+      _mm512_set1_ps(1.0f / 512.0f));
+  r = _mm512_mask_mov_ps(r, small, sub);
+  // The sign of v (r >= 0), and NaN lanes as they were.
+  r = _mm512_castsi512_ps(_mm512_ternarylogic_epi32(_mm512_castps_si512(r), _mm512_castps_si512(v),
+                                                    _mm512_set1_epi32(static_cast<int>(0x80000000u)), 0xf8));
+  return _mm512_mask_mov_ps(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), v);
+}
+
+// The float-product A8 form's x (Kernels::prep_a8f): prep_a8's int8 rule, or
+// the fp8 rule (inv = 448 / absmax, clip x * inv to +-448 keeping NaN, round
+// onto e4m3; scale absmax / 448, 1 for an all-zero group), values as bf16.
+template <XType XT, bool FP8>
+void prep_a8f_t(const Problem& p, const XA16& xa, float* xgs, int64_t m0, int64_t m1) {
+  constexpr float top = FP8 ? 448.0f : 127.0f;
+  for (int64_t m = m0; m < m1; ++m) {
+    for (int64_t g = 0; g < p.groups; ++g) {
+      const int64_t base = m * p.K + g * p.G;
+      const float absmax = group_absmax<XT>(p, base, p.G);
+      const __m512 inv = _mm512_set1_ps(absmax == 0.0f ? 0.0f : top / absmax);
+      __m512 sum = _mm512_setzero_ps();
+      uint16_t* row = xa.xb + m * xa.Kp + g * xa.Gp;
+      for (int64_t kk = 0; kk < xa.Gp; kk += 16) {
+        const __m512 v = _mm512_mul_ps(load_x16<XT>(p, base + kk, lanes(p.G - kk)), inv);
+        __m512 q;
+        if constexpr (FP8) {
+          // max(lo, v) / min(hi, .) return v when it is NaN (the second operand).
+          q = round_to_e4m3(_mm512_min_ps(_mm512_set1_ps(448.0f), _mm512_max_ps(_mm512_set1_ps(-448.0f), v)));
+        } else {
+          q = _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+          q = _mm512_min_ps(_mm512_set1_ps(127.0f), _mm512_max_ps(_mm512_set1_ps(-127.0f), q));
+        }
+        const __mmask16 valid = lanes(p.G - kk);
+        q = _mm512_maskz_mov_ps(valid, q);  // padding: 0 (a NaN row's too)
+        sum = _mm512_add_ps(sum, q);
+        _mm256_mask_storeu_epi16(row + kk, lanes(xa.Gp - kk), bf16_bits(q));  // exact
+      }
+      const float xs = FP8 ? (absmax == 0.0f ? 1.0f : absmax / 448.0f) : absmax / 127.0f;
+      const float total = _mm512_reduce_add_ps(sum);
+      xgs[m * p.groups + g] = xs;
+      xa.xsum[m * p.groups + g] = p.blockwise ? xs * total : total;
+    }
+    xa.rowexp[m] = p.blockwise ? 1.0f : xgs[m];
+  }
+}
+
+void prep_a8f(const Problem& p, const XA16& xa, float* xgs, int64_t m0, int64_t m1) {
+  const bool fp8 = p.af == kAFp8;
+  switch (p.xt) {
+    case kBF16: return fp8 ? prep_a8f_t<kBF16, true>(p, xa, xgs, m0, m1) : prep_a8f_t<kBF16, false>(p, xa, xgs, m0, m1);
+    case kF16: return fp8 ? prep_a8f_t<kF16, true>(p, xa, xgs, m0, m1) : prep_a8f_t<kF16, false>(p, xa, xgs, m0, m1);
+    default: return fp8 ? prep_a8f_t<kF32, true>(p, xa, xgs, m0, m1) : prep_a8f_t<kF32, false>(p, xa, xgs, m0, m1);
+  }
+}
+
 // ---------------------------------------------------------------- panel packers
 
 // In-place transpose of a 16x16 matrix of dwords (r[i] = row i).
@@ -180,6 +245,100 @@ inline __m512i nibble_bf16_lut() {
   return _mm512_load_si512(t);
 }
 
+// bf16 of each e2m1 code (fp4), indexed like nibble_bf16_lut (bit 4 ignored):
+// sign bit 3, magnitudes 0, 0.5, 1, 1.5, 2, 3, 4, 6 (all exact in bf16).
+inline __m512i e2m1_bf16_lut() {
+  static constexpr uint16_t kMagnitude[8] = {0x0000, 0x3f00, 0x3f80, 0x3fc0,
+                                             0x4000, 0x4040, 0x4080, 0x40c0};
+  alignas(64) uint16_t t[32];
+  for (int i = 0; i < 32; ++i)
+    t[i] = static_cast<uint16_t>(kMagnitude[i & 7] | ((i & 8) ? 0x8000 : 0));
+  return _mm512_load_si512(t);
+}
+// The nibble table of the weight format: int4 integers or e2m1 values.
+inline __m512i nibble_lut(const Problem& p) {
+  return p.wf == kWFp4 ? e2m1_bf16_lut() : nibble_bf16_lut();
+}
+
+// e4m3fn -> bf16 (fp8 weights), exact: two 128-entry byte tables (the low and
+// the high byte of the bf16 image of each 7-bit magnitude) looked up with
+// vpermt2b, which reads the low 7 bits of each index byte; the sign bit is
+// then or-ed into the high byte. Subnormals (m * 2^-9) and NaN (0x7f) come
+// out exactly, and the lookups cost less than int8's widening conversions.
+constexpr uint16_t e4m3_magnitude_bf16(int mag) {
+  if (mag == 0x7f) return 0x7fc0;  // NaN
+  const int e = mag >> 3, m = mag & 7;
+  if (e > 0) return static_cast<uint16_t>(((e + 120) << 7) | (m << 4));  // 2^(e-7) (1 + m/8)
+  if (m == 0) return 0;
+  const int top = m >= 4 ? 2 : (m >= 2 ? 1 : 0);  // m * 2^-9 = 2^(top-9) * (m / 2^top)
+  return static_cast<uint16_t>(((118 + top) << 7) | ((m - (1 << top)) << (7 - top)));
+}
+struct Fp8Tables {
+  uint8_t lo[128], hi[128];
+};
+constexpr Fp8Tables make_fp8_tables() {
+  Fp8Tables t{};
+  for (int i = 0; i < 128; ++i) {
+    t.lo[i] = static_cast<uint8_t>(e4m3_magnitude_bf16(i) & 0xff);
+    t.hi[i] = static_cast<uint8_t>(e4m3_magnitude_bf16(i) >> 8);
+  }
+  return t;
+}
+alignas(64) constexpr Fp8Tables kFp8Tables = make_fp8_tables();
+
+// Byte index tables: kInterleave[h] (h = 0, 1) puts byte j of a and byte j of
+// b (j = 32h .. 32h+31) into word j - 32h: 32 words in element order.
+// kPairWords[h]: word j of a and word j of b (j = 16h .. 16h+15) into dword
+// j - 16h (vpermt2w).
+struct Fp8Indices {
+  uint8_t interleave[2][64];
+  uint16_t pair_words[2][32];
+};
+constexpr Fp8Indices make_fp8_indices() {
+  Fp8Indices t{};
+  for (int h = 0; h < 2; ++h) {
+    for (int j = 0; j < 32; ++j) {
+      t.interleave[h][2 * j] = static_cast<uint8_t>(32 * h + j);
+      t.interleave[h][2 * j + 1] = static_cast<uint8_t>(64 + 32 * h + j);
+    }
+    for (int j = 0; j < 16; ++j) {
+      t.pair_words[h][2 * j] = static_cast<uint16_t>(16 * h + j);
+      t.pair_words[h][2 * j + 1] = static_cast<uint16_t>(32 + 16 * h + j);
+    }
+  }
+  return t;
+}
+alignas(64) constexpr Fp8Indices kFp8Indices = make_fp8_indices();
+
+struct Fp8Decoder {
+  __m512i lo0, lo1, hi0, hi1, ilv0, ilv1;
+  Fp8Decoder()
+      : lo0(_mm512_load_si512(kFp8Tables.lo)), lo1(_mm512_load_si512(kFp8Tables.lo + 64)),
+        hi0(_mm512_load_si512(kFp8Tables.hi)), hi1(_mm512_load_si512(kFp8Tables.hi + 64)),
+        ilv0(_mm512_load_si512(kFp8Indices.interleave[0])),
+        ilv1(_mm512_load_si512(kFp8Indices.interleave[1])) {}
+  // 64 e4m3 bytes -> the low and high bytes of their bf16 images.
+  void bytes(__m512i v, __m512i& lo, __m512i& hi) const {
+    lo = _mm512_permutex2var_epi8(lo0, v, lo1);
+    // hi | (v & 0x80): the sign.
+    hi = _mm512_ternarylogic_epi32(_mm512_permutex2var_epi8(hi0, v, hi1), v,
+                                   _mm512_set1_epi8(static_cast<char>(0x80)), 0xf8);
+  }
+  // 64 e4m3 bytes -> their bf16 images in element order: w0 elements 0..31, w1 32..63.
+  void words(__m512i v, __m512i& w0, __m512i& w1) const {
+    __m512i lo, hi;
+    bytes(v, lo, hi);
+    w0 = _mm512_permutex2var_epi8(lo, ilv0, hi);
+    w1 = _mm512_permutex2var_epi8(lo, ilv1, hi);
+  }
+  // Only the first 32 elements (w0).
+  __m512i words32(__m512i v) const {
+    __m512i lo, hi;
+    bytes(v, lo, hi);
+    return _mm512_permutex2var_epi8(lo, ilv0, hi);
+  }
+};
+
 // 16 packed bytes (one k-pair each) -> 16 dwords bf16(lo) | bf16(hi) << 16.
 inline __m512i int4_pairs_to_bf16(__m128i bytes, __m512i lut) {
   const __m512i d = _mm512_cvtepu8_epi32(bytes);
@@ -203,7 +362,7 @@ inline __m512i int4_to_u8(__m256i bytes) {
 
 struct PairUnpacker {  // 64 columns of one k-pair -> 4 x (bf16 lo | bf16 hi << 16)
   __m512i idx[4], lut;
-  PairUnpacker() {
+  explicit PairUnpacker(const Problem& p) {
     // Dword i of quarter cb takes byte 16cb+i of the row (word 0: its low
     // nibble in bits 0-3) and byte 16cb+i of the row shifted right by 4 (word 1:
     // its high nibble in bits 0-3); the LUT reads bits 0-4 and ignores bit 4.
@@ -215,7 +374,7 @@ struct PairUnpacker {  // 64 columns of one k-pair -> 4 x (bf16 lo | bf16 hi << 
       }
       idx[cb] = _mm512_load_si512(ix);
     }
-    lut = nibble_bf16_lut();
+    lut = nibble_lut(p);
   }
   // Two shuffles per 16 columns, columns in natural order: w[cb] lane i = column 16cb+i.
   void int4(const uint8_t* src, __mmask64 m, __m512i w[4]) const {
@@ -232,6 +391,23 @@ struct PairUnpacker {  // 64 columns of one k-pair -> 4 x (bf16 lo | bf16 hi << 
       w[cb] = _mm512_or_si512(_mm512_srli_epi32(fa, 16), fb);
     }
   }
+  // fp8 rows a and b (null: zeros), columns in natural order.
+  static void fp8(const Fp8Decoder& d, const uint8_t* a, const uint8_t* b, __mmask64 m,
+                  __m512i w[4]) {
+    __m512i a0, a1, b0, b1;
+    d.words(_mm512_maskz_loadu_epi8(m, a), a0, a1);
+    if (b) {
+      d.words(_mm512_maskz_loadu_epi8(m, b), b0, b1);
+    } else {
+      b0 = b1 = _mm512_setzero_si512();
+    }
+    const __m512i i0 = _mm512_load_si512(kFp8Indices.pair_words[0]);
+    const __m512i i1 = _mm512_load_si512(kFp8Indices.pair_words[1]);
+    w[0] = _mm512_permutex2var_epi16(a0, i0, b0);
+    w[1] = _mm512_permutex2var_epi16(a0, i1, b0);
+    w[2] = _mm512_permutex2var_epi16(a1, i0, b1);
+    w[3] = _mm512_permutex2var_epi16(a1, i1, b1);
+  }
 };
 
 // Per-channel packers: the same rows' bytes of the next panel (a panel spans
@@ -246,7 +422,7 @@ void pack_a16(const Problem& p, int64_t g, int64_t kk0, int64_t kk1, int64_t n0,
     const int64_t N = p.N;
     const uint8_t* row = p.w + ((g * p.G + kk0) / 2) * N + n0;
     const __mmask64 m = mask64(N - n0);
-    const PairUnpacker unpack;
+    const PairUnpacker unpack(p);
     for (int64_t s = 0; s < steps; ++s, row += N) {
       // Rows are N bytes apart, which the hardware prefetchers do not follow:
       // fetch the next panel's rows (the same columns, used after this
@@ -255,6 +431,21 @@ void pack_a16(const Problem& p, int64_t g, int64_t kk0, int64_t kk1, int64_t n0,
       _mm_prefetch(reinterpret_cast<const char*>(row + steps * N), _MM_HINT_T1);
       __m512i w[4];
       unpack.int4(row, m, w);
+      for (int cb = 0; cb < 4; ++cb) _mm512_store_si512(panel + s * kNR + 16 * cb, w[cb]);
+    }
+    return;
+  }
+  if (p.blockwise && p.wf == kWFp8) {
+    // fp8 [K, N]: two rows per step, as int8 below.
+    const int64_t N = p.N;
+    const uint8_t* row = p.w + (g * p.G + kk0) * N + n0;
+    const __mmask64 m = mask64(N - n0);
+    const Fp8Decoder dec;
+    for (int64_t s = 0; s < steps; ++s, row += 2 * N) {
+      _mm_prefetch(reinterpret_cast<const char*>(row + 2 * steps * N), _MM_HINT_T1);  // the next panel
+      _mm_prefetch(reinterpret_cast<const char*>(row + 2 * steps * N + N), _MM_HINT_T1);
+      __m512i w[4];
+      PairUnpacker::fp8(dec, row, kk0 + 2 * s + 1 < p.G ? row + N : nullptr, m, w);
       for (int cb = 0; cb < 4; ++cb) _mm512_store_si512(panel + s * kNR + 16 * cb, w[cb]);
     }
     return;
@@ -280,7 +471,8 @@ void pack_a16(const Problem& p, int64_t g, int64_t kk0, int64_t kk1, int64_t n0,
     return;
   }
   // Per-channel [N, K] / packed [N, K/2]: 16 steps of 16 columns, then transpose.
-  const __m512i lut = nibble_bf16_lut();
+  const __m512i lut = nibble_lut(p);
+  const Fp8Decoder dec;
   for (int64_t s0 = 0; s0 < steps; s0 += 16) {
     const int64_t k0 = kk0 + 2 * s0;  // g == 0
     const int64_t valid_k = p.K - k0;  // features left in the row
@@ -295,6 +487,10 @@ void pack_a16(const Problem& p, int64_t g, int64_t kk0, int64_t kk1, int64_t n0,
           _mm_prefetch(reinterpret_cast<const char*>(p.w + n * (p.K / 2) + (k0 + kNextPanelA16) / 2), _MM_HINT_T1);
           r[i] = int4_pairs_to_bf16(
               _mm_maskz_loadu_epi8(mask16(valid_k / 2), p.w + n * (p.K / 2) + k0 / 2), lut);
+        } else if (p.wf == kWFp8) {
+          _mm_prefetch(reinterpret_cast<const char*>(p.w + n * p.K + k0 + kNextPanelA16), _MM_HINT_T1);
+          r[i] = dec.words32(_mm512_maskz_loadu_epi8(mask64(valid_k < 32 ? valid_k : 32),
+                                                     p.w + n * p.K + k0));
         } else {
           _mm_prefetch(reinterpret_cast<const char*>(p.w + n * p.K + k0 + kNextPanelA16), _MM_HINT_T1);
           const __m256i b = _mm256_maskz_loadu_epi8(mask32(valid_k), p.w + n * p.K + k0);
@@ -433,8 +629,8 @@ void mk_a16(int mr, const uint16_t* x, int64_t ldx, const uint32_t* panel, int64
 // mk_a16_t with fin_a16's epilogue in registers (T == 1, one panel per group).
 template <int MR>
 void mk_a16_fused_t(const uint16_t* x, int64_t ldx, const uint32_t* panel, int64_t steps,
-                    const float* sp, const float* zp, const float* xsum, int64_t xsum_stride,
-                    int ncols, float* out, bool init_out) {
+                    const float* sp, const float* zp, const float* xsum, const float* xgs,
+                    int64_t xsum_stride, int ncols, float* out, bool init_out) {
 #define DECL(r) __m512 c##r##0, c##r##1, c##r##2, c##r##3;
   XQK_ROWS(DECL)
 #undef DECL
@@ -463,10 +659,11 @@ void mk_a16_fused_t(const uint16_t* x, int64_t ldx, const uint32_t* panel, int64
     sv[j] = _mm512_maskz_loadu_ps(m, sp + 16 * j);
     zv[j] = zp ? _mm512_maskz_loadu_ps(m, zp + 16 * j) : _mm512_setzero_ps();
   }
-  // Same arithmetic as fin_a16: out = (out +) s * acc (- z * xsum), one FMA each.
+  // Same arithmetic as fin_a16: out = (out +) s * (xgs *) acc (- z * xsum), one FMA each.
 #define EPI1(r, j)                                                                          \
   {                                                                                         \
     float* o = out + r * kNR + 16 * j;                                                      \
+    if (xgs) c##r##j = _mm512_mul_ps(c##r##j, _mm512_set1_ps(xgs[r * xsum_stride]));        \
     __m512 v = init_out ? _mm512_mul_ps(sv[j], c##r##j)                                     \
                         : _mm512_fmadd_ps(sv[j], c##r##j, _mm512_loadu_ps(o));              \
     if (zp) v = _mm512_fnmadd_ps(zv[j], _mm512_set1_ps(xsum[r * xsum_stride]), v);          \
@@ -482,15 +679,15 @@ void mk_a16_fused_t(const uint16_t* x, int64_t ldx, const uint32_t* panel, int64
 }
 
 void mk_a16_fused(int mr, const uint16_t* x, int64_t ldx, const uint32_t* panel, int64_t steps,
-                  const float* s, const float* z, const float* xsum, int64_t xsum_stride,
-                  int ncols, float* out, bool init_out) {
+                  const float* s, const float* z, const float* xsum, const float* xgs,
+                  int64_t xsum_stride, int ncols, float* out, bool init_out) {
   switch (mr) {
-    case 1: return mk_a16_fused_t<1>(x, ldx, panel, steps, s, z, xsum, xsum_stride, ncols, out, init_out);
-    case 2: return mk_a16_fused_t<2>(x, ldx, panel, steps, s, z, xsum, xsum_stride, ncols, out, init_out);
-    case 3: return mk_a16_fused_t<3>(x, ldx, panel, steps, s, z, xsum, xsum_stride, ncols, out, init_out);
-    case 4: return mk_a16_fused_t<4>(x, ldx, panel, steps, s, z, xsum, xsum_stride, ncols, out, init_out);
-    case 5: return mk_a16_fused_t<5>(x, ldx, panel, steps, s, z, xsum, xsum_stride, ncols, out, init_out);
-    default: return mk_a16_fused_t<6>(x, ldx, panel, steps, s, z, xsum, xsum_stride, ncols, out, init_out);
+    case 1: return mk_a16_fused_t<1>(x, ldx, panel, steps, s, z, xsum, xgs, xsum_stride, ncols, out, init_out);
+    case 2: return mk_a16_fused_t<2>(x, ldx, panel, steps, s, z, xsum, xgs, xsum_stride, ncols, out, init_out);
+    case 3: return mk_a16_fused_t<3>(x, ldx, panel, steps, s, z, xsum, xgs, xsum_stride, ncols, out, init_out);
+    case 4: return mk_a16_fused_t<4>(x, ldx, panel, steps, s, z, xsum, xgs, xsum_stride, ncols, out, init_out);
+    case 5: return mk_a16_fused_t<5>(x, ldx, panel, steps, s, z, xsum, xgs, xsum_stride, ncols, out, init_out);
+    default: return mk_a16_fused_t<6>(x, ldx, panel, steps, s, z, xsum, xgs, xsum_stride, ncols, out, init_out);
   }
 }
 
@@ -571,6 +768,7 @@ void fin_a16(const Problem& p, const XA16& xa, int64_t g, int64_t n0, int ncols,
       const float* a = acc + (m * xa.T) * kNR + 16 * j;
       __m512 sum = _mm512_loadu_ps(a);
       for (int t = 1; t < xa.T; ++t) sum = _mm512_add_ps(sum, _mm512_loadu_ps(a + t * kNR));
+      if (xa.xgs) sum = _mm512_mul_ps(sum, _mm512_set1_ps(xa.xgs[m * p.groups + g]));
       float* o = out + m * kNR + 16 * j;
       __m512 v = init ? _mm512_mul_ps(sv, sum) : _mm512_fmadd_ps(sv, sum, _mm512_loadu_ps(o));
       if (z) v = _mm512_fnmadd_ps(zv, _mm512_set1_ps(xa.xsum[m * p.groups + g]), v);
@@ -742,7 +940,8 @@ void dot_a16_t(const Problem& p, const XA16& xa, const uint16_t* xd, int64_t Kq,
   constexpr int NW = R <= 4 ? 4 : (R <= 8 ? 2 : 1);  // weight rows at a time (NW * R accumulators)
   constexpr int64_t KC = kDotXBytes / (2 * R) / 128 * 128;  // features per chunk
   const int64_t K = p.K;
-  const __m512i lut = nibble_bf16_lut();
+  const __m512i lut = nibble_lut(p);
+  const Fp8Decoder dec;
   alignas(64) float res[R][kNR] = {};
   for (int64_t kc = 0; kc < K; kc += KC) {
   const int64_t kend = K - kc < KC ? K : kc + KC;
@@ -755,7 +954,22 @@ void dot_a16_t(const Problem& p, const XA16& xa, const uint16_t* xd, int64_t Kq,
     __m512 acc[NW][R];
     for (int i = 0; i < NW; ++i)
       for (int r = 0; r < R; ++r) acc[i][r] = _mm512_setzero_ps();
-    if (p.bits == 8) {
+    if (p.wf == kWFp8) {
+      // 64 features a step (never across a 128-block: kc is a multiple of 128).
+      for (int64_t k = kc; k < kend; k += 64) {
+        const __mmask64 m = mask64(K - k);
+        const uint16_t* xk = xd + (k & ~int64_t{127}) * R + (k & 127);  // x rows of this 128-block
+        for (int i = 0; i < NW; ++i) {
+          _mm_prefetch(reinterpret_cast<const char*>(row[i] + kAhead * K + k), _MM_HINT_NTA);
+          __m512i w0, w1;  // 64 exact bf16 in k order
+          dec.words(_mm512_maskz_loadu_epi8(m, row[i] + k), w0, w1);
+          for (int r = 0; r < R; ++r) {
+            __m512 a = _mm512_dpbf16_ps(acc[i][r], as_bh(_mm512_loadu_si512(xk + r * 128)), as_bh(w0));
+            acc[i][r] = _mm512_dpbf16_ps(a, as_bh(_mm512_loadu_si512(xk + r * 128 + 32)), as_bh(w1));
+          }
+        }
+      }
+    } else if (p.bits == 8) {
       for (int64_t k = kc; k < kend; k += 32) {
         const __mmask32 m = mask32(K - k);
         const uint16_t* xk = xd + (k & ~int64_t{127}) * R + (k & 127);  // x rows of this 128-block
@@ -941,6 +1155,7 @@ struct FusedEpilogue {
   int32_t bias;            // A8: 8 (int4) or 128 (int8)
   int ncols;               // real columns of the tile
   bool init;               // the slice's first group: part = v, else part += v
+  const float* xgs;        // A16: the rows' group factors (float-product A8), or null
 };
 
 // The wide form's row group: rows x0 + r*ldx (r < RG) times the ns unpacked
@@ -1010,6 +1225,7 @@ __attribute__((noinline)) void sweep_rows(void* acc, const void* xv, int64_t ldx
         _mm512_mask_storeu_ps(o, mc, ep->init ? v : _mm512_add_ps(_mm512_maskz_loadu_ps(mc, o), v));
       } else {
         float* o = ep->part + r * ep->N + 16 * cb;
+        if (ep->xgs) c[r][cb] = _mm512_mul_ps(c[r][cb], _mm512_set1_ps(ep->xgs[i]));
         v = ep->init ? _mm512_mul_ps(sv, c[r][cb]) : _mm512_fmadd_ps(sv, c[r][cb], _mm512_maskz_loadu_ps(mc, o));
         if (ep->z) v = _mm512_fnmadd_ps(zv, _mm512_set1_ps(ep->xsum[i]), v);
         _mm512_mask_storeu_ps(o, mc, v);
@@ -1035,6 +1251,7 @@ void sweep_all_rows(int rows, void* acc, const void* x0, int64_t ldx, const __m5
       e.xs = e.xs ? e.xs + r0 * e.groups : nullptr;
       e.xzs = e.xzs ? e.xzs + r0 * e.groups : nullptr;
       e.sq = e.sq ? e.sq + r0 * e.groups : nullptr;
+      e.xgs = e.xgs ? e.xgs + r0 * e.groups : nullptr;
     }
     with_rows<kWideGroupRows>(rg, [&](auto n) {
       sweep_rows<decltype(n)::value, A8>(static_cast<char*>(acc) + 4 * r0 * kNR,
@@ -1107,10 +1324,12 @@ inline void unpack_sweep(__m512i (&wb)[S][4], int64_t ns, const UnpackStep& unpa
 // stream_blocks) reads the same span of each row; each column's arithmetic
 // does not depend on the blocking.
 // R: rows of x (M*T) when at most kRegisterRows, 0 for the wide form.
-template <int R, int BITS>
+// BITS 4: int4 or fp4 nibbles (PairUnpacker's table); 8: int8, or fp8 when FP8.
+template <int R, int BITS, bool FP8 = false>
 void stream_a16_t(const Problem& p, const XA16& xa, int64_t g0, int64_t g1, int64_t t0,
                   int64_t t1, float* acc, float* part) {
-  const PairUnpacker unpack;
+  const PairUnpacker unpack(p);
+  const Fp8Decoder dec;
   constexpr int64_t SP = stream_pairs(R);
   const int rows = R > 0 ? R : static_cast<int>(p.M * xa.T);
   const int64_t N = p.N, tiles = (N + kNR - 1) / kNR, pairs = xa.Gp / 2;
@@ -1161,6 +1380,8 @@ void stream_a16_t(const Problem& p, const XA16& xa, int64_t g0, int64_t g1, int6
           const uint8_t* src = ws + s * row_bytes + n0;
           if constexpr (BITS == 4) {
             unpack.int4(src, m, w);
+          } else if constexpr (FP8) {
+            PairUnpacker::fp8(dec, src, 2 * (s0 + s) + 1 < p.G ? src + N : nullptr, m, w);
           } else {
             PairUnpacker::int8(src, 2 * (s0 + s) + 1 < p.G ? src + N : nullptr, m, w);
           }
@@ -1173,7 +1394,8 @@ void stream_a16_t(const Problem& p, const XA16& xa, int64_t g0, int64_t g1, int6
           if (first && last && xa.T == 1) {  // the whole group in one sweep: fused epilogue
             const FusedEpilogue ep{part + n0, N, p.groups, sg + n0, zg ? zg + n0 : nullptr,
                                    xa.xsum + g, nullptr, nullptr, nullptr, 0,
-                                   static_cast<int>(N - n0 < kNR ? N - n0 : kNR), g == g0};
+                                   static_cast<int>(N - n0 < kNR ? N - n0 : kNR), g == g0,
+                                   xa.xgs ? xa.xgs + g : nullptr};
             sweep_all_rows<false>(rows, a, xs, xa.Kp, wb[0], ns, true, &ep);
             continue;
           }
@@ -1211,6 +1433,7 @@ void stream_a16_t(const Problem& p, const XA16& xa, int64_t g0, int64_t g1, int6
             const float* am = a + m_row * xa.T * kNR + 16 * cb;
             __m512 sum = _mm512_load_ps(am);
             for (int tt = 1; tt < xa.T; ++tt) sum = _mm512_add_ps(sum, _mm512_load_ps(am + tt * kNR));
+            if (xa.xgs) sum = _mm512_mul_ps(sum, _mm512_set1_ps(xa.xgs[m_row * p.groups + g]));
             float* o = part + m_row * N + n0 + 16 * cb;
             __m512 v = g == g0 ? _mm512_mul_ps(sv, sum) : _mm512_fmadd_ps(sv, sum, _mm512_maskz_loadu_ps(mc, o));
             if (zg) v = _mm512_fnmadd_ps(zv, _mm512_set1_ps(xa.xsum[m_row * p.groups + g]), v);
@@ -1222,17 +1445,25 @@ void stream_a16_t(const Problem& p, const XA16& xa, int64_t g0, int64_t g1, int6
   }
 }
 
+template <int R>
+void stream_a16_r(const Problem& p, const XA16& xa, int64_t g0, int64_t g1, int64_t t0, int64_t t1,
+                  float* acc, float* part) {
+  if (p.bits == 4) return stream_a16_t<R, 4>(p, xa, g0, g1, t0, t1, acc, part);
+  if (p.wf == kWFp8) return stream_a16_t<R, 8, true>(p, xa, g0, g1, t0, t1, acc, part);
+  return stream_a16_t<R, 8>(p, xa, g0, g1, t0, t1, acc, part);
+}
+
 void stream_a16(const Problem& p, const XA16& xa, int64_t g0, int64_t g1, int64_t t0, int64_t t1,
                 float* acc, float* part) {
   const bool int4 = p.bits == 4;
   const int64_t rows = p.M * xa.T;
   in_column_blocks(t0, t1, stream_block_tiles(rows, int4 ? 1 : 2), [&](int64_t b0, int64_t b1) {
     switch (rows) {
-      case 1: return int4 ? stream_a16_t<1, 4>(p, xa, g0, g1, b0, b1, acc, part) : stream_a16_t<1, 8>(p, xa, g0, g1, b0, b1, acc, part);
-      case 2: return int4 ? stream_a16_t<2, 4>(p, xa, g0, g1, b0, b1, acc, part) : stream_a16_t<2, 8>(p, xa, g0, g1, b0, b1, acc, part);
-      case 3: return int4 ? stream_a16_t<3, 4>(p, xa, g0, g1, b0, b1, acc, part) : stream_a16_t<3, 8>(p, xa, g0, g1, b0, b1, acc, part);
-      case 4: return int4 ? stream_a16_t<4, 4>(p, xa, g0, g1, b0, b1, acc, part) : stream_a16_t<4, 8>(p, xa, g0, g1, b0, b1, acc, part);
-      default: return int4 ? stream_a16_t<0, 4>(p, xa, g0, g1, b0, b1, acc, part) : stream_a16_t<0, 8>(p, xa, g0, g1, b0, b1, acc, part);
+      case 1: return stream_a16_r<1>(p, xa, g0, g1, b0, b1, acc, part);
+      case 2: return stream_a16_r<2>(p, xa, g0, g1, b0, b1, acc, part);
+      case 3: return stream_a16_r<3>(p, xa, g0, g1, b0, b1, acc, part);
+      case 4: return stream_a16_r<4>(p, xa, g0, g1, b0, b1, acc, part);
+      default: return stream_a16_r<0>(p, xa, g0, g1, b0, b1, acc, part);
     }
   });
 }
@@ -1357,7 +1588,8 @@ void stream_a8_t(const Problem& p, const XA8& xa, int64_t g0, int64_t g1, int64_
           if (first && last) {  // the whole group in one sweep: fused epilogue
             const FusedEpilogue ep{part + n0, N, p.groups, sg + n0, zg ? zg + n0 : nullptr,
                                    nullptr, xa.xs + g, xa.xzs + g, xa.sq + g, bias,
-                                   static_cast<int>(N - n0 < kNR ? N - n0 : kNR), g == g0};
+                                   static_cast<int>(N - n0 < kNR ? N - n0 : kNR), g == g0,
+                                   nullptr};
             sweep_all_rows<true>(rows, a, xs, xa.Kp, wb[0], ns, true, &ep);
             continue;
           }
@@ -1447,6 +1679,7 @@ const Kernels& avx512_kernels() {
     Kernels t = generic_kernels();
     t.prep_a16 = prep_a16;
     t.prep_a8 = prep_a8;
+    t.prep_a8f = prep_a8f;
     t.pack_a16 = pack_a16;
     t.pack_a8 = pack_a8;
     t.mk_a16 = mk_a16;

@@ -25,6 +25,20 @@ inline uint16_t small_int_to_bf16(int q) {  // exact for |q| <= 256
   return static_cast<uint16_t>(f32_to_bits(static_cast<float>(q)) >> 16);
 }
 
+// The weight's value at (g, kk, n) as bf16 bits (exact in every format; 0
+// outside the group or beyond N).
+inline uint16_t weight_bf16_at(const Problem& p, int64_t g, int64_t kk, int64_t n) {
+  if (p.wf == kWInt) return small_int_to_bf16(weight_at(p, g, kk, n));
+  if (kk >= p.G || n >= p.N) return 0;
+  const int64_t k = g * p.G + kk;
+  if (p.wf == kWFp8) {
+    const uint8_t b = p.blockwise ? p.w[k * p.N + n] : p.w[n * p.K + k];
+    return f32_to_bf16(e4m3_value(b));
+  }
+  const uint8_t byte = p.blockwise ? p.w[(k / 2) * p.N + n] : p.w[n * (p.K / 2) + k / 2];
+  return f32_to_bf16(e2m1_value((k & 1) ? (byte >> 4) : (byte & 0xf)));
+}
+
 void prep_a16(const Problem& p, const XA16& xa, int64_t m0, int64_t m1) {
   for (int64_t m = m0; m < m1; ++m) {
     const int64_t base = m * p.K;
@@ -80,12 +94,46 @@ void prep_a8(const Problem& p, const XA8& xa, int64_t m0, int64_t m1) {
   }
 }
 
+// The float-product A8 form: x quantized per token (and group) by the int8
+// rule (prep_a8's arithmetic) or the fp8 rule, the values as bf16 (exact).
+void prep_a8f(const Problem& p, const XA16& xa, float* xgs, int64_t m0, int64_t m1) {
+  const bool fp8 = p.af == kAFp8;
+  for (int64_t m = m0; m < m1; ++m) {
+    for (int64_t g = 0; g < p.groups; ++g) {
+      const int64_t base = m * p.K + g * p.G;
+      float absmax = 0.0f;  // NaN if any element is
+      for (int64_t kk = 0; kk < p.G; ++kk) {
+        const float v = std::fabs(load_x(p.x, p.xt, base + kk));
+        absmax = std::isnan(v) || std::isnan(absmax) ? v + absmax : std::fmax(absmax, v);
+      }
+      const float top = fp8 ? 448.0f : 127.0f;
+      const float inv = absmax == 0.0f ? 0.0f : top / absmax;
+      float sum = 0.0f;
+      uint16_t* row = xa.xb + m * xa.Kp + g * xa.Gp;
+      for (int64_t kk = 0; kk < xa.Gp; ++kk) {
+        float q = 0.0f;
+        if (kk < p.G) {
+          const float v = load_x(p.x, p.xt, base + kk) * inv;
+          q = fp8 ? round_to_e4m3(clip_e4m3(v))
+                  : std::fmin(127.0f, std::fmax(-127.0f, std::nearbyint(v)));  // half-even
+        }
+        row[kk] = f32_to_bf16(q);  // exact
+        sum += q;
+      }
+      const float xs = fp8 ? (absmax == 0.0f ? 1.0f : absmax / 448.0f) : absmax / 127.0f;
+      xgs[m * p.groups + g] = xs;
+      xa.xsum[m * p.groups + g] = p.blockwise ? xs * sum : sum;
+    }
+    xa.rowexp[m] = p.blockwise ? 1.0f : xgs[m];
+  }
+}
+
 void pack_a16(const Problem& p, int64_t g, int64_t kk0, int64_t kk1, int64_t n0, uint32_t* panel) {
   for (int64_t s = 0; s < (kk1 - kk0) / 2; ++s)
     for (int c = 0; c < kNR; ++c) {
       const int64_t kk = kk0 + 2 * s, n = n0 + c;
-      panel[s * kNR + c] = small_int_to_bf16(weight_at(p, g, kk, n)) |
-                           (static_cast<uint32_t>(small_int_to_bf16(weight_at(p, g, kk + 1, n))) << 16);
+      panel[s * kNR + c] = weight_bf16_at(p, g, kk, n) |
+                           (static_cast<uint32_t>(weight_bf16_at(p, g, kk + 1, n)) << 16);
     }
 }
 
@@ -140,6 +188,7 @@ void fin_a16(const Problem& p, const XA16& xa, int64_t g, int64_t n0, int ncols,
     for (int c = 0; c < ncols; ++c) {
       float a = acc[(m * xa.T) * kNR + c];
       for (int t = 1; t < xa.T; ++t) a += acc[(m * xa.T + t) * kNR + c];
+      if (xa.xgs) a *= xa.xgs[m * p.groups + g];
       float v = s[c] * a;
       if (z) v -= z[c] * xsum;
       out[m * kNR + c] = init ? v : out[m * kNR + c] + v;
@@ -185,6 +234,7 @@ const Kernels& generic_kernels() {
     Kernels t{};  // the decode forms (dot, K slices) are AVX-512 only: null / 0
     t.prep_a16 = prep_a16;
     t.prep_a8 = prep_a8;
+    t.prep_a8f = prep_a8f;
     t.pack_a16 = pack_a16;
     t.pack_a8 = pack_a8;
     t.mk_a16 = mk_a16;

@@ -6,8 +6,10 @@
 //             layout), scale and zero_point (float32, API.md layout; zero_point
 //             is ignored unless has_zero_point)
 //   result    y [..., M, N] of x's dtype
-//   attrs     block_size (-1 per-channel), bits (8, or 4 = packed int4),
-//             has_zero_point, quantize_activation (0/1)
+//   attrs     block_size (-1 per-channel), bits (8, or 4 = packed int4 / fp4),
+//             has_zero_point, quantize_activation (0/1), weight_format ("int",
+//             "fp8": w float8_e4m3fn, "fp4": w packed e2m1 codes, uint8),
+//             activation_format ("int8" or "fp8"; with quantize_activation)
 // Leading dims come from vmap (vmap_method="expand_dims"): each operand's are
 // either the result's or 1 (broadcast). When only x is batched the batch is
 // folded into M, so the weights are streamed once.
@@ -15,6 +17,7 @@
 
 #include <cstdint>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "cpu_features.h"
@@ -47,7 +50,8 @@ bool split(ffi::AnyBuffer::Dimensions dims, size_t core_rank, Operand& o) {
 
 ffi::Error QmmImpl(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Buffer<ffi::F32> scale,
                    ffi::Buffer<ffi::F32> zp, ffi::Result<ffi::AnyBuffer> y, int64_t block_size,
-                   int64_t bits, int64_t has_zero_point, int64_t quantize_activation) {
+                   int64_t bits, int64_t has_zero_point, int64_t quantize_activation,
+                   std::string_view weight_format, std::string_view activation_format) {
   xqk::Problem p{};
   switch (x.element_type()) {
     case ffi::DataType::BF16: p.xt = xqk::kBF16; break;
@@ -56,9 +60,15 @@ ffi::Error QmmImpl(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Buffer<ffi::F32> sca
     default: return invalid("x: expected bfloat16, float16 or float32");
   }
   if (y->element_type() != x.element_type()) return invalid("y: expected x's dtype");
+  const std::string misformat = xqk::fit_formats(p, bits, weight_format, activation_format);
+  if (!misformat.empty()) return invalid(misformat);
   const bool packed = bits == 4;
-  if (w.element_type() != (packed ? ffi::DataType::U8 : ffi::DataType::S8))
-    return invalid("w: expected int8 (bits=8) or uint8 packed int4 (bits=4)");
+  if (p.wf == xqk::kWFp8) {
+    if (w.element_type() != ffi::DataType::F8E4M3FN)
+      return invalid("w: expected float8_e4m3fn (weight_format fp8)");
+  } else if (w.element_type() != (packed ? ffi::DataType::U8 : ffi::DataType::S8)) {
+    return invalid("w: expected int8 (bits=8) or uint8 packed int4 / fp4 (bits=4)");
+  }
   const bool blockwise = block_size != -1;
   p.has_zp = has_zero_point != 0;
   p.qa = quantize_activation != 0;
@@ -144,7 +154,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(QuantizedMatmulHandler, QmmImpl,
                                   .Attr<int64_t>("block_size")
                                   .Attr<int64_t>("bits")
                                   .Attr<int64_t>("has_zero_point")
-                                  .Attr<int64_t>("quantize_activation"));
+                                  .Attr<int64_t>("quantize_activation")
+                                  .Attr<std::string_view>("weight_format")
+                                  .Attr<std::string_view>("activation_format"));
 
 // ------------------------------------------------------------------ Python API
 

@@ -75,5 +75,49 @@ inline int row_exponent(float absmax) {
   return e < -64 ? -64 : (e > 64 ? 64 : e);
 }
 
+// e4m3fn (API.md section 7): bias 7, 3 mantissa bits, no infinities,
+// 0x7f / 0xff NaN, largest finite 448; subnormals m * 2^-9.
+inline float e4m3_value(uint8_t b) {
+  const int e = (b >> 3) & 15, m = b & 7;
+  float v;
+  if (e == 15 && m == 7) {
+    v = bits_to_f32(0x7fc00000u);
+  } else if (e == 0) {
+    v = std::ldexp(static_cast<float>(m), -9);
+  } else {
+    v = std::ldexp(static_cast<float>(8 + m), e - 10);
+  }
+  return (b & 0x80) ? -v : v;
+}
+
+// e2m1 code (low 4 bits): sign bit 3, magnitude {0, 0.5, 1, 1.5, 2, 3, 4, 6}.
+inline float e2m1_value(int code) {
+  static const float kMagnitude[8] = {0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f};
+  const float v = kMagnitude[code & 7];
+  return (code & 8) ? -v : v;
+}
+
+// v rounded to nearest even onto the e4m3fn grid, for |v| <= 448 (the fp8
+// activation rule clips first) or NaN (kept).
+inline float round_to_e4m3(float v) {
+  if (std::isnan(v)) return v;
+  const float a = std::fabs(v);
+  float r;
+  if (a < 0.015625f) {  // below the smallest normal 2^-6: multiples of 2^-9
+    r = std::nearbyint(a * 512.0f) * (1.0f / 512.0f);  // exact scalings, RNE
+  } else {  // 3 mantissa bits, RNE (a carry moves into the exponent)
+    uint32_t u = f32_to_bits(a);
+    u += 0x7ffffu + ((u >> 20) & 1u);
+    r = bits_to_f32(u & 0xfff00000u);
+  }
+  return std::copysign(r, v);
+}
+
+// The fp8 activation rule's clip to [-448, 448], NaN kept.
+inline float clip_e4m3(float v) {
+  if (std::isnan(v)) return v;
+  return v > 448.0f ? 448.0f : (v < -448.0f ? -448.0f : v);
+}
+
 }  // namespace
 }  // namespace xqk

@@ -30,4 +30,27 @@ std::string fit_scheme(Problem& p, int64_t block_size, int64_t bits,
   return "";
 }
 
+std::string fit_formats(Problem& p, int64_t bits, std::string_view weight_format,
+                        std::string_view activation_format) {
+  if (weight_format == "int") {
+    p.wf = kWInt;
+  } else if (weight_format == "fp8") {
+    if (bits != 8) return "weight_format fp8: expected bits=8";
+    p.wf = kWFp8;
+  } else if (weight_format == "fp4") {
+    if (bits != 4) return "weight_format fp4: expected bits=4 (packed e2m1 codes)";
+    p.wf = kWFp4;
+  } else {
+    return "weight_format: expected int, fp8 or fp4";
+  }
+  if (activation_format == "int8") {
+    p.af = kAInt8;
+  } else if (activation_format == "fp8") {
+    p.af = kAFp8;
+  } else {
+    return "activation_format: expected int8 or fp8";
+  }
+  return "";
+}
+
 }  // namespace xqk

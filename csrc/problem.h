@@ -7,6 +7,7 @@
 
 #include <cstdint>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "qmm.h"
@@ -20,6 +21,12 @@ namespace xqk {
 std::string fit_scheme(Problem& p, int64_t block_size, int64_t bits,
                        const std::vector<int64_t>& w, const std::vector<int64_t>& scale,
                        const std::vector<int64_t>* zp);
+
+// Sets p.wf and p.af from the element formats' names: weight_format "int"
+// (bits 8 or 4), "fp8" (bits 8) or "fp4" (bits 4); activation_format "int8"
+// or "fp8". Returns "" when they fit `bits`, else what does not.
+std::string fit_formats(Problem& p, int64_t bits, std::string_view weight_format,
+                        std::string_view activation_format);
 
 // Rank of w and of scale for a scheme.
 inline size_t weight_rank(bool blockwise) { return blockwise ? 3 : 2; }

@@ -30,6 +30,15 @@
 namespace xqk {
 
 enum XType : int { kBF16 = 0, kF16 = 1, kF32 = 2 };
+// Weight element format (API.md section 7): integers (int8, or packed int4 by
+// `bits`), e4m3fn bytes (fp8, bits 8, the layout of int8), or e2m1 codes
+// packed two per byte exactly as int4 (fp4, bits 4). Every value of each is
+// exact in bf16.
+enum WFormat : int { kWInt = 0, kWFp8 = 1, kWFp4 = 2 };
+// Activation format with quantize_activation: int8 (xla_qops/activation.py)
+// or e4m3fn (pallas_kernels/formats.py: inv = 448 / absmax, x * inv rounded
+// to nearest even onto e4m3, saturating; scale absmax / 448, 1 for all-zero).
+enum AFormat : int { kAInt8 = 0, kAFp8 = 1 };
 
 constexpr int kNR = 64;  // output columns per tile (4 ZMM of float32)
 constexpr int kMR = 6;   // max rows of x per microkernel call
@@ -38,7 +47,9 @@ struct Problem {
   int64_t M, K, N;
   int64_t G;       // group size along K: block_size, or K per-channel
   int64_t groups;  // K / G
-  int bits;        // 8: int8 weights; 4: packed int4 (uint8 pairs along K)
+  int bits;        // 8: int8 / fp8 weights; 4: packed int4 / fp4 (uint8 pairs along K)
+  int wf;          // WFormat
+  int af;          // AFormat (with qa)
   bool blockwise, has_zp, qa;
   XType xt;
   const void* x;        // [M, K] of xt
@@ -52,13 +63,28 @@ struct Problem {
 // (absmax into [0.5, 1), e clamped to [-64, 64]) so that no bf16 term is
 // subnormal (vdpbf16ps flushes those); rowexp undoes it exactly. f16 and f32
 // values are split into T bf16 terms whose sum is exact.
+//
+// The float-product form of A8 (fp8 activations, or any quantized activation
+// times a float weight: Problem::float_products) uses this layout too: xb
+// holds the quantized activations' values, exact in bf16 (T = 1), so the A16
+// kernels multiply them with the weight's bf16 images (exact products,
+// float32 sums). Per-channel: rowexp = x_scale per row and xsum = sum of the
+// quantized values; blockwise: rowexp = 1, xsum = x_scale * sum, and xgs the
+// per-group x_scale that the group epilogues multiply in.
 struct XA16 {
   int T;            // 1 (bf16), 2 (f16), 3 (f32)
   int64_t Gp, Kp;   // group length padded to even; Kp = groups * Gp
   uint16_t* xb;     // [M*T][Kp] bf16, row m*T+t, zero padded
   float* rowexp;    // [M] 2^e
   float* xsum;      // [M][groups] sum of x over the group, times 2^-e
+  const float* xgs = nullptr;  // [M][groups] or null: factor of each group's sum
 };
+
+// Whether an A8 problem multiplies float images (bf16 dot products) rather
+// than integers (vpdpbusd).
+inline bool float_products(const Problem& p) {
+  return p.qa && (p.af == kAFp8 || p.wf != kWInt);
+}
 
 // x prepared for the A8 kernels: exactly xla_qops/activation.py's integers.
 struct XA8 {
@@ -79,6 +105,10 @@ static inline int tile_cols(int64_t N, int64_t n0) {
 struct Kernels {
   void (*prep_a16)(const Problem&, const XA16&, int64_t m0, int64_t m1);
   void (*prep_a8)(const Problem&, const XA8&, int64_t m0, int64_t m1);
+  // The float-product A8 form's x (float_products): the quantized values as
+  // bf16 into xa.xb (T = 1), x_scale into xgs [M][groups], and rowexp / xsum
+  // as XA16 describes; xgs is the buffer xa.xgs points at.
+  void (*prep_a8f)(const Problem&, const XA16&, float* xgs, int64_t m0, int64_t m1);
   // Panel ([steps][kNR] dwords) of group g, padded-k range [kk0, kk1), columns
   // n0.. (zero beyond N and beyond the group's G features).
   void (*pack_a16)(const Problem&, int64_t g, int64_t kk0, int64_t kk1, int64_t n0,
@@ -107,9 +137,11 @@ struct Kernels {
   // Optional (null = use mk_a16 + fin_a16): the A16 microkernel for T == 1
   // when a whole group fits one panel, with fin_a16's epilogue applied in
   // registers: out[r] = (out[r] +) s * acc (- z * xsum[r * xsum_stride]).
+  // xgs (null: none): out[r] = (out[r] +) s * (xgs[r * xsum_stride] * acc) (- ...).
   void (*mk_a16_fused)(int mr, const uint16_t* x, int64_t ldx, const uint32_t* panel,
                        int64_t steps, const float* s, const float* z, const float* xsum,
-                       int64_t xsum_stride, int ncols, float* out, bool init_out);
+                       const float* xgs, int64_t xsum_stride, int ncols, float* out,
+                       bool init_out);
   int max_dot_rows;
   // Blockwise decode (R = M*T <= max_stream_rows): the K groups [g0, g1) of
   // one slice, the columns of tiles [t0, t1) (a column block), into part

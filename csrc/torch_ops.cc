@@ -3,12 +3,14 @@
 // torch's OpenMP workers and the kernels never compete for the cores.
 //
 //   xla_qops_cpu::quantized_matmul(Tensor x, Tensor w, Tensor scale,
-//       Tensor? zero_point, int block_size, int bits, bool quantize_activation)
-//       -> Tensor
+//       Tensor? zero_point, int block_size, int bits, bool quantize_activation,
+//       str weight_format="int", str activation_format="int8") -> Tensor
 //
 // x [..., K] (bf16/f16/f32, any strides); w, scale, zero_point as the FFI
 // target takes them (module.cc): API.md layouts, contiguous, w int8 (bits 8)
-// or packed uint8 (bits 4), scale / zero_point float32. The result is
+// or packed uint8 (bits 4; int4, or e2m1 codes with weight_format "fp4"),
+// or e4m3fn bytes (weight_format "fp8": float8_e4m3fn, or its bits as
+// uint8), scale / zero_point float32. The result is
 // [..., N] in x's dtype, bit-identical to the FFI target's for the same
 // inputs (same kernels; results do not depend on the thread count).
 //
@@ -31,6 +33,7 @@
 #include <atomic>
 #include <chrono>
 #include <optional>
+#include <string_view>
 #include <vector>
 
 #include "problem.h"
@@ -70,7 +73,8 @@ struct Call {
 
 Call make_call(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale,
                const std::optional<at::Tensor>& zero_point, int64_t block_size, int64_t bits,
-               bool quantize_activation) {
+               bool quantize_activation, std::string_view weight_format,
+               std::string_view activation_format) {
   const char* op = "xla_qops_cpu::quantized_matmul: ";
   for (const at::Tensor* t : {&x, &w, &scale})
     TORCH_CHECK(t->device().is_cpu(), op, "expected CPU tensors");
@@ -82,8 +86,17 @@ Call make_call(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale
     default: TORCH_CHECK(false, op, "x: expected bfloat16, float16 or float32, got ", x.scalar_type());
   }
   TORCH_CHECK(x.dim() >= 1, op, "x: expected [..., K]");
-  TORCH_CHECK(w.scalar_type() == (bits == 4 ? at::kByte : at::kChar), op,
-              "w: expected int8 (bits=8) or uint8 packed int4 (bits=4), got ", w.scalar_type());
+  const std::string misformat = xqk::fit_formats(p, bits, weight_format, activation_format);
+  TORCH_CHECK(misformat.empty(), op, misformat);
+  if (p.wf == xqk::kWFp8) {
+    TORCH_CHECK(w.scalar_type() == at::kFloat8_e4m3fn || w.scalar_type() == at::kByte, op,
+                "w: expected float8_e4m3fn (or its bits as uint8) for weight_format fp8, got ",
+                w.scalar_type());
+  } else {
+    TORCH_CHECK(w.scalar_type() == (bits == 4 ? at::kByte : at::kChar), op,
+                "w: expected int8 (bits=8) or uint8 packed int4 / fp4 (bits=4), got ",
+                w.scalar_type());
+  }
   TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.is_contiguous(), op,
               "scale: expected contiguous float32");
   TORCH_CHECK(w.is_contiguous(), op, "w: expected a contiguous tensor");
@@ -123,8 +136,11 @@ Call make_call(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale
 
 at::Tensor quantized_matmul(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale,
                             const std::optional<at::Tensor>& zero_point, int64_t block_size,
-                            int64_t bits, bool quantize_activation) {
-  Call call = make_call(x, w, scale, zero_point, block_size, bits, quantize_activation);
+                            int64_t bits, bool quantize_activation, c10::string_view weight_format,
+                            c10::string_view activation_format) {
+  Call call = make_call(x, w, scale, zero_point, block_size, bits, quantize_activation,
+                        std::string_view(weight_format.data(), weight_format.size()),
+                        std::string_view(activation_format.data(), activation_format.size()));
   xqk::run(call.p, kTorchExecutor);  // M == 0 or N == 0: nothing; K == 0: zeros
   return call.y.view(call.out_shape);
 }
@@ -137,7 +153,8 @@ at::Tensor quantized_matmul(const at::Tensor& x, const at::Tensor& w, const at::
 at::Tensor kernel_seconds(const at::Tensor& x, at::TensorList w, at::TensorList scale,
                           const c10::List<std::optional<at::Tensor>>& zero_point,
                           int64_t block_size, int64_t bits, bool quantize_activation,
-                          int64_t rounds) {
+                          int64_t rounds, c10::string_view weight_format,
+                          c10::string_view activation_format) {
   TORCH_CHECK(!w.empty() && scale.size() == w.size() && zero_point.size() == w.size(),
               "xla_qops_cpu::kernel_seconds: expected equally many w, scale, zero_point");
   std::vector<double> seconds;
@@ -145,7 +162,9 @@ at::Tensor kernel_seconds(const at::Tensor& x, at::TensorList w, at::TensorList 
     for (size_t i = 0; i < w.size(); ++i) {
       const auto start = std::chrono::steady_clock::now();
       Call call = make_call(x, w[i], scale[i], zero_point.get(i), block_size, bits,
-                            quantize_activation);
+                            quantize_activation,
+                            std::string_view(weight_format.data(), weight_format.size()),
+                            std::string_view(activation_format.data(), activation_format.size()));
       xqk::run(call.p, kTorchExecutor);
       seconds.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
     }
@@ -158,9 +177,11 @@ at::Tensor kernel_seconds(const at::Tensor& x, at::TensorList w, at::TensorList 
 
 TORCH_LIBRARY(xla_qops_cpu, m) {
   m.def("quantized_matmul(Tensor x, Tensor w, Tensor scale, Tensor? zero_point, int block_size, "
-        "int bits, bool quantize_activation) -> Tensor");
+        "int bits, bool quantize_activation, str weight_format=\"int\", "
+        "str activation_format=\"int8\") -> Tensor");
   m.def("kernel_seconds(Tensor x, Tensor[] w, Tensor[] scale, Tensor?[] zero_point, "
-        "int block_size, int bits, bool quantize_activation, int rounds) -> Tensor");
+        "int block_size, int bits, bool quantize_activation, int rounds, "
+        "str weight_format=\"int\", str activation_format=\"int8\") -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(xla_qops_cpu, CPU, m) {

@@ -150,3 +150,72 @@ def test_loads_into_module_swapped_torch_model(tmp_path):
         torch_checkpoint.load_torch(path, wrong)
     names = {p.split(":")[0] for p in info.value.problems}
     assert {"0.weight", "0.weight_scaler", "0.zero_point", "2.weight"} <= names
+
+
+# ------------------------------------------- float element formats (API.md section 7)
+
+def _float_weights():
+    w1 = RNG.standard_normal((32, 64)).astype(np.float32)
+    w2 = RNG.standard_normal((16, 32)).astype(np.float32)
+    w3 = RNG.standard_normal((16, 64)).astype(np.float32)
+    return {"fp8": xla_qops.quantize_weight(w1, format="fp8", block_size=32),
+            "nv": xla_qops.quantize_weight(w2, format="nvfp4"),
+            "mx": xla_qops.quantize_weight(w3, format="mxfp4")}
+
+
+def test_float_formats_round_trip_bit_exact(tmp_path):
+    weights = _float_weights()
+    path = tmp_path / "f.safetensors"
+    checkpoint.save_quantized(path, weights, quantize_activation={"fp8": True, "mx": True},
+                              activation_format={"mx": "int8"})
+    header = _header(path)
+    assert header["fp8.weight"]["dtype"] == "F8_E4M3" and header["nv.weight"]["dtype"] == "U8"
+    assert not any(name.endswith(".zero_point") for name in header)
+    schemes = json.loads(header["__metadata__"][checkpoint.SCHEMES_KEY])
+    assert schemes["fp8"]["weight_format"] == "fp8" and schemes["fp8"]["scheme"] == "w8a8-fp8"
+    assert schemes["nv"]["scheme"] == "w4a16-fp4" and schemes["nv"]["block_size"] == 16
+    assert schemes["mx"]["scheme"] == "w4a8-fp4/int8"
+
+    loaded = checkpoint.load_quantized(path)
+    assert loaded.schemes["fp8"].activation_format == "fp8"
+    assert loaded.schemes["mx"].activation_format == "int8"
+    assert loaded.schemes["nv"].activation_format is None
+    for name, qw in weights.items():
+        got = loaded.weights[name]
+        assert (got.format, got.bits, got.block_size, got.packed, got.zero_point) == (
+            qw.format, qw.bits, qw.block_size, qw.packed, None)
+        assert np.asarray(got.w).dtype == np.asarray(qw.w).dtype
+        np.testing.assert_array_equal(np.asarray(got.w).view(np.uint8),
+                                      np.asarray(qw.w).view(np.uint8))
+        np.testing.assert_array_equal(np.asarray(got.scale), np.asarray(qw.scale))
+    x = RNG.standard_normal((3, 64)).astype(np.float32)
+    np.testing.assert_array_equal(
+        np.asarray(xla_qops.quantized_matmul(jnp.asarray(x), loaded.weights["fp8"], impl="xla")),
+        np.asarray(xla_qops.quantized_matmul(jnp.asarray(x), weights["fp8"], impl="xla")))
+
+
+def test_float_format_mismatches_listed(tmp_path):
+    scheme = checkpoint.LayerScheme(bits=8, block_size=-1, packed=False, symmetric=True,
+                                    quantize_activation=False, in_features=8, out_features=4,
+                                    weight_format="fp8")
+    meta = {checkpoint.SCHEMES_KEY: json.dumps({"lin": scheme.to_json()}), "format": "pt"}
+    path = tmp_path / "bad.safetensors"
+    save_file({"lin.weight": np.zeros((4, 8), np.int8),          # int8, not float8_e4m3fn
+               "lin.weight_scaler": np.ones(4, np.float32),
+               "lin.zero_point": np.zeros(4, np.float32)}, str(path), metadata=meta)
+    with pytest.raises(checkpoint.CheckpointError) as info:
+        checkpoint.load_quantized(path)
+    msg = str(info.value)
+    assert "lin.weight: expected float8_e4m3fn [4, 8] (w8a16-fp8, block_size=-1), got int8" in msg
+    assert "lin.zero_point: unexpected: weight_format='fp8' is symmetric" in msg
+
+
+def test_layer_scheme_defaults_read_old_files():
+    old = {"bits": 4, "block_size": 32, "packed": True, "symmetric": True,
+           "quantize_activation": True, "in_features": 64, "out_features": 16,
+           "scale_dtype": "float32", "scheme": "w4a8"}
+    s = checkpoint.LayerScheme.from_json(old)
+    assert (s.weight_format, s.activation_format, s.scheme) == ("int4", "int8", "w4a8")
+    with pytest.raises(ValueError, match="weight_format: expected one of 'int8', 'int4', "
+                                         "'fp8', 'fp4', got 'fp6'"):
+        checkpoint.LayerScheme.from_json(dict(old, weight_format="fp6"))

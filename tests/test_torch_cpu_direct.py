@@ -119,6 +119,60 @@ def test_bit_identical_to_jax_custom_call(k, scheme, x_dtype):
         reference_check(y, x, w, s, z, scheme)
 
 
+# The float element formats (API.md section 7): fp8 weights as torch.float8_e4m3fn,
+# fp4 as packed uint8 codes; fp8 activations with float and int weights.
+FORMAT_CASES = [("fp8", -1, False, None), ("fp8", 32, False, None), ("fp4", -1, False, None),
+                ("fp4", 32, False, None), ("fp8", 32, True, "fp8"), ("fp4", 16, True, "fp8"),
+                ("fp8", -1, True, "int8"), ("int4", 32, True, "fp8"), ("int8", -1, True, "fp8")]
+
+
+def _format_weight(wf, block_size, qa, rng, n=37, k=96):
+    import test_custom_call_formats as formats_tests
+    if wf.startswith("fp"):
+        return formats_tests.random_float_weight(rng, n, k, wf, block_size)
+    return cases.make_weight(rng, n, k, Scheme(int(wf[3:]), block_size, False, True, qa))
+
+
+def _format_tensors(qw):
+    w = torch.from_numpy(np.asarray(qw.w).view(np.uint8).copy())
+    if qw.format == "fp8":
+        w = w.view(torch.float8_e4m3fn)
+    elif qw.format == "int" and qw.bits == 8:
+        w = w.view(torch.int8)
+    s = torch.from_numpy(np.array(qw.scale))
+    z = None if qw.zero_point is None else torch.from_numpy(np.array(qw.zero_point))
+    return w, s, z
+
+
+@pytest.mark.parametrize("x_dtype", ["bfloat16", "float32"])
+@pytest.mark.parametrize("wf, block_size, qa, af", FORMAT_CASES)
+def test_float_formats_bit_identical_to_jax_custom_call(wf, block_size, qa, af, x_dtype):
+    qw = _format_weight(wf, block_size, qa, np.random.default_rng(0))
+    w, s, z = _format_tensors(qw)
+    from xla_qops.spec import check_args
+    spec = check_args(jnp.zeros((1, 96), jnp.float32), qw.w, qw.scale, qw.zero_point,
+                      block_size, qw.int4_weight, qa, weight_format=qw.weight_format,
+                      activation_format=af)
+    prepared = _cpu_ops.prepare(w, s, z, spec)
+    for rows in (1, 3, 17):
+        x = rand_x((rows, 96), x_dtype, seed=rows)
+        y = _cpu_ops.matmul(x, prepared, qa, af)
+        want = xla_qops.quantized_matmul(interop.to_jax(x), qw, quantize_activation=qa,
+                                         activation_format=af, impl="custom_call")
+        assert torch.equal(y, interop.to_torch(want)), rows
+
+
+def test_opcheck_direct_operator_float_formats():
+    rng = np.random.default_rng(0)
+    w, s, _ = _format_tensors(_format_weight("fp8", 32, True, rng, n=40, k=64))
+    torch.library.opcheck(torch.ops.xla_qops_cpu.quantized_matmul.default,
+                          (rand_x((3, 64)), w.view(torch.uint8), s, None, 32, 8, True, "fp8",
+                           "fp8"))
+    w, s, _ = _format_tensors(_format_weight("fp4", -1, False, rng, n=40, k=64))
+    torch.library.opcheck(torch.ops.xla_qops_cpu.quantized_matmul.default,
+                          (rand_x((3, 64)), w, s, None, -1, 4, False, "fp4", "int8"))
+
+
 def test_direct_route_uses_no_jax(monkeypatch):
     """The op and the module on CPU tensors never enter the DLPack/JAX route."""
     def fail(*args, **kwargs):

@@ -2,12 +2,14 @@
 
 ``import torch_bridge`` registers ``torch.ops.xla.quantized_matmul`` (torch_xla's
 schema; CPU tensors, XLA tensors, torch.compile) backed by xla_qops, whether
-``torch_xla.experimental.xla_quantized_matmul`` is imported before or after.
+``torch_xla.experimental.xla_quantized_matmul`` is imported before or after;
+overloads append ``weight_format`` / ``activation_format`` (fp8, fp4; API.md
+section 7) and ``impl``.
 
     XlaQuantizedLinear(input_dim, output_dim, is_symmetric=False, block_size=-1,
                        int4_weight=False, quantize_activation=False, bias=False)
     quantize_model(model, *, scheme="w8a16", block_size=-1, symmetric=True,
-                   filter_fn=None) -> model
+                   filter_fn=None) -> model     # SCHEMES: w8a16 ... w4a8-fp8
     quantization_report(model=None) -> QuantizationReport
     load_quantized(model, source, *, format=None) -> LoadReport   # GPTQ/AWQ/compressed-tensors
     register_with_torchax()          # the op inside torchax-traced JAX functions

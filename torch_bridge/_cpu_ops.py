@@ -4,7 +4,8 @@
 install time) registers ::
 
     torch.ops.xla_qops_cpu.quantized_matmul(x, w, scale, zero_point, block_size, bits,
-                                             quantize_activation) -> Tensor
+                                             quantize_activation, weight_format="int",
+                                             activation_format="int8") -> Tensor
 
 the same kernels as the XLA FFI target of ``impl="custom_call"`` (bit-identical
 results), run on torch's intra-op thread pool. It takes the weight in the form
@@ -64,6 +65,9 @@ class PreparedWeight:
       scale, zero_point: contiguous float32 (None: symmetric).
       block_size: -1 per-channel, else B.
       bits: what the kernels are told: 8, or 4 for packed nibbles.
+      weight_format: the kernels' name of the element format: "int" (int8 or
+        int4 by `bits`), "fp8" (`w` holds the e4m3fn bits as uint8) or "fp4"
+        (packed e2m1 codes, uint8; a float4_e2m1fn_x2 tensor is viewed so).
       sources: the tensors it was made from with their version counters;
         `is_current` compares them, so in-place edits and reassignment of a
         module's buffers are noticed.
@@ -75,6 +79,7 @@ class PreparedWeight:
     block_size: int
     bits: int
     sources: tuple
+    weight_format: str = "int"
 
     def is_current(self, w, scale, zero_point) -> bool:
         (w0, wv), (s0, sv), (z0, zv) = self.sources  # unrolled: this runs every call
@@ -107,6 +112,9 @@ def prepare(w, scale, zero_point, spec) -> PreparedWeight:
     global _preparations
     bits = 8 if spec.bits == 8 or not spec.packed else 4
     weight = w
+    weight_format = spec.weight_format if spec.float_weight else "int"
+    if weight_format in ("fp8", "fp4") and weight.dtype != torch.uint8:
+        weight = weight.view(torch.uint8)  # float8_e4m3fn / float4_e2m1fn_x2: the same bytes
     if spec.bits == 4 and not spec.packed:
         pairs_along = spec.block_size if spec.blockwise else spec.in_features
         if pairs_along % 2 == 0:
@@ -116,7 +124,8 @@ def prepare(w, scale, zero_point, spec) -> PreparedWeight:
     prepared = PreparedWeight(
         w=weight.contiguous(), scale=_float32(scale), zero_point=_float32(zero_point),
         block_size=spec.block_size, bits=bits,
-        sources=tuple((t, None if t is None else t._version) for t in (w, scale, zero_point)))
+        sources=tuple((t, None if t is None else t._version) for t in (w, scale, zero_point)),
+        weight_format=weight_format)
     for t in (prepared.w, prepared.scale, prepared.zero_point):
         if t is not None:
             # A module's plain tensor attributes are graph inputs to dynamo;
@@ -126,20 +135,36 @@ def prepare(w, scale, zero_point, spec) -> PreparedWeight:
     return prepared
 
 
-def matmul(x: torch.Tensor, weight: PreparedWeight, quantize_activation: bool) -> torch.Tensor:
-    """``[..., in] -> [..., out]`` in x's dtype, for a validated CPU `x`."""
+def matmul(x: torch.Tensor, weight: PreparedWeight, quantize_activation: bool,
+           activation_format: str | None = None) -> torch.Tensor:
+    """``[..., in] -> [..., out]`` in x's dtype, for a validated CPU `x`.
+
+    `activation_format` (with `quantize_activation`): "int8" or "fp8"; None is
+    API.md's default, "fp8" for float weights and "int8" for integer ones.
+    """
+    if activation_format is None:
+        activation_format = "int8" if weight.weight_format == "int" else "fp8"
     return _OP(x, weight.w, weight.scale, weight.zero_point, weight.block_size, weight.bits,
-               quantize_activation)
+               quantize_activation, weight.weight_format, activation_format)
 
 
 if _OP is not None:
     @torch.library.register_fake("xla_qops_cpu::quantized_matmul")
-    def _fake(x, w, scale, zero_point, block_size, bits, quantize_activation):
+    def _fake(x, w, scale, zero_point, block_size, bits, quantize_activation,
+              weight_format="int", activation_format="int8"):
         # The op's validation (what eager reports for the module's x), so that
         # torch.compile raises the same errors.
-        from torch_bridge._jax_interop import abstract
-        spec = check_args(abstract(x, "x", batch_dims=True), abstract(w, "w"),
+        import jax.numpy as jnp
+        import numpy as np
+        from torch_bridge._jax_interop import Abstract, abstract
+        if weight_format == "fp8":  # the e4m3fn bits, possibly viewed as uint8
+            w_abstract = Abstract(tuple(int(d) for d in w.shape), np.dtype(jnp.float8_e4m3fn))
+        else:
+            w_abstract = abstract(w, "w")
+        spec = check_args(abstract(x, "x", batch_dims=True), w_abstract,
                           abstract(scale, "scale"),
                           None if zero_point is None else abstract(zero_point, "zero_point"),
-                          block_size, bits == 4, quantize_activation)
+                          block_size, bits == 4 and weight_format == "int", quantize_activation,
+                          weight_format=None if weight_format == "int" else weight_format,
+                          activation_format=activation_format if quantize_activation else None)
         return x.new_empty((*x.shape[:-1], spec.out_features))

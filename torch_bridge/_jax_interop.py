@@ -13,6 +13,14 @@ Two ways in, one per device kind:
 Also here: `abstract`, a shape/dtype stand-in for a torch tensor, so that
 `xla_qops.spec.check_args` (the one validation point) can check torch
 arguments (including fake tensors under torch.compile) before any conversion.
+
+Float element formats (API.md section 7) cross by bit views, never by value:
+on CPU an fp8 weight (``torch.float8_e4m3fn``) goes over DLPack as its uint8
+bytes (DLPack does not carry float8 here) and is bitcast back to
+``jnp.float8_e4m3fn`` inside the JAX function, a no-op; call_jax takes float8
+XLA tensors as they are; fp4 codes
+(``torch.float4_e2m1fn_x2``, one byte holding two codes) are the very bytes of
+the uint8 packed form, so they are viewed as uint8 before anything else.
 """
 
 from __future__ import annotations
@@ -38,7 +46,26 @@ _NUMPY_DTYPES = {
     torch.int32: np.dtype(np.int32),
     torch.int64: np.dtype(np.int64),
     torch.bool: np.dtype(np.bool_),
+    torch.float8_e4m3fn: np.dtype(jnp.float8_e4m3fn),
 }
+
+FLOAT4_X2 = getattr(torch, "float4_e2m1fn_x2", None)  # torch >= 2.8
+if FLOAT4_X2 is not None:
+    # The same bytes as the packed uint8 form (two e2m1 codes per byte);
+    # the op names the format (weight_format="fp4").
+    _NUMPY_DTYPES[FLOAT4_X2] = np.dtype(np.uint8)
+
+
+def is_float4_x2(t) -> bool:
+    return FLOAT4_X2 is not None and t is not None and t.dtype == FLOAT4_X2
+
+
+def as_bytes(t: torch.Tensor | None) -> torch.Tensor | None:
+    """An fp8 or fp4 tensor as its uint8 bytes (same shape: one byte per element); other
+    tensors as they are."""
+    if t is not None and (t.dtype == torch.float8_e4m3fn or is_float4_x2(t)):
+        return t.view(torch.uint8)
+    return t
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,15 +140,27 @@ def to_torch(a) -> torch.Tensor:
 # The JAX functions. Module-level so their identity is stable: call_jax caches
 # its lowering by id(function) plus argument shapes and static values.
 
+def _weight(w, weight_format):
+    """The weight as xla_qops takes it: fp8 arrives as its uint8 bytes (`as_bytes`)."""
+    if weight_format == "fp8" and w.dtype == jnp.uint8:
+        return jax.lax.bitcast_convert_type(w, jnp.float8_e4m3fn)
+    return w
+
+
 def jax_forward(x, w, scale, zero_point, *, block_size, int4_weight,
-                quantize_activation, impl):
-    """y = xla_qops.quantized_matmul(...) (shapes and layouts: API.md section 2)."""
-    return xla_qops.quantized_matmul(x, w, scale, zero_point, block_size, int4_weight,
-                                     quantize_activation, impl=impl)
+                quantize_activation, impl, weight_format=None, activation_format=None):
+    """y = xla_qops.quantized_matmul(...) (shapes and layouts: API.md sections 2 and 7).
+
+    `weight_format` is the resolved format (never None for an fp8 weight,
+    which arrives as uint8 bytes)."""
+    return xla_qops.quantized_matmul(x, _weight(w, weight_format), scale, zero_point,
+                                     block_size, int4_weight, quantize_activation,
+                                     weight_format=weight_format,
+                                     activation_format=activation_format, impl=impl)
 
 
 def jax_backward(grad, x, w, scale, zero_point, *, block_size, int4_weight,
-                 quantize_activation, impl):
+                 quantize_activation, impl, weight_format=None, activation_format=None):
     """(dx, dscale, dzero_point) of `jax_forward` for the cotangent `grad`.
 
     xla_qops' custom VJP supplies the formula (the fused-XLA backward, with
@@ -132,7 +171,8 @@ def jax_backward(grad, x, w, scale, zero_point, *, block_size, int4_weight,
     def forward(x, scale, zero_point):
         return jax_forward(x, w, scale, zero_point, block_size=block_size,
                            int4_weight=int4_weight,
-                           quantize_activation=quantize_activation, impl=impl)
+                           quantize_activation=quantize_activation, impl=impl,
+                           weight_format=weight_format, activation_format=activation_format)
 
     _, vjp = jax.vjp(forward, x, scale, zero_point)
     dx, dscale, dzero = vjp(grad)
@@ -141,15 +181,23 @@ def jax_backward(grad, x, w, scale, zero_point, *, block_size, int4_weight,
     return dx, dscale, dzero
 
 
-_STATIC = ("block_size", "int4_weight", "quantize_activation", "impl")
+_STATIC = ("block_size", "int4_weight", "quantize_activation", "impl", "weight_format",
+           "activation_format")
 _jit_forward = jax.jit(jax_forward, static_argnames=_STATIC)
 _jit_backward = jax.jit(jax_backward, static_argnames=_STATIC)
+
+
+def _weight_as_bytes(tensors) -> tuple:
+    """`tensors` (..., x, w, scale, zero_point) with w as its bytes (`as_bytes`)."""
+    tensors = list(tensors)
+    tensors[-3] = as_bytes(tensors[-3])
+    return tuple(tensors)
 
 
 def run_on_cpu(backward: bool, tensors, **static):
     """Runs the jitted forward or backward on CPU tensors, zero-copy both ways."""
     fn = _jit_backward if backward else _jit_forward
-    out = fn(*(to_jax(t) for t in tensors), **static)
+    out = fn(*(to_jax(t) for t in _weight_as_bytes(tensors)), **static)
     if isinstance(out, tuple):
         return tuple(to_torch(a) for a in out)
     return to_torch(out)
@@ -164,5 +212,7 @@ def _call_jax():
 def run_on_xla(backward: bool, tensors, **static):
     """Embeds the forward or backward in torch_xla's graph (no host transfer)."""
     fn = jax_backward if backward else jax_forward
+    # call_jax carries float8 XLA tensors as they are (torchax's dtype map has
+    # them); a dtype view of one would not stay a plain XLA tensor in backward.
     out = _call_jax()(fn, tuple(tensors), static)
     return tuple(out) if isinstance(out, (tuple, list)) else out

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from torch_bridge.linear import XlaQuantizedLinear
+import xla_qops
 from xla_qops import quantizers
 from xla_qops.quantize import quantize_with_hessian
 from xla_qops.quantizers import awq
@@ -275,7 +276,8 @@ class LayerResult:
 def quantize_linears(model, todo, *, bits: int, block_size: int, symmetric: bool,
                      quantize_activation: bool, method: str, inputs, smoothing,
                      smoothing_alpha: float, swap, progress: bool = True,
-                     search_scales: bool = True) -> dict:
+                     search_scales: bool = True, format: str = "int",
+                     activation_format: str | None = None) -> dict:
     """Quantizes the Linears `todo` ([(name, module)]) of `model`, calling `swap(name, new)`
     for each, in run order; returns {name: LayerResult}.
 
@@ -285,7 +287,11 @@ def quantize_linears(model, todo, *, bits: int, block_size: int, symmetric: bool
 
     search_scales=False: AWQ without its per-input-channel scales (the clip search
     only, as `quantize_weight(method="awq")`), for callers that keep only the
-    Linears' weights and so have nowhere to put the inverse scale."""
+    Linears' weights and so have nowhere to put the inverse scale.
+
+    format: `xla_qops.quantize_weight`'s weight format ("int", or "fp8",
+    "mxfp4", "nvfp4": round to nearest even onto the grid, method "rtn");
+    activation_format: the modules' (API.md section 7; None: the default)."""
     linears = dict(todo)
     needs_data = method in quantizers.CALIBRATED or smoothing is not None
     with torch.no_grad():
@@ -319,16 +325,17 @@ def quantize_linears(model, todo, *, bits: int, block_size: int, symmetric: bool
                 w_eff = w * s if explicit else w
                 h_eff = (hessian / s[:, None] / s[None, :]
                          if (explicit and hessian is not None) else hessian)
-                qw = _quantize(w_eff, bits, block_size, symmetric, group_method, h_eff)
+                qw = _quantize(w_eff, bits, block_size, symmetric, group_method, h_eff, format)
                 module = XlaQuantizedLinear.from_quantized(
                     qw, quantize_activation=quantize_activation, bias=linear.bias,
-                    input_scale=1.0 / s if explicit else None, device=linear.weight.device)
+                    input_scale=1.0 / s if explicit else None, device=linear.weight.device,
+                    activation_format=activation_format)
                 # Errors against the layer's float weight as the model had it before
                 # any scale: a folded (or explicit) s is undone on the result.
                 w_orig = w / s if (s is not None and not explicit) else w
                 # Round-to-nearest of an unscaled weight is what qw already is.
                 rtn = (qw if group_method == "rtn" and s is None
-                       else _quantize(w_orig, bits, block_size, symmetric, "rtn", None))
+                       else _quantize(w_orig, bits, block_size, symmetric, "rtn", None, format))
                 results[name] = LayerResult(
                     module, group_method, weight_error(w_orig, rtn),
                     weight_error(w_orig, qw, s), None if s is None else where[name])
@@ -336,7 +343,10 @@ def quantize_linears(model, todo, *, bits: int, block_size: int, symmetric: bool
     return results
 
 
-def _quantize(w, bits, block_size, symmetric, method, hessian):
+def _quantize(w, bits, block_size, symmetric, method, hessian, format="int"):
+    if format != "int":  # float grids: round to nearest even (checked by the caller)
+        return xla_qops.quantize_weight(np.asarray(w, np.float32), block_size=block_size,
+                                        format=format)
     # Unpacked: the module packs on load where its layout pairs up (not an odd in or B).
     return quantize_with_hessian(w, bits=bits, block_size=block_size, symmetric=symmetric,
                                  method=method, hessian=hessian, pack=False)

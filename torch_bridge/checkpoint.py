@@ -23,7 +23,8 @@ def schemes_of_model(model: torch.nn.Module) -> dict[str, LayerScheme]:
                 packed=m.weight.dtype == torch.uint8, symmetric=m.zero_point is None,
                 quantize_activation=bool(m.quantize_activation),
                 in_features=int(m.input_dim), out_features=int(m.output_dim),
-                scale_dtype=dtype_name(m.weight_scaler))
+                scale_dtype=dtype_name(m.weight_scaler), weight_format=m.weight_format,
+                activation_format=m.activation_format)
             for name, m in model.named_modules() if isinstance(m, XlaQuantizedLinear)}
 
 
@@ -45,8 +46,17 @@ def load_torch(path, model: Optional[torch.nn.Module] = None, *,
     tensors, schemes, _ = load_state_dict(path, expected, strict=strict)
     out = {}
     for name, a in tensors.items():
-        if a.dtype.name == "bfloat16":
-            out[name] = torch.from_numpy(a.view(np.int16).copy()).view(torch.bfloat16)
-        else:
-            out[name] = torch.from_numpy(np.array(a))
+        out[name] = to_torch(a)
     return out, schemes
+
+
+def to_torch(a: np.ndarray) -> torch.Tensor:
+    """A numpy array as a torch tensor of the same dtype, bit for bit (bfloat16 and
+    float8_e4m3fn, which torch.from_numpy does not know, by their bytes)."""
+    viewed = {"bfloat16": (np.int16, torch.bfloat16),
+              "float8_e4m3fn": (np.uint8, torch.float8_e4m3fn),
+              "float8_e5m2": (np.uint8, torch.float8_e5m2)}.get(a.dtype.name)
+    if viewed is not None:
+        raw, dtype = viewed
+        return torch.from_numpy(np.ascontiguousarray(a).view(raw).copy()).view(dtype)
+    return torch.from_numpy(np.array(a))

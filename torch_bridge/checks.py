@@ -10,12 +10,107 @@ error names the argument and gives the expected and the actual value.
 from __future__ import annotations
 
 import dataclasses
+from typing import Optional
 
 import torch
 
-from xla_qops.spec import MatmulSpec
+from xla_qops.spec import ACTIVATION_FORMATS, FLOAT_WEIGHT_FORMATS, WEIGHT_FORMATS, MatmulSpec
 
-SCHEMES = {"w8a16": (8, False), "w4a16": (4, False), "w8a8": (8, True), "w4a8": (4, True)}
+FLOAT4_X2 = getattr(torch, "float4_e2m1fn_x2", None)
+
+
+@dataclasses.dataclass(frozen=True)
+class Scheme:
+    """A `quantize_model` scheme: what the weights and the activations become.
+
+    Attributes:
+      bits: 8 or 4 (the weight's width).
+      quantize_activation: activations quantized per token (A8).
+      format: `xla_qops.quantize_weight`'s format: "int", "fp8", "mxfp4" or
+        "nvfp4".
+      activation_format: with `quantize_activation`, "int8" or "fp8" (API.md
+        section 7); None for A16.
+    """
+
+    bits: int
+    quantize_activation: bool
+    format: str = "int"
+    activation_format: Optional[str] = None
+
+    @property
+    def weight_format(self) -> str:
+        """`quantized_matmul`'s name for the weight format: int8, int4, fp8 or fp4."""
+        if self.format == "int":
+            return f"int{self.bits}"
+        return "fp8" if self.format == "fp8" else "fp4"
+
+    @property
+    def float_weight(self) -> bool:
+        return self.format != "int"
+
+    def block_size(self, value: int) -> int:
+        """The block size the weights get for `quantize_model`'s `block_size` (checked):
+        MX blocks default to 32, NV blocks are 16."""
+        if self.format == "mxfp4" and value == -1:
+            return 32
+        if self.format == "nvfp4":
+            if value not in (-1, 16):
+                raise ValueError(f"block_size: scheme 'w4a16-nvfp4' has blocks of 16 (NVFP4), "
+                                 f"got {value}")
+            return 16
+        if self.float_weight and self.bits == 4 and value != -1 and value % 2:
+            raise ValueError(f"block_size: e2m1 codes are stored in pairs inside a block, so "
+                             f"it must be even for an fp4 scheme, got {value}")
+        return value
+
+
+# scheme name -> Scheme (API.md sections 4 and 7).
+SCHEMES = {
+    "w8a16": Scheme(8, False), "w4a16": Scheme(4, False),
+    "w8a8": Scheme(8, True, "int", "int8"), "w4a8": Scheme(4, True, "int", "int8"),
+    "w8a16-fp8": Scheme(8, False, "fp8"), "w8a8-fp8": Scheme(8, True, "fp8", "fp8"),
+    "w4a16-mxfp4": Scheme(4, False, "mxfp4"), "w4a16-nvfp4": Scheme(4, False, "nvfp4"),
+    "w4a8-fp8": Scheme(4, True, "int", "fp8"),
+}
+
+
+def scheme_name(weight_format: str, activation_format: Optional[str]) -> str:
+    """A module's scheme: 'w8a16', ... for the int formats, else the quantize_model
+    scheme it matches ('w8a16-fp8', 'w8a8-fp8', 'w4a8-fp8'; fp4 weights 'w4a16-fp4',
+    'w4a8-fp4'), else 'w<bits>a8-<weight>/<activation>'."""
+    bits = 8 if weight_format in ("int8", "fp8") else 4
+    base = f"w{bits}a{16 if activation_format is None else 8}"
+    if weight_format.startswith("int"):
+        if activation_format in (None, "int8"):
+            return base
+        return f"{base}-{activation_format}"  # int weights, fp8 activations
+    if activation_format in (None, "fp8"):
+        return f"{base}-{weight_format}"
+    return f"{base}-{weight_format}/{activation_format}"
+
+
+def formats(weight_format, activation_format, int4_weight, quantize_activation
+            ) -> tuple[str, Optional[str]]:
+    """(weight format, activation format) of a module configuration, resolved as
+    `xla_qops.quantized_matmul` resolves them (API.md section 7)."""
+    if weight_format is not None and weight_format not in WEIGHT_FORMATS:
+        raise ValueError(f"weight_format: expected None or one of "
+                         f"{', '.join(map(repr, WEIGHT_FORMATS))}, got {weight_format!r}")
+    if activation_format is not None and activation_format not in ACTIVATION_FORMATS:
+        raise ValueError(f"activation_format: expected None or one of "
+                         f"{', '.join(map(repr, ACTIVATION_FORMATS))}, got {activation_format!r}")
+    if activation_format is not None and not quantize_activation:
+        raise ValueError(f"activation_format: applies with quantize_activation=True, got "
+                         f"activation_format={activation_format!r} with "
+                         f"quantize_activation=False")
+    if weight_format is None:
+        weight_format = "int4" if int4_weight else "int8"
+    elif int4_weight and weight_format in ("int8", "fp8"):
+        raise ValueError(f"int4_weight: True says 4-bit values, but weight_format="
+                         f"{weight_format!r} is 8-bit; pass int4_weight=False")
+    if quantize_activation and activation_format is None:
+        activation_format = "fp8" if weight_format in FLOAT_WEIGHT_FORMATS else "int8"
+    return weight_format, (activation_format if quantize_activation else None)
 
 
 def _shape(t) -> str:
@@ -26,14 +121,18 @@ def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def linear_config(input_dim, output_dim, block_size, int4_weight) -> MatmulSpec:
+def linear_config(input_dim, output_dim, block_size, int4_weight,
+                  weight_format: Optional[str] = None) -> MatmulSpec:
     """Checks an XlaQuantizedLinear configuration; returns its storage spec.
 
     The spec's `weight_shape` / `scale_shape` are the buffer layouts (API.md
-    section 2). int4 is stored packed two per byte along the input features
-    where they pair up (even `input_dim` per-channel, even block size), and
-    unpacked in an int8 container (torch_xla's form) where they do not.
+    sections 2 and 7). int4 is stored packed two per byte along the input
+    features where they pair up (even `input_dim` per-channel, even block
+    size), and unpacked in an int8 container (torch_xla's form) where they do
+    not. fp8 is stored like int8 (float8_e4m3fn); fp4 only packed (uint8), so
+    its pairs must fit.
     """
+    weight_format, _ = formats(weight_format, None, int4_weight, False)
     for name, v in (("input_dim", input_dim), ("output_dim", output_dim)):
         if not _is_int(v) or v <= 0:
             raise ValueError(f"{name}: expected a positive int, got {v!r}")
@@ -43,9 +142,15 @@ def linear_config(input_dim, output_dim, block_size, int4_weight) -> MatmulSpec:
         raise ValueError(f"block_size: expected -1 (per-channel) or a positive divisor of "
                          f"input_dim={input_dim}, got {block_size}")
     group = input_dim if block_size == -1 else block_size
+    if weight_format == "fp4" and group % 2:
+        what = "input_dim" if block_size == -1 else "block_size"
+        raise ValueError(f"{what}: fp4 (e2m1) codes are stored packed two per byte along the "
+                         f"input features, so {what} must be even, got {group}")
+    four = weight_format in ("int4", "fp4")
     return MatmulSpec(in_features=input_dim, out_features=output_dim, block_size=block_size,
-                      bits=4 if int4_weight else 8, packed=bool(int4_weight) and group % 2 == 0,
-                      has_zero_point=False, quantize_activation=False, x_dtype="float32")
+                      bits=4 if four else 8, packed=four and group % 2 == 0,
+                      has_zero_point=False, quantize_activation=False, x_dtype="float32",
+                      weight_format=weight_format)
 
 
 def quantized_weight(module, weight, weight_scaler, zero_point):
@@ -62,7 +167,9 @@ def quantized_weight(module, weight, weight_scaler, zero_point):
       True if `weight` is unpacked int4 and must be packed before storing.
     """
     where = (f"XlaQuantizedLinear(input_dim={module.input_dim}, output_dim={module.output_dim}, "
-             f"block_size={module.block_size}, int4_weight={module.int4_weight})")
+             f"block_size={module.block_size}, int4_weight={module.int4_weight}"
+             + (f", weight_format={module.weight_format!r})"
+                if module.weight_format in FLOAT_WEIGHT_FORMATS else ")"))
     for name, t in (("weight", weight), ("weight_scaler", weight_scaler),
                     ("zero_point", zero_point)):
         if t is not None and not isinstance(t, torch.Tensor):
@@ -75,10 +182,12 @@ def quantized_weight(module, weight, weight_scaler, zero_point):
                              f"got one on {t.device}")
 
     storage = linear_config(module.input_dim, module.output_dim, module.block_size,
-                            module.int4_weight)
+                            module.int4_weight, module.weight_format)
     unpacked_shape = dataclasses.replace(storage, packed=False).weight_shape
     needs_packing = False
-    if module.int4_weight:
+    if module.weight_format in FLOAT_WEIGHT_FORMATS:
+        _float_weight(module.weight_format, where, weight, zero_point, storage)
+    elif module.int4_weight:
         if storage.packed and weight.dtype == torch.uint8 and tuple(weight.shape) == storage.weight_shape:
             pass
         elif weight.dtype == torch.int8 and tuple(weight.shape) == unpacked_shape:
@@ -123,6 +232,26 @@ def quantized_weight(module, weight, weight_scaler, zero_point):
     return needs_packing
 
 
+def _float_weight(weight_format, where, weight, zero_point, storage) -> None:
+    """fp8: float8_e4m3fn like int8's shapes; fp4: uint8 (or float4_e2m1fn_x2) packed."""
+    if zero_point is not None:
+        raise ValueError(f"zero_point: {where} holds a float format, which is symmetric "
+                         f"(API.md section 7: zero_point None), got a tensor of shape "
+                         f"{_shape(zero_point.shape)}")
+    if weight_format == "fp8":
+        if weight.dtype != torch.float8_e4m3fn:
+            raise TypeError(f"weight: {where} expects torch.float8_e4m3fn weights, got "
+                            f"{weight.dtype}")
+    else:
+        fp4_dtypes = (torch.uint8,) + ((FLOAT4_X2,) if FLOAT4_X2 is not None else ())
+        if weight.dtype not in fp4_dtypes:
+            raise TypeError(f"weight: {where} expects e2m1 codes packed two per byte as "
+                            f"uint8 (or torch.float4_e2m1fn_x2), got {weight.dtype}")
+    if tuple(weight.shape) != storage.weight_shape:
+        raise ValueError(f"weight: {where} expects shape {_shape(storage.weight_shape)}, "
+                         f"got {_shape(weight.shape)}")
+
+
 def float_linear(linear) -> None:
     """Checks the module given to `XlaQuantizedLinear.from_float`."""
     if not isinstance(linear, torch.nn.Linear):
@@ -143,11 +272,14 @@ def bits(value) -> int:
     return value
 
 
-def scheme(value) -> tuple[int, bool]:
-    """'w8a16' -> (bits, quantize_activation)."""
-    if value not in SCHEMES:
-        raise ValueError(f"scheme: expected one of {', '.join(map(repr, SCHEMES))}, "
-                         f"got {value!r}")
+def scheme(value) -> Scheme:
+    """'w8a16' -> its `Scheme`."""
+    if not isinstance(value, str) or value not in SCHEMES:
+        ints = [n for n, s in SCHEMES.items() if s.format == "int" and "-" not in n]
+        floats = [n for n in SCHEMES if n not in ints]
+        raise ValueError(f"scheme: expected one of {', '.join(map(repr, ints))}, got {value!r} "
+                         f"(or, with float element formats, one of "
+                         f"{', '.join(map(repr, floats))})")
     return SCHEMES[value]
 
 
@@ -162,6 +294,18 @@ def block_size(value) -> int:
 SMOOTHING = ("smoothquant",)
 
 
+def scheme_arguments(spec: Scheme, name: str, symmetric: bool, method: str) -> None:
+    """quantize_model's `symmetric` and `method` for a float-format scheme."""
+    if not spec.float_weight:
+        return
+    if not symmetric:
+        raise ValueError(f"symmetric: scheme={name!r} has float weights, which are symmetric "
+                         f"(API.md section 7: no zero point), got symmetric=False")
+    if method != "rtn":
+        raise ValueError(f"method: scheme={name!r} rounds to nearest even onto its float "
+                         f"grid (method='rtn'), got method={method!r}")
+
+
 def smoothing(value, alpha, scheme_name: str, quantize_activation: bool,
               calibration_given: bool) -> None:
     """quantize_model's `smoothing` / `smoothing_alpha` (None: nothing to check)."""
@@ -171,7 +315,7 @@ def smoothing(value, alpha, scheme_name: str, quantize_activation: bool,
         raise ValueError(f"smoothing: expected None or 'smoothquant', got {value!r}")
     if not quantize_activation:
         raise ValueError(f"smoothing: 'smoothquant' is for schemes that quantize activations "
-                         f"(w8a8, w4a8), got scheme={scheme_name!r}")
+                         f"(w8a8, w4a8, w8a8-fp8, w4a8-fp8), got scheme={scheme_name!r}")
     if not calibration_given:
         raise ValueError("calibration: smoothing='smoothquant' needs calibration inputs, got None")
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1:

@@ -18,6 +18,14 @@ Buffers (`in` = input_dim, `out` = output_dim, B = block_size):
 | int4 per-channel | uint8 `[out, in/2]` | `[out]` |
 | int4 blockwise | uint8 `[in/B, B/2, out]` | `[in/B, out]` |
 | int4, odd `in` (per-channel) or odd B | int8 `[out, in]` / `[in/B, B, out]` holding [-8, 7] (unpacked: the values do not pair up into bytes) | as above |
+| fp8 (`weight_format="fp8"`) | float8_e4m3fn, int8's shapes | `weight_scaler` only |
+| fp4 (`weight_format="fp4"`) | uint8 e2m1 codes packed as int4 (even `in` / B) | `weight_scaler` only |
+
+The float formats (API.md section 7) are symmetric: no `zero_point` buffer,
+whatever `is_symmetric` says, and a zero point given to them is refused. An
+fp8 weight survives ``model.to(torch.bfloat16)`` / ``.half()``: those cast
+floating buffers, and the module casts it back to float8_e4m3fn, exactly
+(every e4m3 value is a bfloat16 and a float16).
 
 `zero_point` exists when ``is_symmetric=False`` (torch_xla's default), or once
 one is loaded into a symmetric module (torch_xla's module uses it too).
@@ -31,6 +39,9 @@ buffers above.
 
 from __future__ import annotations
 
+import dataclasses
+
+import numpy as np
 import torch
 
 import xla_qops
@@ -53,23 +64,37 @@ class XlaQuantizedLinear(torch.nn.Module):
       bias: add a float bias parameter `[out]`.
       impl: the xla_qops implementation ("auto", "xla", "pallas", "reference",
         "custom_call"); passed to the op's `with_impl` overload.
+      weight_format: the weight's element format (API.md section 7): None
+        (int4 with `int4_weight`, else int8), "int8", "int4", "fp8" or "fp4".
+        The float formats are symmetric (no zero point, `is_symmetric`
+        ignored); fp4 sets `int4_weight` (4-bit values).
+      activation_format: with `quantize_activation`, "int8" or "fp8"; None
+        means int8 for int weights, fp8 for float weights.
     """
 
     def __init__(self, input_dim, output_dim, is_symmetric: bool = False, block_size: int = -1,
                  int4_weight: bool = False, quantize_activation: bool = False,
-                 bias: bool = False, *, impl: str = "auto"):
+                 bias: bool = False, *, impl: str = "auto", weight_format: str | None = None,
+                 activation_format: str | None = None):
         super().__init__()
-        spec = checks.linear_config(input_dim, output_dim, block_size, int4_weight)
+        weight_format, activation_format = checks.formats(
+            weight_format, activation_format, int4_weight, bool(quantize_activation))
+        spec = checks.linear_config(input_dim, output_dim, block_size, int4_weight,
+                                    weight_format)
         self.input_dim = input_dim
         self.output_dim = output_dim
-        self.is_symmetric = bool(is_symmetric)
+        self.weight_format = weight_format
+        self.activation_format = activation_format
+        float_weight = weight_format in ("fp8", "fp4")
+        self.is_symmetric = bool(is_symmetric) or float_weight
         self.block_size = block_size
-        self.int4_weight = bool(int4_weight)
+        self.int4_weight = weight_format in ("int4", "fp4")
         self.quantize_activation = bool(quantize_activation)
         xla_qops.dispatch.check_impl(impl)
         self.impl = impl
         self.packed = spec.packed
-        weight_dtype = torch.uint8 if spec.packed else torch.int8
+        weight_dtype = (torch.float8_e4m3fn if weight_format == "fp8"
+                        else torch.uint8 if spec.packed else torch.int8)
         self.register_buffer("weight", torch.zeros(spec.weight_shape, dtype=weight_dtype))
         self.register_buffer("weight_scaler", torch.zeros(spec.scale_shape))
         self.register_buffer("zero_point",
@@ -86,7 +111,21 @@ class XlaQuantizedLinear(torch.nn.Module):
 
     @property
     def scheme(self) -> str:
-        return f"w{4 if self.int4_weight else 8}a{8 if self.quantize_activation else 16}"
+        """'w8a16', 'w4a16', 'w8a8', 'w4a8'; with float formats 'w8a16-fp8', 'w8a8-fp8',
+        'w4a16-fp4', 'w4a8-fp4', 'w4a8-fp8' (int4 weights, fp8 activations), ..."""
+        return checks.scheme_name(self.weight_format, self.activation_format)
+
+    @property
+    def float_weight(self) -> bool:
+        return self.weight_format in ("fp8", "fp4")
+
+    def _op_formats(self) -> dict:
+        """The op's format arguments; none for the int formats with int8 activations (the
+        default schema, torch_xla's)."""
+        if self.float_weight or self.activation_format == "fp8":
+            return dict(weight_format=self.weight_format,
+                        activation_format=self.activation_format)
+        return {}
 
     def load_quantized_weight(self, weight, weight_scaler=None, zero_point=None):
         """Stores a quantized weight (torch_xla-compatible).
@@ -94,8 +133,11 @@ class XlaQuantizedLinear(torch.nn.Module):
         Args:
           weight: int8 `[out, in]` per-channel or `[in/B, B, out]` blockwise;
             for int4 modules unpacked int4 (int8 in [-8, 7], packed here) or
-            packed uint8 `[out, in/2]` / `[in/B, B/2, out]`. An
-            `xla_qops.QuantizedWeight` may be passed instead, alone.
+            packed uint8 `[out, in/2]` / `[in/B, B/2, out]`; for fp8 modules
+            float8_e4m3fn like int8; for fp4 modules packed e2m1 codes, uint8
+            or torch.float4_e2m1fn_x2 (stored as uint8). An
+            `xla_qops.QuantizedWeight` may be passed instead, alone (its
+            format must be the module's).
           weight_scaler: float `[out]` / `[in/B, out]`.
           zero_point: float like `weight_scaler`; only for is_symmetric=False
             modules. None there stores zeros (exactly the symmetric result).
@@ -109,9 +151,16 @@ class XlaQuantizedLinear(torch.nn.Module):
                 raise TypeError("weight: an xla_qops.QuantizedWeight carries its own scale and "
                                 "zero point; do not pass weight_scaler / zero_point as well")
             qw = weight
-            weight, weight_scaler = interop.to_torch(qw.w), interop.to_torch(qw.scale)
+            if qw.weight_format in ("fp8", "fp4") or self.float_weight:
+                if qw.weight_format != self.weight_format:
+                    raise ValueError(f"weight: this module holds weight_format="
+                                     f"{self.weight_format!r}, the QuantizedWeight "
+                                     f"{qw.weight_format!r}")
+            weight, weight_scaler = _torch_array(qw.w), interop.to_torch(qw.scale)
             zero_point = None if qw.zero_point is None else interop.to_torch(qw.zero_point)
         needs_packing = checks.quantized_weight(self, weight, weight_scaler, zero_point)
+        if interop.is_float4_x2(weight):
+            weight = weight.view(torch.uint8)  # the same bytes
         if needs_packing:  # on the host, once
             weight = _cpu_ops.pack_int4(weight.cpu(), self.block_size != -1).to(weight.device)
         if zero_point is not None and self.is_symmetric:
@@ -142,41 +191,62 @@ class XlaQuantizedLinear(torch.nn.Module):
 
     @classmethod
     def from_float(cls, linear, *, bits: int = 8, block_size: int = -1, symmetric: bool = True,
-                   quantize_activation: bool = False, impl: str = "auto"):
+                   quantize_activation: bool = False, impl: str = "auto", format: str = "int",
+                   activation_format: str | None = None):
         """Quantizes an `nn.Linear` (round-to-nearest, xla_qops.quantize_weight).
 
         Scales and zero points are float32 whatever the linear's dtype; the
         bias keeps its dtype and is added in the activation dtype. The result
-        lives on the linear's device.
+        lives on the linear's device. `format`: quantize_weight's, "int"
+        (`bits` 8 or 4), "fp8", "mxfp4" (B defaults to 32) or "nvfp4" (B 16);
+        `activation_format`: with `quantize_activation`, "int8" or "fp8"
+        (None: int8 for int weights, fp8 for float weights).
         """
         checks.float_linear(linear)
         checks.bits(bits)
         xla_qops.dispatch.check_impl(impl)
-        # Checked before the (costly) quantization; says whether int4 packs.
-        spec = checks.linear_config(linear.in_features, linear.out_features, block_size,
-                                    bits == 4)
         w = linear.weight.detach().to("cpu", torch.float32)
-        # xla_qops.quantize_weight computes on the host (numpy), so the scales
-        # are bit-identical to a JAX caller's, eager or jitted.
-        qw = xla_qops.quantize_weight(interop.to_jax(w), bits=bits, block_size=block_size,
-                                      symmetric=symmetric, pack=spec.packed)
+        if format != "int":
+            # quantize_weight checks format, bits, block_size and symmetric.
+            qw = xla_qops.quantize_weight(w.numpy(), bits=bits, block_size=block_size,
+                                          symmetric=symmetric, format=format)
+            checks.formats(qw.weight_format, activation_format, False, quantize_activation)
+        else:
+            checks.formats(None, activation_format, bits == 4, quantize_activation)
+            # Checked before the (costly) quantization; says whether int4 packs.
+            spec = checks.linear_config(linear.in_features, linear.out_features, block_size,
+                                        bits == 4)
+            # xla_qops.quantize_weight computes on the host (numpy), so the scales
+            # are bit-identical to a JAX caller's, eager or jitted.
+            qw = xla_qops.quantize_weight(interop.to_jax(w), bits=bits, block_size=block_size,
+                                          symmetric=symmetric, pack=spec.packed)
         return cls.from_quantized(qw, quantize_activation=quantize_activation, bias=linear.bias,
-                                  device=linear.weight.device, impl=impl)
+                                  device=linear.weight.device, impl=impl,
+                                  activation_format=activation_format)
 
     @classmethod
     def from_quantized(cls, qw, *, quantize_activation: bool = False, bias=None,
-                       input_scale=None, device=None, impl: str = "auto"):
-        """A module holding the `xla_qops.QuantizedWeight` `qw` (packed or not).
+                       input_scale=None, device=None, impl: str = "auto",
+                       activation_format: str | None = None):
+        """A module holding the `xla_qops.QuantizedWeight` `qw` (packed or not; any
+        format: int8, int4, fp8, fp4).
 
-        Its configuration is qw's: bits, block size, symmetric exactly when qw
-        has no zero point. `bias`: a float tensor `[out]` or None, copied into
-        a parameter that keeps its dtype and requires_grad. `input_scale`: see
-        `set_input_scale`. `device`: where the module lives (None: the host,
-        where qw's arrays are).
+        Its configuration is qw's: bits, format, block size, symmetric exactly
+        when qw has no zero point. `activation_format`: with
+        `quantize_activation`, "int8" or "fp8" (None: int8 for int weights,
+        fp8 for float weights). `bias`: a float tensor `[out]` or None, copied
+        into a parameter that keeps its dtype and requires_grad.
+        `input_scale`: see `set_input_scale`. `device`: where the module
+        lives (None: the host, where qw's arrays are).
         """
+        if not isinstance(qw, xla_qops.QuantizedWeight):
+            raise TypeError(f"qw: expected an xla_qops.QuantizedWeight, got {type(qw).__name__}")
+        float_weight = qw.weight_format in ("fp8", "fp4")
         module = cls(qw.in_features, qw.out_features, is_symmetric=qw.zero_point is None,
                      block_size=qw.block_size, int4_weight=qw.bits == 4,
-                     quantize_activation=quantize_activation, bias=bias is not None, impl=impl)
+                     quantize_activation=quantize_activation, bias=bias is not None, impl=impl,
+                     weight_format=qw.weight_format if float_weight else None,
+                     activation_format=activation_format)
         module.load_quantized_weight(qw)
         if bias is not None:
             module.bias = torch.nn.Parameter(bias.detach().to("cpu").clone(),
@@ -192,14 +262,25 @@ class XlaQuantizedLinear(torch.nn.Module):
         load: on `load_quantized_weight`, after `.to()` and friends, on unpickling."""
         self._x_checked = set()  # x signatures validated against this weight
         self._cpu = None
-        if self.weight.device.type == "cpu" and _cpu_ops.available():
-            spec = checks.linear_config(self.input_dim, self.output_dim, self.block_size,
-                                        self.int4_weight)
+        spec = dataclasses.replace(
+            checks.linear_config(self.input_dim, self.output_dim, self.block_size,
+                                 self.int4_weight, self.weight_format),
+            quantize_activation=self.quantize_activation,
+            activation_format=self.activation_format)
+        self._spec = spec
+        if (self.weight.device.type == "cpu" and _cpu_ops.available()
+                and _op.direct_supports(spec)):
             self._cpu = _cpu_ops.prepare(self.weight, self.weight_scaler, self.zero_point, spec)
         return self._cpu
 
     def _apply(self, fn, *args, **kwargs):
         result = super()._apply(fn, *args, **kwargs)
+        weight = self._buffers.get("weight")
+        if (self.weight_format == "fp8" and weight is not None
+                and weight.dtype != torch.float8_e4m3fn):
+            # Module.to(dtype) / .half() cast every floating buffer; e4m3 values are
+            # exact in the wider float types, so casting back restores the bits.
+            self._buffers["weight"] = weight.to(torch.float8_e4m3fn)
         self._prepare()  # the buffers may have moved or changed dtype
         return result
 
@@ -207,9 +288,14 @@ class XlaQuantizedLinear(torch.nn.Module):
         state = self.__dict__.copy()
         state.pop("_cpu", None)  # rebuilt from the buffers on unpickling
         state.pop("_x_checked", None)
+        state.pop("_spec", None)
         return state
 
     def __setstate__(self, state):
+        # Modules pickled before the float formats: int formats, derived as then.
+        state.setdefault("weight_format", "int4" if state.get("int4_weight") else "int8")
+        state.setdefault("activation_format",
+                         "int8" if state.get("quantize_activation") else None)
         super().__setstate__(state)
         self._prepare()
 
@@ -217,7 +303,8 @@ class XlaQuantizedLinear(torch.nn.Module):
         """The op's validation of `x` against this weight (the forward runs it
         once per x signature: dtype, features)."""
         _op.check(x, self.weight, self.weight_scaler, self.zero_point, self.block_size,
-                  self.int4_weight, self.quantize_activation, self.impl)
+                  self.int4_weight, self.quantize_activation, self.impl, self.weight_format,
+                  self.activation_format)
         self._x_checked.add((x.dtype, x.shape[-1:]))
 
     # ------------------------------------------------------------------ forward
@@ -240,16 +327,17 @@ class XlaQuantizedLinear(torch.nn.Module):
                     prepared = self._prepare()  # buffers edited in place or reassigned
                 if (x.dtype, x.shape[-1:]) not in self._x_checked:
                     self._check_x(x)
-            y = _cpu_ops.matmul(x, prepared, self.quantize_activation)
+            y = _op.direct_matmul(x, prepared, self._spec)
         elif self.impl == "auto":
             y = torch.ops.xla.quantized_matmul(
                 x, self.weight, self.weight_scaler, self.zero_point, block_size=self.block_size,
-                int4_weight=self.int4_weight, quantize_activation=self.quantize_activation)
+                int4_weight=self.int4_weight, quantize_activation=self.quantize_activation,
+                **self._op_formats())
         else:
             y = torch.ops.xla.quantized_matmul(
                 x, self.weight, self.weight_scaler, self.zero_point, block_size=self.block_size,
                 int4_weight=self.int4_weight, quantize_activation=self.quantize_activation,
-                impl=self.impl)
+                impl=self.impl, **self._op_formats())
         bias = self._parameters["bias"]
         if bias is not None:
             y = y + bias.to(y.dtype)
@@ -302,7 +390,11 @@ class XlaQuantizedLinear(torch.nn.Module):
         parts = [f"input_dim={self.input_dim}", f"output_dim={self.output_dim}", self.scheme,
                  layout, "symmetric" if self.is_symmetric else "asymmetric (zero_point)",
                  f"bias={self.bias is not None}"]
-        if self.int4_weight:
+        if self.weight_format == "fp8":
+            parts.append("fp8 (float8_e4m3fn)")
+        elif self.weight_format == "fp4":
+            parts.append("fp4 (e2m1 packed)")
+        elif self.int4_weight:
             parts.append("int4 packed" if self.packed else
                          "int4 unpacked (int8; odd group size, nibbles cannot pair)")
         if self.impl != "auto":
@@ -310,3 +402,12 @@ class XlaQuantizedLinear(torch.nn.Module):
         if self.input_scale is not None:
             parts.append("input_scale")
         return ", ".join(parts)
+
+
+def _torch_array(a) -> torch.Tensor:
+    """A QuantizedWeight's weight array as a torch tensor, dtype kept: DLPack where it
+    can, the bytes (viewed back as float8_e4m3fn) for fp8, which DLPack cannot carry."""
+    if np.dtype(a.dtype).name == "float8_e4m3fn":
+        raw = np.array(a).view(np.uint8)  # a copy: torch wants a writable array
+        return torch.from_numpy(raw).view(torch.float8_e4m3fn)
+    return interop.to_torch(a)

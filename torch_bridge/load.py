@@ -6,7 +6,10 @@
 Every quantized layer of the checkpoint (`xla_qops.interop.read_checkpoint`)
 replaces the `nn.Linear` at the same module path with an
 `XlaQuantizedLinear` holding the imported weight (W8A8/W4A8 where the
-checkpoint quantizes activations; the bias from ``<path>.bias``); every other
+checkpoint quantizes activations; the float element formats of API.md
+section 7 as they are stored: fp8 weights as float8_e4m3fn, fp4 as packed
+e2m1 codes, with fp8 activations where the checkpoint quantizes them; the
+bias from ``<path>.bias``); every other
 tensor loads into the model as ``load_state_dict`` would, cast to the
 parameter's floating dtype. Everything is checked before anything changes:
 missing, unexpected and misshapen tensors, quantized layers that are not
@@ -21,6 +24,7 @@ import dataclasses
 import numpy as np
 import torch
 
+from torch_bridge.checkpoint import to_torch
 from torch_bridge.linear import XlaQuantizedLinear
 from torch_bridge.swap import linear_holders, swap_into
 from xla_qops.interop.checkpoints import read_checkpoint
@@ -55,9 +59,14 @@ class LoadReport:
 
 
 def _to_torch(a: np.ndarray) -> torch.Tensor:
-    if a.dtype.name == "bfloat16":
-        return torch.from_numpy(np.ascontiguousarray(a).view(np.int16)).view(torch.bfloat16)
-    return torch.from_numpy(np.array(a))
+    return to_torch(np.asarray(a))
+
+
+def _activation_format(imported, path):
+    """The layer's activation format where the importer says ("int8" / "fp8"); None
+    takes section 7's default (int8 for int weights, fp8 for float weights)."""
+    formats = getattr(imported, "activation_format", None)
+    return formats.get(path) if isinstance(formats, dict) else None
 
 
 def _plan_swaps(model, imported, problems):
@@ -149,8 +158,11 @@ def load_quantized(model: torch.nn.Module, source, *, format: str | None = None,
         swapped = {}
         holders = linear_holders(model)
         for path, linear, qw in swaps:
+            quantize_activation = imported.quantize_activation[path]
             quantized = XlaQuantizedLinear.from_quantized(
-                qw, quantize_activation=imported.quantize_activation[path],
+                qw, quantize_activation=quantize_activation,
+                activation_format=(_activation_format(imported, path)
+                                   if quantize_activation else None),
                 bias=linear.bias,  # loaded above under <path>.bias
                 device=linear.weight.device)
             swap_into(holders.get(id(linear), []), quantized)

@@ -6,14 +6,28 @@ Schema (torch_xla's, unchanged, so code written for
     xla::quantized_matmul(Tensor x, Tensor w, Tensor scale, Tensor? zero_point=None,
         int? block_size=-1, bool? int4_weight=False, bool? quantize_activation=False)
 
-plus an overload with one appended argument, picked automatically when
-``impl=`` is passed (``torch.ops.xla.quantized_matmul(x, w, s, impl="pallas")``)::
+plus two overloads with appended arguments, which PyTorch picks by the
+arguments of a call to ``torch.ops.xla.quantized_matmul`` (it tries the
+overloads in the order they were defined, the default first, and takes the
+first whose schema fits)::
 
+    xla::quantized_matmul.formats(..., str? weight_format=None,
+        str? activation_format=None, str impl="auto")
     xla::quantized_matmul.with_impl(..., str impl="auto")
 
-The extra argument lives in an overload rather than in the default schema
+``formats`` carries API.md section 7's float element formats, appended after
+torch_xla's arguments, and is defined before ``with_impl`` so that an eighth
+positional argument is `weight_format` (``quantized_matmul(x, w, s, None, -1,
+False, False, "fp8")``), as section 7 says; ``impl`` is reached by keyword.
+``with_impl`` (``impl`` the eighth argument) is kept for callers that name it.
+The extra arguments live in overloads rather than in the default schema
 because torch_xla defines the default schema itself when its module is
-imported; a schema cannot be redefined, but an overload can be added to it.
+imported; a schema cannot be redefined, but overloads can be added to it.
+
+Float formats: ``w`` may be ``torch.float8_e4m3fn`` (fp8, inferred from the
+dtype) or, for fp4, uint8 packed e2m1 codes with ``weight_format="fp4"`` or a
+``torch.float4_e2m1fn_x2`` tensor of the same shape (fp4 inferred from the
+dtype). They cross into JAX as their bytes (`_jax_interop.as_bytes`).
 
 Registration, in this order, whatever the import order of the user's code:
 
@@ -33,8 +47,10 @@ before anything is converted (also in the fake kernel, so torch.compile
 reports the same errors as eager), once per distinct signature.
 
 Routes: CPU tensors with ``impl`` "auto" or "custom_call" go straight to the
-C++ kernels (`_cpu_ops`, a torch operator on torch's thread pool); other
-impls on CPU tensors, and every backward pass, go to JAX by DLPack
+C++ kernels (`_cpu_ops`, a torch operator on torch's thread pool) where those
+kernels support the problem (`xla_qops.backends.custom_call.supports`; the
+float formats wait for them); other impls on CPU tensors, the problems the
+kernels decline, and every backward pass, go to JAX by DLPack
 (`_jax_interop`); XLA tensors are embedded in torch_xla's graph by call_jax.
 """
 
@@ -48,6 +64,7 @@ import torch
 from torch_bridge import _cpu_ops
 from torch_bridge import _jax_interop as interop
 from xla_qops import dispatch
+from xla_qops.backends import custom_call as _custom_call
 from xla_qops.spec import MatmulSpec, check_args
 
 try:  # step 1: let torch_xla define the op (and register its kernels) first
@@ -59,11 +76,14 @@ except ImportError:
 _ARGS = ("Tensor x, Tensor w, Tensor scale, Tensor? zero_point=None, int? block_size=-1, "
          "bool? int4_weight=False, bool? quantize_activation=False")
 SCHEMA = f"quantized_matmul({_ARGS}) -> Tensor"
+_FORMAT_ARGS = "str? weight_format=None, str? activation_format=None"
+SCHEMA_FORMATS = f'quantized_matmul.formats({_ARGS}, {_FORMAT_ARGS}, str impl="auto") -> Tensor'
 SCHEMA_WITH_IMPL = f'quantized_matmul.with_impl({_ARGS}, str impl="auto") -> Tensor'
 SCHEMA_BACKWARD = (
     "quantized_matmul_backward(Tensor grad, Tensor x, Tensor w, Tensor scale, "
     "Tensor? zero_point, int block_size, bool int4_weight, bool quantize_activation, "
-    "str impl) -> (Tensor, Tensor, Tensor)")
+    f"str impl, {_FORMAT_ARGS}) -> (Tensor, Tensor, Tensor)")
+OVERLOADS = ("quantized_matmul", "quantized_matmul.formats", "quantized_matmul.with_impl")
 
 # Library objects must stay alive: their registrations vanish with them.
 _xla_def = torch.library.Library("xla", "FRAGMENT")
@@ -72,6 +92,7 @@ _ours = torch.library.Library("xla_qops", "DEF")
 
 if not HAS_TORCH_XLA:
     _xla_def.define(SCHEMA)
+_xla_def.define(SCHEMA_FORMATS)  # before with_impl: see the module docstring
 _xla_def.define(SCHEMA_WITH_IMPL)
 _ours.define(SCHEMA_BACKWARD)
 
@@ -79,13 +100,21 @@ _ours.define(SCHEMA_BACKWARD)
 # ---------------------------------------------------------------------------
 # Validation (delegated to xla_qops.spec) and static arguments.
 
-def _statics(block_size, int4_weight, quantize_activation, impl) -> dict:
+def _statics(block_size, int4_weight, quantize_activation, impl, weight_format=None,
+             activation_format=None) -> dict:
     """The non-tensor arguments with torch_xla's `None` meaning the default."""
     return dict(block_size=-1 if block_size is None else block_size,
                 int4_weight=bool(int4_weight) if int4_weight is not None else False,
                 quantize_activation=(bool(quantize_activation)
                                      if quantize_activation is not None else False),
-                impl=impl)
+                impl=impl, weight_format=weight_format, activation_format=activation_format)
+
+
+def _resolved(static, spec: MatmulSpec) -> dict:
+    """`static` with the formats the spec resolved (an fp8 weight crosses into JAX as
+    bytes, so its format must be named there)."""
+    return dict(static, weight_format=spec.weight_format,
+                activation_format=spec.activation_format)
 
 
 def _check(x, w, scale, zero_point, static) -> MatmulSpec:
@@ -98,7 +127,7 @@ def _check(x, w, scale, zero_point, static) -> MatmulSpec:
            None if zero_point is None else (zero_point.device, zero_point.dtype,
                                              zero_point.shape),
            static["block_size"], static["int4_weight"], static["quantize_activation"],
-           static["impl"])
+           static["impl"], static["weight_format"], static["activation_format"])
     try:
         spec = _SPECS.get(key)
     except TypeError:  # unhashable symbolic sizes
@@ -116,10 +145,25 @@ _MAX_SPECS = 4096
 
 
 def check(x, w, scale, zero_point=None, block_size=-1, int4_weight=False,
-          quantize_activation=False, impl="auto") -> MatmulSpec:
+          quantize_activation=False, impl="auto", weight_format=None,
+          activation_format=None) -> MatmulSpec:
     """The op's validation (what a call with these arguments would raise)."""
     return _check(x, w, scale, zero_point,
-                  _statics(block_size, int4_weight, quantize_activation, impl))
+                  _statics(block_size, int4_weight, quantize_activation, impl, weight_format,
+                           activation_format))
+
+
+def _weight_format(w, weight_format):
+    """A `torch.float4_e2m1fn_x2` weight says fp4 by its dtype (its bytes are the uint8
+    packed form that xla_qops.spec checks); anything else is spec's to check."""
+    if not interop.is_float4_x2(w):
+        return weight_format
+    if weight_format is None:
+        return "fp4"
+    if weight_format != "fp4":
+        raise TypeError(f"w: a torch.float4_e2m1fn_x2 tensor holds e2m1 codes "
+                        f"(weight_format='fp4'), got weight_format={weight_format!r}")
+    return weight_format
 
 
 def _check_uncached(x, w, scale, zero_point, static) -> MatmulSpec:
@@ -134,11 +178,15 @@ def _check_uncached(x, w, scale, zero_point, static) -> MatmulSpec:
         if t is not None and t.device != x.device:
             raise ValueError(f"{name}: expected a tensor on {x.device} like x, "
                              f"got one on {t.device}")
+    for name in ("weight_format", "activation_format"):
+        if static[name] is not None and not isinstance(static[name], str):
+            raise TypeError(f"{name}: expected a str or None, got {type(static[name]).__name__}")
     return check_args(interop.abstract(x, "x", batch_dims=True), interop.abstract(w, "w"),
                       interop.abstract(scale, "scale"),
                       None if zero_point is None else interop.abstract(zero_point, "zero_point"),
                       static["block_size"], static["int4_weight"],
-                      static["quantize_activation"])
+                      static["quantize_activation"],
+                      _weight_format(w, static["weight_format"]), static["activation_format"])
 
 
 @functools.cache
@@ -179,36 +227,69 @@ def _run(backward: bool, tensors, static):
     return interop.run_on_cpu(backward, tensors, **static)
 
 
-def runs_direct(x, impl: str) -> bool:
+def direct_supports(spec: MatmulSpec) -> bool:
+    """Whether the C++ kernels run this problem (the float formats once they have them)."""
+    return _custom_call.supports(spec, "cpu")
+
+
+def runs_direct(x, impl: str, spec: MatmulSpec | None = None) -> bool:
     """Whether a forward on `x` goes straight to the C++ kernels (`_cpu_ops`)."""
-    return x.device.type == "cpu" and impl in _cpu_ops.DIRECT_IMPLS and _cpu_ops.available()
+    return (x.device.type == "cpu" and impl in _cpu_ops.DIRECT_IMPLS and _cpu_ops.available()
+            and (spec is None or direct_supports(spec)))
+
+
+def direct_matmul(x, prepared, spec: MatmulSpec):
+    """`_cpu_ops.matmul` for a validated CPU `x` and a weight prepared for `spec`."""
+    if spec.float_format:  # named: an fp weight may take int8 activations too
+        return _cpu_ops.matmul(x, prepared, spec.quantize_activation,
+                               activation_format=spec.activation_format)
+    return _cpu_ops.matmul(x, prepared, spec.quantize_activation)
 
 
 def _forward(x, w, scale, zero_point=None, block_size=-1, int4_weight=False,
-             quantize_activation=False, impl="auto"):
-    static = _statics(block_size, int4_weight, quantize_activation, impl)
+             quantize_activation=False, weight_format=None, activation_format=None,
+             impl="auto"):
+    static = _statics(block_size, int4_weight, quantize_activation, impl, weight_format,
+                      activation_format)
     spec = _check(x, w, scale, zero_point, static)
-    if runs_direct(x, static["impl"]):
-        prepared = _cpu_ops.prepare(w, scale, zero_point, spec)
-        return _cpu_ops.matmul(x, prepared, static["quantize_activation"])
-    return _run(False, (x, w, scale, zero_point), static)
+    if runs_direct(x, static["impl"], spec):
+        prepared = _cpu_ops.prepare(interop.as_bytes(w) if spec.weight_format == "fp4" else w,
+                                    scale, zero_point, spec)
+        return direct_matmul(x, prepared, spec)
+    return _run(False, (x, w, scale, zero_point), _resolved(static, spec))
+
+
+def _forward_with_impl(x, w, scale, zero_point=None, block_size=-1, int4_weight=False,
+                       quantize_activation=False, impl="auto"):
+    return _forward(x, w, scale, zero_point, block_size, int4_weight, quantize_activation,
+                    impl=impl)
 
 
 def _backward(grad, x, w, scale, zero_point, block_size, int4_weight,
-              quantize_activation, impl):
-    static = _statics(block_size, int4_weight, quantize_activation, impl)
-    return _run(True, (grad, x, w, scale, zero_point), static)
+              quantize_activation, impl, weight_format=None, activation_format=None):
+    static = _statics(block_size, int4_weight, quantize_activation, impl, weight_format,
+                      activation_format)
+    spec = _check(x, w, scale, zero_point, static)
+    return _run(True, (grad, x, w, scale, zero_point), _resolved(static, spec))
 
 
 def _forward_fake(x, w, scale, zero_point=None, block_size=-1, int4_weight=False,
-                  quantize_activation=False, impl="auto"):
-    static = _statics(block_size, int4_weight, quantize_activation, impl)
+                  quantize_activation=False, weight_format=None, activation_format=None,
+                  impl="auto"):
+    static = _statics(block_size, int4_weight, quantize_activation, impl, weight_format,
+                      activation_format)
     spec = _check(x, w, scale, zero_point, static)
     return x.new_empty((*x.shape[:-1], spec.out_features))
 
 
+def _forward_fake_with_impl(x, w, scale, zero_point=None, block_size=-1, int4_weight=False,
+                            quantize_activation=False, impl="auto"):
+    return _forward_fake(x, w, scale, zero_point, block_size, int4_weight,
+                         quantize_activation, impl=impl)
+
+
 def _backward_fake(grad, x, w, scale, zero_point, block_size, int4_weight,
-                   quantize_activation, impl):
+                   quantize_activation, impl, weight_format=None, activation_format=None):
     return torch.empty_like(x), torch.empty_like(scale), torch.empty_like(scale)
 
 
@@ -216,10 +297,16 @@ def _backward_fake(grad, x, w, scale, zero_point, block_size, int4_weight,
 # Autograd.
 
 def _setup_context(ctx, inputs, output):
-    # inputs: all schema arguments, defaults filled in; 8 for with_impl, 7 otherwise.
-    x, w, scale, zero_point, block_size, int4_weight, quantize_activation, *impl = inputs
-    ctx.static = _statics(block_size, int4_weight, quantize_activation,
-                          impl[0] if impl else "auto")
+    # inputs: all schema arguments, defaults filled in: 7 for the default schema,
+    # 8 for with_impl (impl), 10 for formats (weight_format, activation_format, impl).
+    x, w, scale, zero_point, block_size, int4_weight, quantize_activation, *rest = inputs
+    weight_format = activation_format = None
+    if len(rest) == 3:
+        weight_format, activation_format, impl = rest
+    else:
+        impl = rest[0] if rest else "auto"
+    ctx.static = _statics(block_size, int4_weight, quantize_activation, impl, weight_format,
+                          activation_format)
     ctx.has_zero_point = zero_point is not None
     ctx.save_for_backward(x, w, scale, zero_point)
 
@@ -229,7 +316,8 @@ def _autograd_backward(ctx, grad):
     s = ctx.static
     dx, dscale, dzero = torch.ops.xla_qops.quantized_matmul_backward(
         grad, x, w, scale, zero_point if ctx.has_zero_point else None, s["block_size"],
-        s["int4_weight"], s["quantize_activation"], s["impl"])
+        s["int4_weight"], s["quantize_activation"], s["impl"], s["weight_format"],
+        s["activation_format"])
     needs = ctx.needs_input_grad
     grads = [dx if needs[0] else None, None, dscale if needs[2] else None,
              dzero if (ctx.has_zero_point and needs[3]) else None]
@@ -243,11 +331,13 @@ def _register():
     with warnings.catch_warnings():
         # Overriding torch_xla's kernels is the point; torch warns about it.
         warnings.filterwarnings("ignore", message=r"(?s).*Overriding a previously registered kernel")
-        for name in ("quantized_matmul", "quantized_matmul.with_impl"):
-            _xla_impl.impl(name, _forward, "CompositeExplicitAutograd", allow_override=True)
+        for name in OVERLOADS:
+            forward, fake = ((_forward_with_impl, _forward_fake_with_impl)
+                             if name.endswith("with_impl") else (_forward, _forward_fake))
+            _xla_impl.impl(name, forward, "CompositeExplicitAutograd", allow_override=True)
             if HAS_TORCH_XLA:
-                _xla_impl.impl(name, _forward, "XLA", allow_override=True)
-            torch.library.register_fake(f"xla::{name}", _forward_fake, lib=_xla_def)
+                _xla_impl.impl(name, forward, "XLA", allow_override=True)
+            torch.library.register_fake(f"xla::{name}", fake, lib=_xla_def)
             torch.library.register_autograd(f"xla::{name}", _autograd_backward,
                                             setup_context=_setup_context, lib=_xla_def)
         _ours.impl("quantized_matmul_backward", _backward, "CompositeExplicitAutograd")

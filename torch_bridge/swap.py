@@ -151,13 +151,21 @@ def quantize_model(model, *, scheme: str = "w8a16", block_size: int = -1,
 
     Args:
       model: a `torch.nn.Module`.
-      scheme: "w8a16", "w4a16", "w8a8" or "w4a8" (int4 stored packed).
+      scheme: "w8a16", "w4a16", "w8a8" or "w4a8" (int4 stored packed); with
+        float element formats (API.md section 7) "w8a16-fp8" (e4m3fn weights,
+        scale amax/448), "w8a8-fp8" (and fp8 activations per token),
+        "w4a16-mxfp4" (e2m1, power-of-two scales per block of 32),
+        "w4a16-nvfp4" (e2m1, blocks of 16, e4m3 block scales times a tensor
+        factor) or "w4a8-fp8" (int4 weights, fp8 activations).
       block_size: -1 per-channel, else B; layers whose in_features B does not
-        divide are skipped (and reported).
-      symmetric: absmax scales without zero point, else min/max with one.
+        divide are skipped (and reported). mxfp4 takes -1 as 32, nvfp4 has
+        B = 16 (-1 or 16).
+      symmetric: absmax scales without zero point, else min/max with one
+        (the float weight formats are symmetric only).
       filter_fn: optional ``filter_fn(name, module) -> bool``; False skips.
       method: "rtn" (round to nearest), "hqq" (no data), "gptq" or "awq"
-        (need `calibration`); see docs/quantizers.md.
+        (need `calibration`); see docs/quantizers.md. Float weight formats
+        round to nearest even onto their grid ("rtn").
       calibration: an iterable of model inputs (tensors, tuples of tensors or
         dicts of tensors, as the model's forward takes them), run through the
         model on its device under no_grad (torch_bridge.calibrate).
@@ -177,8 +185,11 @@ def quantize_model(model, *, scheme: str = "w8a16", block_size: int = -1,
     start = time.perf_counter()
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
-    bits, quantize_activation = checks.scheme(scheme)
+    spec = checks.scheme(scheme)
+    bits, quantize_activation = spec.bits, spec.quantize_activation
     checks.block_size(block_size)
+    checks.scheme_arguments(spec, scheme, symmetric, method)
+    block_size = spec.block_size(block_size)  # the format's own block (mxfp4, nvfp4)
     if filter_fn is not None and not callable(filter_fn):
         raise TypeError(f"filter_fn: expected a callable(name, module) or None, "
                         f"got {type(filter_fn).__name__}")
@@ -206,6 +217,10 @@ def quantize_model(model, *, scheme: str = "w8a16", block_size: int = -1,
             checks.float_linear(module)
         except (TypeError, ValueError) as e:
             raise type(e)(f"model layer {name!r}: {e}") from None
+        if spec.float_weight and spec.bits == 4 and block_size == -1 and module.in_features % 2:
+            skipped.append(SkippedLayer(name, f"in_features={module.in_features} is odd: e2m1 "
+                                              f"codes are stored in pairs"))
+            continue
         todo.append((name, module, holders))
 
     swapped = []
@@ -213,7 +228,8 @@ def quantize_model(model, *, scheme: str = "w8a16", block_size: int = -1,
         for name, module, holders in todo:
             quantized = XlaQuantizedLinear.from_float(
                 module, bits=bits, block_size=block_size, symmetric=symmetric,
-                quantize_activation=quantize_activation)
+                quantize_activation=quantize_activation, format=spec.format,
+                activation_format=spec.activation_format)
             swap_into(holders, quantized)
             swapped.append(_swapped(name, module, quantized))
         rows = 0
@@ -223,7 +239,8 @@ def quantize_model(model, *, scheme: str = "w8a16", block_size: int = -1,
             model, [(name, module) for name, module, _ in todo], bits=bits,
             block_size=block_size, symmetric=symmetric, quantize_activation=quantize_activation,
             method=method, inputs=inputs, smoothing=smoothing,
-            smoothing_alpha=float(smoothing_alpha),
+            smoothing_alpha=float(smoothing_alpha), format=spec.format,
+            activation_format=spec.activation_format,
             swap=lambda name, quantized: swap_into(holders_of[name], quantized),
             progress=progress)
         for name, module, _ in todo:

@@ -37,12 +37,25 @@ def register_with_torchax() -> None:
     from torch_bridge import op  # noqa: F401 (defines torch.ops.xla.quantized_matmul)
 
     def quantized_matmul(x, w, scale, zero_point=None, block_size=-1, int4_weight=False,
-                         quantize_activation=False, impl="auto"):
-        return xla_qops.quantized_matmul(x, w, scale, zero_point, block_size, int4_weight,
-                                         quantize_activation, impl=impl)
+                         quantize_activation=False, weight_format=None, activation_format=None,
+                         impl="auto"):
+        return xla_qops.quantized_matmul(
+            x, w, scale, zero_point, -1 if block_size is None else block_size,
+            bool(int4_weight), bool(quantize_activation), weight_format=weight_format,
+            activation_format=activation_format, impl=impl)
 
-    ops_registry.register_torch_dispatch_op(torch.ops.xla.quantized_matmul.default,
-                                            quantized_matmul)
+    def with_impl(x, w, scale, zero_point=None, block_size=-1, int4_weight=False,
+                  quantize_activation=False, impl="auto"):
+        return quantized_matmul(x, w, scale, zero_point, block_size, int4_weight,
+                                quantize_activation, impl=impl)
+
+    op = torch.ops.xla.quantized_matmul
+    # Every overload the bridge defines (torch_bridge.op): torch_xla's schema,
+    # the float formats' and the explicit impl's.
+    for overload, function in (("default", quantized_matmul), ("formats", quantized_matmul),
+                               ("with_impl", with_impl)):
+        if overload in op.overloads():
+            ops_registry.register_torch_dispatch_op(getattr(op, overload), function)
     for registry, attention in (
             (ops_registry.all_torch_functions, torch.nn.functional.scaled_dot_product_attention),
             (ops_registry.all_aten_ops, torch.ops.aten.scaled_dot_product_attention)):

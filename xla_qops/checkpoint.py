@@ -5,7 +5,9 @@ module-swapped model's ``state_dict()``: for a quantized linear layer at
 ``<prefix>``
 
 * ``<prefix>.weight``: int8 (8-bit, or unpacked int4) or uint8 (packed int4)
-  in API.md section 2's layout,
+  in API.md section 2's layout; for the float element formats of section 7,
+  float8_e4m3fn (fp8, safetensors ``F8_E4M3``, int8's shapes) or uint8 (fp4:
+  e2m1 codes packed as int4),
 * ``<prefix>.weight_scaler``: float ``[out]`` or ``[in/B, out]``,
 * ``<prefix>.zero_point``: like ``weight_scaler``, only for asymmetric layers,
 * ``<prefix>.bias`` and any other tensor (embeddings, LayerNorm, ...) as given.
@@ -17,7 +19,8 @@ module-swapped model with ``load_state_dict``.
 The safetensors metadata (string -> string) holds ``"format": "pt"`` and
 ``"xla_qops.schemes"``: JSON ``{prefix: LayerScheme fields}`` (bits,
 block_size, packed, symmetric, quantize_activation, in/out features, scale
-dtype, scheme name). Loading checks every quantized layer's tensors against
+dtype, weight and activation formats, scheme name; files written before the
+formats existed lack the two formats and read as the int formats). Loading checks every quantized layer's tensors against
 its scheme, and optionally every tensor against an expected state dict; all
 problems are reported in one `CheckpointError`.
 
@@ -31,8 +34,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import struct
 from typing import Mapping, Optional
 
+import ml_dtypes
 import numpy as np
 
 from xla_qops.interop._core import to_numpy
@@ -42,6 +47,12 @@ SCHEMES_KEY = "xla_qops.schemes"
 VERSION_KEY = "xla_qops.version"
 VERSION = "1"
 _FLOAT_DTYPES = ("float32", "bfloat16", "float16")
+WEIGHT_FORMATS = ("int8", "int4", "fp8", "fp4")
+ACTIVATION_FORMATS = ("int8", "fp8")
+# safetensors dtypes that safetensors' numpy reader cannot return (numpy has no
+# such dtype): read from the file's bytes instead (`_read_file`).
+_RAW_DTYPES = {"F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
+               "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2)}
 
 
 class CheckpointError(ValueError):
@@ -68,18 +79,58 @@ class LayerScheme:
     in_features: int
     out_features: int
     scale_dtype: str = "float32"
+    # API.md section 7: "int8", "int4", "fp8" or "fp4" ("" derives int8/int4
+    # from `bits`); with quantize_activation, "int8" or "fp8" (None derives
+    # int8 for int weights, fp8 for float weights).
+    weight_format: str = ""
+    activation_format: Optional[str] = None
+
+    def __post_init__(self):
+        if not self.weight_format:
+            object.__setattr__(self, "weight_format", f"int{self.bits}")
+        if self.weight_format not in WEIGHT_FORMATS:
+            raise ValueError(f"weight_format: expected one of "
+                             f"{', '.join(map(repr, WEIGHT_FORMATS))}, got {self.weight_format!r}")
+        if self.activation_format is not None and self.activation_format not in ACTIVATION_FORMATS:
+            raise ValueError(f"activation_format: expected None or one of "
+                             f"{', '.join(map(repr, ACTIVATION_FORMATS))}, got "
+                             f"{self.activation_format!r}")
+        if not self.quantize_activation:
+            object.__setattr__(self, "activation_format", None)
+        elif self.activation_format is None:
+            object.__setattr__(self, "activation_format",
+                               "fp8" if self.float_weight else "int8")
+
+    @property
+    def float_weight(self) -> bool:
+        return self.weight_format in ("fp8", "fp4")
+
+    @property
+    def quantize_format(self) -> str:
+        """`QuantizedWeight.format`: "int", "fp8" or "fp4"."""
+        return self.weight_format if self.float_weight else "int"
 
     @property
     def scheme(self) -> str:
-        """'w8a16', 'w4a16', 'w8a8' or 'w4a8'."""
-        return f"w{self.bits}a{8 if self.quantize_activation else 16}"
+        """'w8a16', 'w4a16', 'w8a8' or 'w4a8' for the int formats; with a float format
+        the formats follow: 'w8a16-fp8', 'w8a8-fp8', 'w4a16-fp4', 'w4a8-fp4',
+        'w4a8-fp8' (int4 weights, fp8 activations), ..."""
+        base = f"w{self.bits}a{8 if self.quantize_activation else 16}"
+        act = self.activation_format
+        if not self.float_weight:
+            return base if act in (None, "int8") else f"{base}-{act}"
+        if act in (None, "fp8"):
+            return f"{base}-{self.weight_format}"
+        return f"{base}-{self.weight_format}/{act}"
 
     @classmethod
-    def of(cls, qw: QuantizedWeight, quantize_activation: bool = False) -> "LayerScheme":
+    def of(cls, qw: QuantizedWeight, quantize_activation: bool = False,
+           activation_format: Optional[str] = None) -> "LayerScheme":
         return cls(bits=qw.bits, block_size=qw.block_size, packed=qw.packed,
                    symmetric=qw.zero_point is None, quantize_activation=bool(quantize_activation),
                    in_features=qw.in_features, out_features=qw.out_features,
-                   scale_dtype=np.dtype(qw.scale.dtype).name)
+                   scale_dtype=np.dtype(qw.scale.dtype).name,
+                   weight_format=qw.weight_format, activation_format=activation_format)
 
     def tensor_specs(self, prefix: str) -> dict[str, tuple[tuple[int, ...], str]]:
         """name -> (shape, dtype) of the layer's quantized tensors (bias excluded)."""
@@ -89,7 +140,9 @@ class LayerScheme:
             w_shape, s_shape = (n, k // stored), (n,)
         else:
             w_shape, s_shape = (k // b, b // stored, n), (k // b, n)
-        specs = {f"{prefix}.weight": (w_shape, "uint8" if self.packed else "int8"),
+        w_dtype = ("float8_e4m3fn" if self.weight_format == "fp8"
+                   else "uint8" if self.packed else "int8")
+        specs = {f"{prefix}.weight": (w_shape, w_dtype),
                  f"{prefix}.weight_scaler": (s_shape, self.scale_dtype)}
         if not self.symmetric:
             specs[f"{prefix}.zero_point"] = (s_shape, self.scale_dtype)
@@ -145,6 +198,10 @@ def check_tensors(tensors: Mapping[str, np.ndarray], schemes: Mapping[str, Layer
     for prefix, scheme in schemes.items():
         for name, (shape, dtype) in scheme.tensor_specs(prefix).items():
             compare(name, shape, dtype, f"{scheme.scheme}, block_size={scheme.block_size}")
+        if scheme.float_weight and f"{prefix}.zero_point" in tensors:
+            problems.append(f"{prefix}.zero_point: unexpected: weight_format="
+                            f"{scheme.weight_format!r} is symmetric (API.md section 7: no zero "
+                            f"point)")
         bias = tensors.get(f"{prefix}.bias")
         if bias is not None and tuple(bias.shape) != (scheme.out_features,):
             problems.append(f"{prefix}.bias: expected shape [{scheme.out_features}] (out "
@@ -180,7 +237,7 @@ def save_state_dict(path, state_dict: Mapping[str, object], schemes: Mapping[str
     """
     from safetensors.numpy import save_file
 
-    arrays = {name: np.ascontiguousarray(to_numpy(a, name)) for name, a in state_dict.items()}
+    arrays = {name: np.ascontiguousarray(_to_numpy(a, name)) for name, a in state_dict.items()}
     problems = check_tensors(arrays, schemes)
     if problems:
         raise CheckpointError(path, problems)
@@ -205,9 +262,7 @@ def load_state_dict(path, expected: Optional[Mapping[str, object]] = None, *,
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such checkpoint file")
-    with safe_open(path, framework="numpy") as f:
-        metadata = dict(f.metadata() or {})
-        tensors = {name: f.get_tensor(name) for name in f.keys()}
+    tensors, metadata = _read_file(path)
     schemes = read_schemes(metadata, path)
     problems = check_tensors(tensors, schemes, expected, strict=strict)
     if problems:
@@ -215,6 +270,37 @@ def load_state_dict(path, expected: Optional[Mapping[str, object]] = None, *,
     if expected is not None and not strict:
         tensors = {k: v for k, v in tensors.items() if k in expected}
     return tensors, schemes, metadata
+
+
+def _to_numpy(a, name: str) -> np.ndarray:
+    """`to_numpy`, plus torch float8 tensors (torch cannot hand those to numpy): widened
+    to float32 and narrowed with ml_dtypes, both exact."""
+    dtype = str(getattr(a, "dtype", ""))
+    if dtype.startswith("torch.float8_") and hasattr(a, "detach"):
+        target = np.dtype(getattr(ml_dtypes, dtype[len("torch."):]))
+        return a.detach().cpu().float().numpy().astype(target)
+    return to_numpy(a, name)
+
+
+def _read_file(path: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """(tensors, metadata) of a safetensors file, float8 tensors included."""
+    from safetensors import safe_open
+
+    with safe_open(path, framework="numpy") as f:
+        metadata = dict(f.metadata() or {})
+        names = list(f.keys())
+        raw = {name for name in names if f.get_slice(name).get_dtype() in _RAW_DTYPES}
+        tensors = {name: f.get_tensor(name) for name in names if name not in raw}
+    if raw:
+        with open(path, "rb") as f:
+            (size,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(size))
+        for name in raw:
+            entry = header[name]
+            start, end = entry["data_offsets"]
+            data = np.fromfile(path, np.uint8, count=end - start, offset=8 + size + start)
+            tensors[name] = data.view(_RAW_DTYPES[entry["dtype"]]).reshape(entry["shape"])
+    return {name: tensors[name] for name in names}, metadata
 
 
 def read_schemes(metadata: Mapping[str, str], path="checkpoint") -> dict[str, LayerScheme]:
@@ -230,11 +316,15 @@ def read_schemes(metadata: Mapping[str, str], path="checkpoint") -> dict[str, La
 def save_quantized(path, weights: Mapping[str, QuantizedWeight],
                    tensors: Optional[Mapping[str, object]] = None, *,
                    quantize_activation: bool | Mapping[str, bool] = False,
-                   metadata: Optional[Mapping[str, str]] = None) -> None:
+                   metadata: Optional[Mapping[str, str]] = None,
+                   activation_format: Optional[str] | Mapping[str, Optional[str]] = None
+                   ) -> None:
     """Saves `QuantizedWeight`s (prefix -> weight) and any other tensors (bias, ...).
 
     `quantize_activation` (one flag, or per prefix) is recorded in the scheme
-    so that the module rebuilt from the file runs W8A8/W4A8 when it should.
+    so that the module rebuilt from the file runs W8A8/W4A8 when it should;
+    `activation_format` (one, or per prefix) too: "int8" or "fp8" (None: int8
+    for int weights, fp8 for float weights).
     """
     state, schemes = {}, {}
     for prefix, qw in weights.items():
@@ -243,7 +333,9 @@ def save_quantized(path, weights: Mapping[str, QuantizedWeight],
                             f"{type(qw).__name__}")
         qa = (quantize_activation.get(prefix, False) if isinstance(quantize_activation, Mapping)
               else quantize_activation)
-        schemes[prefix] = LayerScheme.of(qw, qa)
+        af = (activation_format.get(prefix) if isinstance(activation_format, Mapping)
+              else activation_format)
+        schemes[prefix] = LayerScheme.of(qw, qa, af if qa else None)
         state[f"{prefix}.weight"] = np.asarray(qw.w)
         state[f"{prefix}.weight_scaler"] = np.asarray(qw.scale)
         if qw.zero_point is not None:
@@ -280,7 +372,7 @@ def load_quantized(path, expected: Optional[Mapping[str, object]] = None, *,
             w=jnp.asarray(tensors.pop(f"{prefix}.weight")),
             scale=jnp.asarray(tensors.pop(f"{prefix}.weight_scaler")),
             zero_point=None if zp is None else jnp.asarray(zp),
-            bits=s.bits, block_size=s.block_size, packed=s.packed)
+            bits=s.bits, block_size=s.block_size, packed=s.packed, format=s.quantize_format)
     return QuantizedCheckpoint(weights=weights, schemes=schemes, tensors=tensors,
                                metadata=metadata)
 
@@ -295,11 +387,21 @@ def _is_own_file(path) -> bool:
         return SCHEMES_KEY in (f.metadata() or {})
 
 
+def _activation_format(imported, prefix) -> Optional[str]:
+    """An imported layer's activation format where the importer says (None: the
+    default of section 7 for its weight format)."""
+    formats = getattr(imported, "activation_format", None)
+    if isinstance(formats, Mapping):
+        return formats.get(prefix)
+    return None
+
+
 def _load_foreign(path, expected, format, overrides) -> QuantizedCheckpoint:
     from xla_qops.interop.checkpoints import read_checkpoint
 
     imported = read_checkpoint(path, format=format, **overrides)
-    schemes = {p: LayerScheme.of(qw, imported.quantize_activation[p])
+    schemes = {p: LayerScheme.of(qw, imported.quantize_activation[p],
+                                 _activation_format(imported, p))
                for p, qw in imported.weights.items()}
     if expected is not None:
         state = dict(imported.tensors)

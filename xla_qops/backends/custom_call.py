@@ -11,9 +11,14 @@ every call, with no prepare step:
   graph, first: one kernel per storage form keeps packed and unpacked results
   bit-identical (an odd block size or ``in`` cannot be packed; such weights
   run as int8, which holds [-8, 7] exactly);
+* fp8 weights (float8_e4m3fn, int8's layouts) and fp4 weights (e2m1 codes
+  packed as int4, uint8), API.md section 7: decoded to exact bf16 in the
+  kernels;
 * scale, zero_point: cast to float32 (a no-op for `quantize_weight`'s output).
 
-All eight schemes, per-channel and any block size, on the ``cpu`` platform.
+All eight integer schemes and the float formats (W8A16-fp8, W4A16-fp4, and
+with quantize_activation int8 or fp8 activations times any weight format),
+per-channel and any block size, on the ``cpu`` platform.
 Results are deterministic: identical for any thread count
 (`set_num_threads`) and across concurrent calls.
 """
@@ -46,10 +51,23 @@ def available() -> bool:
     return _extension() is not None
 
 
+# What the kernels implement (csrc/qmm.h): every weight format with float
+# activations (A16), and with quantized activations in either format.
+WEIGHT_FORMATS = ("int8", "int4", "fp8", "fp4")
+ACTIVATION_FORMATS = (None, "int8", "fp8")
+
+
 def supports(spec, platform) -> bool:
-    # Every integer scheme, block size and activation dtype; the float element
-    # formats (fp8/fp4 weights, fp8 activations) are not in the C++ kernels yet.
-    return platform == "cpu" and not spec.float_format
+    # Every scheme, block size and activation dtype of these formats.
+    return (platform == "cpu" and spec.weight_format in WEIGHT_FORMATS
+            and spec.activation_format in ACTIVATION_FORMATS)
+
+
+def kernel_formats(spec) -> tuple[str, str]:
+    """The kernels' (weight_format, activation_format) attributes of a spec:
+    "int" (bits say 8 or 4), "fp8" or "fp4"; "int8" or "fp8"."""
+    weight = spec.weight_format if spec.float_weight else "int"
+    return weight, spec.activation_format or "int8"
 
 
 def isa() -> str:
@@ -87,7 +105,9 @@ def matmul(x, w, scale, zero_point, spec, platform=None):
     call = jax.ffi.ffi_call(
         TARGET, jax.ShapeDtypeStruct((m, spec.out_features), x.dtype),
         vmap_method="expand_dims")
+    weight_format, activation_format = kernel_formats(spec)
     return call(x, w, scale, zero_point,
                 block_size=int(spec.block_size), bits=int(bits),
                 has_zero_point=int(spec.has_zero_point),
-                quantize_activation=int(spec.quantize_activation))
+                quantize_activation=int(spec.quantize_activation),
+                weight_format=weight_format, activation_format=activation_format)

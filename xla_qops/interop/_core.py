@@ -51,16 +51,32 @@ class Encoding:
     zero_point: Optional[np.ndarray]
 
 
+# torch dtypes numpy lacks -> the ml_dtypes (or uint8) dtype holding the same bits.
+_TORCH_BIT_VIEWS = {"torch.float8_e4m3fn": "float8_e4m3fn", "torch.float8_e5m2": "float8_e5m2",
+                    "torch.float8_e8m0fnu": "float8_e8m0fnu", "torch.float4_e2m1fn_x2": "uint8"}
+
+
 def to_numpy(a, name: str) -> np.ndarray:
-    """numpy view of a numpy/JAX/torch array (torch bfloat16 included)."""
+    """numpy view of a numpy/JAX/torch array (torch bfloat16, float8 and
+    ``float4_e2m1fn_x2`` included: the same bits in ml_dtypes' types, the
+    packed fp4 pairs as uint8). Never imports torch."""
     if a is None:
         raise TypeError(f"{name}: expected an array, got None")
     if hasattr(a, "detach") and hasattr(a, "cpu"):  # torch.Tensor, without importing torch
         t = a.detach().cpu()
-        if str(t.dtype) == "torch.bfloat16":
+        dtype = str(t.dtype)
+        if dtype == "torch.bfloat16":
             # numpy has no bfloat16: widen (exact) and narrow with ml_dtypes (exact).
             import ml_dtypes  # ships with jax
             return t.float().numpy().astype(ml_dtypes.bfloat16)
+        if dtype in _TORCH_BIT_VIEWS:
+            import sys
+
+            import ml_dtypes  # ships with jax
+            torch = sys.modules["torch"]  # loaded: `a` is one of its tensors
+            bits = t.contiguous().view(torch.uint8).numpy()
+            target = _TORCH_BIT_VIEWS[dtype]
+            return bits if target == "uint8" else bits.view(getattr(ml_dtypes, target))
         return t.numpy()
     if not hasattr(a, "shape") or not hasattr(a, "dtype"):
         raise TypeError(f"{name}: expected an array, got {type(a).__name__}")

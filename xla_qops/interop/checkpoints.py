@@ -1,4 +1,4 @@
-"""Whole quantized checkpoints from other tools: GPTQ, AWQ, compressed-tensors.
+"""Whole quantized checkpoints from other tools: GPTQ, AWQ, compressed-tensors, fp8, ModelOpt.
 
 `read_checkpoint(source)` takes what a user downloads -- a directory with
 ``config.json`` and one or more ``*.safetensors`` files, or a single
@@ -7,12 +7,17 @@
 activations, and every other tensor under its own name.
 
 The format comes from ``config.json``'s ``quantization_config.quant_method``
-("gptq", "awq", "compressed-tensors"), else from the tensor names
-(``.qweight`` GPTQ or AWQ by their shapes, ``.weight_packed``
-compressed-tensors), else it must be given (``format=``). The layer
-parameters (bits, group size, GPTQ version, compressed-tensors config
-groups) come from the config; without one they are read off the tensor
-shapes. `torch_bridge.load_quantized` and `xla_qops.checkpoint.load_quantized`
+("gptq", "awq", "compressed-tensors" -- int or float formats --, "fp8" with
+``weight_block_size`` for native fp8 checkpoints such as DeepSeek-V3,
+"modelopt" with ``quant_algo`` "NVFP4"/"FP8", also read from ModelOpt's
+``hf_quant_config.json``), else from the tensor names (``.qweight`` GPTQ or
+AWQ by their shapes, ``.weight_packed`` compressed-tensors,
+``.weight_scale_inv`` native fp8), else it must be given (``format=``). The
+layer parameters (bits, group size, GPTQ version, compressed-tensors config
+groups, fp8 block) come from the config; without one they are read off the
+tensor shapes and dtypes. Safetensors files are read here (float8, bfloat16
+and the other dtypes numpy lacks come back as ml_dtypes arrays).
+`torch_bridge.load_quantized` and `xla_qops.checkpoint.load_quantized`
 build on this.
 """
 
@@ -25,15 +30,17 @@ import os
 import re
 from typing import Mapping
 
+import ml_dtypes
 import numpy as np
 
 from xla_qops.interop.awq import from_awq
 from xla_qops.interop.compressed_tensors import from_compressed_tensors, scheme_args
+from xla_qops.interop.floats import from_fp8_blocks, from_modelopt
 from xla_qops.interop.gptq import from_gptq
 from xla_qops.interop.state_dict import layer_tensors
 from xla_qops.quantize import QuantizedWeight
 
-FORMATS = ("gptq", "awq", "compressed-tensors")
+FORMATS = ("gptq", "awq", "compressed-tensors", "fp8", "modelopt")
 
 
 @dataclasses.dataclass
@@ -63,18 +70,60 @@ def _files(source) -> tuple[list[str], dict]:
     if os.path.isfile(config_path):
         with open(config_path) as f:
             config = json.load(f).get("quantization_config") or {}
+    if config.get("quant_method") == "modelopt" and isinstance(config.get("quantization"), dict):
+        config = {**config, **config["quantization"]}
+    modelopt_path = os.path.join(os.path.dirname(config_path), "hf_quant_config.json")
+    if not config and os.path.isfile(modelopt_path):  # ModelOpt's own export
+        with open(modelopt_path) as f:
+            quant = json.load(f).get("quantization") or {}
+        config = {"quant_method": "modelopt", **quant}
     return files, config
 
 
+# safetensors dtype -> numpy dtype (ml_dtypes for those numpy lacks)
+_SAFETENSORS_DTYPES = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+    "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2,
+    "F8_E8M0": ml_dtypes.float8_e8m0fnu, "I64": np.int64, "U64": np.uint64, "I32": np.int32,
+    "U32": np.uint32, "I16": np.int16, "U16": np.uint16, "I8": np.int8, "U8": np.uint8,
+    "BOOL": np.bool_}
+
+
+def read_safetensors(path) -> dict[str, np.ndarray]:
+    """Every tensor of a ``.safetensors`` file as numpy (float8/bf16 via ml_dtypes).
+
+    Reads the format directly (an 8-byte little-endian header length, a JSON
+    header of dtype/shape/data_offsets, the raw little-endian data), since
+    safetensors' numpy loader has no float8 or bfloat16.
+    """
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) != 8:
+            raise ValueError(f"source: {path} is not a safetensors file (too short)")
+        (length,) = np.frombuffer(head, "<u8")
+        header = json.loads(f.read(int(length)))
+        data = np.fromfile(f, np.uint8)
+    tensors = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        dtype = _SAFETENSORS_DTYPES.get(info["dtype"])
+        if dtype is None:
+            raise ValueError(f"source: tensor {name!r} in {path} has dtype {info['dtype']}, "
+                             f"which this reader does not know")
+        start, end = info["data_offsets"]
+        # Little-endian data on a little-endian host (x86-64, aarch64).
+        tensors[name] = data[start:end].view(dtype).reshape(info["shape"])
+    return tensors
+
+
 def _load_tensors(files) -> dict[str, np.ndarray]:
-    from safetensors import safe_open
     tensors = {}
     for path in files:
-        with safe_open(path, framework="numpy") as f:
-            for name in f.keys():
-                if name in tensors:
-                    raise ValueError(f"source: tensor {name!r} appears in more than one file")
-                tensors[name] = f.get_tensor(name)
+        for name, a in read_safetensors(path).items():
+            if name in tensors:
+                raise ValueError(f"source: tensor {name!r} appears in more than one file")
+            tensors[name] = a
     return tensors
 
 
@@ -89,6 +138,8 @@ def detect_format(tensors: Mapping, config: Mapping) -> str:
     for name in tensors:
         if name.endswith(".weight_packed"):
             return "compressed-tensors"
+        if name.endswith(".weight_scale_inv"):
+            return "fp8"
         if name.endswith(".qweight"):
             prefix = name[: -len(".qweight")]
             scales = tensors.get(f"{prefix}.scales")
@@ -97,7 +148,8 @@ def detect_format(tensors: Mapping, config: Mapping) -> str:
             # GPTQ packs along in ([K/8, N]), AWQ along out ([K, N/8]); scales are [G, N].
             return "gptq" if tensors[name].shape[1] == scales.shape[1] else "awq"
     raise ValueError("source: no config.json quantization_config and no GPTQ/AWQ "
-                     "(.qweight) or compressed-tensors (.weight_packed) tensors; pass format=")
+                     "(.qweight), compressed-tensors (.weight_packed) or native fp8 "
+                     "(.weight_scale_inv) tensors; pass format=")
 
 
 def _gptq_args(config: Mapping) -> dict:
@@ -132,6 +184,29 @@ def _ct_layer_args(config: Mapping, prefix: str, parts: Mapping) -> tuple[dict, 
 def _ct_inferred_args(parts: Mapping) -> dict:
     """Layer parameters read off the tensors (no config.json)."""
     scale = parts["weight_scale"]
+    packed = parts.get("weight_packed")
+    if packed is not None and np.asarray(packed).dtype == np.uint8:  # fp4 pairs
+        if "weight_global_scale" in parts:
+            return dict(num_bits=4, strategy="tensor_group", group_size=16,
+                        compression_format="nvfp4-pack-quantized")
+        return dict(num_bits=4, strategy="group", group_size=32,
+                    compression_format="mxfp4-pack-quantized")
+    if packed is None and np.asarray(parts["weight"]).dtype == ml_dtypes.float8_e4m3fn:
+        n, k = parts["weight"].shape
+        scale = np.asarray(scale)
+        if scale.size == 1:
+            return dict(num_bits=8, strategy="tensor", compression_format="float-quantized")
+        if scale.shape in ((n, 1), (n,)):
+            return dict(num_bits=8, strategy="channel", compression_format="float-quantized")
+        if scale.dtype == np.uint8:
+            return dict(num_bits=8, strategy="group", group_size=32,
+                        compression_format="mxfp8-quantized")
+        if scale.shape[0] == n:
+            return dict(num_bits=8, strategy="group", group_size=k // scale.shape[1],
+                        compression_format="float-quantized")
+        # Block scales [ceil(n/rows), ceil(k/cols)]: rows, cols as the common 128 x 128.
+        return dict(num_bits=8, strategy="block", block_structure=[128, 128],
+                    compression_format="float-quantized")
     if "weight_packed" in parts:
         n, k = (int(d) for d in np.asarray(parts["weight_shape"]).reshape(-1))
         words = parts["weight_packed"].shape[1]  # ceil(K * bits / 32)
@@ -150,15 +225,34 @@ def _ct_inferred_args(parts: Mapping) -> dict:
                 compression_format=fmt)
 
 
+def _fp8_block(config: Mapping) -> tuple:
+    block = config.get("weight_block_size")
+    if block is None:
+        if config:
+            raise ValueError("config: quant_method 'fp8' without weight_block_size: only "
+                             "block-scaled fp8 checkpoints (weight_scale_inv) are read; pass "
+                             "block=(rows, cols)")
+        return (128, 128)
+    return tuple(int(b) for b in block)
+
+
 def read_checkpoint(source, *, format: str | None = None, **overrides) -> ImportedCheckpoint:
-    """Every quantized layer of a GPTQ, AWQ or compressed-tensors checkpoint.
+    """Every quantized layer of a GPTQ, AWQ, compressed-tensors, native fp8 or
+    ModelOpt checkpoint.
 
     Args:
       source: a directory (``config.json`` + ``*.safetensors``, sharded or
         not) or one ``.safetensors`` file (a ``config.json`` beside it is read).
-      format: "gptq", "awq" or "compressed-tensors" to override detection.
+      format: "gptq", "awq", "compressed-tensors", "fp8" or "modelopt" to
+        override detection.
       **overrides: importer keywords that win over the config (e.g.
-        ``target_bits=8``, ``exact=False``, GPTQ ``version=2``).
+        ``target_bits=8``, ``exact=False``, GPTQ ``version=2``, fp8
+        ``block=(128, 128)``, ModelOpt ``quant_algo="NVFP4"``).
+
+    Float weights (fp8, fp4) come back holding the checkpoint's storage;
+    ``quantize_activation`` is True where the checkpoint quantizes
+    activations (fp8 or fp4, static or dynamic): `quantized_matmul` then
+    quantizes them to fp8 per token (and block) dynamically (API.md section 7).
 
     Raises:
       ValueError: the format cannot be told or is not supported, or layers
@@ -176,7 +270,20 @@ def read_checkpoint(source, *, format: str | None = None, **overrides) -> Import
     for prefix, parts in layers.items():
         arrays = {arg: tensors[t] for arg, t in parts.items()}
         try:
-            if fmt == "gptq":
+            if fmt == "fp8":
+                block = overrides["block"] if "block" in overrides else _fp8_block(config)
+                weight = from_fp8_blocks(arrays["weight"], arrays["weight_scale_inv"],
+                                         block=block)
+                # DeepSeek-style checkpoints quantize activations per token and block of
+                # block[1] (dynamic); a static input_scale is replaced by that rule.
+                qa = bool(config.get("activation_scheme")) or "input_scale" in arrays
+            elif fmt == "modelopt":
+                algo = overrides.get("quant_algo", config.get("quant_algo", "NVFP4"))
+                weight = from_modelopt(arrays, quant_algo=algo,
+                                       group_size=int(overrides.get(
+                                           "group_size", config.get("group_size") or 16)))
+                qa = "input_scale" in arrays
+            elif fmt == "gptq":
                 weight = from_gptq(**arrays, **{**_gptq_args(config), **overrides})
                 qa = False
             elif fmt == "awq":

@@ -25,7 +25,21 @@ min: as int4, ``q = u − 8`` and ``zero_point = −(m + 8d)`` (Q4_1) or
 fit int4). The reference every import is checked against, bit for bit, is
 the `gguf` package's own dequantization (``gguf.quants.dequantize``, float32
 numpy), so "exact" means: equal to what llama.cpp's Python tooling computes.
-Other ggml types (Q2_K, Q3_K, Q5_K, the IQ and ternary types, MXFP4) raise,
+
+The float types become fp4 weights (API.md section 7, ``format`` "fp4"), the
+e2m1 codes kept and re-paired along ``in`` (even index low):
+
+| type | values/block | bytes | layout | value |
+|---|---|---|---|---|
+| MXFP4 | 32 | 17 | ``e`` uint8 (E8M0), 16 bytes: low nibbles values 0–15, high nibbles 16–31 | ``e2m1(code) · 2^(e−127)`` |
+| NVFP4 | 64 | 36 | 4 × ``d`` unsigned e4m3 (one per 16 values), then per 16 values 8 bytes: low nibbles 0–7, high 8–15 | ``e2m1(code) · ue4m3(d)`` |
+
+gguf-py stores these values doubled (``kvalues`` 0, 1, 2, 3, 4, 6, 8, 12 and a
+halved scale); the product is the same number. Its code 8 is +0 (ours, -0
+in e2m1) and is imported as code 0, so even the sign of zero matches. MXFP4
+``e = 255`` (E8M0's NaN) is refused.
+
+Other ggml types (Q2_K, Q3_K, Q5_K, the IQ and ternary types) raise,
 naming the type.
 """
 
@@ -39,6 +53,8 @@ from xla_qops.interop import _core
 TYPES = {"Q8_0": (32, 8), "Q4_0": (32, 4), "Q4_1": (32, 4), "Q5_0": (32, 8),
          "Q5_1": (32, 8), "Q4_K": (32, 4), "Q6_K": (16, 8)}
 _UNQUANTIZED = ("F32", "F16", "BF16", "F64")
+# fp4 types -> their scale block (the QuantizedWeight's block_size)
+FLOAT_TYPES = {"MXFP4": 32, "NVFP4": 16}
 
 
 def _gguf():
@@ -127,14 +143,16 @@ def from_gguf(data, ggml_type, shape, *, target_bits: int | None = None, pack: b
       shape: ``(N, K)`` = (out, in), numpy order (a GGUF tensor's ``shape``
         lists the dimensions the other way round, ``(K, N)``).
       target_bits: 4 or 8 (default: 4 for Q4_0/Q4_1/Q4_K, 8 otherwise; 4 is
-        refused for Q5_*/Q6_K/Q8_0).
+        refused for Q5_*/Q6_K/Q8_0). MXFP4/NVFP4 import as fp4 weights
+        (``format`` "fp4"; `target_bits` None or 4).
       pack, exact: as for the other importers.
     """
     name = _type_name(ggml_type)
-    if name not in TYPES:
+    if name not in TYPES and name not in FLOAT_TYPES:
         kind = "unquantized (read it as an array)" if name in _UNQUANTIZED else \
-            "a ggml type with no int4/int8 form here"
-        raise ValueError(f"ggml_type: {name} is {kind}; expected one of {', '.join(TYPES)}")
+            "a ggml type with no int4/int8/fp4 form here"
+        raise ValueError(f"ggml_type: {name} is {kind}; expected one of "
+                         f"{', '.join([*TYPES, *FLOAT_TYPES])}")
     gguf = _gguf()
     qtype = gguf.GGMLQuantizationType[name]
     values, type_size = gguf.GGML_QUANT_SIZES[qtype]
@@ -149,6 +167,12 @@ def from_gguf(data, ggml_type, shape, *, target_bits: int | None = None, pack: b
     if raw.size != expected:
         raise ValueError(f"data: {name} [{n}, {k}] takes {expected} bytes, got {raw.size}")
     blocks = np.ascontiguousarray(raw).view(np.uint8).reshape(-1, type_size)
+    if name in FLOAT_TYPES:
+        if target_bits not in (None, 4):
+            raise ValueError(f"target_bits: {name} imports as fp4 (4-bit), got {target_bits}")
+        if not pack:
+            raise ValueError(f"pack: {name} imports as fp4, stored packed only; got pack=False")
+        return _from_fp4(name, blocks, n, k, gguf, qtype)
     codes, scale, minimum, offset = _decode(name, blocks)
     block = TYPES[name][0]
     g = k // block  # quantization blocks per row
@@ -161,6 +185,42 @@ def from_gguf(data, ggml_type, shape, *, target_bits: int | None = None, pack: b
     bits = TYPES[name][1] if target_bits is None else target_bits
     return _core.assemble(reference, candidates, group_size=block, target_bits=bits,
                           exact=exact, pack=pack, source=f"GGUF {name}")
+
+
+def _ue4m3(d: np.ndarray) -> np.ndarray:
+    """gguf-py's unsigned e4m3 block scale (without its 0.5 factor), float32.
+
+    Bit 7 is ignored; 0x00 and 0x7F decode to 0 (as `gguf.quants.NVFP4`)."""
+    exp = ((d >> 3) & 0xF).astype(np.int32)
+    man = (d & 0x7).astype(np.float64)
+    raw = np.where(exp == 0, man * 2.0 ** -9, (1.0 + man / 8.0) * np.exp2(exp - 7.0))
+    return np.where((d == 0) | (d == 0x7F), 0.0, raw).astype(np.float32)
+
+
+def _from_fp4(name: str, blocks: np.ndarray, n: int, k: int, gguf, qtype):
+    """MXFP4 / NVFP4 blocks -> fp4 `QuantizedWeight`, checked against gguf-py."""
+    from xla_qops.interop import floats
+    if name == "MXFP4":
+        qs = blocks[:, 1:]
+        codes = np.concatenate([qs & 0xF, qs >> 4], axis=-1)  # [blocks, 32]
+        scale = floats.e8m0_scale(np.ascontiguousarray(blocks[:, 0]), "data")
+    else:
+        scale = _ue4m3(blocks[:, :4]).reshape(-1)  # [blocks * 4]
+        qs = blocks[:, 4:].reshape(-1, 4, 8)
+        codes = np.concatenate([qs & 0xF, qs >> 4], axis=-1)  # [blocks, 4, 16]
+    block = FLOAT_TYPES[name]
+    codes = codes.reshape(n, k).astype(np.uint8)
+    codes[codes == 8] = 0  # gguf's code 8 is +0
+    scale_ng = scale.reshape(n, k // block)
+    with np.errstate(over="ignore"):  # huge E8M0 exponents overflow in gguf-py too
+        ours = (floats.e2m1_values(codes).reshape(n, -1, block)
+                * scale_ng[..., None]).reshape(n, k)
+        reference = gguf.quants.dequantize(blocks.reshape(n, -1), qtype).astype(np.float32)
+    bad = (ours != reference) & ~(np.isnan(ours) & np.isnan(reference))
+    if bad.any():  # pragma: no cover - the layouts above are gguf-py's
+        raise ValueError(f"GGUF {name}: {int(bad.sum())} of {bad.size} weights differ from "
+                         f"gguf-py's dequantization")
+    return floats.fp4_weight(codes, scale_ng)
 
 
 def _candidates(codes, scale, minimum, offset: int, four_bit: bool) -> dict:
@@ -207,7 +267,7 @@ def read_gguf(path, *, dequantize_unsupported: bool = False):
                 import ml_dtypes  # ships with jax
                 array = array.view(ml_dtypes.bfloat16)
             others[t.name] = array.reshape(shape)
-        elif name in TYPES and len(shape) == 2:
+        elif (name in TYPES or name in FLOAT_TYPES) and len(shape) == 2:
             try:
                 weights[t.name] = from_gguf(t.data, t.tensor_type, shape)
             except ValueError as e:

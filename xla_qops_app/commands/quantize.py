@@ -33,6 +33,16 @@ for W8A8/W4A8; `xla_qops.interop.to_compressed_tensors`) and ``config.json``
 (the input directory's, if it has one) with its ``quantization_config``;
 skipped weights go to ``ignore``. Symmetric only: compressed-tensors stores
 integer zero points, ``--asymmetric`` gives float ones.
+
+Float element formats (API.md section 7): ``--scheme w8a16-fp8`` (e4m3fn
+weights, scale amax/448 per channel or block), ``w8a8-fp8`` (and fp8
+activations per token), ``w4a16-mxfp4`` (e2m1, power-of-two scales per block
+of 32 unless ``--block-size`` says otherwise), ``w4a16-nvfp4`` (e2m1, blocks
+of 16) and ``w4a8-fp8`` (int4 weights, fp8 activations). The float weight
+formats are symmetric and rounded to nearest even (``--method rtn``); their
+``.weight`` is float8_e4m3fn (safetensors ``F8_E4M3``) or uint8 packed e2m1
+codes, with no zero point. ``--format compressed-tensors`` takes the int
+schemes only (so far).
 """
 
 from __future__ import annotations
@@ -48,7 +58,24 @@ import numpy as np
 
 from xla_qops_app.calibration import BATCH as CALIBRATION_BATCH, tokenized_batches
 
-SCHEMES = {"w8a16": (8, False), "w4a16": (4, False), "w8a8": (8, True), "w4a8": (4, True)}
+@dataclasses.dataclass(frozen=True)
+class Scheme:
+    """What `--scheme` makes of the weights and the activations (API.md sections 4, 7)."""
+
+    bits: int
+    quantize_activation: bool
+    format: str = "int"  # xla_qops.quantize_weight's: "int", "fp8", "mxfp4", "nvfp4"
+    activation_format: str | None = None  # with quantize_activation: "int8" or "fp8"
+
+
+SCHEMES = {
+    "w8a16": Scheme(8, False), "w4a16": Scheme(4, False),
+    "w8a8": Scheme(8, True, "int", "int8"), "w4a8": Scheme(4, True, "int", "int8"),
+    "w8a16-fp8": Scheme(8, False, "fp8"), "w8a8-fp8": Scheme(8, True, "fp8", "fp8"),
+    "w4a16-mxfp4": Scheme(4, False, "mxfp4"), "w4a16-nvfp4": Scheme(4, False, "nvfp4"),
+    "w4a8-fp8": Scheme(4, True, "int", "fp8"),
+}
+FORMAT_BLOCKS = {"mxfp4": 32, "nvfp4": 16}  # the block a -1 --block-size means
 FORMATS = ("xla-qops", "compressed-tensors")
 DEFAULT_SKIP = ("*embed*", "*norm*", "*ln_*")
 
@@ -57,8 +84,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("input", help="float model: a .safetensors file, or a directory holding "
                                       "exactly one (e.g. a Hugging Face model directory)")
     parser.add_argument("output", help="quantized .safetensors file to write")
-    parser.add_argument("--scheme", default="w8a16", choices=sorted(SCHEMES),
-                        help="weight bits and activation handling (default w8a16)")
+    parser.add_argument("--scheme", default="w8a16", choices=list(SCHEMES),
+                        help="weight bits and activation handling (default w8a16); the -fp8, "
+                             "-mxfp4 and -nvfp4 schemes use float element formats")
     parser.add_argument("--block-size", type=int, default=-1,
                         help="-1 per-channel (default), or B: one scale per B input features")
     parser.add_argument("--asymmetric", action="store_true",
@@ -310,12 +338,31 @@ def quantize_file(source: str, output: str, *, scheme: str = "w8a16", block_size
     if block_size != -1 and block_size <= 0:
         raise ValueError(f"block-size: expected -1 (per-channel) or a positive integer, got "
                          f"{block_size}")
-    bits, quantize_activation = SCHEMES[scheme]
+    spec = SCHEMES[scheme]
+    bits, quantize_activation = spec.bits, spec.quantize_activation
+    if spec.format == "nvfp4" and block_size not in (-1, FORMAT_BLOCKS["nvfp4"]):
+        raise ValueError(f"block-size: scheme {scheme} has blocks of 16 (NVFP4), got "
+                         f"{block_size}")
+    if block_size == -1:
+        block_size = FORMAT_BLOCKS.get(spec.format, -1)
     if bits == 4 and block_size != -1 and block_size % 2:
-        raise ValueError(f"block-size: packed int4 pairs values inside a block, so it must be "
+        what = "e2m1 codes" if spec.format != "int" else "packed int4"
+        raise ValueError(f"block-size: {what} pairs values inside a block, so it must be "
                          f"even, got {block_size}")
+    if spec.format != "int":
+        if not symmetric:
+            raise ValueError(f"asymmetric: scheme {scheme} has float weights, which are "
+                             f"symmetric (no zero point, API.md section 7); drop --asymmetric")
+        if method != "rtn":
+            raise ValueError(f"method: scheme {scheme} rounds to nearest even onto its float "
+                             f"grid (--method rtn), got {method!r}")
     if format not in FORMATS:
         raise ValueError(f"format: expected one of {', '.join(FORMATS)}, got {format!r}")
+    if format == "compressed-tensors" and (spec.format != "int"
+                                           or spec.activation_format == "fp8"):
+        raise ValueError(f"format: compressed-tensors output is written for the int schemes "
+                         f"(w8a16, w4a16, w8a8, w4a8), got --scheme {scheme}; use --format "
+                         f"xla-qops")
     if format == "compressed-tensors" and not symmetric:
         raise ValueError("asymmetric: compressed-tensors stores integer zero points and "
                          "quantize_weight's min/max zero points are floats; drop --asymmetric "
@@ -362,10 +409,17 @@ def quantize_file(source: str, output: str, *, scheme: str = "w8a16", block_size
             if layer is None:
                 state[name] = array
             else:
-                qw = prepared[layer.name] if layer.name in prepared else xla_qops.quantize_weight(
-                    jnp.asarray(array, jnp.float32), bits=bits, block_size=block_size,
-                    symmetric=symmetric, pack=True, method=method)
-                schemes[layer.name] = checkpoint.LayerScheme.of(qw, quantize_activation)
+                if layer.name in prepared:
+                    qw = prepared[layer.name]
+                elif spec.format != "int":
+                    qw = xla_qops.quantize_weight(np.asarray(array, np.float32),
+                                                  block_size=block_size, format=spec.format)
+                else:
+                    qw = xla_qops.quantize_weight(
+                        jnp.asarray(array, jnp.float32), bits=bits, block_size=block_size,
+                        symmetric=symmetric, pack=True, method=method)
+                schemes[layer.name] = checkpoint.LayerScheme.of(
+                    qw, quantize_activation, spec.activation_format)
                 if format == "compressed-tensors":
                     ct = interop.to_compressed_tensors(qw, compression_format=(
                         "int-quantized" if quantize_activation else "pack-quantized"))
