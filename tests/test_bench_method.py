@@ -1,4 +1,5 @@
-"""How `xla-qops bench` times its peers (the figures themselves are not tested)."""
+"""How `xla-qops bench` times its peers, and how `--quantizers` pairs its calibration
+and evaluation sets (the figures themselves are not tested)."""
 
 import re
 
@@ -151,3 +152,127 @@ def test_a_slow_peer_that_fails_loses_only_its_own_times():
                                      warm=1, warm_seconds=0, slow={"torch_xla": 2})
     assert len(times["ours"]) == 3 and isinstance(step.error, RuntimeError)
     assert len(calls) == 1  # no further calls once it failed
+
+
+# --- --quantizers: which model is calibrated on what and evaluated on what, and
+# its table (model-free: the figures themselves are not tested) ---------------
+
+from xla_qops_app.bench import quantizers as q  # noqa: E402
+
+HELD, INSIDE = q.HELD_OUT, q.IN_DISTRIBUTION
+T2N, N2T = ("templated", "natural"), ("natural", "templated")
+
+
+def fake_measure(rows, figures):
+    """Runs `measure` with a fake model: quantize returns its arguments, score looks
+    the (method, calibration, evaluation) figure up in `figures` (default 0.5)."""
+    calls = []
+
+    def quantize(scheme, block, method, smoothing, label):
+        calls.append((method, smoothing, label))
+        return (method, smoothing, label)
+
+    def score(model, evaluation):
+        method, _, label = model
+        mean = figures.get((method, label, evaluation), 0.5)
+        return mean, mean - 0.01
+
+    return q.measure(rows, quantize, score, report=None), calls
+
+
+def test_calibrated_methods_are_quantized_once_per_set_the_others_once():
+    rows = [("w4a16", 128, "rtn", None), ("w4a16", 128, "gptq", None),
+            ("w8a8", -1, "rtn", "smoothquant")]
+    out, calls = fake_measure(rows, {})
+    assert calls == [("rtn", None, None),
+                     ("gptq", None, "templated"), ("gptq", None, "natural"),
+                     ("rtn", "smoothquant", "templated"), ("rtn", "smoothquant", "natural")]
+    for row in out:  # every pair has a figure, every calibration a time
+        assert set(row.cos) == {HELD, INSIDE, T2N, N2T}
+        assert set(row.seconds) == {"templated", "natural"}
+    assert [r.calibrated for r in out] == [False, True, True]
+
+
+def test_each_pair_is_scored_on_the_model_calibrated_on_its_first_set():
+    figures = {("gptq", "templated", "templated"): 0.99, ("gptq", "templated", "natural"): 0.97,
+               ("gptq", "natural", "natural"): 0.98, ("gptq", "natural", "templated"): 0.96,
+               ("rtn", None, "templated"): 0.94, ("rtn", None, "natural"): 0.93}
+    out, _ = fake_measure([("w4a16", 128, "gptq", None), ("w4a16", 128, "rtn", None)], figures)
+    gptq, rtn = out
+    assert {p: gptq.cos[p][0] for p in gptq.cos} == {INSIDE: 0.99, T2N: 0.97, HELD: 0.98,
+                                                     N2T: 0.96}
+    # uncalibrated: the same model behind both calibration labels
+    assert rtn.cos[HELD] == rtn.cos[T2N] and rtn.cos[INSIDE] == rtn.cos[N2T]
+    assert rtn.cos[HELD][0] == 0.93 and rtn.cos[INSIDE][0] == 0.94
+
+
+def test_targets_are_issue_v_s_and_judged_on_the_held_out_figure():
+    assert q.TARGETS == {("w4a16", 128): 0.985, ("w4a16", -1): 0.975, ("w4a8", 128): 0.98,
+                         ("w8a8", -1): 0.9995}
+    # in-distribution above the target, held-out below: missed
+    row = q.Row("w4a16", 128, "gptq", None,
+                {HELD: (0.975, 0.9), INSIDE: (0.995, 0.99), T2N: (0.97, 0.9), N2T: (0.99, 0.9)},
+                {"templated": 1.0, "natural": 2.0})
+    assert row.met() is False and row.met(INSIDE) is True
+    row.cos[HELD] = (0.985, 0.9)  # the bound itself meets it
+    assert row.met() is True
+    assert q.Row("w8a16", 128, "rtn", None, {HELD: (1.0, 1.0)}, {}).met() is None
+
+
+def _quantizer_table(figures, rows=None):
+    rows = rows or [("w4a16", 128, "rtn", None), ("w4a16", 128, "gptq", None),
+                    ("w8a8", -1, "gptq", "smoothquant")]
+    out, _ = fake_measure(rows, figures)
+    info = {"calibration": (400, 5000), "natural_calibration": (500, 9000),
+            "evaluation": (200, None), "natural_evaluation": (345, None)}
+    return q.markdown(q.Report(out, info), threads=2)
+
+
+def _quantizer_row(text, method, smoothing="–"):
+    lines = [line for line in text.splitlines() if line.startswith("| w")
+             and f"| {method} | {smoothing} |" in line]
+    assert len(lines) == 1, lines
+    return [cell.strip() for cell in lines[0].strip("|").split("|")]
+
+
+def test_table_reports_held_out_first_then_in_distribution_and_the_cross():
+    figures = {("gptq", "natural", "natural"): 0.975, ("gptq", "templated", "templated"): 0.995,
+               ("gptq", "templated", "natural"): 0.974, ("gptq", "natural", "templated"): 0.99,
+               ("rtn", None, "natural"): 0.945, ("rtn", None, "templated"): 0.944}
+    text = _quantizer_table(figures)
+    header = next(line for line in text.splitlines()
+                  if line.startswith("| scheme | layout | method"))
+    assert [c.strip() for c in header.strip("|").split("|")] == [
+        "scheme", "layout", "method", "smoothing", "held-out mean", "held-out min",
+        "target (held-out)", "in-distribution", "templated → natural", "natural → templated",
+        "time s"]
+    gptq = _quantizer_row(text, "gptq")
+    assert gptq[4:10] == ["0.97500", "0.96500", "≥ 0.985: **missed**", "0.99500", "0.97400",
+                          "0.99000"]
+    assert " / " in gptq[10]  # two calibrations, two times
+    rtn = _quantizer_row(text, "rtn")
+    assert rtn[4] == rtn[8] == "0.94500" and rtn[7] == rtn[9] == "0.94400"
+    assert " / " not in rtn[10]
+    # the set sizes and token counts are stated
+    assert "(345 sentences)" in text and "(500 sentences, 9000 tokens)" in text
+    assert "deterministic" in text and "noisy" in text
+
+
+def test_every_row_with_a_target_says_met_or_missed():
+    figures = {("gptq", "natural", "natural"): 0.9996, ("gptq", "templated", "templated"): 0.1}
+    text = _quantizer_table(figures)
+    assert _quantizer_row(text, "gptq", "smoothquant")[6] == "≥ 0.9995: met"
+    assert _quantizer_row(text, "rtn")[6] == "≥ 0.985: **missed**"
+
+
+def test_summary_names_the_best_held_out_method_per_scheme():
+    figures = {("gptq", "natural", "natural"): 0.986, ("gptq", "templated", "templated"): 0.995,
+               ("rtn", None, "natural"): 0.95, ("hqq", None, "natural"): 0.96,
+               ("awq", "natural", "natural"): 0.97, ("awq", "templated", "templated"): 0.999}
+    rows = [("w4a16", 128, m, None) for m in ("rtn", "hqq", "awq", "gptq")]
+    lines = q.summary(fake_measure(rows, figures)[0])
+    assert len(lines) == 3  # header, rule, the one scheme measured
+    cells = [c.strip() for c in lines[2].strip("|").split("|")]
+    # awq's in-distribution figure is the highest, but gptq wins held-out
+    assert cells == ["w4a16", "g128", "≥ 0.985", "0.98600", "gptq", "met", "0.99500",
+                     "0.96000 (hqq)"]

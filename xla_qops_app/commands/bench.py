@@ -74,7 +74,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-write", action="store_true", help="print only")
     parser.add_argument("--quantizers", action="store_true",
                         help="instead: every quantizer method x scheme on all-MiniLM-L6-v2 "
-                             "(cosine to the float model, time); writes quantizers_table.md")
+                             "(cosine to the float model: held-out, in-distribution and "
+                             "cross; time); writes quantizers_table.md")
     model = parser.add_argument_group(
         "end-to-end decoder (--model llama; writes bench_e2e.md/.png instead)")
     model.add_argument("--model", choices=("llama",), default=None,
