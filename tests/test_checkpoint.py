@@ -216,6 +216,6 @@ def test_layer_scheme_defaults_read_old_files():
            "scale_dtype": "float32", "scheme": "w4a8"}
     s = checkpoint.LayerScheme.from_json(old)
     assert (s.weight_format, s.activation_format, s.scheme) == ("int4", "int8", "w4a8")
-    with pytest.raises(ValueError, match="weight_format: expected one of 'int8', 'int4', "
+    with pytest.raises(ValueError, match="weight_format: expected None or one of 'int8', 'int4', "
                                          "'fp8', 'fp4', got 'fp6'"):
         checkpoint.LayerScheme.from_json(dict(old, weight_format="fp6"))

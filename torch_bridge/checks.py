@@ -14,7 +14,8 @@ from typing import Optional
 
 import torch
 
-from xla_qops.spec import ACTIVATION_FORMATS, FLOAT_WEIGHT_FORMATS, WEIGHT_FORMATS, MatmulSpec
+from xla_qops import spec as matmul_spec
+from xla_qops.spec import FLOAT_WEIGHT_FORMATS, MatmulSpec
 
 FLOAT4_X2 = getattr(torch, "float4_e2m1fn_x2", None)
 
@@ -93,24 +94,14 @@ def formats(weight_format, activation_format, int4_weight, quantize_activation
             ) -> tuple[str, Optional[str]]:
     """(weight format, activation format) of a module configuration, resolved as
     `xla_qops.quantized_matmul` resolves them (API.md section 7)."""
-    if weight_format is not None and weight_format not in WEIGHT_FORMATS:
-        raise ValueError(f"weight_format: expected None or one of "
-                         f"{', '.join(map(repr, WEIGHT_FORMATS))}, got {weight_format!r}")
-    if activation_format is not None and activation_format not in ACTIVATION_FORMATS:
-        raise ValueError(f"activation_format: expected None or one of "
-                         f"{', '.join(map(repr, ACTIVATION_FORMATS))}, got {activation_format!r}")
-    if activation_format is not None and not quantize_activation:
-        raise ValueError(f"activation_format: applies with quantize_activation=True, got "
-                         f"activation_format={activation_format!r} with "
-                         f"quantize_activation=False")
+    matmul_spec.check_format_names(weight_format, activation_format, quantize_activation)
     if weight_format is None:
         weight_format = "int4" if int4_weight else "int8"
     elif int4_weight and weight_format in ("int8", "fp8"):
         raise ValueError(f"int4_weight: True says 4-bit values, but weight_format="
                          f"{weight_format!r} is 8-bit; pass int4_weight=False")
-    if quantize_activation and activation_format is None:
-        activation_format = "fp8" if weight_format in FLOAT_WEIGHT_FORMATS else "int8"
-    return weight_format, (activation_format if quantize_activation else None)
+    return weight_format, matmul_spec.default_activation_format(weight_format, activation_format,
+                                                         quantize_activation)
 
 
 def _shape(t) -> str:

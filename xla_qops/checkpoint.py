@@ -42,13 +42,12 @@ import numpy as np
 
 from xla_qops.interop._core import to_numpy
 from xla_qops.quantize import QuantizedWeight
+from xla_qops.spec import FLOAT_WEIGHT_FORMATS, check_format_names, default_activation_format
 
 SCHEMES_KEY = "xla_qops.schemes"
 VERSION_KEY = "xla_qops.version"
 VERSION = "1"
 _FLOAT_DTYPES = ("float32", "bfloat16", "float16")
-WEIGHT_FORMATS = ("int8", "int4", "fp8", "fp4")
-ACTIVATION_FORMATS = ("int8", "fp8")
 # safetensors dtypes that safetensors' numpy reader cannot return (numpy has no
 # such dtype): read from the file's bytes instead (`_read_file`).
 _RAW_DTYPES = {"F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
@@ -88,22 +87,15 @@ class LayerScheme:
     def __post_init__(self):
         if not self.weight_format:
             object.__setattr__(self, "weight_format", f"int{self.bits}")
-        if self.weight_format not in WEIGHT_FORMATS:
-            raise ValueError(f"weight_format: expected one of "
-                             f"{', '.join(map(repr, WEIGHT_FORMATS))}, got {self.weight_format!r}")
-        if self.activation_format is not None and self.activation_format not in ACTIVATION_FORMATS:
-            raise ValueError(f"activation_format: expected None or one of "
-                             f"{', '.join(map(repr, ACTIVATION_FORMATS))}, got "
-                             f"{self.activation_format!r}")
-        if not self.quantize_activation:
-            object.__setattr__(self, "activation_format", None)
-        elif self.activation_format is None:
-            object.__setattr__(self, "activation_format",
-                               "fp8" if self.float_weight else "int8")
+        # Names checked as the op checks them; a file's activation format is
+        # kept only with quantize_activation (the pairing is not an error here).
+        check_format_names(self.weight_format, self.activation_format, True)
+        object.__setattr__(self, "activation_format", default_activation_format(
+            self.weight_format, self.activation_format, self.quantize_activation))
 
     @property
     def float_weight(self) -> bool:
-        return self.weight_format in ("fp8", "fp4")
+        return self.weight_format in FLOAT_WEIGHT_FORMATS
 
     @property
     def quantize_format(self) -> str:

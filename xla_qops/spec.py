@@ -59,11 +59,8 @@ class MatmulSpec:
         # Specs built before the float formats existed name only `bits`.
         if not self.weight_format:
             object.__setattr__(self, "weight_format", f"int{self.bits}")
-        if not self.quantize_activation:
-            object.__setattr__(self, "activation_format", None)
-        elif self.activation_format is None:
-            object.__setattr__(self, "activation_format",
-                               "fp8" if self.float_weight else "int8")
+        object.__setattr__(self, "activation_format", default_activation_format(
+            self.weight_format, self.activation_format, self.quantize_activation))
 
     @property
     def float_weight(self) -> bool:
@@ -117,9 +114,9 @@ def _dtype_name(a) -> str:
     return np.dtype(a.dtype).name
 
 
-def _check_formats(w, int4_weight, quantize_activation, zero_point, weight_format,
-                   activation_format) -> tuple[str, Optional[str]]:
-    """(weight_format, activation_format) after API.md section 7's inference rules."""
+def check_format_names(weight_format, activation_format, quantize_activation) -> None:
+    """The format arguments' names and their pairing with `quantize_activation`
+    (shared by the op and torch_bridge's module configuration)."""
     if weight_format is not None and weight_format not in WEIGHT_FORMATS:
         raise ValueError(f"weight_format: expected None or one of "
                          f"{', '.join(map(repr, WEIGHT_FORMATS))}, got {weight_format!r}")
@@ -130,6 +127,21 @@ def _check_formats(w, int4_weight, quantize_activation, zero_point, weight_forma
         raise ValueError(f"activation_format: applies with quantize_activation=True (the "
                          f"activations are quantized on the fly), got "
                          f"activation_format={activation_format!r} with quantize_activation=False")
+
+
+def default_activation_format(weight_format, activation_format, quantize_activation):
+    """API.md section 7: None means int8 for int weights, fp8 for float ones."""
+    if not quantize_activation:
+        return None
+    if activation_format is None:
+        return "fp8" if weight_format in FLOAT_WEIGHT_FORMATS else "int8"
+    return activation_format
+
+
+def _check_formats(w, int4_weight, quantize_activation, zero_point, weight_format,
+                   activation_format) -> tuple[str, Optional[str]]:
+    """(weight_format, activation_format) after API.md section 7's inference rules."""
+    check_format_names(weight_format, activation_format, quantize_activation)
     w_dtype = np.dtype(w.dtype)
     is_fp8_storage = w_dtype == np.dtype(jnp.float8_e4m3fn)
     if weight_format is None and not (is_fp8_storage or w_dtype in (np.int8, np.uint8)):
@@ -155,9 +167,8 @@ def _check_formats(w, int4_weight, quantize_activation, zero_point, weight_forma
     if weight_format in FLOAT_WEIGHT_FORMATS and zero_point is not None:
         raise ValueError(f"zero_point: the float formats are symmetric (API.md section 7: "
                          f"zero_point None), got an array with weight_format={weight_format!r}")
-    if quantize_activation and activation_format is None:
-        activation_format = "fp8" if weight_format in FLOAT_WEIGHT_FORMATS else "int8"
-    return weight_format, (activation_format if quantize_activation else None)
+    return weight_format, default_activation_format(weight_format, activation_format,
+                                                    quantize_activation)
 
 
 def check_args(x, w, scale, zero_point, block_size, int4_weight,
