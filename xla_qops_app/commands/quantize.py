@@ -56,25 +56,9 @@ import sys
 
 import numpy as np
 
+from xla_qops.schemes import SCHEMES
 from xla_qops_app.calibration import BATCH as CALIBRATION_BATCH, tokenized_batches
 
-@dataclasses.dataclass(frozen=True)
-class Scheme:
-    """What `--scheme` makes of the weights and the activations (API.md sections 4, 7)."""
-
-    bits: int
-    quantize_activation: bool
-    format: str = "int"  # xla_qops.quantize_weight's: "int", "fp8", "mxfp4", "nvfp4"
-    activation_format: str | None = None  # with quantize_activation: "int8" or "fp8"
-
-
-SCHEMES = {
-    "w8a16": Scheme(8, False), "w4a16": Scheme(4, False),
-    "w8a8": Scheme(8, True, "int", "int8"), "w4a8": Scheme(4, True, "int", "int8"),
-    "w8a16-fp8": Scheme(8, False, "fp8"), "w8a8-fp8": Scheme(8, True, "fp8", "fp8"),
-    "w4a16-mxfp4": Scheme(4, False, "mxfp4"), "w4a16-nvfp4": Scheme(4, False, "nvfp4"),
-    "w4a8-fp8": Scheme(4, True, "int", "fp8"),
-}
 FORMAT_BLOCKS = {"mxfp4": 32, "nvfp4": 16}  # the block a -1 --block-size means
 FORMATS = ("xla-qops", "compressed-tensors")
 DEFAULT_SKIP = ("*embed*", "*norm*", "*ln_*")
