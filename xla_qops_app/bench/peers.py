@@ -84,17 +84,9 @@ def torch_quantized_peer(qws, x_np, scheme):
         packs = [(torch.from_numpy(np.array(q.w)), torch.from_numpy(np.array(q.scale)).to(torch.bfloat16))
                  for q in qws]
         return lambda i: torch.ops.aten._weight_int8pack_mm(x, *packs[i % len(packs)])
-    # int4: torch stores q + 8 in [0, 15] with w = (u - 8) * scale + zero, i.e.
-    # zero = -zero_point in this project's convention.
-    packs = []
-    for q in qws:
-        ints = np.asarray(q.unpack().int_values()).astype(np.int32)  # [in/B, B, out]
-        u = torch.from_numpy(ints.reshape(-1, ints.shape[-1]).T.copy() + 8)  # [out, in]
-        packed = torch._convert_weight_to_int4pack_for_cpu(u.contiguous(), 2)
-        scale = np.asarray(q.scale, np.float32)
-        zero = -np.asarray(q.zero_point, np.float32) if q.zero_point is not None else 0 * scale
-        sz = torch.from_numpy(np.stack([scale, zero], -1)).to(torch.bfloat16).contiguous()
-        packs.append((packed, sz))
+    # int4: torch's CPU form, as the decoder benchmark builds it.
+    from xla_qops_app.bench.decoder import torch_int4pack
+    packs = [torch_int4pack(q) for q in qws]
     group = scheme.block_size
     return lambda i: torch.ops.aten._weight_int4pack_mm_for_cpu(
         x, packs[i % len(packs)][0], group, packs[i % len(packs)][1])
