@@ -330,9 +330,13 @@ def test_xla_device_float4_x2_weight():
     x = make_x((3, K))
     try:
         w4 = w.view(FLOAT4_X2).to(xla)
-    except (RuntimeError, TypeError, KeyError) as e:
-        pytest.skip(f"torch_xla cannot hold float4_e2m1fn_x2 tensors: {e}")
-    y = op(x.to(xla), w4, scale.to(xla), block_size=32)
+    except (RuntimeError, TypeError, KeyError):
+        # torch_xla 2.9 cannot hold float4_e2m1fn_x2 tensors ("Type not
+        # supported"): the same bytes as uint8 with weight_format="fp4" are the
+        # route there (docs/torch.md).
+        y = op(x.to(xla), w.to(xla), scale.to(xla), block_size=32, weight_format="fp4")
+    else:
+        y = op(x.to(xla), w4, scale.to(xla), block_size=32)
     check(y.cpu(), x, qw)
 
 
