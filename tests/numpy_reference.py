@@ -48,18 +48,25 @@ def dequantize(w, scale, zero_point, block_size, packed) -> np.ndarray:
     return wf.reshape(-1, wf.shape[-1]).T
 
 
-def quantize_activation(x: np.ndarray, block_size: int):
-    """API.md's per-token (and per-block) symmetric int8, in float32 like the spec."""
+def _scaled_groups(x, block_size: int, top: float):
+    """(absmax float32 [M, groups], x * (top / absmax) float32 [M, groups, B]):
+    the float32 steps the activation rules share (0 for all-zero groups)."""
     x = np.asarray(x, np.float32)
     m, k = x.shape
     group = k if block_size == -1 else block_size
     g = x.reshape(m, k // group, group)
     absmax = np.abs(g).max(-1)
     with np.errstate(divide="ignore"):
-        inv_scale = np.where(absmax == 0, np.float32(0), np.float32(127) / absmax)
-    q = np.clip(np.round(g * inv_scale.astype(np.float32)[..., None]), -127, 127)
+        inv_scale = np.where(absmax == 0, np.float32(0), np.float32(top) / absmax)
+    return absmax, (g * inv_scale.astype(np.float32)[..., None]).astype(np.float32)
+
+
+def quantize_activation(x: np.ndarray, block_size: int):
+    """API.md's per-token (and per-block) symmetric int8, in float32 like the spec."""
+    absmax, scaled = _scaled_groups(x, block_size, 127)
+    q = np.clip(np.round(scaled), -127, 127)
     x_scale = (absmax / np.float32(127.0)).astype(np.float32)
-    return q.reshape(m, k), x_scale
+    return q.reshape(np.shape(x)), x_scale
 
 
 # ----------------------------------------------------- float element formats
@@ -137,17 +144,10 @@ def quantize_activation_fp8(x: np.ndarray, block_size: int):
     """API.md's fp8 activation rule in float32 steps: per token (and block),
     inv = 448 / amax, x_q = e4m3(clip(x * inv)), scale = amax / 448; all-zero
     groups scale 1. Returns (x_q as float64 values [M, K], scale float32 [M, groups])."""
-    x = np.asarray(x, np.float32)
-    m, k = x.shape
-    group = k if block_size == -1 else block_size
-    g = x.reshape(m, k // group, group)
-    absmax = np.abs(g).max(-1)
-    with np.errstate(divide="ignore"):
-        inv = np.where(absmax == 0, np.float32(0), np.float32(448) / absmax).astype(np.float32)
-    scaled = (g * inv[..., None]).astype(np.float32)
+    absmax, scaled = _scaled_groups(x, block_size, 448)
     q = round_to_e4m3(scaled)
     x_scale = np.where(absmax == 0, np.float32(1), absmax / np.float32(448)).astype(np.float32)
-    return q.reshape(m, k), x_scale
+    return q.reshape(np.shape(x)), x_scale
 
 
 
@@ -245,16 +245,10 @@ def near_ties(x, block_size):
     Exact ties are common with bfloat16 x (~100 per row of 14336: x / absmax
     is a ratio of two 8-bit significands), rare with float32 x (~1 in 10^5).
     """
-    x = np.asarray(x, np.float32)
-    m, k = x.shape
-    group = k if block_size == -1 else block_size
-    g = x.reshape(m, k // group, group)
-    absmax = np.abs(g).max(-1)
-    with np.errstate(divide="ignore"):
-        inv_scale = np.where(absmax == 0, np.float32(0), np.float32(127) / absmax)
-    v = np.abs(g * inv_scale.astype(np.float32)[..., None]).astype(np.float64)
+    _, scaled = _scaled_groups(x, block_size, 127)
+    v = np.abs(scaled).astype(np.float64)
     near = np.abs(v - np.floor(v) - 0.5) <= TIE_WINDOW * np.maximum(v, 1.0)
-    return near.reshape(m, k)
+    return near.reshape(np.shape(x))
 
 
 def tolerance(x, w, scale, zero_point, block_size, out_dtype, quantize_activation_=False,

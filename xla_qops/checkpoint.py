@@ -42,7 +42,7 @@ import numpy as np
 
 from xla_qops.interop._core import to_numpy
 from xla_qops.quantize import QuantizedWeight
-from xla_qops.spec import FLOAT_WEIGHT_FORMATS, check_format_names, default_activation_format
+from xla_qops.spec import FLOAT_WEIGHT_FORMATS, check_format_names, fill_formats
 
 SCHEMES_KEY = "xla_qops.schemes"
 VERSION_KEY = "xla_qops.version"
@@ -85,13 +85,10 @@ class LayerScheme:
     activation_format: Optional[str] = None
 
     def __post_init__(self):
-        if not self.weight_format:
-            object.__setattr__(self, "weight_format", f"int{self.bits}")
         # Names checked as the op checks them; a file's activation format is
         # kept only with quantize_activation (the pairing is not an error here).
-        check_format_names(self.weight_format, self.activation_format, True)
-        object.__setattr__(self, "activation_format", default_activation_format(
-            self.weight_format, self.activation_format, self.quantize_activation))
+        check_format_names(self.weight_format or None, self.activation_format, True)
+        fill_formats(self)
 
     @property
     def float_weight(self) -> bool:

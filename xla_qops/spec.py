@@ -57,10 +57,7 @@ class MatmulSpec:
 
     def __post_init__(self):
         # Specs built before the float formats existed name only `bits`.
-        if not self.weight_format:
-            object.__setattr__(self, "weight_format", f"int{self.bits}")
-        object.__setattr__(self, "activation_format", default_activation_format(
-            self.weight_format, self.activation_format, self.quantize_activation))
+        fill_formats(self)
 
     @property
     def float_weight(self) -> bool:
@@ -136,6 +133,16 @@ def default_activation_format(weight_format, activation_format, quantize_activat
     if activation_format is None:
         return "fp8" if weight_format in FLOAT_WEIGHT_FORMATS else "int8"
     return activation_format
+
+
+def fill_formats(record) -> None:
+    """Completes a frozen dataclass's `weight_format` (empty: int8/int4 from
+    `bits`, as records made before the float formats) and `activation_format`
+    (`default_activation_format`); MatmulSpec and checkpoint.LayerScheme."""
+    if not record.weight_format:
+        object.__setattr__(record, "weight_format", f"int{record.bits}")
+    object.__setattr__(record, "activation_format", default_activation_format(
+        record.weight_format, record.activation_format, record.quantize_activation))
 
 
 def _check_formats(w, int4_weight, quantize_activation, zero_point, weight_format,
