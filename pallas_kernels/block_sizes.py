@@ -55,6 +55,7 @@ import contextvars
 import dataclasses
 import json
 import os
+import re
 import warnings
 from typing import Mapping
 
@@ -89,6 +90,10 @@ class Chip:
     weight_tile: int
     tm_max: int
     tn_max: int
+    # The MXU multiplies e4m3fn natively (bf16 x e4m3fn, e4m3fn x e4m3fn):
+    # JAX's tpu_info.is_matmul_supported says so from v7 on, which has no int8
+    # MXU path at all. Before v7, e4m3fn is widened to bf16 in VMEM.
+    fp8_mxu: bool = False
 
 
 # VMEM per TensorCore: v4 16 MiB, v5e/v6e 128 MiB, v5p/v7 64 MiB (the figures
@@ -103,7 +108,7 @@ CHIPS = {
     "v5e": Chip("v5e", 5, 128 * MiB, 128, 4 * MiB, 512, 1024),
     "v5p": Chip("v5p", 5, 64 * MiB, 128, 4 * MiB, 512, 1024),
     "v6e": Chip("v6e", 6, 128 * MiB, 256, 8 * MiB, 1024, 2048),
-    "v7": Chip("v7", 7, 64 * MiB, 256, 8 * MiB, 1024, 2048),
+    "v7": Chip("v7", 7, 64 * MiB, 256, 8 * MiB, 1024, 2048, fp8_mxu=True),
 }
 # Used when lowering for TPU from a machine without one (jax.export) and no
 # target chip is given (jax_compat.lowering_target, $XLA_QOPS_TPU_CHIP).
@@ -159,7 +164,8 @@ def chip_for_device_kind(kind: str, info=None) -> Chip:
         CONSERVATIVE, name=f"unknown ({kind})",
         generation=int(getattr(info, "generation", 0) or 0),
         vmem_bytes=int(getattr(info, "vmem_capacity_bytes", 0) or CONSERVATIVE.vmem_bytes),
-        mxu=int(getattr(info, "mxu_column_size", 0) or CONSERVATIVE.mxu))
+        mxu=int(getattr(info, "mxu_column_size", 0) or CONSERVATIVE.mxu),
+        fp8_mxu=_info_has_fp8_mxu(info))
     warnings.warn(
         f"TPU device kind {kind!r} is not one of {', '.join(sorted(DEVICE_KINDS))}: "
         f"using conservative Pallas tiles ({chip.vmem_bytes // MiB} MiB VMEM, "
@@ -167,6 +173,16 @@ def chip_for_device_kind(kind: str, info=None) -> Chip:
         f"{chip.tm_max}x{chip.tn_max}); set XLA_QOPS_TPU_CHIP to one of "
         f"{', '.join(CHIPS)} to choose a chip's tiles", RuntimeWarning, stacklevel=2)
     return chip
+
+
+def _info_has_fp8_mxu(info) -> bool:
+    """Whether `pltpu.get_tpu_info()` of an unknown chip says bf16 x e4m3fn and
+    e4m3fn x e4m3fn are native MXU products (False without that method)."""
+    supported = getattr(info, "is_matmul_supported", None)
+    if supported is None:
+        return False
+    fp8 = jnp.float8_e4m3fn
+    return bool(supported(jnp.bfloat16, fp8) and supported(fp8, fp8))
 
 
 def round_up(x: int, m: int) -> int:
@@ -207,16 +223,118 @@ class TpuBlocks:
         return (self.m_pad // self.tm, self.n_pad // self.tn, self.k_pad // self.tk)
 
 
-def tpu_operand_dtype(x_dtype, quantize_activation: bool):
+# Operand dtypes of the kernels (`OperandForm`).
+FP8 = np.dtype(jnp.float8_e4m3fn)
+_INT8, _BF16 = np.dtype(np.int8), np.dtype(jnp.bfloat16)
+_FLOAT_FORMATS = ("fp8", "fp4")
+
+
+def tpu_operand_dtype(x_dtype, quantize_activation: bool,
+                      activation_format: str | None = None):
     """dtype of the activation operand inside the TPU kernel.
 
-    int8 for A8; float16 is widened to float32 (exactly) because Mosaic has no
-    float16 matmul; bfloat16 and float32 stay.
+    int8 for A8 (e4m3fn with ``activation_format="fp8"``: same byte size, so
+    the same tiles); float16 is widened to float32 (exactly) because Mosaic
+    has no float16 matmul; bfloat16 and float32 stay.
     """
     if quantize_activation:
-        return np.dtype(np.int8)
+        return FP8 if activation_format == "fp8" else np.dtype(np.int8)
     d = jnp.dtype(x_dtype)  # also accepts names such as "bfloat16"
     return np.dtype(np.float32) if d == np.float16 else d
+
+
+# ---------------------------------------------------------------- operand forms
+#
+# What each kernel's dot multiplies, for every weight format (API.md section 7)
+# and activation form, is decided here and nowhere else.
+
+# jax.Device.device_kind words of the NVIDIA GPUs whose tensor cores multiply
+# e4m3fn x e4m3fn (sm_89 Ada, sm_90 Hopper, sm_100+ Blackwell) -- the
+# targets for which Triton converts e4m3fn at all.
+_FP8_GPUS = re.compile(r"\b(H100|H200|H800|H20|GH200|B100|B200|GB200|B300|GB300|L4|L40S?"
+                       r"|RTX 40[5-9]0|RTX PRO \d{4})\b")
+
+
+@dataclasses.dataclass(frozen=True)
+class OperandForm:
+    """What one kernel call computes in.
+
+    x: the activation operand the prologue hands the kernel (bf16 / f16 / f32,
+      int8 for A8-int8, e4m3fn for A8-fp8). lhs, rhs: the dot's operand dtypes
+      after in-kernel conversion of the activation and weight tiles. The
+      accumulator is int32 for int8 x int8, else float32 (every product of
+      two quantized operands is exact in float32: at most 8 x 4 significand
+      bits).
+    """
+
+    x: np.dtype
+    lhs: np.dtype
+    rhs: np.dtype
+
+    @property
+    def acc(self) -> np.dtype:
+        return np.dtype(np.int32) if self.lhs == _INT8 else np.dtype(np.float32)
+
+    @property
+    def label(self) -> str:
+        """``"bfloat16 x float8_e4m3fn"`` and the like (tests, logs)."""
+        return f"{self.lhs.name} x {self.rhs.name}"
+
+
+def _operand_form(x_op, weight_format: str, fp8_pairs) -> OperandForm:
+    """The widest native product for an activation operand and a weight format.
+
+    int8 x int weights: the int8 dot. A float weight (e4m3fn exactly, fp4
+    included) meets the activation as e4m3fn where ``(lhs, e4m3fn)`` is in
+    `fp8_pairs` (the target's native fp8 products). Otherwise both become the
+    activation's float dtype, with int8 and e4m3fn activations widened to
+    bf16 (exact).
+    """
+    x_op = np.dtype(x_op)
+    if x_op == _INT8 and weight_format not in _FLOAT_FORMATS:
+        return OperandForm(x_op, _INT8, _INT8)
+    if weight_format in _FLOAT_FORMATS and (x_op, FP8) in fp8_pairs:
+        return OperandForm(x_op, x_op, FP8)
+    common = _BF16 if x_op in (_INT8, FP8) else x_op
+    return OperandForm(x_op, common, common)
+
+
+def tpu_operands(x_dtype, *, quantize_activation: bool, weight_format: str = "int8",
+                 activation_format: str | None = None, chip: Chip) -> OperandForm:
+    """The TPU kernel's operand form: on a chip with an fp8 MXU (v7) an fp8 /
+    fp4 weight tile reaches the dot as e4m3fn (bf16 x e4m3fn for bf16
+    activations, e4m3fn x e4m3fn for A8-fp8; float32 activations multiply
+    float32); before v7 it is widened to bf16 (or float32) in VMEM."""
+    x_op = tpu_operand_dtype(x_dtype, quantize_activation, activation_format)
+    pairs = {(_BF16, FP8), (FP8, FP8)} if chip.fp8_mxu else set()
+    return _operand_form(x_op, weight_format, pairs)
+
+
+def gpu_fp8_dot(device_kind: str | None) -> bool:
+    """Whether the target GPU's tensor cores multiply e4m3fn x e4m3fn.
+
+    `device_kind` as `jax.Device.device_kind` reports it; None (exporting for
+    cuda with no GPU attached or named) means `jax_compat`'s default target,
+    an H100.
+    """
+    kind = device_kind or jax_compat.DEFAULT_TARGET_KIND["cuda"]
+    return bool(_FP8_GPUS.search(kind))
+
+
+def gpu_operands(x_dtype, *, quantize_activation: bool, weight_format: str = "int8",
+                 activation_format: str | None = None,
+                 device_kind: str | None = None) -> OperandForm:
+    """The Triton kernel's operand form: e4m3fn x e4m3fn for A8-fp8 with a
+    float weight where the target has fp8 tensor cores (`gpu_fp8_dot`);
+    otherwise the tiles are converted in registers to the activation's float
+    dtype (bf16 for quantized activations). Triton's dot takes one operand
+    type, so A16 converts the weight to x's dtype on every target."""
+    if quantize_activation:
+        x_op = FP8 if activation_format == "fp8" else _INT8
+    else:
+        x_op = np.dtype(jnp.dtype(x_dtype))
+    pairs = {(FP8, FP8)} if gpu_fp8_dot(device_kind) else set()
+    return _operand_form(x_op, weight_format, pairs)
 
 
 def tpu_vmem_bytes(tm, tn, tk, k_chunk, *, packed, w_itemsize, x_itemsize,
@@ -424,23 +542,31 @@ def _pow2_at_most(x: int) -> int:
     return 1 << (max(int(x), 1).bit_length() - 1)
 
 
+def gpu_dot_k_min(fp8_dot: bool) -> int:
+    """The smallest K step (stored elements) of a Triton dot: 16, and 32 for
+    e4m3fn x e4m3fn (Hopper's fp8 wgmma multiplies 32 along K)."""
+    return 32 if fp8_dot else 16
+
+
 def gpu_blocks(m: int, k: int, n: int, *, block_size: int, packed: bool,
-               x_dtype="bfloat16", quantize_activation: bool = False) -> GpuBlocks:
+               x_dtype="bfloat16", quantize_activation: bool = False,
+               dot_k_min: int = 16) -> GpuBlocks:
     """Block sizes for the Triton kernel: `override_tiles` over a measured table
-    entry over the analytic rule (`_gpu_rule`)."""
+    entry over the analytic rule (`_gpu_rule`); `dot_k_min` from `gpu_dot_k_min`."""
     key = TileKey.of("cuda", m, k, n, block_size=block_size, packed=packed, x_dtype=x_dtype,
                      quantize_activation=quantize_activation)
     chosen = dict(_MEASURED.get(key, {}))
     chosen.update(_OVERRIDE.get().get("gpu", {}))
-    rule = _gpu_rule(m, k, n, block_size=block_size, packed=packed)
+    rule = _gpu_rule(m, k, n, block_size=block_size, packed=packed, dot_k_min=dot_k_min)
     if not chosen:
         return rule
     tiles = {f: chosen.get(f, getattr(rule, f))
              for f in ("bm", "bn", "bk", "num_warps", "num_stages")}
-    return _gpu_finish(m, k, n, block_size=block_size, packed=packed, **tiles)
+    return _gpu_finish(m, k, n, block_size=block_size, packed=packed, dot_k_min=dot_k_min,
+                       **tiles)
 
 
-def _gpu_rule(m, k, n, *, block_size, packed) -> GpuBlocks:
+def _gpu_rule(m, k, n, *, block_size, packed, dot_k_min=16) -> GpuBlocks:
     """Decode (M <= 16) uses narrow N tiles (64) so a 4096-wide layer still
     launches 64+ programs to spread the weight stream over the SMs; prefill
     uses 64x128 tiles (or 128x128 from M > 64) with a 3-stage software
@@ -462,10 +588,11 @@ def _gpu_rule(m, k, n, *, block_size, packed) -> GpuBlocks:
         bk = block_size
     else:
         stored = k // p
-        dividing = [t for t in (128, 64, 32, 16) if stored % t == 0]
-        bk = p * (dividing[0] if dividing else min(128, max(16, _pow2_at_most(stored))))
+        dividing = [t for t in (128, 64, 32, 16) if stored % t == 0 and t >= dot_k_min]
+        bk = p * (dividing[0] if dividing
+                  else min(128, max(dot_k_min, _pow2_at_most(stored))))
     return _gpu_finish(m, k, n, block_size=block_size, packed=packed, bm=bm, bn=bn, bk=bk,
-                       num_warps=4, num_stages=3 if m > 16 else 2)
+                       num_warps=4, num_stages=3 if m > 16 else 2, dot_k_min=dot_k_min)
 
 
 def _is_pow2(v: int) -> bool:
@@ -473,15 +600,16 @@ def _is_pow2(v: int) -> bool:
 
 
 def _gpu_finish(m, k, n, *, block_size, packed, bm, bn, bk, num_warps,
-                num_stages) -> GpuBlocks:
+                num_stages, dot_k_min=16) -> GpuBlocks:
     """Padded extents for chosen tiles, checked against Triton's shape rules."""
     p = 2 if packed else 1
     problems = [f"{name}={v} must be a power of 2 >= 16"
                 for name, v in (("bm", bm), ("bn", bn)) if not (_is_pow2(v) and v >= 16)]
     if block_size != -1 and bk != block_size:
         problems.append(f"bk={bk} must equal block_size={block_size} (one block per step)")
-    if block_size == -1 and not (bk % p == 0 and _is_pow2(bk // p) and bk // p >= 16):
-        problems.append(f"bk={bk} must be {p} x a power of 2 >= 16 (stored elements per step)")
+    if block_size == -1 and not (bk % p == 0 and _is_pow2(bk // p) and bk // p >= dot_k_min):
+        problems.append(f"bk={bk} must be {p} x a power of 2 >= {dot_k_min} "
+                        f"(stored elements per step)")
     if not _is_pow2(num_warps) or num_stages < 1:
         problems.append(f"num_warps={num_warps} must be a power of 2 and "
                         f"num_stages={num_stages} >= 1")
@@ -627,6 +755,7 @@ def describe(blocks) -> str:
 
 __all__ = ["Chip", "CHIPS", "DEFAULT_CHIP", "DEVICE_KINDS", "CONSERVATIVE", "TpuBlocks",
            "GpuBlocks", "TileKey", "tpu_chip", "chip_for_device_kind", "tpu_blocks",
-           "gpu_blocks", "tpu_vmem_bytes", "tpu_operand_dtype", "round_up", "m_bucket",
+           "gpu_blocks", "tpu_vmem_bytes", "tpu_operand_dtype", "OperandForm", "tpu_operands",
+           "gpu_operands", "gpu_fp8_dot", "gpu_dot_k_min", "round_up", "m_bucket",
            "override_tiles", "register_measured_tiles", "clear_measured_tiles",
            "load_measured_tiles", "describe"]

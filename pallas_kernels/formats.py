@@ -102,3 +102,138 @@ def fp4_codes(values: np.ndarray) -> np.ndarray:
     """Host: float values -> e2m1 codes (uint8), round to nearest even, saturating at 6."""
     import ml_dtypes  # ships with jax
     return np.asarray(values, np.float32).astype(ml_dtypes.float4_e2m1fn).view(np.uint8) & 0xF
+
+
+# ------------------------------------------------------- decoding inside kernels
+#
+# A kernel that cannot feed e4m3fn to its dot (TPU before v7, GPUs before
+# Hopper / Ada) widens the bytes itself. Neither Mosaic (jaxlib 0.7.1: no
+# f8 -> bf16 cast) nor Triton before sm_89 converts float8 values, and not
+# every TPU generation has 8-bit shifts, so the decoders below take the bytes
+# widened to int32 and use 32-bit integer ops, one bitcast and a select. Every
+# value they produce is exact in float32 (and in bfloat16 and float16).
+
+
+def e4m3_bits_to_float32(bits):
+    """e4m3fn bit patterns (an integer array, the byte in the low 8 bits) -> float32, exact.
+
+    Normal (exponent field e > 0): float32 exponent ``e - 7 + 127``, the three
+    mantissa bits at the top of float32's; subnormal (e = 0): ``m * 2**-9``.
+    The NaN pattern (0x7F / 0xFF) decodes as 480: quantized weights and
+    activations are finite.
+    """
+    bits = bits.astype(jnp.int32)
+    exponent, mantissa = (bits >> 3) & 15, bits & 7
+    normal = lax.bitcast_convert_type(((exponent + 120) << 23) | (mantissa << 20), jnp.float32)
+    magnitude = jnp.where(exponent == 0, mantissa.astype(jnp.float32) * 2.0 ** -9, normal)
+    return jnp.where((bits & 0x80) != 0, -magnitude, magnitude)
+
+
+def e2m1_codes_to_float32(codes):
+    """e2m1 codes (an integer array, the code in the low 4 bits) -> float32, exact.
+
+    Normal (exponent field e > 0): float32 exponent ``e - 1 + 127``, the
+    mantissa bit at the top of float32's; e = 0: 0 or the subnormal 0.5.
+    """
+    codes = codes.astype(jnp.int32)
+    exponent, mantissa = (codes >> 1) & 3, codes & 1
+    normal = lax.bitcast_convert_type(((exponent + 126) << 23) | (mantissa << 22), jnp.float32)
+    magnitude = jnp.where(exponent == 0, mantissa.astype(jnp.float32) * 0.5, normal)
+    return jnp.where((codes & 8) != 0, -magnitude, magnitude)
+
+
+def e2m1_codes_to_e4m3(codes):
+    """e2m1 codes (an integer array, the code in the low 4 bits) -> float8_e4m3fn, exact.
+
+    `fp4_to_fp8`'s bit mapping in 32-bit integer ops (no 8-bit shifts), then
+    narrowed to a byte and reinterpreted: no float conversion, which Mosaic
+    (jaxlib 0.7.1) does not lower for e4m3fn.
+    """
+    codes = codes.astype(jnp.int32)
+    magnitude = codes & 7
+    exponent, mantissa = magnitude >> 1, magnitude & 1
+    normal = ((exponent + 6) << 3) | (mantissa << 2)
+    bits = jnp.where(magnitude == 0, 0, jnp.where(exponent == 0, 6 << 3, normal))
+    bits = bits | ((codes & 8) << 4)
+    return lax.bitcast_convert_type(bits.astype(jnp.uint8), FP8_DTYPE)
+
+
+def _nibble(w, part: int):
+    """Code `part` (0 = low nibble = even feature, 1 = high) of packed bytes, as int32."""
+    v = w.astype(jnp.int32)
+    if part == 1:
+        v = v >> 4  # uint8 widened: logical and arithmetic shifts agree
+    return v & 15
+
+
+def _bytes_as_int32(a):
+    """An e4m3fn array's bytes, widened to int32 (0..255)."""
+    return lax.bitcast_convert_type(a, jnp.uint8).astype(jnp.int32)
+
+
+def to_float32(a):
+    """An operand tile as float32, exactly: e4m3fn by its bits (`e4m3_bits_to_float32`),
+    any other dtype by conversion."""
+    if jnp.dtype(a.dtype) == jnp.dtype(FP8_DTYPE):
+        return e4m3_bits_to_float32(_bytes_as_int32(a))
+    return a.astype(jnp.float32)
+
+
+def activation_operand(x, dtype):
+    """An activation tile (bf16 / f16 / f32, int8 or e4m3fn) as the dot operand `dtype`.
+
+    e4m3fn and int8 values are exact in bfloat16, float16 and float32, so a
+    widening never rounds.
+    """
+    if jnp.dtype(x.dtype) == jnp.dtype(dtype):
+        return x
+    return to_float32(x).astype(dtype)
+
+
+def float_weight_part(w, part: int, weight_format: str, dtype):
+    """One dot operand from a stored fp8 / fp4 weight tile, inside a kernel.
+
+    fp8 (e4m3fn storage): as is when `dtype` is e4m3fn, else decoded by its
+    bits. fp4 (uint8, two codes per byte): the nibble of `part` (0 = low =
+    even feature), as e4m3fn (`e2m1_codes_to_e4m3`) or decoded to float32
+    and converted (exact) to `dtype`. `operands.weight_part` is the integer
+    counterpart.
+    """
+    to_e4m3 = jnp.dtype(dtype) == jnp.dtype(FP8_DTYPE)
+    if weight_format == "fp8":
+        return w if to_e4m3 else to_float32(w).astype(dtype)
+    if weight_format != "fp4":
+        raise ValueError(f"weight_format: expected 'fp8' or 'fp4', got {weight_format!r}")
+    codes = _nibble(w, part)
+    if to_e4m3:
+        return e2m1_codes_to_e4m3(codes)
+    return e2m1_codes_to_float32(codes).astype(dtype)
+
+
+def kernel_formats(w_dtype, weight_format: str | None, activation_format: str | None,
+                   quantize_activation: bool) -> tuple[str, str | None]:
+    """(weight_format, activation_format) of a kernel call, with API.md section 7's
+    defaults: an e4m3fn weight is "fp8", a uint8 one packed "int4" (fp4 must be
+    named), an int8 one "int8"; the activations "fp8" for float weights and
+    "int8" for integer ones with `quantize_activation`, else None."""
+    if weight_format is None:
+        w_dtype = jnp.dtype(w_dtype)
+        weight_format = ("fp8" if w_dtype == jnp.dtype(FP8_DTYPE)
+                         else "int4" if w_dtype == jnp.uint8 else "int8")
+    if not quantize_activation:
+        return weight_format, None
+    if activation_format is None:
+        activation_format = "fp8" if weight_format in ("fp8", "fp4") else "int8"
+    return weight_format, activation_format
+
+
+def kernel_name(block_size: int, packed: bool, weight_format: str,
+                activation_format: str | None) -> str:
+    """``quantized_matmul_per_channel_packed_int4_a8`` and the like (the GPU
+    kernel's too): int8 containers unnamed, fp8 / fp4 weights and fp8
+    activations by their format."""
+    weight = {"fp8": "_fp8", "fp4": "_fp4"}.get(weight_format,
+                                                 "_packed_int4" if packed else "")
+    act = {None: "", "int8": "_a8", "fp8": "_a8_fp8"}[activation_format]
+    return ("quantized_matmul_" + ("blockwise" if block_size != -1 else "per_channel")
+            + weight + act)

@@ -117,6 +117,21 @@ def tpu_target_kind() -> str | None:
     return None
 
 
+def cuda_target_kind() -> str | None:
+    """The device kind of the GPU being lowered for, or None when that is unknown.
+
+    An abstract GPU device set by `lowering_target` wins; otherwise the
+    attached GPU; None on a machine without one (on JAX 0.7.1, which has no
+    abstract devices, exporting for cuda from a CPU).
+    """
+    device = _abstract_device()
+    if device is not None and getattr(device, "platform", None) == "gpu":
+        return device.device_kind
+    if jax.default_backend() == "gpu":
+        return jax.devices()[0].device_kind
+    return None
+
+
 def tpu_info():
     """`pltpu.get_tpu_info()` for the target TPU where this JAX has it, else None.
 
@@ -166,5 +181,5 @@ def mosaic_layout_passes_available() -> bool:
 
 
 __all__ = ["JAX_VERSION", "DEFAULT_TARGET_KIND", "abstract_devices_supported",
-           "lowering_target", "abstract_target", "tpu_target_kind", "tpu_info", "mosaic_gpu_kernel",
-           "mosaic_layout_passes_available", "jaxprs_in_params"]
+           "lowering_target", "abstract_target", "tpu_target_kind", "cuda_target_kind",
+           "tpu_info", "mosaic_gpu_kernel", "mosaic_layout_passes_available", "jaxprs_in_params"]

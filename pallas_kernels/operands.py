@@ -47,6 +47,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from pallas_kernels.activation import quantize_activation as _quantize_activation
+from pallas_kernels.formats import float_weight_part, quantize_activation_fp8
 
 
 def _pad(a, axis: int, size: int):
@@ -66,12 +67,14 @@ def _parts(x, packed: bool):
 
 
 def kernel_operands(x, w, scale, zero_point, *, block_size: int, quantize_activation: bool,
-                    op_dtype, m_pad: int, n_pad: int, k_pad: int, pad_weight: bool = False):
+                    op_dtype, m_pad: int, n_pad: int, k_pad: int, pad_weight: bool = False,
+                    activation_format: str = "int8"):
     """Builds ``(xs, w, scale, zero, x_scale)`` in the layouts above.
 
     `x` is ``[M, K]``; `w`, `scale`, `zero_point` are in API.md's layouts and
     already validated (`xla_qops.spec`). `zero` / `x_scale` are None when
-    there is no zero point / no activation quantization. Activations are
+    there is no zero point / no activation quantization (int8, or e4m3fn with
+    ``activation_format="fp8"``, `pallas_kernels.formats`). Activations are
     padded to ``m_pad`` rows and ``k_pad`` features, scales to ``n_pad``
     outputs; the weight only with ``pad_weight`` (else its edge blocks are
     partial, see the module docstring).
@@ -81,7 +84,8 @@ def kernel_operands(x, w, scale, zero_point, *, block_size: int, quantize_activa
     m, k = x.shape
     x_scale = None
     if quantize_activation:
-        x, x_scale = _quantize_activation(x, block_size)  # int8 [M, K], f32 [M, G]
+        quantize = quantize_activation_fp8 if activation_format == "fp8" else _quantize_activation
+        x, x_scale = quantize(x, block_size)  # int8 / e4m3fn [M, K], f32 [M, G]
     else:
         x = x.astype(op_dtype)
     scale = scale.astype(jnp.float32)
@@ -114,8 +118,11 @@ def kernel_operands(x, w, scale, zero_point, *, block_size: int, quantize_activa
     return xs, w, scale, zero, x_scale
 
 
-def weight_part(w, part: int, packed: bool, dtype):
+def weight_part(w, part: int, packed: bool, dtype, weight_format: str = "int"):
     """One MXU operand from a stored weight tile, inside a kernel.
+
+    fp8 / fp4 weights (`weight_format`, API.md section 7) are decoded by
+    `pallas_kernels.formats.float_weight_part`; the integer forms below.
 
     Unpacked int8 is converted as is. Packed bytes are widened to int32 and
     the nibble of `part` (0 = low = even feature, 1 = high = odd feature) is
@@ -124,6 +131,8 @@ def weight_part(w, part: int, packed: bool, dtype):
     narrowed to int8 for the int8 MXU path; float operands go through float32,
     which holds every int4/int8 value exactly.
     """
+    if weight_format in ("fp8", "fp4"):
+        return float_weight_part(w, part, weight_format, dtype)
     if not packed:
         if jnp.dtype(dtype) == jnp.int8:
             return w

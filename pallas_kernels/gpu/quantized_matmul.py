@@ -1,4 +1,4 @@
-"""Quantized matmul GPU kernels (Pallas on Triton): W8A16 and W4A16 (+ A8).
+"""Quantized matmul GPU kernels (Pallas on Triton): W8A16 and W4A16 (+ A8), fp8 / fp4.
 
 Same problem and algebra as the TPU kernel (`pallas_kernels.reference`):
 ``y[M, N] = x_hat[M, K] @ (scale * q - zero_point).T`` with the scale applied
@@ -6,6 +6,21 @@ to partial sums and the zero point folded in through a running activation sum.
 Packed int4 (uint8, two features per byte along K, even feature in the low
 nibble) is loaded as bytes and unpacked in registers; the even/odd activation
 parts of the prologue (`pallas_kernels.operands`) meet the low/high nibbles.
+The pure-JAX statement of the algebra is `pallas_kernels.reference`.
+
+Float formats (API.md section 7): fp8 weights (float8_e4m3fn, int8's shapes)
+and fp4 (uint8, two e2m1 codes per byte, walked as packed int4); with fp8
+activations x is quantized per token (and block) to e4m3fn in the prologue
+(`formats.quantize_activation_fp8`). The dot's operands are
+`block_sizes.gpu_operands` of the target GPU (`device_kind`):
+
+  fp8 tensor cores (Hopper sm_90; Ada, Blackwell): A8-fp8 with an fp8 / fp4
+      weight multiplies e4m3fn x e4m3fn (fp4 codes become e4m3fn in
+      registers with integer ops and a bitcast), float32 accumulation.
+  otherwise, and A16 everywhere (Triton's dot takes one operand type): the
+      e4m3fn / e2m1 tiles are decoded in registers by their bits to x's
+      dtype (bf16 for quantized activations) -- integer ops only, since
+      Triton converts no float8 before sm_89.
 
 Memory (global) layouts, from `pallas_kernels.operands` (``p`` = 2 packed,
 else 1; ``Ks = K/p``; ``Bs = B/p``):
@@ -14,6 +29,9 @@ else 1; ``Ks = K/p``; ``Bs = B/p``):
   blockwise:   xs [p, K/B, M, Bs], w [K/B, Bs, N], scale/zero [K/B, 1, N],
                x_scale [K/B, M, 1]
   output:      [M, N] in x's dtype
+
+  xs is x's dtype (A16), int8 (A8) or float8_e4m3fn (A8-fp8); w int8, uint8
+  (packed int4 or fp4) or float8_e4m3fn (fp8); zero only for int.
 
 Grid ``(M/bm, N/bn)``; one program computes a (bm, bn) output tile:
 
@@ -28,9 +46,10 @@ block per step -- a (bm, Bs) x (Bs, bn) dot per part, scaled by the block's
 scale row before it is added.
 
 Block constraints (Triton): every loaded array has a power-of-2 size and dot
-operands are >= 16 along every dim, so bm, bn >= 16 are powers of 2, per-channel
-``bk/p`` is a power of 2 >= 16, and blockwise needs ``B/p`` to be a power of
-2 >= 16 (`supports`). M and N are padded to tile multiples and the result
+operands are >= 16 along every dim (K >= 32 for e4m3fn x e4m3fn,
+`block_sizes.gpu_dot_k_min`), so bm, bn >= 16 are powers of 2, per-channel
+``bk/p`` is a power of 2 >= 16 (32), and blockwise needs ``B/p`` to be a power
+of 2 >= 16 (32) (`supports`). M and N are padded to tile multiples and the result
 sliced (N only when it is no multiple of 16, which no real model has: the
 weight is then copied). K is never padded: where no power-of-2 step divides
 it, the last step's loads are masked (``plgpu.load(..., mask=, other=0)``).
@@ -49,7 +68,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels import block_sizes, operands
+from pallas_kernels import block_sizes, formats, jax_compat, operands
 
 _HIGHEST = lax.Precision.HIGHEST
 
@@ -80,11 +99,10 @@ def _load_chunk(ref, lead, off, chunk, k_stored, masked):
     return plgpu.load(view, mask=cols < k_stored, other=0)
 
 
-def _per_channel_kernel(*refs, parts, packed, has_zero, has_x_scale, chunk, n_chunks,
-                        k_stored):
+def _per_channel_kernel(*refs, parts, packed, weight_format, form, has_zero, has_x_scale,
+                        chunk, n_chunks, k_stored):
     xs_ref, w_ref, scale_ref, zero_ref, xsc_ref, o_ref = _split_refs(refs, has_zero, has_x_scale)
-    op_dtype = xs_ref.dtype
-    acc_dtype = jnp.int32 if jnp.dtype(op_dtype) == jnp.int8 else jnp.float32
+    acc_dtype = form.acc
     bm, bn = o_ref.shape
     # A last, partial step (no power-of-2 step divides K): masked loads, zeros
     # past the end of K in both operands.
@@ -96,12 +114,12 @@ def _per_channel_kernel(*refs, parts, packed, has_zero, has_x_scale, chunk, n_ch
         w_tile = _load_chunk(w_ref, (), off, chunk, k_stored, masked)  # (bn, chunk)
         for part in range(parts):
             x = _load_chunk(xs_ref, (part,), off, chunk, k_stored, masked)  # (bm, chunk)
-            q = operands.weight_part(w_tile, part, packed, op_dtype)
-            acc += lax.dot_general(x, q, (((1,), (1,)), ((), ())),
-                                   precision=_precision(op_dtype),
+            q = operands.weight_part(w_tile, part, packed, form.rhs, weight_format)
+            acc += lax.dot_general(formats.activation_operand(x, form.lhs), q,
+                                   (((1,), (1,)), ((), ())), precision=_precision(form.lhs),
                                    preferred_element_type=acc_dtype)
             if has_zero:
-                x_sum += jnp.sum(x.astype(jnp.float32), axis=1, keepdims=True)
+                x_sum += jnp.sum(formats.to_float32(x), axis=1, keepdims=True)
         return acc, x_sum
 
     init = (jnp.zeros((bm, bn), acc_dtype), jnp.zeros((bm, 1), jnp.float32))
@@ -116,10 +134,9 @@ def _per_channel_kernel(*refs, parts, packed, has_zero, has_x_scale, chunk, n_ch
     o_ref[...] = y.astype(o_ref.dtype)
 
 
-def _blockwise_kernel(*refs, parts, packed, has_zero, has_x_scale, n_blocks):
+def _blockwise_kernel(*refs, parts, packed, weight_format, form, has_zero, has_x_scale,
+                      n_blocks):
     xs_ref, w_ref, scale_ref, zero_ref, xsc_ref, o_ref = _split_refs(refs, has_zero, has_x_scale)
-    op_dtype = xs_ref.dtype
-    int_acc = jnp.int32 if jnp.dtype(op_dtype) == jnp.int8 else jnp.float32
     bm, bn = o_ref.shape
 
     def step(b, acc):
@@ -127,12 +144,13 @@ def _blockwise_kernel(*refs, parts, packed, has_zero, has_x_scale, n_blocks):
         partial, x_sum = None, None
         for part in range(parts):
             x = xs_ref[part, b]  # (bm, Bs)
-            q = operands.weight_part(w_tile, part, packed, op_dtype)
-            d = lax.dot_general(x, q, (((1,), (0,)), ((), ())),
-                                precision=_precision(op_dtype), preferred_element_type=int_acc)
+            q = operands.weight_part(w_tile, part, packed, form.rhs, weight_format)
+            d = lax.dot_general(formats.activation_operand(x, form.lhs), q,
+                                (((1,), (0,)), ((), ())), precision=_precision(form.lhs),
+                                preferred_element_type=form.acc)
             partial = d if partial is None else partial + d
             if has_zero:
-                s = jnp.sum(x.astype(jnp.float32), axis=1, keepdims=True)  # (bm, 1)
+                s = jnp.sum(formats.to_float32(x), axis=1, keepdims=True)  # (bm, 1)
                 x_sum = s if x_sum is None else x_sum + s
         y = partial.astype(jnp.float32)
         if has_x_scale:
@@ -153,52 +171,84 @@ def _is_pow2(v: int) -> bool:
     return v > 0 and v & (v - 1) == 0
 
 
-def supports(*, block_size: int, packed: bool, x_dtype, quantize_activation: bool) -> bool:
-    """Per-channel: always (K is padded). Blockwise: B/p a power of 2 >= 16."""
-    del x_dtype, quantize_activation
+def supports(*, block_size: int, packed: bool, x_dtype, quantize_activation: bool,
+             weight_format: str | None = None, activation_format: str | None = None,
+             device_kind: str | None = None) -> bool:
+    """Per-channel: always (K is padded). Blockwise: B/p a power of 2 of at
+    least the dot's minimum K (`block_sizes.gpu_dot_k_min`): 16, and 32 where
+    the target multiplies e4m3fn x e4m3fn (A8-fp8 with a float weight on
+    Hopper, `_operand_form`), so MXFP4 (B = 32, 16 bytes) and NVFP4 (B = 16)
+    with fp8 activations fall back to XLA there. `device_kind` as in
+    `quantized_matmul`."""
     if block_size == -1:
         return True
+    weight_format, activation_format = formats.kernel_formats(
+        jnp.uint8 if packed else jnp.int8, weight_format, activation_format, quantize_activation)
     bs = block_size // (2 if packed else 1)
-    return _is_pow2(bs) and bs >= 16
+    return _is_pow2(bs) and bs >= block_sizes.gpu_dot_k_min(
+        _operand_form(x_dtype, quantize_activation, weight_format, activation_format,
+                      device_kind).lhs == block_sizes.FP8)
+
+
+def _operand_form(x_dtype, quantize_activation, weight_format, activation_format,
+                  device_kind):
+    """`block_sizes.gpu_operands` for a call, with the defaults of `quantized_matmul`."""
+    return block_sizes.gpu_operands(x_dtype, quantize_activation=quantize_activation,
+                                    weight_format=weight_format,
+                                    activation_format=activation_format,
+                                    device_kind=device_kind or jax_compat.cuda_target_kind())
 
 
 def quantized_matmul(x, w, scale, zero_point=None, *, block_size: int = -1,
-                     quantize_activation: bool = False,
+                     quantize_activation: bool = False, weight_format: str | None = None,
+                     activation_format: str | None = None, device_kind: str | None = None,
                      blocks: block_sizes.GpuBlocks | None = None, interpret=False):
     """``x [M, K] @ dequantized(w).T -> [M, N]`` in x's dtype, on the Triton kernel.
 
-    Args as `pallas_kernels.tpu.quantized_matmul.quantized_matmul`; `blocks`
-    defaults to `block_sizes.gpu_blocks` (which applies `override_tiles` and a
-    measured table, so it is called here, outside the jit, on every call);
-    ``interpret=True`` runs the same kernel body on the CPU (Pallas' generic
-    interpreter).
+    Args as `pallas_kernels.tpu.quantized_matmul.quantized_matmul`, but
+    `device_kind` names the target GPU for the operand form
+    (`block_sizes.gpu_operands`: e4m3fn x e4m3fn dots for A8-fp8 on Hopper
+    and other fp8 tensor cores, conversion in registers otherwise); default
+    the GPU lowered for (`jax_compat.cuda_target_kind`, an H100 when none is
+    known). `blocks` defaults to `block_sizes.gpu_blocks` (which applies
+    `override_tiles` and a measured table, so it is called here, outside the
+    jit, on every call); ``interpret=True`` runs the same kernel body on the
+    CPU (Pallas' generic interpreter).
     """
     m, k = x.shape
     packed = w.dtype == jnp.uint8
     n = w.shape[-1] if block_size != -1 else w.shape[0]
     if m == 0:  # no rows: nothing to tile
         return jnp.zeros((0, n), x.dtype)
+    weight_format, activation_format = formats.kernel_formats(
+        w.dtype, weight_format, activation_format, quantize_activation)
+    form = _operand_form(x.dtype, quantize_activation, weight_format, activation_format,
+                         device_kind)
     if blocks is None:
         blocks = block_sizes.gpu_blocks(m, k, n, block_size=block_size, packed=packed,
-                                        x_dtype=x.dtype, quantize_activation=quantize_activation)
+                                        x_dtype=x.dtype, quantize_activation=quantize_activation,
+                                        dot_k_min=block_sizes.gpu_dot_k_min(
+                                            form.lhs == block_sizes.FP8))
     return _quantized_matmul(x, w, scale, zero_point, block_size=block_size,
-                             quantize_activation=quantize_activation, blocks=blocks,
-                             interpret=interpret)
+                             quantize_activation=quantize_activation,
+                             weight_format=weight_format, activation_format=activation_format,
+                             form=form, blocks=blocks, interpret=interpret)
 
 
 @functools.partial(jax.jit, static_argnames=(
-    "block_size", "quantize_activation", "blocks", "interpret"))
-def _quantized_matmul(x, w, scale, zero_point, *, block_size, quantize_activation, blocks,
-                      interpret):
+    "block_size", "quantize_activation", "weight_format", "activation_format", "form",
+    "blocks", "interpret"))
+def _quantized_matmul(x, w, scale, zero_point, *, block_size, quantize_activation,
+                      weight_format, activation_format, form, blocks, interpret):
     m, k = x.shape
     packed = w.dtype == jnp.uint8
     parts = 2 if packed else 1
     n = w.shape[-1] if block_size != -1 else w.shape[0]
-    op_dtype = jnp.int8 if quantize_activation else x.dtype
     xs, wk, sk, zk, xsck = operands.kernel_operands(
         x, w, scale, zero_point, block_size=block_size,
-        quantize_activation=quantize_activation, op_dtype=op_dtype,
-        m_pad=blocks.m_pad, n_pad=blocks.n_pad, k_pad=blocks.k_pad, pad_weight=True)
+        quantize_activation=quantize_activation, op_dtype=form.x,
+        m_pad=blocks.m_pad, n_pad=blocks.n_pad, k_pad=blocks.k_pad, pad_weight=True,
+        activation_format=activation_format or "int8")
     bm, bn = blocks.bm, blocks.bn
     has_zero, has_x_scale = zk is not None, xsck is not None
 
@@ -213,7 +263,8 @@ def _quantized_matmul(x, w, scale, zero_point, *, block_size, quantize_activatio
         if has_x_scale:
             in_specs.append(pl.BlockSpec((bm, 1), lambda i, j: (i, 0)))
         kernel = functools.partial(_per_channel_kernel, parts=parts, packed=packed,
-                                   has_zero=has_zero, has_x_scale=has_x_scale,
+                                   weight_format=weight_format, form=form, has_zero=has_zero,
+                                   has_x_scale=has_x_scale,
                                    chunk=chunk, n_chunks=-(-ks // chunk), k_stored=ks)
     else:
         nb, bs = k // block_size, block_size // parts
@@ -225,7 +276,8 @@ def _quantized_matmul(x, w, scale, zero_point, *, block_size, quantize_activatio
         if has_x_scale:
             in_specs.append(pl.BlockSpec((nb, bm, 1), lambda i, j: (0, i, 0)))
         kernel = functools.partial(_blockwise_kernel, parts=parts, packed=packed,
-                                   has_zero=has_zero, has_x_scale=has_x_scale, n_blocks=nb)
+                                   weight_format=weight_format, form=form, has_zero=has_zero,
+                                   has_x_scale=has_x_scale, n_blocks=nb)
 
     args = [xs, wk, sk] + ([zk] if has_zero else []) + ([xsck] if has_x_scale else [])
     out = pl.pallas_call(
@@ -237,7 +289,6 @@ def _quantized_matmul(x, w, scale, zero_point, *, block_size, quantize_activatio
         compiler_params=plgpu.CompilerParams(num_warps=blocks.num_warps,
                                              num_stages=blocks.num_stages),
         interpret=interpret,
-        name=("quantized_matmul_" + ("blockwise" if block_size != -1 else "per_channel")
-              + ("_packed_int4" if packed else "") + ("_a8" if quantize_activation else "")),
+        name=formats.kernel_name(block_size, packed, weight_format, activation_format),
     )(*args)
     return out[:m, :n]

@@ -25,7 +25,10 @@ shipped to a TPU -- and checks them here, in two ways:
   those (static offsets of any alignment are fine: Mosaic shifts and masks);
   and every MXU product (``tpu.matmul``) multiplies bf16 by bf16, f32 by f32
   or int8 by int8 into an f32 or int32 accumulator (Mosaic has no f16
-  matmul). Each rule has a negative control in tests/test_pallas_lowering.py
+  matmul), and from TPU v7 on also bf16 by e4m3fn or e4m3fn by e4m3fn into
+  f32 (the fp8 MXU of JAX's ``tpu_info.is_matmul_supported``; before v7 an
+  e4m3fn operand is widened in VMEM, and Mosaic's layout passes, which do not
+  check operand types, accept it either way). Each rule has a negative control in tests/test_pallas_lowering.py
   that Mosaic's passes reject too.
 
   What it does not check, and the passes did: the layouts themselves
@@ -213,19 +216,55 @@ def _check_access(op, problems):
                             f"of {tile} (known multiple: {multiple})")
 
 
-_MXU_OPERANDS = {("bf16", "f32"), ("f32", "f32"), ("i8", "i32")}
+# (lhs, rhs, accumulator) element types of native MXU products.
+_MXU_OPERANDS = {("bf16", "bf16", "f32"), ("f32", "f32", "f32"), ("i8", "i8", "i32")}
+FP8_MXU_GENERATION = 7
+_FP8_MXU_OPERANDS = {("bf16", "f8E4M3FN", "f32"), ("f8E4M3FN", "f8E4M3FN", "f32")}
 
 
-def _check_matmul(op, problems):
-    lhs, rhs, acc = (ir.ShapedType(v.type).element_type for v in op.operands[:3])
-    pair = (str(lhs), str(acc))
-    if str(lhs) != str(rhs) or pair not in _MXU_OPERANDS:
+def mxu_operands(generation: int | None) -> set[tuple[str, str, str]]:
+    """The (lhs, rhs, accumulator) element types the MXU of `generation`
+    multiplies (None: any generation before v7)."""
+    if generation is not None and generation >= FP8_MXU_GENERATION:
+        return _MXU_OPERANDS | _FP8_MXU_OPERANDS
+    return _MXU_OPERANDS
+
+
+def matmul_operand_types(module: bytes) -> list[tuple[str, str, str]]:
+    """(lhs, rhs, accumulator) element types of every ``tpu.matmul`` in a
+    serialized kernel, in program order (what the MXU is asked to multiply)."""
+    with _context():
+        return [_matmul_types(op) for op in _operations(_deserialize(module).operation)
+                if op.name == "tpu.matmul"]
+
+
+def _operations(op):
+    """`op` and every operation nested in it, in program order."""
+    yield op
+    for region in op.regions:
+        for block in region.blocks:
+            for child in block.operations:
+                yield from _operations(child.operation)
+
+
+def _matmul_types(op) -> tuple[str, str, str]:
+    return tuple(str(ir.ShapedType(v.type).element_type) for v in op.operands[:3])
+
+
+def _check_matmul(op, problems, generation):
+    types = _matmul_types(op)
+    if types not in mxu_operands(generation):
+        lhs, rhs, acc = types
+        fp8 = (" (and from v7 bf16 or e4m3fn by e4m3fn into f32)"
+               if generation is None or generation < FP8_MXU_GENERATION else
+               ", bf16 or e4m3fn by e4m3fn into f32")
         problems.append(f"tpu.matmul of {lhs} x {rhs} into {acc}: the MXU multiplies bf16, "
-                        f"f32 or int8 operands of one type into f32 (int32 for int8)")
+                        f"f32 or int8 operands of one type into f32 (int32 for int8){fp8}")
 
 
-def structural_check(module: bytes) -> PassResult:
-    """The version-independent check of one serialized kernel (module docstring)."""
+def structural_check(module: bytes, generation: int | None = None) -> PassResult:
+    """The version-independent check of one serialized kernel (module docstring);
+    `generation` decides the MXU operand types allowed (None: before v7)."""
     problems: list[str] = []
     with _context():
         try:
@@ -233,17 +272,11 @@ def structural_check(module: bytes) -> PassResult:
         except Exception as e:
             return PassResult(None, False, "mosaic-serde", str(e))
 
-        def walk(op):
+        for op in _operations(mod.operation):
             if _access(op) is not None:
                 _check_access(op, problems)
             elif op.name == "tpu.matmul":
-                _check_matmul(op, problems)
-            for region in op.regions:
-                for block in region.blocks:
-                    for child in block.operations:
-                        walk(child.operation)
-
-        walk(mod.operation)
+                _check_matmul(op, problems, generation)
     if problems:
         return PassResult(None, False, STRUCTURAL, "\n".join(problems))
     return PassResult(None, True)
@@ -251,17 +284,19 @@ def structural_check(module: bytes) -> PassResult:
 
 def check(fn, *args, generations=(5, 6)) -> list[PassResult]:
     """Exports `fn` for TPU and checks each of its kernels: the structural check
-    always, Mosaic's layout passes for each of `generations` where jaxlib has them."""
+    always (with the MXU operand rule of the oldest of `generations`), Mosaic's
+    layout passes for each of `generations` where jaxlib has them."""
     modules = mosaic_modules(fn, *args)
     if not modules:
         raise ValueError("fn: exporting it for TPU produced no Mosaic kernel")
     passes = jax_compat.mosaic_layout_passes_available()
     results = []
     for m in modules:
-        results.append(structural_check(m))
+        results.append(structural_check(m, min(generations)))
         if passes:
             results.extend(run_layout_passes(m, g) for g in generations)
     return results
 
 
-__all__ = ["PassResult", "mosaic_modules", "run_layout_passes", "structural_check", "check"]
+__all__ = ["PassResult", "mosaic_modules", "run_layout_passes", "structural_check", "check",
+           "mxu_operands", "matmul_operand_types", "FP8_MXU_GENERATION"]

@@ -6,6 +6,9 @@
   the torch bridge exercise the kernels on a machine without an accelerator.
   It is slow (a checking path, not a fast one), so impl="auto" never picks it.
 
+Both kernels take every weight format of API.md section 7 (int8, int4, fp8,
+fp4) and both activation formats (int8, fp8); what the dot multiplies on each
+target is `pallas_kernels.block_sizes.tpu_operands` / `gpu_operands`.
 Each kernel declines a spec it cannot tile (`supports`); impl="auto" then
 falls back to the fused XLA backend, and impl="pallas" fails the lowering for
 that platform with a ValueError (`xla_qops.dispatch`), or fails at once if no
@@ -41,10 +44,12 @@ def _kernel_module(platform: str):
 
 def supports(spec, platform) -> bool:
     kernel = _kernel_module(platform or jax.default_backend())
-    if kernel is None or spec.float_format:
-        return False  # the kernels take int8/int4 weights and int8 activations so far
+    if kernel is None:
+        return False
     return kernel.supports(block_size=spec.block_size, packed=spec.packed,
-                           x_dtype=spec.x_dtype, quantize_activation=spec.quantize_activation)
+                           x_dtype=spec.x_dtype, quantize_activation=spec.quantize_activation,
+                           weight_format=spec.weight_format,
+                           activation_format=spec.activation_format)
 
 
 def matmul(x, w, scale, zero_point, spec, platform=None):
@@ -53,7 +58,8 @@ def matmul(x, w, scale, zero_point, spec, platform=None):
     if kernel is None:
         raise ValueError(f"platform: the pallas backend has kernels for tpu, cuda/gpu "
                          f"and cpu (interpret mode), got {platform!r}")
-    kwargs = dict(block_size=spec.block_size, quantize_activation=spec.quantize_activation)
+    kwargs = dict(block_size=spec.block_size, quantize_activation=spec.quantize_activation,
+                  weight_format=spec.weight_format, activation_format=spec.activation_format)
     if platform == "cpu":
         kwargs["interpret"] = True
     return kernel.quantized_matmul(x, w, scale, zero_point, **kwargs)
