@@ -11,7 +11,9 @@ Public API (see docs/ and API.md):
 
 Submodules: `xla_qops.interop` (GPTQ, AWQ, HQQ, int4pack, MLX importers),
 `xla_qops.checkpoint` (safetensors), `xla_qops.sharding` (sharded matmul),
-`xla_qops.quantizers` (the quantization methods), `xla_qops.data` (sentence sets).
+`xla_qops.quantizers` (the quantization methods), `xla_qops.data` (sentence sets);
+with the `flax` extra, `xla_qops.nnx` (Flax NNX modules) and `xla_qops.qwix` (a qwix
+provider), imported on first use so that `import xla_qops` never imports flax.
 """
 
 from xla_qops.api import quantized_matmul
@@ -21,3 +23,12 @@ from xla_qops import checkpoint, interop, sharding  # noqa: E402  (public submod
 
 __all__ = ["quantized_matmul", "quantize_weight", "QuantizedWeight", "IMPLS", "Impl"]
 __version__ = "0.1.0"
+
+_LAZY_SUBMODULES = ("nnx", "qwix")  # need flax / qwix (the `flax` extra)
+
+
+def __getattr__(name):
+    if name in _LAZY_SUBMODULES:
+        import importlib
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,615 @@
+"""The Flax NNX face (API.md section 8): `QuantizedLinear` and `quantize_model`.
+
+`quantize_model(model, scheme=...)` swaps every `nnx.Linear` -- and every
+`nnx.Einsum` / `nnx.LinearGeneral` with one contracting axis, how models
+write attention projections -- for a `QuantizedLinear`, in place. The
+quantized weight is converted once, at quantization time, from NNX's
+``[in, out...]`` kernel into this project's ``[out, in]`` layout (API.md
+section 2); a call runs `xla_qops.quantized_matmul` and nothing else.
+
+Schemes, quantizers and argument checks are the core's (`xla_qops.schemes`,
+`xla_qops.quantize`), so a scheme means what it means for
+`torch_bridge.quantize_model`. Calibrated methods ("gptq", "awq") take each
+layer's inputs from eager forward passes of the float model over
+`calibration` (each item a tuple of positional arguments, or one array).
+
+Sharding: the replaced kernel's partitioning metadata (`nnx.with_partitioning`;
+``sharding_names`` up to flax 0.12.3, ``out_sharding`` after) is mapped onto
+the quantized arrays' layouts (the kernel's input axis names on `in`, output
+axis names on `out`) and the arrays are placed on the kernel's mesh, so a
+sharded model stays sharded (no gather at run time).
+
+Speed: under `nnx.jit` every call re-walks the module graph; for a decode
+loop, split once and jit a pure function (`nnx.split` + `jax.jit` +
+`nnx.merge`), as docs/flax.md shows.
+
+Importing this module imports flax (the ``flax`` extra); ``import xla_qops``
+does not.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Iterable, Mapping
+from typing import Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+try:
+    from flax import nnx, traverse_util
+except ImportError as e:  # the optional extra
+    raise ImportError("xla_qops.nnx needs flax: pip install 'xla-qops[flax]'") from e
+
+from xla_qops import checkpoint, quantizers
+from xla_qops.api import quantized_matmul
+from xla_qops.quantize import (QuantizedWeight, _check_format, check_method,
+                               quantize_weight, quantize_with_hessian)
+from xla_qops.schemes import SCHEMES, Scheme
+
+# The partitioning metadata key of an nnx.Variable: flax <= 0.12.3 writes
+# `sharding_names`, later versions `out_sharding` (a PartitionSpec or names).
+SHARDING_KEYS = ("out_sharding", "sharding_names")
+
+
+def _value(variable):
+    """A Variable's array (flax >= 0.12.5 deprecates `.value`)."""
+    get = getattr(variable, "get_value", None)
+    return get() if get is not None else variable.value
+
+
+# --------------------------------------------------------------------------- the module
+
+
+class QuantizedLinear(nnx.Module):
+    """A linear layer with a quantized weight; `__call__` runs `xla_qops.quantized_matmul`.
+
+    NNX state (`nnx.Param`s): ``weight`` (API.md section 2's ``[out, in]`` /
+    ``[in/B, B, out]``, int4 packed), ``scale``, ``zero_point`` (None when
+    symmetric) and ``bias`` (the float layer's own Param, or None). Static
+    attributes: the weight's `bits`, `block_size`, `packed`, `format`, the
+    activation scheme, and how the input maps onto ``[..., in]``.
+
+    Build one with `from_quantized` (or let `quantize_model` do it).
+
+    Call: ``x`` of the replaced layer's input shape -> its output shape. The
+    matmul runs in `dtype` when set, else in the promotion of ``x``'s dtype
+    with `param_dtype` (as `nnx.Linear` does).
+    """
+
+    def __init__(self, weight: QuantizedWeight, *, bias=None, quantize_activation: bool = False,
+                 activation_format: Optional[str] = None, in_axis: int = -1,
+                 out_shape: Optional[tuple] = None, einsum_str: Optional[str] = None,
+                 dtype=None, param_dtype=jnp.float32, metadata: Optional[Mapping] = None):
+        """Prefer `from_quantized`; `metadata` maps 'weight' / 'scale' / 'zero_point' to
+        each Param's metadata (sharding)."""
+        metadata = metadata or {}
+        self.weight = nnx.Param(weight.w, **metadata.get("weight", {}))
+        self.scale = nnx.Param(weight.scale, **metadata.get("scale", {}))
+        self.zero_point = (None if weight.zero_point is None
+                           else nnx.Param(weight.zero_point, **metadata.get("zero_point", {})))
+        if bias is not None and not isinstance(bias, nnx.Variable):
+            bias = nnx.Param(jnp.asarray(bias))
+        self.bias = bias
+        self.bits, self.block_size, self.packed = weight.bits, weight.block_size, weight.packed
+        self.format = weight.format
+        self.quantize_activation = bool(quantize_activation)
+        self.activation_format = activation_format if quantize_activation else None
+        self.in_features, self.out_features = weight.in_features, weight.out_features
+        self.in_axis = int(in_axis)
+        self.out_shape = tuple(out_shape) if out_shape is not None else (weight.out_features,)
+        self.einsum_str = einsum_str
+        self.dtype, self.param_dtype = dtype, param_dtype
+
+    @classmethod
+    def from_quantized(cls, weight: QuantizedWeight, *, bias=None,
+                       quantize_activation: bool = False,
+                       activation_format: Optional[str] = None,
+                       dtype=None, param_dtype=jnp.float32) -> "QuantizedLinear":
+        """A layer computing ``x @ W.T + bias`` over the last axis of ``x`` (nnx.Linear's
+        contract) for a `QuantizedWeight` W; `bias` an array ``[out]`` or None."""
+        if not isinstance(weight, QuantizedWeight):
+            raise TypeError(f"weight: expected an xla_qops.QuantizedWeight, got "
+                            f"{type(weight).__name__}")
+        if bias is not None and tuple(np.shape(bias)) != (weight.out_features,):
+            raise ValueError(f"bias: expected shape ({weight.out_features},) [out], got "
+                             f"{tuple(np.shape(bias))}")
+        return cls(weight, bias=bias, quantize_activation=quantize_activation,
+                   activation_format=activation_format, dtype=dtype, param_dtype=param_dtype)
+
+    @property
+    def quantized_weight(self) -> QuantizedWeight:
+        """The weight as a `QuantizedWeight` (the arrays the state holds, no copy)."""
+        return QuantizedWeight(
+            w=_value(self.weight), scale=_value(self.scale),
+            zero_point=None if self.zero_point is None else _value(self.zero_point),
+            bits=self.bits, block_size=self.block_size, packed=self.packed, format=self.format)
+
+    def __call__(self, x):
+        dtype = self.dtype if self.dtype is not None else jnp.result_type(x.dtype,
+                                                                          self.param_dtype)
+        x = jnp.asarray(x, dtype)
+        if self.einsum_str is not None:
+            in_axis, permutation, bias_shape = _einsum_plan(self.einsum_str, x.ndim,
+                                                            self.out_shape)
+        else:
+            in_axis, permutation = self.in_axis % x.ndim, None
+            bias_shape = self.out_shape
+        if in_axis != x.ndim - 1:
+            x = jnp.moveaxis(x, in_axis, -1)
+        y = quantized_matmul(x, self.quantized_weight,
+                             quantize_activation=self.quantize_activation,
+                             activation_format=self.activation_format)
+        y = y.reshape(*y.shape[:-1], *self.out_shape)
+        if permutation is not None:
+            y = jnp.transpose(y, permutation)
+        if self.bias is not None:
+            y = y + jnp.reshape(_value(self.bias), bias_shape).astype(y.dtype)
+        return y
+
+
+# ------------------------------------------------------------- einsum with one contraction
+
+
+@dataclasses.dataclass(frozen=True)
+class _Einsum:
+    """An einsum ``lhs,rhs->out`` read as one matmul over the contracted index."""
+    lhs: str
+    rhs: str
+    out: str
+    contracted: str  # the one index lhs and rhs share
+
+    @property
+    def rhs_free(self) -> str:
+        return self.rhs.replace(self.contracted, "")
+
+
+def _parse_einsum(einsum_str: str) -> _Einsum:
+    """Parses ``lhs,rhs->out`` (an ellipsis allowed in lhs and out); ValueError naming
+    what makes it more than one matmul over one contracted index."""
+    s = einsum_str.replace(" ", "")
+    if "->" not in s or s.count(",") != 1:
+        raise ValueError(f"einsum_str: expected 'lhs,rhs->out' with two operands, got "
+                         f"{einsum_str!r}")
+    operands, out = s.split("->")
+    lhs, rhs = operands.split(",")
+    if "..." in rhs:
+        raise ValueError(f"einsum_str: an ellipsis on the kernel side is not one matmul, got "
+                         f"{einsum_str!r}")
+    letters = lambda t: t.replace("...", "")  # noqa: E731
+    lhs_l, out_l = letters(lhs), letters(out)
+    for name, t in (("input", lhs_l), ("kernel", rhs), ("output", out_l)):
+        if len(set(t)) != len(t):
+            raise ValueError(f"einsum_str: a repeated index in the {name} ({einsum_str!r})")
+    shared = set(lhs_l) & set(rhs)
+    contracted = [c for c in shared if c not in out_l]
+    if len(contracted) != 1 or len(shared) != 1:
+        raise ValueError(f"einsum_str: expected exactly one index shared by input and kernel "
+                         f"and summed over, got {einsum_str!r}")
+    if set(out_l) != (set(lhs_l) | set(rhs)) - set(contracted):
+        raise ValueError(f"einsum_str: every free index must reach the output, got "
+                         f"{einsum_str!r}")
+    if ("..." in lhs) != ("..." in out):
+        raise ValueError(f"einsum_str: an ellipsis must be in both input and output, got "
+                         f"{einsum_str!r}")
+    return _Einsum(lhs, rhs, out, contracted[0])
+
+
+def _expand(term: str, n: int, fill: str) -> str:
+    return term.replace("...", fill[:n])
+
+
+def _einsum_plan(einsum_str: str, x_ndim: int, rhs_free_shape: tuple = ()):
+    """(input axis contracted, output permutation, bias broadcast shape) for an input of
+    rank `x_ndim`: the matmul's result, ``[lhs free..., rhs free...]``, permuted into
+    the einsum's output order (static Python, evaluated once per trace). The bias
+    broadcasts as nnx.Einsum's does: the kernel's size on its indices, 1 elsewhere."""
+    e = _parse_einsum(einsum_str)
+    used = set(e.lhs + e.rhs + e.out)
+    fill = "".join(c for c in "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+                   if c not in used)
+    n_ellipsis = x_ndim - len(e.lhs.replace("...", ""))
+    lhs, out = _expand(e.lhs, n_ellipsis, fill), _expand(e.out, n_ellipsis, fill)
+    produced = lhs.replace(e.contracted, "") + e.rhs_free
+    permutation = tuple(produced.index(c) for c in out)
+    sizes = dict(zip(e.rhs_free, rhs_free_shape))
+    bias_shape = tuple(sizes.get(c, 1) for c in out)
+    return lhs.index(e.contracted), (None if permutation == tuple(range(len(out)))
+                                     else permutation), bias_shape
+
+
+# ---------------------------------------------------------------- the layers it replaces
+
+
+@dataclasses.dataclass
+class _Layer:
+    """A replaceable layer: its kernel as ``[out, in]`` and how to rebuild its call."""
+    path: str
+    module: object
+    w: np.ndarray  # float32 [out, in]
+    in_axis: int
+    out_shape: tuple
+    einsum_str: Optional[str]
+    in_names: tuple  # the kernel's partitioning names of `in` / `out` (None: not sharded)
+    out_names: tuple
+
+
+def _layer(path: str, module) -> tuple[Optional[_Layer], Optional[str]]:
+    """(_Layer, None) for a replaceable module, (None, why not) otherwise."""
+    kernel = np.asarray(jax.device_get(_value(module.kernel)), np.float32)
+    names = _sharding_names(module.kernel, kernel.ndim)
+    if isinstance(module, nnx.Linear):
+        return _Layer(path, module, kernel.T, -1, (kernel.shape[1],), None,
+                      names[0], names[1]), None
+    if isinstance(module, nnx.LinearGeneral):
+        if len(module.axis) != 1 or len(module.in_features) != 1:
+            return None, f"contracts {len(module.axis)} axes (one is one matmul)"
+        if module.batch_axis:
+            return None, "has batch axes (a batched matmul)"
+        out_shape = tuple(module.out_features)
+        return _Layer(path, module, kernel.reshape(kernel.shape[0], -1).T, module.axis[0],
+                      out_shape, None, names[0], _joined(names[1:])), None
+    # nnx.Einsum
+    if module.einsum_str is None:
+        return None, "has no einsum_str of its own (given per call)"
+    try:
+        e = _parse_einsum(module.einsum_str)
+    except ValueError as err:
+        return None, str(err)
+    c = e.rhs.index(e.contracted)
+    moved = np.moveaxis(kernel, c, 0)
+    rest = names[:c] + names[c + 1:]
+    return _Layer(path, module, moved.reshape(moved.shape[0], -1).T, -1, moved.shape[1:],
+                  module.einsum_str.replace(" ", ""), names[c], _joined(rest)), None
+
+
+def _sharding_names(variable, ndim: int) -> tuple:
+    """The kernel's per-axis partitioning names (None each where it has none)."""
+    metadata = variable.get_metadata() if hasattr(variable, "get_metadata") else {}
+    for key in SHARDING_KEYS:
+        spec = metadata.get(key)
+        if spec is not None:
+            names = tuple(spec)
+            return names + (None,) * (ndim - len(names))
+    return (None,) * ndim
+
+
+def _joined(names: tuple):
+    """One partitioning entry for several kernel axes flattened into one (row-major):
+    the named axes must lead, else the flat axis has no such layout (None)."""
+    named = [n for n in names if n is not None]
+    if not named:
+        return None
+    if any(n is None for n in names[:len(named)]):
+        return None
+    flat = []
+    for n in named:
+        flat += list(n) if isinstance(n, tuple) else [n]
+    return flat[0] if len(flat) == 1 else tuple(flat)
+
+
+def _param_metadata(layer: _Layer, qw: QuantizedWeight) -> dict:
+    """{'weight' | 'scale' | 'zero_point': Param metadata}: the kernel's metadata with its
+    partitioning mapped onto each quantized array's layout."""
+    metadata = dict(layer.module.kernel.get_metadata()) if hasattr(
+        layer.module.kernel, "get_metadata") else {}
+    key = next((k for k in SHARDING_KEYS if metadata.get(k) is not None), None)
+    if key is None:
+        return {}
+    if metadata.get("mesh") is None:
+        sharding = getattr(_value(layer.module.kernel), "sharding", None)
+        if isinstance(sharding, jax.sharding.NamedSharding):
+            metadata["mesh"] = sharding.mesh  # place the new arrays where the kernel was
+    i, o = layer.in_names, layer.out_names
+    if qw.blockwise:
+        layouts = {"weight": (i, None, o), "scale": (i, o)}
+    else:
+        layouts = {"weight": (o, i), "scale": (o,)}
+    layouts["zero_point"] = layouts["scale"]
+    spec_type = type(metadata[key])
+    make = ((lambda names: jax.sharding.PartitionSpec(*names))
+            if issubclass(spec_type, jax.sharding.PartitionSpec) else tuple)
+    return {name: dict(metadata, **{key: make(names)}) for name, names in layouts.items()}
+
+
+# ------------------------------------------------------------------------ quantize_model
+
+
+def _check_arguments(model, scheme, block_size, symmetric, filter_fn, method, calibration):
+    """Every argument of `quantize_model`, before anything is done; returns (Scheme, B,
+    calibration items or None)."""
+    if not isinstance(model, nnx.Module):
+        raise TypeError(f"model: expected a flax.nnx.Module, got {type(model).__name__}")
+    if not isinstance(scheme, str) or scheme not in SCHEMES:
+        raise ValueError(f"scheme: expected one of {', '.join(map(repr, SCHEMES))}, "
+                         f"got {scheme!r}")
+    spec = SCHEMES[scheme]
+    if isinstance(block_size, bool) or not isinstance(block_size, int):
+        raise TypeError(f"block_size: expected an int, got {type(block_size).__name__}")
+    if block_size != -1 and block_size <= 0:
+        raise ValueError(f"block_size: expected -1 (per-channel) or a positive int, "
+                         f"got {block_size}")
+    if not isinstance(symmetric, bool):
+        raise TypeError(f"symmetric: expected a bool, got {type(symmetric).__name__}")
+    if filter_fn is not None and not callable(filter_fn):
+        raise TypeError(f"filter_fn: expected a callable(path, module) or None, got "
+                        f"{type(filter_fn).__name__}")
+    block_size = spec.block_size(block_size)  # MX / NV blocks
+    if spec.float_weight:
+        _check_format(spec.format, spec.bits, block_size, symmetric, True, method)
+    check_method(method, calibration is not None,
+                 calibration_is="an iterable of model inputs (tuples of positional arguments)")
+    items = None
+    if calibration is not None:
+        if isinstance(calibration, (jax.Array, np.ndarray, Mapping)) or not isinstance(
+                calibration, Iterable):
+            raise TypeError(f"calibration: expected an iterable of model inputs (each a tuple "
+                            f"of positional arguments, or one array), got "
+                            f"{type(calibration).__name__}; wrap a single input in a list")
+        items = [item if isinstance(item, tuple) else (item,) for item in calibration]
+        if not items:
+            raise ValueError("calibration: expected at least one model input, got none")
+    return spec, block_size, items
+
+
+REPLACEABLE = (nnx.Linear, nnx.LinearGeneral, nnx.Einsum)
+
+
+def quantize_model(model, *, scheme: str = "w8a16", block_size: int = -1,
+                   symmetric: bool = True, filter_fn: Optional[Callable] = None,
+                   method: str = "rtn", calibration=None):
+    """Swaps every `nnx.Linear` (and single-contraction `nnx.Einsum` / `nnx.LinearGeneral`)
+    of `model` for a `QuantizedLinear`, in place; returns `model`.
+
+    Args:
+      model: a `flax.nnx.Module`.
+      scheme: a name of `xla_qops.schemes.SCHEMES`, as for
+        `torch_bridge.quantize_model`: "w8a16", "w4a16", "w8a8", "w4a8", and
+        the float formats "w8a16-fp8", "w8a8-fp8", "w4a16-mxfp4",
+        "w4a16-nvfp4", "w4a8-fp8".
+      block_size: -1 per-channel, else B; layers whose `in` B does not divide
+        are left float (see `quantization_report`). mxfp4 takes -1 as 32,
+        nvfp4 has B = 16.
+      symmetric: absmax scales without zero point, else min/max with one.
+      filter_fn: ``filter_fn(path, module) -> bool`` (path '/'-joined, e.g.
+        "layers/0/attn/q"); False leaves the layer float.
+      method: "rtn", "hqq", or the calibrated "gptq" / "awq" (awq: the clip
+        search, as `xla_qops.quantize_weight(method="awq")`).
+      calibration: for the calibrated methods, an iterable of model inputs
+        (each a tuple of positional arguments, or one array); the float model
+        runs eagerly on each and every target layer's inputs are gathered.
+
+    Returns:
+      `model`, with `quantization_report(model)` listing swapped and skipped
+      layers.
+    """
+    spec, block_size, items = _check_arguments(model, scheme, block_size, symmetric, filter_fn,
+                                               method, calibration)
+    todo, skipped = [], []
+    for path, module in _modules(model):
+        if not isinstance(module, REPLACEABLE):
+            continue
+        if not path:
+            skipped.append((path, "the model itself is the layer; use "
+                                  "QuantizedLinear.from_quantized"))
+            continue
+        if filter_fn is not None and not filter_fn(path, module):
+            skipped.append((path, "filter_fn returned False"))
+            continue
+        layer, reason = _layer(path, module)
+        if layer is None:
+            skipped.append((path, reason))
+            continue
+        reason = _shape_problem(layer.w.shape[1], spec, block_size)
+        if reason:
+            skipped.append((path, reason))
+            continue
+        todo.append(layer)
+
+    hessians = _gather_hessians(model, todo, items) if method in quantizers.CALIBRATED else {}
+    swapped = {}
+    for layer in todo:
+        qw = _quantize(layer.w, spec, block_size, symmetric,
+                       method if id(layer.module) in hessians or method not in
+                       quantizers.CALIBRATED else "rtn", hessians.get(id(layer.module)))
+        swapped[id(layer.module)] = _build(layer, qw, spec)
+    _replace(model, swapped)
+    report = QuantizationReport(scheme, block_size, symmetric, method,
+                                [layer.path for layer in todo], skipped)
+    _REPORTS[id(model)] = report
+    return model
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizationReport:
+    """What `quantize_model` swapped (paths) and skipped ((path, reason))."""
+    scheme: str
+    block_size: int
+    symmetric: bool
+    method: str
+    swapped: list
+    skipped: list
+
+
+_REPORTS: dict = {}
+
+
+def quantization_report(model) -> Optional[QuantizationReport]:
+    """The report of the last `quantize_model` call on `model`."""
+    return _REPORTS.get(id(model))
+
+
+def _modules(model):
+    """(path '/'-joined, module) of every module in `model`'s graph, once each."""
+    for path, node in nnx.iter_graph(model):
+        if isinstance(node, nnx.Module):
+            yield "/".join(map(str, path)), node
+
+
+def _shape_problem(in_features: int, spec: Scheme, block_size: int) -> Optional[str]:
+    if block_size != -1 and in_features % block_size:
+        return f"in_features={in_features} is not divisible by block_size={block_size}"
+    if spec.float_weight and spec.bits == 4 and block_size == -1 and in_features % 2:
+        return f"in_features={in_features} is odd: e2m1 codes are stored in pairs"
+    return None
+
+
+def _quantize(w, spec: Scheme, block_size: int, symmetric: bool, method: str, hessian):
+    if spec.float_weight:
+        return quantize_weight(w, bits=spec.bits, block_size=block_size, format=spec.format)
+    group = w.shape[1] if block_size == -1 else block_size
+    return quantize_with_hessian(w, bits=spec.bits, block_size=block_size, symmetric=symmetric,
+                                 method=method, hessian=hessian,
+                                 pack=spec.bits == 4 and group % 2 == 0)
+
+
+def _build(layer: _Layer, qw: QuantizedWeight, spec: Scheme) -> QuantizedLinear:
+    m = layer.module
+    metadata = _param_metadata(layer, qw)
+    mesh = next((d["mesh"] for d in metadata.values() if d.get("mesh") is not None), None)
+    if mesh is not None:  # placed first: flax 0.12.0 constrains the value in place,
+        # by its PartitionSpec against the mesh in context (entered below)
+        key = next(k for k in SHARDING_KEYS if metadata["weight"].get(k) is not None)
+        place = {name: jax.sharding.NamedSharding(
+            mesh, jax.sharding.PartitionSpec(*d[key])) for name, d in metadata.items()}
+        qw = dataclasses.replace(
+            qw, w=jax.device_put(qw.w, place["weight"]),
+            scale=jax.device_put(qw.scale, place["scale"]),
+            zero_point=None if qw.zero_point is None else jax.device_put(
+                qw.zero_point, place["zero_point"]))
+    with (jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()):
+        return QuantizedLinear(
+            qw, bias=getattr(m, "bias", None), quantize_activation=spec.quantize_activation,
+            activation_format=spec.activation_format, in_axis=layer.in_axis,
+            out_shape=layer.out_shape, einsum_str=layer.einsum_str, dtype=m.dtype,
+            param_dtype=m.param_dtype, metadata=metadata)
+
+
+def _replace(model, swapped: dict) -> None:
+    """Puts each new module where its float layer was -- at every place that held it
+    (a layer shared by two parents is swapped in both)."""
+    while True:
+        found = [(path, swapped[id(node)]) for path, node in nnx.iter_graph(model)
+                 if id(node) in swapped and path]
+        if not found:
+            return
+        for path, new in found:
+            parent = model
+            for key in path[:-1]:
+                parent = parent[key] if isinstance(key, int) or isinstance(
+                    parent, (Mapping, list)) else getattr(parent, key)
+            key = path[-1]
+            if isinstance(key, int) or isinstance(parent, (Mapping, list)):
+                parent[key] = new
+            else:
+                setattr(parent, key, new)
+
+
+def _gather_hessians(model, todo: list, items: list) -> dict:
+    """{id(layer module): X^T X (float64 [in, in])} of each target layer's inputs over the
+    calibration items (eager forwards of the float model; `__call__` of the replaced
+    classes wrapped for the duration)."""
+    targets = {id(layer.module): layer for layer in todo}
+    hessians: dict = {}
+    originals = {cls: cls.__call__ for cls in REPLACEABLE}
+
+    def recording(cls):
+        original = originals[cls]
+
+        def call(self, inputs, *args, **kwargs):
+            layer = targets.get(id(self))
+            if layer is not None:
+                x = np.asarray(jax.device_get(inputs), np.float32)
+                axis = (_einsum_plan(layer.einsum_str, x.ndim)[0] if layer.einsum_str
+                        else layer.in_axis)
+                x = np.moveaxis(x, axis, -1).reshape(-1, layer.w.shape[1])
+                h = quantizers.calibration_hessian(x)
+                hessians[id(self)] = hessians[id(self)] + h if id(self) in hessians else h
+            return original(self, inputs, *args, **kwargs)
+        return call
+
+    try:
+        for cls in REPLACEABLE:
+            cls.__call__ = recording(cls)
+        for i, item in enumerate(items):
+            try:
+                model(*item)
+            except Exception as e:  # noqa: BLE001  the model's own error, named for the user
+                raise ValueError(f"calibration: the model cannot take calibration item {i} "
+                                 f"({type(e).__name__}: {e})") from e
+    finally:
+        for cls, original in originals.items():
+            cls.__call__ = original
+    return hessians
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+# QuantizedLinear's state names -> the checkpoint's (torch_xla's buffer names, which
+# xla_qops.checkpoint writes for every quantized layer).
+_CHECKPOINT_NAMES = {"weight": "weight", "scale": "weight_scaler", "zero_point": "zero_point"}
+
+
+def _checkpoint_name(keys: tuple, layers) -> str:
+    """The checkpoint tensor name of a state leaf at `keys`: a QuantizedLinear's arrays by
+    the checkpoint's names, everything else by its '.'-joined path."""
+    prefix, name = ".".join(map(str, keys[:-1])), keys[-1]
+    if prefix in layers and name in _CHECKPOINT_NAMES:
+        return f"{prefix}.{_CHECKPOINT_NAMES[name]}"
+    return ".".join(map(str, keys))
+
+
+def _stored(keys: tuple, value, layers) -> np.ndarray:
+    """A leaf as the file holds it: a layer's bias as [out] (the checkpoint's rule; an
+    einsum's bias flattened), the rest as is."""
+    value = np.asarray(value)
+    return value.reshape(-1) if ".".join(map(str, keys[:-1])) in layers and (
+        keys[-1] == "bias") else value
+
+
+def _layers_by_prefix(model) -> dict:
+    return {path.replace("/", "."): m for path, m in _modules(model)
+            if isinstance(m, QuantizedLinear)}
+
+
+def save_quantized(model, path) -> None:
+    """Writes `model`'s state to a safetensors file with `xla_qops.checkpoint`'s layout:
+    each `QuantizedLinear` at path ``p`` as ``p.weight`` / ``p.weight_scaler`` /
+    ``p.zero_point`` with its scheme in the metadata, ``p.bias`` and every other
+    array of the state by its '.'-joined path. `load_quantized` restores it exactly."""
+    layers = _layers_by_prefix(model)
+    weights = {p: m.quantized_weight for p, m in layers.items()}
+    flat = traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(model)))
+    tensors = {_checkpoint_name(keys, layers): _stored(keys, value, layers)
+               for keys, value in flat.items()
+               if not (".".join(map(str, keys[:-1])) in layers
+                       and keys[-1] in _CHECKPOINT_NAMES)}
+    checkpoint.save_quantized(
+        path, weights, tensors,
+        quantize_activation={p: m.quantize_activation for p, m in layers.items()},
+        activation_format={p: m.activation_format for p, m in layers.items()})
+
+
+def load_quantized(model, path):
+    """Restores a file written by `save_quantized` into `model` (the same architecture,
+    already quantized with the same scheme); every tensor is checked against the
+    model's state first (`xla_qops.checkpoint.CheckpointError` lists mismatches)."""
+    state = nnx.state(model)
+    layers = _layers_by_prefix(model)
+    flat = traverse_util.flatten_dict(nnx.to_pure_dict(state))
+    expected = {_checkpoint_name(keys, layers): _stored(keys, value, layers)
+                for keys, value in flat.items()}
+    loaded = checkpoint.load_quantized(path, expected)
+    arrays = dict(loaded.tensors)
+    for prefix, qw in loaded.weights.items():
+        arrays[f"{prefix}.weight"], arrays[f"{prefix}.weight_scaler"] = qw.w, qw.scale
+        if qw.zero_point is not None:
+            arrays[f"{prefix}.zero_point"] = qw.zero_point
+    pure = traverse_util.unflatten_dict({
+        keys: jnp.asarray(arrays[_checkpoint_name(keys, layers)]).reshape(np.shape(value))
+        for keys, value in flat.items()})
+    nnx.replace_by_pure_dict(state, pure)
+    nnx.update(model, state)
+    return model
