@@ -13,6 +13,14 @@ the result. Peers:
   symmetric per-channel only); None for the others.
 * ``torch_bf16``: ``torch.nn.functional.linear`` with a bf16 weight (the
   unquantized layer: a different scheme, labelled as such in the reports).
+* ``int_twin`` (float formats only, `Scheme.int_twin`): ours again on the
+  integer scheme that reads the same bytes (fp8 against int8 per-channel, fp4
+  against int4 with the fp4 scheme's block size), from the same float
+  weights: the float format's decode cost, like for like (issue F).
+* ``torchao_fp8`` (W8A16-fp8 only): torchao's ``Float8WeightOnlyConfig`` on
+  an ``nn.Linear`` of torch CPU tensors, the peer a CPU user of fp8 weights
+  has (same scheme: e4m3fn per output channel, scale amax / 448; torchao
+  quantizes the same float weights itself).
 * ``torch_xla``: torch_xla's ``torch.ops.xla.quantized_matmul`` on its CPU
   device (its own op, not torch_bridge's), same weights. Its int4 path copies
   the weight to the host on every call and bakes it into the graph as a
@@ -38,6 +46,13 @@ class Scheme:
     block_size: int
     symmetric: bool
     quantize_activation: bool
+    # quantize_weight's format: "int", or a float element format (API.md
+    # section 7: "fp8", "mxfp4", "nvfp4"; float formats are symmetric, and
+    # their activations, when quantized, are fp8).
+    format: str = "int"
+    # For a float format: the integer scheme that reads the same bytes (same
+    # bits, block size and scales), timed in the same turns (`int_twin`).
+    int_twin: "Scheme | None" = None
 
 
 SCHEMES = {
@@ -46,6 +61,15 @@ SCHEMES = {
     "w4a16-g128-asym": Scheme("w4a16-g128-asym", 4, 128, False, False),
     "w8a8": Scheme("w8a8", 8, -1, True, True),
 }
+# The float formats (issue F), each beside the integer scheme of the same bytes.
+SCHEMES.update({
+    "w8a16-fp8": Scheme("w8a16-fp8", 8, -1, True, False, "fp8", SCHEMES["w8a16"]),
+    "w4a16-mxfp4": Scheme("w4a16-mxfp4", 4, 32, True, False, "mxfp4",
+                          Scheme("w4a16-g32-sym", 4, 32, True, False)),
+    "w4a16-nvfp4": Scheme("w4a16-nvfp4", 4, 16, True, False, "nvfp4",
+                          Scheme("w4a16-g16-sym", 4, 16, True, False)),
+    "w8a8-fp8": Scheme("w8a8-fp8", 8, -1, True, True, "fp8", SCHEMES["w8a8"]),
+})
 
 
 def float_weights(rng, n_out, n_in, copies):
@@ -55,6 +79,9 @@ def float_weights(rng, n_out, n_in, copies):
 
 
 def quantized(ws, scheme):
+    if scheme.format != "int":
+        return [xla_qops.quantize_weight(jnp.asarray(w), format=scheme.format,
+                                         block_size=scheme.block_size) for w in ws]
     return [xla_qops.quantize_weight(jnp.asarray(w), bits=scheme.bits,
                                      block_size=scheme.block_size,
                                      symmetric=scheme.symmetric) for w in ws]
@@ -76,8 +103,8 @@ def torch_quantized_peer(qws, x_np, scheme):
     """torch's CPU kernel for this scheme, or None if torch has none."""
     import torch
     x = torch.from_numpy(x_np).to(torch.bfloat16)
-    if scheme.quantize_activation:
-        return None
+    if scheme.quantize_activation or scheme.format != "int":
+        return None  # no torch CPU kernel for these (torchao's fp8: torchao_fp8_peer)
     if scheme.bits == 8:
         if not scheme.symmetric or scheme.block_size != -1:
             return None
@@ -97,6 +124,42 @@ def torch_bf16_peer(ws, x_np):
     x = torch.from_numpy(x_np).to(torch.bfloat16)
     wt = [torch.from_numpy(w).to(torch.bfloat16) for w in ws]
     return lambda i: torch.nn.functional.linear(x, wt[i % len(wt)])
+
+
+def torchao_fp8_linears(ws, scheme):
+    """torchao's float8 weight-only linears on torch CPU tensors, one per float
+    weight (W8A16-fp8 per channel only, else None); built once per case and
+    shared by its M (`torchao_fp8_peer`).
+
+    Raises what torchao raises if it cannot quantize on the CPU (the bench
+    reports it and goes on without this peer)."""
+    if scheme.format != "fp8" or scheme.quantize_activation or scheme.block_size != -1:
+        return None
+    import torch
+    from torchao.quantization import Float8WeightOnlyConfig, quantize_
+    linears = []
+    for w in ws:
+        lin = torch.nn.Linear(w.shape[1], w.shape[0], bias=False, dtype=torch.bfloat16)
+        with torch.no_grad():
+            lin.weight.copy_(torch.from_numpy(w))
+        quantize_(lin, Float8WeightOnlyConfig())  # per-row e4m3fn, scale amax / 448
+        linears.append(lin)
+    return linears
+
+
+def torchao_fp8_peer(linears, x_np):
+    """A step over `torchao_fp8_linears` (None if there are none). torchao's
+    weight-only path on the CPU dequantizes the weight to bf16 in every call,
+    then runs F.linear."""
+    if not linears:
+        return None
+    import torch
+    x = torch.from_numpy(x_np).to(torch.bfloat16)
+
+    def step(i):
+        with torch.no_grad():
+            return linears[i % len(linears)](x)
+    return step
 
 
 def torch_xla_peer(qws, x_np, scheme):

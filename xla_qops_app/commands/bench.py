@@ -3,7 +3,11 @@
 Cases: Llama-3-8B layer shapes (in×out) 4096×4096, 4096×14336, 14336×4096 at
 M = 1, 4, 16 (decode) and 64, 256, 1024 (prefill), plus TinyLlama's MLP and
 lm_head (2048×5632, 5632×2048, 2048×32000) at the decode M; bf16 activations;
-W8A16 per-channel, W4A16 g128 symmetric and asymmetric, W8A8 per-channel.
+W8A16 per-channel, W4A16 g128 symmetric and asymmetric, W8A8 per-channel, and
+the float formats (issue F): W8A16-fp8 and W8A8-fp8 per-channel, W4A16-mxfp4
+(B=32) and -nvfp4 (B=16), each also timed as the integer scheme of the same
+bytes in the same turns (peers.Scheme.int_twin), and W8A16-fp8 against
+torchao's float8 weight-only linear.
 Then the per-call cost of `XlaQuantizedLinear` on torch CPU tensors against
 the kernels' own time (xla_qops_app/bench/module_calls.py).
 
@@ -86,8 +90,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--batch", default="1,4", help="comma-separated batch sizes (default 1,4)")
     model.add_argument("--prefill", type=int, default=128, help="prompt tokens (default 128)")
     model.add_argument("--decode", type=int, default=64, help="generated tokens (default 64)")
-    model.add_argument("--paths", default="eager,jax",
-                       help="eager (torch CPU tensors), jax (torchax, jitted) or both")
+    model.add_argument("--paths", default="eager,jax,nnx,compile,llama.cpp",
+                       help="comma-separated: eager (torch CPU tensors), jax (torchax, "
+                            "jitted), nnx (the Flax NNX decoder, jitted), compile (HF decode "
+                            "step under torch.compile), llama.cpp (if "
+                            "scripts/ensure_llama_cpp.sh built it); default all")
     model.add_argument("--xla-layers", type=int, default=2,
                        help="layers of the torch_xla-device section (static cache; its "
                             "first generate compiles for minutes); 0 skips it (default 2)")
@@ -206,7 +213,10 @@ METHOD = (
     "bytes read. Decode rows (M <= 16) rotate ours and torch's through distinct weights "
     "totalling more than twice the LLC, and their % is of the read bandwidth of a torch sum "
     "over the same bytes timed in the same turns (other rows: of the bandwidth measured at "
-    "the start).")
+    "the start). The fp8 / fp4 rows also time ours on the integer scheme of the same bytes "
+    "(same bits, block size and scales, from the same float weights) in the same turns: "
+    "their targets compare the two; torchao's float8 weight-only linear (W8A16-fp8) "
+    "quantizes the same float weights itself, with the same scheme.")
 
 
 def markdown(info, rows, read_bw, module_rows, reps, slow_reps) -> str:
@@ -285,20 +295,33 @@ def run(args) -> int:
             copies = max(2, -(-2 * llc // nbytes)) if decode_ms else 1
             ws = peers.float_weights(rng, n, k, copies)
             qws = peers.quantized(ws, scheme)
+            # A float format's integer twin: the same bytes from the same float
+            # weights, timed in the same turns (fp8 / int8, fp4 / int4).
+            twin = scheme.int_twin
+            twin_qws = peers.quantized(ws, twin) if twin else None
+            try:
+                torchao_linears = peers.torchao_fp8_linears(ws, scheme)
+            except Exception as e:  # noqa: BLE001  a peer that cannot run is reported, not fatal
+                torchao_linears = None
+                print(f"  torchao float8 weight-only unavailable for {scheme.name}: "
+                      f"{e!r}"[:200])
             for m in case_ms:
                 rot = copies if m <= DECODE_MAX_M else 1
                 x = rng.standard_normal((m, k), dtype=np.float32)
                 steps = {
                     "ours": peers.jax_peer(qws[:rot], x, scheme, "custom_call"),
+                    "int_twin": twin and peers.jax_peer(twin_qws[:rot], x, twin, "custom_call"),
                     "torch_q": peers.torch_quantized_peer(qws[:rot], x, scheme),
                     "torch_bf16": peers.torch_bf16_peer(ws[:rot], x),
+                    "torchao_fp8": peers.torchao_fp8_peer((torchao_linears or [])[:rot], x),
                 }
-                steps = {name: step for name, step in steps.items() if step is not None}
+                steps = {name: step for name, step in steps.items() if step}
                 read_bytes = None
                 if m <= DECODE_MAX_M:  # DRAM-bound: the read bandwidth of the same moments
                     steps["read"], read_bytes = read_peer(copies * nbytes)
-                want_txla = args.torch_xla == "all" or (
-                    args.torch_xla == "some" and (k, n) == (4096, 4096) and m <= 256)
+                # torch_xla's op has no float element formats.
+                want_txla = scheme.format == "int" and (args.torch_xla == "all" or (
+                    args.torch_xla == "some" and (k, n) == (4096, 4096) and m <= 256))
                 compiles = {}
                 if want_txla and args.slow_reps > 0:
                     # Steady state: one weight, reused (its int4 path takes the weight
@@ -328,7 +351,8 @@ def run(args) -> int:
                 samples = {name: ts for name, ts in samples.items() if ts}
                 times = {name: statistics.median(ts) for name, ts in samples.items()}
                 row = dict(k=k, n=n, m=m, scheme=scheme.name, bytes=nbytes, times=times,
-                           samples=samples, compiles=compiles)
+                           samples=samples, compiles=compiles,
+                           twin_scheme=twin.name if twin else None)
                 if "read" in times:
                     row["read_bw"] = read_bytes / times.pop("read") / 1e9
                     samples.pop("read")
@@ -337,7 +361,7 @@ def run(args) -> int:
                     continue
                 rows.append(row)
                 print(report.table([row], read_bw).splitlines()[-1], flush=True)
-            del ws, qws
+            del ws, qws, twin_qws, torchao_linears
 
     from torch_bridge import _cpu_ops
     module_rows = []
