@@ -1,10 +1,13 @@
 # Two commands do all set-up: `make demo` and `make test`. They create the
 # virtual environments they need when missing (scripts/ensure_venv.sh) and
-# reuse them: .venv, the pinned torch_xla stack, and .venv-jax, the newest
-# JAX on Python >= 3.12 without torch.
+# reuse them: .venv, the pinned torch_xla stack, and .venv-current, the newest
+# JAX and torch on Python >= 3.12 without torch_xla. .venv-jax (the newest JAX
+# without torch: the torch-free install) is only for `make test-jax`.
 VENV ?= .venv
+CURRENT_VENV ?= .venv-current
 JAX_VENV ?= .venv-jax
 PY := $(VENV)/bin/python
+CURRENT_PY := $(CURRENT_VENV)/bin/python
 JAX_PY := $(JAX_VENV)/bin/python
 PYTEST_ARGS ?=
 export PJRT_DEVICE ?= CPU
@@ -12,10 +15,14 @@ export HF_HUB_OFFLINE ?= 1
 # torch's OpenMP workers otherwise spin and starve XLA's threads (tests/conftest.py).
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: venv venv-jax demo test test-pinned test-jax test-slow bench bench-model
+.PHONY: venv venv-current venv-jax demo test test-pinned test-current test-jax test-slow \
+	bench bench-model
 
 venv:
 	@scripts/ensure_venv.sh $(VENV) pinned
+
+venv-current:
+	@scripts/ensure_venv.sh $(CURRENT_VENV) current
 
 venv-jax:
 	@scripts/ensure_venv.sh $(JAX_VENV) jax
@@ -23,27 +30,32 @@ venv-jax:
 demo: venv
 	$(VENV)/bin/xla-qops demo
 
-# The suite on both stacks: everything on the pinned one, every test that does
-# not need torch on the current one (tests/conftest.py leaves the rest out).
+# The suite on both stacks: everything on the pinned one; on the current one
+# every test that does not need torch_xla, torch's included (tests/conftest.py
+# leaves the torch_xla files and the tests marked torch_xla out there).
 # Both run even if the first fails; the target fails if either does.
-test: venv venv-jax
+test: venv venv-current
 	@status=0; \
 	echo "== tests on $(VENV) (pinned torch_xla stack)"; \
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS) || status=1; \
-	echo "== tests on $(JAX_VENV) (current JAX, no torch)"; \
-	$(JAX_PY) -m pytest -q -m "not slow" $(PYTEST_ARGS) || status=1; \
+	echo "== tests on $(CURRENT_VENV) (current JAX and torch, no torch_xla)"; \
+	$(CURRENT_PY) -m pytest -q -m "not slow" $(PYTEST_ARGS) || status=1; \
 	exit $$status
 
 test-pinned: venv
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
+test-current: venv-current
+	$(CURRENT_PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+# The torch-free install (the core's own dependencies only); not part of `make test`.
 test-jax: venv-jax
 	$(JAX_PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
-test-slow: venv venv-jax
+test-slow: venv venv-current
 	@status=0; \
 	$(PY) -m pytest -q -m slow $(PYTEST_ARGS) || status=1; \
-	$(JAX_PY) -m pytest -q -m slow $(PYTEST_ARGS) || status=1; \
+	$(CURRENT_PY) -m pytest -q -m slow $(PYTEST_ARGS) || status=1; \
 	exit $$status
 
 # bench: torch's peers with their default OpenMP wait policy, spinning briefly
@@ -56,3 +68,18 @@ bench: venv
 # environment a user's script has: torch's default OpenMP policy, no tunables.
 bench-model: venv
 	env -u OMP_WAIT_POLICY $(VENV)/bin/xla-qops bench --model llama
+
+# sanitize: the C++ extension built with ASan+UBSan in build/sanitize (the
+# install's build untouched), then the C++-facing tests and the seeded
+# fuzzers run against it; FUZZ_CASES=n adds a long fuzz run under it
+# (docs/reliability.md).
+sanitize: venv
+	scripts/sanitize.sh $(PYTEST_ARGS)
+
+# fuzz: the native entry points (torch operator, XLA FFI target) with
+# FUZZ_CASES random cases per property; prints the number of calls.
+FUZZ_CASES ?= 2000
+fuzz: venv
+	$(PY) scripts/fuzz.py --cases $(FUZZ_CASES) $(PYTEST_ARGS)
+
+.PHONY: sanitize fuzz

@@ -7,9 +7,12 @@
 #
 # STACK "pinned" (default; VENV .venv): the torch_xla stack of requirements.txt
 #   and requirements-nodeps.txt, on python3 ($PYTHON overrides).
+# STACK "current" (VENV .venv-current): the newest JAX and torch of
+#   requirements-current.txt (torch face without torch_xla), on Python 3.12.
 # STACK "jax" (VENV .venv-jax): the newest JAX of requirements-jax.txt, no
-#   torch, on Python 3.12 ($PYTHON_JAX overrides; otherwise python3.12 on the
-#   PATH or in pyenv, else a newer 3.x the same way).
+#   torch, on Python 3.12.
+# Both >= 3.12 stacks: $PYTHON_JAX overrides; otherwise python3.12 on the PATH
+#   or in pyenv, else a newer 3.x the same way.
 set -euo pipefail
 venv=${1:-.venv}
 stack=${2:-pinned}
@@ -43,11 +46,14 @@ case "$stack" in
   pinned)
     python=${PYTHON:-python3}
     dep_files=(requirements.txt requirements-nodeps.txt) ;;
+  current)
+    python=$(find_python312)
+    dep_files=(requirements-current.txt) ;;
   jax)
     python=$(find_python312)
     dep_files=(requirements-jax.txt) ;;
   *)
-    echo "ensure_venv.sh: STACK must be 'pinned' or 'jax', got '$stack'" >&2
+    echo "ensure_venv.sh: STACK must be 'pinned', 'current' or 'jax', got '$stack'" >&2
     exit 2 ;;
 esac
 
@@ -68,6 +74,9 @@ if [ "$(cat "$venv/.deps-stamp" 2>/dev/null)" != "$deps_hash" ]; then
     echo "installing the pinned stack into $venv (a few minutes, ~7.6 GB)"
     quiet_pip -r requirements.txt
     quiet_pip --no-deps -r requirements-nodeps.txt
+  elif [ "$stack" = current ]; then
+    echo "installing the current stack into $venv (a few minutes, ~6.3 GB)"
+    quiet_pip -r requirements-current.txt
   else
     echo "installing the current-JAX stack into $venv (a minute, ~0.6 GB)"
     quiet_pip -r requirements-jax.txt
@@ -77,6 +86,11 @@ if [ "$(cat "$venv/.deps-stamp" 2>/dev/null)" != "$deps_hash" ]; then
 fi
 if [ "$(cat "$venv/.project-stamp" 2>/dev/null)" != "$project_hash" ]; then
   echo "installing xla-qops into $venv"
-  quiet_pip --no-deps --no-build-isolation -e .
+  # The current stack shares .venv-jax's wheel tag (cp312) but builds the torch
+  # operator against another torch: its own build tree keeps the two from
+  # reconfiguring each other's.
+  build_dir=()
+  [ "$stack" = current ] && build_dir=(-C "build-dir=build/{wheel_tag}-current")
+  quiet_pip --no-deps --no-build-isolation "${build_dir[@]}" -e .
   echo "$project_hash" > "$venv/.project-stamp"
 fi

@@ -3,10 +3,13 @@ imports torch or torch_xla, and the rule that keeps torch tests out of a
 torch-free environment.
 
 `make test` runs this suite twice: in .venv (the pinned torch_xla stack,
-everything runs) and in .venv-jax (the newest JAX, no torch). There, tests
-that need torch are left out at collection -- whole files that import torch
-(`TORCH_FILES`) are not collected, and tests marked ``@pytest.mark.torch`` in
-mixed files are deselected -- and the session header says how many.
+everything runs) and in .venv-current (the newest JAX and torch, no
+torch_xla); `make test-jax` runs it in .venv-jax (the newest JAX, no torch).
+Tests that need what an environment lacks are left out at collection, the
+same way for torch, torch_xla and torchax: whole files (`TORCH_FILES`,
+`TORCH_XLA_FILES`) are not collected, and tests marked ``@pytest.mark.torch``,
+``@pytest.mark.torch_xla`` or ``@pytest.mark.torchax`` in mixed files are
+deselected -- and the session header and summary say how many.
 
 It also says which compiled parts and backends must exist here
 (`cpu_kernels_expected`, `torch_ops_expected`, `expected_impls`): tests skip
@@ -30,12 +33,22 @@ os.environ.setdefault("PJRT_DEVICE", "CPU")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 HAVE_TORCH = importlib.util.find_spec("torch") is not None
-# Test files that import torch (or torch_xla, torch_bridge) at module level.
+HAVE_TORCH_XLA = HAVE_TORCH and importlib.util.find_spec("torch_xla") is not None
+# torchax (the torch model -> one jitted JAX step route) has no release for
+# torch >= 2.13 yet; .venv-current goes without it (docs/torch.md).
+HAVE_TORCHAX = HAVE_TORCH and importlib.util.find_spec("torchax") is not None
+# Test files that import torch (or torch_bridge) at module level.
 TORCH_FILES = ("test_torch_*.py", "torch_spmd_child.py", "test_pallas_torch_bridge.py",
                "test_lora_torch.py")
+# Test files about torch_xla itself (XLA tensors, SPMD, its seeds' drop-in, the
+# MiniLM checks on the XLA device); mixed files import torch_xla only where
+# HAVE_TORCH_XLA and mark their XLA tests ``torch_xla``.
+TORCH_XLA_FILES = ("test_torch_seeds.py", "test_torch_spmd.py", "torch_spmd_child.py",
+                   "test_torch_xla_generate.py", "test_torch_minilm.py")
 HERE = pathlib.Path(__file__).resolve().parent
 
-collect_ignore_glob = [] if HAVE_TORCH else list(TORCH_FILES)
+collect_ignore_glob = ([] if HAVE_TORCH_XLA else list(TORCH_XLA_FILES)) + (
+    [] if HAVE_TORCH else list(TORCH_FILES))
 
 # CMakeLists.txt builds the host-CPU kernels (xla_qops._cpu_kernels, and
 # torch_bridge._torch_ops when torch imports at build time) on every x86-64;
@@ -129,8 +142,17 @@ def import_error(module: str):
     return None
 
 
-def _torch_files():
-    return sorted({p.name for pattern in TORCH_FILES for p in HERE.glob(pattern)})
+def _files(patterns):
+    return sorted({p.name for pattern in patterns for p in HERE.glob(pattern)})
+
+
+def _missing():
+    """What this environment lacks: the markers of the tests to deselect and
+    the patterns of the files not collected."""
+    markers = [name for name, have in (("torch", HAVE_TORCH), ("torch_xla", HAVE_TORCH_XLA),
+                                       ("torchax", HAVE_TORCHAX)) if not have]
+    files = (() if HAVE_TORCH else TORCH_FILES) + (() if HAVE_TORCH_XLA else TORCH_XLA_FILES)
+    return markers, files
 
 
 def pytest_report_header(config):
@@ -140,28 +162,34 @@ def pytest_report_header(config):
     line += (f", C++ kernels {'required' if cpu_kernels_expected() else 'optional'}"
              f"{' (AVX-512)' if avx512_expected() else ''}")
     if HAVE_TORCH:
-        return line + ", torch installed: all tests collected"
-    return line + f", no torch: {len(_torch_files())} torch test files not collected"
+        import torch
+        line += f", torch {torch.__version__}"
+    markers, files = _missing()
+    if not markers:
+        return line + ", torch_xla and torchax: all tests collected"
+    return line + f", no {', '.join(markers)}: {len(_files(files))} test files not collected"
 
 
 def pytest_collection_modifyitems(config, items):
-    if HAVE_TORCH:
-        return
-    needs_torch = [item for item in items if item.get_closest_marker("torch")]
-    config._torch_deselected = len(needs_torch)
-    if needs_torch:
-        items[:] = [item for item in items if not item.get_closest_marker("torch")]
-        config.hook.pytest_deselected(items=needs_torch)
+    markers, _ = _missing()
+    left_out = [item for item in items
+                if any(item.get_closest_marker(m) for m in markers)]
+    config._missing_deselected = len(left_out)
+    if left_out:
+        items[:] = [item for item in items
+                    if not any(item.get_closest_marker(m) for m in markers)]
+        config.hook.pytest_deselected(items=left_out)
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
-    """Also under -q: say what was left out for want of torch."""
-    if HAVE_TORCH:
+    """Also under -q: say what was left out for want of torch, torch_xla or torchax."""
+    markers, files = _missing()
+    if not markers:
         return
     import jax
 
-    files = _torch_files()
+    names = _files(files)
     terminalreporter.write_line(
-        f"jax {jax.__version__}, no torch: {len(files)} torch test files not collected "
-        f"({', '.join(files)}); {getattr(config, '_torch_deselected', 0)} tests marked "
-        f"'torch' deselected")
+        f"jax {jax.__version__}, no {', '.join(markers)}: {len(names)} test files not "
+        f"collected ({', '.join(names) or 'none'}); {getattr(config, '_missing_deselected', 0)} "
+        f"tests marked {' or '.join(repr(m) for m in markers)} deselected")

@@ -3,8 +3,8 @@
 The torch half of tests/test_lora.py (whose docstring states the checks):
 autograd with respect to the activation for every scheme row and
 implementation on CPU tensors and the XLA device, and LoRA training with
-torch's Adam. Needs torch and torch_xla; not collected without them
-(tests/conftest.py).
+torch's Adam. Needs torch (not collected without it) and, for the XLA-device
+cases (marked torch_xla), torch_xla (tests/conftest.py).
 """
 
 import contextlib
@@ -12,19 +12,23 @@ import contextlib
 import numpy as np
 import pytest
 import torch
-import torch_xla
 
 import torch_bridge  # noqa: F401  (registers torch.ops.xla.quantized_matmul)
 from test_lora import (JAX_IMPLS, K, LOSS_DROP, LR, N, SCHEMES, STEPS, TRAIN_SCHEMES,
                        assert_dx, dequantized, quantize, supported, task)
 
+from conftest import HAVE_TORCH_XLA
+
 pytestmark = pytest.mark.torch
 
-# The autograd engine sizes its per-device queues at the first backward; if
-# that is a CPU backward before the XLA runtime exists, every later XLA
-# backward in the process fails an INTERNAL ASSERT (pytorch/xla#4174, open).
-# Initialising the device at collection avoids it for the whole session.
-torch_xla.device()
+if HAVE_TORCH_XLA:
+    import torch_xla
+
+    # The autograd engine sizes its per-device queues at the first backward; if
+    # that is a CPU backward before the XLA runtime exists, every later XLA
+    # backward in the process fails an INTERNAL ASSERT (pytorch/xla#4174, open).
+    # Initialising the device at collection avoids it for the whole session.
+    torch_xla.device()
 
 # The torch backward is the JAX VJP behind the bridge (DLPack on CPU,
 # call_jax on XLA; tests/test_lora.py), so: every scheme with impl="auto" on both devices, and
@@ -47,8 +51,14 @@ def to_torch(a):
     return None if a is None else torch.from_numpy(np.array(a))
 
 
-@pytest.mark.parametrize("dev,impl,scheme", TORCH_CASES,
-                         ids=[f"{d}-{i}-{s.id}" for d, i, s in TORCH_CASES])
+def on_device(cases):
+    """`cases` ((dev, ...) tuples) as pytest params, the XLA-device ones marked torch_xla."""
+    return [pytest.param(*c, id="-".join(getattr(v, "id", v) for v in c),
+                         marks=[pytest.mark.torch_xla] if c[0] == "xla" else [])
+            for c in cases]
+
+
+@pytest.mark.parametrize("dev,impl,scheme", on_device(TORCH_CASES))
 def test_torch_autograd_with_respect_to_x(dev, impl, scheme):
     rng = np.random.default_rng(0)
     qw = quantize(rng, N, K, scheme, 0.1)
@@ -104,8 +114,8 @@ def single_torch_thread_on_cpu(dev):
         torch.set_num_threads(before)
 
 
-@pytest.mark.parametrize("dev,scheme", [("cpu", TRAIN_SCHEMES[3]), ("xla", TRAIN_SCHEMES[1])],
-                         ids=["cpu-w4a8-pc", "xla-w4a16-g32"])
+@pytest.mark.parametrize("dev,scheme", on_device([("cpu", TRAIN_SCHEMES[3]),
+                                                  ("xla", TRAIN_SCHEMES[1])]))
 def test_torch_lora_learns_on_frozen_quantized_base(dev, scheme):
     qw1, qw2, biases, x, y, a1, a2 = task(scheme, seed=1)
     d = device(dev)

@@ -12,8 +12,11 @@ import torch
 import numpy_reference as ref
 from cases import Scheme, make_weight
 
-torch_xla = pytest.importorskip("torch_xla")
-import torch_bridge  # noqa: E402,F401  (registers the op)
+import torch_bridge  # noqa: F401  (registers the op)
+from conftest import HAVE_TORCH_XLA
+
+if HAVE_TORCH_XLA:  # the XLA-device tests (marked torch_xla); CPU tensors need only torch
+    import torch_xla
 
 CORE = [Scheme(8, -1, False, False, False), Scheme(4, 128, False, True, False),
         Scheme(8, -1, True, False, True), Scheme(4, 64, False, True, True)]
@@ -49,6 +52,7 @@ def op(x, w, scale, zp, scheme):
 
 @pytest.mark.parametrize("x_dtype", ["bfloat16", "float32"])
 @pytest.mark.parametrize("scheme", CORE, ids=lambda s: s.id)
+@pytest.mark.torch_xla
 def test_xla_device_impl_pallas(scheme, x_dtype):
     x, w, scale, zp = make_case(scheme, m=6, k=512, n=256, x_dtype=x_dtype)
     dev = torch_xla.device()
@@ -69,6 +73,7 @@ def test_cpu_tensors_impl_pallas(scheme):
     check(y, x, w, scale, zp, scheme)
 
 
+@pytest.mark.torch_xla
 def test_quantized_linear_impl_pallas_on_xla_device():
     scheme = Scheme(4, 128, True, True, False)
     linear = torch.nn.Linear(256, 128, bias=False)

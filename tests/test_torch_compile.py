@@ -8,15 +8,17 @@ from torch._dynamo.utils import counters
 
 import numpy_reference as ref
 import torch_bridge
+from conftest import HAVE_TORCH_XLA
 
-torch_xla = pytest.importorskip("torch_xla")
-import torch_xla.debug.metrics as met  # noqa: E402
+if HAVE_TORCH_XLA:  # the openxla tests (marked torch_xla); the rest run on any torch
+    import torch_xla
+    import torch_xla.debug.metrics as met
 
-# Start the XLA runtime at collection, before any backward pass in this
-# process: torch's autograd engine sizes its per-device queues on the first
-# backward, and an XLA backward after a CPU one made before the runtime
-# started trips an internal assert (torch_xla behaviour; docs/torch.md).
-torch_xla.device()
+    # Start the XLA runtime at collection, before any backward pass in this
+    # process: torch's autograd engine sizes its per-device queues on the first
+    # backward, and an XLA backward after a CPU one made before the runtime
+    # started trips an internal assert (torch_xla behaviour; docs/torch.md).
+    torch_xla.device()
 
 
 def small_model(dtype=torch.float32):
@@ -92,6 +94,7 @@ def test_compile_leading_dims_and_autograd():
     torch.testing.assert_close(xc.grad, xe.grad)
 
 
+@pytest.mark.torch_xla
 def test_compile_openxla_xla_tensors():
     """openxla: one dynamo graph, eager-equal, and repeated calls reuse both the
     dynamo graph and torch_xla's compiled executable (no new XLA compile)."""
@@ -111,6 +114,7 @@ def test_compile_openxla_xla_tensors():
         assert torch.equal(y, expected)
 
 
+@pytest.mark.torch_xla
 def test_compile_openxla_module_with_explicit_impl():
     """The with_impl overload (impl= kwarg) compiles without a break too."""
     device = torch_xla.device()

@@ -385,11 +385,13 @@ def test_autograd_through_the_module_on_cpu():
 # Drop-in: what torch_xla's module and op take
 
 def torch_xla_formula():
-    txq = pytest.importorskip("torch_xla.experimental.xla_quantized_matmul")
-    return txq.quantized_matmul  # its CPU (CompositeExplicitAutograd) formula
+    """torch_xla's CPU (CompositeExplicitAutograd) formula; for tests marked torch_xla."""
+    from torch_xla.experimental import xla_quantized_matmul as txq
+    return txq.quantized_matmul
 
 
 @pytest.mark.parametrize("k,block", [(5, -1), (63, 21), (9, 3)])
+@pytest.mark.torch_xla
 def test_odd_int4_input_features_are_stored_unpacked(k, block):
     rng = np.random.default_rng(3)
     q = rng.integers(-8, 8, (40, k) if block == -1 else (k // block, block, 40)).astype(np.int8)
@@ -425,6 +427,7 @@ def test_quantize_model_swaps_odd_int4_layers():
                                     Scheme(8, -1, False, False, True),
                                     Scheme(4, -1, False, False, True)], ids=lambda s: s.id)
 @pytest.mark.parametrize("n", [37, 40])
+@pytest.mark.torch_xla
 def test_torch_xla_inputs_per_channel(scheme, n):
     """float32 x, float32 and bfloat16 scalers, zero points on per-channel int4,
     activation quantization, odd out: what torch_xla's per-channel op takes."""
@@ -453,6 +456,7 @@ def test_torch_xla_inputs_per_channel(scheme, n):
         assert np.all(np.abs(y.numpy() - theirs.numpy()) <= 2 * tol)
 
 
+@pytest.mark.torch_xla
 def test_zero_point_on_a_symmetric_module_is_used():
     """torch_xla's module stores and uses a zero point given to a symmetric module."""
     rng = np.random.default_rng(5)

@@ -14,7 +14,10 @@ import torch_bridge
 import xla_qops
 from torch_bridge import XlaQuantizedLinear
 
-torch_xla = pytest.importorskip("torch_xla")
+from conftest import HAVE_TORCH_XLA
+
+if HAVE_TORCH_XLA:  # the XLA-device tests (marked torch_xla); the rest run on any torch
+    import torch_xla
 
 
 def to_numpy(t):
@@ -174,6 +177,7 @@ def test_state_dict_round_trip_is_exact(bits, block, symmetric, bias):
     assert torch.equal(fresh(x), m(x))
 
 
+@pytest.mark.torch_xla
 def test_load_state_dict_of_torch_xla_module_packs_int4():
     from torch_xla.experimental.xla_quantized_matmul import XlaQuantizedLinear as TorchXlaLinear
     _, w, s, z = make_quantized(4, 16, False, pack=False)
@@ -201,6 +205,7 @@ def test_load_state_dict_strict_errors():
     assert result.missing_keys == ["bias"]
 
 
+@pytest.mark.torch_xla
 def test_state_dict_in_a_model_and_to_xla():
     """A module-swapped model's state_dict loads into a freshly swapped one that
     already lives on the XLA device; tensors land there, results match."""
@@ -221,6 +226,7 @@ def test_state_dict_in_a_model_and_to_xla():
     check_module(model[0], x, y)
 
 
+@pytest.mark.torch_xla
 def test_to_device_and_back():
     m = XlaQuantizedLinear.from_float(float_linear(bias=False), bits=4, block_size=16,
                                       symmetric=False)

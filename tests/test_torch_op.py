@@ -16,14 +16,17 @@ import cases
 from cases import Scheme
 import torch_bridge  # noqa: F401  (registers the op)
 
-torch_xla = pytest.importorskip("torch_xla")
-import torch_xla.debug.metrics as met  # noqa: E402
+from conftest import HAVE_TORCH_XLA
 
-# Start the XLA runtime at collection, before any backward pass in this
-# process: torch's autograd engine sizes its per-device queues on the first
-# backward, and an XLA backward after a CPU one made before the runtime
-# started trips an internal assert (torch_xla behaviour; docs/torch.md).
-torch_xla.device()
+if HAVE_TORCH_XLA:  # the XLA-tensor tests (marked torch_xla); the rest run on any torch
+    import torch_xla
+    import torch_xla.debug.metrics as met
+
+    # Start the XLA runtime at collection, before any backward pass in this
+    # process: torch's autograd engine sizes its per-device queues on the first
+    # backward, and an XLA backward after a CPU one made before the runtime
+    # started trips an internal assert (torch_xla behaviour; docs/torch.md).
+    torch_xla.device()
 
 TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -134,6 +137,7 @@ def test_cpu_no_rows():
     assert y.shape == (0, 40) and y.dtype == torch.bfloat16
 
 
+@pytest.mark.torch_xla
 def test_matches_torch_xla_own_kernel_where_it_has_one():
     """W8A16 per-channel (torch_xla's only fully supported row): same result as
     torch_xla's own CPU implementation, within the reference tolerance."""
@@ -151,6 +155,7 @@ def test_matches_torch_xla_own_kernel_where_it_has_one():
 # XLA tensors
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+@pytest.mark.torch_xla
 def test_xla_every_scheme_without_host_transfer(case, xla):
     w, scale, zp = make_weight(case)
     x = make_x((2, 3, 96))
@@ -164,6 +169,7 @@ def test_xla_every_scheme_without_host_transfer(case, xla):
     check(y.cpu(), x, w, scale, zp, case)
 
 
+@pytest.mark.torch_xla
 def test_xla_int4_weight_is_a_graph_parameter_not_a_constant(xla):
     """torch_xla's own int4 path copies the weight to the host and bakes it into
     the graph as a constant; here the packed weight stays a device parameter."""
@@ -185,6 +191,7 @@ def test_xla_int4_weight_is_a_graph_parameter_not_a_constant(xla):
     check(y.cpu(), x, w, scale, None, case)
 
 
+@pytest.mark.torch_xla
 def test_torch_xla_own_int4_path_does_transfer(xla):
     """Control for the metric used above: torch_xla's own int4 kernel (blockwise;
     its per-channel int4 does not compile on the XLA CPU device) reads the
@@ -201,6 +208,7 @@ def test_torch_xla_own_int4_path_does_transfer(xla):
     check(y.cpu(), x.cpu(), w, scale, None, case)
 
 
+@pytest.mark.torch_xla
 def test_xla_auto_resolves_to_a_backend_that_runs_in_torch_xla(xla):
     """impl="auto" on the XLA CPU device is "xla" (torch_xla cannot call the host
     C++ custom call); asking for custom_call there is a clear error."""
@@ -292,7 +300,7 @@ def assert_within(actual, expected_and_bound, what):
     assert np.all(err <= bound), f"{what}: max |err| {err.max():.3g}, bound there {bound.flat[err.argmax()]:.3g}"
 
 
-@pytest.mark.parametrize("device", ["cpu", "xla"])
+@pytest.mark.parametrize("device", ["cpu", pytest.param("xla", marks=pytest.mark.torch_xla)])
 @pytest.mark.parametrize("case", [Case(8, -1, False, False, False), Case(4, 32, False, True, False),
                                   Case(4, 32, True, False, True)], ids=lambda c: c.id)
 def test_autograd_matches_float_reference(case, device):
@@ -348,6 +356,7 @@ def test_bad_input_clear_error(name, make, exc, match):
         torch.ops.xla.quantized_matmul(*(mode.from_tensor(t) for t in (x, w, scale)), **kw)
 
 
+@pytest.mark.torch_xla
 def test_mixed_devices_error(xla):
     w, scale, _ = make_weight(Case(8, -1, True, False, False))
     with pytest.raises(ValueError, match="w: expected a tensor on xla"):

@@ -102,12 +102,19 @@ def _float32(t: torch.Tensor | None) -> torch.Tensor | None:
     return t.to(torch.float32).contiguous()  # no copy when it already is
 
 
-def prepare(w, scale, zero_point, spec) -> PreparedWeight:
+def prepare(w, scale, zero_point, spec, *, kept: bool = True) -> PreparedWeight:
     """The kernels' form of a validated weight (`spec`: xla_qops.spec.MatmulSpec).
 
     No copy is made of tensors already in that form (contiguous packed or
     int8 weight, contiguous float32 scale and zero point): the result then
     aliases the module's buffers.
+
+    `kept`: the result is kept (a module's attribute, a graph input to
+    torch.compile) and its tensors are marked static for dynamo. The op's
+    per-call preparation passes False: marking would change the caller's own
+    tensors (aliased above), and torch >= 2.10 guards on that marking, so an
+    eager call would make compiled code that closes over the same weight
+    recompile.
     """
     global _preparations
     bits = 8 if spec.bits == 8 or not spec.packed else 4
@@ -126,7 +133,7 @@ def prepare(w, scale, zero_point, spec) -> PreparedWeight:
         block_size=spec.block_size, bits=bits,
         sources=tuple((t, None if t is None else t._version) for t in (w, scale, zero_point)),
         weight_format=weight_format)
-    for t in (prepared.w, prepared.scale, prepared.zero_point):
+    for t in (prepared.w, prepared.scale, prepared.zero_point) if kept else ():
         if t is not None:
             # A module's plain tensor attributes are graph inputs to dynamo;
             # static shapes keep torch.compile(dynamic=True) from duck-sizing

@@ -254,7 +254,7 @@ def _forward(x, w, scale, zero_point=None, block_size=-1, int4_weight=False,
     spec = _check(x, w, scale, zero_point, static)
     if runs_direct(x, static["impl"], spec):
         prepared = _cpu_ops.prepare(interop.as_bytes(w) if spec.weight_format == "fp4" else w,
-                                    scale, zero_point, spec)
+                                    scale, zero_point, spec, kept=False)
         return direct_matmul(x, prepared, spec)
     return _run(False, (x, w, scale, zero_point), _resolved(static, spec))
 
@@ -321,7 +321,10 @@ def _autograd_backward(ctx, grad):
     needs = ctx.needs_input_grad
     grads = [dx if needs[0] else None, None, dscale if needs[2] else None,
              dzero if (ctx.has_zero_point and needs[3]) else None]
-    return tuple(grads + [None] * (len(needs) - 4))
+    # One gradient per entry of needs_input_grad: torch 2.9 has one per schema
+    # argument; torch >= 2.10 may count only the tensors passed (3 when
+    # zero_point is None), and refuses a longer tuple.
+    return tuple((grads + [None] * len(needs))[:len(needs)])
 
 
 # ---------------------------------------------------------------------------
