@@ -34,7 +34,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import struct
 from typing import Mapping, Optional
 
 import ml_dtypes
@@ -48,10 +47,6 @@ SCHEMES_KEY = "xla_qops.schemes"
 VERSION_KEY = "xla_qops.version"
 VERSION = "1"
 _FLOAT_DTYPES = ("float32", "bfloat16", "float16")
-# safetensors dtypes that safetensors' numpy reader cannot return (numpy has no
-# such dtype): read from the file's bytes instead (`_read_file`).
-_RAW_DTYPES = {"F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
-               "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2)}
 
 
 class CheckpointError(ValueError):
@@ -85,6 +80,26 @@ class LayerScheme:
     activation_format: Optional[str] = None
 
     def __post_init__(self):
+        # A scheme may come from a file's metadata: the fields must describe a
+        # layer (they decide the shapes every tensor is checked against).
+        for name in ("bits", "block_size", "in_features", "out_features"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise TypeError(f"{name}: expected an int, got {value!r}")
+        k, b = self.in_features, self.block_size
+        if self.bits not in (4, 8):
+            raise ValueError(f"bits: expected 4 or 8, got {self.bits}")
+        if self.packed and self.bits != 4:
+            raise ValueError(f"packed: only 4-bit weights are packed, got bits={self.bits}")
+        if k < 0 or self.out_features < 0:
+            raise ValueError(f"in_features, out_features: expected >= 0, got {k}, "
+                             f"{self.out_features}")
+        if b != -1 and (b <= 0 or k % b):
+            raise ValueError(f"block_size: expected -1 or a positive divisor of "
+                             f"in_features={k}, got {b}")
+        if self.packed and (k if b == -1 else b) % 2:
+            pairs_along = "in_features" if b == -1 else "block_size"
+            raise ValueError(f"packed: pairs need an even {pairs_along}")
         # Names checked as the op checks them; a file's activation format is
         # kept only with quantize_activation (the pairing is not an error here).
         check_format_names(self.weight_format or None, self.activation_format, True)
@@ -246,8 +261,6 @@ def load_state_dict(path, expected: Optional[Mapping[str, object]] = None, *,
     (like torch's ``load_state_dict(strict=False)``) and drops the file's
     extra tensors from the result.
     """
-    from safetensors import safe_open
-
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such checkpoint file")
@@ -272,24 +285,12 @@ def _to_numpy(a, name: str) -> np.ndarray:
 
 
 def _read_file(path: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """(tensors, metadata) of a safetensors file, float8 tensors included."""
-    from safetensors import safe_open
+    """(tensors, metadata) of a safetensors file, float8 tensors included; the
+    header is validated against the file first (`safetensors_header`: a file
+    from anyone gives a ValueError naming it and the tensor)."""
+    from xla_qops.interop.checkpoints import read_safetensors_with_metadata
 
-    with safe_open(path, framework="numpy") as f:
-        metadata = dict(f.metadata() or {})
-        names = list(f.keys())
-        raw = {name for name in names if f.get_slice(name).get_dtype() in _RAW_DTYPES}
-        tensors = {name: f.get_tensor(name) for name in names if name not in raw}
-    if raw:
-        with open(path, "rb") as f:
-            (size,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(size))
-        for name in raw:
-            entry = header[name]
-            start, end = entry["data_offsets"]
-            data = np.fromfile(path, np.uint8, count=end - start, offset=8 + size + start)
-            tensors[name] = data.view(_RAW_DTYPES[entry["dtype"]]).reshape(entry["shape"])
-    return {name: tensors[name] for name in names}, metadata
+    return read_safetensors_with_metadata(path)
 
 
 def read_schemes(metadata: Mapping[str, str], path="checkpoint") -> dict[str, LayerScheme]:
@@ -297,9 +298,20 @@ def read_schemes(metadata: Mapping[str, str], path="checkpoint") -> dict[str, La
     if raw is None:
         return {}
     try:
-        return {p: LayerScheme.from_json(d) for p, d in json.loads(raw).items()}
-    except (ValueError, TypeError) as e:
+        layers = json.loads(raw)
+        if not isinstance(layers, dict):
+            raise TypeError(f"expected a JSON object, got a {type(layers).__name__}")
+    except (ValueError, TypeError, RecursionError) as e:
         raise ValueError(f"{path}: metadata {SCHEMES_KEY!r} is not valid: {e}") from e
+    schemes = {}
+    for prefix, fields in layers.items():
+        try:
+            if not isinstance(fields, dict):
+                raise TypeError(f"expected a JSON object, got {fields!r}")
+            schemes[prefix] = LayerScheme.from_json(fields)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"{path}: metadata {SCHEMES_KEY!r}, layer {prefix!r}: {e}") from e
+    return schemes
 
 
 def save_quantized(path, weights: Mapping[str, QuantizedWeight],
@@ -371,9 +383,8 @@ def _is_own_file(path) -> bool:
     path = os.fspath(path)
     if not os.path.isfile(path):
         return False
-    from safetensors import safe_open
-    with safe_open(path, framework="numpy") as f:
-        return SCHEMES_KEY in (f.metadata() or {})
+    from xla_qops.interop.checkpoints import safetensors_header
+    return SCHEMES_KEY in safetensors_header(path)[1]
 
 
 def _activation_format(imported, prefix) -> Optional[str]:

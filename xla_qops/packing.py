@@ -23,7 +23,8 @@ def pack_int4(q, axis: int):
     q = jnp.asarray(q)
     axis = axis % q.ndim
     even = lax.slice_in_dim(q, 0, None, 2, axis).astype(jnp.uint8)
-    odd = lax.slice_in_dim(q, 1, None, 2, axis).astype(jnp.uint8)
+    # Start at min(1, size): an empty axis (in = 0) packs to an empty one.
+    odd = lax.slice_in_dim(q, min(1, q.shape[axis]), None, 2, axis).astype(jnp.uint8)
     return (even & 0xF) | ((odd & 0xF) << 4)
 
 

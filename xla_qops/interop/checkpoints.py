@@ -68,16 +68,27 @@ def _files(source) -> tuple[list[str], dict]:
         raise FileNotFoundError(f"source: {source} is neither a directory nor a file")
     config = {}
     if os.path.isfile(config_path):
-        with open(config_path) as f:
-            config = json.load(f).get("quantization_config") or {}
+        config = _json_section(config_path, "quantization_config")
     if config.get("quant_method") == "modelopt" and isinstance(config.get("quantization"), dict):
         config = {**config, **config["quantization"]}
     modelopt_path = os.path.join(os.path.dirname(config_path), "hf_quant_config.json")
     if not config and os.path.isfile(modelopt_path):  # ModelOpt's own export
-        with open(modelopt_path) as f:
-            quant = json.load(f).get("quantization") or {}
-        config = {"quant_method": "modelopt", **quant}
+        config = {"quant_method": "modelopt", **_json_section(modelopt_path, "quantization")}
     return files, config
+
+
+def _json_section(path: str, key: str) -> dict:
+    """The object under `key` of a JSON file ({} when absent); ValueError naming
+    the file when it is not JSON or not of that form."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            document = json.load(f)
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise ValueError(f"source: {path} is not valid JSON ({e})") from None
+    section = document.get(key) if isinstance(document, dict) else None
+    if not isinstance(document, dict) or not isinstance(section, (dict, type(None))):
+        raise ValueError(f"source: {path}: expected a JSON object with an object {key!r}")
+    return section or {}
 
 
 # safetensors dtype -> numpy dtype (ml_dtypes for those numpy lacks)
@@ -89,32 +100,101 @@ _SAFETENSORS_DTYPES = {
     "BOOL": np.bool_}
 
 
+def safetensors_header(path) -> tuple[dict[str, dict], dict[str, str], int]:
+    """(tensor entries, metadata, offset of the data) of a ``.safetensors`` file.
+
+    The one place a safetensors header is validated, before any tensor is
+    read, since the file may come from anyone: the header length within the
+    file, JSON of the documented form, known dtypes, non-negative shapes whose
+    byte size (Python ints: no overflow) equals the entry's data_offsets,
+    entries inside the data, not overlapping and covering it (a truncated
+    file fails here). Raises ValueError naming the file, and the tensor
+    where one entry is wrong; allocates no more than the header's bytes.
+    """
+    path = os.fspath(path)
+    size = os.path.getsize(path)
+
+    def bad(what):
+        return ValueError(f"source: {path} is not a valid safetensors file: {what}")
+
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) != 8:
+            raise bad(f"{size} bytes, shorter than the 8-byte header length")
+        (length,) = np.frombuffer(head, "<u8")
+        if int(length) > size - 8:
+            raise bad(f"the header length {int(length)} runs past the end of the file "
+                      f"({size} bytes)")
+        try:
+            header = json.loads(f.read(int(length)))
+        except (UnicodeDecodeError, ValueError, RecursionError) as e:
+            raise bad(f"the header is not JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise bad(f"the header is a JSON {type(header).__name__}, not an object")
+    metadata = header.pop("__metadata__", None) or {}
+    if not (isinstance(metadata, dict)
+            and all(isinstance(v, str) for v in metadata.values())):
+        raise bad("__metadata__ is not an object of strings")
+    data_start, data_size = 8 + int(length), size - 8 - int(length)
+    spans = []
+    for name, entry in header.items():
+        where = f"tensor {name!r}"
+        if not isinstance(entry, dict):
+            raise bad(f"{where}: expected an object with dtype, shape and data_offsets")
+        dtype = _SAFETENSORS_DTYPES.get(entry.get("dtype"))
+        if dtype is None:
+            raise ValueError(f"source: tensor {name!r} in {path} has dtype "
+                             f"{entry.get('dtype')}, which this reader does not know")
+        shape, offsets = entry.get("shape"), entry.get("data_offsets")
+        if not (isinstance(shape, list) and all(
+                type(d) is int and d >= 0 for d in shape)):
+            raise bad(f"{where}: shape {shape!r} is not a list of non-negative ints")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(
+                type(o) is int for o in offsets) and 0 <= offsets[0] <= offsets[1] <= data_size):
+            raise bad(f"{where}: data_offsets {offsets!r} are not a [start, end] inside the "
+                      f"{data_size} bytes of data")
+        nbytes = int(np.prod(shape, dtype=object)) * np.dtype(dtype).itemsize
+        if offsets[1] - offsets[0] != nbytes:
+            raise bad(f"{where}: shape {shape} of {entry['dtype']} is {nbytes} bytes, "
+                      f"data_offsets {offsets} hold {offsets[1] - offsets[0]}")
+        spans.append((offsets[0], offsets[1], name))
+    end = 0
+    for start, stop, name in sorted(spans):
+        if start != end:
+            raise bad(f"tensor {name!r}: its data starts at {start}, "
+                      + ("overlapping the tensor before" if start < end
+                         else f"leaving bytes {end}..{start} unused"))
+        end = stop
+    if end != data_size:
+        raise bad(f"the tensors end at byte {end} of {data_size} bytes of data "
+                  "(truncated, or bytes after the last tensor)")
+    return header, metadata, data_start
+
+
 def read_safetensors(path) -> dict[str, np.ndarray]:
     """Every tensor of a ``.safetensors`` file as numpy (float8/bf16 via ml_dtypes).
 
     Reads the format directly (an 8-byte little-endian header length, a JSON
     header of dtype/shape/data_offsets, the raw little-endian data), since
-    safetensors' numpy loader has no float8 or bfloat16.
+    safetensors' numpy loader has no float8 or bfloat16, after
+    `safetensors_header` has validated the header against the file.
     """
+    return read_safetensors_with_metadata(path)[0]
+
+
+def read_safetensors_with_metadata(path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """(`read_safetensors`, the file's ``__metadata__``)."""
+    header, metadata, data_start = safetensors_header(path)
     with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) != 8:
-            raise ValueError(f"source: {path} is not a safetensors file (too short)")
-        (length,) = np.frombuffer(head, "<u8")
-        header = json.loads(f.read(int(length)))
+        f.seek(data_start)
         data = np.fromfile(f, np.uint8)
     tensors = {}
     for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        dtype = _SAFETENSORS_DTYPES.get(info["dtype"])
-        if dtype is None:
-            raise ValueError(f"source: tensor {name!r} in {path} has dtype {info['dtype']}, "
-                             f"which this reader does not know")
         start, end = info["data_offsets"]
         # Little-endian data on a little-endian host (x86-64, aarch64).
-        tensors[name] = data[start:end].view(dtype).reshape(info["shape"])
-    return tensors
+        tensors[name] = data[start:end].view(_SAFETENSORS_DTYPES[info["dtype"]]).reshape(
+            info["shape"])
+    return tensors, metadata
 
 
 def _load_tensors(files) -> dict[str, np.ndarray]:
@@ -262,7 +342,10 @@ def read_checkpoint(source, *, format: str | None = None, **overrides) -> Import
     tensors = _load_tensors(files)
     if format is not None and format not in FORMATS:
         raise ValueError(f"format: expected one of {', '.join(FORMATS)}, got {format!r}")
-    fmt = format or detect_format(tensors, config)
+    try:
+        fmt = format or detect_format(tensors, config)
+    except ValueError as e:  # say which files could not be told
+        raise ValueError(f"{e} (in {', '.join(files)})") from None
     layers = layer_tensors(tensors, fmt)
     if not layers:
         raise ValueError(f"source: no {fmt} quantized layers in {', '.join(files)}")
@@ -298,8 +381,8 @@ def read_checkpoint(source, *, format: str | None = None, **overrides) -> Import
         weights[prefix], quantize_activation[prefix] = weight, qa
         used.update(parts.values())
     if problems:
-        raise ValueError(f"source: {len(problems)} of {len(layers)} {fmt} layers do not import:"
-                         "\n  " + "\n  ".join(problems))
+        raise ValueError(f"source: {len(problems)} of {len(layers)} {fmt} layers of "
+                         f"{', '.join(files)} do not import:\n  " + "\n  ".join(problems))
     others = {name: a for name, a in tensors.items() if name not in used}
     return ImportedCheckpoint(format=fmt, weights=weights,
                               quantize_activation=quantize_activation, tensors=others,

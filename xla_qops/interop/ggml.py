@@ -45,6 +45,8 @@ naming the type.
 
 from __future__ import annotations
 
+import struct
+
 import numpy as np
 
 from xla_qops.interop import _core
@@ -256,30 +258,40 @@ def read_gguf(path, *, dequantize_unsupported: bool = False):
     when mapping them back onto a transformers model.
     """
     gguf = _gguf()
-    reader = gguf.GGUFReader(path)
+    # The file may come from anyone: gguf-py's reader (a memory map; it checks
+    # little) fails on a truncated or lying file with whatever numpy or
+    # struct raises, and a tensor whose data runs past the end comes back
+    # short. Each becomes a ValueError naming the file (and the tensor).
+    try:
+        reader = gguf.GGUFReader(path)
+        tensors = list(reader.tensors)
+    except (ValueError, IndexError, KeyError, OverflowError, TypeError, struct.error,
+            MemoryError) as e:
+        raise ValueError(f"path: {path} is not a readable GGUF file "
+                         f"({type(e).__name__}: {e})") from None
     weights, others, unsupported = {}, {}, []
-    for t in reader.tensors:
-        name = t.tensor_type.name
-        shape = tuple(int(d) for d in reversed(t.shape))
-        if name in _UNQUANTIZED:
-            array = np.asarray(t.data)
-            if name == "BF16":
-                import ml_dtypes  # ships with jax
-                array = array.view(ml_dtypes.bfloat16)
-            others[t.name] = array.reshape(shape)
-        elif (name in TYPES or name in FLOAT_TYPES) and len(shape) == 2:
-            try:
+    for t in tensors:
+        try:
+            name = t.tensor_type.name
+            shape = tuple(int(d) for d in reversed(t.shape))
+            if name in _UNQUANTIZED:
+                array = np.asarray(t.data)
+                if name == "BF16":
+                    import ml_dtypes  # ships with jax
+                    array = array.view(ml_dtypes.bfloat16)
+                others[t.name] = array.reshape(shape)
+            elif (name in TYPES or name in FLOAT_TYPES) and len(shape) == 2:
                 weights[t.name] = from_gguf(t.data, t.tensor_type, shape)
-            except ValueError as e:
-                raise ValueError(f"tensor {t.name!r}: {e}") from e
-        elif dequantize_unsupported:
-            others[t.name] = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type
-                                                    ).reshape(shape)
-        else:
-            unsupported.append(f"{t.name} ({name}, shape {list(shape)})")
+            elif dequantize_unsupported:
+                others[t.name] = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type
+                                                        ).reshape(shape)
+            else:
+                unsupported.append(f"{t.name} ({name}, shape {list(shape)})")
+        except (ValueError, IndexError, TypeError, OverflowError) as e:
+            raise ValueError(f"path: {path}: tensor {t.name!r}: {e}") from e
     if unsupported:
-        raise ValueError(f"path: {len(unsupported)} tensors of types with no int4/int8 form "
-                         f"here: {', '.join(unsupported[:8])}"
+        raise ValueError(f"path: {path}: {len(unsupported)} tensors of types with no "
+                         f"int4/int8 form here: {', '.join(unsupported[:8])}"
                          f"{' ...' if len(unsupported) > 8 else ''}; pass "
                          f"dequantize_unsupported=True to get them as float32")
     metadata = {}
