@@ -66,7 +66,10 @@ bench: venv
 
 # bench-model: the end-to-end decoder benchmark (docs/bench_e2e.md) in the
 # environment a user's script has: torch's default OpenMP policy, no tunables.
+# llama.cpp, the peer a CPU user would pick, is built once into build/llama_cpp
+# (benchmark-only, never a dependency; about 5 minutes on a quiet machine).
 bench-model: venv
+	@scripts/ensure_llama_cpp.sh $(PY)
 	env -u OMP_WAIT_POLICY $(VENV)/bin/xla-qops bench --model llama
 
 # sanitize: the C++ extension built with ASan+UBSan in build/sanitize (the

@@ -27,6 +27,7 @@ def base():
     return decoder.build_model(1, dims=DIMS)
 
 
+@pytest.mark.torchax  # the decoder bench's JAX variant runs through torchax
 def test_every_kind_of_variant_generates(base):
     V = decoder.Variant
     rows = [V("bf16"), V("torch_int4", lm_head=True),
@@ -55,6 +56,7 @@ def test_every_kind_of_variant_generates(base):
     assert text.count("\n") == len(rows) + 1 and "xla-qops W4A16 g128 asym +lm_head" in text
 
 
+@pytest.mark.torchax  # the decoder bench's JAX variant runs through torchax
 def test_eager_and_jax_paths_generate_the_same_tokens(base):
     prompt = np.random.default_rng(0).integers(3, 512, (1, 6)).astype(np.int64)
     v = decoder.Variant("xla_qops", "eager", "w4a16", 128, True, True)
@@ -65,6 +67,24 @@ def test_eager_and_jax_paths_generate_the_same_tokens(base):
     np.testing.assert_array_equal(eager.tokens, jax_run.tokens)
 
 
+def test_nnx_and_compiled_rows_generate_the_eager_tokens(base):
+    """The NNX decoder and HF's compiled decode step on the same float32 weights as
+    eager torch (W4A16 g128 +lm_head, the same kernels): the same greedy tokens."""
+    V = decoder.Variant
+    model = copy.deepcopy(base).float()
+    prompt = np.random.default_rng(0).integers(3, 512, (1, 6)).astype(np.int64)
+    eager = decoder.prepare(model, V("xla_qops", "eager", "w4a16", 128, True, True), prompt, 5)
+    nnx = decoder.prepare(model, V("xla_qops", "nnx", "w4a16", 128, True, True), prompt, 5)
+    compiled = decoder.prepare(model, V("xla_qops", "compile", "w4a16", 128, True, True),
+                               prompt, 5)
+    # the same weight bytes per step but torch's rotary table, a buffer there
+    assert eager[0] - nnx[0] == (128 // 4) // 2 * 4  # head_dim / 2 float32
+    want = eager[1]().tokens
+    np.testing.assert_array_equal(nnx[1]().tokens, want)
+    np.testing.assert_array_equal(compiled[1]().tokens, want)
+
+
+@pytest.mark.torchax  # the decoder bench's JAX variant runs through torchax
 def test_jax_path_keeps_a_bfloat16_model_in_bfloat16(base, monkeypatch):
     # torchax 0.0.7's attention returns float32 for bfloat16 inputs; the JAX
     # path's registration casts it back, so every quantized Linear sees the
@@ -84,6 +104,7 @@ def test_jax_path_keeps_a_bfloat16_model_in_bfloat16(base, monkeypatch):
     assert len(seen) >= 7 and set(seen) == {"bfloat16"}
 
 
+@pytest.mark.torchax  # the decoder bench's JAX variant runs through torchax
 def test_jax_path_attention_matches_torch_in_bfloat16():
     import torch
     import torchax
@@ -169,6 +190,68 @@ def test_int4_ratios_are_like_for_like_or_say_they_are_not():
     assert all("W4A16 g128 sym" in t for t in unlike)
 
 
+def _peer_results():
+    """Fake results of the NNX group's turns: our NNX and compiled rows, llama.cpp's
+    two files and the eager bf16 peer timed again with them; plus the eager
+    fp8 row and its bf16 peer."""
+    return [
+        _result("bf16", tok_s=(30.0, 31.0, 29.0)),
+        _result("xla_qops", "eager", "w8a16-fp8", -1, True, lm_head=False,
+                tok_s=(60.0, 62.0, 61.0)),
+        _result("bf16", tok_s=(20.0, 20.0, 20.0), timed_with="nnx"),
+        _result("llama_cpp", "llama.cpp", "Q4_0", tok_s=(160.0, 170.0, 150.0), timed_with="nnx"),
+        _result("llama_cpp", "llama.cpp", "Q8_0", tok_s=(100.0, 100.0, 100.0), timed_with="nnx"),
+        _result("xla_qops", "nnx", "w4a16", 128, True, tok_s=(176.0, 170.0, 150.0)),
+        _result("xla_qops", "nnx", "w8a16", -1, True, tok_s=(90.0, 95.0, 85.0)),
+        _result("xla_qops", "nnx", "w4a8", 128, True, tok_s=(150.0, 150.0, 150.0)),
+        _result("bf16", "nnx", tok_s=(2.0,)),
+        _result("xla_qops", "compile", "w4a16", 128, True, tok_s=(140.0, 136.0, 120.0),
+                timed_with="nnx"),
+    ]
+
+
+def test_llama_cpp_and_compile_rows_take_turns_with_the_nnx_rows():
+    V = decoder.Variant
+    rows = decoder.variants(torchao=False)
+    assert V("llama_cpp", "llama.cpp", "Q4_0") in rows and V("bf16", "nnx") in rows
+    assert V("xla_qops", "eager", "w8a16-fp8", -1, True, False) in rows
+    assert {v.group for v in rows if v.path in ("nnx", "compile", "llama.cpp")} == {"nnx"}
+    # the eager peers timed again in the NNX group: bf16 and the int4 peers with lm_head
+    assert {(v.kind, v.lm_head) for v in decoder.companions(rows, "nnx")} == {
+        ("bf16", False), ("torch_int4", True)}
+    results = _peer_results()
+    assert not any(r.companion for r in results if r.variant.path in ("llama.cpp", "compile"))
+    assert results[2].companion  # the eager bf16 peer in the NNX turns
+
+
+def test_ratios_against_llama_cpp_pair_formats_and_turns():
+    results = _peer_results()
+    text = decoder_report.table(results, 1)
+    lines = {(line.split(" | ")[0], line.split(" | ")[1]): line for line in text.splitlines()[2:]}
+    # W4A16 against Q4_0 of the same turns: median 170 / 160, per turn 176/160 .. 150/150
+    w4 = lines[("| nnx", "xla-qops W4A16 g128 +lm_head")]
+    assert "| 1.06x (1.00–1.10) vs Q4_0 |" in w4
+    assert "| 8.50x (7.50–8.80) |" in w4  # against the eager bf16 peer of the same turns
+    assert "vs Q8_0" in lines[("| nnx", "xla-qops W8A16 pc +lm_head")]
+    assert "vs Q4_0" in lines[("| compile", "xla-qops W4A16 g128 +lm_head")]
+    # no llama.cpp ratio for rows outside its turns, nor for the float rows
+    assert lines[("| eager", "xla-qops W8A16-FP8 pc")].split(" | ")[9] == "–"
+    assert lines[("| nnx", "bf16 flax nnx")].split(" | ")[9] == "–"
+    targets = {t: (v, ok) for t, v, ok in decoder_report.peer_targets(results)}
+    assert targets["W4A16 g128 +lm_head [nnx] decode ≥ 1.0x llama.cpp Q4_0"] == (
+        "1.06x (1.00–1.10)", True)
+    assert targets["W8A16 pc +lm_head [nnx] decode ≥ 1.0x llama.cpp Q8_0"][1] is False
+    assert targets["W4A16 g128 +lm_head [compile] decode ≥ 0.9x llama.cpp Q4_0"][1] is False
+    assert targets["W4A8 g128 +lm_head [nnx] decode vs llama.cpp Q4_0 (reported, no target)"][1] \
+        is None
+    assert targets["W8A16-fp8 pc [eager] decode ≥ 1.8x bf16 torch (unquantized)"] == (
+        "2.03x (2.00–2.10)", True)  # median 61 / 30
+    # a comparison across formats is published only with its label
+    nnx_w4, q4 = results[5], results[3]
+    assert decoder_report.compare(nnx_w4, q4).across == decoder_report.LLAMA_CPP_ACROSS
+    assert decoder_report.compare(results[1], q4) is None  # fp8 W8A16 vs Q4_0: none
+
+
 def test_report_ratio_refuses_unlabelled_schemes_for_the_decoder_too():
     from xla_qops_app.bench import report
     r = _results()
@@ -193,7 +276,7 @@ def test_bench_e2e_markdown_holds_only_this_runs_figures(monkeypatch):
                                   xla_layers=0)
         reps = 3 if scale == 1 else 5
         return bench_model._markdown(args, f"machine {scale}", int(8 * scale), reps, reps - 2,
-                                     [1, 4], _results(scale), [], 18 * scale, "- torchao: x",
+                                     [1, 4], _results(scale), [], 18 * scale, ["- torchao: x"],
                                      True)
     one, two = render(1.0), render(1.5)
     static = set(one.splitlines()) & set(two.splitlines())
@@ -201,19 +284,32 @@ def test_bench_e2e_markdown_holds_only_this_runs_figures(monkeypatch):
     assert "9.9 ms" not in one  # the torchax note once carried another run's figure
 
 
+@pytest.mark.torchax  # the decoder bench's JAX variant runs through torchax
 def test_demo_decoder_section_compares_with_the_eager_float_model(base, monkeypatch, capsys):
     """`make demo`'s 'vs float': against the float model in eager torch, from the
-    same turns, for the JAX rows too (not the float model through JAX)."""
+    same turns, for the JAX and NNX rows too (not the float model through JAX);
+    the NNX rows against llama.cpp only where it is installed (the demo never
+    builds it)."""
     import re
 
+    from xla_qops_app.bench import llama_cpp
     from xla_qops_app.commands import demo_model
     monkeypatch.setattr(decoder, "TINYLLAMA", DIMS)
-    demo_model.decoder_section(1, ["jax"])
+    demo_model.decoder_section(1, ["jax", "nnx"])
     out = capsys.readouterr().out
     assert "against the float model in eager torch" in out
-    rows = [line.split() for line in out.splitlines() if line.startswith(("eager ", "jax "))]
-    assert [r[0] for r in rows] == ["jax"] * 3  # eager only as the baseline
+    rows = [line.split() for line in out.splitlines()
+            if line.startswith(("eager ", "jax ", "nnx ", "llama.cpp "))]
+    installed = llama_cpp.unavailable() is None
+    # eager only as the baseline; the float model through JAX, then our two schemes
+    assert [r[0] for r in rows] == ["jax"] * 3 + ["nnx"] * 2 + ["llama.cpp"] * (2 * installed)
     # tokens/s, then the ratio to the eager float model with its per-turn range
     # (the float model through JAX runs once: slow_reps)
-    assert all(float(r[4]) > 0 and float(r[5].rstrip("x")) > 0 for r in rows), rows
-    assert all(re.fullmatch(r"\(.*–.*\)", r[6]) for r in rows if r[1] != "float"), rows
+    for r in rows:
+        at = 4 if r[0] == "llama.cpp" else 5  # "W4A16 g128", "float (bf16)": two words
+        assert float(r[at - 1]) > 0 and float(r[at].rstrip("x")) > 0, r
+        if r[1] != "float":
+            assert re.fullmatch(r"\(.*–.*\)", r[at + 1]), r
+    nnx = [" ".join(r) for r in rows if r[0] == "nnx"]
+    assert all(("vs Q4_0" in line or "vs Q8_0" in line) == installed for line in nnx), nnx
+    assert ("no llama.cpp comparison" in out) != installed

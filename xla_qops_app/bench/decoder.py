@@ -14,9 +14,14 @@ Variants (`variants`): bf16 torch; torch's own int4 kernel
 (``_weight_int4pack_mm_for_cpu``, g128, asymmetric) and torchao's int4 (when it
 imports; asymmetric too) swapped in the way `quantize_model` swaps ours; xla-qops schemes, with and
 without ``lm_head`` quantized, on torch CPU tensors (``eager``: HF
-``generate``) and as one jitted JAX function per step (``jax``: the same torch
+``generate``), as one jitted JAX function per step (``jax``: the same torch
 module through torchax, greedy loop in Python around the jitted step, a static
-KV cache).
+KV cache), as the Flax NNX decoder of `xla_qops_app.jax_llama` (``nnx``: the
+same weights, one jitted prefill and one jitted decode step over the state
+split once), and as HF's decode step under `torch.compile` (``compile``:
+inductor, static cache). llama.cpp (Q4_0, Q8_0; `llama_cpp`, when
+scripts/ensure_llama_cpp.sh has built it) takes turns with the ``nnx`` and
+``compile`` rows.
 
 Used by ``xla-qops bench --model llama`` (xla_qops_app/commands/bench.py) and by
 the decoder section of ``xla-qops demo``.
@@ -44,10 +49,14 @@ class Variant:
     """One row: how the model's Linear layers are stored and how it runs.
 
     kind: "bf16", "torch_int4" (torch's `_weight_int4pack_mm_for_cpu`),
-      "torchao_int4" (torchao `Int4WeightOnlyConfig`, opaque CPU format) or
-      "xla_qops" (`torch_bridge.quantize_model`).
-    path: "eager" (torch CPU tensors, HF generate), "jax" (torchax, jitted) or
-      "xla" (the torch_xla device, static cache; `measure_xla_device`).
+      "torchao_int4" (torchao `Int4WeightOnlyConfig`, opaque CPU format),
+      "xla_qops" (`torch_bridge.quantize_model`, or `jax_llama.quantize` on
+      the nnx path) or "llama_cpp" (llama.cpp; `scheme` is its quant type,
+      "Q4_0" or "Q8_0").
+    path: "eager" (torch CPU tensors, HF generate), "jax" (torchax, jitted),
+      "nnx" (`xla_qops_app.jax_llama`, jitted), "compile" (HF generate with a
+      static cache, the forward under `torch.compile`), "llama.cpp", or "xla"
+      (the torch_xla device, static cache; `measure_xla_device`).
     """
 
     kind: str
@@ -58,7 +67,15 @@ class Variant:
     lm_head: bool = False  # lm_head quantized too
 
     @property
+    def group(self) -> str:
+        """The path group whose turns time this row (`measure`): llama.cpp and
+        the compiled torch step take turns with the NNX decoder."""
+        return "nnx" if self.path in ("llama.cpp", "compile") else self.path
+
+    @property
     def name(self) -> str:
+        if self.kind == "llama_cpp":
+            return f"llama.cpp {self.scheme} [{self.path}]"
         if self.kind == "xla_qops":
             layout = "pc" if self.block_size == -1 else f"g{self.block_size}"
             zp = "" if self.symmetric else " asym"
@@ -66,6 +83,8 @@ class Variant:
         else:
             what = {"bf16": "bf16 torch", "torch_int4": "torch int4 g128",
                     "torchao_int4": "torchao int4 g128"}[self.kind]
+            if self.path == "nnx":  # the NNX decoder's float model, not torch's
+                what = "bf16 flax nnx"
         head = " +lm_head" if self.lm_head else ""
         return f"{what}{head} [{self.path}]"
 
@@ -77,6 +96,8 @@ class Variant:
         points: `TorchInt4Linear`, torchao's `Int4WeightOnlyConfig`)."""
         if self.kind == "bf16":
             return "bf16"
+        if self.kind == "llama_cpp":
+            return f"llama.cpp-{self.scheme.lower()}"
         if self.kind in ("torch_int4", "torchao_int4"):
             base = "w4a16-g128-asym"
         else:
@@ -87,9 +108,15 @@ class Variant:
 
 OUR_SCHEMES = (("w4a16", 128, True), ("w4a16", 128, False), ("w8a16", -1, True),
                ("w8a8", -1, True), ("w4a8", 128, True))
+# Eager only: fp8 weights (issue 24 section 4: against bf16 torch end to end).
+EAGER_ONLY_SCHEMES = (("w8a16-fp8", -1, True),)
+# The NNX decoder's rows (lm_head quantized too), against llama.cpp's.
+NNX_SCHEMES = (("w4a16", 128, True), ("w8a16", -1, True), ("w4a8", 128, True))
+LLAMA_CPP_TYPES = ("Q4_0", "Q8_0")
+PATHS = ("eager", "jax", "nnx", "compile", "llama.cpp")
 
 
-def variants(paths=("eager", "jax"), torchao=True) -> list[Variant]:
+def variants(paths=("eager", "jax", "nnx", "compile", "llama.cpp"), torchao=True) -> list[Variant]:
     """Every row of the benchmark (the peers first)."""
     rows = []
     if "eager" in paths:
@@ -98,10 +125,19 @@ def variants(paths=("eager", "jax"), torchao=True) -> list[Variant]:
             rows.append(Variant("torch_int4", lm_head=lm_head))
             if torchao:
                 rows.append(Variant("torchao_int4", lm_head=lm_head))
-            rows += [Variant("xla_qops", "eager", s, b, sym, lm_head) for s, b, sym in OUR_SCHEMES]
+            rows += [Variant("xla_qops", "eager", s, b, sym, lm_head)
+                     for s, b, sym in OUR_SCHEMES + EAGER_ONLY_SCHEMES]
     if "jax" in paths:
         rows.append(Variant("bf16", "jax"))
         rows += [Variant("xla_qops", "jax", s, b, sym, True) for s, b, sym in OUR_SCHEMES]
+    if "llama.cpp" in paths:
+        rows += [Variant("llama_cpp", "llama.cpp", t) for t in LLAMA_CPP_TYPES]
+    if "nnx" in paths:
+        rows.append(Variant("bf16", "nnx"))
+        rows += [Variant("xla_qops", "nnx", s, b, sym, True) for s, b, sym in NNX_SCHEMES]
+    if "compile" in paths:
+        rows.append(Variant("bf16", "compile"))
+        rows.append(Variant("xla_qops", "compile", "w4a16", 128, True, True))
     return rows
 
 
@@ -252,6 +288,8 @@ class Timing:
 class EagerGenerator:
     """HF `generate` on torch CPU tensors (greedy, the default dynamic cache)."""
 
+    generate_kwargs: dict = {}
+
     def __init__(self, model, prompt, decode: int):
         self.model, self.prompt, self.decode = model, prompt, decode
 
@@ -272,7 +310,8 @@ class EagerGenerator:
             out = self.model.generate(ids, attention_mask=torch.ones_like(ids),
                                       max_new_tokens=self.decode, min_new_tokens=self.decode,
                                       do_sample=False, pad_token_id=0,
-                                      logits_processor=LogitsProcessorList([Stamp()]))
+                                      logits_processor=LogitsProcessorList([Stamp()]),
+                                      **self.generate_kwargs)
         return Timing(stamps[0] - start, (stamps[-1] - stamps[0]) / (len(stamps) - 1),
                       out[:, ids.shape[1]:].numpy())
 
@@ -345,9 +384,62 @@ class JaxGenerator:
                       np.concatenate([np.asarray(t) for t in tokens], 1))
 
 
-def generator(model, variant: Variant, prompt, decode: int):
-    cls = JaxGenerator if variant.path == "jax" else EagerGenerator
-    return cls(model, prompt, decode)
+class CompiledGenerator(EagerGenerator):
+    """HF `generate` with a static KV cache and the model's forward compiled by
+    `torch.compile` (the default inductor backend): one graph for the prompt,
+    one for a decode step. HF's own automatic compilation is turned off, so the
+    forward is compiled once, here."""
+
+    generate_kwargs = dict(cache_implementation="static", disable_compile=True)
+
+    def __init__(self, model, prompt, decode: int):
+        import torch
+        super().__init__(model, prompt, decode)
+        model.forward = torch.compile(model.forward)
+
+
+class NnxGenerator:
+    """The Flax NNX decoder (`xla_qops_app.jax_llama`): one jitted prefill, one
+    jitted decode step, the cache donated."""
+
+    def __init__(self, model, prompt, decode: int):
+        from xla_qops_app import jax_llama
+        self.generator = jax_llama.Generator(model)
+        self.prompt, self.decode = prompt, decode
+
+    def __call__(self) -> Timing:
+        stamps = []
+        start = time.perf_counter()
+        tokens = self.generator.generate(self.prompt, self.decode,
+                                         on_token=lambda i: stamps.append(time.perf_counter()))
+        return Timing(stamps[0] - start, (stamps[-1] - stamps[0]) / (self.decode - 1), tokens)
+
+
+def nnx_model(base, variant: Variant):
+    """The NNX decoder with `base`'s weights, quantized as `variant` says."""
+    from xla_qops_app import jax_llama
+    dtype = str(base.get_input_embeddings().weight.dtype).split(".")[-1]  # the torch model's
+    model = jax_llama.from_tensors(base.config, base.state_dict(), dtype=dtype)
+    if variant.kind == "xla_qops":
+        jax_llama.quantize(model, scheme=variant.scheme, block_size=variant.block_size,
+                           symmetric=variant.symmetric, lm_head=variant.lm_head)
+    return model
+
+
+def prepare(base, variant: Variant, prompt, decode: int):
+    """(weight bytes one decode step reads, generator) of `variant` of `base`."""
+    if variant.kind == "llama_cpp":
+        from xla_qops_app.bench import llama_cpp
+        path = llama_cpp.gguf_files(base)[variant.scheme]
+        gen = llama_cpp.Generator(path, prompt, decode, base.config.vocab_size)
+        return llama_cpp.step_bytes(path), lambda: Timing(*gen())
+    if variant.path == "nnx":
+        from xla_qops_app import jax_llama
+        model = nnx_model(base, variant)
+        return jax_llama.step_bytes(model), NnxGenerator(model, prompt, decode)
+    model = make_variant(base, variant)
+    cls = {"jax": JaxGenerator, "compile": CompiledGenerator}.get(variant.path, EagerGenerator)
+    return step_bytes(model), cls(model, prompt, decode)
 
 
 # ---------------------------------------------------------------------------
@@ -392,7 +484,7 @@ class Result:
     @property
     def companion(self) -> bool:
         """An eager peer timed in another path's turns (not a row of its own)."""
-        return bool(self.timed_with) and self.timed_with != self.variant.path
+        return bool(self.timed_with) and self.timed_with != self.variant.group
 
 
 def companions(rows, path: str) -> list[Variant]:
@@ -401,13 +493,14 @@ def companions(rows, path: str) -> list[Variant]:
     that path's turns, so that every ratio comes from the same turns."""
     if path == "eager":
         return []
-    heads = {v.lm_head for v in rows if v.path == path}
+    heads = {v.lm_head for v in rows if v.group == path and v.kind == "xla_qops"}
     return [v for v in rows if v.path == "eager" and v.kind != "xla_qops"
             and (v.kind == "bf16" or v.lm_head in heads)]
 
 
 def measure(base, rows, *, batch: int, prefill: int, decode: int, reps: int,
-            slow_reps: int = 1, seed: int = 0, log=print) -> list[Result]:
+            slow_reps: int = 1, seed: int = 0, log=print,
+            failed: dict | None = None) -> list[Result]:
     """Times every variant in `rows` on one prompt.
 
     The variants of one path take turns within every repetition, with a read of
@@ -416,33 +509,46 @@ def measure(base, rows, *, batch: int, prefill: int, decode: int, reps: int,
     (XLA's and torch's worker threads each linger after their turn and would
     tax the next path's turn). The eager peers the JAX rows are compared with
     (`companions`) take turns in the JAX group too, so every ratio is between
-    generations of the same turns. JAX bf16, slow on XLA:CPU, runs
-    `slow_reps` times.
+    generations of the same turns; llama.cpp and the compiled torch step take
+    turns in the NNX group (`Variant.group`). JAX and NNX bf16, slow on
+    XLA:CPU, run `slow_reps` times.
 
-    Returns one Result per row, in `rows`' order, then the companions' (their
-    `timed_with` names the group that timed them)."""
+    A row that cannot be built or warmed up (llama.cpp not installed, a
+    compilation error) is left out with its error in `failed` {name: error}
+    when a dict is given (else the error propagates).
+
+    Returns one Result per row measured, in `rows`' order, then the
+    companions' (their `timed_with` names the group that timed them)."""
     import gc
     prompt = np.random.default_rng(seed).integers(
         3, base.config.vocab_size, (batch, prefill)).astype(np.int64)
     results, extra = {}, []
-    for path in dict.fromkeys(v.path for v in rows):
-        group = [v for v in rows if v.path == path] + companions(rows, path)
+    for path in dict.fromkeys(v.group for v in rows):
+        group = [v for v in rows if v.group == path] + companions(rows, path)
         gens, nbytes = {}, {}
         for v in group:
-            model = make_variant(base, v)
-            nbytes[v] = step_bytes(model)
-            gens[v] = generator(model, v, prompt, decode)
-            t = time.perf_counter()
-            gens[v]()  # warm-up: compilation, first touch of the weights, threads
+            try:
+                nbytes[v], gen = prepare(base, v, prompt, decode)
+                t = time.perf_counter()
+                gen()  # warm-up: compilation, first touch of the weights, threads
+            except Exception as e:  # noqa: BLE001  reported, the other rows go on
+                if failed is None:
+                    raise
+                failed[v.name] = f"{type(e).__name__}: {e}"[:500]
+                log(f"  FAILED {v.name} (batch {batch}): {failed[v.name]}")
+                continue
+            gens[v] = gen
             log(f"  ready {v.name} (batch {batch}; warm-up {time.perf_counter() - t:.1f} s)")
-            del model
             gc.collect()
+        group = [v for v in group if v in gens]
+        if not group:
+            continue
         read = read_bandwidth_step(max(nbytes.values()))
         timings = {v: [] for v in group}
         bandwidths = []
         for rep in range(reps):
             for v in group:
-                if v.path == "jax" and v.kind == "bf16" and rep >= slow_reps:
+                if v.path in ("jax", "nnx") and v.kind == "bf16" and rep >= slow_reps:
                     continue
                 timings[v].append(gens[v]())
                 bandwidths.append(read())
@@ -453,13 +559,13 @@ def measure(base, rows, *, batch: int, prefill: int, decode: int, reps: int,
             r = Result(v, batch, nbytes[v], batch * prefill / prefill_s, batch / step_s, read_bw,
                        [batch * prefill / t.prefill_s for t in timings[v]],
                        [batch / t.step_s for t in timings[v]], path)
-            if v.path == path:
+            if v.group == path:
                 results[v] = r
             else:
                 extra.append(r)
         del gens
         gc.collect()
-    return [results[v] for v in rows] + extra
+    return [results[v] for v in rows if v in results] + extra
 
 
 # ---------------------------------------------------------------------------

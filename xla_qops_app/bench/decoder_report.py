@@ -5,7 +5,9 @@ and lm_head coverage, timed in the same turns (the JAX rows' eager peers are
 timed again in the JAX group's turns: `decoder.companions`), with the min–max
 of the per-turn ratios. The one comparison across schemes in the tables, our
 symmetric W4A16 against torch's and torchao's asymmetric int4, is labelled in
-every cell and target that makes it.
+every cell and target that makes it; so is every ratio against llama.cpp
+(its own formats: `LLAMA_CPP_ACROSS`), published only for the NNX group's rows
+and the compiled torch step, which take turns with it.
 """
 
 from __future__ import annotations
@@ -19,6 +21,14 @@ PEERS = (("bf16", "bf16 torch (unquantized)"), ("torch_int4", "torch int4 g128 a
 # with this label (the cell says "sym vs asym").
 SYM_VS_ASYM = ("ours symmetric, the peer asymmetric: torch's int4 kernel applies a zero "
                "point whatever the weights, ours skips it for symmetric ones")
+
+
+# Which llama.cpp file each of our schemes is compared with, and the label of
+# that comparison across formats.
+LLAMA_CPP_PEER = {"w4a16": "Q4_0", "w4a8": "Q4_0", "w8a16": "Q8_0"}
+LLAMA_CPP_ACROSS = ("llama.cpp's own format: Q4_0 / Q8_0 (blocks of 32, one fp16 scale each; "
+                    "its arithmetic quantizes activations to int8 blocks; default mixture, "
+                    "token embeddings and lm_head as llama-quantize writes them)")
 
 
 def _rows(results):
@@ -43,6 +53,9 @@ def _across(r, peer) -> str | None:
     if peer.variant.kind == "bf16":
         return UNQUANTIZED
     ours = r.variant
+    if peer.variant.kind == "llama_cpp":
+        return (LLAMA_CPP_ACROSS if ours.kind == "xla_qops" and ours.lm_head
+                and LLAMA_CPP_PEER.get(ours.scheme) == peer.variant.scheme else None)
     if (ours.kind == "xla_qops" and ours.scheme == "w4a16" and ours.block_size == 128
             and ours.symmetric and ours.lm_head == peer.variant.lm_head):
         return SYM_VS_ASYM
@@ -62,6 +75,18 @@ def compare(r, peer, attr="decode"):
                  den_scheme=peer.variant.scheme_key, across=_across(r, peer))
 
 
+def llama_cpp_peer(results, r):
+    """The llama.cpp row `r` is compared with: same batch, same turns, the file
+    `LLAMA_CPP_PEER` names for r's scheme; None if there is none."""
+    v = r.variant
+    kind = LLAMA_CPP_PEER.get(v.scheme) if v.kind == "xla_qops" else None
+    for p in results:
+        if (p.batch == r.batch and p.variant.kind == "llama_cpp" and p.variant.scheme == kind
+                and p.timed_with == (r.timed_with or v.path)):
+            return p
+    return None
+
+
 def _cell(q) -> str:
     if q is None:
         return "–"
@@ -71,8 +96,9 @@ def _cell(q) -> str:
 def table(results, batch: int) -> str:
     head = ("| path | variant | weights MiB/step | floor ms/step | decode tok/s (min–max) | "
             "% of floor | " + " | ".join(f"vs {title}" for _, title in PEERS)
-            + " | prefill tok/s (min–max) | prefill vs bf16 torch (unquantized) |")
-    lines = [head, "|" + "---|" * (8 + len(PEERS))]
+            + " | vs llama.cpp (its format) | prefill tok/s (min–max) | "
+            "prefill vs bf16 torch (unquantized) |")
+    lines = [head, "|" + "---|" * (9 + len(PEERS))]
     for r in _rows(results):
         if r.batch != batch:
             continue
@@ -85,9 +111,16 @@ def table(results, batch: int) -> str:
             f"{r.decode_tok_s:.1f}{fmt_range(r.decode_runs, digits=1)} | "
             f"{100 * r.floor_share:.0f}% | "
             + " | ".join(_cell(compare(r, p)) for p in peers)
+            + f" | {_llama_cell(results, r)}"
             + f" | {r.prefill_tok_s:.0f}{fmt_range(r.prefill_runs, digits=0)} | "
               f"{_cell(compare(r, peers[0], 'prefill'))} |")
     return "\n".join(lines)
+
+
+def _llama_cell(results, r) -> str:
+    peer = llama_cpp_peer(results, r)
+    q = compare(r, peer)
+    return "–" if q is None else f"{q.text()} vs {peer.variant.scheme}"
 
 
 def _find(results, batch, path, kind, scheme=None, symmetric=True, lm_head=True, group=None):
@@ -144,9 +177,44 @@ def targets(results) -> list[tuple[str, str, bool]]:
     return out
 
 
+def peer_targets(results) -> list[tuple[str, str, bool]]:
+    """(target, measured, met: None where a row is reported without a target)
+    for issue 28 section 3 (the NNX decoder against
+    llama.cpp), issue 25 section 4 (the compiled torch step against llama.cpp)
+    and issue 24 section 4 (fp8 weights against bf16 torch), batch 1, each
+    against the peer timed in the same turns (min–max of the per-turn ratios)."""
+    out = []
+    for path, scheme, block, goal in (("nnx", "w4a16", 128, 1.0), ("nnx", "w8a16", -1, 1.0),
+                                      ("nnx", "w4a8", 128, None),
+                                      ("compile", "w4a16", 128, 0.9)):
+        ours = next((r for r in results if r.batch == 1 and r.variant.path == path
+                     and r.variant.scheme == scheme and r.variant.block_size == block
+                     and r.variant.lm_head and not r.companion), None)
+        q = None if ours is None else compare(ours, llama_cpp_peer(results, ours))
+        if q is None:
+            continue
+        layout = "pc" if block == -1 else f"g{block}"
+        peer = LLAMA_CPP_PEER[scheme]
+        if goal is None:
+            out.append((f"{scheme.upper()} {layout} +lm_head [{path}] decode vs llama.cpp "
+                        f"{peer} (reported, no target)", q.text(), None))
+        else:
+            out.append((f"{scheme.upper()} {layout} +lm_head [{path}] decode ≥ {goal}x "
+                        f"llama.cpp {peer}", q.text(), q.value >= goal))
+    for lm_head in (False, True):
+        ours = _find(results, 1, "eager", "xla_qops", "w8a16-fp8", lm_head=lm_head)
+        q = None if ours is None else compare(ours, _find(results, 1, "eager", "bf16"))
+        if q is not None:
+            head = " +lm_head" if lm_head else ""
+            out.append((f"W8A16-fp8 pc{head} [eager] decode ≥ 1.8x bf16 torch (unquantized)",
+                        q.text(), q.value >= 1.8))
+    return out
+
+
 def targets_markdown(results) -> str:
-    return "\n".join(f"- {text}: **{value}** — {'met' if ok else 'MISSED'}"
-                     for text, value, ok in targets(results))
+    verdict = {True: " — met", False: " — MISSED", None: ""}
+    return "\n".join(f"- {text}: **{value}**{verdict[ok]}"
+                      for text, value, ok in targets(results) + peer_targets(results))
 
 
 def xla_table(rows) -> str:
@@ -169,7 +237,8 @@ def plot(results, path: str) -> None:
     batches = sorted({r.batch for r in results})
     fig, axes = plt.subplots(1, len(batches), figsize=(7 * len(batches), 0.32 * len(results) + 2),
                              squeeze=False)
-    colors = {"eager": "#4c72b0", "jax": "#dd8452"}
+    colors = {"eager": "#4c72b0", "jax": "#dd8452", "nnx": "#55a868", "compile": "#8172b3",
+              "llama.cpp": "#937860"}
     for ax, batch in zip(axes[0], batches):
         rows = [r for r in results if r.batch == batch][::-1]
         ax.barh([r.variant.name for r in rows], [r.decode_tok_s for r in rows],

@@ -11,7 +11,7 @@ import os
 import platform
 import time
 
-from xla_qops_app.bench import decoder, decoder_report
+from xla_qops_app.bench import decoder, decoder_report, llama_cpp
 
 
 def _environment() -> str:
@@ -29,9 +29,10 @@ def run(args) -> int:
     layers = args.layers or 8
     batches = [int(b) for b in args.batch.split(",")]
     paths = tuple(p for p in args.paths.split(",") if p)
-    unknown = set(paths) - {"eager", "jax"}
+    unknown = set(paths) - set(decoder.PATHS)
     if unknown or layers < 1 or min(batches) < 1 or args.prefill < 1 or args.decode < 2:
-        raise ValueError(f"bench --model: expected --paths from eager,jax, --layers/--batch/"
+        raise ValueError(f"bench --model: expected --paths from {','.join(decoder.PATHS)}, "
+                         f"--layers/--batch/"
                          f"--prefill >= 1 and --decode >= 2, got paths={args.paths!r}, "
                          f"layers={layers}, batch={args.batch!r}, prefill={args.prefill}, "
                          f"decode={args.decode}")
@@ -40,7 +41,12 @@ def run(args) -> int:
     info = _environment()
     print(info, flush=True)
     torchao_missing = decoder.torchao_available()
+    llama_missing = llama_cpp.unavailable() if "llama.cpp" in paths else None
+    if llama_missing:
+        print(f"llama.cpp rows left out: {llama_missing}", flush=True)
+        paths = tuple(p for p in paths if p != "llama.cpp")
     rows = decoder.variants(paths, torchao=torchao_missing is None)
+    failed: dict[str, str] = {}
     start = time.perf_counter()
     torchao_note = (f"- torchao: {torchao_missing}" if torchao_missing else
                     "- torchao: `Int4WeightOnlyConfig(group_size=128, int4_packing_format="
@@ -50,8 +56,10 @@ def run(args) -> int:
     def write(results, xla_rows, done):
         if args.no_write:
             return
+        notes = [torchao_note, llama_note(llama_missing)]
+        notes += [f"- {name}: left out, {error}" for name, error in failed.items()]
         md = _markdown(args, info, layers, reps, slow_reps, batches, results, xla_rows,
-                       (time.perf_counter() - start) / 60, torchao_note, done)
+                       (time.perf_counter() - start) / 60, notes, done)
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "bench_e2e.md"), "w") as f:
             f.write(md)
@@ -63,7 +71,8 @@ def run(args) -> int:
         print(f"batch {batch}: {len(rows)} variants, prompt {args.prefill}, "
               f"{args.decode} new tokens, {reps} runs each", flush=True)
         results += decoder.measure(base, rows, batch=batch, prefill=args.prefill,
-                                   decode=args.decode, reps=reps, slow_reps=slow_reps)
+                                   decode=args.decode, reps=reps, slow_reps=slow_reps,
+                                   failed=failed)
         print(decoder_report.table(results, batch), flush=True)
         write(results, [], done=False)  # a crash later keeps what was measured
     del base
@@ -128,6 +137,17 @@ def _xla_device_in_child(layers, prefill, decode):
     return rows
 
 
+def llama_note(missing) -> str:
+    if missing:
+        return f"- llama.cpp: not run here: {missing}."
+    return ("- llama.cpp: llama-cpp-python built from PyPI for this CPU "
+            "(`scripts/ensure_llama_cpp.sh`: `-DGGML_NATIVE=ON`), the same random-weight model "
+            "converted by llama.cpp's `convert_hf_to_gguf.py` to bf16 GGUF (no vocabulary: "
+            "token ids go in directly), quantized by `llama_model_quantize` to Q4_0 and Q8_0 "
+            "(default mixtures), generating greedily through `llama_decode` with "
+            f"{llama_cpp.THREADS} threads; it takes turns with the `nnx` and `compile` rows.")
+
+
 # Notes say what the code does, never what some other run measured: a
 # generated document holds only the figures of the run that wrote it.
 TORCHAX_NOTE = (
@@ -140,7 +160,7 @@ TORCHAX_NOTE = (
 
 
 def _markdown(args, info, layers, reps, slow_reps, batches, results, xla_rows, minutes,
-              torchao_note, done) -> str:
+              notes, done) -> str:
     return "\n\n".join([
         "# End-to-end decoder benchmark (`xla-qops bench --model llama`)",
         *([] if done else ["**Partial: the run has not finished.**"]),
@@ -150,10 +170,17 @@ def _markdown(args, info, layers, reps, slow_reps, batches, results, xla_rows, m
         f"2048, MLP 5632, 32 heads, 4 KV heads, vocab 32000), {layers} of its "
         f"{decoder.TINYLLAMA_LAYERS} layers, random bf16 weights. Greedy generation: a "
         f"{args.prefill}-token prompt, then {args.decode} new tokens; per variant the median of "
-        f"{reps} generations (JAX bf16: {slow_reps}), min–max over them in parentheses, the "
-        "variants of one path taking turns within every repetition. `eager` is HF `generate` "
-        "on torch CPU tensors; `jax` is the same torch module run by torchax as one jitted JAX "
-        "step (static KV cache) in a greedy loop. Decode tok/s counts every sequence of the "
+        f"{reps} generations (JAX and NNX bf16: {slow_reps}), min–max over them in parentheses, "
+        "the variants of one path taking turns within every repetition. `eager` is HF "
+        "`generate` on torch CPU tensors; `jax` is the same torch module run by torchax as one "
+        "jitted JAX step (static KV cache) in a greedy loop; `nnx` is the Flax NNX decoder "
+        "(`xla_qops_app/jax_llama.py`) with the same weights, one jitted prefill and one jitted "
+        "decode step over the state split once (`jax.jit`, cache donated); `compile` is HF "
+        "`generate` with a static cache and the model's forward under `torch.compile` "
+        "(inductor); `llama.cpp` is the same model as GGUF Q4_0 / Q8_0. The `nnx`, `compile` "
+        "and `llama.cpp` rows take turns together (with the eager peers timed again), and the "
+        "ratios against llama.cpp pair W4A16 and W4A8 with Q4_0, W8A16 with Q8_0, labelled "
+        "as a comparison across formats. Decode tok/s counts every sequence of the "
         "batch. \"weights MiB/step\" is what one decode step reads (every parameter and buffer "
         "but the token embeddings); the floor is that at the read bandwidth of a torch sum "
         "timed in the same turns. Ratios are against the eager peers timed in the same turns "
@@ -163,7 +190,7 @@ def _markdown(args, info, layers, reps, slow_reps, batches, results, xla_rows, m
         "unquantized model, and our symmetric W4A16 against the asymmetric int4 peers, "
         "marked \"sym vs asym\" (torch's kernel applies a zero point whatever the weights; "
         "ours skips it for symmetric ones). The rules: [benchmarks.md](benchmarks.md).",
-        "## Targets (issue G)",
+        "## Targets (issues G, J, 24, 25)",
         decoder_report.targets_markdown(results),
         *[f"## Batch {b}\n\n{decoder_report.table(results, b)}" for b in batches
           if any(r.batch == b for r in results)],
@@ -171,6 +198,6 @@ def _markdown(args, info, layers, reps, slow_reps, batches, results, xla_rows, m
         *([f"## torch_xla device ({args.xla_layers} layers, batch 1, static cache)\n\n"
            + decoder_report.xla_table(xla_rows)] if xla_rows else []),
         "## Notes",
-        torchao_note,
+        *notes,
         TORCHAX_NOTE,
     ]) + "\n"

@@ -138,52 +138,68 @@ def run(args) -> int:
               + " ".join(f"{results[p][1]:>11.2f}" for p in paths)
               + f"  max diff {spread:.1e}", flush=True)
     if args.decoder_layers:
-        decoder_section(args.decoder_layers, [p for p in ("eager", "jax") if p in paths])
+        decoder_paths = [p for p in ("eager", "jax") if p in paths]
+        decoder_section(args.decoder_layers, decoder_paths + (["nnx"] if "jax" in paths else []))
     return 0
 
 
 def decoder_section(layers: int, paths) -> None:
     """What quantization buys a decoder's `generate`: tokens/s of float, W4A16 and
     W8A16 (lm_head quantized too) on each path, a few layers of the model that
-    `xla-qops bench --model llama` measures in full (docs/bench_e2e.md).
+    `xla-qops bench --model llama` measures in full (docs/bench_e2e.md). The
+    ``nnx`` path is the Flax NNX decoder (`xla_qops_app.jax_llama`, jitted over
+    the state split once); llama.cpp takes turns with it where
+    scripts/ensure_llama_cpp.sh has built it (the demo never builds it).
 
     Every row is compared with what a user would otherwise run: the float
     model in eager torch (HF `generate` on CPU tensors), timed in the same turns
     (for the JAX rows it takes turns with them again). Not with the float model
     run through JAX: XLA:CPU's bf16 matmuls are much slower than torch's
     (docs/bench_e2e.md), and a ratio against them would credit quantization
-    with that. Each ratio gives the range of its per-turn ratios."""
-    from xla_qops_app.bench import decoder
+    with that. The NNX rows are also compared with llama.cpp's Q4_0 / Q8_0 when
+    it runs here. Each ratio gives the range of its per-turn ratios."""
+    from xla_qops_app.bench import decoder, decoder_report, llama_cpp
     from xla_qops_app.bench.report import UNQUANTIZED, ratio
     if not paths:
         return
     rows = [decoder.Variant("bf16", "eager")]  # the baseline, whichever paths run
     for path in paths:
-        rows += [decoder.Variant("bf16", path)] if path != "eager" else []
+        rows += [decoder.Variant("bf16", path)] if path == "jax" else []
         rows += [decoder.Variant("xla_qops", path, scheme, block, True, True)
                  for scheme, block in (("w4a16", 128), ("w8a16", -1))]
+    llama_missing = llama_cpp.unavailable() if "nnx" in paths else "no nnx rows"
+    if llama_missing is None:
+        rows += [decoder.Variant("llama_cpp", "llama.cpp", t) for t in decoder.LLAMA_CPP_TYPES]
     prompt, new = 32, 32
     print(f"\nDecoder: LlamaForCausalLM with TinyLlama-1.1B's dimensions, {layers} of its "
           f"{decoder.TINYLLAMA_LAYERS} layers, random bf16 weights; greedy generate, batch 1, "
           f"{prompt}-token prompt, {new} new tokens (full benchmark: docs/bench_e2e.md); "
-          "'vs float' = against the float model in eager torch, timed in the same turns")
+          "'vs float' = against the float model in eager torch, timed in the same turns; "
+          "nnx = the Flax NNX decoder (xla_qops_app/jax_llama.py), one jitted decode step")
+    if "nnx" in paths and llama_missing is not None:
+        print(f"(no llama.cpp comparison: {llama_missing})")
     base = decoder.build_model(layers)
     results = decoder.measure(base, rows, batch=1, prefill=prompt, decode=new, reps=2,
                               log=lambda *a: None)
     # The eager float model as timed in each path group's turns.
     float_runs = {r.timed_with: r.decode_runs for r in results
                   if r.variant.kind == "bf16" and r.variant.path == "eager"}
-    header = (f"{'path':<6} {'weights':<16} {'MiB/token':>9} {'tokens/s':>9}  "
-              "vs float (per-turn range)")
+    header = (f"{'path':<9} {'weights':<16} {'MiB/token':>9} {'tokens/s':>9}  "
+              f"{'vs float (per-turn range)':<27}"
+              + ("  vs llama.cpp (per-turn range)" if llama_missing is None else ""))
     print(header)
     print("-" * len(header))
     for r in results:
         v = r.variant
         if r.companion or (v.path == "eager" and "eager" not in paths):
             continue
-        what = "float (bf16)" if v.kind == "bf16" else (
-            f"{v.scheme.upper()} {'g128' if v.block_size == 128 else 'pc'}")
-        q = ratio(r.decode_runs, float_runs[v.path], num_scheme=v.scheme_key,
+        what = ("float (bf16)" if v.kind == "bf16" else v.scheme if v.kind == "llama_cpp"
+                else f"{v.scheme.upper()} {'g128' if v.block_size == 128 else 'pc'}")
+        q = ratio(r.decode_runs, float_runs[r.timed_with], num_scheme=v.scheme_key,
                   den_scheme="bf16", across=UNQUANTIZED)
-        print(f"{v.path:<6} {what:<16} {r.step_bytes / 2**20:>9.0f} {r.decode_tok_s:>9.1f}  "
-              f"{q.text()}", flush=True)
+        peer = decoder_report.llama_cpp_peer(results, r)
+        vs_llama = decoder_report.compare(r, peer)
+        print(f"{v.path:<9} {what:<16} {r.step_bytes / 2**20:>9.0f} {r.decode_tok_s:>9.1f}  "
+              f"{q.text():<27}"
+              + (f"  {vs_llama.text()} vs {peer.variant.scheme}" if vs_llama else ""),
+              flush=True)
