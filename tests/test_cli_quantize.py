@@ -112,7 +112,7 @@ def test_quantize_writes_compressed_tensors(model_file, tmp_path, capsys, scheme
     config = json.loads((theirs / "config.json").read_text())["quantization_config"]
     group = config["config_groups"]["group_0"]
     assert config["quant_method"] == "compressed-tensors" and group["format"] == ct_format
-    assert ("input_activations" in group) == (scheme == "w8a8")
+    assert (group["input_activations"] is not None) == (scheme == "w8a8")
     assert "embed" in config["ignore"]
     imported = xla_qops.interop.read_checkpoint(theirs)
     reference = checkpoint.load_quantized(ours)
@@ -279,3 +279,140 @@ def test_awq_on_a_file_writes_weights_of_the_unscaled_model(tmp_path, capsys):
     written = checkpoint.load_quantized(str(out)).weights[name]
     np.testing.assert_array_equal(np.asarray(written.w), np.asarray(expected.w))
     np.testing.assert_array_equal(np.asarray(written.scale), np.asarray(expected.scale))
+
+
+# ------------------------------------------- float schemes in compressed-tensors' format
+
+# scheme -> (config group format, weights strategy, {tensor: safetensors dtype}) as
+# llm-compressor writes FP8_DYNAMIC, MXFP4A16 and NVFP4A16 (compressed-tensors presets).
+CT_FLOAT_CASES = {
+    "w8a16-fp8": ("float-quantized", "channel", {"weight": "F8_E4M3", "weight_scale": "F32"}),
+    "w8a8-fp8": ("float-quantized", "channel", {"weight": "F8_E4M3", "weight_scale": "F32"}),
+    "w4a16-mxfp4": ("mxfp4-pack-quantized", "group", {"weight_packed": "U8",
+                                                      "weight_scale": "U8"}),
+    "w4a16-nvfp4": ("nvfp4-pack-quantized", "tensor_group",
+                    {"weight_packed": "U8", "weight_scale": "F8_E4M3",
+                     "weight_global_scale": "F32"}),
+}
+
+
+def _header(path):
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        return json.loads(f.read(n))
+
+
+def _float_export(model_file, tmp_path, scheme):
+    """(source tensors, our own file's weights, the compressed-tensors directory)."""
+    src, tensors = model_file
+    ours, theirs = tmp_path / "ours.safetensors", tmp_path / "ct"
+    common = ["--scheme", scheme, "--no-progress", "--filter", "layers.*"]
+    assert main(["quantize", str(src), str(ours), *common]) == 0
+    assert main(["quantize", str(src), str(theirs), "--format", "compressed-tensors",
+                 *common]) == 0
+    return tensors, checkpoint.load_quantized(ours).weights, theirs
+
+
+@pytest.mark.parametrize("scheme", sorted(CT_FLOAT_CASES))
+def test_float_schemes_write_compressed_tensors(model_file, tmp_path, capsys, scheme):
+    """Tensor names, dtypes and the config group of llm-compressor's preset; read back
+    (read_checkpoint) bit for bit: fp8 and MXFP4 are the weights of our own format; NVFP4
+    is quantized in compressed-tensors' divisor form (docs/cli.md), which it holds exactly."""
+    fmt, strategy, dtypes = CT_FLOAT_CASES[scheme]
+    tensors, ours, theirs = _float_export(model_file, tmp_path, scheme)
+    capsys.readouterr()
+    config = json.loads((theirs / "config.json").read_text())["quantization_config"]
+    assert config["format"] == fmt and list(config["config_groups"]) == ["group_0"]
+    group = config["config_groups"]["group_0"]
+    assert group["targets"] == ["Linear"] and group["format"] == fmt
+    weights = group["weights"]
+    assert (weights["type"], weights["strategy"], weights["symmetric"]) == ("float", strategy,
+                                                                           True)
+    assert weights["num_bits"] == (8 if "fp8" in scheme else 4)
+    acts = group["input_activations"]
+    if scheme == "w8a8-fp8":  # FP8_DYNAMIC: dynamic per-token fp8
+        assert acts == {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "token",
+                        "dynamic": True}
+    else:
+        assert acts is None
+    header = _header(theirs / "model.safetensors")
+    layers = sorted(ours)
+    for layer in layers:
+        assert {k[len(layer) + 1:]: v["dtype"] for k, v in header.items()
+                if k.startswith(layer + ".weight")} == dtypes
+    imported = xla_qops.interop.read_checkpoint(theirs)
+    assert sorted(imported.weights) == layers
+    for layer in layers:
+        if scheme == "w4a16-nvfp4":
+            expected = xla_qops.quantize.quantize_float(
+                np.asarray(tensors[f"{layer}.weight"], np.float32), "nvfp4", 16,
+                nvfp4_divisor=True)
+        else:
+            expected = ours[layer]
+        np.testing.assert_array_equal(np.asarray(imported.weights[layer].w),
+                                      np.asarray(expected.w))
+        np.testing.assert_array_equal(np.asarray(imported.weights[layer].scale),
+                                      np.asarray(expected.scale))
+        assert imported.quantize_activation[layer] == (scheme == "w8a8-fp8")
+
+
+def test_float_scheme_compressed_tensors_refusals(model_file, tmp_path, capsys):
+    src, _ = model_file
+    out = str(tmp_path / "ct")
+    assert main(["quantize", str(src), out, "--scheme", "w4a16-mxfp4", "--block-size", "64",
+                 "--format", "compressed-tensors", "--no-progress"]) == 2
+    assert ("block-size: compressed-tensors' mxfp4-pack-quantized has blocks of 32, got 64"
+            in capsys.readouterr().err)
+    assert main(["quantize", str(src), out, "--scheme", "w4a8-fp8",
+                 "--format", "compressed-tensors", "--no-progress"]) == 2
+    assert "(int4 weights with fp8 activations)" in capsys.readouterr().err
+    assert main(["quantize", str(src), out, "--scheme", "w8a16-fp8", "--method", "hqq",
+                 "--no-progress"]) == 2
+    assert ("method: scheme w8a16-fp8 rounds to nearest even onto its float grid"
+            in capsys.readouterr().err)
+    assert not (tmp_path / "ct").exists()
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("scheme", sorted(CT_FLOAT_CASES))
+def test_compressed_tensors_reads_our_float_export_bit_for_bit(model_file, tmp_path, capsys,
+                                                               scheme):
+    """compressed-tensors 0.15 itself: its QuantizationConfig parses our config, and its
+    dequantization of our tensors (its decompressor for fp8; its `dequantize` with its own
+    fp4 unpacking and E8M0 decoding for the fp4 formats, in float32) equals our weights
+    bit for bit."""
+    import torch
+    from compressed_tensors.compressors.base import BaseCompressor
+    from compressed_tensors.compressors.mx_utils import decompress_mx_scale
+    from compressed_tensors.compressors.nvfp4.helpers import unpack_fp4_from_uint8
+    from compressed_tensors.quantization import QuantizationConfig
+    from compressed_tensors.quantization.lifecycle.forward import dequantize
+    from safetensors.torch import load_file
+
+    _, _, theirs = _float_export(model_file, tmp_path, scheme)
+    capsys.readouterr()
+    config = QuantizationConfig.model_validate(
+        json.loads((theirs / "config.json").read_text())["quantization_config"])
+    scheme_ = config.config_groups["group_0"]
+    state = load_file(str(theirs / "model.safetensors"))
+    imported = xla_qops.interop.read_checkpoint(theirs)
+    for layer, qw in imported.weights.items():
+        ours = np.asarray(qw.dequantize(jnp.float32))
+        n, k = ours.shape
+        tensors = {k_[len(layer) + 1:]: v for k_, v in state.items()
+                   if k_.startswith(layer + ".")}
+        if scheme_.format == "float-quantized":
+            theirs_w = BaseCompressor.load_from_registry(scheme_.format).decompress(
+                dict(tensors), scheme_)["weight"]
+        else:
+            codes = unpack_fp4_from_uint8(tensors["weight_packed"], n, k, dtype=torch.float32)
+            if scheme_.format == "mxfp4-pack-quantized":
+                theirs_w = dequantize(codes, decompress_mx_scale(tensors["weight_scale"]).float(),
+                                      args=scheme_.weights, dtype=torch.float32)
+            else:
+                theirs_w = dequantize(codes, tensors["weight_scale"].float(),
+                                      args=scheme_.weights,
+                                      global_scale=tensors["weight_global_scale"],
+                                      dtype=torch.float32)
+        assert theirs_w.dtype == torch.float32
+        np.testing.assert_array_equal(theirs_w.numpy().view(np.uint32), ours.view(np.uint32))

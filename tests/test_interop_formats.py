@@ -880,3 +880,48 @@ def test_load_quantized_exported_compressed_tensors_model(tmp_path, torch):
     report = torch_bridge.load_quantized(model, tmp_path)
     assert "(6 w4a16-fp4, 8 w8a8-fp8)" in str(report)
     _logits_close(torch, model, source)
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("n,k", [(64, 128), (48, 256)])
+def test_nvfp4_divisor_form_is_what_compressed_tensors_writes(n, k, torch):
+    """quantize_float(..., nvfp4_divisor=True), exported, holds the tensors that
+    compressed-tensors' own NVFP4 path makes of the same weight (its generate_gparam and
+    calculate_qparams, then its compressor): the same packed codes and e4m3 block scales,
+    byte for byte, and a global scale that reproduces every block scale (the exporter finds
+    one from the scales alone: it may be a float32 neighbour of theirs, as any g with
+    float32(s / g) equal for every block is), so their dequantization of both is one
+    float32 weight, bit for bit."""
+    from compressed_tensors.compressors.base import BaseCompressor
+    from compressed_tensors.quantization.utils.helpers import calculate_qparams, generate_gparam
+    from xla_qops.quantize import quantize_float
+    config = dict(num_bits=4, type="float", symmetric=True, strategy="tensor_group",
+                  group_size=16, scale_dtype=torch.float8_e4m3fn)
+    w = torch.randn(n, k) * torch.exp(torch.randn(n, 1))
+    global_scale = generate_gparam(w.min(), w.max())
+    groups = w.reshape(n, k // 16, 16)
+    scale, _ = calculate_qparams(groups.amin(-1), groups.amax(-1), _args(**config),
+                                 global_scale=global_scale)
+    theirs = BaseCompressor.load_from_registry("nvfp4-pack-quantized").compress(
+        {"weight": w, "weight_scale": scale, "weight_global_scale": global_scale},
+        _scheme(**config))
+    ours = interop.to_compressed_tensors(
+        quantize_float(w.numpy(), "nvfp4", 16, nvfp4_divisor=True)).tensors
+    np.testing.assert_array_equal(ours["weight_packed"], theirs["weight_packed"].numpy())
+    np.testing.assert_array_equal(ours["weight_scale"].view(np.uint8),
+                                  theirs["weight_scale"].view(torch.uint8).numpy())
+    np.testing.assert_allclose(ours["weight_global_scale"],
+                               theirs["weight_global_scale"].numpy(), rtol=2 ** -21)
+    from compressed_tensors.compressors.nvfp4.helpers import unpack_fp4_from_uint8
+    from compressed_tensors.quantization.lifecycle.forward import dequantize
+    codes = unpack_fp4_from_uint8(theirs["weight_packed"], n, k, dtype=torch.float32)
+
+    def theirs_of(tensors):
+        return dequantize(codes, torch.as_tensor(np.asarray(tensors["weight_scale"]).view(
+            np.uint8)).view(torch.float8_e4m3fn).float(), args=_args(**config),
+            global_scale=torch.as_tensor(np.asarray(tensors["weight_global_scale"])),
+            dtype=torch.float32).numpy()
+    np.testing.assert_array_equal(theirs_of(ours).view(np.uint32),
+                                  theirs_of({k_: v.numpy() if k_ != "weight_scale" else
+                                             v.view(torch.uint8).numpy()
+                                             for k_, v in theirs.items()}).view(np.uint32))

@@ -28,17 +28,17 @@ import xla_qops
 from torch_bridge import op as bridge_op
 from torch_bridge.checkpoint import load_torch, save_torch
 
-try:
+from conftest import HAVE_TORCH_XLA
+
+if HAVE_TORCH_XLA:  # the XLA-device tests (marked torch_xla); the rest run on any torch
     import torch_xla
-except ImportError:  # the XLA-device tests skip
-    torch_xla = None
-else:
+
     # Start the XLA runtime at collection, before any backward pass in this
     # process (see tests/test_torch_op.py: torch's autograd engine sizes its
     # per-device queues on the first backward).
     torch_xla.device()
 
-needs_torch_xla = pytest.mark.skipif(torch_xla is None, reason="torch_xla not installed")
+needs_torch_xla = pytest.mark.torch_xla
 
 K, N = 128, 48
 TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -606,7 +606,7 @@ def test_quantize_model_smoothquant_with_fp8_activations():
     ({"scheme": "w4a16-mxfp4", "method": "hqq"}, ValueError,
      "method: scheme='w4a16-mxfp4' rounds to nearest even onto its float grid"),
     ({"scheme": "w4a16-nvfp4", "block_size": 32}, ValueError,
-     "block_size: scheme 'w4a16-nvfp4' has blocks of 16 \\(NVFP4\\), got 32"),
+     "block_size: scheme='w4a16-nvfp4' has blocks of 16, got 32 \\(NVFP4\\)"),
     ({"scheme": "w4a16-mxfp4", "block_size": 7}, ValueError,
      "block_size: e2m1 codes are stored in pairs inside a block"),
 ])
@@ -737,7 +737,7 @@ def test_cli_quantize_float_schemes(tmp_path, scheme, fmt, capsys):
     (["--scheme", "w8a16-fp8", "--asymmetric"], "asymmetric: scheme w8a16-fp8 has float weights"),
     (["--scheme", "w4a16-nvfp4", "--block-size", "32"],
      "block-size: scheme w4a16-nvfp4 has blocks of 16"),
-    (["--scheme", "w8a16-fp8", "--format", "compressed-tensors"],
+    (["--scheme", "w4a8-fp8", "--format", "compressed-tensors"],
      "format: compressed-tensors output is written for the int schemes"),
 ])
 def test_cli_quantize_float_scheme_errors(tmp_path, args, match):
@@ -793,10 +793,11 @@ def test_bad_input_clear_error_eager_and_fake(args, kwargs, exc, match):
 
 
 @pytest.mark.parametrize("scheme", ["w8a16-fp8", "w4a16-nvfp4", "w8a8-fp8"])
+@pytest.mark.torchax
 def test_torchax_traces_float_format_modules(scheme):
     """torch_bridge.register_with_torchax covers the `formats` overload: a
     quantized model runs as one jitted JAX function with eager's result."""
-    torchax = pytest.importorskip("torchax")
+    import torchax
     import jax
 
     torch_bridge.register_with_torchax()

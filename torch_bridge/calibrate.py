@@ -36,10 +36,10 @@ import numpy as np
 import torch
 
 from torch_bridge.linear import XlaQuantizedLinear
-import xla_qops
 from xla_qops import quantizers
-from xla_qops.quantize import quantize_with_hessian
-from xla_qops.quantizers import awq
+from xla_qops.quantize import quantize_float, quantize_with_hessian, quantize_with_holdout
+from xla_qops.quantizers import awq, heldout
+from xla_qops.quantizers.float_formats import FloatGrid
 
 try:
     from tqdm.auto import tqdm
@@ -157,6 +157,8 @@ class Stats:
     absmax: torch.Tensor | None = None  # [in] float64
     abssum: torch.Tensor | None = None  # [in] float64
     hessian: torch.Tensor | None = None  # [in, in] float64 (X^T X), when asked for
+    # With `holdout`: X^T X of the held-out inputs (quantizers.heldout), not in `hessian`.
+    holdout_hessian: torch.Tensor | None = None
 
     @property
     def mean_abs(self) -> np.ndarray:
@@ -164,9 +166,11 @@ class Stats:
 
 
 def gather(model, inputs, modules: list, *, hessian: bool, stop_early: bool,
-           progress: str | None = None) -> Stats:
-    """Statistics of the input shared by `modules` over all calibration inputs."""
+           progress: str | None = None, holdout: bool = False) -> Stats:
+    """Statistics of the input shared by `modules` over all calibration inputs (with
+    `holdout`, the held-out inputs' X^T X apart: `Stats.holdout_hessian`)."""
     stats, seen = Stats(), set()
+    held = [False]  # whether the input being run is a held-out one
 
     def hook_for(index):
         def hook(module, args):
@@ -178,7 +182,11 @@ def gather(model, inputs, modules: list, *, hessian: bool, stop_early: bool,
                 stats.abssum = s if stats.abssum is None else stats.abssum + s
                 if hessian:
                     h = x.T @ x
-                    stats.hessian = h if stats.hessian is None else stats.hessian + h
+                    if held[0]:
+                        stats.holdout_hessian = (h if stats.holdout_hessian is None
+                                                 else stats.holdout_hessian + h)
+                    else:
+                        stats.hessian = h if stats.hessian is None else stats.hessian + h
             seen.add(index)
             if stop_early and len(seen) == len(modules):
                 raise _Stop
@@ -186,7 +194,8 @@ def gather(model, inputs, modules: list, *, hessian: bool, stop_early: bool,
 
     handles = [m.register_forward_pre_hook(hook_for(i)) for i, m in enumerate(modules)]
     try:
-        for item in _progress(inputs, progress):
+        for index, item in enumerate(_progress(inputs, progress)):
+            held[0] = holdout and heldout.is_holdout(index, len(inputs))
             seen.clear()
             try:
                 _call(model, item)
@@ -271,13 +280,14 @@ class LayerResult:
     weight_error_rtn: float  # relative Frobenius error of round-to-nearest
     weight_error: float  # ... of the method used (scales included)
     input_scale: str | None  # None, "folded into <module>" or "explicit"
+    held_out: heldout.HeldOutCheck | None = None  # the fallback's check (calibrated methods)
 
 
 def quantize_linears(model, todo, *, bits: int, block_size: int, symmetric: bool,
                      quantize_activation: bool, method: str, inputs, smoothing,
                      smoothing_alpha: float, swap, progress: bool = True,
                      search_scales: bool = True, format: str = "int",
-                     activation_format: str | None = None) -> dict:
+                     activation_format: str | None = None, nvfp4_divisor: bool = False) -> dict:
     """Quantizes the Linears `todo` ([(name, module)]) of `model`, calling `swap(name, new)`
     for each, in run order; returns {name: LayerResult}.
 
@@ -290,7 +300,9 @@ def quantize_linears(model, todo, *, bits: int, block_size: int, symmetric: bool
     Linears' weights and so have nowhere to put the inverse scale.
 
     format: `xla_qops.quantize_weight`'s weight format ("int", or "fp8",
-    "mxfp4", "nvfp4": round to nearest even onto the grid, method "rtn");
+    "mxfp4", "nvfp4": methods "rtn", "gptq", "awq" round onto the format's grid;
+    AWQ's scale search measures each candidate on it too); nvfp4_divisor: NVFP4's
+    tensor factor in compressed-tensors' divisor form (`xla_qops.quantize.quantize_float`);
     activation_format: the modules' (API.md section 7; None: the default)."""
     linears = dict(todo)
     needs_data = method in quantizers.CALIBRATED or smoothing is not None
@@ -303,29 +315,40 @@ def quantize_linears(model, todo, *, bits: int, block_size: int, symmetric: bool
         groups += [Group([n], None) for n in linears if n not in ran]  # never run: no data
         modules = dict(model.named_modules())
         scales, where = {}, {}
-        if smoothing or (method == "awq" and search_scales):
+        if smoothing or (method in quantizers.INPUT_SCALED and search_scales):
             scales, where = _scales(model, inputs, groups, ran, linears, modules, repeated,
                                     method, smoothing, smoothing_alpha, bits, block_size,
-                                    symmetric, progress)
+                                    symmetric, progress, format)
         results = {}
         for g in groups:
             mods = [linears[n] for n in g.names]
             group_method = method if g.names[0] in ran else (
                 "rtn" if method in quantizers.CALIBRATED else method)
-            hessian = None
+            hessian = holdout = None
             if group_method in quantizers.CALIBRATED:
                 stats = gather(model, inputs, mods, hessian=True,
-                               stop_early=not set(g.names) & repeated,
+                               stop_early=not set(g.names) & repeated, holdout=True,
                                progress=f"{group_method} {g.names[0]}" if progress else None)
                 hessian = stats.hessian.numpy()
+                if stats.holdout_hessian is not None:
+                    holdout = stats.holdout_hessian.numpy()
             for name, linear in zip(g.names, mods):
                 w = linear.weight.detach().to("cpu", torch.float32).numpy()
                 s = scales.get(name)
                 explicit = s is not None and where[name] == "explicit"
                 w_eff = w * s if explicit else w
-                h_eff = (hessian / s[:, None] / s[None, :]
-                         if (explicit and hessian is not None) else hessian)
-                qw = _quantize(w_eff, bits, block_size, symmetric, group_method, h_eff, format)
+                h_eff, holdout_eff = (_scaled(hessian, s), _scaled(holdout, s)) if explicit else (
+                    hessian, holdout)
+                check = None
+                if group_method in quantizers.CALIBRATED and format == "int":
+                    qw, check = quantize_with_holdout(
+                        w_eff, bits=bits, block_size=block_size, symmetric=symmetric,
+                        method=group_method, fit_hessian=h_eff, holdout_hessian=holdout_eff,
+                        pack=False)
+                else:  # float grids: no held-out check, so fitted on every input
+                    h_all = h_eff if holdout_eff is None else h_eff + holdout_eff
+                    qw = _quantize(w_eff, bits, block_size, symmetric, group_method, h_all,
+                                   format, nvfp4_divisor)
                 module = XlaQuantizedLinear.from_quantized(
                     qw, quantize_activation=quantize_activation, bias=linear.bias,
                     input_scale=1.0 / s if explicit else None, device=linear.weight.device,
@@ -335,25 +358,34 @@ def quantize_linears(model, todo, *, bits: int, block_size: int, symmetric: bool
                 w_orig = w / s if (s is not None and not explicit) else w
                 # Round-to-nearest of an unscaled weight is what qw already is.
                 rtn = (qw if group_method == "rtn" and s is None
-                       else _quantize(w_orig, bits, block_size, symmetric, "rtn", None, format))
+                       else _quantize(w_orig, bits, block_size, symmetric, "rtn", None, format,
+                                      nvfp4_divisor))
+                used = group_method if check is None or check.kept != "rtn" else (
+                    f"rtn (fallback: {group_method} worse on the held-out split)")
                 results[name] = LayerResult(
-                    module, group_method, weight_error(w_orig, rtn),
-                    weight_error(w_orig, qw, s), None if s is None else where[name])
+                    module, used, weight_error(w_orig, rtn),
+                    weight_error(w_orig, qw, s), None if s is None else where[name], check)
                 swap(name, results[name].module)
     return results
 
 
-def _quantize(w, bits, block_size, symmetric, method, hessian, format="int"):
-    if format != "int":  # float grids: round to nearest even (checked by the caller)
-        return xla_qops.quantize_weight(np.asarray(w, np.float32), block_size=block_size,
-                                        format=format)
+def _scaled(hessian, s):
+    """X^T X of the inputs divided by s (an explicit input scale), or None."""
+    return None if hessian is None else hessian / s[:, None] / s[None, :]
+
+
+def _quantize(w, bits, block_size, symmetric, method, hessian, format="int",
+              nvfp4_divisor=False):
+    if format != "int":  # float grids (arguments checked by the caller)
+        return quantize_float(w, format, block_size, method, hessian,
+                              nvfp4_divisor=nvfp4_divisor)
     # Unpacked: the module packs on load where its layout pairs up (not an odd in or B).
     return quantize_with_hessian(w, bits=bits, block_size=block_size, symmetric=symmetric,
                                  method=method, hessian=hessian, pack=False)
 
 
 def _scales(model, inputs, groups, ran, linears, modules, repeated, method, smoothing, alpha,
-            bits, block_size, symmetric, progress):
+            bits, block_size, symmetric, progress, format="int"):
     """Phase 2 (module docstring): {name: s}, {name: "folded into X" | "explicit"}."""
     scales, where = {}, {}
     reference = None
@@ -361,7 +393,8 @@ def _scales(model, inputs, groups, ran, linears, modules, repeated, method, smoo
         if g.names[0] not in ran:
             continue  # the calibration inputs never reach it: no statistics
         mods = [linears[n] for n in g.names]
-        stats = gather(model, inputs, mods, hessian=method == "awq" and not smoothing,
+        stats = gather(model, inputs, mods,
+                       hessian=method in quantizers.INPUT_SCALED and not smoothing,
                        stop_early=not set(g.names) & repeated,
                        progress=f"scales {g.names[0]}" if progress else None)
         if stats.rows == 0:
@@ -371,7 +404,8 @@ def _scales(model, inputs, groups, ran, linears, modules, repeated, method, smoo
             s = awq.smoothquant_scales(stats.absmax.numpy(), w_cat, alpha)
         else:
             s = awq.scale_search(w_cat, stats.hessian.numpy(), stats.mean_abs, bits, block_size,
-                                 symmetric)
+                                 symmetric, grid_of=None if format == "int" else (
+                                     lambda scaled: FloatGrid.of(scaled, format)))
         if np.all(s == 1):
             continue
         place = "explicit"

@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 
 from xla_qops import spec as matmul_spec
-from xla_qops.schemes import SCHEMES, Scheme  # noqa: F401  (torch_bridge.SCHEMES)
+from xla_qops.schemes import SCHEMES, Scheme, float_format_problem  # noqa: F401  (SCHEMES)
 from xla_qops.spec import FLOAT_WEIGHT_FORMATS, MatmulSpec
 
 FLOAT4_X2 = getattr(torch, "float4_e2m1fn_x2", None)
@@ -231,16 +231,14 @@ def block_size(value) -> int:
 SMOOTHING = ("smoothquant",)
 
 
-def scheme_arguments(spec: Scheme, name: str, symmetric: bool, method: str) -> None:
-    """quantize_model's `symmetric` and `method` for a float-format scheme."""
-    if not spec.float_weight:
-        return
-    if not symmetric:
-        raise ValueError(f"symmetric: scheme={name!r} has float weights, which are symmetric "
-                         f"(API.md section 7: no zero point), got symmetric=False")
-    if method != "rtn":
-        raise ValueError(f"method: scheme={name!r} rounds to nearest even onto its float "
-                         f"grid (method='rtn'), got method={method!r}")
+def scheme_arguments(spec: Scheme, name: str, symmetric: bool, method: str,
+                     block_size: int = -1) -> None:
+    """quantize_model's `symmetric`, `method` and `block_size` for a float-format scheme
+    (xla_qops.schemes.float_format_problem states the rules)."""
+    problem = float_format_problem(spec.format, subject=f"scheme={name!r}",
+                                   block_size=block_size, symmetric=symmetric, method=method)
+    if problem:
+        raise ValueError(problem)
 
 
 def smoothing(value, alpha, scheme_name: str, quantize_activation: bool,

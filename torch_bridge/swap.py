@@ -165,7 +165,7 @@ def quantize_model(model, *, scheme: str = "w8a16", block_size: int = -1,
       filter_fn: optional ``filter_fn(name, module) -> bool``; False skips.
       method: "rtn" (round to nearest), "hqq" (no data), "gptq" or "awq"
         (need `calibration`); see docs/quantizers.md. Float weight formats
-        round to nearest even onto their grid ("rtn").
+        take "rtn", "gptq" or "awq", each rounding onto the format's grid.
       calibration: an iterable of model inputs (tensors, tuples of tensors or
         dicts of tensors, as the model's forward takes them), run through the
         model on its device under no_grad (torch_bridge.calibrate).
@@ -188,7 +188,7 @@ def quantize_model(model, *, scheme: str = "w8a16", block_size: int = -1,
     spec = checks.scheme(scheme)
     bits, quantize_activation = spec.bits, spec.quantize_activation
     checks.block_size(block_size)
-    checks.scheme_arguments(spec, scheme, symmetric, method)
+    checks.scheme_arguments(spec, scheme, symmetric, method, block_size)
     block_size = spec.block_size(block_size)  # the format's own block (mxfp4, nvfp4)
     if filter_fn is not None and not callable(filter_fn):
         raise TypeError(f"filter_fn: expected a callable(name, module) or None, "

@@ -31,8 +31,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels import formats
-from xla_qops import packing, quantizers
-from xla_qops.quantizers import float_formats
+from xla_qops import packing, quantizers, schemes
+from xla_qops.quantizers import float_formats, heldout
 from xla_qops.quantizers.grid import QRANGE as _QRANGE
 
 
@@ -247,6 +247,18 @@ def quantize_with_hessian(w: np.ndarray, *, bits: int, block_size: int, symmetri
     return _quantized_weight(q, scale, zero_point, bits, block_size, pack)
 
 
+def quantize_with_holdout(w: np.ndarray, *, bits: int, block_size: int, symmetric: bool,
+                          method: str, fit_hessian: np.ndarray,
+                          holdout_hessian: np.ndarray | None, pack: bool = True):
+    """(QuantizedWeight, HeldOutCheck or None): `quantize_with_hessian` with the per-layer
+    fallback to round to nearest judged on held-out inputs (xla_qops.quantizers.heldout)."""
+    (q, scale, zero_point), check = heldout.quantize_checked(
+        np.asarray(w, np.float32), bits, int(block_size), symmetric, method, fit_hessian,
+        holdout_hessian)
+    q, scale, zero_point = (None if a is None else jnp.asarray(a) for a in (q, scale, zero_point))
+    return _quantized_weight(q, scale, zero_point, bits, block_size, pack), check
+
+
 def _quantized_weight(q, scale, zero_point, bits: int, block_size: int,
                       pack: bool) -> QuantizedWeight:
     """The unpacked result as a `QuantizedWeight`, int4 packed when `pack`."""
@@ -267,28 +279,25 @@ def _check_format(fmt, bits, block_size, symmetric, pack, method) -> int:
     # bits keeps its default (8) for the float formats; a contradicting width is refused.
     if bits not in (8, width):
         raise ValueError(f"bits: format={fmt!r} is {width}-bit, got bits={bits}")
-    if not symmetric:
-        raise ValueError(f"symmetric: format={fmt!r} is symmetric (no zero point in the "
-                         f"float formats, API.md section 7), got symmetric=False")
-    if method != "rtn":
-        raise ValueError(f"method: format={fmt!r} is quantized with method='rtn' (round to "
-                         f"nearest even onto its grid), got method={method!r}")
+    problem = schemes.float_format_problem(fmt, subject=f"format={fmt!r}", block_size=block_size,
+                                           symmetric=symmetric, method=method)
+    if problem:
+        raise ValueError(problem)
     if width == 4 and not pack:
         raise ValueError(f"pack: format={fmt!r} stores e2m1 codes packed two per byte "
                          f"(API.md section 7), got pack=False")
-    if fmt == "nvfp4":
-        if block_size not in (-1, float_formats.NVFP4_BLOCK):
-            raise ValueError(f"block_size: format='nvfp4' has blocks of "
-                             f"{float_formats.NVFP4_BLOCK}, got {block_size}")
-        return float_formats.NVFP4_BLOCK
-    if fmt == "mxfp4" and block_size == -1:
-        return float_formats.MXFP4_BLOCK
-    return block_size
+    return schemes.format_block_size(fmt, block_size)
 
 
-def _quantize_float(w, fmt: str, block_size: int) -> QuantizedWeight:
-    """`quantize_weight` for the float formats (concrete `w`)."""
-    q, scale = float_formats.quantize(np.asarray(w, np.float32), fmt, block_size)
+def quantize_float(w, fmt: str, block_size: int, method: str = "rtn", hessian=None, *,
+                   nvfp4_divisor: bool = False) -> QuantizedWeight:
+    """`quantize_weight` for the float formats of a concrete float32 ``[out, in]``, given
+    ``X^T X`` of its inputs for the calibrated methods (arguments checked by the caller;
+    block size resolved). `nvfp4_divisor`: NVFP4's tensor factor in compressed-tensors'
+    divisor form (`xla_qops.quantizers.float_formats`), for an exact export there."""
+    values, scale = quantizers.quantize_float(np.asarray(w, np.float32), fmt, int(block_size),
+                                              method, hessian, nvfp4_divisor)
+    q = float_formats.to_storage(values, fmt)
     if fmt == "fp8":
         return QuantizedWeight(w=jnp.asarray(q), scale=jnp.asarray(scale), zero_point=None,
                                bits=8, block_size=block_size, packed=False, format="fp8")
@@ -324,7 +333,9 @@ def quantize_weight(w, *, bits: int = 8, block_size: int = -1, symmetric: bool =
         (e2m1, B = 16, e4m3-representable block scales times one float32
         per-tensor factor, stored as one float32 per block); see
         `xla_qops.quantizers.float_formats`. The result's `format` is "int",
-        "fp8" or "fp4".
+        "fp8" or "fp4". Float formats take method "rtn", "gptq" (each column
+        rounded onto the format's grid) or "awq" (the format's scale of each
+        clipped range); `xla_qops.schemes.float_format_problem` states the rules.
 
     Returns:
       A `QuantizedWeight`; scales and zero points are float32. Every method
@@ -335,19 +346,17 @@ def quantize_weight(w, *, bits: int = 8, block_size: int = -1, symmetric: bool =
     if format != "int":
         block_size = _check_format(format, bits, block_size, symmetric, pack, method)
         _check_weight(w, 8, block_size, pack)
-        if calibration is not None:
-            raise ValueError(f"calibration: format={format!r} uses no calibration inputs "
-                             f"(method='rtn'); pass calibration=None")
-        if block_size != -1 and block_size % 2 and format != "fp8":
-            raise ValueError(f"block_size: e2m1 codes pack in pairs inside a block, so "
-                             f"block_size must be even, got {block_size}")
+        check_method(method, calibration is not None)
         if block_size == -1 and w.shape[1] % 2 and format != "fp8":
             raise ValueError(f"pack: e2m1 codes pack in pairs along the input features, but "
                              f"in={w.shape[1]} is odd")
         if isinstance(w, jax.core.Tracer):
             raise TypeError(f"w: format={format!r} quantizes concrete weights (outside jit); "
                             f"got a tracer")
-        return _quantize_float(w, format, int(block_size))
+        hessian = None
+        if calibration is not None:
+            hessian = quantizers.calibration_hessian(_check_calibration(calibration, w.shape[1]))
+        return quantize_float(w, format, block_size, method, hessian)
     _check_weight(w, bits, block_size, pack)
     check_method(method, calibration is not None)
     if not isinstance(w, jax.core.Tracer):

@@ -3,6 +3,10 @@
 Lin et al., "AWQ: Activation-aware Weight Quantization for LLM Compression
 and Acceleration" (2023); Xiao et al., "SmoothQuant" (2022).
 
+On a float format (`float_formats.FloatGrid`) the clip search tries the
+format's own scale of each clipped range and rounds onto its values, and the
+scale search measures each candidate s on the format.
+
 Both measure a candidate by the layer's output error on calibration inputs,
 ``tr(D H D^T)`` with D the weight error and ``H = X^T X`` (so only H is kept,
 not the samples).
@@ -48,9 +52,13 @@ def _group_errors(grouped: np.ndarray, w_hat: np.ndarray, h_blocks: np.ndarray) 
     return (np.matmul(d, h_blocks) * d).sum(-1)
 
 
-def clip_search(w: np.ndarray, h: np.ndarray, bits: int, block_size: int, symmetric: bool):
+def clip_search(w: np.ndarray, h: np.ndarray, bits: int, block_size: int, symmetric: bool, *,
+                element_grid=None):
     """Round-to-nearest with a per-(group, channel) clipped range, the clip minimising the
-    output error: (q, scale, zero_point), groups form."""
+    output error: (q, scale, zero_point), groups form. `element_grid`: the grid to round
+    onto (a `float_formats.FloatGrid`: each candidate is that format's scale of the clipped
+    range and its RNE rounding); None: the int grid of `bits` and `symmetric`."""
+    element_grid = element_grid or grid.IntGrid(bits, symmetric)
     grouped_all = grid.to_groups(w, block_size)
     groups, _, block = grouped_all.shape
     h = np.asarray(h, np.float64)
@@ -63,10 +71,10 @@ def clip_search(w: np.ndarray, h: np.ndarray, bits: int, block_size: int, symmet
         best = None
         for ratio in np.linspace(1.0, MIN_CLIP, CLIP_STEPS + 1):
             r = np.float32(ratio)
-            scale, zero_point = grid.minmax_params(lo * r, hi * r, bits, symmetric)
-            q = grid.round_to_grid(grouped, scale, zero_point, bits)
-            err = _group_errors(grouped64, grid.dequantize(q, scale, zero_point, np.float64),
-                                h_blocks)
+            scale, zero_point = element_grid.params(lo * r, hi * r)
+            q = element_grid.round(grouped, scale, zero_point)
+            err = _group_errors(grouped64, element_grid.dequantize(q, scale, zero_point,
+                                                                   np.float64), h_blocks)
             if best is None:
                 best = grid.BestGrid(err, q, scale, zero_point)
             else:
@@ -77,17 +85,21 @@ def clip_search(w: np.ndarray, h: np.ndarray, bits: int, block_size: int, symmet
 
 
 def scale_search(w: np.ndarray, h: np.ndarray, mean_abs_x: np.ndarray, bits: int,
-                 block_size: int, symmetric: bool) -> np.ndarray:
+                 block_size: int, symmetric: bool, *, grid_of=None) -> np.ndarray:
     """The per-input-channel scale s (``[in]``, float32) minimising the output error of
-    quantizing ``W diag(s)`` and dividing the inputs by s; s = 1 if none beats it."""
+    quantizing ``W diag(s)`` and dividing the inputs by s; s = 1 if none beats it.
+    `grid_of`: the grid of a (scaled) weight, ``grid_of(w) -> FloatGrid`` for a float
+    format (its tensor factor follows the scaled weight); None: the int grid."""
     w = np.asarray(w, np.float32)
     base = np.maximum(np.asarray(mean_abs_x, np.float64), 1e-8)
     best_err, best_s = None, np.ones(w.shape[1], np.float32)
     for alpha in ALPHAS:
         s = base ** alpha
         s = (s / np.sqrt(s.max() * s.min())).astype(np.float32)
-        q, scale, zero_point = grid.round_to_nearest(w * s, bits, block_size, symmetric)
-        w_hat = grid.from_groups(grid.dequantize(q, scale, zero_point, np.float64)) / s
+        scaled = w * s
+        element_grid = grid_of(scaled) if grid_of else grid.IntGrid(bits, symmetric)
+        q, scale, zero_point = element_grid.rtn(grid.to_groups(scaled, block_size))
+        w_hat = grid.from_groups(element_grid.dequantize(q, scale, zero_point, np.float64)) / s
         err = output_error(w, w_hat, h)
         if best_err is None or err < best_err:
             best_err, best_s = err, s

@@ -12,7 +12,10 @@ U's row j, which is the least-squares compensation for it.
 Grid: each group's scale and zero point are round-to-nearest's, from the
 original weight ("static groups"), so groups stay contiguous in API.md's
 layout whatever the column order (act-order checkpoints elsewhere carry a
-permutation instead). Dampening: ``H += damp * mean(diag H) * I``; features
+permutation instead). The float formats (`float_formats.FloatGrid`) round
+each column to the nearest value of their element (e4m3 / e2m1, RNE,
+saturating at 448 / 6) times the group's scale, so every value GPTQ stores is
+a representable code. Dampening: ``H += damp * mean(diag H) * I``; features
 no sample ever used (``H_jj = 0``) get ``H_jj = 1`` and weight 0 in the
 compensation (their value cannot matter to the outputs); if the Cholesky
 factorisation still fails (rank-deficient inputs), the dampening grows
@@ -61,11 +64,20 @@ def inverse_cholesky(h: np.ndarray, damp: float = DAMP) -> np.ndarray:
 
 
 def quantize(w: np.ndarray, h: np.ndarray, bits: int, block_size: int, symmetric: bool, *,
-             act_order: bool = True, damp: float = DAMP):
+             act_order: bool = True, damp: float = DAMP, group_grid=None, element_grid=None):
     """GPTQ of a float32 ``[out, in]`` with ``H = X^T X`` ``[in, in]``: (q, scale, zero_point),
-    groups form (see grid)."""
+    groups form (see grid). `group_grid`: (scale, zero_point or None) ``[G, out]`` to round
+    onto instead of round-to-nearest's (e.g. AWQ's clipped grids, quantizers.awq_gptq).
+    `element_grid`: the grid each column rounds onto (a `float_formats.FloatGrid`: the
+    float formats' values, RNE and saturating; q then holds float32 values); None: the
+    int grid of `bits` and `symmetric`."""
     out_features, in_features = w.shape
-    scale, zero_point = grid.group_params(grid.to_groups(w, block_size), bits, symmetric)
+    element_grid = element_grid or grid.IntGrid(bits, symmetric)
+    if group_grid is None:
+        grouped = grid.to_groups(w, block_size)
+        scale, zero_point = element_grid.params(grouped.min(axis=-1), grouped.max(axis=-1))
+    else:
+        scale, zero_point = group_grid
     diag = np.diag(h)
     dead = diag == 0
     diag = np.where(dead, 1.0, diag)  # a dead feature is ordered as if H_jj were 1
@@ -75,31 +87,30 @@ def quantize(w: np.ndarray, h: np.ndarray, bits: int, block_size: int, symmetric
     u = inverse_cholesky(hp, damp)
     del hp
     group_of = (order // block_size) if block_size != -1 else np.zeros(in_features, np.int64)
-    qmin, qmax = grid.QRANGE[bits]
     s = scale.astype(np.float64)  # [G, out]
     z = np.zeros_like(s) if zero_point is None else zero_point.astype(np.float64)
-    q = np.empty((out_features, in_features), np.int8)
+    q = np.empty((out_features, in_features), element_grid.q_dtype)
     rows = grid.rows_per_chunk(out_features, in_features)
     for r0 in range(0, out_features, rows):
         r1 = min(r0 + rows, out_features)
         wc = w[r0:r1][:, order].astype(np.float64)
         wc[:, dead[order]] = 0.0
-        qc = _columns(wc, u, s[:, r0:r1], z[:, r0:r1], group_of, qmin, qmax)
+        qc = _columns(wc, u, s[:, r0:r1], z[:, r0:r1], group_of, element_grid)
         q[r0:r1, order] = qc
     return grid.to_groups(q, block_size), scale, zero_point
 
 
-def _columns(wc, u, s, z, group_of, qmin, qmax):
+def _columns(wc, u, s, z, group_of, element_grid):
     """The column loop on one chunk of rows (in processing order), in place on wc."""
     n = wc.shape[1]
-    qc = np.empty(wc.shape, np.int8)
+    qc = np.empty(wc.shape, element_grid.q_dtype)
     for i1 in range(0, n, BLOCK):
         i2 = min(i1 + BLOCK, n)
         errors = np.empty((wc.shape[0], i2 - i1))
         for i in range(i1, i2):
             g = group_of[i]
             col = wc[:, i]
-            qi = np.clip(np.rint((col + z[g]) / s[g]), qmin, qmax)
+            qi = element_grid.round_column(col, s[g], z[g])
             qc[:, i] = qi
             err = (col - (s[g] * qi - z[g])) / u[i, i]
             wc[:, i + 1:i2] -= np.outer(err, u[i, i + 1:i2])

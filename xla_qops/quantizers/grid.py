@@ -144,3 +144,31 @@ def round_to_nearest_groups(grouped: np.ndarray, bits: int, symmetric: bool):
 def round_to_nearest(w: np.ndarray, bits: int, block_size: int, symmetric: bool):
     """Round-to-nearest of a float32 ``[out, in]``: (q, scale, zero_point), groups form."""
     return round_to_nearest_groups(to_groups(w, block_size), bits, symmetric)
+
+
+class IntGrid:
+    """The integer grid of `bits` as an object, the interface the methods round through
+    (`float_formats.FloatGrid` is the float formats' one): ``params(lo, hi)``,
+    ``round(groups, scale, zero_point)``, ``round_column`` (GPTQ's float64 column),
+    ``dequantize`` and ``rtn``; the functions above, unchanged."""
+
+    q_dtype = np.int8
+
+    def __init__(self, bits: int, symmetric: bool):
+        self.bits, self.symmetric = bits, symmetric
+
+    def params(self, lo: np.ndarray, hi: np.ndarray):
+        return minmax_params(lo, hi, self.bits, self.symmetric)
+
+    def round(self, grouped: np.ndarray, scale: np.ndarray, zero_point) -> np.ndarray:
+        return round_to_grid(grouped, scale, zero_point, self.bits)
+
+    def round_column(self, col: np.ndarray, scale: np.ndarray, zero_point) -> np.ndarray:
+        qmin, qmax = QRANGE[self.bits]
+        shifted = col if zero_point is None else col + zero_point
+        return np.clip(np.rint(shifted / scale), qmin, qmax)
+
+    dequantize = staticmethod(dequantize)
+
+    def rtn(self, grouped: np.ndarray):
+        return round_to_nearest_groups(grouped, self.bits, self.symmetric)

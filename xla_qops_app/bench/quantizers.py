@@ -17,7 +17,13 @@ method, calibrated on each of two sets and evaluated on each of two
 
 Methods that see no data (rtn, hqq) are quantized once and evaluated on both
 sets. Each quantization is one `torch_bridge.quantize_model` call, the public
-surface a user calls.
+surface a user calls; its time and peak resident memory are reported too.
+
+On a busy machine the whole table takes hours: `run(calibrations=("natural",),
+log=path)` calibrates on the natural set only (the held-out and natural →
+templated figures, half the work) and appends each row to `path` as it is
+done, so rows from runs in parallel or from a stopped run can be joined
+(`read_log`) and written (`markdown`), which lists the rows not measured.
 """
 
 from __future__ import annotations
@@ -35,9 +41,15 @@ from xla_qops_app.calibration import BATCH, tokenized_batches
 # (scheme, block_size, method, smoothing); None smoothing = none.
 ROWS = [(scheme, block, method, None)
         for scheme, block in (("w4a16", 128), ("w4a16", -1), ("w4a8", 128), ("w8a8", -1))
-        for method in ("rtn", "hqq", "awq", "gptq")]
+        for method in ("rtn", "hqq", "awq", "gptq", "awq+gptq")]
 ROWS += [("w8a8", -1, method, "smoothquant") for method in ("rtn", "gptq")]
 ROWS += [("w4a8", 128, method, "smoothquant") for method in ("rtn", "gptq")]
+# Float element formats (issue 24): float weights round to nearest even onto their grid
+# (rtn only); w4a8-fp8 has int4 weights, so every int method applies.
+ROWS += [("w8a16-fp8", -1, "rtn", None), ("w4a16-mxfp4", 32, "rtn", None),
+         ("w4a16-nvfp4", 16, "rtn", None), ("w8a8-fp8", -1, "rtn", None),
+         ("w8a8-fp8", -1, "rtn", "smoothquant")]
+ROWS += [("w4a8-fp8", 128, method, None) for method in ("rtn", "gptq", "awq+gptq")]
 # Issue V's targets: mean cosine on the held-out (natural) evaluation set.
 TARGETS = {("w4a16", 128): 0.985, ("w4a16", -1): 0.975, ("w4a8", 128): 0.98,
            ("w8a8", -1): 0.9995}
@@ -61,6 +73,7 @@ class Row:
     smoothing: str | None
     cos: dict  # (calibration, evaluation) -> (mean, min)
     seconds: dict  # calibration -> seconds of quantize_model
+    peak_mib: dict = dataclasses.field(default_factory=dict)  # calibration -> MiB (see run)
 
     @property
     def calibrated(self) -> bool:
@@ -86,32 +99,89 @@ def needs_calibration(method, smoothing) -> bool:
 
 
 def measure(rows, quantize, score, calibrations=tuple(CALIBRATIONS),
-            evaluations=tuple(EVALUATIONS), report=print) -> list[Row]:
+            evaluations=tuple(EVALUATIONS), report=print, on_row=None) -> list[Row]:
     """The loop of `run`, model-free: `quantize(scheme, block, method, smoothing,
     calibration label or None) -> model` and `score(model, evaluation label) ->
     (mean, min)`. A method that sees no data is quantized once, for every
-    calibration label."""
+    calibration label. `on_row(row)` is called as each row is done."""
     out = []
     for scheme, block, method, smoothing in rows:
-        cos, seconds = {}, {}
+        cos, seconds, peak = {}, {}, {}
         labels = calibrations if needs_calibration(method, smoothing) else (None,)
         for label in labels:
             start = time.perf_counter()
-            model = quantize(scheme, block, method, smoothing, label)
+            with PeakMemory() as memory:
+                model = quantize(scheme, block, method, smoothing, label)
             elapsed = time.perf_counter() - start
             for cal in (calibrations if label is None else (label,)):
-                seconds[cal] = elapsed
+                seconds[cal], peak[cal] = elapsed, memory.peak_mib
                 for ev in evaluations:
                     cos[cal, ev] = score(model, ev)
             del model
-        row = Row(scheme, block, method, smoothing, cos, seconds)
+        row = Row(scheme, block, method, smoothing, cos, seconds, peak)
         out.append(row)
         if report:
             report(f"{_name(row)}: " + ", ".join(
                 f"{PAIR_NAMES.get(p, p)} {row.cos[p][0]:.5f}" for p in PAIRS if p in row.cos)
                 + " (" + ", ".join(f"{s:.1f} s" for s in dict.fromkeys(seconds.values()))
-                + ")")
+                + f", peak +{max(peak.values()):.0f} MiB)")
+        if on_row:
+            on_row(row)
     return out
+
+
+class PeakMemory:
+    """The process's peak resident memory above its level on entry, in MiB (`peak_mib`),
+    sampled every `interval` seconds by a thread (torch's and numpy's allocations alike)."""
+
+    def __init__(self, interval: float = 0.02):
+        self.interval, self.peak_mib = interval, 0.0
+
+    def __enter__(self):
+        import threading
+
+        import psutil
+        process = psutil.Process()
+        self._base = self._peak = process.memory_info().rss
+        self._stop = threading.Event()
+
+        def sample():
+            while not self._stop.wait(self.interval):
+                self._peak = max(self._peak, process.memory_info().rss)
+
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak_mib = (self._peak - self._base) / 2 ** 20
+        return False
+
+
+def row_to_json(row: Row) -> dict:
+    """A JSON-able dict of a row (the `--log` lines of `run`)."""
+    data_ = dataclasses.asdict(row)
+    data_["cos"] = {f"{c}|{e}": v for (c, e), v in row.cos.items()}
+    return data_
+
+
+def row_from_json(data_: dict) -> Row:
+    cos = {tuple(k.split("|")): tuple(v) for k, v in data_["cos"].items()}
+    return Row(**{**data_, "cos": cos})
+
+
+def read_log(path) -> list[Row]:
+    """The rows a `run(log=path)` wrote, one JSON line each (the last of a repeated row)."""
+    import json
+    rows = {}
+    with open(path) as f:
+        for line in f:
+            if line.strip():
+                row = row_from_json(json.loads(line))
+                rows[row.scheme, row.block, row.method, row.smoothing] = row
+    return list(rows.values())
 
 
 def _name(row) -> str:
@@ -130,18 +200,32 @@ def embeddings(model, tokenizer, sentences):
     return torch.cat(out)
 
 
-def run(rows=ROWS, progress: bool = False) -> Report:
+def run(rows=ROWS, progress: bool = False, calibrations=tuple(CALIBRATIONS),
+        log: str | None = None) -> Report:
+    """Every row, calibrated on each of `calibrations` (labels of CALIBRATIONS; the
+    natural one alone gives the held-out and natural → templated figures at half the
+    time), evaluated on both sets; with `log`, each row is appended to that file as a
+    JSON line as soon as it is done (`read_log` reads them back). Peak memory: the
+    process's resident memory during the quantize_model call above its level before
+    (`PeakMemory`), which includes the model's copy being quantized."""
+    import json
+
     import torch_bridge
     from xla_qops_app.minilm import load_model
 
+    def append(row):
+        if log:
+            with open(log, "a") as f:
+                f.write(json.dumps(row_to_json(row)) + "\n")
+
     model, tokenizer = load_model()
-    calibration = {label: tokenized_batches(tokenizer, data.sentences(kind))
-                   for label, kind in CALIBRATIONS.items()}
+    calibration = {label: tokenized_batches(tokenizer, data.sentences(CALIBRATIONS[label]))
+                   for label in calibrations}
     evaluation = {label: data.sentences(kind) for label, kind in EVALUATIONS.items()}
     reference = {label: embeddings(model, tokenizer, s) for label, s in evaluation.items()}
-    info = {kind: (len(data.sentences(kind)),
-                   sum(int(b["attention_mask"].sum()) for b in calibration[label]))
-            for label, kind in CALIBRATIONS.items()}
+    info = {CALIBRATIONS[label]: (len(data.sentences(CALIBRATIONS[label])),
+                                  sum(int(b["attention_mask"].sum()) for b in calibration[label]))
+            for label in calibrations}
     info.update({kind: (len(evaluation[label]), None) for label, kind in EVALUATIONS.items()})
 
     def quantize(scheme, block, method, smoothing, label):
@@ -154,8 +238,8 @@ def run(rows=ROWS, progress: bool = False) -> Report:
         cos = (embeddings(quantized, tokenizer, evaluation[label]) * reference[label]).sum(-1)
         return float(cos.mean()), float(cos.min())
 
-    return Report(measure(rows, quantize, score, report=lambda line: print(line, flush=True)),
-                  info)
+    return Report(measure(rows, quantize, score, calibrations=calibrations,
+                          report=lambda line: print(line, flush=True), on_row=append), info)
 
 
 def _layout(block) -> str:
@@ -167,10 +251,24 @@ def _status(row) -> str:
     return "" if met is None else f"≥ {row.target}: " + ("met" if met else "**missed**")
 
 
-def _seconds(row) -> str:
+def _seconds(row, figures=None) -> str:
+    figures = row.seconds if figures is None else figures
     if not row.calibrated:
-        return f"{next(iter(row.seconds.values())):.1f}"
-    return " / ".join(f"{row.seconds[c]:.1f}" for c in CALIBRATIONS if c in row.seconds)
+        return f"{next(iter(figures.values())):.1f}"
+    return " / ".join(f"{figures[c]:.1f}" for c in CALIBRATIONS if c in figures)
+
+
+def _cos(row, pair) -> str:
+    """The row's mean cosine for a (calibration, evaluation) pair; "–" where this run
+    did not calibrate on that set (a method that sees no data has one figure per
+    evaluation set, whatever the calibration label)."""
+    if pair not in row.cos and not row.calibrated:
+        pair = next((p for p in row.cos if p[1] == pair[1]), pair)
+    return f"{row.cos[pair][0]:.5f}" if pair in row.cos else "–"
+
+
+def _name_of(row) -> str:
+    return f"{row.method}{' + ' + row.smoothing if row.smoothing else ''}"
 
 
 def summary(rows) -> list[str]:
@@ -188,10 +286,16 @@ def summary(rows) -> list[str]:
         free = max(plain, key=lambda r: r.cos[HELD_OUT][0]) if plain else None
         lines.append(
             f"| {scheme} | {_layout(block)} | ≥ {target} | {best.cos[HELD_OUT][0]:.5f} | "
-            f"{best.method}{' + ' + best.smoothing if best.smoothing else ''} | "
-            f"{'met' if best.met() else '**missed**'} | {best.cos[IN_DISTRIBUTION][0]:.5f} | "
+            f"{_name_of(best)} | "
+            f"{'met' if best.met() else '**missed**'} | {_cos(best, IN_DISTRIBUTION)} | "
             + (f"{free.cos[HELD_OUT][0]:.5f} ({free.method})" if free else "–") + " |")
     return lines
+
+
+def _missing(rows) -> list:
+    """The ROWS entries a (stopped or partial) run has no row for."""
+    done = {(r.scheme, r.block, r.method, r.smoothing) for r in rows}
+    return [r for r in ROWS if r not in done]
 
 
 def markdown(report: Report, threads: int | None = None) -> str:
@@ -203,6 +307,10 @@ def markdown(report: Report, threads: int | None = None) -> str:
             threads = 0
     rows = report.rows if isinstance(report, Report) else report
     info = report.info if isinstance(report, Report) else {}
+    order = {row: i for i, row in enumerate(ROWS)}
+    rows = sorted(rows, key=lambda r: order.get((r.scheme, r.block, r.method, r.smoothing),
+                                                len(order)))
+    natural_only = any(r.calibrated and "templated" not in r.seconds for r in rows)
 
     def described(kind):
         count, tokens = info.get(kind, (len(data.sentences(kind)), None))
@@ -232,18 +340,37 @@ def markdown(report: Report, threads: int | None = None) -> str:
         "- rtn and hqq see no data: one quantization, evaluated on both sets (its two cross "
         "figures equal its held-out and in-distribution ones).",
         "- Cosines are deterministic; times are wall-clock on a shared machine (noisy). Time "
-        "s: templated / natural calibration.", "",
+        "s: templated / natural calibration. Peak MiB: the process's resident memory during "
+        "the call above its level before (the model copy being quantized included).",
+        *(["- This run calibrated on the natural set only (half the time): the calibrated "
+           "rows' in-distribution and templated → natural figures are \"–\"."]
+          if natural_only else []), "",
         "## Targets, on the held-out figures", "",
+        *(["Best among the rows this run measured (those it did not are listed below the "
+           "table).", ""] if _missing(rows) else []),
         *summary(rows), "",
         "## Every scheme x method", "",
         "| scheme | layout | method | smoothing | held-out mean | held-out min | target "
         "(held-out) | in-distribution | templated → natural | natural → templated | time s |",
         "|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
-        (held, low), inside = row.cos[HELD_OUT], row.cos[IN_DISTRIBUTION][0]
+        held, low = row.cos[HELD_OUT]
         lines.append(
             f"| {row.scheme} | {_layout(row.block)} | {row.method} | {row.smoothing or '–'} | "
-            f"{held:.5f} | {low:.5f} | {_status(row)} | {inside:.5f} | "
-            f"{row.cos['templated', 'natural'][0]:.5f} | "
-            f"{row.cos['natural', 'templated'][0]:.5f} | {_seconds(row)} |")
+            f"{held:.5f} | {low:.5f} | {_status(row)} | {_cos(row, IN_DISTRIBUTION)} | "
+            f"{_cos(row, ('templated', 'natural'))} | {_cos(row, ('natural', 'templated'))} | "
+            f"{_seconds(row)} |")
+    missing = _missing(rows)
+    if missing:
+        lines += ["", f"Not measured by this run ({len(missing)} of {len(ROWS)} rows): "
+                  + ", ".join(_name(Row(*r, {}, {})) for r in missing) + "."]
+    measured = [row for row in rows if row.peak_mib]
+    if measured:
+        lines += ["", "## Time and peak memory of each quantize_model call", "",
+                  "Time: wall-clock seconds (they depend on the machine's load); peak: the "
+                  "process's resident memory during the call above its level before, MiB "
+                  "(templated / natural calibration where both ran).", "",
+                  "| row | time s | peak MiB |", "|---|---|---|"]
+        lines += [f"| {_name(row)} | {_seconds(row)} | {_seconds(row, row.peak_mib)} |"
+                  for row in measured]
     return "\n".join(lines) + "\n"

@@ -18,8 +18,8 @@ is copied unchanged. Output tensor names are a module-swapped model's
 per-layer scheme goes into the safetensors metadata (`xla_qops.checkpoint`).
 
 ``--method`` picks the quantizer (docs/quantizers.md): ``rtn`` and ``hqq`` work
-on each tensor alone; ``gptq`` and ``awq`` need ``--calibration`` and a model
-directory with a ``config.json``, from which the float model is built
+on each tensor alone; ``gptq``, ``awq`` and ``awq+gptq`` need ``--calibration`` and
+a model directory with a ``config.json``, from which the float model is built
 (transformers) and run on the calibration inputs (`calibrated_weights`).
 
 A block size that does not divide a layer's input features is an error
@@ -39,10 +39,26 @@ weights, scale amax/448 per channel or block), ``w8a8-fp8`` (and fp8
 activations per token), ``w4a16-mxfp4`` (e2m1, power-of-two scales per block
 of 32 unless ``--block-size`` says otherwise), ``w4a16-nvfp4`` (e2m1, blocks
 of 16) and ``w4a8-fp8`` (int4 weights, fp8 activations). The float weight
-formats are symmetric and rounded to nearest even (``--method rtn``); their
-``.weight`` is float8_e4m3fn (safetensors ``F8_E4M3``) or uint8 packed e2m1
-codes, with no zero point. ``--format compressed-tensors`` takes the int
-schemes only (so far).
+formats are symmetric, rounded to nearest even onto their grid by ``--method
+rtn``, ``gptq`` or ``awq`` (xla_qops.schemes.float_format_problem has the
+rules); their ``.weight`` is float8_e4m3fn (safetensors ``F8_E4M3``) or uint8
+packed e2m1 codes, with no zero point.
+
+``--format compressed-tensors`` writes the float schemes as llm-compressor does
+(`CT_FLOAT`; tensor names, dtypes and config groups of its FP8_DYNAMIC,
+MXFP4A16 and NVFP4A16 presets): ``float-quantized`` (``weight`` F8_E4M3,
+``weight_scale`` float32 ``[out, 1]``, strategy "channel"; "group" with
+``--block-size``) for w8a16-fp8 and w8a8-fp8 (with dynamic per-token fp8
+``input_activations``), ``mxfp4-pack-quantized`` (blocks of 32, E8M0 exponent
+scales) and ``nvfp4-pack-quantized`` (e4m3 ``weight_scale`` per 16,
+``weight_global_scale``). NVFP4 stores its per-tensor factor as a divisor
+(``scale = weight_scale / weight_global_scale``), where `quantize_weight`'s
+NVFP4 multiplies one (ModelOpt's form), and the two roundings differ; so for
+this output the NVFP4 weights are quantized in the divisor form itself
+(llm-compressor's rule: ``g = 448 * 6 / amax``, block scale ``e4m3(amax_b / 6 *
+g)``; `xla_qops.quantizers.float_formats`), which the checkpoint reproduces bit
+for bit. ``w4a8-fp8`` (int4 weights with fp8 activations) is not written in
+this format.
 """
 
 from __future__ import annotations
@@ -56,10 +72,12 @@ import sys
 
 import numpy as np
 
-from xla_qops.schemes import SCHEMES
+from xla_qops.schemes import FORMAT_BLOCKS, SCHEMES, float_format_problem, format_block_size
 from xla_qops_app.calibration import BATCH as CALIBRATION_BATCH, tokenized_batches
 
-FORMAT_BLOCKS = {"mxfp4": 32, "nvfp4": 16}  # the block a -1 --block-size means
+# compressed-tensors format of each float scheme's weights (llm-compressor's presets)
+CT_FLOAT = {"w8a16-fp8": "float-quantized", "w8a8-fp8": "float-quantized",
+            "w4a16-mxfp4": "mxfp4-pack-quantized", "w4a16-nvfp4": "nvfp4-pack-quantized"}
 FORMATS = ("xla-qops", "compressed-tensors")
 DEFAULT_SKIP = ("*embed*", "*norm*", "*ln_*")
 
@@ -87,9 +105,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--format", default="xla-qops", choices=FORMATS,
                         help="xla-qops (default): one .safetensors file for this library; "
                              "compressed-tensors: a directory vLLM loads (OUTPUT is a directory)")
-    parser.add_argument("--method", default="rtn", choices=("rtn", "hqq", "gptq", "awq"),
-                        help="rtn (round to nearest, default), hqq (no data), gptq or awq "
-                             "(need --calibration); docs/quantizers.md")
+    parser.add_argument("--method", default="rtn",
+                        choices=("rtn", "hqq", "gptq", "awq", "awq+gptq"),
+                        help="rtn (round to nearest, default), hqq (no data), gptq, awq or "
+                             "awq+gptq (need --calibration); docs/quantizers.md")
     parser.add_argument("--calibration", default=None, metavar="FILE",
                         help="gptq/awq: a text file of sentences (one per line; tokenized with "
                              "the input directory's tokenizer) or a .safetensors file with an "
@@ -264,12 +283,14 @@ def load_float_model(model_dir: str):
 
 def calibrated_weights(model_dir: str, calibration: str, layer_names, *, bits: int,
                        block_size: int, symmetric: bool, quantize_activation: bool, method: str,
-                       progress: bool) -> dict:
+                       progress: bool, format: str = "int", nvfp4_divisor: bool = False) -> dict:
     """{layer name: QuantizedWeight} of the file's layers, by running the model."""
     import jax.numpy as jnp
+    import ml_dtypes
 
     import xla_qops
     from torch_bridge import calibrate
+    from xla_qops.quantizers import float_formats
     from torch_bridge.swap import linear_holders, swap_into
 
     import torch
@@ -292,15 +313,21 @@ def calibrated_weights(model_dir: str, calibration: str, layer_names, *, bits: i
         inputs=inputs, smoothing=None, smoothing_alpha=0.5,
         # Swapped as they go: later layers calibrate on the quantized earlier ones.
         swap=lambda name, quantized: swap_into(holders[id(modules[name])], quantized),
-        progress=progress,
+        progress=progress, format=format, nvfp4_divisor=nvfp4_divisor,
         search_scales=False)  # only the Linears are written: no place for 1/s
     out = {}
     for name, layer in matched.items():
         m = results[name].module
+        weight = m.weight.detach().cpu()
+        if weight.dtype == torch.float8_e4m3fn:  # numpy has no float8: its bytes, viewed
+            weight = weight.view(torch.uint8).numpy().view(ml_dtypes.float8_e4m3fn)
+        else:
+            weight = weight.numpy()
         out[layer] = xla_qops.QuantizedWeight(
-            w=jnp.asarray(m.weight.numpy()), scale=jnp.asarray(m.weight_scaler.numpy()),
+            w=jnp.asarray(weight), scale=jnp.asarray(m.weight_scaler.numpy()),
             zero_point=None if m.zero_point is None else jnp.asarray(m.zero_point.numpy()),
-            bits=bits, block_size=block_size, packed=m.packed)
+            bits=bits, block_size=block_size, packed=m.packed,
+            format="int" if format == "int" else float_formats.element_format(format))
     return out
 
 
@@ -316,6 +343,7 @@ def quantize_file(source: str, output: str, *, scheme: str = "w8a16", block_size
 
     import xla_qops
     from xla_qops import checkpoint, interop
+    from xla_qops.quantize import quantize_float
 
     if scheme not in SCHEMES:
         raise ValueError(f"scheme: expected one of {', '.join(sorted(SCHEMES))}, got {scheme!r}")
@@ -324,29 +352,19 @@ def quantize_file(source: str, output: str, *, scheme: str = "w8a16", block_size
                          f"{block_size}")
     spec = SCHEMES[scheme]
     bits, quantize_activation = spec.bits, spec.quantize_activation
-    if spec.format == "nvfp4" and block_size not in (-1, FORMAT_BLOCKS["nvfp4"]):
-        raise ValueError(f"block-size: scheme {scheme} has blocks of 16 (NVFP4), got "
-                         f"{block_size}")
-    if block_size == -1:
-        block_size = FORMAT_BLOCKS.get(spec.format, -1)
-    if bits == 4 and block_size != -1 and block_size % 2:
-        what = "e2m1 codes" if spec.format != "int" else "packed int4"
-        raise ValueError(f"block-size: {what} pairs values inside a block, so it must be "
+    problem = float_format_problem(spec.format, subject=f"scheme {scheme}",
+                                   block_size=block_size, symmetric=symmetric, method=method,
+                                   cli=True)
+    if problem:
+        raise ValueError(problem)
+    block_size = format_block_size(spec.format, block_size)
+    if bits == 4 and block_size != -1 and block_size % 2:  # e2m1 pairs: the rule above
+        raise ValueError(f"block-size: packed int4 pairs values inside a block, so it must be "
                          f"even, got {block_size}")
-    if spec.format != "int":
-        if not symmetric:
-            raise ValueError(f"asymmetric: scheme {scheme} has float weights, which are "
-                             f"symmetric (no zero point, API.md section 7); drop --asymmetric")
-        if method != "rtn":
-            raise ValueError(f"method: scheme {scheme} rounds to nearest even onto its float "
-                             f"grid (--method rtn), got {method!r}")
     if format not in FORMATS:
         raise ValueError(f"format: expected one of {', '.join(FORMATS)}, got {format!r}")
-    if format == "compressed-tensors" and (spec.format != "int"
-                                           or spec.activation_format == "fp8"):
-        raise ValueError(f"format: compressed-tensors output is written for the int schemes "
-                         f"(w8a16, w4a16, w8a8, w4a8), got --scheme {scheme}; use --format "
-                         f"xla-qops")
+    if format == "compressed-tensors":
+        _check_compressed_tensors_scheme(scheme, spec, block_size)
     if format == "compressed-tensors" and not symmetric:
         raise ValueError("asymmetric: compressed-tensors stores integer zero points and "
                          "quantize_weight's min/max zero points are floats; drop --asymmetric "
@@ -377,13 +395,16 @@ def quantize_file(source: str, output: str, *, scheme: str = "w8a16", block_size
                              f"(pass --skip-indivisible to keep them in float):\n  "
                              + "\n  ".join(errors))
         todo = {layer.name: layer for layer in layers if not layer.skipped}
+        # NVFP4 for compressed-tensors: its divisor form, which the checkpoint holds exactly.
+        nvfp4_divisor = format == "compressed-tensors" and spec.format == "nvfp4"
         prepared = {}
         if calibration is not None:
             prepared = calibrated_weights(source_dir, calibration, list(todo), bits=bits,
                                           block_size=block_size, symmetric=symmetric,
                                           quantize_activation=quantize_activation,
-                                          method=method, progress=progress)
-        state, schemes, before = {}, {}, 0
+                                          method=method, progress=progress, format=spec.format,
+                                          nvfp4_divisor=nvfp4_divisor)
+        state, schemes, ct_groups, before = {}, {}, {}, 0
         bar = tqdm(total=len(names), desc="quantize", unit="tensor", disable=not progress,
                    file=sys.stderr)
         for name in names:
@@ -396,8 +417,8 @@ def quantize_file(source: str, output: str, *, scheme: str = "w8a16", block_size
                 if layer.name in prepared:
                     qw = prepared[layer.name]
                 elif spec.format != "int":
-                    qw = xla_qops.quantize_weight(np.asarray(array, np.float32),
-                                                  block_size=block_size, format=spec.format)
+                    qw = quantize_float(np.asarray(array, np.float32), spec.format, block_size,
+                                        method, nvfp4_divisor=nvfp4_divisor)
                 else:
                     qw = xla_qops.quantize_weight(
                         jnp.asarray(array, jnp.float32), bits=bits, block_size=block_size,
@@ -405,8 +426,9 @@ def quantize_file(source: str, output: str, *, scheme: str = "w8a16", block_size
                 schemes[layer.name] = checkpoint.LayerScheme.of(
                     qw, quantize_activation, spec.activation_format)
                 if format == "compressed-tensors":
-                    ct = interop.to_compressed_tensors(qw, compression_format=(
-                        "int-quantized" if quantize_activation else "pack-quantized"))
+                    ct = interop.to_compressed_tensors(qw, compression_format=CT_FLOAT.get(
+                        scheme, "int-quantized" if quantize_activation else "pack-quantized"))
+                    ct_groups[layer.name] = ct.config_group(quantize_activation)
                     state.update({f"{layer.name}.{k}": v for k, v in ct.tensors.items()})
                     layer.bytes_after = sum(v.nbytes for v in ct.tensors.values())
                 else:
@@ -420,8 +442,7 @@ def quantize_file(source: str, output: str, *, scheme: str = "w8a16", block_size
     settings = {"scheme": scheme, "block_size": block_size, "symmetric": symmetric,
                 "source": os.path.basename(source), "method": method}
     if format == "compressed-tensors":
-        _write_compressed_tensors(output, state, source_dir, bits=bits, block_size=block_size,
-                                  quantize_activation=quantize_activation,
+        _write_compressed_tensors(output, state, source_dir, ct_groups,
                                   ignore=[layer.name for layer in layers if layer.skipped])
     else:
         checkpoint.save_state_dict(output, state, schemes,
@@ -433,9 +454,27 @@ def quantize_file(source: str, output: str, *, scheme: str = "w8a16", block_size
                   method=method)
 
 
-def _write_compressed_tensors(output: str, state: dict, source_dir, *, bits: int,
-                              block_size: int, quantize_activation: bool, ignore) -> None:
-    """`output`/model.safetensors and `output`/config.json with its quantization_config."""
+def _check_compressed_tensors_scheme(scheme: str, spec, block_size: int) -> None:
+    """What `--format compressed-tensors` writes (module docstring), checked before any work."""
+    if spec.format == "int" and spec.activation_format == "fp8":
+        raise ValueError(f"format: compressed-tensors output is written for the int schemes "
+                         f"(w8a16, w4a16, w8a8, w4a8) and the float ones ({', '.join(CT_FLOAT)}), "
+                         f"got --scheme {scheme} (int4 weights with fp8 activations); use "
+                         f"--format xla-qops")
+    if spec.format == "mxfp4" and block_size != FORMAT_BLOCKS["mxfp4"]:
+        raise ValueError(f"block-size: compressed-tensors' mxfp4-pack-quantized has blocks of "
+                         f"32, got {block_size}; drop --block-size or use --format xla-qops")
+
+
+def _write_compressed_tensors(output: str, state: dict, source_dir, layer_groups: dict,
+                              ignore) -> None:
+    """`output`/model.safetensors and `output`/config.json with its quantization_config.
+
+    layer_groups: {layer name: its config group (`CompressedTensorsLayer.config_group`)}.
+    Layers sharing one group (every layer, unless a layer's weights config differs, e.g.
+    fp8 scales that happen to repeat over 128 rows: strategy "block") target "Linear";
+    otherwise each group names its layers and the format is "mixed-precision".
+    """
     from safetensors.numpy import save_file
 
     os.makedirs(output, exist_ok=True)
@@ -446,18 +485,20 @@ def _write_compressed_tensors(output: str, state: dict, source_dir, *, bits: int
     if source_dir is not None and os.path.isfile(os.path.join(source_dir, "config.json")):
         with open(os.path.join(source_dir, "config.json")) as f:
             config = json.load(f)
-    group = {"targets": ["Linear"],
-             "format": "int-quantized" if quantize_activation else "pack-quantized",
-             "weights": {"num_bits": bits, "type": "int", "symmetric": True,
-                         "strategy": "group" if block_size != -1 else "channel",
-                         "group_size": block_size if block_size != -1 else None,
-                         "dynamic": False, "observer": "minmax"}}
-    if quantize_activation:
-        group["input_activations"] = {"num_bits": 8, "type": "int", "symmetric": True,
-                                      "strategy": "token", "dynamic": True}
+    distinct = {}  # the group's JSON -> its layers
+    for name, group in layer_groups.items():
+        distinct.setdefault(json.dumps(group, sort_keys=True), []).append(name)
+    groups = {}
+    for i, (key, names) in enumerate(distinct.items()):
+        group = json.loads(key)
+        if len(distinct) > 1:
+            group["targets"] = sorted(names)
+        groups[f"group_{i}"] = group
+    formats = {g["format"] for g in groups.values()}
     config["quantization_config"] = {
-        "quant_method": "compressed-tensors", "format": group["format"],
-        "quantization_status": "compressed", "config_groups": {"group_0": group},
+        "quant_method": "compressed-tensors",
+        "format": formats.pop() if len(formats) == 1 else "mixed-precision",
+        "quantization_status": "compressed", "config_groups": groups,
         "ignore": sorted(ignore)}
     with open(os.path.join(output, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
