@@ -65,3 +65,21 @@ def pack_words(codes, bits, axis):
         words |= c[j::per] << np.uint64(bits * j)
     # C order: safetensors' numpy writer takes the raw buffer.
     return np.ascontiguousarray(np.moveaxis(words.astype(np.uint32), 0, axis))
+
+
+def assert_same_at_every_thread_count(call, cases, counts=(1, 2, 3)):
+    """`call(*case)` for every case under each of the host kernels' thread counts:
+    bit-identical results; the count is restored afterwards."""
+    from xla_qops.backends import custom_call
+
+    before = custom_call.num_threads()
+    try:
+        outs = []
+        for n in counts:
+            custom_call.set_num_threads(n)
+            outs.append([np.asarray(call(*c)) for c in cases])
+        for other in outs[1:]:
+            for a, b in zip(outs[0], other):
+                np.testing.assert_array_equal(a, b)
+    finally:
+        custom_call.set_num_threads(before)

@@ -29,7 +29,8 @@ import xla_qops
 from xla_qops import dispatch
 from xla_qops.backends import custom_call
 from xla_qops.spec import check_args
-from cases import X_DTYPES, Scheme, all_schemes, make_weight, make_x, op_args
+from cases import (X_DTYPES, Scheme, all_schemes, assert_same_at_every_thread_count,
+                   make_weight, make_x, op_args)
 import numpy_reference as ref
 from conftest import avx512_expected, cpu_kernels_expected, import_error
 
@@ -295,17 +296,7 @@ def _mixed_cases(rng):
 def test_results_do_not_depend_on_the_thread_count():
     rng = np.random.default_rng(9)
     cases = _mixed_cases(rng)
-    before = custom_call.num_threads()
-    try:
-        outs = []
-        for n in (1, 2, 3):
-            custom_call.set_num_threads(n)
-            outs.append([np.asarray(run(*c)) for c in cases])
-        for other in outs[1:]:
-            for a, b in zip(outs[0], other):
-                np.testing.assert_array_equal(a, b)
-    finally:
-        custom_call.set_num_threads(before)
+    assert_same_at_every_thread_count(run, cases)
     with pytest.raises(ValueError, match="n: expected an int >= 1"):
         custom_call.set_num_threads(0)
 

@@ -29,7 +29,7 @@ from xla_qops.backends import custom_call
 from xla_qops.quantize import QuantizedWeight
 from xla_qops.spec import check_args
 from pallas_kernels import formats
-from cases import Scheme, make_weight
+from cases import Scheme, assert_same_at_every_thread_count, make_weight
 import numpy_reference as ref
 from conftest import cpu_kernels_expected
 
@@ -307,17 +307,7 @@ def test_results_do_not_depend_on_the_thread_count():
     qw = make_weight(rng, 200, 256, Scheme(4, 32, False, True, True))
     for m in (1, 4, 12, 40):
         cases.append((make_x(rng, (m, 256), "bfloat16"), qw, True, "fp8"))
-    before = custom_call.num_threads()
-    try:
-        outs = []
-        for n in (1, 2, 3):
-            custom_call.set_num_threads(n)
-            outs.append([np.asarray(run(*c)) for c in cases])
-        for other in outs[1:]:
-            for a, b in zip(outs[0], other):
-                np.testing.assert_array_equal(a, b)
-    finally:
-        custom_call.set_num_threads(before)
+    assert_same_at_every_thread_count(run, cases)
 
 
 def test_portable_kernels_match_the_reference():

@@ -41,7 +41,7 @@ import numpy as np
 
 from xla_qops.interop._core import to_numpy
 from xla_qops.quantize import QuantizedWeight
-from xla_qops.spec import FLOAT_WEIGHT_FORMATS, check_format_names, fill_formats
+from xla_qops.spec import WeightFormatFacts, check_format_names, fill_formats
 
 SCHEMES_KEY = "xla_qops.schemes"
 VERSION_KEY = "xla_qops.version"
@@ -62,7 +62,7 @@ class CheckpointError(ValueError):
 
 
 @dataclasses.dataclass(frozen=True)
-class LayerScheme:
+class LayerScheme(WeightFormatFacts):
     """How one linear layer is quantized; enough to rebuild its module and check its tensors."""
 
     bits: int
@@ -104,10 +104,6 @@ class LayerScheme:
         # kept only with quantize_activation (the pairing is not an error here).
         check_format_names(self.weight_format or None, self.activation_format, True)
         fill_formats(self)
-
-    @property
-    def float_weight(self) -> bool:
-        return self.weight_format in FLOAT_WEIGHT_FORMATS
 
     @property
     def quantize_format(self) -> str:

@@ -24,8 +24,19 @@ FLOAT_WEIGHT_FORMATS = ("fp8", "fp4")
 ACTIVATION_FORMATS = ("int8", "fp8")
 
 
+class WeightFormatFacts:
+    """What a `weight_format` attribute implies; shared by MatmulSpec and the
+    checkpoints' LayerScheme (xla_qops.checkpoint)."""
+
+    weight_format: str
+
+    @property
+    def float_weight(self) -> bool:
+        return self.weight_format in FLOAT_WEIGHT_FORMATS
+
+
 @dataclasses.dataclass(frozen=True)
-class MatmulSpec:
+class MatmulSpec(WeightFormatFacts):
     """Static facts about one quantized matmul, shared by all backends.
 
     Attributes:
@@ -58,10 +69,6 @@ class MatmulSpec:
     def __post_init__(self):
         # Specs built before the float formats existed name only `bits`.
         fill_formats(self)
-
-    @property
-    def float_weight(self) -> bool:
-        return self.weight_format in FLOAT_WEIGHT_FORMATS
 
     @property
     def float_format(self) -> bool:
