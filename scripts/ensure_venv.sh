@@ -67,9 +67,27 @@ if [ ! -x "$venv/bin/python" ]; then
   echo "creating $venv ($("$python" --version 2>&1))"
   "$python" -m venv "$venv"
 fi
-pip=("$venv/bin/python" -m pip install --quiet --disable-pip-version-check)
+# --no-cache-dir: the stacks' wheels (torch and its CUDA libraries, ~5 GB per
+# stack) would otherwise be kept a second time in pip's cache; a fresh CI
+# machine ran out of disk that way.
+pip=("$venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-cache-dir)
 quiet_pip() { "${pip[@]}" "$@" 2> >(grep -v "is ignored: it is neither" >&2); }
+# Refuses to start an install that cannot finish: pip's "No space left on
+# device" comes minutes in, after a half-written venv.
+require_free_gb() {
+  local need=$1 have
+  have=$(df -Pk "$venv" | awk 'NR == 2 { print int($4 / 1048576) }')
+  if [ "$have" -lt "$need" ]; then
+    echo "ensure_venv.sh: installing the $stack stack into $venv needs about" \
+         "$need GB free on its disk; $have GB are free (df -h $venv)" >&2
+    exit 1
+  fi
+}
 if [ "$(cat "$venv/.deps-stamp" 2>/dev/null)" != "$deps_hash" ]; then
+  # Only a first install needs the whole stack's room; an update replaces pins.
+  [ -f "$venv/.deps-stamp" ] || case "$stack" in
+    pinned) require_free_gb 9 ;; current) require_free_gb 7 ;; jax) require_free_gb 1 ;;
+  esac
   if [ "$stack" = pinned ]; then
     echo "installing the pinned stack into $venv (a few minutes, ~7.6 GB)"
     quiet_pip -r requirements.txt
