@@ -23,9 +23,11 @@ project's terms).
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import functools
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -192,5 +194,8 @@ _converted: dict = {}
 def gguf_files(model) -> dict[str, str]:
     """`convert` of the benchmark's model, once per model and process."""
     if id(model) not in _converted:
-        _converted[id(model)] = (model, convert(model, tempfile.mkdtemp(prefix="xla_qops_gguf_")))
+        # The GGUF files are gigabytes; they go when the process does.
+        directory = tempfile.mkdtemp(prefix="xla_qops_gguf_")
+        atexit.register(shutil.rmtree, directory, ignore_errors=True)
+        _converted[id(model)] = (model, convert(model, directory))
     return _converted[id(model)][1]
