@@ -30,17 +30,12 @@ venv-jax:
 demo: venv
 	$(VENV)/bin/xla-qops demo
 
-# The suite on both stacks: everything on the pinned one; on the current one
-# every test that does not need torch_xla, torch's included (tests/conftest.py
-# leaves the torch_xla files and the tests marked torch_xla out there).
-# Both run even if the first fails; the target fails if either does.
+# The suite on both stacks, side by side (scripts/test_stacks.sh): everything
+# on the pinned one; on the current one every test that does not need
+# torch_xla, torch's included (tests/conftest.py leaves the torch_xla files and
+# the tests marked torch_xla out there). The target fails if either run does.
 test: venv venv-current
-	@status=0; \
-	echo "== tests on $(VENV) (pinned torch_xla stack)"; \
-	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS) || status=1; \
-	echo "== tests on $(CURRENT_VENV) (current JAX and torch, no torch_xla)"; \
-	$(CURRENT_PY) -m pytest -q -m "not slow" $(PYTEST_ARGS) || status=1; \
-	exit $$status
+	@scripts/test_stacks.sh $(PY) $(CURRENT_PY) $(PYTEST_ARGS)
 
 test-pinned: venv
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
