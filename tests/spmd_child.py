@@ -6,11 +6,13 @@ subprocess with ``XLA_FLAGS=--xla_force_host_platform_device_count=8`` and
 compares what it writes against the float64 reference. This file computes and
 records only; it asserts nothing but the device count.
 
-    python tests/spmd_child.py OUT_DIR IMPL [IMPL ...]
+    python tests/spmd_child.py OUT_DIR [--formats] IMPL [IMPL ...]
 
 writes ``OUT_DIR/<case id>.npz`` per case (inputs, single-device result,
 sharded result, gradients) and ``OUT_DIR/hlo.json`` (collectives found in each
-compiled HLO).
+compiled HLO). Without ``--formats`` it runs the integer scheme rows
+(tests/test_sharding.py); with it, the float element formats of API.md
+section 7 through the same layouts (tests/test_sharding_formats.py).
 """
 
 from __future__ import annotations
@@ -54,6 +56,76 @@ GRAD_SCHEMES = [Scheme(8, -1, False, False, True), Scheme(4, BLOCK, False, True,
 
 
 @dataclasses.dataclass(frozen=True)
+class FloatScheme:
+    """A row with a float element format (API.md section 7), shaped like
+    `cases.Scheme` so that the case runners take either.
+
+    format: `quantize_weight`'s format ("fp8", "mxfp4", "nvfp4"), or "int4"
+    for int4 weights with fp8 activations (the w4a8-fp8 scheme).
+    activation_format: None (A16) or "fp8" (x quantized to e4m3fn per token).
+    """
+
+    format: str
+    block_size: int
+    activation_format: str | None = None
+
+    symmetric = True  # the float formats have no zero point
+
+    @property
+    def quantize_activation(self) -> bool:
+        return self.activation_format is not None
+
+    @property
+    def weight_format(self) -> str:
+        return {"fp8": "fp8", "int4": "int4"}.get(self.format, "fp4")
+
+    @property
+    def bits(self) -> int:
+        return 8 if self.format == "fp8" else 4
+
+    @property
+    def packed(self) -> bool:
+        return self.bits == 4
+
+    @property
+    def id(self) -> str:
+        layout = "pc" if self.block_size == -1 else f"g{self.block_size}"
+        acts = "a8" if self.quantize_activation else "a16"
+        return f"w{self.bits}{acts}-{self.format}-{layout}"
+
+
+def op_formats(scheme) -> dict:
+    """`quantized_matmul`'s activation keywords for a scheme row (an int row
+    keeps the default activation format, int8)."""
+    fmt = scheme.activation_format if isinstance(scheme, FloatScheme) else None
+    return dict(quantize_activation=scheme.quantize_activation, activation_format=fmt)
+
+
+def reference_formats(scheme) -> dict:
+    """tests/numpy_reference's format keywords for a scheme row (None, None for
+    an int row: the weight's dtype and int8 activations)."""
+    if not isinstance(scheme, FloatScheme):
+        return dict(weight_format=None, activation_format=None)
+    return dict(weight_format=scheme.weight_format, activation_format=scheme.activation_format)
+
+
+# The float rows (API.md section 7): fp8 weights per-channel and blockwise,
+# A16 and A8 (fp8 activations: the per-channel row split then takes the
+# token maxima across shards, as int8 does), MX fp4 (B = 32, power-of-two
+# scales), NV fp4 (B = 16) with and without fp8 activations, and int4 with
+# fp8 activations per-channel (a packed byte at each shard boundary).
+FLOAT_SCHEMES = [FloatScheme("fp8", -1), FloatScheme("fp8", BLOCK),
+                 FloatScheme("fp8", -1, "fp8"), FloatScheme("fp8", BLOCK, "fp8"),
+                 FloatScheme("mxfp4", BLOCK), FloatScheme("nvfp4", 16),
+                 FloatScheme("nvfp4", 16, "fp8"), FloatScheme("int4", -1, "fp8")]
+# The rows every impl runs (fp8 activations per-channel and blockwise, both
+# fp4 kinds); the host kernels run every row. The others change how a shard
+# decodes its slice, not the split.
+FLOAT_CORE = [FLOAT_SCHEMES[i] for i in (2, 3, 4, 6)]
+FLOAT_GRAD_SCHEMES = [FloatScheme("fp8", -1, "fp8"), FloatScheme("nvfp4", 16)]
+
+
+@dataclasses.dataclass(frozen=True)
 class Case:
     impl: str
     layout: str
@@ -81,10 +153,13 @@ def supported(impl: str, scheme: Scheme, x_dtype: str, k: int = K) -> bool:
     if not module.available():
         return False
     for dtype in {x_dtype, "float32"}:
+        fmt = reference_formats(scheme)
         spec = MatmulSpec(in_features=k, out_features=N, block_size=scheme.block_size,
                           bits=scheme.bits, packed=scheme.packed,
                           has_zero_point=not scheme.symmetric,
-                          quantize_activation=scheme.quantize_activation, x_dtype=dtype)
+                          quantize_activation=scheme.quantize_activation, x_dtype=dtype,
+                          weight_format=fmt["weight_format"] or "",
+                          activation_format=fmt["activation_format"])
         if not module.supports(spec, "cpu"):
             return False
     return True
@@ -142,8 +217,11 @@ def _quantize(w, scheme: Scheme):
 
 
 def make_weight(rng, n, k, scheme: Scheme):
-    """cases.make_weight, quantized under jit."""
+    """cases.make_weight, quantized under jit (the float formats on the host:
+    quantize_weight rounds concrete weights onto their grids)."""
     w = rng.standard_normal((n, k)).astype(np.float32) * 0.1
+    if isinstance(scheme, FloatScheme) and scheme.format != "int4":
+        return xla_qops.quantize_weight(w, format=scheme.format, block_size=scheme.block_size)
     if not scheme.symmetric:
         w = w + rng.uniform(-0.05, 0.05, (n, 1)).astype(np.float32)  # offset channels
     return _quantize(w, scheme)
@@ -172,8 +250,7 @@ def single_device(impl: str, scheme: Scheme, k: int, rows: int, x_dtype: str, gr
     qw, x, c = inputs(scheme, k, rows, x_dtype)
 
     def f(x, qw):
-        return xla_qops.quantized_matmul(x, qw, quantize_activation=scheme.quantize_activation,
-                                         impl=impl)
+        return xla_qops.quantized_matmul(x, qw, impl=impl, **op_formats(scheme))
     if grad:
         f = jax.grad(lambda x, qw, f=f: jnp.sum(f(x, qw) * c))
     f = jax.jit(f)
@@ -191,17 +268,14 @@ def run_case(case: Case, out_dir: str, hlo_report: dict) -> None:
 
     def sharded(x, qw):
         return sharding.sharded_quantized_matmul(
-            x, qw, mesh, case.layout, axis_name="model", batch_axis=batch,
-            quantize_activation=scheme.quantize_activation, impl=case.impl)
+            x, qw, mesh, case.layout, axis_name="model", batch_axis=batch, impl=case.impl,
+            **op_formats(scheme))
 
     qw_s = sharding.shard_quantized_weight(qw, mesh, case.layout, "model")
     x_spec = P(batch, None, "model" if case.layout == "row" else None)
     x_s = jax.device_put(x, NamedSharding(mesh, x_spec))
-    record = dict(x=np.asarray(x).astype(np.float32), w=np.asarray(qw.w),
-                  scale=np.asarray(qw.scale),
+    record = dict(x=np.asarray(x).astype(np.float32), **weight_record(qw),
                   shard_shapes=np.array([s.data.shape for s in qw_s.w.addressable_shards]))
-    if qw.zero_point is not None:
-        record["zero_point"] = np.asarray(qw.zero_point)
     single = single_device(case.impl, scheme, case.k, case.rows, case.x_dtype, case.grad)
     if case.grad:
         record["c"] = np.asarray(c)
@@ -286,6 +360,55 @@ def plain_cases(impls) -> list[PlainCase]:
     return out
 
 
+def float_cases(impls) -> list[Case]:
+    """The float rows through `sharding.sharded_quantized_matmul`'s column and
+    row layouts on the 2x4 mesh (every row on the host kernels, the core rows
+    on every impl), an fp4 weight split 8 ways (one block per shard), and
+    gradients (per-channel fp8 activations, straight-through the row split's
+    shared token maxima, on every impl; NV fp4 on the host kernels). Also
+    imported by tests/test_sharding_formats.py."""
+    out = []
+    for impl in impls:
+        full = impl == "custom_call"
+        for i, scheme in enumerate(FLOAT_SCHEMES):
+            if (full or scheme in FLOAT_CORE) and supported(impl, scheme, DTYPES[i % 3]):
+                out += [Case(impl, layout, scheme, DTYPES[i % 3], 3, "2x4")
+                        for layout in sharding.LAYOUTS]
+        mx = FloatScheme("mxfp4", BLOCK)
+        if full and supported(impl, mx, "bfloat16", 2 * K):
+            out += [Case(impl, layout, mx, "bfloat16", 3, "1x8") for layout in sharding.LAYOUTS]
+        for scheme in FLOAT_GRAD_SCHEMES if full else FLOAT_GRAD_SCHEMES[:1]:
+            if supported(impl, scheme, "float32"):
+                out += [Case(impl, layout, scheme, "float32", 3, "2x4", grad=True)
+                        for layout in sharding.LAYOUTS]
+    return out
+
+
+def float_plain_cases(impls) -> list[PlainCase]:
+    """The float rows under plain jax.jit on sharded operands: on the host
+    kernels the core rows with the weight replicated (x split over the
+    batch), column and row, the other rows row-split; Pallas the core rows
+    column and row; xla (split by XLA itself) NV fp4 with fp8 activations;
+    gradients and Explicit axes through "auto". Also imported by
+    tests/test_sharding_formats.py."""
+    places = ("batch", "batch-column", "batch-row")
+    out = []
+    for i, scheme in enumerate(FLOAT_SCHEMES):
+        dtype = DTYPES[i % 3]
+        if "custom_call" in impls and supported("custom_call", scheme, dtype):
+            out += [PlainCase("custom_call", place, scheme, dtype)
+                    for place in (places if scheme in FLOAT_CORE else places[2:])]
+        if scheme in FLOAT_CORE and "pallas" in impls and supported("pallas", scheme, dtype):
+            out += [PlainCase("pallas", place, scheme, dtype) for place in places[1:]]
+    if "xla" in impls:
+        out += [PlainCase("xla", place, FLOAT_SCHEMES[6], "bfloat16") for place in places[1:]]
+    pc_fp8_acts, nvfp4 = FLOAT_GRAD_SCHEMES
+    out += [PlainCase("auto", "batch-row", pc_fp8_acts, "float32", grad=True),
+            PlainCase("auto", "batch-column", nvfp4, "float32", grad=True),
+            PlainCase("auto", "batch-row", pc_fp8_acts, "float32", explicit=True)]
+    return out
+
+
 def make_mesh_typed(explicit: bool):
     kind = AxisType.Explicit if explicit else AxisType.Auto
     return jax.make_mesh((2, 4), ("data", "model"), axis_types=(kind,) * 2)
@@ -298,7 +421,13 @@ def place(mesh, qw, layout):
 
 
 def weight_record(qw) -> dict:
-    record = dict(w=np.asarray(qw.w), scale=np.asarray(qw.scale))
+    """w, scale (and zero_point) as numpy; an fp8 weight as its uint8 bit
+    patterns (np.load cannot read ml_dtypes' float8 back; numpy_reference
+    decodes the bits)."""
+    w = np.asarray(qw.w)
+    if w.dtype == jnp.float8_e4m3fn:
+        w = w.view(np.uint8)
+    record = dict(w=w, scale=np.asarray(qw.scale))
     if qw.zero_point is not None:
         record["zero_point"] = np.asarray(qw.zero_point)
     return record
@@ -312,8 +441,7 @@ def run_plain_case(case: PlainCase, out_dir: str, hlo_report: dict) -> None:
     qw_s, x_s = place(mesh, qw, layout), jax.device_put(x, NamedSharding(mesh, x_spec))
 
     def f(x, qw):
-        return xla_qops.quantized_matmul(x, qw, quantize_activation=scheme.quantize_activation,
-                                         impl=case.impl)
+        return xla_qops.quantized_matmul(x, qw, impl=case.impl, **op_formats(scheme))
     record = dict(x=np.asarray(x).astype(np.float32), **weight_record(qw))
     shardy = jax.config.jax_use_shardy_partitioner
     jax.config.update("jax_use_shardy_partitioner", not case.gspmd)
@@ -384,17 +512,23 @@ FALLBACKS = {
     "blocks-not-divisible": (Scheme(4, BLOCK, True, True, True), 96, P(None, None, "model"),
                              None),
 }
+# The float formats' fallback: 3 MX fp4 blocks (fp8 activations) over 4 shards
+# of x's in.
+FLOAT_FALLBACKS = {
+    "fp4-blocks-not-divisible": (FloatScheme("mxfp4", BLOCK, "fp8"), 96,
+                                 P(None, None, "model"), None),
+}
 
 
-def run_fallbacks(out_dir: str, hlo_report: dict) -> None:
+def run_fallbacks(out_dir: str, hlo_report: dict, fallbacks=None) -> None:
     mesh = make_mesh_typed(False)
-    for name, (scheme, k, x_spec, w_spec) in FALLBACKS.items():
+    for name, (scheme, k, x_spec, w_spec) in (fallbacks or FALLBACKS).items():
         qw, x, _ = inputs(scheme, k, 3, "float32")
         w_sharding = NamedSharding(mesh, w_spec if w_spec is not None else P())
         qw_s = dataclasses.replace(qw, w=jax.device_put(qw.w, w_sharding))
         x_s = jax.device_put(x, NamedSharding(mesh, x_spec))
-        f = jax.jit(lambda x, qw, qa=scheme.quantize_activation: xla_qops.quantized_matmul(
-            x, qw, quantize_activation=qa, impl="custom_call"))
+        f = jax.jit(lambda x, qw, scheme=scheme: xla_qops.quantized_matmul(
+            x, qw, impl="custom_call", **op_formats(scheme)))
         compiled = f.lower(x_s, qw_s).compile()
         hlo_report[f"fallback-{name}"] = collectives(compiled.as_text())
         record = dict(x=np.asarray(x), y_sharded=np.asarray(compiled(x_s, qw_s)),
@@ -422,10 +556,7 @@ def run_controls(hlo_report: dict) -> None:
 
 
 def run_plain_jit(out_dir: str, hlo_report: dict, impls) -> None:
-    for case in plain_cases(impls):
-        t0 = time.perf_counter()
-        run_plain_case(case, out_dir, hlo_report)
-        print(f"{case.id}: {time.perf_counter() - t0:.2f}s", flush=True)
+    run_timed(run_plain_case, plain_cases(impls), out_dir, hlo_report)
     for impl, explicit in MLP_CASES:
         if impl == "auto" or impl in impls:
             run_plain_mlp(impl, explicit, out_dir, hlo_report)
@@ -451,18 +582,33 @@ def run_docs_example(out_dir: str) -> None:
     np.savez(os.path.join(out_dir, "docs-scaling.npz"), **record)
 
 
+def run_timed(run, cases, out_dir: str, hlo_report: dict) -> None:
+    for case in cases:
+        t0 = time.perf_counter()
+        run(case, out_dir, hlo_report)
+        print(f"{case.id}: {time.perf_counter() - t0:.2f}s", flush=True)
+
+
+def run_formats(out_dir: str, hlo_report: dict, impls) -> None:
+    """The float element formats (--formats): shard_map layouts, plain jit, fallback."""
+    run_timed(run_case, float_cases(impls), out_dir, hlo_report)
+    run_timed(run_plain_case, float_plain_cases(impls), out_dir, hlo_report)
+    if "custom_call" in impls:
+        run_fallbacks(out_dir, hlo_report, FLOAT_FALLBACKS)
+
+
 def main(argv) -> None:
     assert jax.device_count() == N_DEVICES, (
         f"expected {N_DEVICES} devices (XLA_FLAGS={os.environ.get('XLA_FLAGS')!r}), "
         f"got {jax.devices()}")
-    out_dir, impls = argv[1], argv[2:]
+    out_dir, impls = argv[1], [a for a in argv[2:] if a != "--formats"]
     hlo_report = {}
-    for case in cases(impls):
-        t0 = time.perf_counter()
-        run_case(case, out_dir, hlo_report)
-        print(f"{case.id}: {time.perf_counter() - t0:.2f}s", flush=True)
-    run_plain_jit(out_dir, hlo_report, impls)
-    run_docs_example(out_dir)
+    if "--formats" in argv[2:]:
+        run_formats(out_dir, hlo_report, impls)
+    else:
+        run_timed(run_case, cases(impls), out_dir, hlo_report)
+        run_plain_jit(out_dir, hlo_report, impls)
+        run_docs_example(out_dir)
     with open(os.path.join(out_dir, "hlo.json"), "w") as f:
         json.dump(hlo_report, f, indent=1)
 

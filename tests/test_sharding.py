@@ -58,12 +58,16 @@ def test_no_expected_impl_is_left_out():
 @pytest.fixture(scope="module")
 def spmd_run(tmp_path_factory):
     """Runs every case on 8 virtual devices once; returns (out_dir, hlo report)."""
-    out = tmp_path_factory.mktemp("spmd")
+    return run_spmd_child(tmp_path_factory.mktemp("spmd"), *IMPLS)
+
+
+def run_spmd_child(out, *args):
+    """tests/spmd_child.py OUT ARGS on 8 virtual CPU devices -> (out, hlo report)."""
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
                         " --xla_force_host_platform_device_count=8").strip()
     proc = subprocess.run([sys.executable, os.path.join(HERE, "spmd_child.py"), str(out),
-                           *IMPLS], env=env, capture_output=True, text=True, timeout=900)
+                           *args], env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, f"spmd_child failed:\n{proc.stderr[-4000:]}"
     with open(out / "hlo.json") as f:
         return out, json.load(f)
@@ -84,7 +88,8 @@ def typed_x(rec, x_dtype):
 
 def expected_shard_shape(case):
     k = case.k
-    s, bs = case.scheme, spmd_child.BLOCK
+    s = case.scheme
+    bs = s.block_size
     n_model = 4 if case.mesh == "2x4" else 8
     k_stored = k // 2 if s.packed else k
     if s.block_size == -1:
@@ -100,14 +105,23 @@ def expected_shard_shape(case):
 @pytest.mark.parametrize("case", MATMUL_CASES, ids=lambda c: c.id)
 def test_sharded_matches_single_device(spmd_run, case):
     out, _ = spmd_run
-    rec = load(out, case.id)
-    x = typed_x(rec, case.x_dtype)
-    w, scale, zp = weight_args(rec)
-    qa = case.scheme.quantize_activation
+    check_sharded_matmul(load(out, case.id), case)
+
+
+def assert_close_to_reference(y, rec, case):
+    """`y` against the float64 reference of the case's inputs (any format)."""
+    ref.assert_close(y, typed_x(rec, case.x_dtype), *weight_args(rec), case.scheme.block_size,
+                     case.scheme.quantize_activation,
+                     **spmd_child.reference_formats(case.scheme))
+
+
+def check_sharded_matmul(rec, case):
+    """A shard_map case: shard shapes, the float64 reference, bit-exactness of
+    column splits and where the result lives."""
     # Each of the 8 devices holds a 1/n slice along the layout's axis.
     assert rec["shard_shapes"].shape[0] == 8
     assert all(list(s) == expected_shard_shape(case) for s in rec["shard_shapes"])
-    ref.assert_close(rec["y_sharded"], x, w, scale, zp, case.scheme.block_size, qa)
+    assert_close_to_reference(rec["y_sharded"], rec, case)
     if case.layout == "column":
         # Bit for bit against one device multiplying the same rows (a batch
         # axis gives each device one batch element): the result of a row may
@@ -118,14 +132,17 @@ def test_sharded_matches_single_device(spmd_run, case):
     if case.layout == "column":
         assert str(rec["y_spec"]).endswith("'model')")  # y stays split along out
     else:
-        ref.assert_close(rec["y_single"], x, w, scale, zp, case.scheme.block_size, qa)
+        assert_close_to_reference(rec["y_single"], rec, case)
         assert "model" not in str(rec["y_spec"])  # y is whole after the all-reduce
 
 
 @pytest.mark.parametrize("case", MATMUL_CASES, ids=lambda c: c.id)
 def test_sharded_hlo_has_no_all_gather(spmd_run, case):
     _, hlo = spmd_run
-    ops = hlo[case.id]
+    check_sharded_hlo(hlo[case.id], case)
+
+
+def check_sharded_hlo(ops, case):
     assert not [o for o in ops if o[0] == "all-gather"], ops
     if case.layout == "column":
         assert ops == []  # no communication at all
@@ -154,7 +171,8 @@ def test_sharded_gradient_with_respect_to_x(spmd_run, case):
 def assert_gradient_is_c_times_w(rec, scheme, name):
     """d/dx sum(y * c) = c @ W (activation quantization is straight-through)."""
     w, scale, zp = weight_args(rec)
-    w64 = ref.dequantize(w, scale, zp, scheme.block_size, scheme.packed)
+    weight_format = spmd_child.reference_formats(scheme)["weight_format"]
+    w64 = ref.dequantize_any(w, scale, zp, scheme.block_size, weight_format)
     c = rec["c"].reshape(-1, spmd_child.N).astype(np.float64)
     dx_ref = (c @ w64).reshape(rec["x"].shape)
     bound = ((w64.shape[1] + spmd_child.N) * 2.0 ** -24
@@ -188,11 +206,11 @@ def test_plain_jit_matches_single_device(spmd_run, case):
     split (row) sums float32 partials in another order, so it is checked
     against the float64 reference with the single-device tolerance."""
     out, _ = spmd_run
-    rec = load(out, case.id)
-    w, scale, zp = weight_args(rec)
-    qa = case.scheme.quantize_activation
-    ref.assert_close(rec["y_sharded"], typed_x(rec, case.x_dtype), w, scale, zp,
-                     case.scheme.block_size, qa)
+    check_plain_matmul(load(out, case.id), case)
+
+
+def check_plain_matmul(rec, case):
+    assert_close_to_reference(rec["y_sharded"], rec, case)
     spec = str(rec["y_spec"])
     if case.placement.endswith("row"):
         assert "model" not in spec  # whole along out after the all-reduce
@@ -212,7 +230,10 @@ def test_plain_jit_hlo_gathers_no_weight(spmd_run, case):
     one of the token maxima). The xla impl is split by XLA itself, which may
     choose other collectives, but never gathers the weight, scale or zero point."""
     out, hlo = spmd_run
-    ops = hlo[case.id]
+    check_plain_hlo(hlo[case.id], out, case)
+
+
+def check_plain_hlo(ops, out, case):
     if case.impl == "xla":
         rec = load(out, case.id)
         assert not full_shape_gathers(ops, rec["w"], rec["scale"], rec.get("zero_point")), ops
@@ -260,13 +281,17 @@ def test_plain_jit_fallback_reshards_and_stays_exact(spmd_run, name):
     boundary, blocks the shards do not divide) are resharded by XLA -- an
     all-gather of the split operand -- and the result is still right."""
     out, hlo = spmd_run
+    check_fallback(out, hlo, name, spmd_child.FALLBACKS[name])
+
+
+def check_fallback(out, hlo, name, fallback):
     rec = load(out, f"fallback-{name}")
-    scheme, k, _, _ = spmd_child.FALLBACKS[name]
-    w, scale, zp = weight_args(rec)
-    ref.assert_close(rec["y_sharded"], rec["x"], w, scale, zp, scheme.block_size,
-                     scheme.quantize_activation)
+    scheme, k, _, _ = fallback
+    ref.assert_close(rec["y_sharded"], rec["x"], *weight_args(rec), scheme.block_size,
+                     scheme.quantize_activation, **spmd_child.reference_formats(scheme))
     gathered = [dims(s) for op, s in hlo[f"fallback-{name}"] if op == "all-gather"]
-    whole = tuple(w.shape) if name == "inside-blocks" else (6, k)  # the weight, else x's rows
+    # The weight whole, or else x's rows.
+    whole = tuple(rec["w"].shape) if name == "inside-blocks" else (6, k)
     assert whole in gathered, hlo[f"fallback-{name}"]
 
 

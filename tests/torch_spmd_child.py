@@ -8,8 +8,9 @@ exists, so this runs in its own process, started with
         --xla_dump_hlo_as_text --xla_dump_hlo_module_re=SyncTensorsGraph" \\
         python tests/torch_spmd_child.py OUT
 
-For every scheme row and both layouts it shards one XlaQuantizedLinear's
-buffers with xs.mark_sharding (specs from xla_qops.sharding.layout_specs),
+For every scheme row (the int rows, and float element formats: fp8 weights
+per-channel and blockwise, with and without fp8 activations, MX and NV fp4)
+and both layouts it shards one XlaQuantizedLinear's buffers with xs.mark_sharding (specs from xla_qops.sharding.layout_specs),
 runs it, and writes ``OUT/<case>.npz`` (inputs, result, sharding specs) and
 ``OUT/hlo.json`` (collectives in the partitioned HLO XLA compiled for the
 case's graph, read from the dump). It asserts nothing but the device count.
@@ -34,12 +35,16 @@ sys.path.insert(0, HERE)
 
 import torch_bridge  # noqa: E402
 from cases import Scheme  # noqa: E402
-from spmd_child import collectives  # noqa: E402
+from spmd_child import FloatScheme, collectives  # noqa: E402
 from xla_qops import sharding  # noqa: E402
 
 K, N, BLOCK = 128, 48, 32
 SCHEMES = [Scheme(bits, block, False, bits == 4, qa)
            for bits in (8, 4) for block in (-1, BLOCK) for qa in (False, True)]
+# The float rows (API.md section 7); per-channel fp8 activations make the row
+# split share each token's maximum across the shards, as int8 does.
+FLOAT_SCHEMES = [FloatScheme("fp8", -1, "fp8"), FloatScheme("fp8", BLOCK),
+                 FloatScheme("mxfp4", BLOCK), FloatScheme("nvfp4", 16, "fp8")]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
@@ -49,7 +54,7 @@ def case_id(layout: str, scheme: Scheme, dtype: str) -> str:
 
 def cases():
     return [(layout, s, ("float32", "bfloat16")[i % 2])
-            for i, s in enumerate(SCHEMES) for layout in sharding.LAYOUTS]
+            for i, s in enumerate(SCHEMES + FLOAT_SCHEMES) for layout in sharding.LAYOUTS]
 
 
 def compiled_modules(dump: str) -> set[str]:
@@ -74,12 +79,17 @@ MLP_HIDDEN = 128
 MLP_SCHEMES = (Scheme(4, BLOCK, False, True, False), Scheme(8, -1, False, False, True))
 
 
-def quantized_linear(rng, n, k, scheme: Scheme, dev):
+def quantized_linear(rng, n, k, scheme, dev):
     linear = torch.nn.Linear(k, n, bias=False)
     with torch.no_grad():
         linear.weight.copy_(torch.from_numpy(
             rng.standard_normal((n, k)).astype(np.float32) * 0.1
             + rng.uniform(-0.05, 0.05, (n, 1)).astype(np.float32)))
+    if isinstance(scheme, FloatScheme):
+        return torch_bridge.XlaQuantizedLinear.from_float(
+            linear, block_size=scheme.block_size, format=scheme.format,
+            quantize_activation=scheme.quantize_activation,
+            activation_format=scheme.activation_format).to(dev)
     return torch_bridge.XlaQuantizedLinear.from_float(
         linear, bits=scheme.bits, block_size=scheme.block_size, symmetric=False,
         quantize_activation=scheme.quantize_activation).to(dev)
@@ -94,8 +104,16 @@ def mark_layout(module, mesh, layout: str) -> None:
 
 
 def buffers(module) -> dict:
-    return dict(w=module.weight.cpu().numpy(), scale=module.weight_scaler.cpu().numpy(),
-                zero_point=module.zero_point.cpu().numpy())
+    """The module's buffers as numpy: an fp8 weight as its uint8 bit patterns
+    (numpy has no float8; tests/numpy_reference decodes the bits), no
+    zero_point for the symmetric float formats."""
+    w = module.weight.cpu()
+    if w.dtype == torch.float8_e4m3fn:
+        w = w.view(torch.uint8)
+    record = dict(w=w.numpy(), scale=module.weight_scaler.cpu().numpy())
+    if module.zero_point is not None:
+        record["zero_point"] = module.zero_point.cpu().numpy()
+    return record
 
 
 def run_mlp(out: str, mesh, dev, dump: str, report: dict) -> None:

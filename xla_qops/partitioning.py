@@ -32,10 +32,14 @@ correct and costs communication, never a wrong result:
 
 * a factor whose size the mesh axes do not divide (``N``, ``M``; ``K``, or the
   block count ``G`` for blockwise weights);
-* per-channel packed int4 with an odd ``K / n`` (a byte would straddle two
-  shards);
+* per-channel packed int4 or fp4 with an odd ``K / n`` (a byte would straddle
+  two shards);
 * a blockwise weight split inside its blocks (its ``B`` dimension), or an
   ``x`` split along ``in`` at a boundary inside a block (``G`` not divisible).
+
+Each shard's call is checked and resolved for its slices with the whole
+problem's weight and activation formats (API.md section 7: packed fp4 is
+uint8 like packed int4, only the format says which values it holds).
 
 Numerics: an ``m`` or ``n`` split runs the single-device computation on fewer
 rows or columns. A ``k`` split sums float32 partials in another order, so it
@@ -67,7 +71,7 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from pallas_kernels import block_sizes, jax_compat
 from xla_qops import dispatch
-from xla_qops.activation import quantize_activation as _quantize_activation
+from xla_qops.activation import quantize_activation_as
 from xla_qops.spec import MatmulSpec, check_args
 
 # Impls whose backend is an opaque kernel call (dispatch.AUTO_ORDER): these
@@ -110,10 +114,10 @@ def split_problem(weight, layout: str, n: int, where: str | None = None) -> str 
 
     layout "column" splits ``out``: n must divide it. "row" splits ``in``: n must
     divide the block count (blockwise: whole blocks with their scales), else ``in``,
-    and leave each shard an even ``in`` when int4 is packed (a byte holds two
-    input features). `weight`: anything with in_features, out_features,
-    block_size and packed (a `MatmulSpec`, a `QuantizedWeight`); `where`: the
-    devices, as the message names them.
+    and leave each shard an even ``in`` when int4 or fp4 is packed (a byte holds
+    two input features). `weight`: anything with in_features, out_features,
+    block_size, packed and weight_format (a `MatmulSpec`, a `QuantizedWeight`);
+    `where`: the devices, as the message names them.
     """
     where = where or f"over {n} devices"
     if layout == "column":
@@ -132,7 +136,8 @@ def split_problem(weight, layout: str, n: int, where: str | None = None) -> str 
         return (f"row-parallel splits in={in_features} {where}; "
                 f"in must be a multiple of {n}")
     elif weight.packed and (in_features // n) % 2:
-        return (f"packed int4 stores two input features per byte, so "
+        codes = "fp4 (e2m1 codes)" if weight.weight_format == "fp4" else "int4"
+        return (f"packed {codes} stores two input features per byte, so "
                 f"row-parallel shards need an even in/{n}; got "
                 f"in={in_features}, {in_features // n} per shard")
     return None
@@ -168,23 +173,26 @@ def plan(spec: MatmulSpec, mesh_shape, x_spec, w_spec, scale_spec, rows: int) ->
     return Plan(m=m, n=n, k=k)
 
 
-def row_parallel(x, axes, *, blockwise: bool, quantize_activation: bool, matmul):
+def row_parallel(x, axes, *, blockwise: bool, quantize_activation: bool, matmul,
+                 activation_format: str | None = None):
     """One device's share of a product split along ``in`` over mesh `axes`.
 
     ``matmul(x, quantize_activation=...)`` multiplies the local slices. The
     partial is kept in float32 (``x`` is upcast first, exactly), summed over
     `axes` with ``psum`` and rounded once to ``x``'s dtype. For per-channel
     A8 the token scale spans all of ``in``: ``pmax`` of |x| across the shards
-    gives the single-device scale, every shard quantizes with it and
-    multiplies the dequantized activation (blockwise A8 scales cover one
-    block, which lives on one shard, so those quantize locally).
+    gives the single-device scale, every shard quantizes with it in
+    `activation_format` ("int8" or "fp8"; None: "int8") and multiplies the
+    dequantized activation (blockwise A8 scales cover one block, which lives
+    on one shard, so those quantize locally).
     """
     x32 = x.astype(jnp.float32)
     if quantize_activation and not blockwise:
         # The scale gets no gradient (straight-through), and pmax has no JVP.
         absmax = lax.pmax(lax.stop_gradient(jnp.max(jnp.abs(x32), axis=-1, keepdims=True)),
                           axes)
-        x_q, x_scale = _quantize_activation(x32, -1, absmax=absmax)
+        x_q, x_scale = quantize_activation_as(activation_format or "int8", x32, -1,
+                                              absmax=absmax)
         x_hat = x_q.astype(jnp.float32) * x_scale
         # Straight-through: the value is exactly x_hat (x32 - x32 == 0), the
         # gradient with respect to x the identity, as in the op itself.
@@ -199,8 +207,11 @@ def _local_run(impl: str, spec: MatmulSpec):
     """``matmul(x, w, scale, zp, quantize_activation=...)`` on local slices,
     resolved for their (smaller) shapes."""
     def matmul(x, w, scale, zp, *, quantize_activation):
-        local = check_args(x, w, scale, zp, spec.block_size, spec.bits == 4,
-                           quantize_activation)
+        # The formats travel with the slices: a packed fp4 weight is uint8 like
+        # packed int4, and only its weight_format says which values it holds.
+        local = check_args(x, w, scale, zp, spec.block_size, spec.weight_format == "int4",
+                           quantize_activation, spec.weight_format,
+                           spec.activation_format if quantize_activation else None)
         return dispatch.resolve(impl, local)(x, w, scale, zp)
     return matmul
 
@@ -285,7 +296,7 @@ def _partitioned(impl: str, spec: MatmulSpec, trace_state: tuple):
                 return matmul(x, quantize_activation=spec.quantize_activation)
             return row_parallel(x, chosen.k, blockwise=spec.blockwise,
                                 quantize_activation=spec.quantize_activation,
-                                matmul=matmul)
+                                activation_format=spec.activation_format, matmul=matmul)
         return mesh, lower, NamedSharding(mesh, y_spec), tuple(arg_shardings)
 
     def infer_sharding_from_operands(mesh, arg_shapes, result_shape):

@@ -25,20 +25,21 @@ devices of one mesh axis (the "model" axis, size n):
 
 Constraints (checked by `check_layout`, ValueError otherwise): column needs
 ``out % n == 0``. Row per-channel needs ``in % n == 0``, and for packed int4
-an even ``in / n`` (two weights share a byte along ``in``, so a shard boundary
-must fall on an even input feature). Row blockwise needs ``(in / B) % n == 0``
-(shards hold whole blocks; packing pairs stay inside a block). The rule is
-`xla_qops.partitioning.split_problem`, the same one the op's own partitioning
-under plain `jax.jit` follows.
+or fp4 an even ``in / n`` (two weights share a byte along ``in``, so a shard
+boundary must fall on an even input feature). Row blockwise needs
+``(in / B) % n == 0`` (shards hold whole blocks; packing pairs stay inside a
+block). The rule is `xla_qops.partitioning.split_problem`, the same one the
+op's own partitioning under plain `jax.jit` follows.
 
-Activation quantization (A8): a blockwise token scale covers one block, which
-lives on one device, so blockwise A8 is local and gives the same integers as
-on one device. A per-channel token scale covers all of ``in``, which a row
-split spreads over n devices: the row layout takes the maximum of |x| over
-the shards (``lax.pmax``, one small all-reduce of [tokens] floats) and every
-shard quantizes with that global scale (`xla_qops.activation`, same integers
-as on one device). The shard then multiplies the dequantized activation
-``x_q * x_scale`` in float32; gradients pass straight through, as in the op.
+Activation quantization (A8, int8 or fp8): a blockwise token scale covers one
+block, which lives on one device, so blockwise A8 is local and gives the same
+values as on one device. A per-channel token scale covers all of ``in``,
+which a row split spreads over n devices: the row layout takes the maximum of
+|x| over the shards (``lax.pmax``, one small all-reduce of [tokens] floats)
+and every shard quantizes with that global scale (`xla_qops.activation`, the
+same int8 or e4m3fn values as on one device, per ``activation_format``). The
+shard then multiplies the dequantized activation ``x_q * x_scale`` in
+float32; gradients pass straight through, as in the op.
 
 Numerics: column-parallel runs the single-device computation on a subset of
 the output channels. Row-parallel keeps each partial in float32 (``x`` is
@@ -181,7 +182,8 @@ def shard_quantized_weights(named, mesh, axis_name: str = "model") -> dict:
 
 def sharded_quantized_matmul(x, qw: QuantizedWeight, mesh, layout: str, *,
                              axis_name: str = "model", batch_axis: str | None = None,
-                             quantize_activation: bool = False, impl: str = "auto"):
+                             quantize_activation: bool = False,
+                             activation_format: str | None = None, impl: str = "auto"):
     """`quantized_matmul(x, qw)` split over `mesh` with `layout` ("column" or "row").
 
     Args:
@@ -194,7 +196,8 @@ def sharded_quantized_matmul(x, qw: QuantizedWeight, mesh, layout: str, *,
       layout: "column" (split ``out``) or "row" (split ``in``, one psum).
       axis_name: the mesh axis the weight is split over.
       batch_axis: optional mesh axis for the leading dim of ``x`` (data parallel).
-      quantize_activation, impl: as in `xla_qops.quantized_matmul`; every impl
+      quantize_activation, activation_format, impl: as in
+        `xla_qops.quantized_matmul` (the weight format is `qw`'s); every impl
         runs per shard inside `jax.shard_map`.
 
     Returns:
@@ -204,8 +207,9 @@ def sharded_quantized_matmul(x, qw: QuantizedWeight, mesh, layout: str, *,
     """
     check_layout(qw, mesh, layout, axis_name)
     dispatch.check_impl(impl)
-    check_args(x, qw.w, qw.scale, qw.zero_point, qw.block_size, qw.int4_weight,
-               quantize_activation)
+    spec = check_args(x, qw.w, qw.scale, qw.zero_point, qw.block_size,
+                      qw.weight_format == "int4", quantize_activation, qw.weight_format,
+                      activation_format)
     if batch_axis is not None:
         if batch_axis not in mesh.axis_names or batch_axis == axis_name:
             raise ValueError(f"batch_axis: expected None or a mesh axis other than "
@@ -218,10 +222,10 @@ def sharded_quantized_matmul(x, qw: QuantizedWeight, mesh, layout: str, *,
     lead = (batch_axis,) + middle if x.ndim >= 2 else ()
     if layout == "column":
         x_spec, y_spec = P(*lead, None), P(*lead, axis_name)
-        body = _column_body(quantize_activation, impl)
+        body = _column_body(spec, impl)
     else:
         x_spec, y_spec = P(*lead, axis_name), P(*lead, None)
-        body = _row_body(qw, quantize_activation, impl, axis_name)
+        body = _row_body(spec, impl, axis_name)
     w_specs = weight_partition_specs(qw, layout, axis_name)
     x, qw = _resharded_for(mesh, (x, x_spec), (qw, w_specs))
     # check_vma=False: kernel primitives (pallas_call, FFI calls) carry no
@@ -246,19 +250,23 @@ def _resharded_for(mesh, *pairs):
                               tree, specs) for tree, specs in pairs)
 
 
-def _column_body(quantize_activation, impl):
+def _column_body(spec, impl):
     def body(x, qw):
-        return quantized_matmul(x, qw, quantize_activation=quantize_activation, impl=impl)
+        return quantized_matmul(x, qw, quantize_activation=spec.quantize_activation,
+                                activation_format=spec.activation_format, impl=impl)
     return body
 
 
-def _row_body(qw, quantize_activation, impl, axis_name):
+def _row_body(spec, impl, axis_name):
     def body(x, qw):
         lead, k = x.shape[:-1], x.shape[-1]
 
         def matmul(x, *, quantize_activation):
-            return quantized_matmul(x, qw, quantize_activation=quantize_activation, impl=impl)
+            return quantized_matmul(
+                x, qw, quantize_activation=quantize_activation, impl=impl,
+                activation_format=spec.activation_format if quantize_activation else None)
         y = partitioning.row_parallel(x.reshape(-1, k), axis_name, blockwise=qw.blockwise,
-                                      quantize_activation=quantize_activation, matmul=matmul)
+                                      quantize_activation=spec.quantize_activation,
+                                      activation_format=spec.activation_format, matmul=matmul)
         return y.reshape(*lead, -1)
     return body
