@@ -25,8 +25,10 @@ the uint8 packed form, so they are viewed as uint8 before anything else.
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import functools
+import gc
 
 import jax
 import jax.numpy as jnp
@@ -134,6 +136,26 @@ def to_jax(t: torch.Tensor | None):
 def to_torch(a) -> torch.Tensor:
     """A CPU `jax.Array` as a torch tensor sharing its memory (DLPack)."""
     return torch.from_dlpack(a)
+
+
+@atexit.register
+def _release_aliases_before_exit():
+    """Frees the JAX arrays that alias torch tensors while threads may still
+    take the GIL.
+
+    Left to the interpreter's last garbage collection (autograd graphs hold
+    them in reference cycles), such an array's release can run on one of
+    XLA's threads, which then needs the GIL to drop the torch tensor; during
+    finalization Python >= 3.12 ends a thread that asks for it, and ending an
+    XLA thread that way aborts the process ("terminate called without an
+    active exception", seen about once in 25 exits of a script that ran the
+    op through JAX on CPU tensors). Registered after JAX's own exit hook, so
+    it runs before it.
+    """
+    for array in jax.live_arrays():
+        if not array.is_deleted():
+            array.block_until_ready()
+    gc.collect()
 
 
 # ---------------------------------------------------------------------------
