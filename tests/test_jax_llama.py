@@ -94,15 +94,14 @@ def test_quantized_model_is_the_float64_llama_of_its_quantized_weights(scheme, b
     tensors = _tensors()
     model = jax_llama.quantize(jax_llama.from_tensors(CONFIG, tensors, dtype=jnp.float32),
                                scheme=scheme, block_size=block_size, symmetric=symmetric)
-    names = jax_llama._hf_linear_names(model.dims)
-    layers = {name: _module(model, name) for name in names}
-    assert all(hasattr(m, "quantized_weight") for m in layers.values())  # lm_head too
+    weights = jax_llama.quantized_weights(model)  # q/k/v and gate/up split back
+    assert list(weights) == jax_llama._hf_linear_names(model.dims)  # lm_head too
 
     def linear(name, x):
-        m, qw = layers[name], layers[name].quantized_weight
+        qw = weights[name]
         return ref.quantized_matmul(x, np.asarray(qw.w), np.asarray(qw.scale),
                                     None if qw.zero_point is None else np.asarray(qw.zero_point),
-                                    qw.block_size, qw.bits == 4, m.quantize_activation)
+                                    qw.block_size, qw.bits == 4, scheme.endswith("a8"))
     got = jax_llama.Generator(model).logits(IDS)
     want = _reference_logits(tensors, IDS, linear)
     # A16: float32 activations times the exact dequantized weights; the host
@@ -122,7 +121,7 @@ def test_lm_head_stays_float_when_asked():
     model = jax_llama.quantize(jax_llama.from_tensors(CONFIG, _tensors()), scheme="w4a16",
                                block_size=32, lm_head=False)
     assert not hasattr(model.lm_head, "quantized_weight")
-    assert hasattr(_module(model, "model.layers.0.mlp.up_proj"), "quantized_weight")
+    assert "model.layers.0.mlp.up_proj" in jax_llama.quantized_weights(model)
 
 
 def test_quantized_checkpoint_loads_into_the_same_model(tmp_path):
@@ -130,14 +129,80 @@ def test_quantized_checkpoint_loads_into_the_same_model(tmp_path):
     tensors = _tensors()
     model = jax_llama.quantize(jax_llama.from_tensors(CONFIG, tensors, dtype=jnp.float32),
                                scheme="w4a8", block_size=32)
-    names = jax_llama._hf_linear_names(model.dims)
-    weights = {n: _module(model, n).quantized_weight for n in names}
+    weights = jax_llama.quantized_weights(model)
     rest = {k: v for k, v in tensors.items() if k.rsplit(".", 1)[0] not in weights}
     path = str(tmp_path / "model.safetensors")
     checkpoint.save_quantized(path, weights, rest, quantize_activation=True)
     loaded = jax_llama.load(path, config=CONFIG, dtype=jnp.float32)
     np.testing.assert_array_equal(jax_llama.Generator(loaded).logits(IDS),
                                   jax_llama.Generator(model).logits(IDS))
+
+
+@pytest.mark.parametrize("scheme, block_size, symmetric, bias", [
+    ("w4a16", 32, False, False), ("w8a16", -1, True, True), ("w4a8", 32, True, False)])
+def test_fused_projections_compute_what_the_separate_layers_did(scheme, block_size, symmetric,
+                                                                bias):
+    """q/k/v and gate/up joined into one kernel call each: the same weights
+    (split back exactly), and bit-identical logits and greedy tokens."""
+    tensors, config = _tensors(), CONFIG
+    if bias:  # attention_bias / mlp_bias models: the biases join too
+        rng = np.random.default_rng(3)
+        tensors.update({f"{name}.bias": rng.standard_normal(len(tensors[f"{name}.weight"]))
+                        .astype(np.float32) * 0.1
+                        for name in jax_llama._hf_linear_names(jax_llama.LlamaDims.of(CONFIG))
+                        if name != "lm_head"})
+        config = dict(CONFIG, attention_bias=True, mlp_bias=True)
+    make = lambda fuse: jax_llama.quantize(
+        jax_llama.from_tensors(config, tensors, dtype=jnp.float32), scheme=scheme,
+        block_size=block_size, symmetric=symmetric, fuse=fuse)
+    fused, separate = make(True), make(False)
+    for layer in fused.layers:
+        assert layer.self_attn.q_proj is None and layer.mlp.up_proj is None
+        assert layer.self_attn.qkv_proj.fused_sizes == (64, 32, 32)
+        assert layer.mlp.gate_up_proj.fused_sizes == (128, 128)
+    got, want = jax_llama.quantized_weights(fused), jax_llama.quantized_weights(separate)
+    assert list(got) == list(want) == jax_llama._hf_linear_names(fused.dims)
+    for name in want:
+        for field in ("w", "scale", "zero_point"):
+            a, b = getattr(got[name], field), getattr(want[name], field)
+            assert (a is None) == (b is None), (name, field)
+            if a is not None:
+                np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=name)
+    # Each output column has its own scale and the kernels' arithmetic for a
+    # column depends on K and the rows only, not on N: exact equality.
+    fused_gen, separate_gen = jax_llama.Generator(fused), jax_llama.Generator(separate)
+    np.testing.assert_array_equal(fused_gen.logits(IDS), separate_gen.logits(IDS))
+    np.testing.assert_array_equal(fused_gen.generate(IDS, 5), separate_gen.generate(IDS, 5))
+
+
+def test_layers_of_different_schemes_are_not_fused():
+    model = jax_llama.from_tensors(CONFIG, _tensors())
+    jax_llama.quantize(model, scheme="w4a16", block_size=32, fuse=False)
+    # One member re-quantized per channel: q/k/v no longer share a kernel call.
+    from xla_qops.nnx import quantize_model
+    model.layers[0].self_attn.k_proj = None
+    float_k = jax_llama.from_tensors(CONFIG, _tensors()).layers[0].self_attn.k_proj
+    model.layers[0].self_attn.k_proj = float_k
+    quantize_model(model, scheme="w8a16", filter_fn=lambda path, m: "layers/0/self_attn/k_proj" in path)
+    jax_llama.fuse_projections(model)
+    assert model.layers[0].self_attn.qkv_proj is None
+    assert model.layers[0].self_attn.k_proj.bits == 8
+    assert model.layers[0].mlp.gate_up_proj is not None  # the rest still fused
+    assert model.layers[1].self_attn.qkv_proj is not None
+    assert jax_llama.Generator(model).generate(IDS, 3).shape == (2, 3)
+
+
+def test_generate_is_greedy_prefill_of_the_growing_sequence():
+    """The decode step (cache written in place, position carried on device)
+    picks the tokens a prefill of the whole sequence so far picks."""
+    model = jax_llama.from_tensors(CONFIG, _tensors(), dtype=jnp.float32)
+    generator = jax_llama.Generator(model)
+    tokens = generator.generate(IDS, 5)
+    ids = IDS
+    for i in range(5):
+        want = generator.logits(ids).argmax(-1)
+        np.testing.assert_array_equal(tokens[:, i], want)
+        ids = np.concatenate([ids, want[:, None]], 1)
 
 
 def test_missing_or_extra_tensors_are_named():
