@@ -19,9 +19,9 @@ module through torchax, greedy loop in Python around the jitted step, a static
 KV cache), as the Flax NNX decoder of `xla_qops_app.jax_llama` (``nnx``: the
 same weights, one jitted prefill and one jitted decode step over the state
 split once), and as HF's decode step under `torch.compile` (``compile``:
-inductor, static cache). llama.cpp (Q4_0, Q8_0; `llama_cpp`, when
-scripts/ensure_llama_cpp.sh has built it) takes turns with the ``nnx`` and
-``compile`` rows.
+inductor, static cache, HF's eager attention: `CompiledGenerator`). llama.cpp
+(Q4_0, Q8_0; `llama_cpp`, when scripts/ensure_llama_cpp.sh has built it) takes
+turns with the ``nnx`` and ``compile`` rows.
 
 Used by ``xla-qops bench --model llama`` (xla_qops_app/commands/bench.py) and by
 the decoder section of ``xla-qops demo``.
@@ -32,6 +32,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+import inspect
 import statistics
 import time
 
@@ -216,14 +217,45 @@ def _swap_linears(model, make, lm_head: bool):
     return model
 
 
+def torchao_int4_config():
+    """torchao's int4 weight-only config for CPU tensors (g128, asymmetric, its opaque
+    CPU format on torch's `_weight_int4pack_mm_for_cpu`). torchao <= 0.15 names it
+    ``Int4WeightOnlyConfig(int4_packing_format="opaque")``; 0.16+ moved that format to
+    ``torchao.prototype.quantization.int4.PrototypeInt4WeightOnlyConfig``.
+    set_inductor_config=False: it would change torch's global float32 matmul
+    precision for everything else in the process."""
+    from torchao.quantization import Int4WeightOnlyConfig
+    from torchao.quantization.quantize_.workflows import Int4PackingFormat
+    if "OPAQUE" in Int4PackingFormat.__members__:
+        return Int4WeightOnlyConfig(group_size=128, int4_packing_format="opaque",
+                                    set_inductor_config=False)
+    from torchao.prototype.quantization.int4 import PrototypeInt4WeightOnlyConfig
+    return PrototypeInt4WeightOnlyConfig(group_size=128, set_inductor_config=False)
+
+
 @functools.cache
 def torchao_available() -> str | None:
     """None if torchao's int4 CPU path can run here, else why not."""
     try:
         import torchao  # noqa: F401
-        from torchao.quantization import Int4WeightOnlyConfig  # noqa: F401
+        torchao_int4_config()
     except Exception as e:  # noqa: BLE001  any import failure means: not available
         return f"torchao does not import ({type(e).__name__}: {e})"[:200]
+    return None
+
+
+@functools.cache
+def path_unavailable(path: str) -> str | None:
+    """None if the rows of `path` can run in this environment, else why not: the
+    ``jax`` path needs torchax, the ``xla`` device section torch_xla (the current
+    stack has neither; requirements-current.txt says why)."""
+    module = {"jax": "torchax", "xla": "torch_xla"}.get(path)
+    if module is None:
+        return None
+    try:
+        __import__(module)
+    except Exception as e:  # noqa: BLE001  any import failure means: not available
+        return f"{module} does not import here ({type(e).__name__}: {e})"[:200]
     return None
 
 
@@ -235,11 +267,8 @@ def make_variant(base, variant: Variant):
     if variant.kind == "torch_int4":
         return _swap_linears(model, _torch_int4_linear_class(), variant.lm_head)
     if variant.kind == "torchao_int4":
-        from torchao.quantization import Int4WeightOnlyConfig, quantize_
-        # set_inductor_config=False: it would change torch's global float32 matmul
-        # precision for everything else in the process.
-        config = Int4WeightOnlyConfig(group_size=128, int4_packing_format="opaque",
-                                      set_inductor_config=False)
+        from torchao.quantization import quantize_
+        config = torchao_int4_config()
         keep = _linear_filter(variant.lm_head)
         import torch
         quantize_(model, config,
@@ -386,16 +415,39 @@ class JaxGenerator:
 
 class CompiledGenerator(EagerGenerator):
     """HF `generate` with a static KV cache and the model's forward compiled by
-    `torch.compile` (the default inductor backend): one graph for the prompt,
-    one for a decode step. HF's own automatic compilation is turned off, so the
-    forward is compiled once, here."""
+    `torch.compile` (inductor, ``fullgraph=True``): what HF's documentation has a
+    user write, with two CPU choices (docs/torch.md, "The compiled decode step"):
 
-    generate_kwargs = dict(cache_implementation="static", disable_compile=True)
+    - HF's "eager" attention: under inductor it becomes a batched matmul and a
+      fused softmax, where "sdpa" (the default) calls ATen's flash-attention
+      kernel for CPU, which spends 0.3-0.5 ms a call on one query token in bf16
+      (inductor's form: under 0.1 ms); the tokens are the same;
+    - a fresh `StaticCache` for every generation, as HF's own static-cache
+      examples pass one: a cache reused from an earlier `generate` makes the
+      prompt's graph recompile on transformers 4.x (its guard on the cache's
+      layers being uninitialized fails).
+
+    One graph for the prompt, one for a decode step, both with static shapes
+    (``dynamic=False``, as HF's own `CompileConfig`: the recompilation for the decode
+    step never marks a length dynamic). HF's own
+    automatic compilation is turned off, so the forward is compiled once, here.
+    """
 
     def __init__(self, model, prompt, decode: int):
         import torch
         super().__init__(model, prompt, decode)
-        model.forward = torch.compile(model.forward)
+        # transformers 5.2x renamed `past_key_values` to `cache` (the old name warns).
+        self.cache_kwarg = ("cache" if "cache" in inspect.signature(type(model).forward).parameters
+                            else "past_key_values")
+        model.set_attn_implementation("eager")
+        model.forward = torch.compile(model.forward, fullgraph=True, dynamic=False)
+
+    def __call__(self) -> Timing:
+        from transformers import StaticCache
+        cache = StaticCache(config=self.model.config,
+                            max_cache_len=self.prompt.shape[1] + self.decode)
+        self.generate_kwargs = {self.cache_kwarg: cache, "disable_compile": True}
+        return super().__call__()
 
 
 class NnxGenerator:

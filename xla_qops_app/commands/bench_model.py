@@ -25,6 +25,14 @@ def _environment() -> str:
             f"threads, jax {jax.__version__}; load average at start {os.getloadavg()[0]:.1f}; {env}")
 
 
+def _torchao_config_text() -> str:
+    """The torchao config the int4 peer uses, as a call (its name moved in torchao 0.16)."""
+    config = decoder.torchao_int4_config()
+    packing = getattr(config, "int4_packing_format", None)
+    extra = f", int4_packing_format=\"{getattr(packing, 'value', packing)}\"" if packing else ""
+    return f"{type(config).__name__}(group_size={config.group_size}{extra})"
+
+
 def run(args) -> int:
     layers = args.layers or 8
     batches = [int(b) for b in args.batch.split(",")]
@@ -45,18 +53,28 @@ def run(args) -> int:
     if llama_missing:
         print(f"llama.cpp rows left out: {llama_missing}", flush=True)
         paths = tuple(p for p in paths if p != "llama.cpp")
+    # Paths this environment cannot run (the current stack: no torchax) are left out
+    # with the reason, in the output and in the notes.
+    missing_paths = {p: why for p in paths if (why := decoder.path_unavailable(p))}
+    for path, why in missing_paths.items():
+        print(f"{path} rows left out: {why}", flush=True)
+    paths = tuple(p for p in paths if p not in missing_paths)
+    xla_missing = decoder.path_unavailable("xla") if args.xla_layers else None
+    if xla_missing:
+        print(f"torch_xla device section left out: {xla_missing}", flush=True)
     rows = decoder.variants(paths, torchao=torchao_missing is None)
     failed: dict[str, str] = {}
     start = time.perf_counter()
     torchao_note = (f"- torchao: {torchao_missing}" if torchao_missing else
-                    "- torchao: `Int4WeightOnlyConfig(group_size=128, int4_packing_format="
-                    "\"opaque\")`, its CPU int4 format, swapped in by "
-                    "`torchao.quantization.quantize_`.")
+                    f"- torchao: `{_torchao_config_text()}`, its CPU int4 format (opaque, "
+                    "asymmetric), swapped in by `torchao.quantization.quantize_`.")
 
     def write(results, xla_rows, done):
         if args.no_write:
             return
         notes = [torchao_note, llama_note(llama_missing)]
+        notes += [f"- {path} rows: left out, {why}" for path, why in missing_paths.items()]
+        notes += [f"- torch_xla device section: left out, {xla_missing}"] if xla_missing else []
         notes += [f"- {name}: left out, {error}" for name, error in failed.items()]
         md = _markdown(args, info, layers, reps, slow_reps, batches, results, xla_rows,
                        (time.perf_counter() - start) / 60, notes, done)
@@ -77,7 +95,7 @@ def run(args) -> int:
         write(results, [], done=False)  # a crash later keeps what was measured
     del base
     xla_rows = []
-    if args.xla_layers:
+    if args.xla_layers and not xla_missing:
         print(f"torch_xla device: {args.xla_layers} layers, batch 1", flush=True)
         xla_rows = _xla_device_in_child(args.xla_layers, args.prefill, min(args.decode, 16))
         print(decoder_report.xla_table(xla_rows), flush=True)
@@ -176,8 +194,9 @@ def _markdown(args, info, layers, reps, slow_reps, batches, results, xla_rows, m
         "jitted JAX step (static KV cache) in a greedy loop; `nnx` is the Flax NNX decoder "
         "(`xla_qops_app/jax_llama.py`) with the same weights, one jitted prefill and one jitted "
         "decode step over the state split once (`jax.jit`, cache donated); `compile` is HF "
-        "`generate` with a static cache and the model's forward under `torch.compile` "
-        "(inductor); `llama.cpp` is the same model as GGUF Q4_0 / Q8_0. The `nnx`, `compile` "
+        "`generate` with a fresh static cache and the model's forward under `torch.compile` "
+        "(inductor, fullgraph, HF's eager attention: docs/torch.md, \"The compiled decode "
+        "step\"); `llama.cpp` is the same model as GGUF Q4_0 / Q8_0. The `nnx`, `compile` "
         "and `llama.cpp` rows take turns together (with the eager peers timed again), and the "
         "ratios against llama.cpp pair W4A16 and W4A8 with Q4_0, W8A16 with Q8_0, labelled "
         "as a comparison across formats. Decode tok/s counts every sequence of the "
