@@ -2,6 +2,7 @@
 // tile (see qmm.h for the scheme).
 #include <time.h>
 
+#include <atomic>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -118,10 +119,16 @@ void for_each_tile(const Executor& ex, int64_t tiles, const Fn& fn) {
   });
 }
 
+// Partial sums of at most this size are summed by one task (run_slices): about
+// as long as a parallel region's hand-off to the workers and back.
+constexpr int64_t kSumInTaskBytes = 256 << 10;
+
 // The blockwise decode's loop: K slices x column blocks, one task each (blocks
 // fastest: neighbouring tasks read neighbouring bytes of the same weight
 // rows), each writing its slice's partial sums part [M][N]; then the slices'
-// parts summed in slice order, a strip of tiles per task.
+// parts summed in slice order: by the task that completes a column block
+// (small parts, or a block per thread), else in a second region, a strip of
+// tiles per task.
 //   slice(g0, g1, t0, t1, part)   groups [g0, g1), tiles [t0, t1)
 //   finish(parts, slices, t0, t1) tiles [t0, t1) of y
 template <class Slice, class Finish>
@@ -129,12 +136,37 @@ void run_slices(const Executor& ex, const Problem& p, const Kernels& k, int64_t 
                 const Slice& slice, const Finish& finish) {
   const int64_t slices = stream_slices(p, rows, k);
   const int64_t blocks = stream_blocks(ex, slices, tiles);
-  float* parts = reinterpret_cast<float*>(tl_parts.get(slices * p.M * p.N * 4));
-  ex.parallel_for(slices * blocks, [&](int64_t task) {
-    const int64_t sl = task / blocks, b = task % blocks;
-    const int64_t t0 = b * tiles / blocks, t1 = (b + 1) * tiles / blocks;
+  const int64_t part_bytes = slices * p.M * p.N * 4;
+  float* parts = reinterpret_cast<float*>(tl_parts.get(part_bytes));
+  const auto block_tiles = [&](int64_t b, int64_t& t0, int64_t& t1) {
+    t0 = b * tiles / blocks, t1 = (b + 1) * tiles / blocks;
+  };
+  const auto run_slice = [&](int64_t sl, int64_t b) {
+    int64_t t0, t1;
+    block_tiles(b, t0, t1);
     slice(sl * p.groups / slices, (sl + 1) * p.groups / slices, t0, t1, parts + sl * p.M * p.N);
-  });
+  };
+  // One region a call when the sum is cheap or already spread over the
+  // threads: the task that completes a column block's last slice sums that
+  // block (in slice order, whichever thread it runs on: the same bits).
+  // A second region costs a hand-off to the workers and back (a time slice
+  // each on a loaded machine); summing a large part on one thread costs more.
+  if (blocks >= ex.num_threads() || part_bytes <= kSumInTaskBytes) {
+    std::unique_ptr<std::atomic<int64_t>[]> slices_done(new std::atomic<int64_t>[blocks]);
+    for (int64_t b = 0; b < blocks; ++b) slices_done[b].store(0, std::memory_order_relaxed);
+    ex.parallel_for(slices * blocks, [&](int64_t task) {
+      const int64_t sl = task / blocks, b = task % blocks;
+      run_slice(sl, b);
+      // acq_rel: the last one sees every other slice's part of the block.
+      if (slices_done[b].fetch_add(1, std::memory_order_acq_rel) == slices - 1) {
+        int64_t t0, t1;
+        block_tiles(b, t0, t1);
+        finish(parts, slices, t0, t1);
+      }
+    });
+    return;
+  }
+  ex.parallel_for(slices * blocks, [&](int64_t task) { run_slice(task / blocks, task % blocks); });
   for_each_strip(ex, tiles, [&](int64_t t0, int64_t t1) { finish(parts, slices, t0, t1); });
 }
 
