@@ -6,7 +6,9 @@
 * "awq+gptq" (xla_qops.quantizers.awq_gptq): on held-out inputs of a layer
   whose inputs are correlated and few, its output error is at most GPTQ's and
   below round to nearest's;
-* torch_bridge.quantize_model takes the method and reports the fallback per layer.
+* torch_bridge.quantize_model takes the methods (awq+gptq, autoround,
+  awq+gptq+autoround: tests/test_autoround.py for the last two alone) and reports
+  the fallback per layer.
 
 Errors are the layer's output error ``tr(D H D^T)`` in float64 on inputs drawn
 apart from the calibration ones; the comparisons are between methods on the
@@ -114,7 +116,10 @@ def _model_and_inputs(seed):
 
 
 @pytest.mark.torch
-def test_quantize_model_takes_awq_gptq():
+@pytest.mark.parametrize("scheme,block_size,method", [
+    ("w4a16", BLOCK, "awq+gptq"), ("w4a8", BLOCK, "autoround"),
+    ("w4a16", -1, "awq+gptq+autoround")])
+def test_quantize_model_takes_the_calibrated_4_bit_methods(scheme, block_size, method):
     import torch
 
     import torch_bridge
@@ -123,15 +128,15 @@ def test_quantize_model_takes_awq_gptq():
     x_new = torch.randn(64, 16, 128)
     with torch.no_grad():
         reference = model(x_new)
-    rtn = torch_bridge.quantize_model(copy.deepcopy(model), scheme="w4a16", block_size=BLOCK)
-    ours = torch_bridge.quantize_model(copy.deepcopy(model), scheme="w4a16", block_size=BLOCK,
-                                       method="awq+gptq", calibration=calibration,
-                                       progress=False)
+    rtn = torch_bridge.quantize_model(copy.deepcopy(model), scheme=scheme, block_size=block_size)
+    ours = torch_bridge.quantize_model(copy.deepcopy(model), scheme=scheme,
+                                       block_size=block_size, method=method,
+                                       calibration=calibration, progress=False)
     report = torch_bridge.quantization_report(ours)
-    assert report.method == "awq+gptq"
+    assert report.method == method
     assert {layer.method for layer in report.swapped} <= {
-        "awq+gptq", "rtn (fallback: awq+gptq worse on the held-out split)"}
-    assert any(layer.method == "awq+gptq" for layer in report.swapped)
+        method, f"rtn (fallback: {method} worse on the held-out split)"}
+    assert any(layer.method == method for layer in report.swapped)
     with torch.no_grad():
         def error(m):
             return float((m(x_new) - reference).norm() / reference.norm())

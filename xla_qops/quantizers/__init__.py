@@ -7,10 +7,13 @@
 | ``"gptq"`` | layer inputs | column-by-column rounding with inverse-Hessian compensation | gptq |
 | ``"awq"`` | layer inputs | activation-aware clipping of each group's grid | awq |
 | ``"awq+gptq"`` | layer inputs | GPTQ's rounding onto AWQ's clipped grids | awq_gptq |
+| ``"autoround"`` | layer inputs | rounding offsets, clips learned by signed gradient | autoround |
+| ``"awq+gptq+autoround"`` | layer inputs | autoround started from awq+gptq's result | autoround |
 
 All work on a float32 ``[out, in]`` weight with numpy on the host and
 return ``(q, scale, zero_point)`` in API.md's layouts (int8 q, float32
-scales), which `xla_qops.quantize_weight` wraps into a `QuantizedWeight`.
+scales), which `xla_qops.quantize_weight` wraps into a `QuantizedWeight`
+(autoround's steps run under `jax.jit` in float32; its final rounding is numpy's).
 A calibration sample is a float ``[n, in]`` array of the layer's inputs; only
 its ``X^T X`` is used (`calibration_hessian`), which callers that stream
 many batches (torch_bridge.calibrate) accumulate themselves and pass instead.
@@ -26,13 +29,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from xla_qops.quantizers import awq, awq_gptq, float_formats, gptq, grid, hqq
+from xla_qops.quantizers import autoround, awq, awq_gptq, float_formats, gptq, grid, hqq
 from xla_qops.schemes import FLOAT_METHODS  # the methods that round onto the float grids
 
-METHODS = ("rtn", "hqq", "gptq", "awq", "awq+gptq")
-CALIBRATED = ("gptq", "awq", "awq+gptq")
+METHODS = ("rtn", "hqq", "gptq", "awq", "awq+gptq", "autoround", "awq+gptq+autoround")
+CALIBRATED = ("gptq", "awq", "awq+gptq", "autoround", "awq+gptq+autoround")
 # Methods whose quantize_model also searches AWQ's per-input-channel scale first.
-INPUT_SCALED = ("awq", "awq+gptq")
+INPUT_SCALED = ("awq", "awq+gptq", "awq+gptq+autoround")
 
 
 def calibration_hessian(x) -> np.ndarray:
@@ -58,6 +61,12 @@ def quantize(w: np.ndarray, bits: int, block_size: int, symmetric: bool, method:
         groups = awq.clip_search(w, hessian, bits, block_size, symmetric)
     elif method == "awq+gptq":
         groups = awq_gptq.quantize(w, hessian, bits, block_size, symmetric)
+    elif method == "autoround":
+        groups = autoround.quantize(w, hessian, bits, block_size, symmetric)
+    elif method == "awq+gptq+autoround":
+        groups = autoround.quantize(w, hessian, bits, block_size, symmetric,
+                                    start=awq_gptq.quantize(w, hessian, bits, block_size,
+                                                            symmetric))
     else:
         raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
     return grid.to_layout(*groups, block_size)

@@ -42,7 +42,14 @@ from xla_qops_app.calibration import BATCH, tokenized_batches
 ROWS = [(scheme, block, method, None)
         for scheme, block in (("w4a16", 128), ("w4a16", -1), ("w4a8", 128), ("w8a8", -1))
         for method in ("rtn", "hqq", "awq", "gptq", "awq+gptq")]
+# Issue V section 2: AutoRound's learned rounding, alone and started from awq+gptq.
+ROWS += [(scheme, block, method, None)
+         for scheme, block in (("w4a16", 128), ("w4a16", -1), ("w4a8", 128))
+         for method in ("autoround", "awq+gptq+autoround")]
 ROWS += [("w8a8", -1, method, "smoothquant") for method in ("rtn", "gptq")]
+# W8A8 with blockwise weights: API.md's activations then get one scale per token and block
+# (not per token), which is what closes W8A8's gap (docs/quantizers.md).
+ROWS += [("w8a8", block, "rtn", None) for block in (128, 32)]
 ROWS += [("w4a8", 128, method, "smoothquant") for method in ("rtn", "gptq")]
 # Float element formats (issue 24): float weights round to nearest even onto their grid
 # (rtn only); w4a8-fp8 has int4 weights, so every int method applies.

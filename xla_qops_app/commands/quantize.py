@@ -72,6 +72,7 @@ import sys
 
 import numpy as np
 
+from xla_qops import quantizers
 from xla_qops.schemes import FORMAT_BLOCKS, SCHEMES, float_format_problem, format_block_size
 from xla_qops_app.calibration import BATCH as CALIBRATION_BATCH, tokenized_batches
 
@@ -106,9 +107,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="xla-qops (default): one .safetensors file for this library; "
                              "compressed-tensors: a directory vLLM loads (OUTPUT is a directory)")
     parser.add_argument("--method", default="rtn",
-                        choices=("rtn", "hqq", "gptq", "awq", "awq+gptq"),
-                        help="rtn (round to nearest, default), hqq (no data), gptq, awq or "
-                             "awq+gptq (need --calibration); docs/quantizers.md")
+                        choices=quantizers.METHODS,
+                        help="rtn (round to nearest, default), hqq (no data), or the calibrated "
+                             f"{', '.join(quantizers.CALIBRATED)} (need --calibration); "
+                             "docs/quantizers.md")
     parser.add_argument("--calibration", default=None, metavar="FILE",
                         help="gptq/awq: a text file of sentences (one per line; tokenized with "
                              "the input directory's tokenizer) or a .safetensors file with an "
