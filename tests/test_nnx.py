@@ -5,7 +5,8 @@ the quantized arrays the layer holds; the arrays themselves against
 `xla_qops.quantize_weight` of the float kernel in [out, in] orientation (the
 conversion, done once); the swap (paths, filter_fn, skips), calibrated
 methods, jax.jit / nnx.jit, checkpoints (safetensors, orbax) and sharding
-metadata. Needs flax (the `flax` extra), no torch: runs in .venv and .venv-jax.
+metadata. Needs flax (the `flax` extra); the comparison with the torch face is marked
+torch (deselected in .venv-jax, which has none); the rest runs in every env.
 """
 
 import os
@@ -143,18 +144,23 @@ def test_swaps_by_path_and_filter_and_reports_skips():
 
 def test_gptq_calibration_gathers_each_layers_inputs():
     """method='gptq': the first layer's inputs are the model inputs, so its weight is
-    exactly quantize_weight's GPTQ with those inputs as calibration."""
+    the core's GPTQ with the per-layer held-out check (torch_bridge's rule): fitted on
+    the first batch, judged against round to nearest on the second (held out)."""
     model = Block(nnx.Rngs(0))
     kernel = _kernel_out_in(model.up)
     batches = [_x(seed=2), _x(seed=3)]
     qnnx.quantize_model(model, scheme="w4a16", block_size=16, method="gptq",
                         calibration=batches)
-    expected = xla_qops.quantize_weight(
-        kernel, bits=4, block_size=16, method="gptq",
-        calibration=np.concatenate([np.asarray(b).reshape(-1, 64) for b in batches]))
+    hessians = [xla_qops.quantizers.calibration_hessian(np.asarray(b).reshape(-1, 64))
+                for b in batches]
+    expected, check = xla_qops.quantize.quantize_with_holdout(
+        kernel, bits=4, block_size=16, symmetric=True, method="gptq",
+        fit_hessian=hessians[0], holdout_hessian=hessians[1])
     np.testing.assert_array_equal(np.asarray(model.up.quantized_weight.w), np.asarray(expected.w))
+    assert qnnx.quantization_report(model).methods["up"].startswith(check.kept)
     rtn = xla_qops.quantize_weight(kernel, bits=4, block_size=16)
-    assert not np.array_equal(np.asarray(expected.w), np.asarray(rtn.w))  # the data mattered
+    if check.kept == "gptq":
+        assert not np.array_equal(np.asarray(expected.w), np.asarray(rtn.w))  # data mattered
 
 
 def test_jit_forms_agree_with_eager():
@@ -279,3 +285,230 @@ def test_sharding_metadata_carries_over_and_nothing_is_gathered():
     result = subprocess.run([sys.executable, "-c", SHARDING_CHILD], env=env, cwd=HERE,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]
+
+
+# ------------------------------------------------- calibrated methods, as the torch face
+
+D, F = 64, 128  # model width and MLP width: a few milliseconds per eager forward
+
+
+def _decoder_arrays(seed=0) -> dict:
+    """float32 weights [out, in], biases and norm scales of `DecoderBlock`, from numpy: the
+    norm scales uneven with an outlier channel, as real activations are (what AWQ is for)."""
+    rng = np.random.default_rng(seed)
+    arrays = {}
+    for name, (n_out, n_in) in dict(q=(D, D), k=(D, D), v=(D, D), o=(D, D), gate=(F, D),
+                                    up=(F, D), down=(D, F)).items():
+        arrays[name] = (rng.standard_normal((n_out, n_in)) / np.sqrt(n_in)).astype(np.float32)
+        arrays[name + "_bias"] = (0.1 * rng.standard_normal(n_out)).astype(np.float32)
+    for norm in ("norm1", "norm2"):
+        scale = np.exp(rng.standard_normal(D))
+        scale[5] = 20.0
+        arrays[norm] = scale.astype(np.float32)
+    arrays["v"][7] *= 10.0  # an outlier channel of v's output: o's input, for o's own scale
+    return arrays
+
+
+class DecoderBlock(nnx.Module):
+    """norm1 -> v, q, k (v -> o: a Linear feeding a Linear); norm2 -> gate, up; down reads a
+    product (no producer to fold into). Groups in run order: (v, q, k) folded into norm1,
+    (o) into v's output columns, (gate, up) into norm2, (down) explicit."""
+
+    def __init__(self, arrays: dict):
+        rngs = nnx.Rngs(0)
+        for name in ("q", "k", "v", "o", "gate", "up", "down"):
+            w = arrays[name]
+            layer = nnx.Linear(w.shape[1], w.shape[0], rngs=rngs)
+            layer.kernel[...] = jnp.asarray(w.T)
+            layer.bias[...] = jnp.asarray(arrays[name + "_bias"])
+            setattr(self, name, layer)
+        for norm in ("norm1", "norm2"):
+            layer = nnx.RMSNorm(D, epsilon=1e-6, rngs=rngs)
+            layer.scale[...] = jnp.asarray(arrays[norm])
+            setattr(self, norm, layer)
+
+    def __call__(self, x):
+        h = self.norm1(x)
+        x = x + self.o(self.v(h)) + self.q(h) * self.k(h)
+        h = self.norm2(x)
+        return x + self.down(nnx.silu(self.gate(h)) * self.up(h))
+
+
+def _calibration(count=3, seed=10):
+    rng = np.random.default_rng(seed)
+    return [(jnp.asarray(rng.standard_normal((4, 16, D)), jnp.float32),) for _ in range(count)]
+
+
+def _relative_error(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def test_awq_beats_round_to_nearest_on_held_out_inputs():
+    """The AWQ scales (searched per group, folded) and clipping lower the model's output
+    error on inputs the calibration never saw, against round to nearest."""
+    arrays = _decoder_arrays()
+    held_out = _calibration(count=1, seed=99)[0][0]
+    reference = DecoderBlock(arrays)(held_out)
+    errors = {}
+    for method in ("rtn", "awq"):
+        model = qnnx.quantize_model(
+            DecoderBlock(arrays), scheme="w4a16", block_size=32, method=method,
+            calibration=_calibration() if method != "rtn" else None)
+        errors[method] = _relative_error(model(held_out), reference)
+    assert errors["awq"] < errors["rtn"], errors
+
+
+def _float64_rms_norm(x, scale, epsilon=1e-6):
+    return x / np.sqrt((x * x).mean(-1, keepdims=True) + epsilon) * scale
+
+
+def test_folded_scales_equal_the_unfolded_math():
+    """After AWQ: the norms' scales hold 1/s, v's output columns hold o's 1/s and down
+    multiplies its input by 1/s (no producer). The quantized model equals the float64
+    statement of the unfolded math -- original norms and biases, each layer's stored
+    weight divided by its input scale (v's rows multiplied back by o's)."""
+    arrays = _decoder_arrays()
+    model = qnnx.quantize_model(DecoderBlock(arrays), scheme="w4a16", block_size=32,
+                                method="awq", calibration=_calibration())
+    scales = qnnx.quantization_report(model).input_scales
+    places = {path: place for path, (place, _) in scales.items()}
+    assert places == {"v": "folded into norm1", "q": "folded into norm1",
+                      "k": "folded into norm1", "o": "folded into v",
+                      "gate": "folded into norm2", "up": "folded into norm2",
+                      "down": "explicit"}, places
+    s = {path: s.astype(np.float64) for path, (_, s) in scales.items()}
+    assert not np.array_equal(np.asarray(model.norm1.scale[...]), arrays["norm1"])
+    np.testing.assert_array_equal(np.asarray(model.down.input_scale[...]),
+                                  (1.0 / scales["down"][1]).astype(np.float32))
+
+    def unfolded(path):  # float64 [out, in] of the layer in the float model's terms
+        w = np.asarray(getattr(model, path).quantized_weight.dequantize(), np.float64)
+        w = w / s[path][None, :]
+        return w * s["o"][:, None] if path == "v" else w
+
+    weights = {path: unfolded(path) for path in s}
+    layer = lambda path, x: x @ weights[path].T + arrays[path + "_bias"]  # noqa: E731
+    x = np.asarray(_calibration(count=1, seed=99)[0][0], np.float64)
+    h = _float64_rms_norm(x, arrays["norm1"].astype(np.float64))
+    y = x + layer("o", layer("v", h)) + layer("q", h) * layer("k", h)
+    h = _float64_rms_norm(y, arrays["norm2"].astype(np.float64))
+    gate = layer("gate", h)
+    expected = y + layer("down", gate / (1 + np.exp(-gate)) * layer("up", h))
+    actual = np.asarray(model(jnp.asarray(x, jnp.float32)), np.float64)
+    # float32 against float64: four matmuls in sequence of at most 128 products (each
+    # within (k+1) 2^-24 of sum |x||w|, here below 100 |y|), two norms and the folds'
+    # own float32 roundings (1/s and its products, 2^-24 each): far below 1e-4 of |y|;
+    # a fold that lost a factor (bias, column, norm) is off by O(|y|).
+    np.testing.assert_allclose(actual, expected, rtol=0, atol=1e-4 * np.abs(expected).max())
+
+
+def _torch_decoder(arrays):
+    import torch  # the torch face: the test is marked torch (not run in .venv-jax)
+
+    class TorchDecoderBlock(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            for name in ("q", "k", "v", "o", "gate", "up", "down"):
+                w = arrays[name]
+                layer = torch.nn.Linear(w.shape[1], w.shape[0])
+                with torch.no_grad():
+                    layer.weight.copy_(torch.from_numpy(w))
+                    layer.bias.copy_(torch.from_numpy(arrays[name + "_bias"]))
+                setattr(self, name, layer)
+            for norm in ("norm1", "norm2"):
+                layer = torch.nn.RMSNorm(D, eps=1e-6)
+                with torch.no_grad():
+                    layer.weight.copy_(torch.from_numpy(arrays[norm]))
+                setattr(self, norm, layer)
+
+        def forward(self, x):
+            h = self.norm1(x)
+            x = x + self.o(self.v(h)) + self.q(h) * self.k(h)
+            h = self.norm2(x)
+            return x + self.down(torch.nn.functional.silu(self.gate(h)) * self.up(h))
+
+    return torch, TorchDecoderBlock().eval()
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("method", ["awq", "awq+gptq"])
+def test_nnx_and_torch_faces_give_the_same_codes(method):
+    """The same weights and inputs (numpy), the same method: the same groups, scales, folds,
+    held-out decisions and so the same stored codes, layer by layer. The two frameworks'
+    float32 RMSNorms differ in the last bit here and there (rsqrt), so the activation
+    statistics and with them s, the grids' scales and the folded norms may differ by a
+    few float32 ulps (rtol 1e-6 is 8 ulps of 2^-23); a different fold, grid or code would
+    be off by far more."""
+    arrays = _decoder_arrays()
+    torch, torch_model = _torch_decoder(arrays)
+    import torch_bridge
+    calibration = _calibration()
+    torch_bridge.quantize_model(torch_model, scheme="w4a16", block_size=32, method=method,
+                                calibration=[torch.from_numpy(np.array(x))
+                                             for (x,) in calibration], progress=False)
+    model = qnnx.quantize_model(DecoderBlock(arrays), scheme="w4a16", block_size=32,
+                                method=method, calibration=calibration)
+    torch_report = {layer.name: layer for layer in
+                    torch_bridge.quantization_report(torch_model).swapped}
+    report = qnnx.quantization_report(model)
+    for path in ("q", "k", "v", "o", "gate", "up", "down"):
+        theirs, ours = getattr(torch_model, path), getattr(model, path)
+        np.testing.assert_array_equal(np.asarray(ours.weight[...]).view(np.uint8),
+                                      theirs.weight.numpy().view(np.uint8), err_msg=path)
+        np.testing.assert_allclose(np.asarray(ours.scale[...]), theirs.weight_scaler.numpy(),
+                                   rtol=1e-6, atol=0, err_msg=path)
+        assert torch_report[path].method == report.methods[path], path
+        assert torch_report[path].input_scale == report.input_scales[path][0], path
+    for norm in ("norm1", "norm2"):
+        np.testing.assert_allclose(np.asarray(getattr(model, norm).scale[...]),
+                                   getattr(torch_model, norm).weight.detach().numpy(),
+                                   rtol=1e-6, atol=0, err_msg=norm)
+
+
+@pytest.mark.parametrize("method", xla_qops.quantizers.METHODS)
+def test_every_registered_method_runs_and_its_layers_run_their_stored_weights(method):
+    """Each method of the registry: the quantized model's layers compute the float64
+    statement (numpy_reference) of the arrays they store, an explicit input scale
+    applied first; calibrated methods name what they used per layer."""
+    arrays = _decoder_arrays()
+    calibrated = method in xla_qops.quantizers.CALIBRATED
+    model = qnnx.quantize_model(DecoderBlock(arrays), scheme="w4a16", block_size=32,
+                                method=method,
+                                calibration=_calibration() if calibrated else None)
+    report = qnnx.quantization_report(model)
+    assert set(report.methods) == {"q", "k", "v", "o", "gate", "up", "down"}
+    for path, used in report.methods.items():
+        assert used == method or used.startswith(f"rtn (fallback: {method}"), (path, used)
+    x = _x((3, F))
+    for path in report.methods:
+        layer = getattr(model, path)
+        assert isinstance(layer, qnnx.QuantizedLinear)
+        inputs = x[:, :layer.in_features]
+        if layer.input_scale is not None:
+            inputs = inputs * layer.input_scale[...]
+        qw = layer.quantized_weight
+        without_bias = np.asarray(layer(x[:, :layer.in_features]), np.float64) - np.asarray(
+            layer.bias[...], np.float64)
+        ref.assert_close(without_bias, np.asarray(inputs), np.asarray(qw.w),
+                         np.asarray(qw.scale),
+                         None if qw.zero_point is None else np.asarray(qw.zero_point),
+                         qw.block_size)
+
+
+def test_awq_model_with_an_explicit_input_scale_saves_and_restores(tmp_path):
+    """The explicit input scale is state like the weight: written by save_quantized and
+    restored bit for bit into a model of the same structure (its state zeroed here)."""
+    calibration = _calibration()
+    model = qnnx.quantize_model(DecoderBlock(_decoder_arrays()), scheme="w4a16",
+                                block_size=32, method="awq", calibration=calibration)
+    assert model.down.input_scale is not None
+    path = tmp_path / "model.safetensors"
+    qnnx.save_quantized(model, path)
+    other = nnx.clone(model)
+    nnx.update(other, jax.tree_util.tree_map(jnp.zeros_like, nnx.state(other)))
+    x = calibration[0][0]
+    assert not np.array_equal(np.asarray(other(x)), np.asarray(model(x)))
+    qnnx.load_quantized(other, path)
+    _assert_same_state(model, other)
+    np.testing.assert_array_equal(np.asarray(other(x)), np.asarray(model(x)))

@@ -37,9 +37,9 @@ import torch
 
 from torch_bridge.linear import XlaQuantizedLinear
 from xla_qops import quantizers
-from xla_qops.quantize import quantize_float, quantize_with_hessian, quantize_with_holdout
-from xla_qops.quantizers import awq, heldout
+from xla_qops.quantizers import awq, heldout, layerwise
 from xla_qops.quantizers.float_formats import FloatGrid
+from xla_qops.quantizers.layerwise import Group
 
 try:
     from tqdm.auto import tqdm
@@ -102,13 +102,6 @@ def _tensors(output) -> list:
     return []
 
 
-@dataclasses.dataclass
-class Group:
-    """Linears that read the same input tensor, in run order."""
-    names: list
-    producer: str | None  # name of the module whose output that tensor is
-
-
 def trace(model, linears: dict, first_input) -> tuple[list, set]:
     """(groups in run order, names of Linears that ran more than once) from one forward."""
     produced, calls, order = {}, {}, []
@@ -140,29 +133,10 @@ def trace(model, linears: dict, first_input) -> tuple[list, set]:
     finally:
         for h in handles:
             h.remove()
-    groups, by_input = [], {}
-    for name, x_id, producer in order:
-        if x_id in by_input:
-            by_input[x_id].names.append(name)
-        else:
-            by_input[x_id] = Group([name], producer)
-            groups.append(by_input[x_id])
-    return groups, {n for n, c in calls.items() if c > 1}
+    return layerwise.group_by_input(order), {n for n, c in calls.items() if c > 1}
 
 
-@dataclasses.dataclass
-class Stats:
-    """Input statistics of one group's (shared) input."""
-    rows: int = 0
-    absmax: torch.Tensor | None = None  # [in] float64
-    abssum: torch.Tensor | None = None  # [in] float64
-    hessian: torch.Tensor | None = None  # [in, in] float64 (X^T X), when asked for
-    # With `holdout`: X^T X of the held-out inputs (quantizers.heldout), not in `hessian`.
-    holdout_hessian: torch.Tensor | None = None
-
-    @property
-    def mean_abs(self) -> np.ndarray:
-        return (self.abssum / max(self.rows, 1)).numpy()
+Stats = layerwise.InputStatistics  # one group's input statistics (torch float64 tensors)
 
 
 def gather(model, inputs, modules: list, *, hessian: bool, stop_early: bool,
@@ -176,17 +150,9 @@ def gather(model, inputs, modules: list, *, hessian: bool, stop_early: bool,
         def hook(module, args):
             if index == 0:  # the group shares one input: count it once
                 x = args[0].detach().reshape(-1, args[0].shape[-1]).to(torch.float64)
-                stats.rows += x.shape[0]
-                a, s = x.abs().amax(0), x.abs().sum(0)
-                stats.absmax = a if stats.absmax is None else torch.maximum(stats.absmax, a)
-                stats.abssum = s if stats.abssum is None else stats.abssum + s
-                if hessian:
-                    h = x.T @ x
-                    if held[0]:
-                        stats.holdout_hessian = (h if stats.holdout_hessian is None
-                                                 else stats.holdout_hessian + h)
-                    else:
-                        stats.hessian = h if stats.hessian is None else stats.hessian + h
+                stats.add(x.shape[0], x.abs().sum(0), x.abs().amax(0),
+                          x.T @ x if hessian else None, held_out=held[0],
+                          maximum=torch.maximum)
             seen.add(index)
             if stop_early and len(seen) == len(modules):
                 raise _Stop
@@ -214,19 +180,8 @@ def _progress(items, description):
 
 
 def _outputs(model, item) -> list:
-    return [t.detach().float().clone() for t in _tensors(_call(model, item))]
-
-
-def _same(a: list, b: list) -> bool:
-    if len(a) != len(b):
-        return False
-    for x, y in zip(a, b):
-        if x.shape != y.shape:
-            return False
-        tol = 1e-3 * float(x.abs().max()) + 1e-6
-        if float((x - y).abs().max()) > tol:
-            return False
-    return True
+    """The model's output arrays as float32 numpy (for `layerwise.outputs_unchanged`)."""
+    return [t.detach().float().cpu().numpy().copy() for t in _tensors(_call(model, item))]
 
 
 def fold(producer: torch.nn.Module, inverse_scale: torch.Tensor) -> tuple | None:
@@ -260,16 +215,6 @@ def unfold(producer: torch.nn.Module, saved: tuple) -> None:
         producer.weight.copy_(saved[0])
         if saved[1] is not None:
             producer.bias.copy_(saved[1])
-
-
-def weight_error(w: np.ndarray, qw, column_scale: np.ndarray | None = None) -> float:
-    """Relative Frobenius error ``|W - W_hat| / |W|`` of a QuantizedWeight (of ``W diag(s)``
-    when `column_scale` s is given: W_hat is then its dequantized weight divided by s)."""
-    w_hat = np.asarray(qw.dequantize(), np.float64)
-    if column_scale is not None:
-        w_hat = w_hat / column_scale.astype(np.float64)
-    norm = float(np.linalg.norm(w))
-    return float(np.linalg.norm(w.astype(np.float64) - w_hat)) / (norm if norm else 1.0)
 
 
 @dataclasses.dataclass
@@ -336,52 +281,19 @@ def quantize_linears(model, todo, *, bits: int, block_size: int, symmetric: bool
                 w = linear.weight.detach().to("cpu", torch.float32).numpy()
                 s = scales.get(name)
                 explicit = s is not None and where[name] == "explicit"
-                w_eff = w * s if explicit else w
-                h_eff, holdout_eff = (_scaled(hessian, s), _scaled(holdout, s)) if explicit else (
-                    hessian, holdout)
-                check = None
-                if group_method in quantizers.CALIBRATED and format == "int":
-                    qw, check = quantize_with_holdout(
-                        w_eff, bits=bits, block_size=block_size, symmetric=symmetric,
-                        method=group_method, fit_hessian=h_eff, holdout_hessian=holdout_eff,
-                        pack=False)
-                else:  # float grids: no held-out check, so fitted on every input
-                    h_all = h_eff if holdout_eff is None else h_eff + holdout_eff
-                    qw = _quantize(w_eff, bits, block_size, symmetric, group_method, h_all,
-                                   format, nvfp4_divisor)
+                done = layerwise.quantize_layer(
+                    w, scale=s, explicit=explicit, hessian=hessian, holdout=holdout, bits=bits,
+                    block_size=block_size, symmetric=symmetric, method=group_method,
+                    format=format, nvfp4_divisor=nvfp4_divisor)
                 module = XlaQuantizedLinear.from_quantized(
-                    qw, quantize_activation=quantize_activation, bias=linear.bias,
+                    done.weight, quantize_activation=quantize_activation, bias=linear.bias,
                     input_scale=1.0 / s if explicit else None, device=linear.weight.device,
                     activation_format=activation_format)
-                # Errors against the layer's float weight as the model had it before
-                # any scale: a folded (or explicit) s is undone on the result.
-                w_orig = w / s if (s is not None and not explicit) else w
-                # Round-to-nearest of an unscaled weight is what qw already is.
-                rtn = (qw if group_method == "rtn" and s is None
-                       else _quantize(w_orig, bits, block_size, symmetric, "rtn", None, format,
-                                      nvfp4_divisor))
-                used = group_method if check is None or check.kept != "rtn" else (
-                    f"rtn (fallback: {group_method} worse on the held-out split)")
                 results[name] = LayerResult(
-                    module, used, weight_error(w_orig, rtn),
-                    weight_error(w_orig, qw, s), None if s is None else where[name], check)
+                    module, done.method, done.weight_error_rtn, done.weight_error,
+                    None if s is None else where[name], done.held_out)
                 swap(name, results[name].module)
     return results
-
-
-def _scaled(hessian, s):
-    """X^T X of the inputs divided by s (an explicit input scale), or None."""
-    return None if hessian is None else hessian / s[:, None] / s[None, :]
-
-
-def _quantize(w, bits, block_size, symmetric, method, hessian, format="int",
-              nvfp4_divisor=False):
-    if format != "int":  # float grids (arguments checked by the caller)
-        return quantize_float(w, format, block_size, method, hessian,
-                              nvfp4_divisor=nvfp4_divisor)
-    # Unpacked: the module packs on load where its layout pairs up (not an odd in or B).
-    return quantize_with_hessian(w, bits=bits, block_size=block_size, symmetric=symmetric,
-                                 method=method, hessian=hessian, pack=False)
 
 
 def _scales(model, inputs, groups, ran, linears, modules, repeated, method, smoothing, alpha,
@@ -419,7 +331,7 @@ def _scales(model, inputs, groups, ran, linears, modules, repeated, method, smoo
                 originals = [m.weight.detach().clone() for m in mods]
                 for m in mods:
                     m.weight.mul_(torch.from_numpy(s).to(m.weight.dtype))
-                if _same(reference, _outputs(model, inputs[0])):
+                if layerwise.outputs_unchanged(reference, _outputs(model, inputs[0])):
                     place = f"folded into {g.producer}"
                 else:
                     unfold(producer, saved)

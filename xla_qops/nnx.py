@@ -9,9 +9,14 @@ section 2); a call runs `xla_qops.quantized_matmul` and nothing else.
 
 Schemes, quantizers and argument checks are the core's (`xla_qops.schemes`,
 `xla_qops.quantize`), so a scheme means what it means for
-`torch_bridge.quantize_model`. Calibrated methods ("gptq", "awq") take each
-layer's inputs from eager forward passes of the float model over
-`calibration` (each item a tuple of positional arguments, or one array).
+`torch_bridge.quantize_model`. So do the methods: every name of
+`xla_qops.quantizers.METHODS`, the calibrated ones run in torch_bridge.calibrate's
+steps (layers grouped by the array they read, AWQ's input scales folded into
+the producing norm / Linear or applied by the layer, groups quantized in run
+order on inputs from the groups already quantized, the per-layer held-out
+fallback), what each step decides being `xla_qops.quantizers.layerwise`'s,
+shared with the torch face. The model runs eagerly over `calibration` (each
+item a tuple of positional arguments, or one array).
 
 Sharding: the replaced kernel's partitioning metadata (`nnx.with_partitioning`;
 ``sharding_names`` up to flax 0.12.3, ``out_sharding`` after) is mapped onto
@@ -31,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 from collections.abc import Iterable, Mapping
 from typing import Callable, Optional
 
@@ -45,8 +51,9 @@ except ImportError as e:  # the optional extra
 
 from xla_qops import checkpoint, quantizers
 from xla_qops.api import quantized_matmul
-from xla_qops.quantize import (QuantizedWeight, _check_format, check_method,
-                               quantize_weight, quantize_with_hessian)
+from xla_qops.quantize import QuantizedWeight, _check_format, check_method
+from xla_qops.quantizers import awq, heldout, layerwise
+from xla_qops.quantizers.float_formats import FloatGrid
 from xla_qops.schemes import SCHEMES, Scheme
 
 # The partitioning metadata key of an nnx.Variable: flax <= 0.12.3 writes
@@ -68,7 +75,10 @@ class QuantizedLinear(nnx.Module):
 
     NNX state (`nnx.Param`s): ``weight`` (API.md section 2's ``[out, in]`` /
     ``[in/B, B, out]``, int4 packed), ``scale``, ``zero_point`` (None when
-    symmetric) and ``bias`` (the float layer's own Param, or None). Static
+    symmetric), ``bias`` (the float layer's own Param, or None) and
+    ``input_scale`` (float32 ``[in]`` multiplying the input before the matmul:
+    an AWQ scale `quantize_model` could not fold into the layer's producer, as
+    torch_bridge's `XlaQuantizedLinear.input_scale`; None otherwise). Static
     attributes: the weight's `bits`, `block_size`, `packed`, `format`, the
     activation scheme, and how the input maps onto ``[..., in]``.
 
@@ -82,9 +92,10 @@ class QuantizedLinear(nnx.Module):
     def __init__(self, weight: QuantizedWeight, *, bias=None, quantize_activation: bool = False,
                  activation_format: Optional[str] = None, in_axis: int = -1,
                  out_shape: Optional[tuple] = None, einsum_str: Optional[str] = None,
-                 dtype=None, param_dtype=jnp.float32, metadata: Optional[Mapping] = None):
-        """Prefer `from_quantized`; `metadata` maps 'weight' / 'scale' / 'zero_point' to
-        each Param's metadata (sharding)."""
+                 dtype=None, param_dtype=jnp.float32, metadata: Optional[Mapping] = None,
+                 input_scale=None):
+        """Prefer `from_quantized`; `metadata` maps 'weight' / 'scale' / 'zero_point' /
+        'input_scale' to each Param's metadata (sharding)."""
         metadata = metadata or {}
         self.weight = nnx.Param(weight.w, **metadata.get("weight", {}))
         self.scale = nnx.Param(weight.scale, **metadata.get("scale", {}))
@@ -93,6 +104,8 @@ class QuantizedLinear(nnx.Module):
         if bias is not None and not isinstance(bias, nnx.Variable):
             bias = nnx.Param(jnp.asarray(bias))
         self.bias = bias
+        self.input_scale = (None if input_scale is None else nnx.Param(
+            jnp.asarray(input_scale, jnp.float32), **metadata.get("input_scale", {})))
         self.bits, self.block_size, self.packed = weight.bits, weight.block_size, weight.packed
         self.format = weight.format
         self.quantize_activation = bool(quantize_activation)
@@ -107,17 +120,23 @@ class QuantizedLinear(nnx.Module):
     def from_quantized(cls, weight: QuantizedWeight, *, bias=None,
                        quantize_activation: bool = False,
                        activation_format: Optional[str] = None,
-                       dtype=None, param_dtype=jnp.float32) -> "QuantizedLinear":
-        """A layer computing ``x @ W.T + bias`` over the last axis of ``x`` (nnx.Linear's
-        contract) for a `QuantizedWeight` W; `bias` an array ``[out]`` or None."""
+                       dtype=None, param_dtype=jnp.float32,
+                       input_scale=None) -> "QuantizedLinear":
+        """A layer computing ``(x * input_scale) @ W.T + bias`` over the last axis of ``x``
+        (nnx.Linear's contract) for a `QuantizedWeight` W; `bias` an array ``[out]`` or
+        None, `input_scale` an array ``[in]`` or None."""
         if not isinstance(weight, QuantizedWeight):
             raise TypeError(f"weight: expected an xla_qops.QuantizedWeight, got "
                             f"{type(weight).__name__}")
         if bias is not None and tuple(np.shape(bias)) != (weight.out_features,):
             raise ValueError(f"bias: expected shape ({weight.out_features},) [out], got "
                              f"{tuple(np.shape(bias))}")
+        if input_scale is not None and tuple(np.shape(input_scale)) != (weight.in_features,):
+            raise ValueError(f"input_scale: expected shape ({weight.in_features},) [in], got "
+                             f"{tuple(np.shape(input_scale))}")
         return cls(weight, bias=bias, quantize_activation=quantize_activation,
-                   activation_format=activation_format, dtype=dtype, param_dtype=param_dtype)
+                   activation_format=activation_format, dtype=dtype, param_dtype=param_dtype,
+                   input_scale=input_scale)
 
     @property
     def quantized_weight(self) -> QuantizedWeight:
@@ -139,6 +158,8 @@ class QuantizedLinear(nnx.Module):
             bias_shape = self.out_shape
         if in_axis != x.ndim - 1:
             x = jnp.moveaxis(x, in_axis, -1)
+        if self.input_scale is not None:  # in float32, as torch_bridge's layer applies it
+            x = (x.astype(jnp.float32) * _value(self.input_scale)).astype(dtype)
         y = quantized_matmul(x, self.quantized_weight,
                              quantize_activation=self.quantize_activation,
                              activation_format=self.activation_format)
@@ -234,6 +255,7 @@ class _Layer:
     einsum_str: Optional[str]
     in_names: tuple  # the kernel's partitioning names of `in` / `out` (None: not sharded)
     out_names: tuple
+    kernel_in_axis: int = 0  # the kernel's contracted axis (an input scale multiplies it)
 
 
 def _layer(path: str, module) -> tuple[Optional[_Layer], Optional[str]]:
@@ -262,7 +284,7 @@ def _layer(path: str, module) -> tuple[Optional[_Layer], Optional[str]]:
     moved = np.moveaxis(kernel, c, 0)
     rest = names[:c] + names[c + 1:]
     return _Layer(path, module, moved.reshape(moved.shape[0], -1).T, -1, moved.shape[1:],
-                  module.einsum_str.replace(" ", ""), names[c], _joined(rest)), None
+                  module.einsum_str.replace(" ", ""), names[c], _joined(rest), c), None
 
 
 def _sharding_names(variable, ndim: int) -> tuple:
@@ -308,6 +330,7 @@ def _param_metadata(layer: _Layer, qw: QuantizedWeight) -> dict:
     else:
         layouts = {"weight": (o, i), "scale": (o,)}
     layouts["zero_point"] = layouts["scale"]
+    layouts["input_scale"] = (i,)
     spec_type = type(metadata[key])
     make = ((lambda names: jax.sharding.PartitionSpec(*names))
             if issubclass(spec_type, jax.sharding.PartitionSpec) else tuple)
@@ -375,15 +398,19 @@ def quantize_model(model, *, scheme: str = "w8a16", block_size: int = -1,
       symmetric: absmax scales without zero point, else min/max with one.
       filter_fn: ``filter_fn(path, module) -> bool`` (path '/'-joined, e.g.
         "layers/0/attn/q"); False leaves the layer float.
-      method: "rtn", "hqq", or the calibrated "gptq" / "awq" (awq: the clip
-        search, as `xla_qops.quantize_weight(method="awq")`).
+      method: a name of `xla_qops.quantizers.METHODS` ("rtn", "hqq", and the
+        calibrated "gptq", "awq", "awq+gptq", "autoround", ...), as for
+        `torch_bridge.quantize_model`: AWQ's per-input-channel scales are
+        folded into the producing `nnx.RMSNorm` / `nnx.LayerNorm` / `nnx.Linear`
+        (changed in place) where the model's outputs allow it, else applied
+        by the layer (`QuantizedLinear.input_scale`); docs/flax.md.
       calibration: for the calibrated methods, an iterable of model inputs
-        (each a tuple of positional arguments, or one array); the float model
-        runs eagerly on each and every target layer's inputs are gathered.
+        (each a tuple of positional arguments, or one array); the model runs
+        eagerly on them, layer group by layer group.
 
     Returns:
       `model`, with `quantization_report(model)` listing swapped and skipped
-      layers.
+      layers, each layer's method used and where its AWQ scale went.
     """
     spec, block_size, items = _check_arguments(model, scheme, block_size, symmetric, filter_fn,
                                                method, calibration)
@@ -408,16 +435,12 @@ def quantize_model(model, *, scheme: str = "w8a16", block_size: int = -1,
             continue
         todo.append(layer)
 
-    hessians = _gather_hessians(model, todo, items) if method in quantizers.CALIBRATED else {}
-    swapped = {}
-    for layer in todo:
-        qw = _quantize(layer.w, spec, block_size, symmetric,
-                       method if id(layer.module) in hessians or method not in
-                       quantizers.CALIBRATED else "rtn", hessians.get(id(layer.module)))
-        swapped[id(layer.module)] = _build(layer, qw, spec)
-    _replace(model, swapped)
-    report = QuantizationReport(scheme, block_size, symmetric, method,
-                                [layer.path for layer in todo], skipped)
+    results = _quantize_layers(model, todo, items, spec, block_size, symmetric, method)
+    report = QuantizationReport(
+        scheme, block_size, symmetric, method, [layer.path for layer in todo], skipped,
+        methods={path: r.method for path, r in results.items()},
+        input_scales={path: r.input_scale for path, r in results.items()
+                      if r.input_scale is not None})
     _REPORTS[id(model)] = report
     return model
 
@@ -431,6 +454,11 @@ class QuantizationReport:
     method: str
     swapped: list
     skipped: list
+    # path -> the method used (round to nearest where the calibration inputs never reached
+    # the layer, or with the held-out fallback named where it was taken)
+    methods: dict = dataclasses.field(default_factory=dict)
+    # path -> (where AWQ's input scale s went: "folded into <path>" or "explicit", s [in])
+    input_scales: dict = dataclasses.field(default_factory=dict)
 
 
 _REPORTS: dict = {}
@@ -456,16 +484,8 @@ def _shape_problem(in_features: int, spec: Scheme, block_size: int) -> Optional[
     return None
 
 
-def _quantize(w, spec: Scheme, block_size: int, symmetric: bool, method: str, hessian):
-    if spec.float_weight:
-        return quantize_weight(w, bits=spec.bits, block_size=block_size, format=spec.format)
-    group = w.shape[1] if block_size == -1 else block_size
-    return quantize_with_hessian(w, bits=spec.bits, block_size=block_size, symmetric=symmetric,
-                                 method=method, hessian=hessian,
-                                 pack=spec.bits == 4 and group % 2 == 0)
-
-
-def _build(layer: _Layer, qw: QuantizedWeight, spec: Scheme) -> QuantizedLinear:
+def _build(layer: _Layer, qw: QuantizedWeight, spec: Scheme,
+           input_scale: Optional[np.ndarray] = None) -> QuantizedLinear:
     m = layer.module
     metadata = _param_metadata(layer, qw)
     mesh = next((d["mesh"] for d in metadata.values() if d.get("mesh") is not None), None)
@@ -479,12 +499,14 @@ def _build(layer: _Layer, qw: QuantizedWeight, spec: Scheme) -> QuantizedLinear:
             scale=jax.device_put(qw.scale, place["scale"]),
             zero_point=None if qw.zero_point is None else jax.device_put(
                 qw.zero_point, place["zero_point"]))
+        if input_scale is not None:
+            input_scale = jax.device_put(jnp.asarray(input_scale), place["input_scale"])
     with (jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()):
         return QuantizedLinear(
             qw, bias=getattr(m, "bias", None), quantize_activation=spec.quantize_activation,
             activation_format=spec.activation_format, in_axis=layer.in_axis,
             out_shape=layer.out_shape, einsum_str=layer.einsum_str, dtype=m.dtype,
-            param_dtype=m.param_dtype, metadata=metadata)
+            param_dtype=m.param_dtype, metadata=metadata, input_scale=input_scale)
 
 
 def _replace(model, swapped: dict) -> None:
@@ -507,42 +529,261 @@ def _replace(model, swapped: dict) -> None:
                 setattr(parent, key, new)
 
 
-def _gather_hessians(model, todo: list, items: list) -> dict:
-    """{id(layer module): X^T X (float64 [in, in])} of each target layer's inputs over the
-    calibration items (eager forwards of the float model; `__call__` of the replaced
-    classes wrapped for the duration)."""
-    targets = {id(layer.module): layer for layer in todo}
-    hessians: dict = {}
-    originals = {cls: cls.__call__ for cls in REPLACEABLE}
+# ------------------------------------------------------------ layer-by-layer quantization
+# The steps of torch_bridge.calibrate on an NNX model; what each step decides is
+# xla_qops.quantizers.layerwise's, shared with the torch face.
 
-    def recording(cls):
-        original = originals[cls]
 
-        def call(self, inputs, *args, **kwargs):
-            layer = targets.get(id(self))
-            if layer is not None:
-                x = np.asarray(jax.device_get(inputs), np.float32)
-                axis = (_einsum_plan(layer.einsum_str, x.ndim)[0] if layer.einsum_str
-                        else layer.in_axis)
-                x = np.moveaxis(x, axis, -1).reshape(-1, layer.w.shape[1])
-                h = quantizers.calibration_hessian(x)
-                hessians[id(self)] = hessians[id(self)] + h if id(self) in hessians else h
-            return original(self, inputs, *args, **kwargs)
+@dataclasses.dataclass
+class _LayerResult:
+    method: str  # the method used (layerwise.LayerQuantization.method)
+    input_scale: Optional[tuple]  # (where s went, s) or None
+
+
+class _Stop(Exception):
+    """Raised by a watcher to end a gathering forward early."""
+
+
+@contextlib.contextmanager
+def _watching(model, before=None, after=None):
+    """Calls ``before(module, input)`` and ``after(module, output)`` around every module
+    call of `model`'s forwards (the `__call__` of each module class in its graph wrapped
+    for the duration; a class's call reached again through `super()` is seen once)."""
+    classes = {cls for _, m in _modules(model) for cls in type(m).__mro__
+               if issubclass(cls, nnx.Module) and "__call__" in vars(cls)}
+    originals = {cls: vars(cls)["__call__"] for cls in classes}
+    active = set()  # modules inside their own call
+
+    def wrap(original):
+        @functools.wraps(original)
+        def call(self, *args, **kwargs):
+            if id(self) in active:
+                return original(self, *args, **kwargs)
+            active.add(id(self))
+            try:
+                if before is not None and args:
+                    before(self, args[0])
+                out = original(self, *args, **kwargs)
+            finally:
+                active.discard(id(self))
+            if after is not None:
+                after(self, out)
+            return out
         return call
 
     try:
-        for cls in REPLACEABLE:
-            cls.__call__ = recording(cls)
-        for i, item in enumerate(items):
-            try:
-                model(*item)
-            except Exception as e:  # noqa: BLE001  the model's own error, named for the user
-                raise ValueError(f"calibration: the model cannot take calibration item {i} "
-                                 f"({type(e).__name__}: {e})") from e
+        for cls, original in originals.items():
+            cls.__call__ = wrap(original)
+        yield
     finally:
         for cls, original in originals.items():
             cls.__call__ = original
-    return hessians
+
+
+def _run(model, item, index: int):
+    try:
+        return model(*item)
+    except _Stop:
+        raise
+    except Exception as e:  # noqa: BLE001  the model's own error, named for the user
+        raise ValueError(f"calibration: the model cannot take calibration item {index} "
+                         f"({type(e).__name__}: {e})") from e
+
+
+def _trace(model, layers: list, first_item) -> tuple[list, set]:
+    """(layerwise groups by path, in run order, with producer modules; paths of layers
+    run more than once) from one forward on the first calibration input."""
+    by_id = {id(layer.module): layer for layer in layers}
+    produced, calls, order = {}, {}, []
+    alive = []  # every array whose id is recorded stays alive: ids are not reused
+
+    def before(module, x):
+        layer = by_id.get(id(module))
+        if layer is None:
+            return
+        calls[layer.path] = calls.get(layer.path, 0) + 1
+        if calls[layer.path] == 1:
+            alive.append(x)
+            order.append((layer.path, id(x), produced.get(id(x))))
+
+    def after(module, out):
+        # The innermost module returns first: it produced the array (a parent returning
+        # it unchanged holds no parameter to fold into).
+        if isinstance(out, jax.Array) and id(out) not in produced:
+            produced[id(out)] = module
+            alive.append(out)
+
+    with _watching(model, before, after):
+        _run(model, first_item, 0)
+    return layerwise.group_by_input(order), {p for p, c in calls.items() if c > 1}
+
+
+def _layer_rows(layer: _Layer, x) -> np.ndarray:
+    """A layer's input as float64 rows ``[n, in]`` (its contracted axis last)."""
+    x = np.asarray(jax.device_get(x), np.float32)
+    axis = _einsum_plan(layer.einsum_str, x.ndim)[0] if layer.einsum_str else layer.in_axis
+    return np.moveaxis(x, axis, -1).reshape(-1, layer.w.shape[1]).astype(np.float64)
+
+
+def _gather(model, items: list, layers: list, *, stop_early: bool, holdout: bool) -> layerwise.InputStatistics:
+    """Statistics of the input shared by `layers` over every calibration input (with
+    `holdout`, the held-out inputs' X^T X apart); a forward stops once they all ran."""
+    stats, seen = layerwise.InputStatistics(), set()
+    index_of = {id(layer.module): i for i, layer in enumerate(layers)}
+    held = [False]
+
+    def before(module, x):
+        index = index_of.get(id(module))
+        if index is None:
+            return
+        if index == 0:  # the group shares one input: count it once
+            rows = _layer_rows(layers[0], x)
+            stats.add(rows.shape[0], np.abs(rows).sum(0),
+                      hessian=quantizers.calibration_hessian(rows), held_out=held[0])
+        seen.add(index)
+        if stop_early and len(seen) == len(layers):
+            raise _Stop
+
+    with _watching(model, before):
+        for index, item in enumerate(items):
+            held[0] = holdout and heldout.is_holdout(index, len(items))
+            seen.clear()
+            try:
+                _run(model, item, index)
+            except _Stop:
+                pass
+    return stats
+
+
+def _outputs(model, item) -> list:
+    """The model's output arrays as float32 numpy."""
+    return [np.asarray(jax.device_get(leaf), np.float32)
+            for leaf in jax.tree_util.tree_leaves(model(*item)) if isinstance(leaf, jax.Array)]
+
+
+def _set_value(variable, value) -> None:
+    set_value = getattr(variable, "set_value", None)  # flax >= 0.12.5
+    if set_value is not None:
+        set_value(value)
+    else:
+        variable.value = value
+
+
+def _multiply(variable, factor: np.ndarray, axis: int) -> None:
+    """Multiplies `variable`'s array along `axis` by `factor` (in the array's dtype)."""
+    value = _value(variable)
+    shape = [1] * value.ndim
+    shape[axis] = -1
+    _set_value(variable, value * jnp.asarray(factor, value.dtype).reshape(shape))
+
+
+def _fold(producer, inverse: np.ndarray) -> Optional[list]:
+    """Multiplies `producer`'s outputs by `inverse` in its parameters -- an `nnx.RMSNorm` /
+    `nnx.LayerNorm`'s scale and bias, an `nnx.Linear`'s output columns and bias; returns
+    [(variable, saved array)] to undo it, or None where it cannot."""
+    n = inverse.size
+    if isinstance(producer, nnx.Linear) and producer.out_features == n:
+        targets = [(producer.kernel, 1), (producer.bias, 0)]
+    elif isinstance(producer, (nnx.RMSNorm, nnx.LayerNorm)) and producer.scale is not None \
+            and tuple(np.shape(_value(producer.scale))) == (n,):
+        targets = [(producer.scale, 0), (getattr(producer, "bias", None), 0)]
+    else:
+        return None
+    saved = []
+    for variable, axis in targets:
+        if variable is None or np.shape(_value(variable))[axis] != n:
+            continue
+        saved.append((variable, _value(variable)))
+        _multiply(variable, inverse, axis)
+    return saved
+
+
+def _restore(saved: list) -> None:
+    for variable, value in saved:
+        _set_value(variable, value)
+
+
+def _input_scales(model, groups, ran: set, repeated: set, by_path, items, spec: Scheme,
+                  block_size: int, symmetric: bool) -> dict:
+    """AWQ's per-input-channel scales, per group in run order on the float model:
+    {path: (where, s)}, where "folded into <producer path>" (the producer's parameters
+    divided by s and the group's kernels multiplied, kept only if the model's outputs on
+    the first calibration input stay the same) or "explicit" (the quantized layer
+    multiplies its inputs by 1/s). torch_bridge.calibrate._scales, step for step."""
+    paths = {id(m): path for path, m in _modules(model)}
+    grid_of = None if spec.format == "int" else (
+        lambda scaled: FloatGrid.of(scaled, spec.format))
+    scales, reference = {}, None
+    for g in groups:
+        if g.names[0] not in ran:
+            continue  # the calibration inputs never reach it: no statistics
+        layers = [by_path[p] for p in g.names]
+        stats = _gather(model, items, layers, stop_early=not set(g.names) & repeated,
+                        holdout=False)
+        if stats.rows == 0:
+            continue
+        w_cat = np.concatenate([_layer(layer.path, layer.module)[0].w for layer in layers])
+        s = awq.scale_search(w_cat, stats.hessian, stats.mean_abs, spec.bits, block_size,
+                             symmetric, grid_of=grid_of)
+        if np.all(s == 1):
+            continue
+        place = "explicit"
+        if g.producer is not None:
+            if reference is None:
+                reference = _outputs(model, items[0])
+            saved = _fold(g.producer, 1.0 / s)
+            if saved is not None:
+                kernels = [(layer.module.kernel, _value(layer.module.kernel))
+                           for layer in layers]
+                for layer in layers:
+                    _multiply(layer.module.kernel, s, layer.kernel_in_axis)
+                if layerwise.outputs_unchanged(reference, _outputs(model, items[0])):
+                    place = f"folded into {paths.get(id(g.producer), '?')}"
+                else:
+                    _restore(saved + kernels)
+        for p in g.names:
+            scales[p] = (place, s)
+    return scales
+
+
+def _quantize_layers(model, todo: list, items, spec: Scheme, block_size: int,
+                     symmetric: bool, method: str) -> dict:
+    """Quantizes and swaps the layers `todo`, group by group in run order (each group's
+    inputs gathered with every earlier group already quantized, as the quantized model
+    will see them); returns {path: _LayerResult}."""
+    by_path = {layer.path: layer for layer in todo}
+    groups, repeated = [], set()  # repeated: layers run more than once in a forward
+    if method in quantizers.CALIBRATED:
+        groups, repeated = _trace(model, todo, items[0])
+    ran = {p for g in groups for p in g.names}  # the layers the calibration inputs reach
+    groups += [layerwise.Group([layer.path], None) for layer in todo if layer.path not in ran]
+    scales = (_input_scales(model, groups, ran, repeated, by_path, items, spec, block_size,
+                            symmetric) if method in quantizers.INPUT_SCALED else {})
+    results = {}
+    for g in groups:
+        group_method = method if g.names[0] in ran or method not in quantizers.CALIBRATED \
+            else "rtn"
+        hessian = holdout = None
+        if group_method in quantizers.CALIBRATED:
+            stats = _gather(model, items, [by_path[p] for p in g.names],
+                            stop_early=not set(g.names) & repeated, holdout=True)
+            hessian, holdout = stats.hessian, stats.holdout_hessian
+        swapped = {}
+        for path in g.names:
+            layer = _layer(path, by_path[path].module)[0]  # its kernel as folding left it
+            place, s = scales.get(path, (None, None))
+            explicit = place == "explicit"
+            group = layer.w.shape[1] if block_size == -1 else block_size
+            done = layerwise.quantize_layer(
+                layer.w, scale=s, explicit=explicit, hessian=hessian, holdout=holdout,
+                bits=spec.bits, block_size=block_size, symmetric=symmetric,
+                method=group_method, format=spec.format,
+                pack=spec.bits == 4 and group % 2 == 0)
+            swapped[id(layer.module)] = _build(layer, done.weight, spec,
+                                               1.0 / s if explicit else None)
+            results[path] = _LayerResult(done.method, None if s is None else (place, s))
+        _replace(model, swapped)
+    return results
 
 
 # --------------------------------------------------------------------------- checkpoints
