@@ -31,40 +31,22 @@ import time
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 from flax import nnx
 
 from xla_qops import quantized_matmul, quantize_weight
 from xla_qops.nnx import QuantizedLinear
 from xla_qops_app import jax_llama
+from xla_qops_app.bench import decoder
 
-TINYLLAMA = dict(hidden_size=2048, intermediate_size=5632, num_attention_heads=32,
-                 num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048,
-                 rms_norm_eps=1e-5, tie_word_embeddings=False, num_hidden_layers=8)
 PROMPT, DECODE = 128, 64
-
-
-def random_tensors(config, seed=0):
-    """HF-named bf16 weights (std 0.02, as transformers initialises Llama)."""
-    rng = np.random.default_rng(seed)
-    h, m, v = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
-    kv = config["num_key_value_heads"] * h // config["num_attention_heads"]
-    w = lambda *s: (rng.standard_normal(s, np.float32) * 0.02).astype(ml_dtypes.bfloat16)
-    ones = lambda: np.ones(h, ml_dtypes.bfloat16)
-    t = {"model.embed_tokens.weight": w(v, h), "model.norm.weight": ones(), "lm_head.weight": w(v, h)}
-    for i in range(config["num_hidden_layers"]):
-        p = f"model.layers.{i}."
-        t.update({p + "input_layernorm.weight": ones(), p + "post_attention_layernorm.weight": ones(),
-                  p + "self_attn.q_proj.weight": w(h, h), p + "self_attn.k_proj.weight": w(kv, h),
-                  p + "self_attn.v_proj.weight": w(kv, h), p + "self_attn.o_proj.weight": w(h, h),
-                  p + "mlp.gate_proj.weight": w(m, h), p + "mlp.up_proj.weight": w(m, h),
-                  p + "mlp.down_proj.weight": w(h, m)})
-    return t
+LAYERS = 8  # as the decoder bench
 
 
 def build(scheme, block, seed=0):
-    model = jax_llama.from_tensors(TINYLLAMA, random_tensors(TINYLLAMA, seed), dtype=jnp.bfloat16)
+    """The decoder bench's model (transformers' random init) as the NNX decoder, quantized."""
+    base = decoder.build_model(LAYERS, seed)
+    model = jax_llama.from_tensors(base.config, base.state_dict(), dtype=jnp.bfloat16)
     return jax_llama.quantize(model, scheme=scheme, block_size=block, lm_head=True)
 
 
@@ -113,7 +95,7 @@ class StepRunner:
 
     def __init__(self, model, batch=1):
         self.gen = jax_llama.Generator(model)
-        prompt = np.random.default_rng(1).integers(0, TINYLLAMA["vocab_size"], (batch, PROMPT))
+        prompt = np.random.default_rng(1).integers(0, decoder.TINYLLAMA["vocab_size"], (batch, PROMPT))
         cache = model.empty_cache(batch, PROMPT + DECODE)
         token, _, self.cache = self.gen.prefill(self.gen.leaves, cache,
                                                 jnp.asarray(prompt, jnp.int32), jnp.int32(0))
@@ -142,7 +124,7 @@ def matmul_chain(model, batch=1):
             acc = quantized_matmul(xin, qw, quantize_activation=qa, activation_format=af)
         return acc
 
-    x = jnp.ones((batch, TINYLLAMA["hidden_size"]), jnp.bfloat16) * 0.1
+    x = jnp.ones((batch, decoder.TINYLLAMA["hidden_size"]), jnp.bfloat16) * 0.1
     return lambda: chain(weights, x), len(layers)
 
 

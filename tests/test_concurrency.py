@@ -105,6 +105,23 @@ def assert_bit_identical(results: dict, serial: dict) -> None:
             np.testing.assert_array_equal(y, serial[key], err_msg=str(key), strict=True)
 
 
+def assert_concurrent_equals_serial(calls: dict, get_threads, set_threads, counts: tuple,
+                                    serial_threads: int | None = None) -> None:
+    """`calls` run once each, serially (at `serial_threads` if given), then
+    `run_concurrently` while the thread count cycles through `counts`; every
+    concurrent result bit-identical to the serial one. The thread count is
+    restored whatever happens."""
+    threads_before = get_threads()
+    try:
+        if serial_threads is not None:
+            set_threads(serial_threads)
+        serial = {key: fn() for key, fn in calls.items()}
+        results = run_concurrently(calls, lambda i: set_threads(counts[i % len(counts)]))
+    finally:
+        set_threads(threads_before)
+    assert_bit_identical(results, serial)
+
+
 @pytest.mark.torch
 def test_torch_modules_shared_by_threads_while_thread_counts_change():
     import torch
@@ -124,14 +141,8 @@ def test_torch_modules_shared_by_threads_while_thread_counts_change():
 
     calls = {(name, m): call(module, x) for name, module in modules.items()
              for m, x in xs.items()}
-    threads_before = torch.get_num_threads()
-    try:
-        torch.set_num_threads(2)
-        serial = {key: fn() for key, fn in calls.items()}
-        results = run_concurrently(calls, lambda i: torch.set_num_threads(1 + i % 3))
-    finally:
-        torch.set_num_threads(threads_before)
-    assert_bit_identical(results, serial)
+    assert_concurrent_equals_serial(calls, torch.get_num_threads, torch.set_num_threads,
+                                    (1, 2, 3), serial_threads=2)
 
 
 def test_jitted_custom_call_shared_by_threads_while_thread_counts_change():
@@ -141,13 +152,8 @@ def test_jitted_custom_call_shared_by_threads_while_thread_counts_change():
         x, qw, quantize_activation=qa, impl="custom_call")) for name, (qw, qa) in weights.items()}
     calls = {(name, m): (lambda f=f, x=x: np.asarray(f(x).astype(jnp.float32)))
              for name, f in jitted.items() for m, x in xs.items()}
-    threads_before = custom_call.num_threads()
-    try:
-        serial = {key: fn() for key, fn in calls.items()}
-        results = run_concurrently(calls, lambda i: custom_call.set_num_threads(1 + i % 3))
-    finally:
-        custom_call.set_num_threads(threads_before)
-    assert_bit_identical(results, serial)
+    assert_concurrent_equals_serial(calls, custom_call.num_threads, custom_call.set_num_threads,
+                                    (1, 2, 3))
 
 
 @pytest.mark.torchax
@@ -180,10 +186,4 @@ def test_torchax_function_shared_by_threads():
 
     calls = {("torchax", m): traced(x) for m, x in xs.items()}
     calls.update({("eager", m): eager(x) for m, x in xs.items()})
-    threads_before = torch.get_num_threads()
-    try:
-        serial = {key: fn() for key, fn in calls.items()}
-        results = run_concurrently(calls, lambda i: torch.set_num_threads(1 + i % 2))
-    finally:
-        torch.set_num_threads(threads_before)
-    assert_bit_identical(results, serial)
+    assert_concurrent_equals_serial(calls, torch.get_num_threads, torch.set_num_threads, (1, 2))

@@ -117,12 +117,18 @@ def test_own_file_loads(own_file):
         load()
 
 
+def truncated_copy(path, tmp_path, cut: int):
+    """A copy of `path` in `tmp_path` cut at the `cut`-th of its `truncations`."""
+    raw = path.read_bytes()
+    at = truncations(len(raw))[cut]
+    copy = tmp_path / f"cut{at}{path.suffix}"
+    copy.write_bytes(raw[:at])
+    return copy
+
+
 @pytest.mark.parametrize("cut", range(10))
 def test_own_file_truncated(own_file, tmp_path, cut):
-    raw = own_file.read_bytes()
-    at = truncations(len(raw))[cut]
-    path = tmp_path / f"cut{at}.safetensors"
-    path.write_bytes(raw[:at])
+    path = truncated_copy(own_file, tmp_path, cut)
     for load in own_loaders(path):
         expect_clean_refusal(load, path)
 
@@ -352,10 +358,7 @@ def test_gguf_loads(gguf_file):
 
 @pytest.mark.parametrize("cut", range(10))
 def test_gguf_truncated(gguf_file, tmp_path, cut):
-    raw = gguf_file.read_bytes()
-    at = truncations(len(raw))[cut]
-    path = tmp_path / f"cut{at}.gguf"
-    path.write_bytes(raw[:at])
+    path = truncated_copy(gguf_file, tmp_path, cut)
     expect_clean_refusal(lambda: interop.read_gguf(path), path)
 
 

@@ -40,9 +40,9 @@ import functools
 import numpy as np
 
 from xla_qops.quantizers import grid
+from xla_qops.quantizers.awq import MIN_CLIP  # the smallest clipping factor of a group's range
 
 STEPS = 200  # the paper's default number of iterations
-MIN_CLIP = 0.5  # the smallest clipping factor of a group's range (awq.MIN_CLIP too)
 # Weights optimised at once (output rows are independent): a layer up to 16M weights in one
 # piece (~64 MiB per float32 copy, a few live per step), larger ones in row chunks.
 ROW_ELEMENTS = 1 << 24
@@ -79,14 +79,12 @@ def quantize(w: np.ndarray, h: np.ndarray, bits: int, block_size: int, symmetric
             scale = np.where(kept, start[1][:, rows], scale)
             if zero_point is not None:
                 zero_point = np.where(kept, start[2][:, rows], zero_point)
-        return _round_with_offsets(base, scale, zero_point, offsets, bits), scale, zero_point
+        return grid.round_to_grid(base, scale, zero_point, bits, offsets), scale, zero_point
 
     out_features = grouped_all.shape[1]
     chunk = max(1, ROW_ELEMENTS // w.shape[1])
-    parts = [learn_and_round(slice(r, r + chunk)) for r in range(0, out_features, chunk)]
-    return (np.concatenate([p[0] for p in parts], axis=1),
-            np.concatenate([p[1] for p in parts], axis=1),
-            None if parts[0][2] is None else np.concatenate([p[2] for p in parts], axis=1))
+    return grid.join_row_chunks([learn_and_round(slice(r, r + chunk))
+                                 for r in range(0, out_features, chunk)])
 
 
 def _clip_of(grouped, scale, bits, symmetric):
@@ -98,15 +96,6 @@ def _clip_of(grouped, scale, bits, symmetric):
     with np.errstate(divide="ignore", invalid="ignore"):
         ratio = np.where(full > 0, scale / full, 1.0)
     return np.clip(ratio, MIN_CLIP, 1.0).astype(np.float32)
-
-
-def _round_with_offsets(base, scale, zero_point, offsets, bits):
-    """int8 ``q [G, out, B]``: `grid.round_to_grid` of the groups `base` moved by
-    ``offsets * scale``, i.e. ``clip(rint((base + zero_point) / scale + v))``."""
-    shifted = (base + (zero_point[..., None] if zero_point is not None else np.float32(0))) \
-        / scale[..., None]
-    qmin, qmax = grid.QRANGE[bits]
-    return np.clip(np.rint(shifted + offsets), qmin, qmax).astype(np.int8)
 
 
 def _learn(grouped, base, h, lo, hi, clip, bits, symmetric, steps):

@@ -36,8 +36,13 @@ def in_row_chunks(grouped: np.ndarray, quantize_chunk):
     rows at a time and the results joined along ``out``."""
     groups, out_features, block = grouped.shape
     rows = rows_per_chunk(out_features, groups * block)
-    parts = [quantize_chunk(np.ascontiguousarray(grouped[:, r:r + rows]))
-             for r in range(0, out_features, rows)]
+    return join_row_chunks([quantize_chunk(np.ascontiguousarray(grouped[:, r:r + rows]))
+                            for r in range(0, out_features, rows)])
+
+
+def join_row_chunks(parts: list):
+    """(q, scale, zero_point or None) of consecutive output-row chunks' results,
+    joined along ``out`` (axis 1 of the groups form)."""
     q = np.concatenate([p[0] for p in parts], axis=1)
     scale = np.concatenate([p[1] for p in parts], axis=1)
     zero_point = None if parts[0][2] is None else np.concatenate([p[2] for p in parts], axis=1)
@@ -104,15 +109,19 @@ def minmax_params(lo: np.ndarray, hi: np.ndarray, bits: int, symmetric: bool):
     return scale, zero_point
 
 
-def round_to_grid(grouped: np.ndarray, scale: np.ndarray, zero_point, bits: int) -> np.ndarray:
-    """int8 ``q [G, out, B]`` of float32 groups on the grid ``(scale, zero_point)``."""
+def round_to_grid(grouped: np.ndarray, scale: np.ndarray, zero_point, bits: int,
+                  offsets: np.ndarray | None = None) -> np.ndarray:
+    """int8 ``q [G, out, B]`` of float32 groups on the grid ``(scale, zero_point)``;
+    `offsets` ``[G, out, B]`` (learned rounding, autoround) are added before rounding."""
     qmin, qmax = QRANGE[bits]
     with np.errstate(divide="ignore", invalid="ignore"):
         if zero_point is None:
-            q = np.rint(grouped / scale[..., None])
+            q = grouped / scale[..., None]
         else:
-            q = np.rint((grouped + zero_point[..., None]) / scale[..., None])
-    return np.clip(q, qmin, qmax).astype(np.int8)
+            q = (grouped + zero_point[..., None]) / scale[..., None]
+    if offsets is not None:
+        q = q + offsets
+    return np.clip(np.rint(q), qmin, qmax).astype(np.int8)
 
 
 def dequantize(q: np.ndarray, scale: np.ndarray, zero_point, dtype=np.float32) -> np.ndarray:
