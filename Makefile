@@ -15,7 +15,7 @@ export HF_HUB_OFFLINE ?= 1
 # torch's OpenMP workers otherwise spin and starve XLA's threads (tests/conftest.py).
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: venv venv-current venv-jax demo test test-pinned test-current test-jax test-slow \
+.PHONY: venv venv-current venvs venv-jax demo test test-pinned test-current test-jax test-slow \
 	bench bench-model
 
 venv:
@@ -30,11 +30,21 @@ venv-jax:
 demo: venv
 	$(VENV)/bin/xla-qops demo
 
-# The suite on both stacks, side by side (scripts/test_stacks.sh): everything
-# on the pinned one; on the current one every test that does not need
+# Both stacks' environments at once: pip's unpacking and the C++ build are
+# single-threaded for most of an install, so on a fresh machine the two
+# installs overlap on the two cores.
+venvs:
+	@scripts/ensure_venv.sh $(VENV) pinned & pinned=$$!; status=0; \
+	scripts/ensure_venv.sh $(CURRENT_VENV) current || status=1; \
+	wait $$pinned || status=1; exit $$status
+
+# The suite on both stacks, side by side (scripts/test_stacks.sh): on the
+# pinned one everything; on the current one every test that does not need
 # torch_xla, torch's included (tests/conftest.py leaves the torch_xla files and
-# the tests marked torch_xla out there). The target fails if either run does.
-test: venv venv-current
+# the tests marked torch_xla out there); the core's parametrized matrices are
+# split between the two (tests/conftest.py SHARED_MATRIX_FILES). The target
+# fails if either run does.
+test: venvs
 	@scripts/test_stacks.sh $(PY) $(CURRENT_PY) $(PYTEST_ARGS)
 
 test-pinned: venv

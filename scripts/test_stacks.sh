@@ -10,6 +10,11 @@
 # the suite. The pinned run prints as it goes; the current stack's output is
 # kept in a log and printed
 # when both are done. Fails if either run fails.
+#
+# The parametrized matrices of the core's test files are split between the
+# stacks (XLA_QOPS_TEST_SHARE, tests/conftest.py SHARED_MATRIX_FILES): every
+# test function runs on both, each case on one; `make test-pinned` and
+# `make test-current` run every case on their stack.
 set -uo pipefail
 pinned_py=$1
 current_py=$2
@@ -20,14 +25,14 @@ current_log=build/test-current.log
 
 echo "== tests on the current stack ($current_py: newest JAX and torch, no torch_xla)," \
      "running alongside; its output follows (also in $current_log)"
-"$current_py" -m pytest -q -m "not slow" "$@" > "$current_log" 2>&1 &
+XLA_QOPS_TEST_SHARE=0/2 "$current_py" -m pytest -q -m "not slow" "$@" > "$current_log" 2>&1 &
 current_pid=$!
 # Ctrl-C or a CI timeout stops both runs.
 trap 'kill "$current_pid" 2>/dev/null' EXIT
 
 echo "== tests on the pinned stack ($pinned_py: torch_xla 2.9, jax 0.7.1)"
 status=0
-"$pinned_py" -m pytest -q -m "not slow" "$@" || status=1
+XLA_QOPS_TEST_SHARE=1/2 "$pinned_py" -m pytest -q -m "not slow" "$@" || status=1
 
 wait "$current_pid" || status=1
 trap - EXIT

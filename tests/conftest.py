@@ -24,6 +24,7 @@ import importlib.util
 import os
 import pathlib
 import platform
+import zlib
 
 # torch's OpenMP workers busy-wait after each parallel region; on this 2-core
 # machine they then starve XLA's and the C++ kernels' threads (60 LoRA steps on
@@ -170,19 +171,85 @@ def pytest_report_header(config):
     return line + f", no {', '.join(markers)}: {len(_files(files))} test files not collected"
 
 
+# The parametrized matrices of these files are split between the two stacks of
+# `make test` (scripts/test_stacks.sh sets XLA_QOPS_TEST_SHARE to "0/2" on one
+# and "1/2" on the other): every test function runs on both stacks, each of
+# its cases on at least one of them. A version break (a JAX or torch API that moved)
+# fails every case of a function, so one stack's half finds it; the full
+# matrices on one stack are `make test-pinned` / `make test-current`. These
+# files are ~60% of the suite's time, most of it in the product of formats,
+# schemes, dtypes and shapes (pinned suite, --junitxml, 2026-12-06: 536 of
+# its 883 s of test time).
+SHARED_MATRIX_FILES = (
+    "test_sharding.py", "test_sharding_formats.py", "test_custom_call.py",
+    "test_custom_call_formats.py", "test_matmul.py", "test_pallas_kernels.py",
+    "test_pallas_lowering.py", "test_pallas_formats.py", "test_pallas_backend.py",
+    "test_xla_backend.py", "test_xla_backward_dtype.py", "test_interop.py",
+    "test_interop_formats.py", "test_formats.py", "test_quantize.py",
+    "test_quantizers.py", "test_quantizers_formats.py", "test_reference_checker.py",
+    "test_lora.py", "test_torch_formats.py", "test_torch_cpu_direct.py", "test_torch_op.py")
+
+
+def matrix_share():
+    """(index, count) from XLA_QOPS_TEST_SHARE ("i/n"), or None: run every case."""
+    share = os.environ.get("XLA_QOPS_TEST_SHARE")
+    if not share:
+        return None
+    try:
+        index, count = (int(part) for part in share.split("/"))
+    except ValueError:
+        index = count = -1
+    if not 0 <= index < count:
+        raise ValueError(f"XLA_QOPS_TEST_SHARE must be 'i/n' with 0 <= i < n, got {share!r}")
+    return index, count
+
+
+def cases_of_other_shares(items, share):
+    """The parametrized cases of SHARED_MATRIX_FILES that another stack runs.
+
+    A case's share is a hash of its id mod n, so it is the same on every stack
+    even where a stack collects cases another does not. Each test function
+    keeps at least its first case here, and cases only the pinned stack can
+    run (marked torch_xla or torchax) are never given away."""
+    index, count = share
+    by_function = {}
+    for item in items:
+        if (item.path.name in SHARED_MATRIX_FILES and hasattr(item, "callspec")
+                and not any(item.get_closest_marker(m) for m in ("torch_xla", "torchax"))):
+            by_function.setdefault((item.path.name, item.originalname), []).append(item)
+    given_away = []
+    for cases in by_function.values():
+        others = [item for item in cases
+                  if zlib.crc32(item.nodeid.encode()) % count != index]
+        if len(others) == len(cases):
+            others = others[1:]
+        given_away += others
+    return given_away
+
+
 def pytest_collection_modifyitems(config, items):
     markers, _ = _missing()
     left_out = [item for item in items
                 if any(item.get_closest_marker(m) for m in markers)]
     config._missing_deselected = len(left_out)
-    if left_out:
-        items[:] = [item for item in items
-                    if not any(item.get_closest_marker(m) for m in markers)]
-        config.hook.pytest_deselected(items=left_out)
+    share = matrix_share()
+    other_shares = cases_of_other_shares(items, share) if share else []
+    config._other_shares_deselected = len(other_shares)
+    if left_out or other_shares:
+        dropped = {id(item) for item in left_out + other_shares}
+        items[:] = [item for item in items if id(item) not in dropped]
+        config.hook.pytest_deselected(items=left_out + other_shares)
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
-    """Also under -q: say what was left out for want of torch, torch_xla or torchax."""
+    """Also under -q: say what was left out for want of torch, torch_xla or
+    torchax, and the matrix cases left to the other stack."""
+    share = matrix_share()
+    if share:
+        terminalreporter.write_line(
+            f"XLA_QOPS_TEST_SHARE={share[0]}/{share[1]}: {config._other_shares_deselected} "
+            f"cases of the {len(SHARED_MATRIX_FILES)} matrix files deselected (the other "
+            "stack runs them; tests/conftest.py)")
     markers, files = _missing()
     if not markers:
         return
