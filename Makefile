@@ -6,6 +6,7 @@
 VENV ?= .venv
 CURRENT_VENV ?= .venv-current
 JAX_VENV ?= .venv-jax
+TORCHAX_VENV ?= .venv-torchax
 PY := $(VENV)/bin/python
 CURRENT_PY := $(CURRENT_VENV)/bin/python
 JAX_PY := $(JAX_VENV)/bin/python
@@ -15,7 +16,8 @@ export HF_HUB_OFFLINE ?= 1
 # torch's OpenMP workers otherwise spin and starve XLA's threads (tests/conftest.py).
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: venv venv-current venvs venv-jax demo test test-pinned test-current test-jax test-slow \
+.PHONY: venv venv-current venvs venv-jax venv-torchax demo test test-pinned test-current test-jax \
+	test-torchax test-slow \
 	bench bench-model
 
 venv:
@@ -26,6 +28,9 @@ venv-current:
 
 venv-jax:
 	@scripts/ensure_venv.sh $(JAX_VENV) jax
+
+venv-torchax:
+	@scripts/ensure_venv.sh $(TORCHAX_VENV) torchax
 
 demo: venv
 	$(VENV)/bin/xla-qops demo
@@ -56,6 +61,11 @@ test-current: venv-current
 # The torch-free install (the core's own dependencies only); not part of `make test`.
 test-jax: venv-jax
 	$(JAX_PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+# The torchax route on current JAX (requirements-torchax.txt: torch 2.12.1, the
+# newest torchax imports on no later torch); not part of `make test`.
+test-torchax: venv-torchax
+	$(TORCHAX_VENV)/bin/python -m pytest -q -m "torchax and not slow" $(PYTEST_ARGS)
 
 test-slow: venv venv-current
 	@status=0; \

@@ -11,6 +11,8 @@
 #   requirements-current.txt (torch face without torch_xla), on Python 3.12.
 # STACK "jax" (VENV .venv-jax): the newest JAX of requirements-jax.txt, no
 #   torch, on Python 3.12.
+# STACK "torchax" (VENV .venv-torchax): requirements-torchax.txt, the newest
+#   torchax on the newest torch it imports on, with the newest JAX.
 # Both >= 3.12 stacks: $PYTHON_JAX overrides; otherwise python3.12 on the PATH
 #   or in pyenv, else a newer 3.x the same way.
 set -euo pipefail
@@ -52,8 +54,11 @@ case "$stack" in
   jax)
     python=$(find_python312)
     dep_files=(requirements-jax.txt) ;;
+  torchax)
+    python=$(find_python312)
+    dep_files=(requirements-torchax.txt) ;;
   *)
-    echo "ensure_venv.sh: STACK must be 'pinned', 'current' or 'jax', got '$stack'" >&2
+    echo "ensure_venv.sh: STACK must be 'pinned', 'current', 'jax' or 'torchax', got '$stack'" >&2
     exit 2 ;;
 esac
 
@@ -86,15 +91,15 @@ require_free_gb() {
 if [ "$(cat "$venv/.deps-stamp" 2>/dev/null)" != "$deps_hash" ]; then
   # Only a first install needs the whole stack's room; an update replaces pins.
   [ -f "$venv/.deps-stamp" ] || case "$stack" in
-    pinned) require_free_gb 9 ;; current) require_free_gb 7 ;; jax) require_free_gb 1 ;;
+    pinned) require_free_gb 9 ;; current | torchax) require_free_gb 7 ;; jax) require_free_gb 1 ;;
   esac
   if [ "$stack" = pinned ]; then
     echo "installing the pinned stack into $venv (a few minutes, ~7.6 GB)"
     quiet_pip -r requirements.txt
     quiet_pip --no-deps -r requirements-nodeps.txt
-  elif [ "$stack" = current ]; then
-    echo "installing the current stack into $venv (a few minutes, ~6.3 GB)"
-    quiet_pip -r requirements-current.txt
+  elif [ "$stack" = current ] || [ "$stack" = torchax ]; then
+    echo "installing the $stack stack into $venv (a few minutes, ~6.3 GB)"
+    quiet_pip -r "requirements-$stack.txt"
   else
     echo "installing the current-JAX stack into $venv (a minute, ~0.6 GB)"
     quiet_pip -r requirements-jax.txt
@@ -108,7 +113,8 @@ if [ "$(cat "$venv/.project-stamp" 2>/dev/null)" != "$project_hash" ]; then
   # operator against another torch: its own build tree keeps the two from
   # reconfiguring each other's.
   build_dir=()
-  [ "$stack" = current ] && build_dir=(-C "build-dir=build/{wheel_tag}-current")
+  [ "$stack" = current ] || [ "$stack" = torchax ] &&
+    build_dir=(-C "build-dir=build/{wheel_tag}-$stack")
   quiet_pip --no-deps --no-build-isolation "${build_dir[@]}" -e .
   echo "$project_hash" > "$venv/.project-stamp"
 fi

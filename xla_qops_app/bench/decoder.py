@@ -373,15 +373,26 @@ class JaxGenerator:
         self.layers = config.num_hidden_layers
         self.cache_dtype = jnp.dtype(str(model.get_input_embeddings().weight.dtype).split(".")[-1])
         max_len = self.max_len
+        # transformers >= 5 initialises a layer from both key and value states.
+        two_state_init = "value_states" in inspect.signature(
+            StaticCache(config=config, max_cache_len=1).layers[0].lazy_initialization).parameters
 
         def step(params, keys, values, ids, positions):
             with env:
                 cache = StaticCache(config=config, max_cache_len=max_len)
                 keys_t, values_t = env.j2t_iso((keys, values))
-                for layer, k, v in zip(cache.layers, keys_t, values_t):
-                    layer.lazy_initialization(k[:, :, :1])
-                    layer.keys, layer.values = k, v
                 params_t, ids_t, pos_t = env.j2t_iso((params, ids, positions))
+                for layer, k, v in zip(cache.layers, keys_t, values_t):
+                    if two_state_init:
+                        layer.lazy_initialization(k[:, :, :1], v[:, :, :1])
+                    else:
+                        layer.lazy_initialization(k[:, :, :1])
+                    layer.keys, layer.values = k, v
+                    if hasattr(layer, "cumulative_length"):
+                        # transformers 5 writes at the layer's own count of
+                        # tokens seen, not at cache_position: a fresh cache
+                        # per step must start counting at this step's position.
+                        layer.cumulative_length = pos_t[0].clone()
                 out = torch.func.functional_call(
                     model, params_t, (ids_t,),
                     dict(past_key_values=cache, cache_position=pos_t, use_cache=True))
