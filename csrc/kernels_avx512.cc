@@ -273,18 +273,20 @@ constexpr uint16_t e4m3_magnitude_bf16(int mag) {
   const int top = m >= 4 ? 2 : (m >= 2 ? 1 : 0);  // m * 2^-9 = 2^(top-9) * (m / 2^top)
   return static_cast<uint16_t>(((118 + top) << 7) | ((m - (1 << top)) << (7 - top)));
 }
-struct Fp8Tables {
+// The low and the high byte of the bf16 images of 128 magnitudes (vpermt2b
+// tables): e4m3's here, int8's below (Int8Decoder).
+struct Bf16ByteTables {
   uint8_t lo[128], hi[128];
 };
-constexpr Fp8Tables make_fp8_tables() {
-  Fp8Tables t{};
+constexpr Bf16ByteTables make_byte_tables(uint16_t (*image)(int)) {
+  Bf16ByteTables t{};
   for (int i = 0; i < 128; ++i) {
-    t.lo[i] = static_cast<uint8_t>(e4m3_magnitude_bf16(i) & 0xff);
-    t.hi[i] = static_cast<uint8_t>(e4m3_magnitude_bf16(i) >> 8);
+    t.lo[i] = static_cast<uint8_t>(image(i) & 0xff);
+    t.hi[i] = static_cast<uint8_t>(image(i) >> 8);
   }
   return t;
 }
-alignas(64) constexpr Fp8Tables kFp8Tables = make_fp8_tables();
+alignas(64) constexpr Bf16ByteTables kFp8Tables = make_byte_tables(e4m3_magnitude_bf16);
 
 // Byte index tables: kInterleave[h] (h = 0, 1) puts byte j of a and byte j of
 // b (j = 32h .. 32h+31) into word j - 32h: 32 words in element order.
@@ -310,32 +312,74 @@ constexpr Fp8Indices make_fp8_indices() {
 }
 alignas(64) constexpr Fp8Indices kFp8Indices = make_fp8_indices();
 
-struct Fp8Decoder {
+// A decoder of 64 bytes to bf16 through two 128-entry byte tables.
+struct ByteTableDecoder {
   __m512i lo0, lo1, hi0, hi1, ilv0, ilv1;
-  Fp8Decoder()
-      : lo0(_mm512_load_si512(kFp8Tables.lo)), lo1(_mm512_load_si512(kFp8Tables.lo + 64)),
-        hi0(_mm512_load_si512(kFp8Tables.hi)), hi1(_mm512_load_si512(kFp8Tables.hi + 64)),
+  explicit ByteTableDecoder(const Bf16ByteTables& t)
+      : lo0(_mm512_load_si512(t.lo)), lo1(_mm512_load_si512(t.lo + 64)),
+        hi0(_mm512_load_si512(t.hi)), hi1(_mm512_load_si512(t.hi + 64)),
         ilv0(_mm512_load_si512(kFp8Indices.interleave[0])),
         ilv1(_mm512_load_si512(kFp8Indices.interleave[1])) {}
-  // 64 e4m3 bytes -> the low and high bytes of their bf16 images.
-  void bytes(__m512i v, __m512i& lo, __m512i& hi) const {
-    lo = _mm512_permutex2var_epi8(lo0, v, lo1);
-    // hi | (v & 0x80): the sign.
-    hi = _mm512_ternarylogic_epi32(_mm512_permutex2var_epi8(hi0, v, hi1), v,
+  // The table bytes of the low 7 bits of each index byte, the sign bit of
+  // `sign` or-ed into the high byte.
+  void lookup(__m512i index, __m512i sign, __m512i& lo, __m512i& hi) const {
+    lo = _mm512_permutex2var_epi8(lo0, index, lo1);
+    hi = _mm512_ternarylogic_epi32(_mm512_permutex2var_epi8(hi0, index, hi1), sign,
                                    _mm512_set1_epi8(static_cast<char>(0x80)), 0xf8);
   }
+  // Low and high bytes -> words in element order: w0 elements 0..31, w1 32..63.
+  void interleave(__m512i lo, __m512i hi, __m512i& w0, __m512i& w1) const {
+    w0 = _mm512_permutex2var_epi8(lo, ilv0, hi);
+    w1 = _mm512_permutex2var_epi8(lo, ilv1, hi);
+  }
+};
+
+struct Fp8Decoder : ByteTableDecoder {
+  Fp8Decoder() : ByteTableDecoder(kFp8Tables) {}
+  // 64 e4m3 bytes -> the low and high bytes of their bf16 images.
+  void bytes(__m512i v, __m512i& lo, __m512i& hi) const { lookup(v, v, lo, hi); }
   // 64 e4m3 bytes -> their bf16 images in element order: w0 elements 0..31, w1 32..63.
   void words(__m512i v, __m512i& w0, __m512i& w1) const {
     __m512i lo, hi;
     bytes(v, lo, hi);
-    w0 = _mm512_permutex2var_epi8(lo, ilv0, hi);
-    w1 = _mm512_permutex2var_epi8(lo, ilv1, hi);
+    interleave(lo, hi, w0, w1);
   }
   // Only the first 32 elements (w0).
   __m512i words32(__m512i v) const {
     __m512i lo, hi;
     bytes(v, lo, hi);
     return _mm512_permutex2var_epi8(lo, ilv0, hi);
+  }
+};
+
+// int8 -> bf16 (the per-channel W8A16 dot form), exact, Fp8Decoder's way:
+// the low and high bytes of bf16(|q|) from two 128-entry tables indexed by
+// |q| (vpabsb), the sign or-ed into the high byte. |-128| is 0x80, which
+// vpermt2b reads as entry 0 (7 index bits): bf16(128) = 0x4300 has entry 0's
+// low byte, and its high byte (0xc3 with the sign) is set where the
+// magnitude's bit 7 is. Four shuffles and four other operations per 64
+// weights, where the conversions (vpmovsxbd, vcvtdq2ps, vcvtne2ps2bf16 and
+// the extracts) took twelve.
+constexpr uint16_t int_magnitude_bf16(int mag) {  // mag in [0, 127]: <= 7 significant bits
+  if (mag == 0) return 0;
+  int e = 0;
+  while ((2 << e) <= mag) ++e;  // 2^e <= mag < 2^(e+1)
+  return static_cast<uint16_t>(((127 + e) << 7) | (((mag - (1 << e)) << (7 - e)) & 0x7f));
+}
+alignas(64) constexpr Bf16ByteTables kInt8Tables = make_byte_tables(int_magnitude_bf16);
+static_assert(int_magnitude_bf16(1) == 0x3f80 && int_magnitude_bf16(3) == 0x4040 &&
+                  int_magnitude_bf16(127) == 0x42fe && int_magnitude_bf16(64) == 0x4280,
+              "bf16 images of the int8 magnitudes");
+
+struct Int8Decoder : ByteTableDecoder {
+  Int8Decoder() : ByteTableDecoder(kInt8Tables) {}
+  // 64 int8 -> their bf16 images in element order: w0 elements 0..31, w1 32..63.
+  void words(__m512i v, __m512i& w0, __m512i& w1) const {
+    const __m512i mag = _mm512_abs_epi8(v);  // -128 -> 0x80
+    __m512i lo, hi;
+    lookup(mag, v, lo, hi);
+    hi = _mm512_mask_mov_epi8(hi, _mm512_movepi8_mask(mag), _mm512_set1_epi8(static_cast<char>(0xc3)));
+    interleave(lo, hi, w0, w1);
   }
 };
 
@@ -941,7 +985,8 @@ void dot_a16_t(const Problem& p, const XA16& xa, const uint16_t* xd, int64_t Kq,
   constexpr int64_t KC = kDotXBytes / (2 * R) / 128 * 128;  // features per chunk
   const int64_t K = p.K;
   const __m512i lut = nibble_lut(p);
-  const Fp8Decoder dec;
+  const Fp8Decoder fp8;
+  const Int8Decoder int8;
   alignas(64) float res[R][kNR] = {};
   for (int64_t kc = 0; kc < K; kc += KC) {
   const int64_t kend = K - kc < KC ? K : kc + KC;
@@ -954,12 +999,16 @@ void dot_a16_t(const Problem& p, const XA16& xa, const uint16_t* xd, int64_t Kq,
     __m512 acc[NW][R];
     for (int i = 0; i < NW; ++i)
       for (int r = 0; r < R; ++r) acc[i][r] = _mm512_setzero_ps();
-    if (p.wf == kWFp8) {
-      // 64 features a step (never across a 128-block: kc is a multiple of 128).
+    // fp8, and int8 for more than one row: 64 features a step (never across
+    // a 128-block: kc is a multiple of 128), decoded to exact bf16 by table
+    // lookups; the two dot products per row take features k..k+31, then
+    // k+32..k+63, in the order of the 32-feature int8 steps (the same sums).
+    const auto bytes_by_64 = [&](const auto& dec) __attribute__((always_inline)) {
       for (int64_t k = kc; k < kend; k += 64) {
         const __mmask64 m = mask64(K - k);
         const uint16_t* xk = xd + (k & ~int64_t{127}) * R + (k & 127);  // x rows of this 128-block
         for (int i = 0; i < NW; ++i) {
+          // Rows kAhead further on, same offset (within a thread rows run in order).
           _mm_prefetch(reinterpret_cast<const char*>(row[i] + kAhead * K + k), _MM_HINT_NTA);
           __m512i w0, w1;  // 64 exact bf16 in k order
           dec.words(_mm512_maskz_loadu_epi8(m, row[i] + k), w0, w1);
@@ -969,12 +1018,20 @@ void dot_a16_t(const Problem& p, const XA16& xa, const uint16_t* xd, int64_t Kq,
           }
         }
       }
+    };
+    if (p.wf == kWFp8) {
+      bytes_by_64(fp8);
+    } else if (p.bits == 8 && R > 1) {
+      bytes_by_64(int8);
     } else if (p.bits == 8) {
+      // One row: int8 converted 32 at a time. The lookups are faster here too
+      // with the weights in cache (2048x2560: 1.30x), but from DRAM (huge
+      // pages, one thread, a loaded machine) they took 0.89-0.96x of this
+      // loop's time, and a decode step reads its weights from DRAM.
       for (int64_t k = kc; k < kend; k += 32) {
         const __mmask32 m = mask32(K - k);
         const uint16_t* xk = xd + (k & ~int64_t{127}) * R + (k & 127);  // x rows of this 128-block
         for (int i = 0; i < NW; ++i) {
-          // Rows kAhead further on, same offset (within a thread rows run in order).
           if ((k & 63) == 0) _mm_prefetch(reinterpret_cast<const char*>(row[i] + kAhead * K + k), _MM_HINT_NTA);
           const __m256i b = _mm256_maskz_loadu_epi8(m, row[i] + k);
           const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(b)));
@@ -1474,13 +1531,29 @@ void stream_a16(const Problem& p, const XA16& xa, int64_t g0, int64_t g1, int64_
 // vpdpbusd lane takes the quad's 4 weights of a column (unsigned: q + 8 or
 // q ^ 0x80) and the token's 4 activation integers.
 constexpr int kMaxStreamRowsA8 = 16;
-// Quads per sweep: 4 packed int4 rows, as stream_a16; the wide form (R = 0)
-// sweeps as many k as stream_a16's (kWidePairs k-pairs), for the same reason.
-constexpr int64_t stream_quads(int rows) { return rows == 0 ? kWidePairs / 2 : 2; }
+// Quads per sweep: 4 packed int4 rows (2 quads) for one row of x, as
+// stream_a16's; 8 weight rows (4 quads of packed int4, 2 of int8) for more,
+// as stream_a16's sweeps with more than one row (measured W4A8 g128, one
+// thread, CPU time, 4 quads against 2: M=4 1.10x from L3 and 1.15x from
+// DRAM at 2048x2560; at M=1 1.06x from L3 but 0.89x from DRAM at
+// 5632x2048; int8 with 4 quads lost 5%); the wide form (R = 0) sweeps as
+// many k as stream_a16's (kWidePairs k-pairs), for the same reason.
+constexpr int64_t stream_quads(int rows, int bits) {
+  return rows == 0 ? kWidePairs / 2 : (bits == 4 && rows > 1 ? 4 : 2);
+}
 
 struct QuadUnpacker {  // 64 columns of one quad -> 4 x u8[4] (dword lanes, column order)
-  __m512i idx[4], pick02;
+  __m512i idx[4], pick02, split[4];
   QuadUnpacker() {
+    // int4_split's: dword i of quarter cb takes bytes (a, b, a, b)[16cb+i].
+    for (int cb = 0; cb < 4; ++cb) {
+      alignas(64) uint8_t ix[64];
+      for (int i = 0; i < 16; ++i) {
+        ix[4 * i] = ix[4 * i + 2] = static_cast<uint8_t>(16 * cb + i);
+        ix[4 * i + 1] = ix[4 * i + 3] = static_cast<uint8_t>(64 + 16 * cb + i);
+      }
+      split[cb] = _mm512_load_si512(ix);
+    }
     // Dword i of quarter cb: bytes (a[16cb+i], a[16cb+i], b[16cb+i], b[16cb+i]).
     for (int cb = 0; cb < 4; ++cb) {
       alignas(64) uint8_t ix[64];
@@ -1512,6 +1585,25 @@ struct QuadUnpacker {  // 64 columns of one quad -> 4 x u8[4] (dword lanes, colu
       w[cb] = _mm512_ternarylogic_epi32(sel, _mm512_set1_epi8(0x0f), _mm512_set1_epi8(0x08), 0x6a);
     }
   }
+  // int4's nibbles in the lane order (a low, b low, a high, b high), i.e. the
+  // quad's features 0, 2, 1, 3 (the x integers are reordered to match:
+  // split_order): one shuffle, one variable shift (word 0 by 0, word 1 by 4)
+  // and one ternary operation per 16 columns, where int4 takes four. The
+  // integer sums are exact, so the order of the products changes nothing.
+  void int4_split(const uint8_t* a, const uint8_t* b, __mmask64 m, __mmask64 mb, __m512i w[4]) const {
+    const __m512i va = _mm512_maskz_loadu_epi8(m, a);
+    const __m512i vb = _mm512_maskz_loadu_epi8(mb, b);
+    const __m512i shifts = _mm512_set1_epi32(4 << 16);
+    for (int cb = 0; cb < 4; ++cb) {
+      const __m512i q = _mm512_srlv_epi16(_mm512_permutex2var_epi8(va, split[cb], vb), shifts);
+      w[cb] = _mm512_ternarylogic_epi32(q, _mm512_set1_epi8(0x0f), _mm512_set1_epi8(0x08), 0x6a);
+    }
+  }
+  // The quad's 4 x integers (k order, little-endian) in int4_split's order: 0, 2, 1, 3.
+  static int32_t split_order(int32_t x) {
+    const uint32_t u = static_cast<uint32_t>(x);
+    return static_cast<int32_t>((u & 0xff0000ffu) | ((u & 0x0000ff00u) << 8) | ((u & 0x00ff0000u) >> 8));
+  }
   // int8 rows r, r + N, r + 2N, r + 3N (row j loaded where bit j of `real` is
   // set, else zeros): lane bytes r0, r1, r2, r3 of the column, ^ 0x80.
   void int8(const uint8_t* r, int64_t N, __mmask64 m, int real, __m512i w[4]) const {
@@ -1536,7 +1628,7 @@ template <int R, int BITS>
 void stream_a8_t(const Problem& p, const XA8& xa, int64_t g0, int64_t g1, int64_t t0,
                  int64_t t1, int32_t* acc, float* part) {
   const QuadUnpacker unpack;
-  constexpr int64_t kStreamQuads = stream_quads(R);
+  constexpr int64_t kStreamQuads = stream_quads(R, BITS);
   const int rows = R > 0 ? R : static_cast<int>(p.M);
   const int64_t N = p.N, tiles = (N + kNR - 1) / kNR, quads = xa.Gp / 4;
   // Weight rows (N bytes each) per quad, and real rows in a group.
@@ -1573,7 +1665,9 @@ void stream_a8_t(const Problem& p, const XA8& xa, int64_t g0, int64_t g1, int64_
         const auto unpack_step = [&](int64_t s, __m512i w[4]) __attribute__((always_inline)) {
           const int64_t row = row0 + s * rows_per_quad;  // within the group
           const uint8_t* src = wg + row * N + n0;
-          if constexpr (BITS == 4) {
+          if constexpr (BITS == 4 && R > 0) {  // the register form: x in split order below
+            unpack.int4_split(src, src + N, m, row + 1 < group_rows ? m : 0, w);
+          } else if constexpr (BITS == 4) {
             unpack.int4(src, src + N, m, row + 1 < group_rows ? m : 0, w);
           } else {
             const int64_t real = group_rows - row;  // rows of the quad inside the group
@@ -1603,7 +1697,8 @@ void stream_a8_t(const Problem& p, const XA8& xa, int64_t g0, int64_t g1, int64_
             __m512i w[4];
             unpack_step(s, w);
             for (int r = 0; r < R; ++r) {
-              const __m512i xr = _mm512_set1_epi32(load_i32(xs + r * xa.Kp + 4 * s));
+              const int32_t xq = load_i32(xs + r * xa.Kp + 4 * s);
+              const __m512i xr = _mm512_set1_epi32(BITS == 4 ? QuadUnpacker::split_order(xq) : xq);
               for (int cb = 0; cb < 4; ++cb) c[r][cb] = _mm512_dpbusd_epi32(c[r][cb], w[cb], xr);
             }
           };

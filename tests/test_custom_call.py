@@ -107,6 +107,31 @@ def test_dot_form_k_chunks(scheme):
         check(run(x, qw, scheme), x, qw, scheme)
 
 
+@pytest.mark.parametrize("m, x_dtype", [(1, "bfloat16"), (4, "bfloat16"), (16, "bfloat16"),
+                                        (5, "float32"), (20, "bfloat16")])
+def test_every_int8_value_decodes_exactly(m, x_dtype):
+    """The per-channel W8A16 decode turns int8 into bf16 by table lookups with
+    -128 set apart (Int8Decoder; a quantizer seldom makes -128, so the random
+    weights above may never hold it): every int8 value in every weight row,
+    x one-hot (one product per output, scale 1), so each output must be the
+    weight value, bit for bit. K = 200: three 64-feature steps and a masked
+    tail of 8; -128 at feature 0 of some rows (x's first row reads feature
+    0). The dot form: M = 1 (its int8 conversions), M = 4, 16 and 5 float32
+    rows (T = 3: 15 prepared rows; the lookups); M = 20 the panel path."""
+    rng = np.random.default_rng(3)
+    k, n = 200, 300
+    values = np.arange(-128, 128, dtype=np.int8)
+    w = np.stack([np.resize(rng.permutation(values), k) for _ in range(n)])  # [out, in]
+    w[::3, 0] = -128
+    cols = rng.choice(k, m, replace=False)
+    cols[0] = 0
+    x = np.zeros((m, k), np.float32)
+    x[np.arange(m), cols] = 1.0
+    y = xla_qops.quantized_matmul(jnp.asarray(x, x_dtype), jnp.asarray(w),
+                                  jnp.ones((n,), jnp.float32), impl="custom_call")
+    np.testing.assert_array_equal(np.asarray(y, np.float32), w[:, cols].T.astype(np.float32))
+
+
 @pytest.mark.parametrize("scheme", [s for s in SCHEMES if s.block_size != -1], ids=lambda s: s.id)
 def test_blockwise_decode_slices(scheme):
     """Blockwise decode (M*T <= 16; the register form up to 4 rows, the wide
