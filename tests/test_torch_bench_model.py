@@ -74,8 +74,7 @@ def test_nnx_and_compiled_rows_generate_the_eager_tokens(base):
     The compile row (docs/torch.md, "The compiled decode step") runs HF's eager
     attention (inductor compiles it; "sdpa" calls ATen's slow CPU flash kernel) and
     compiles exactly two graphs over three generations, the prompt's and the decode
-    step's: a cache reused across `generate` calls made the prompt's graph recompile
-    on transformers 4.x, inside the benchmark's timed turns."""
+    step's (a recompilation would land inside the benchmark's timed turns)."""
     import torch._dynamo.utils
     V = decoder.Variant
     model = copy.deepcopy(base).float()

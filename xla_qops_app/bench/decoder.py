@@ -18,8 +18,9 @@ without ``lm_head`` quantized, on torch CPU tensors (``eager``: HF
 module through torchax, greedy loop in Python around the jitted step, a static
 KV cache), as the Flax NNX decoder of `xla_qops_app.jax_llama` (``nnx``: the
 same weights, one jitted prefill and one jitted decode step over the state
-split once), and as HF's decode step under `torch.compile` (``compile``:
-inductor, static cache, HF's eager attention: `CompiledGenerator`). llama.cpp
+split once), and as HF's forward and the argmax compiled as one greedy step by
+`torch.compile` (``compile``: inductor, static cache, HF's eager attention, a
+Python loop around the step: `CompiledGenerator`). llama.cpp
 (Q4_0, Q8_0; `llama_cpp`, when scripts/ensure_llama_cpp.sh has built it) takes
 turns with the ``nnx`` and ``compile`` rows.
 
@@ -55,8 +56,8 @@ class Variant:
       the nnx path) or "llama_cpp" (llama.cpp; `scheme` is its quant type,
       "Q4_0" or "Q8_0").
     path: "eager" (torch CPU tensors, HF generate), "jax" (torchax, jitted),
-      "nnx" (`xla_qops_app.jax_llama`, jitted), "compile" (HF generate with a
-      static cache, the forward under `torch.compile`), "llama.cpp", or "xla"
+      "nnx" (`xla_qops_app.jax_llama`, jitted), "compile" (a greedy step,
+      forward and argmax, under `torch.compile`, static cache), "llama.cpp", or "xla"
       (the torch_xla device, static cache; `measure_xla_device`).
     """
 
@@ -317,8 +318,6 @@ class Timing:
 class EagerGenerator:
     """HF `generate` on torch CPU tensors (greedy, the default dynamic cache)."""
 
-    generate_kwargs: dict = {}
-
     def __init__(self, model, prompt, decode: int):
         self.model, self.prompt, self.decode = model, prompt, decode
 
@@ -339,8 +338,7 @@ class EagerGenerator:
             out = self.model.generate(ids, attention_mask=torch.ones_like(ids),
                                       max_new_tokens=self.decode, min_new_tokens=self.decode,
                                       do_sample=False, pad_token_id=0,
-                                      logits_processor=LogitsProcessorList([Stamp()]),
-                                      **self.generate_kwargs)
+                                      logits_processor=LogitsProcessorList([Stamp()]))
         return Timing(stamps[0] - start, (stamps[-1] - stamps[0]) / (len(stamps) - 1),
                       out[:, ids.shape[1]:].numpy())
 
@@ -424,41 +422,77 @@ class JaxGenerator:
                       np.concatenate([np.asarray(t) for t in tokens], 1))
 
 
-class CompiledGenerator(EagerGenerator):
-    """HF `generate` with a static KV cache and the model's forward compiled by
-    `torch.compile` (inductor, ``fullgraph=True``): what HF's documentation has a
-    user write, with two CPU choices (docs/torch.md, "The compiled decode step"):
+# Inductor option of the compiled step: store a pointwise result whose expression
+# has more than this many ops instead of recomputing it wherever it is read
+# (torch's default: 50 on CPU in torch 2.14, 30 in 2.9). Inductor lowers the
+# one-query attention scores (a bmm with M == 1) to a multiply-and-sum over the
+# keys and inlines the rotary-embedded query into it, so the query's RoPE,
+# cos and sin of its positions included, ran once per key: 0.42 ms a layer at
+# 192 positions instead of 0.14 (docs/torch.md, "The compiled decode step").
+ROPE_REALIZE_OPCOUNT = 8
 
+
+class CompiledGenerator:
+    """HF's Llama forward under `torch.compile` (inductor, ``fullgraph=True``),
+    greedy, with a static KV cache: one compiled function is the whole step,
+    forward and argmax, and a Python loop feeds it its own tokens, as HF's
+    static-cache ``decode_one_tokens`` example does (and the ``jax`` path).
+    What it fixes against HF `generate` around a compiled forward (docs/torch.md,
+    "The compiled decode step"):
+
+    - `generate`'s own per-step work (inputs, the 4D mask, logits processors,
+      stopping criteria, the growing ids): 2.3-3.4 ms of main-thread time a step,
+      as much as everything else outside our matmuls; the loop here passes only
+      the token and its position, and the causal mask is made inside the graph;
     - HF's "eager" attention: under inductor it becomes a batched matmul and a
       fused softmax, where "sdpa" (the default) calls ATen's flash-attention
-      kernel for CPU, which spends 0.3-0.5 ms a call on one query token in bf16
-      (inductor's form: under 0.1 ms); the tokens are the same;
+      kernel for CPU, which spends 0.3-0.5 ms a call on one query token in bf16;
+      the tokens are the same;
+    - `ROPE_REALIZE_OPCOUNT`: the query's rotary embedding computed once, not
+      once per cached key;
     - a fresh `StaticCache` for every generation, as HF's own static-cache
-      examples pass one: a cache reused from an earlier `generate` makes the
-      prompt's graph recompile on transformers 4.x (its guard on the cache's
-      layers being uninitialized fails).
+      examples pass one (the graphs depend on its shapes only: no recompile
+      across generations).
 
-    One graph for the prompt, one for a decode step, both with static shapes
-    (``dynamic=False``, as HF's own `CompileConfig`: the recompilation for the decode
-    step never marks a length dynamic). HF's own
-    automatic compilation is turned off, so the forward is compiled once, here.
+    Two graphs, with static shapes (``dynamic=False``, as HF's own
+    `CompileConfig`): the prompt's and the one-token step's.
     """
 
     def __init__(self, model, prompt, decode: int):
         import torch
-        super().__init__(model, prompt, decode)
+        self.model, self.prompt, self.decode = model, prompt, decode
         # transformers 5.2x renamed `past_key_values` to `cache` (the old name warns).
-        self.cache_kwarg = ("cache" if "cache" in inspect.signature(type(model).forward).parameters
-                            else "past_key_values")
+        cache_kwarg = ("cache" if "cache" in inspect.signature(type(model).forward).parameters
+                       else "past_key_values")
         model.set_attn_implementation("eager")
-        model.forward = torch.compile(model.forward, fullgraph=True, dynamic=False)
+
+        def greedy_step(ids, positions, cache):
+            """The next token [batch, 1] after `ids` at `positions`, `cache` updated."""
+            out = model(input_ids=ids, cache_position=positions, use_cache=True,
+                        logits_to_keep=1, **{cache_kwarg: cache})
+            return out.logits[:, -1].argmax(-1, keepdim=True)
+        # Not cpp_wrapper=True (our op called from C++, 1-2 ms a step faster in
+        # turns): it doubles the compile time (docs/torch.md).
+        self.step = torch.compile(greedy_step, fullgraph=True, dynamic=False,
+                                  options={"realize_opcount_threshold": ROPE_REALIZE_OPCOUNT})
 
     def __call__(self) -> Timing:
+        import torch
         from transformers import StaticCache
-        cache = StaticCache(config=self.model.config,
-                            max_cache_len=self.prompt.shape[1] + self.decode)
-        self.generate_kwargs = {self.cache_kwarg: cache, "disable_compile": True}
-        return super().__call__()
+        n = self.prompt.shape[1]
+        cache = StaticCache(config=self.model.config, max_cache_len=n + self.decode)
+        ids = torch.from_numpy(self.prompt)
+        with torch.no_grad():
+            start = time.perf_counter()
+            token = self.step(ids, torch.arange(n), cache)
+            first = time.perf_counter()
+            tokens = [token]
+            for position in range(n, n + self.decode - 1):
+                token = self.step(token, torch.tensor([position]), cache)
+                tokens.append(token)
+            end = time.perf_counter()
+        return Timing(first - start, (end - first) / (self.decode - 1),
+                      torch.cat(tokens, 1).numpy())
 
 
 class NnxGenerator:
