@@ -247,3 +247,34 @@ def test_llama_folds_into_its_rmsnorms():
         assert where[prefix + "self_attn.o_proj"] == where[prefix + "mlp.down_proj"] == "explicit"
     with torch.no_grad():
         assert rel_err(model(held_out).logits, reference) < 0.02
+
+
+def test_replaying_finished_blocks_changes_no_result(monkeypatch):
+    """torch_bridge.block_replay: a finished decoder layer's outputs are replayed, not
+    recomputed, while later groups gather their statistics (the layer's own modules run
+    fewer times), and the quantized model is bit for bit the one recomputing gives.
+    awq+gptq: both phases that gather (AWQ's scales with their folds, then GPTQ)."""
+    transformers = pytest.importorskip("transformers")
+    from torch_bridge import block_replay
+
+    config = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128,
+                                      num_hidden_layers=3, num_attention_heads=4,
+                                      num_key_value_heads=2)
+    torch.manual_seed(0)
+    float_model = transformers.LlamaForCausalLM(config).eval()
+    ids = [torch.randint(0, 128, (2, 16)) for _ in range(5)]  # one held out (heldout)
+    results, first_layer_calls = {}, {}
+    for label, budget in (("replayed", block_replay.MEMORY_BYTES), ("recomputed", 0)):
+        monkeypatch.setattr(block_replay, "MEMORY_BYTES", budget)  # 0: nothing kept
+        model = copy.deepcopy(float_model)
+        calls = [0]
+        model.model.layers[0].self_attn.register_forward_hook(
+            lambda *_: calls.__setitem__(0, calls[0] + 1))
+        torch_bridge.quantize_model(model, scheme="w4a16", block_size=32, method="awq+gptq",
+                                    calibration=ids, progress=False)
+        results[label] = model.state_dict()
+        first_layer_calls[label] = calls[0]
+    replayed, recomputed = results["replayed"], results["recomputed"]
+    assert replayed.keys() == recomputed.keys()
+    assert all(torch.equal(replayed[k], recomputed[k]) for k in replayed)
+    assert first_layer_calls["replayed"] < first_layer_calls["recomputed"] / 2

@@ -23,8 +23,10 @@ forward hooks on its `nn.Linear`s, under `torch.no_grad()`:
    Linears are then swapped.
 
 Each gathering pass stops a forward as soon as the group's Linears have run
-(unless a Linear runs twice in one forward), so GPTQ costs about half a
-forward per group and input, summed over the groups.
+(unless a Linear runs twice in one forward), and the blocks (transformer
+layers) finished before the group return their kept outputs instead of
+running again (`torch_bridge.block_replay`, bit-identical), so a group costs
+about one block's forward per input, not the whole prefix of the model.
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ from collections.abc import Iterable, Mapping
 import numpy as np
 import torch
 
+from torch_bridge.block_replay import BlockReplay, blocks_run_once
+from torch_bridge.block_replay import tensors as _tensors
 from torch_bridge.linear import XlaQuantizedLinear
 from xla_qops import quantizers
 from xla_qops.quantizers import awq, heldout, layerwise
@@ -91,17 +95,6 @@ def _call(model, item):
     return model(item)
 
 
-def _tensors(output) -> list:
-    """Every tensor in a model output (tensor, tuple, dict, ModelOutput)."""
-    if isinstance(output, torch.Tensor):
-        return [output]
-    if isinstance(output, Mapping):
-        return [t for v in output.values() for t in _tensors(v)]
-    if isinstance(output, (tuple, list)):
-        return [t for v in output for t in _tensors(v)]
-    return []
-
-
 def trace(model, linears: dict, first_input) -> tuple[list, set]:
     """(groups in run order, names of Linears that ran more than once) from one forward."""
     produced, calls, order = {}, {}, []
@@ -140,9 +133,11 @@ Stats = layerwise.InputStatistics  # one group's input statistics (torch float64
 
 
 def gather(model, inputs, modules: list, *, hessian: bool, stop_early: bool,
-           progress: str | None = None, holdout: bool = False) -> Stats:
+           progress: str | None = None, holdout: bool = False,
+           replay: BlockReplay | None = None) -> Stats:
     """Statistics of the input shared by `modules` over all calibration inputs (with
-    `holdout`, the held-out inputs' X^T X apart: `Stats.holdout_hessian`)."""
+    `holdout`, the held-out inputs' X^T X apart: `Stats.holdout_hessian`); `replay`
+    returns finished blocks' outputs instead of recomputing them."""
     stats, seen = Stats(), set()
     held = [False]  # whether the input being run is a held-out one
 
@@ -163,11 +158,15 @@ def gather(model, inputs, modules: list, *, hessian: bool, stop_early: bool,
         for index, item in enumerate(_progress(inputs, progress)):
             held[0] = holdout and heldout.is_holdout(index, len(inputs))
             seen.clear()
+            if replay is not None:
+                replay.key = index
             try:
                 _call(model, item)
             except _Stop:
                 pass
     finally:
+        if replay is not None:
+            replay.key = None
         for h in handles:
             h.remove()
     return stats
@@ -179,9 +178,16 @@ def _progress(items, description):
     return tqdm(items, desc=description, leave=False)
 
 
-def _outputs(model, item) -> list:
-    """The model's output arrays as float32 numpy (for `layerwise.outputs_unchanged`)."""
-    return [t.detach().float().cpu().numpy().copy() for t in _tensors(_call(model, item))]
+def _outputs(model, item, replay: BlockReplay | None = None, key=None) -> list:
+    """The model's output arrays as float32 numpy (for `layerwise.outputs_unchanged`);
+    `replay` with `key`: `item` is calibration input `key` (`gather`)."""
+    if replay is not None:
+        replay.key = key
+    try:
+        return [t.detach().float().cpu().numpy().copy() for t in _tensors(_call(model, item))]
+    finally:
+        if replay is not None:
+            replay.key = None
 
 
 def fold(producer: torch.nn.Module, inverse_scale: torch.Tensor) -> tuple | None:
@@ -258,57 +264,84 @@ def quantize_linears(model, todo, *, bits: int, block_size: int, symmetric: bool
             groups, repeated = [], set()
         ran = {n for g in groups for n in g.names}
         groups += [Group([n], None) for n in linears if n not in ran]  # never run: no data
+        run_once = blocks_run_once(model, _call, inputs[0]) if needs_data else set()
         modules = dict(model.named_modules())
         scales, where = {}, {}
         if smoothing or (method in quantizers.INPUT_SCALED and search_scales):
-            scales, where = _scales(model, inputs, groups, ran, linears, modules, repeated,
-                                    method, smoothing, smoothing_alpha, bits, block_size,
-                                    symmetric, progress, format)
+            replay = BlockReplay(model, groups, run_once)
+            try:
+                scales, where = _scales(model, inputs, groups, ran, linears, modules, repeated,
+                                        method, smoothing, smoothing_alpha, bits, block_size,
+                                        symmetric, progress, format, replay)
+            finally:
+                replay.close()
         results = {}
-        for g in groups:
-            mods = [linears[n] for n in g.names]
-            group_method = method if g.names[0] in ran else (
-                "rtn" if method in quantizers.CALIBRATED else method)
-            hessian = holdout = None
-            if group_method in quantizers.CALIBRATED:
-                stats = gather(model, inputs, mods, hessian=True,
-                               stop_early=not set(g.names) & repeated, holdout=True,
-                               progress=f"{group_method} {g.names[0]}" if progress else None)
-                hessian = stats.hessian.numpy()
-                if stats.holdout_hessian is not None:
-                    holdout = stats.holdout_hessian.numpy()
-            for name, linear in zip(g.names, mods):
-                w = linear.weight.detach().to("cpu", torch.float32).numpy()
-                s = scales.get(name)
-                explicit = s is not None and where[name] == "explicit"
-                done = layerwise.quantize_layer(
-                    w, scale=s, explicit=explicit, hessian=hessian, holdout=holdout, bits=bits,
-                    block_size=block_size, symmetric=symmetric, method=group_method,
-                    format=format, nvfp4_divisor=nvfp4_divisor)
-                module = XlaQuantizedLinear.from_quantized(
-                    done.weight, quantize_activation=quantize_activation, bias=linear.bias,
-                    input_scale=1.0 / s if explicit else None, device=linear.weight.device,
-                    activation_format=activation_format)
-                results[name] = LayerResult(
-                    module, done.method, done.weight_error_rtn, done.weight_error,
-                    None if s is None else where[name], done.held_out)
-                swap(name, results[name].module)
+        replay = BlockReplay(model, groups, run_once)
+        try:
+            _quantize_groups(model, inputs, groups, ran, linears, repeated, scales, where,
+                             results, replay, swap=swap, bits=bits, block_size=block_size,
+                             symmetric=symmetric, quantize_activation=quantize_activation,
+                             method=method, progress=progress, format=format,
+                             activation_format=activation_format,
+                             nvfp4_divisor=nvfp4_divisor)
+        finally:
+            replay.close()
     return results
 
 
+def _quantize_groups(model, inputs, groups, ran, linears, repeated, scales, where, results,
+                     replay, *, swap, bits, block_size, symmetric, quantize_activation, method,
+                     progress, format, activation_format, nvfp4_divisor):
+    """Phase 3 (module docstring): quantizes and swaps each group in run order, filling
+    `results`; `replay` replays the blocks finished before each group."""
+    for i, g in enumerate(groups):
+        mods = [linears[n] for n in g.names]
+        group_method = method if g.names[0] in ran else (
+            "rtn" if method in quantizers.CALIBRATED else method)
+        hessian = holdout = None
+        if group_method in quantizers.CALIBRATED:
+            stats = gather(model, inputs, mods, hessian=True,
+                           stop_early=not set(g.names) & repeated, holdout=True,
+                           progress=f"{group_method} {g.names[0]}" if progress else None,
+                           replay=replay)
+            hessian = stats.hessian.numpy()
+            if stats.holdout_hessian is not None:
+                holdout = stats.holdout_hessian.numpy()
+        for name, linear in zip(g.names, mods):
+            w = linear.weight.detach().to("cpu", torch.float32).numpy()
+            s = scales.get(name)
+            explicit = s is not None and where[name] == "explicit"
+            done = layerwise.quantize_layer(
+                w, scale=s, explicit=explicit, hessian=hessian, holdout=holdout, bits=bits,
+                block_size=block_size, symmetric=symmetric, method=group_method,
+                format=format, nvfp4_divisor=nvfp4_divisor)
+            module = XlaQuantizedLinear.from_quantized(
+                done.weight, quantize_activation=quantize_activation, bias=linear.bias,
+                input_scale=1.0 / s if explicit else None, device=linear.weight.device,
+                activation_format=activation_format)
+            results[name] = LayerResult(
+                module, done.method, done.weight_error_rtn, done.weight_error,
+                None if s is None else where[name], done.held_out)
+            swap(name, results[name].module)
+        replay.finish(i)
+
+
 def _scales(model, inputs, groups, ran, linears, modules, repeated, method, smoothing, alpha,
-            bits, block_size, symmetric, progress, format="int"):
-    """Phase 2 (module docstring): {name: s}, {name: "folded into X" | "explicit"}."""
+            bits, block_size, symmetric, progress, format="int", replay=None):
+    """Phase 2 (module docstring): {name: s}, {name: "folded into X" | "explicit"};
+    `replay` (a `BlockReplay` of `groups`) replays the blocks finished before each group."""
     scales, where = {}, {}
     reference = None
-    for g in groups:
+    for i, g in enumerate(groups):
+        if replay is not None and i:
+            replay.finish(i - 1)  # group i - 1 is done, whichever way its turn ended
         if g.names[0] not in ran:
             continue  # the calibration inputs never reach it: no statistics
         mods = [linears[n] for n in g.names]
         stats = gather(model, inputs, mods,
                        hessian=method in quantizers.INPUT_SCALED and not smoothing,
                        stop_early=not set(g.names) & repeated,
-                       progress=f"scales {g.names[0]}" if progress else None)
+                       progress=f"scales {g.names[0]}" if progress else None, replay=replay)
         if stats.rows == 0:
             continue  # never run
         w_cat = np.concatenate([m.weight.detach().to("cpu", torch.float32).numpy() for m in mods])
@@ -324,14 +357,15 @@ def _scales(model, inputs, groups, ran, linears, modules, repeated, method, smoo
         producer = modules.get(g.producer) if g.producer is not None else None
         if producer is not None:
             if reference is None:
-                reference = _outputs(model, inputs[0])
+                reference = _outputs(model, inputs[0], replay, 0)
             inverse = torch.from_numpy(1.0 / s)
             saved = fold(producer, inverse)
             if saved is not None:
                 originals = [m.weight.detach().clone() for m in mods]
                 for m in mods:
                     m.weight.mul_(torch.from_numpy(s).to(m.weight.dtype))
-                if layerwise.outputs_unchanged(reference, _outputs(model, inputs[0])):
+                if layerwise.outputs_unchanged(reference,
+                                               _outputs(model, inputs[0], replay, 0)):
                     place = f"folded into {g.producer}"
                 else:
                     unfold(producer, saved)

@@ -145,20 +145,22 @@ def _step_function(bits: int, symmetric: bool):
         rounded = x + jax.lax.stop_gradient(jnp.round(x) - x)  # straight-through rounding
         return scale[..., None] * jnp.clip(rounded, qmin, qmax) - zero_point[..., None]
 
-    def row_losses(params, w, base, h, lo, hi):
-        d = w - dequantized(params, base, lo, hi)  # [G, out, B]
-        d = jnp.transpose(d, (1, 0, 2)).reshape(d.shape[1], -1)  # [out, in]
-        return jnp.sum((d @ h) * d, axis=1)  # d_o H d_o^T per output row
-
-    def total(params, w, base, h, lo, hi):
-        losses = row_losses(params, w, base, h, lo, hi)
-        return jnp.sum(losses), losses
-
-    grad_fn = jax.value_and_grad(total, has_aux=True)
+    def losses_and_grads(params, w, base, h, lo, hi):
+        """Per output row ``d_o H d_o^T`` and the gradient of their sum. The gradient
+        with respect to the dequantized weight is ``-2 D H`` (H symmetric), so one
+        ``[out, in] x [in, in]`` product serves the loss and the gradient (autodiff of
+        the loss would multiply by H a second time)."""
+        w_hat, pullback = jax.vjp(lambda p: dequantized(p, base, lo, hi), params)
+        groups, out, block = w.shape
+        d = jnp.transpose(w - w_hat, (1, 0, 2)).reshape(out, groups * block)  # [out, in]
+        dh = d @ h
+        losses = jnp.sum(dh * d, axis=1)
+        (grads,) = pullback(jnp.transpose((-2.0 * dh).reshape(out, groups, block), (1, 0, 2)))
+        return losses, grads
 
     @jax.jit
     def step(params, best, best_loss, w, base, h, lo, hi, lr):
-        (_, losses), grads = grad_fn(params, w, base, h, lo, hi)
+        losses, grads = losses_and_grads(params, w, base, h, lo, hi)
         better = losses < best_loss  # [out]
         best = (jnp.where(better[None, :, None], params[0], best[0]),
                 jnp.where(better[None, :], params[1], best[1]),

@@ -45,7 +45,15 @@ def hessian(x: np.ndarray) -> np.ndarray:
 
 def inverse_cholesky(h: np.ndarray, damp: float = DAMP) -> np.ndarray:
     """Upper U with ``U^T U = (H + damp * mean(diag H) * I)^-1``; H (float64, free of dead
-    columns) is damped in place. The dampening grows tenfold while H stays singular."""
+    columns) is damped in place. The dampening grows tenfold while H stays singular.
+
+    One factorisation: with J the reversal permutation and ``J H J = L L^T`` (L lower),
+    ``H^-1 = (J L^-T J)(J L^-1 J)`` and ``J L^-1 J`` is upper, so it is U (the unique
+    Cholesky factor: positive diagonal). One factorisation and one triangular inverse
+    (LAPACK's trtri) instead of the reference's three cubic steps (factorise H, invert
+    it, factorise the inverse): equal results up to float64 rounding."""
+    from scipy.linalg import lapack  # scipy: a dependency of jax
+
     base = float(np.mean(np.diag(h)))
     base = base if base > 0 else 1.0
     diagonal = np.einsum("ii->i", h)  # a writable view of the diagonal
@@ -55,10 +63,13 @@ def inverse_cholesky(h: np.ndarray, damp: float = DAMP) -> np.ndarray:
         diagonal += step - added
         added = step
         try:
-            np.linalg.cholesky(h)  # positive definite? (the factor itself is not kept)
-            return np.linalg.cholesky(np.linalg.inv(h)).T
+            lower = np.linalg.cholesky(h[::-1, ::-1])  # raises unless positive definite
         except np.linalg.LinAlgError:
             continue
+        inverse, info = lapack.dtrtri(lower, lower=1)  # L^-1, a third of a solve's work
+        del lower  # at most two [in, in] arrays live here, as before
+        if info == 0:
+            return np.ascontiguousarray(inverse[::-1, ::-1])
     raise np.linalg.LinAlgError("calibration: the inputs' Hessian stays singular after "
                                 "dampening; pass more (or less degenerate) samples")
 

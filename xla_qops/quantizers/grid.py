@@ -23,10 +23,17 @@ QRANGE = {8: (-128, 127), 4: (-8, 7)}
 _F32 = np.float32
 
 
+SMALL_LAYER = 1 << 21  # elements of a layer processed in one piece (float64: 16 MiB)
+
+
 def rows_per_chunk(out_features: int, in_features: int) -> int:
-    """Output rows the methods process at a time: at most an eighth of the layer and 4M
-    elements, so that their float64 temporaries (up to ~10 per element) stay within a
-    few float32 copies of the layer (tests/test_quantizers.py measures it)."""
+    """Output rows the methods process at a time: a small layer (`SMALL_LAYER` elements,
+    whose temporaries are a few tens of MiB at most) whole, since each chunk repeats
+    GPTQ's per-column Python loop; a larger one at most an eighth of the layer and 4M
+    elements at a time, so that the float64 temporaries (up to ~10 per element) stay
+    within a few float32 copies of the layer (tests/test_quantizers.py measures it)."""
+    if out_features * in_features <= SMALL_LAYER:
+        return max(1, out_features)
     return max(1, min(out_features // 8, (1 << 22) // max(in_features, 1)))
 
 

@@ -36,6 +36,7 @@ import time
 import xla_qops
 from xla_qops import data
 from xla_qops.quantizers import CALIBRATED
+from xla_qops.schemes import FLOAT_METHODS
 from xla_qops_app.calibration import BATCH, tokenized_batches
 
 # (scheme, block_size, method, smoothing); None smoothing = none.
@@ -51,12 +52,15 @@ ROWS += [("w8a8", -1, method, "smoothquant") for method in ("rtn", "gptq")]
 # (not per token), which is what closes W8A8's gap (docs/quantizers.md).
 ROWS += [("w8a8", block, "rtn", None) for block in (128, 32)]
 ROWS += [("w4a8", 128, method, "smoothquant") for method in ("rtn", "gptq")]
-# Float element formats (issue 24): float weights round to nearest even onto their grid
-# (rtn only); w4a8-fp8 has int4 weights, so every int method applies.
-ROWS += [("w8a16-fp8", -1, "rtn", None), ("w4a16-mxfp4", 32, "rtn", None),
-         ("w4a16-nvfp4", 16, "rtn", None), ("w8a8-fp8", -1, "rtn", None),
-         ("w8a8-fp8", -1, "rtn", "smoothquant")]
-ROWS += [("w4a8-fp8", 128, method, None) for method in ("rtn", "gptq", "awq+gptq")]
+# Float element formats (issue 24 sections 2 and 5): float weights round onto their grid
+# with the methods that apply to them (xla_qops.schemes.FLOAT_METHODS), SmoothQuant for the
+# A8-fp8 scheme; w4a8-fp8 has int4 weights, so the int methods apply.
+ROWS += [(scheme, block, method, None)
+         for scheme, block in (("w8a16-fp8", -1), ("w4a16-mxfp4", 32), ("w4a16-nvfp4", 16),
+                               ("w8a8-fp8", -1))
+         for method in FLOAT_METHODS]
+ROWS += [("w8a8-fp8", -1, method, "smoothquant") for method in ("rtn", "gptq")]
+ROWS += [("w4a8-fp8", 128, method, None) for method in ("rtn", "gptq", "awq", "awq+gptq")]
 # Issue V's targets: mean cosine on the held-out (natural) evaluation set.
 TARGETS = {("w4a16", 128): 0.985, ("w4a16", -1): 0.975, ("w4a8", 128): 0.98,
            ("w8a8", -1): 0.9995}
@@ -305,7 +309,9 @@ def _missing(rows) -> list:
     return [r for r in ROWS if r not in done]
 
 
-def markdown(report: Report, threads: int | None = None) -> str:
+def markdown(report: Report, threads: int | None = None, notes: tuple = ()) -> str:
+    """The table's page; `notes`: lines on how this run was made (added to the list
+    above the tables)."""
     if threads is None:
         try:
             import torch
@@ -351,7 +357,7 @@ def markdown(report: Report, threads: int | None = None) -> str:
         "the call above its level before (the model copy being quantized included).",
         *(["- This run calibrated on the natural set only (half the time): the calibrated "
            "rows' in-distribution and templated → natural figures are \"–\"."]
-          if natural_only else []), "",
+          if natural_only else []), *notes, "",
         "## Targets, on the held-out figures", "",
         *(["Best among the rows this run measured (those it did not are listed below the "
            "table).", ""] if _missing(rows) else []),
