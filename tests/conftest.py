@@ -174,8 +174,8 @@ def pytest_report_header(config):
 # The parametrized matrices of these files are split between the two stacks of
 # `make test` (scripts/test_stacks.sh sets XLA_QOPS_TEST_SHARE to "0/2" on one
 # and "1/2" on the other): every test function runs on both stacks, each of
-# its cases on at least one of them. A version break (a JAX or torch API that moved)
-# fails every case of a function, so one stack's half finds it; the full
+# its cases on at least one of them. A version break (a JAX or torch API that
+# moved) fails every case of a function, so one stack's half finds it; the full
 # matrices on one stack are `make test-pinned` / `make test-current`. These
 # files are ~60% of the suite's time, most of it in the product of formats,
 # schemes, dtypes and shapes (pinned suite, --junitxml, 2026-12-06: 536 of
@@ -233,7 +233,9 @@ def pytest_collection_modifyitems(config, items):
                 if any(item.get_closest_marker(m) for m in markers)]
     config._missing_deselected = len(left_out)
     share = matrix_share()
-    other_shares = cases_of_other_shares(items, share) if share else []
+    left_out_ids = {id(item) for item in left_out}
+    other_shares = cases_of_other_shares(
+        [item for item in items if id(item) not in left_out_ids], share) if share else []
     config._other_shares_deselected = len(other_shares)
     if left_out or other_shares:
         dropped = {id(item) for item in left_out + other_shares}
