@@ -358,6 +358,7 @@ class JaxGenerator:
         import torch
         import torchax
         from transformers import StaticCache
+        from transformers.cache_utils import StaticLayer
 
         from torch_bridge import torchax_ops
         torchax_ops.register_with_torchax()
@@ -372,8 +373,7 @@ class JaxGenerator:
         self.cache_dtype = jnp.dtype(str(model.get_input_embeddings().weight.dtype).split(".")[-1])
         max_len = self.max_len
         # transformers >= 5 initialises a layer from both key and value states.
-        two_state_init = "value_states" in inspect.signature(
-            StaticCache(config=config, max_cache_len=1).layers[0].lazy_initialization).parameters
+        two_state_init = "value_states" in inspect.signature(StaticLayer.lazy_initialization).parameters
 
         def step(params, keys, values, ids, positions):
             with env:
