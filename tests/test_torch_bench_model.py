@@ -95,6 +95,24 @@ def test_nnx_and_compiled_rows_generate_the_eager_tokens(base):
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs == 2
 
 
+@pytest.mark.slow  # inductor's C++ wrapper compiles each graph's C++ (~2 minutes)
+def test_compiled_row_with_the_cpp_wrapper_generates_the_eager_tokens(base):
+    """The compile-cpp row (inductor's C++ wrapper, our op called from C++): the
+    same greedy tokens as eager, over repeated generations without recompiling."""
+    import torch._dynamo.utils
+    V = decoder.Variant
+    model = copy.deepcopy(base).float()
+    prompt = np.random.default_rng(1).integers(3, 512, (1, 6)).astype(np.int64)
+    eager = decoder.prepare(model, V("xla_qops", "eager", "w4a16", 128, True, True), prompt, 5)
+    compiled = decoder.prepare(model, V("xla_qops", "compile-cpp", "w4a16", 128, True, True),
+                               prompt, 5)
+    want = eager[1]().tokens
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    for _ in range(2):
+        np.testing.assert_array_equal(compiled[1]().tokens, want)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs == 2
+
+
 def test_paths_this_environment_cannot_run_say_why(monkeypatch):
     import sys
     decoder.path_unavailable.cache_clear()

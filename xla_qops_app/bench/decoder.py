@@ -57,7 +57,8 @@ class Variant:
       "Q4_0" or "Q8_0").
     path: "eager" (torch CPU tensors, HF generate), "jax" (torchax, jitted),
       "nnx" (`xla_qops_app.jax_llama`, jitted), "compile" (a greedy step,
-      forward and argmax, under `torch.compile`, static cache), "llama.cpp", or "xla"
+      forward and argmax, under `torch.compile`, static cache), "compile-cpp"
+      (the same with inductor's C++ wrapper), "llama.cpp", or "xla"
       (the torch_xla device, static cache; `measure_xla_device`).
     """
 
@@ -72,7 +73,7 @@ class Variant:
     def group(self) -> str:
         """The path group whose turns time this row (`measure`): llama.cpp and
         the compiled torch step take turns with the NNX decoder."""
-        return "nnx" if self.path in ("llama.cpp", "compile") else self.path
+        return "nnx" if self.path in ("llama.cpp",) + COMPILED_PATHS else self.path
 
     @property
     def name(self) -> str:
@@ -115,10 +116,14 @@ EAGER_ONLY_SCHEMES = (("w8a16-fp8", -1, True),)
 # The NNX decoder's rows (lm_head quantized too), against llama.cpp's.
 NNX_SCHEMES = (("w4a16", 128, True), ("w8a16", -1, True), ("w4a8", 128, True))
 LLAMA_CPP_TYPES = ("Q4_0", "Q8_0")
-PATHS = ("eager", "jax", "nnx", "compile", "llama.cpp")
+# The compiled greedy step with inductor's Python wrapper (its default) and with
+# its C++ wrapper (`cpp_wrapper=True`: the graph's kernels and our op called from
+# C++, no Python per call; twice the compile time), `CompiledGenerator`.
+COMPILED_PATHS = ("compile", "compile-cpp")
+PATHS = ("eager", "jax", "nnx") + COMPILED_PATHS + ("llama.cpp",)
 
 
-def variants(paths=("eager", "jax", "nnx", "compile", "llama.cpp"), torchao=True) -> list[Variant]:
+def variants(paths=PATHS, torchao=True) -> list[Variant]:
     """Every row of the benchmark (the peers first)."""
     rows = []
     if "eager" in paths:
@@ -140,6 +145,8 @@ def variants(paths=("eager", "jax", "nnx", "compile", "llama.cpp"), torchao=True
     if "compile" in paths:
         rows.append(Variant("bf16", "compile"))
         rows.append(Variant("xla_qops", "compile", "w4a16", 128, True, True))
+    if "compile-cpp" in paths:
+        rows.append(Variant("xla_qops", "compile-cpp", "w4a16", 128, True, True))
     return rows
 
 
@@ -458,7 +465,7 @@ class CompiledGenerator:
     `CompileConfig`): the prompt's and the one-token step's.
     """
 
-    def __init__(self, model, prompt, decode: int):
+    def __init__(self, model, prompt, decode: int, cpp_wrapper: bool = False):
         import torch
         self.model, self.prompt, self.decode = model, prompt, decode
         # transformers 5.2x renamed `past_key_values` to `cache` (the old name warns).
@@ -471,10 +478,12 @@ class CompiledGenerator:
             out = model(input_ids=ids, cache_position=positions, use_cache=True,
                         logits_to_keep=1, **{cache_kwarg: cache})
             return out.logits[:, -1].argmax(-1, keepdim=True)
-        # Not cpp_wrapper=True (our op called from C++, 1-2 ms a step faster in
-        # turns): it doubles the compile time (docs/torch.md).
+        # cpp_wrapper (the "compile-cpp" row): the step's ~150 kernel and op calls
+        # made from C++ instead of Python, 1-2 ms a step less; the compile time
+        # doubles (docs/torch.md), so the default row keeps inductor's default.
         self.step = torch.compile(greedy_step, fullgraph=True, dynamic=False,
-                                  options={"realize_opcount_threshold": ROPE_REALIZE_OPCOUNT})
+                                  options={"realize_opcount_threshold": ROPE_REALIZE_OPCOUNT,
+                                           "cpp_wrapper": cpp_wrapper})
 
     def __call__(self) -> Timing:
         import torch
@@ -535,7 +544,10 @@ def prepare(base, variant: Variant, prompt, decode: int):
         model = nnx_model(base, variant)
         return jax_llama.step_bytes(model), NnxGenerator(model, prompt, decode)
     model = make_variant(base, variant)
-    cls = {"jax": JaxGenerator, "compile": CompiledGenerator}.get(variant.path, EagerGenerator)
+    if variant.path in COMPILED_PATHS:
+        return step_bytes(model), CompiledGenerator(model, prompt, decode,
+                                                    cpp_wrapper=variant.path == "compile-cpp")
+    cls = JaxGenerator if variant.path == "jax" else EagerGenerator
     return step_bytes(model), cls(model, prompt, decode)
 
 

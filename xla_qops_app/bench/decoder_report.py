@@ -186,7 +186,8 @@ def peer_targets(results) -> list[tuple[str, str, bool]]:
     out = []
     for path, scheme, block, goal in (("nnx", "w4a16", 128, 1.0), ("nnx", "w8a16", -1, 1.0),
                                       ("nnx", "w4a8", 128, None),
-                                      ("compile", "w4a16", 128, 0.9)):
+                                      ("compile", "w4a16", 128, 0.9),
+                                      ("compile-cpp", "w4a16", 128, 0.9)):
         ours = next((r for r in results if r.batch == 1 and r.variant.path == path
                      and r.variant.scheme == scheme and r.variant.block_size == block
                      and r.variant.lm_head and not r.companion), None)
@@ -237,7 +238,7 @@ def plot(results, path: str) -> None:
     batches = sorted({r.batch for r in results})
     fig, axes = plt.subplots(1, len(batches), figsize=(7 * len(batches), 0.32 * len(results) + 2),
                              squeeze=False)
-    colors = {"eager": "#4c72b0", "jax": "#dd8452", "nnx": "#55a868", "compile": "#8172b3",
+    colors = {"eager": "#4c72b0", "jax": "#dd8452", "nnx": "#55a868", "compile": "#8172b3", "compile-cpp": "#da8bc3",
               "llama.cpp": "#937860"}
     for ax, batch in zip(axes[0], batches):
         rows = [r for r in results if r.batch == batch][::-1]

@@ -163,7 +163,7 @@ def llama_note(missing) -> str:
             "converted by llama.cpp's `convert_hf_to_gguf.py` to bf16 GGUF (no vocabulary: "
             "token ids go in directly), quantized by `llama_model_quantize` to Q4_0 and Q8_0 "
             "(default mixtures), generating greedily through `llama_decode` with "
-            f"{llama_cpp.THREADS} threads; it takes turns with the `nnx` and `compile` rows.")
+            f"{llama_cpp.THREADS} threads; it takes turns with the `nnx` and compiled rows.")
 
 
 # Notes say what the code does, never what some other run measured: a
@@ -196,7 +196,9 @@ def _markdown(args, info, layers, reps, slow_reps, batches, results, xla_rows, m
         "decode step over the state split once (`jax.jit`, cache donated); `compile` is HF's "
         "forward and the argmax compiled as one greedy step by `torch.compile` (inductor, "
         "fullgraph, static cache, HF's eager attention) in a Python loop: docs/torch.md, "
-        "\"The compiled decode step\"; `llama.cpp` is the same model as GGUF Q4_0 / Q8_0. The `nnx`, `compile` "
+        "\"The compiled decode step\"; `compile-cpp` is the same with inductor's C++ wrapper "
+        "(`cpp_wrapper=True`: kernels and our op called from C++, twice the compile time); "
+        "`llama.cpp` is the same model as GGUF Q4_0 / Q8_0. The `nnx`, `compile`, `compile-cpp` "
         "and `llama.cpp` rows take turns together (with the eager peers timed again), and the "
         "ratios against llama.cpp pair W4A16 and W4A8 with Q4_0, W8A16 with Q8_0, labelled "
         "as a comparison across formats. Decode tok/s counts every sequence of the "
