@@ -25,14 +25,14 @@ current_log=build/test-current.log
 
 echo "== tests on the current stack ($current_py: newest JAX and torch, no torch_xla)," \
      "running alongside; its output follows (also in $current_log)"
-XLA_QOPS_TEST_SHARE=0/2 "$current_py" -m pytest -q -m "not slow" "$@" > "$current_log" 2>&1 &
+XLA_QOPS_TEST_SHARE=0,1/3 "$current_py" -m pytest -q -m "not slow" "$@" > "$current_log" 2>&1 &
 current_pid=$!
 # Ctrl-C or a CI timeout stops both runs.
 trap 'kill "$current_pid" 2>/dev/null' EXIT
 
 echo "== tests on the pinned stack ($pinned_py: torch_xla 2.9, jax 0.7.1)"
 status=0
-XLA_QOPS_TEST_SHARE=1/2 "$pinned_py" -m pytest -q -m "not slow" "$@" || status=1
+XLA_QOPS_TEST_SHARE=2/3 "$pinned_py" -m pytest -q -m "not slow" "$@" || status=1
 
 wait "$current_pid" || status=1
 trap - EXIT

@@ -172,8 +172,9 @@ def pytest_report_header(config):
 
 
 # The parametrized matrices of these files are split between the two stacks of
-# `make test` (scripts/test_stacks.sh sets XLA_QOPS_TEST_SHARE to "0/2" on one
-# and "1/2" on the other): every test function runs on both stacks, each of
+# `make test` (scripts/test_stacks.sh sets XLA_QOPS_TEST_SHARE to "0,1/3" on the
+# current stack and "2/3" on the pinned one, whose other tests take longer): every
+# test function runs on both stacks, each of
 # its cases on at least one of them. A version break (a JAX or torch API that
 # moved) fails every case of a function, so one stack's half finds it; the full
 # matrices on one stack are `make test-pinned` / `make test-current`. These
@@ -191,17 +192,20 @@ SHARED_MATRIX_FILES = (
 
 
 def matrix_share():
-    """(index, count) from XLA_QOPS_TEST_SHARE ("i/n"), or None: run every case."""
+    """(indices, count) from XLA_QOPS_TEST_SHARE ("i/n" or "i,j,.../n": the cases
+    whose hash mod n is one of the indices), or None: run every case."""
     share = os.environ.get("XLA_QOPS_TEST_SHARE")
     if not share:
         return None
     try:
-        index, count = (int(part) for part in share.split("/"))
+        indices, count = share.split("/")
+        indices, count = frozenset(int(i) for i in indices.split(",")), int(count)
     except ValueError:
-        index = count = -1
-    if not 0 <= index < count:
-        raise ValueError(f"XLA_QOPS_TEST_SHARE must be 'i/n' with 0 <= i < n, got {share!r}")
-    return index, count
+        indices, count = frozenset({-1}), 0
+    if not all(0 <= i < count for i in indices):
+        raise ValueError("XLA_QOPS_TEST_SHARE must be 'i/n' or 'i,j,.../n' with "
+                         f"0 <= i < n, got {share!r}")
+    return indices, count
 
 
 def cases_of_other_shares(items, share):
@@ -211,7 +215,7 @@ def cases_of_other_shares(items, share):
     even where a stack collects cases another does not. Each test function
     keeps at least its first case here, and cases only the pinned stack can
     run (marked torch_xla or torchax) are never given away."""
-    index, count = share
+    indices, count = share
     by_function = {}
     for item in items:
         if (item.path.name in SHARED_MATRIX_FILES and hasattr(item, "callspec")
@@ -220,7 +224,7 @@ def cases_of_other_shares(items, share):
     given_away = []
     for cases in by_function.values():
         others = [item for item in cases
-                  if zlib.crc32(item.nodeid.encode()) % count != index]
+                  if zlib.crc32(item.nodeid.encode()) % count not in indices]
         if len(others) == len(cases):
             others = others[1:]
         given_away += others
@@ -249,7 +253,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     share = matrix_share()
     if share:
         terminalreporter.write_line(
-            f"XLA_QOPS_TEST_SHARE={share[0]}/{share[1]}: {config._other_shares_deselected} "
+            f"XLA_QOPS_TEST_SHARE={os.environ['XLA_QOPS_TEST_SHARE']}: "
+            f"{config._other_shares_deselected} "
             f"cases of the {len(SHARED_MATRIX_FILES)} matrix files deselected (the other "
             "stack runs them; tests/conftest.py)")
     markers, files = _missing()
