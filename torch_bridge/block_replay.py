@@ -90,6 +90,16 @@ class BlockReplay:
         self._kept_bytes = 0
 
 
+def call_model(model, item):
+    """`model`'s forward on one calibration input (a dict: keywords; a tuple or list:
+    positional arguments; else the one argument)."""
+    if isinstance(item, Mapping):
+        return model(**item)
+    if isinstance(item, (tuple, list)):
+        return model(*item)
+    return model(item)
+
+
 def blocks_run_once(model, call, first_input) -> set:
     """The blocks (`_outermost_blocks`) that run exactly once in the forward
     ``call(model, first_input)``."""

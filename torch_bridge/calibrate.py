@@ -22,6 +22,11 @@ forward hooks on its `nn.Linear`s, under `torch.no_grad()`:
    pass per group after step 2's); RTN and HQQ need no data. The group's
    Linears are then swapped.
 
+4. Block methods (``"awq+gptq+blockround"``, `quantizers.BLOCK_METHODS`): after
+   phase 3 with the layer-wise method they start from, each transformer block's
+   Linears are refined jointly against the block's output (`torch_bridge.blockround`;
+   the float blocks' outputs are kept from one float forward before phase 2).
+
 Each gathering pass stops a forward as soon as the group's Linears have run
 (unless a Linear runs twice in one forward), and the blocks (transformer
 layers) finished before the group return their kept outputs instead of
@@ -37,7 +42,9 @@ from collections.abc import Iterable, Mapping
 import numpy as np
 import torch
 
+from torch_bridge import blockround
 from torch_bridge.block_replay import BlockReplay, blocks_run_once
+from torch_bridge.block_replay import call_model as _call
 from torch_bridge.block_replay import tensors as _tensors
 from torch_bridge.linear import XlaQuantizedLinear
 from xla_qops import quantizers
@@ -85,14 +92,6 @@ def tokens_of(item) -> int:
               else enumerate(item if isinstance(item, (tuple, list)) else [item]))
     return sum(v.numel() for k, v in values
                if not v.is_floating_point() and "mask" not in str(k) and "type" not in str(k))
-
-
-def _call(model, item):
-    if isinstance(item, Mapping):
-        return model(**item)
-    if isinstance(item, (tuple, list)):
-        return model(*item)
-    return model(item)
 
 
 def trace(model, linears: dict, first_input) -> tuple[list, set]:
@@ -232,6 +231,7 @@ class LayerResult:
     weight_error: float  # ... of the method used (scales included)
     input_scale: str | None  # None, "folded into <module>" or "explicit"
     held_out: heldout.HeldOutCheck | None = None  # the fallback's check (calibrated methods)
+    block: blockround.BlockResult | None = None  # its block's reconstruction (blockround)
 
 
 def quantize_linears(model, todo, *, bits: int, block_size: int, symmetric: bool,
@@ -257,6 +257,13 @@ def quantize_linears(model, todo, *, bits: int, block_size: int, symmetric: bool
     activation_format: the modules' (API.md section 7; None: the default)."""
     linears = dict(todo)
     needs_data = method in quantizers.CALIBRATED or smoothing is not None
+    block_method, method = method, quantizers.BLOCK_METHODS.get(method, method)
+    refine = block_method != method  # a layer-wise start, then block reconstruction
+    float_outputs = None
+    if refine and blockround.TARGET == "float":  # the float model's blocks, before any change
+        refined = blockround.blocks_to_refine(model, list(linears), inputs)
+        float_outputs = blockround.float_block_outputs(model, inputs, [n for n, _, _ in refined])
+    starts = {} if refine else None
     with torch.no_grad():
         if needs_data:
             groups, repeated = trace(model, linears, inputs[0])
@@ -283,17 +290,52 @@ def quantize_linears(model, todo, *, bits: int, block_size: int, symmetric: bool
                              symmetric=symmetric, quantize_activation=quantize_activation,
                              method=method, progress=progress, format=format,
                              activation_format=activation_format,
-                             nvfp4_divisor=nvfp4_divisor)
+                             nvfp4_divisor=nvfp4_divisor, starts=starts)
         finally:
             replay.close()
+    if refine:
+        _reconstruct_blocks(model, inputs, starts, results, linears, block_method, swap,
+                            float_outputs, bits=bits, block_size=block_size,
+                            symmetric=symmetric, quantize_activation=quantize_activation,
+                            progress=progress)
     return results
+
+
+def _reconstruct_blocks(model, inputs, starts, results, linears, block_method, swap,
+                        float_outputs, *, bits, block_size, symmetric, quantize_activation,
+                        progress):
+    """Phase 4 of a block method (`blockround`): each block's Linears refined jointly from
+    the layer-wise result (`starts`: {name: (weight as quantized, its QuantizedWeight, the
+    weight before any scale, the scale or None)}); `results` updated in place."""
+    start_method = quantizers.BLOCK_METHODS[block_method]
+    done = blockround.reconstruct(
+        model, inputs, {n: (w, qw, results[n].module) for n, (w, qw, _, _) in starts.items()},
+        bits=bits, block_size=block_size, symmetric=symmetric,
+        quantize_activation=quantize_activation, swap=swap, float_outputs=float_outputs,
+        float_linears=linears, progress=progress)
+    blocks = done.pop(None)
+    for name, r in results.items():
+        outcome = next((b for block, b in blocks.items() if name.startswith(block + ".")), None)
+        if outcome is None:
+            continue  # outside every refined block: the layer-wise result stays
+        r.block = outcome
+        if name not in done:
+            r.method = f"{r.method} (blockround: no held-out gain)"
+            continue
+        module, qw, _ = done[name]
+        _, _, w_orig, scale = starts[name]
+        r.module = module
+        r.method = (block_method if r.method == start_method
+                    else f"{block_method} (from {r.method})")
+        r.weight_error = layerwise.weight_error(w_orig, qw, scale)
 
 
 def _quantize_groups(model, inputs, groups, ran, linears, repeated, scales, where, results,
                      replay, *, swap, bits, block_size, symmetric, quantize_activation, method,
-                     progress, format, activation_format, nvfp4_divisor):
+                     progress, format, activation_format, nvfp4_divisor, starts=None):
     """Phase 3 (module docstring): quantizes and swaps each group in run order, filling
-    `results`; `replay` replays the blocks finished before each group."""
+    `results`; `replay` replays the blocks finished before each group. `starts` (a dict, or
+    None): filled with what phase 4 (`_reconstruct_blocks`) starts from."""
     for i, g in enumerate(groups):
         mods = [linears[n] for n in g.names]
         group_method = method if g.names[0] in ran else (
@@ -323,6 +365,9 @@ def _quantize_groups(model, inputs, groups, ran, linears, repeated, scales, wher
                 module, done.method, done.weight_error_rtn, done.weight_error,
                 None if s is None else where[name], done.held_out)
             swap(name, results[name].module)
+            if starts is not None:
+                w_orig = w / s if (s is not None and not explicit) else w
+                starts[name] = (w * s if explicit else w, done.weight, w_orig, s)
         replay.finish(i)
 
 

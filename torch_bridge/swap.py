@@ -197,7 +197,8 @@ def quantize_model(model, *, scheme: str = "w8a16", block_size: int = -1,
                      calibration is not None)
     needs_data = method in quantizers.CALIBRATED or smoothing is not None
     check_method(method, calibration is not None, allow_unused=smoothing is not None,
-                 calibration_is="an iterable of the model's inputs")
+                 calibration_is="an iterable of the model's inputs",
+                 methods=quantizers.MODEL_METHODS)
     inputs = calibrate.check_inputs(calibration) if needs_data else None
 
     parents = linear_holders(model)

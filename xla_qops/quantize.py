@@ -203,13 +203,18 @@ def _round_to_nearest_traced(w, bits: int, block_size: int, symmetric: bool):
 
 
 def check_method(method, calibration_given: bool, allow_unused: bool = False,
-                 calibration_is: str = "a float [n, in] sample of the layer's inputs") -> None:
-    """`method` is known, and calibration is given when (and, unless `allow_unused`
-    because something else uses it, only when) it needs it; `calibration_is` says
-    what the caller's calibration argument holds."""
-    if not isinstance(method, str) or method not in quantizers.METHODS:
-        raise ValueError(f"method: expected one of {', '.join(map(repr, quantizers.METHODS))}, "
-                         f"got {method!r}")
+                 calibration_is: str = "a float [n, in] sample of the layer's inputs",
+                 methods: tuple = quantizers.METHODS) -> None:
+    """`method` is one of `methods` (a whole model's callers pass
+    `quantizers.MODEL_METHODS`), and calibration is given when (and, unless
+    `allow_unused` because something else uses it, only when) it needs it;
+    `calibration_is` says what the caller's calibration argument holds."""
+    if not isinstance(method, str) or method not in methods:
+        whole_model = (f" ({method!r} refines a torch model's blocks: "
+                       f"torch_bridge.quantize_model or `xla-qops quantize`)"
+                       if method in quantizers.BLOCK_METHODS else "")
+        raise ValueError(f"method: expected one of {', '.join(map(repr, methods))}, "
+                         f"got {method!r}{whole_model}")
     if method in quantizers.CALIBRATED and not calibration_given:
         raise ValueError(f"calibration: method={method!r} needs calibration inputs "
                          f"({calibration_is}), got None")

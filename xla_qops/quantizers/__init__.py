@@ -9,6 +9,7 @@
 | ``"awq+gptq"`` | layer inputs | GPTQ's rounding onto AWQ's clipped grids | awq_gptq |
 | ``"autoround"`` | layer inputs | rounding offsets, clips learned by signed gradient | autoround |
 | ``"awq+gptq+autoround"`` | layer inputs | autoround started from awq+gptq's result | autoround |
+| ``"awq+gptq+blockround"`` | a torch model | awq+gptq, then block output reconstruction | torch_bridge.blockround |
 
 All work on a float32 ``[out, in]`` weight with numpy on the host and
 return ``(q, scale, zero_point)`` in API.md's layouts (int8 q, float32
@@ -33,9 +34,16 @@ from xla_qops.quantizers import autoround, awq, awq_gptq, float_formats, gptq, g
 from xla_qops.schemes import FLOAT_METHODS  # the methods that round onto the float grids
 
 METHODS = ("rtn", "hqq", "gptq", "awq", "awq+gptq", "autoround", "awq+gptq+autoround")
-CALIBRATED = ("gptq", "awq", "awq+gptq", "autoround", "awq+gptq+autoround")
+CALIBRATED = ("gptq", "awq", "awq+gptq", "autoround", "awq+gptq+autoround",
+              "awq+gptq+blockround")
 # Methods whose quantize_model also searches AWQ's per-input-channel scale first.
-INPUT_SCALED = ("awq", "awq+gptq", "awq+gptq+autoround")
+INPUT_SCALED = ("awq", "awq+gptq", "awq+gptq+autoround", "awq+gptq+blockround")
+# Methods of a whole torch model (torch_bridge.quantize_model, xla-qops quantize), not of one
+# weight: each transformer block's Linears refined jointly against the block's output
+# (torch_bridge.blockround), starting from the layer-wise method named here.
+# They are not in METHODS (quantize_weight's, and the NNX face's, which refuse them).
+BLOCK_METHODS = {"awq+gptq+blockround": "awq+gptq"}
+MODEL_METHODS = METHODS + tuple(BLOCK_METHODS)  # torch_bridge.quantize_model's, the CLI's
 
 
 def calibration_hessian(x) -> np.ndarray:

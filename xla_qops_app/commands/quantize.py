@@ -107,7 +107,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="xla-qops (default): one .safetensors file for this library; "
                              "compressed-tensors: a directory vLLM loads (OUTPUT is a directory)")
     parser.add_argument("--method", default="rtn",
-                        choices=quantizers.METHODS,
+                        choices=quantizers.MODEL_METHODS,
                         help="rtn (round to nearest, default), hqq (no data), or the calibrated "
                              f"{', '.join(quantizers.CALIBRATED)} (need --calibration); "
                              "docs/quantizers.md")
@@ -373,7 +373,8 @@ def quantize_file(source: str, output: str, *, scheme: str = "w8a16", block_size
                          "with --format compressed-tensors")
     from xla_qops.quantize import check_method
     check_method(method, calibration is not None,
-                 calibration_is="--calibration FILE: sentences, or safetensors input_ids")
+                 calibration_is="--calibration FILE: sentences, or safetensors input_ids",
+                 methods=quantizers.MODEL_METHODS)
     source_dir = source if os.path.isdir(source) else None
     if calibration is not None and (source_dir is None or not os.path.isfile(
             os.path.join(source_dir, "config.json"))):
