@@ -5,10 +5,10 @@ Compares the host-CPU decode kernels of two build directories (each made with
 `_torch_ops.*.so`) on the decoder bench's shapes (TinyLlama dims: fused qkv
 2048x2560, gate_up 2048x11264, down 5632x2048, lm_head 2048x32000) at M = 1
 and 4. One worker process per build loads that build's modules (a
-`sitecustomize.py` finder ahead of the editable install's, as
-scripts/sanitize.sh does); the parent asks the workers in turns, alternating
-which goes first, so that both see the same moments of a shared machine's
-load. A turn times one pass over enough weight copies to read more than
+`sitecustomize.py` finder ahead of the editable install's, written by
+scripts/module_shim.py, as for scripts/sanitize.sh); the parent asks the
+workers in turns, alternating which goes first, so that both see the same
+moments of a shared machine's load. A turn times one pass over enough weight copies to read more than
 three times the last-level cache (the weights come from DRAM, as in a
 decode step; --llc-multiple 0: one copy, from cache where it fits, which
 shows the kernels' compute rate), after an untimed warm pass.
@@ -36,7 +36,6 @@ the median (min-max) of the per-turn ratios base / new.
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import os
 import statistics
@@ -44,38 +43,22 @@ import subprocess
 import sys
 import tempfile
 
+import module_shim  # scripts/: the sitecustomize.py writer sanitize.sh uses too
+
 SHAPES = {"qkv": (2048, 2560), "gate_up": (2048, 11264), "down": (5632, 2048),
           "lm_head": (2048, 32000)}
 # name: (bits, block_size, symmetric, quantize_activation)
 SCHEMES = {"w4a16-g128-sym": (4, 128, True, False), "w4a16-g128-asym": (4, 128, False, False),
-           "w4a16-g32-sym": (4, 32, True, False), "w8a16-pc": (8, -1, True, False),
+           "w4a16-g32-sym": (4, 32, True, False), "w4a16-pc": (4, -1, True, False),
+           "w8a16-pc": (8, -1, True, False),
            "w4a8-g128-sym": (4, 128, True, True)}
 LLC_BYTES = 32 << 20
 
 
 def _shim(build: str) -> str:
     """A directory holding a sitecustomize.py that loads `build`'s modules."""
-    kernels = glob.glob(os.path.join(build, "_cpu_kernels.*.so"))
-    torch_ops = glob.glob(os.path.join(build, "_torch_ops.*.so"))
-    if len(kernels) != 1 or len(torch_ops) != 1:
-        raise SystemExit(f"--new/--base: expected one _cpu_kernels and one _torch_ops module "
-                         f"in {build}, found {kernels + torch_ops}")
-    built = {"xla_qops._cpu_kernels": os.path.abspath(kernels[0]),
-             "torch_bridge._torch_ops": os.path.abspath(torch_ops[0])}
     shim = tempfile.mkdtemp(prefix="bench_decode_kernel_")
-    with open(os.path.join(shim, "sitecustomize.py"), "w") as f:
-        f.write(f"""import importlib.machinery, importlib.util, sys
-_BUILT = {built!r}
-class _BuiltFinder:
-    @staticmethod
-    def find_spec(fullname, path=None, target=None):
-        origin = _BUILT.get(fullname)
-        if origin is None:
-            return None
-        loader = importlib.machinery.ExtensionFileLoader(fullname, origin)
-        return importlib.util.spec_from_file_location(fullname, origin, loader=loader)
-sys.meta_path.insert(0, _BuiltFinder)
-""")
+    module_shim.write_shim(shim, build)
     return shim
 
 
@@ -87,7 +70,10 @@ def _weights(k, n, scheme, copies, seed=0):
     groups = 1 if block == -1 else k // block
     out = []
     for _ in range(copies):
-        if block == -1:
+        if block == -1 and bits == 4:
+            w = rng.integers(0, 256, size=(n, k // 2), dtype=np.uint8)
+            scale = rng.uniform(1e-2, 2e-2, size=(n,)).astype(np.float32)
+        elif block == -1:
             w = rng.integers(-128, 128, size=(n, k), dtype=np.int8)
             scale = rng.uniform(1e-3, 2e-3, size=(n,)).astype(np.float32)
         else:

@@ -7,10 +7,10 @@
 #      -fsanitize=address,undefined into its own build directory, build/sanitize
 #      (the install's build under build/cp3xx-* and the .venv stay untouched);
 #   2. runs the C++-facing tests and the seeded fuzzers with those modules
-#      shadowing the installed ones: a sitecustomize.py in a temporary
-#      directory on PYTHONPATH puts a finder for the two module names ahead
-#      of scikit-build-core's editable redirect (which would otherwise find the
-#      normal build); a check before the tests fails the run unless the
+#      shadowing the installed ones: a sitecustomize.py (written by
+#      scripts/module_shim.py) in a temporary directory on PYTHONPATH puts a
+#      finder for the two module names ahead of scikit-build-core's editable
+#      redirect (which would otherwise find the normal build); a check before the tests fails the run unless the
 #      sanitized files are the ones loaded;
 #   3. the ASan runtime is LD_PRELOADed into Python (it must come first in
 #      the process; Python itself is not instrumented), leak checking is off
@@ -46,33 +46,12 @@ else  # SANITIZE_BUILD=0: rerun the tests against the modules already built
   echo "== reusing the modules in $BUILD"
 fi
 
-kernels=$(ls "$BUILD"/_cpu_kernels.*.so)
-torch_ops=$(ls "$BUILD"/_torch_ops.*.so)
 libasan=$("$CXX" -print-file-name=libasan.so)
 libubsan=$("$CXX" -print-file-name=libubsan.so)
 
 shim=$(mktemp -d)
 trap 'rm -rf "$shim"' EXIT
-cat >"$shim/sitecustomize.py" <<PYEOF
-# Loads the sanitized extension modules instead of the installed ones.
-import importlib.machinery, importlib.util, sys
-
-_SANITIZED = {"xla_qops._cpu_kernels": "$PWD/$kernels",
-              "torch_bridge._torch_ops": "$PWD/$torch_ops"}
-
-
-class _SanitizedFinder:
-    @staticmethod
-    def find_spec(fullname, path=None, target=None):
-        origin = _SANITIZED.get(fullname)
-        if origin is None:
-            return None
-        loader = importlib.machinery.ExtensionFileLoader(fullname, origin)
-        return importlib.util.spec_from_file_location(fullname, origin, loader=loader)
-
-
-sys.meta_path.insert(0, _SanitizedFinder)
-PYEOF
+"$PY" scripts/module_shim.py "$shim" "$BUILD"  # loads the sanitized modules instead
 
 export PYTHONPATH="$shim${PYTHONPATH:+:$PYTHONPATH}"
 export LD_PRELOAD="$libasan $libubsan"
