@@ -416,131 +416,14 @@ inline void dword_pick_tables(const int (&from_b)[4], __m512i idx[4]) {
   }
 }
 
-// The offset form of the exact int4 -> bf16 unpack (A16, integer nibbles;
-// fp4's e2m1 values are not evenly spaced and keep the table). A nibble u
-// (two's complement q) placed in bits 3-6 of the bf16 pattern 0x3fc0 with its
-// top bit flipped gives 0x3f80 | ((q + 8) << 3), the bf16 number
-// 1 + (q + 8) / 16 = kOffsetBias + q / kOffsetUnit: one vpternlogd (not a
-// shuffle) instead of the vpermw table lookup. The dot products then hold
-// sum x (kOffsetBias + q / kOffsetUnit), so each group's sum becomes
-// sum x q = kOffsetUnit * (acc - kOffsetBias * sum x) (offset_group_sums).
-// The nibble sits in the high mantissa bits, not the low ones (0x4300 |
-// (q + 8) = 136 + q): the bias is then 24 units of q, not 136, so the float32
-// sums carry terms ~5x, not ~30x, larger than sum x q's (see
-// offset_group_sums for the error).
-constexpr float kOffsetBias = 1.5f, kOffsetUnit = 16.0f;
-inline __m512i offset_bf16(__m512i nibbles_at_bit3) {
-  // bitwise: bits 3-6 of each word (the mask) ? nibble ^ 0x3fc0 : 0x3fc0
-  return _mm512_ternarylogic_epi32(nibbles_at_bit3, _mm512_set1_epi32(0x3fc03fc0),
-                                   _mm512_set1_epi32(0x00780078), 0x6c);
-}
-
-// The offset form's lane order: w[m] (m = 0..3) of PairUnpacker::int4_offset
-// holds in its qword j (dwords 2j, 2j+1) columns 8j + 2m and 8j + 2m + 1,
-// i.e. float pair 4j + m of the 64 columns. natural() puts four accumulators
-// of that order back into column order: pair 8r + i of register r is pair
-// 2r + (i >> 2) of register i & 3 (two vpermt2pd and a blend per register,
-// once per group, where the unpacking saved 5 shuffles per k-pair).
-struct OffsetLaneOrder {
-  __m512i from01[4], from23[4];
-  OffsetLaneOrder() {
-    for (int r = 0; r < 4; ++r) {
-      alignas(64) int64_t a[8], b[8];
-      for (int i = 0; i < 8; ++i) {
-        const int64_t q = 2 * r + (i >> 2);  // qword of the source register
-        a[i] = (i & 3) == 1 ? 8 + q : q;      // registers 0 (i & 3 == 0) and 1
-        b[i] = (i & 3) == 3 ? 8 + q : q;      // registers 2 and 3
-      }
-      from01[r] = _mm512_load_si512(a);
-      from23[r] = _mm512_load_si512(b);
-    }
-  }
-  void natural(__m512 c[4]) const {
-    __m512d d[4];
-    for (int r = 0; r < 4; ++r) {
-      const __m512d a = _mm512_permutex2var_pd(_mm512_castps_pd(c[0]), from01[r], _mm512_castps_pd(c[1]));
-      const __m512d b = _mm512_permutex2var_pd(_mm512_castps_pd(c[2]), from23[r], _mm512_castps_pd(c[3]));
-      d[r] = _mm512_mask_blend_pd(0xcc, a, b);  // qwords i & 3 = 2, 3 from b
-    }
-    for (int r = 0; r < 4; ++r) c[r] = _mm512_castpd_ps(d[r]);
-  }
-};
-
-// Offset-form accumulators of one row and group (lane order above) -> the
-// group's sum x q in column order (xgs: the float-product A8 form's group
-// factor, or 1; xsum: the row's sum of x over the group, times xgs).
-//
-// Error: acc adds the terms x (1.5 + q/16) = (x / 16)(24 + q), whose float32
-// roundings are up to (24 + 8) / 8 = 4x those of the table form's x q / 16
-// (~5x at the rms of a uniform q) and partial sums that drift towards
-// 24 sum x / 16 instead of sum x q / 16; the subtraction is one rounding
-// (fnmadd) of a value no larger, and sum x (prep_a16, float32) errs by a few
-// u32 * sum |x|, times the bias 24. So the accumulation error grows ~5x,
-// ~24 u32 sqrt(G) rms(x) per group instead of ~4.6 u32 sqrt(G) rms(x), still
-// far below a bf16 output's rounding (2^-9 |y|, |y| ~ 4.6 sqrt(K) rms(x) for
-// K >= G). Against tests/numpy_reference.py's tolerance, which models
-// float32 sums of the terms x (s q - z): x spanning 2^+-12 within every
-// group stays inside it (bf16 outputs, the rounding part dominates); an
-// outlier feature 2^12 times the rest whose weight q is 0 does not, for
-// outputs near 0 (measured up to 13x that tolerance; absolute error a few
-// u32 * 24 * s * |x_outlier|), since its term is 0 there but 1.5 x_outlier
-// rides in the group's sum. test_custom_call.py::test_int4_offset_form_accuracy
-// bounds both by the same model applied to the terms added here,
-// x s (24 + q). (The low-bit form, 136 + q, would grow all of it ~6x.)
-inline void offset_group_sums(__m512 c[4], const OffsetLaneOrder& order, float xgs, float xsum) {
-  order.natural(c);
-  const __m512 bias = _mm512_set1_ps(kOffsetBias), sum = _mm512_set1_ps(xsum);
-  for (int cb = 0; cb < 4; ++cb) {  // (acc * xgs - 1.5 sum x) * 16: one rounding (fnmadd), then exact
-    if (xgs != 1.0f) c[cb] = _mm512_mul_ps(c[cb], _mm512_set1_ps(xgs));
-    c[cb] = _mm512_mul_ps(_mm512_fnmadd_ps(bias, sum, c[cb]), _mm512_set1_ps(kOffsetUnit));
-  }
-}
-
-// Where the offset form is used: the blockwise decode's register form
-// (stream_a16, M*T <= 4) of int4 weights (fp4 keeps the table) with bf16
-// activations, i.e. a bf16 output, whose rounding (2^-9 |y|) its larger
-// float32 sums stay ~100x below. The wide form (5-16 rows) keeps the table:
-// it is bound by its dot products, and un-permuting each row's accumulators
-// in sweep_rows cost more than the unpacking saved (M = 8: 0.93-1.05x,
-// M = 16: 0.89-0.94x, g128 2048x2560 / 5632x2048, one core); so do the
-// per-channel dot form and the prefill panels.
-// f16 / f32 outputs keep the table form: in float32 the offset form's
-// accumulation error measured up to 0.5 of the bound
-// tests/numpy_reference.py states (x spanning 2^+-12 within g128 groups;
-// the table form 0.03).
-inline bool int4_offset_form(const Problem& p) {
-  return p.bits == 4 && p.wf == kWInt && p.xt == kBF16;
-}
-
 struct PairUnpacker {  // 64 columns of one k-pair -> 4 x (bf16 lo | bf16 hi << 16)
-  __m512i idx[4], lut, spread[4];
+  __m512i idx[4], lut;
   explicit PairUnpacker(const Problem& p) {
     // Dword i of quarter cb takes byte 16cb+i of the row (word 0: its low
     // nibble in bits 0-3) and byte 16cb+i of the row shifted right by 4 (word 1:
     // its high nibble in bits 0-3); the LUT reads bits 0-4 and ignores bit 4.
     dword_pick_tables({0, 0, 1, 1}, idx);
     lut = nibble_lut(p);
-    // int4_offset's vpmultishiftqb controls: in each qword (8 columns),
-    // dword d of w[m] takes column c = 2m + d's low nibble (bits 8c..8c+3)
-    // into bits 3-6 of byte 4d and its high nibble into bits 3-6 of byte
-    // 4d + 2 (8-bit windows from bit 8c - 3 and 8c + 1, wrapping around the
-    // qword); bytes 4d + 1 and 4d + 3 are don't-cares (offset_bf16 sets them).
-    for (int m = 0; m < 4; ++m) {
-      uint64_t ctl = 0;
-      for (int d = 0; d < 2; ++d) {
-        const int c = 2 * m + d;
-        ctl |= static_cast<uint64_t>((8 * c - 3) & 63) << (32 * d);
-        ctl |= static_cast<uint64_t>((8 * c + 1) & 63) << (32 * d + 16);
-      }
-      spread[m] = _mm512_set1_epi64(static_cast<int64_t>(ctl));
-    }
-  }
-  // The offset form (int4 only): one vpmultishiftqb and one vpternlogd per
-  // 16 columns, no shift; w[m] in OffsetLaneOrder's lane order, values
-  // kOffsetBias + q / kOffsetUnit.
-  void int4_offset(const uint8_t* src, __mmask64 m, __m512i w[4]) const {
-    const __m512i v = _mm512_maskz_loadu_epi8(m, src);
-    for (int k = 0; k < 4; ++k) w[k] = offset_bf16(_mm512_multishift_epi64_epi8(spread[k], v));
   }
   // Two shuffles per 16 columns, columns in natural order: w[cb] lane i = column 16cb+i.
   void int4(const uint8_t* src, __mmask64 m, __m512i w[4]) const {
@@ -1176,10 +1059,6 @@ void dot_a16_t(const Problem& p, const XA16& xa, const uint16_t* xd, int64_t Kq,
           const __m512i v = _mm512_maskz_loadu_epi8(m, row[i] + k / 2);
           // Word j of v holds features 4j..4j+3, one per nibble; the LUT takes
           // the low 5 bits (bit 4 is ignored), so a shift selects the nibble.
-          // (The offset form, offset_bf16 after shifts bringing each nibble
-          // to bits 3-6, or after vpmultishiftqb, measured 0.82-0.93x and
-          // 0.68-0.85x of this from cache, one core, 2048x2560 / 5632x2048
-          // M = 1 and 4: this loop is not bound by the lookups.)
           const __m512i w0 = _mm512_permutexvar_epi16(v, lut);
           const __m512i w1 = _mm512_permutexvar_epi16(_mm512_srli_epi16(v, 4), lut);
           const __m512i w2 = _mm512_permutexvar_epi16(_mm512_srli_epi16(v, 8), lut);
@@ -1511,15 +1390,11 @@ inline void unpack_sweep(__m512i (&wb)[S][4], int64_t ns, const UnpackStep& unpa
 // stream_blocks) reads the same span of each row; each column's arithmetic
 // does not depend on the blocking.
 // R: rows of x (M*T) when at most kRegisterRows, 0 for the wide form.
-// BITS 4: int4 or fp4 nibbles (PairUnpacker's table), or int4 in the offset
-// form when OFFSET (the register form only: accumulators in OffsetLaneOrder,
-// offset_group_sums at the group's end); 8: int8, or fp8 when FP8.
-template <int R, int BITS, bool FP8 = false, bool OFFSET = false>
+// BITS 4: int4 or fp4 nibbles (PairUnpacker's table); 8: int8, or fp8 when FP8.
+template <int R, int BITS, bool FP8 = false>
 void stream_a16_t(const Problem& p, const XA16& xa, int64_t g0, int64_t g1, int64_t t0,
                   int64_t t1, float* acc, float* part) {
-  static_assert(!OFFSET || (R > 0 && BITS == 4), "the offset form: int4, register form");
   const PairUnpacker unpack(p);
-  const OffsetLaneOrder order;
   const Fp8Decoder dec;
   constexpr int64_t SP = stream_pairs(R);
   const int rows = R > 0 ? R : static_cast<int>(p.M * xa.T);
@@ -1569,9 +1444,7 @@ void stream_a16_t(const Problem& p, const XA16& xa, int64_t g0, int64_t g1, int6
         float* a = acc + (t - t0) * rows * kNR;
         const auto unpack_step = [&](int64_t s, __m512i w[4]) __attribute__((always_inline)) {
           const uint8_t* src = ws + s * row_bytes + n0;
-          if constexpr (OFFSET) {
-            unpack.int4_offset(src, m, w);
-          } else if constexpr (BITS == 4) {
+          if constexpr (BITS == 4) {
             unpack.int4(src, m, w);
           } else if constexpr (FP8) {
             PairUnpacker::fp8(dec, src, 2 * (s0 + s) + 1 < p.G ? src + N : nullptr, m, w);
@@ -1618,32 +1491,19 @@ void stream_a16_t(const Problem& p, const XA16& xa, int64_t g0, int64_t g1, int6
         if (!last) continue;
         // The group's last sweep: fin_a16's arithmetic (from L1, which keeps
         // c in registers above): part = (part +) s * sum_t acc (- z * xsum).
-        __m512 sv[4], zv[4];
-        __mmask16 mc[4];
         for (int cb = 0; cb < 4; ++cb) {
-          mc[cb] = tail_mask(static_cast<int>(N - n0 - 16 * cb));
-          sv[cb] = _mm512_maskz_loadu_ps(mc[cb], sg + n0 + 16 * cb);
-          zv[cb] = zg ? _mm512_maskz_loadu_ps(mc[cb], zg + n0 + 16 * cb) : _mm512_setzero_ps();
-        }
-        for (int64_t m_row = 0; m_row < p.M; ++m_row) {
-          const int64_t i = m_row * p.groups + g;
-          __m512 sum[4];
-          for (int cb = 0; cb < 4; ++cb) {
+          const __mmask16 mc = tail_mask(static_cast<int>(N - n0 - 16 * cb));
+          const __m512 sv = _mm512_maskz_loadu_ps(mc, sg + n0 + 16 * cb);
+          const __m512 zv = zg ? _mm512_maskz_loadu_ps(mc, zg + n0 + 16 * cb) : _mm512_setzero_ps();
+          for (int64_t m_row = 0; m_row < p.M; ++m_row) {
             const float* am = a + m_row * xa.T * kNR + 16 * cb;
-            sum[cb] = _mm512_load_ps(am);
-            for (int tt = 1; tt < xa.T; ++tt) sum[cb] = _mm512_add_ps(sum[cb], _mm512_load_ps(am + tt * kNR));
-          }
-          if constexpr (OFFSET) {
-            offset_group_sums(sum, order, xa.xgs ? xa.xgs[i] : 1.0f, xa.xsum[i]);
-          } else if (xa.xgs) {
-            for (int cb = 0; cb < 4; ++cb) sum[cb] = _mm512_mul_ps(sum[cb], _mm512_set1_ps(xa.xgs[i]));
-          }
-          for (int cb = 0; cb < 4; ++cb) {
+            __m512 sum = _mm512_load_ps(am);
+            for (int tt = 1; tt < xa.T; ++tt) sum = _mm512_add_ps(sum, _mm512_load_ps(am + tt * kNR));
+            if (xa.xgs) sum = _mm512_mul_ps(sum, _mm512_set1_ps(xa.xgs[m_row * p.groups + g]));
             float* o = part + m_row * N + n0 + 16 * cb;
-            __m512 v = g == g0 ? _mm512_mul_ps(sv[cb], sum[cb])
-                               : _mm512_fmadd_ps(sv[cb], sum[cb], _mm512_maskz_loadu_ps(mc[cb], o));
-            if (zg) v = _mm512_fnmadd_ps(zv[cb], _mm512_set1_ps(xa.xsum[i]), v);
-            _mm512_mask_storeu_ps(o, mc[cb], v);
+            __m512 v = g == g0 ? _mm512_mul_ps(sv, sum) : _mm512_fmadd_ps(sv, sum, _mm512_maskz_loadu_ps(mc, o));
+            if (zg) v = _mm512_fnmadd_ps(zv, _mm512_set1_ps(xa.xsum[m_row * p.groups + g]), v);
+            _mm512_mask_storeu_ps(o, mc, v);
           }
         }
       }
@@ -1654,10 +1514,7 @@ void stream_a16_t(const Problem& p, const XA16& xa, int64_t g0, int64_t g1, int6
 template <int R>
 void stream_a16_r(const Problem& p, const XA16& xa, int64_t g0, int64_t g1, int64_t t0, int64_t t1,
                   float* acc, float* part) {
-  if constexpr (R > 0) {  // the register form; the wide form keeps the table (int4_offset_form)
-    if (int4_offset_form(p)) return stream_a16_t<R, 4, false, true>(p, xa, g0, g1, t0, t1, acc, part);
-  }
-  if (p.bits == 4) return stream_a16_t<R, 4>(p, xa, g0, g1, t0, t1, acc, part);  // the table
+  if (p.bits == 4) return stream_a16_t<R, 4>(p, xa, g0, g1, t0, t1, acc, part);
   if (p.wf == kWFp8) return stream_a16_t<R, 8, true>(p, xa, g0, g1, t0, t1, acc, part);
   return stream_a16_t<R, 8>(p, xa, g0, g1, t0, t1, acc, part);
 }
