@@ -90,11 +90,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--batch", default="1,4", help="comma-separated batch sizes (default 1,4)")
     model.add_argument("--prefill", type=int, default=128, help="prompt tokens (default 128)")
     model.add_argument("--decode", type=int, default=64, help="generated tokens (default 64)")
-    model.add_argument("--paths", default="eager,jax,nnx,compile,compile-cpp,llama.cpp",
+    model.add_argument("--paths", default="eager,jax,nnx,compile,llama.cpp",
                        help="comma-separated: eager (torch CPU tensors), jax (torchax, "
                             "jitted), nnx (the Flax NNX decoder, jitted), compile (HF decode "
-                            "step under torch.compile), compile-cpp (the same, inductor's C++ wrapper), llama.cpp (if "
-                            "scripts/ensure_llama_cpp.sh built it); default all")
+                            "step under torch.compile), compile-cpp (the same, inductor's C++ "
+                            "wrapper; not in the default), llama.cpp (if "
+                            "scripts/ensure_llama_cpp.sh built it); default all but compile-cpp")
     model.add_argument("--xla-layers", type=int, default=2,
                        help="layers of the torch_xla-device section (static cache; its "
                             "first generate compiles for minutes); 0 skips it (default 2)")
