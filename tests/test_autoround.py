@@ -94,6 +94,28 @@ def test_no_step_is_round_to_nearest_and_no_step_from_a_start_is_that_start():
             np.testing.assert_array_equal(got, expected)
 
 
+def test_from_a_start_codes_can_cross_a_rounding_boundary():
+    """From a start whose codes are one step off the nearest for some weights, the
+    offsets start where each weight lies between the start's codes, so the steps carry
+    those codes back across the boundary. Started at 0 (every weight on its code) the
+    steps (0.5 in all) could not: the calibration error stayed the start's (measured:
+    no code changed)."""
+    w, x, _ = correlated_layer(seed=4, n_calibration=512)
+    h = quantizers.calibration_hessian(x)
+    q, scale, zero = grid.round_to_nearest(w, BITS, 32, True)
+    pushed = q.copy()
+    rng = np.random.default_rng(0)
+    off = rng.random(q.shape) < 0.05  # 5% of the codes one step away from the nearest
+    away = np.where(grid.to_groups(w, 32) / scale[..., None] - q >= 0, -1, 1)
+    pushed = np.where(off, np.clip(q + away, *grid.QRANGE[BITS]), q).astype(q.dtype)
+    start = (pushed, scale, zero)
+    got = autoround.quantize(w, h, BITS, 32, True, start=start)
+    moved_back = (got[0] == q) & off & (pushed != q)
+    assert moved_back.sum() > 0.5 * (off & (pushed != q)).sum()
+    assert (_calibration_error(w, grid.to_layout(*got, 32), h, 32)
+            < 0.9 * _calibration_error(w, grid.to_layout(*start, 32), h, 32))
+
+
 def _calibration_error(w, layout, h, block_size):
     from xla_qops.quantizers import awq
     return awq.output_error(w, heldout.dequantize_layout(*layout, block_size), h)

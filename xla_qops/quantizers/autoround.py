@@ -46,6 +46,8 @@ STEPS = 200  # the paper's default number of iterations
 # Weights optimised at once (output rows are independent): a layer up to 16M weights in one
 # piece (~64 MiB per float32 copy, a few live per step), larger ones in row chunks.
 ROW_ELEMENTS = 1 << 24
+# |offset| at the start from another method's codes: below 0.5, so step 0 rounds to them.
+START_OFFSET = 0.49
 
 
 def quantize(w: np.ndarray, h: np.ndarray, bits: int, block_size: int, symmetric: bool, *,
@@ -56,22 +58,31 @@ def quantize(w: np.ndarray, h: np.ndarray, bits: int, block_size: int, symmetric
     `start`: (q, scale, zero_point) groups of another method to start from instead of
     round to nearest (`awq_gptq`'s: "awq+gptq+autoround"): its dequantized weight is what
     the offsets round and its grid's clipping (``scale`` against the group's range) the
-    clip factors' start, so step 0 reproduces its codes."""
+    clip factors' start. Each offset starts where the float weight lies between the
+    start's codes, ``(w - w_start) / scale`` kept within +-`START_OFFSET` (so step 0
+    reproduces the start's codes), and moves at most 0.5 from there: started at 0, a
+    weight sits exactly on its code and the steps (0.5 in all) could never carry it
+    across a rounding boundary (torch_bridge.blockround found this first)."""
     w = np.asarray(w, np.float32)
     h32 = np.asarray(h, np.float32)
     grouped_all = grid.to_groups(w, block_size)
     if start is None:
         base_all = grouped_all
         clip_all = np.ones(grouped_all.shape[:2], np.float32)
+        offsets_all = np.zeros_like(grouped_all)
     else:
         base_all = grid.dequantize(*start)
         clip_all = _clip_of(grouped_all, start[1], bits, symmetric)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            between = np.nan_to_num((grouped_all - base_all) / start[1][..., None])
+        offsets_all = np.clip(between, -START_OFFSET, START_OFFSET).astype(np.float32)
 
     def learn_and_round(rows):
         grouped = np.ascontiguousarray(grouped_all[:, rows])
         base = np.ascontiguousarray(base_all[:, rows])
         lo, hi = grouped.min(axis=-1), grouped.max(axis=-1)
-        offsets, clip_lo, clip_hi = _learn(grouped, base, h32, lo, hi, clip_all[:, rows], bits,
+        offsets, clip_lo, clip_hi = _learn(grouped, base, h32, lo, hi, clip_all[:, rows],
+                                           np.ascontiguousarray(offsets_all[:, rows]), bits,
                                            symmetric, int(steps))
         scale, zero_point = grid.minmax_params(lo * clip_lo, hi * clip_hi, bits, symmetric)
         if start is not None:  # where the clipping did not move, the start's grid exactly
@@ -98,29 +109,33 @@ def _clip_of(grouped, scale, bits, symmetric):
     return np.clip(ratio, MIN_CLIP, 1.0).astype(np.float32)
 
 
-def _learn(grouped, base, h, lo, hi, clip, bits, symmetric, steps):
+def _learn(grouped, base, h, lo, hi, clip, offsets, bits, symmetric, steps):
     """(offsets ``[G, out, B]``, clip factors of lo and hi ``[G, out]``) as float32 numpy,
-    each output row's best over `steps` signed-gradient steps (step 0: round to nearest)."""
+    each output row's best over `steps` signed-gradient steps (step 0: the start, `clip`
+    and `offsets`, which each offset leaves by at most 0.5)."""
     import jax
     import jax.numpy as jnp
 
     if steps <= 0:
-        return np.zeros_like(grouped), clip, clip
+        return offsets, clip, clip
     step = _step_function(bits, symmetric)
-    w, base, h, lo, hi, clip = (jnp.asarray(a) for a in (grouped, base, h, lo, hi, clip))
-    params = (jnp.zeros_like(w), clip, clip)
+    w, base, h, lo, hi, clip, offsets = (jnp.asarray(a) for a in
+                                         (grouped, base, h, lo, hi, clip, offsets))
+    bounds = (offsets - 0.5, offsets + 0.5)
+    params = (offsets, clip, clip)
     best = params
     best_loss = jnp.full(w.shape[1], jnp.inf, jnp.float32)
     lr0 = 1.0 / steps  # the paper's default learning rate
     for i in range(steps + 1):  # the last pass only scores the last step's parameters
         lr = jnp.float32(lr0 * (1.0 - i / steps))  # linear decay, as the paper's
-        params, best, best_loss = step(params, best, best_loss, w, base, h, lo, hi, lr)
+        params, best, best_loss = step(params, best, best_loss, w, base, h, lo, hi, bounds, lr)
     return tuple(np.asarray(jax.device_get(a), np.float32) for a in best)
 
 
 @functools.lru_cache(maxsize=None)
 def _step_function(bits: int, symmetric: bool):
-    """The jitted step: (params, best, best_loss, w, base, h, lo, hi, lr) -> the next three; the
+    """The jitted step: (params, best, best_loss, w, base, h, lo, hi, offset bounds, lr) -> the
+    next three; the
     loss and gradient are those of the parameters passed in, which `best` keeps per row
     where they beat its loss."""
     import jax
@@ -159,14 +174,14 @@ def _step_function(bits: int, symmetric: bool):
         return losses, grads
 
     @jax.jit
-    def step(params, best, best_loss, w, base, h, lo, hi, lr):
+    def step(params, best, best_loss, w, base, h, lo, hi, bounds, lr):
         losses, grads = losses_and_grads(params, w, base, h, lo, hi)
         better = losses < best_loss  # [out]
         best = (jnp.where(better[None, :, None], params[0], best[0]),
                 jnp.where(better[None, :], params[1], best[1]),
                 jnp.where(better[None, :], params[2], best[2]))
         best_loss = jnp.where(better, losses, best_loss)
-        offsets = jnp.clip(params[0] - lr * jnp.sign(grads[0]), -0.5, 0.5)
+        offsets = jnp.clip(params[0] - lr * jnp.sign(grads[0]), *bounds)
         clip_lo = jnp.clip(params[1] - lr * jnp.sign(grads[1]), MIN_CLIP, 1.0)
         clip_hi = jnp.clip(params[2] - lr * jnp.sign(grads[2]), MIN_CLIP, 1.0)
         return (offsets, clip_lo, clip_hi), best, best_loss
