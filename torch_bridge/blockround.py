@@ -22,7 +22,7 @@ the grid ``(s0, z0)`` and ``base = s0 q0 - z0``:
 so the clipping stays in AutoRound's [`MIN_CLIP`, 1] of the range
 (asymmetric grids: the range's two ends scaled by two such factors). The
 offset ``u`` starts where the float weight lies between codes,
-``u0 = (w + z0) / s0 - q0`` clipped to +-`START_OFFSET` (< 0.5, so step 0
+``u0 = (w + z0) / s0 - q0`` clipped to +-`autoround.START_OFFSET` (< 0.5, so step 0
 is the start's codes exactly), and moves by at most 0.5 from it, AutoRound's
 bound (a code moves at most one step at m = 1). Starting at ``u = 0`` instead
 (every weight exactly on its code) no offset can reach a rounding boundary
@@ -70,8 +70,6 @@ STEPS = 200  # the paper's default number of iterations
 EVAL_EVERY = 20  # steps between two measurements of the held-out block error
 TARGET = "float"  # the paper's: the float model's block output on its own inputs (or
 # "float_block": the float block on the quantized model's inputs; docs/quantizers.md compares)
-# |offset| at the start: below 0.5, so that rounding gives the start's code exactly.
-START_OFFSET = 0.49
 LEARNING_RATE = 1.0  # times 1 / steps: the paper's default, decaying linearly to 0
 INPUTS_PER_STEP = 1  # calibration inputs whose errors one step's gradient sums
 LEARN_ROUNDING = True  # False: the clipping only (the offsets stay at their start)
@@ -120,10 +118,7 @@ class _LearnedLinear(torch.nn.Module):
         # The offsets start at the float weight's own place between codes (on the start's
         # grid, kept inside the start's code), so step 0 is the start's codes and a weight
         # the start rounded against its value lies next to the boundary it crossed.
-        shifted = groups if z0 is None else groups + z0[..., None]
-        with np.errstate(divide="ignore", invalid="ignore"):
-            start = np.nan_to_num(shifted / s0[..., None] - q0)
-        start = np.clip(start, -START_OFFSET, START_OFFSET).astype(np.float32)
+        start = autoround.start_offsets(groups, q0, s0, z0)
         self.register_buffer("offset_min", as_t(start - 0.5), persistent=False)
         self.register_buffer("offset_max", as_t(start + 0.5), persistent=False)
         self.offsets = torch.nn.Parameter(as_t(start))

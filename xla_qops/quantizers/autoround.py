@@ -59,7 +59,7 @@ def quantize(w: np.ndarray, h: np.ndarray, bits: int, block_size: int, symmetric
     round to nearest (`awq_gptq`'s: "awq+gptq+autoround"): its dequantized weight is what
     the offsets round and its grid's clipping (``scale`` against the group's range) the
     clip factors' start. Each offset starts where the float weight lies between the
-    start's codes, ``(w - w_start) / scale`` kept within +-`START_OFFSET` (so step 0
+    start's codes (`start_offsets`: within +-`START_OFFSET`, so step 0
     reproduces the start's codes), and moves at most 0.5 from there: started at 0, a
     weight sits exactly on its code and the steps (0.5 in all) could never carry it
     across a rounding boundary (torch_bridge.blockround found this first)."""
@@ -73,9 +73,7 @@ def quantize(w: np.ndarray, h: np.ndarray, bits: int, block_size: int, symmetric
     else:
         base_all = grid.dequantize(*start)
         clip_all = _clip_of(grouped_all, start[1], bits, symmetric)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            between = np.nan_to_num((grouped_all - base_all) / start[1][..., None])
-        offsets_all = np.clip(between, -START_OFFSET, START_OFFSET).astype(np.float32)
+        offsets_all = start_offsets(grouped_all, *start)
 
     def learn_and_round(rows):
         grouped = np.ascontiguousarray(grouped_all[:, rows])
@@ -96,6 +94,17 @@ def quantize(w: np.ndarray, h: np.ndarray, bits: int, block_size: int, symmetric
     chunk = max(1, ROW_ELEMENTS // w.shape[1])
     return grid.join_row_chunks([learn_and_round(slice(r, r + chunk))
                                  for r in range(0, out_features, chunk)])
+
+
+def start_offsets(grouped, q, scale, zero_point):
+    """Rounding offsets ``[G, out, B]`` (float32) that start from codes `q` on the grid
+    (`scale`, `zero_point` or None) of groups `grouped`: where each float weight lies
+    between the codes, ``(w + z) / s - q``, kept within +-`START_OFFSET` so that rounding
+    at the start gives `q` exactly (also torch_bridge.blockround's start)."""
+    shifted = grouped if zero_point is None else grouped + zero_point[..., None]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        between = np.nan_to_num(shifted / scale[..., None] - q)
+    return np.clip(between, -START_OFFSET, START_OFFSET).astype(np.float32)
 
 
 def _clip_of(grouped, scale, bits, symmetric):
