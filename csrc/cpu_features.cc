@@ -21,11 +21,14 @@ CpuFeatures detect() {
   if (!__get_cpuid(1, &a, &b, &c, &d)) return f;
   const bool osxsave = c & (1u << 27);
   if (!osxsave) return f;
+  const bool fma = c & (1u << 12), f16c = c & (1u << 29), avx = c & (1u << 28);
   const uint64_t xcr0 = xgetbv0();
+  const bool ymm_os = (xcr0 & 0x6) == 0x6;  // XMM and YMM state
   // XMM, YMM, opmask, ZMM_Hi256, Hi16_ZMM state enabled by the OS.
   const bool zmm_os = (xcr0 & 0xE6) == 0xE6;
   if (__get_cpuid_max(0, nullptr) < 7) return f;
   __cpuid_count(7, 0, a, b, c, d);
+  f.avx2 = ymm_os && avx && fma && f16c && (b & (1u << 5));
   const bool f_ = b & (1u << 16), dq = b & (1u << 17), bw = b & (1u << 30), vl = b & (1u << 31);
   f.avx512_core = zmm_os && f_ && dq && bw && vl;
   f.avx512_vnni = f.avx512_core && (c & (1u << 11));
@@ -49,9 +52,11 @@ const CpuFeatures& cpu_features() {
 const char* active_isa() {
   static const char* isa = [] {
     const char* env = std::getenv("XLA_QOPS_CPU_ISA");
-    if (env && std::strcmp(env, "generic") == 0) return "generic";
     const CpuFeatures& f = cpu_features();
-    return (f.avx512_core && f.avx512_bf16 && f.avx512_vnni && f.avx512_vbmi) ? "avx512" : "generic";
+    if (env && std::strcmp(env, "generic") == 0) return "generic";
+    if (env && std::strcmp(env, "avx2") == 0) return f.avx2 ? "avx2" : "generic";
+    if (f.avx512_core && f.avx512_bf16 && f.avx512_vnni && f.avx512_vbmi) return "avx512";
+    return f.avx2 ? "avx2" : "generic";
   }();
   return isa;
 }

@@ -42,8 +42,9 @@ thread_local Scratch tl_panel, tl_acc, tl_out, tl_parts;
 thread_local Scratch tl_x[5];
 
 const Kernels& kernels() {
-  static const Kernels& k =
-      std::strcmp(active_isa(), "avx512") == 0 ? avx512_kernels() : generic_kernels();
+  static const Kernels& k = std::strcmp(active_isa(), "avx512") == 0 ? avx512_kernels()
+                            : std::strcmp(active_isa(), "avx2") == 0 ? avx2_kernels()
+                                                                     : generic_kernels();
   return k;
 }
 
@@ -195,7 +196,7 @@ void run_a16(const Problem& p, const Kernels& k, const Executor& ex) {
   const double t1 = kTrace ? now_ms() : 0, c1 = kTrace ? cpu_ms() : 0;
 
   const int64_t tiles = (p.N + kNR - 1) / kNR;
-  if (!p.blockwise && R <= k.max_dot_rows) {  // decode, per-channel: dot-product form
+  if (!p.blockwise && R <= k.max_dot_rows && k.dot_a16) {  // decode, per-channel: dot-product form
     const int64_t Kq = round_up(xa.Kp, 128);
     uint16_t* xd = reinterpret_cast<uint16_t*>(tl_x[3].get(R * Kq * 2));
     k.dot_prep_a16(p, xa, xd, Kq);
@@ -210,7 +211,7 @@ void run_a16(const Problem& p, const Kernels& k, const Executor& ex) {
                              (long)p.M, (long)p.K, (long)p.N, t1 - t0, now_ms() - t1, cpu_ms() - c1);
     return;
   }
-  if (p.blockwise && R <= k.max_stream_rows) {  // decode, blockwise: K slices, then their sum
+  if (p.blockwise && R <= k.max_stream_rows && (p.wf == kWInt || !k.stream_int_weights_only)) {  // decode, blockwise: K slices, then their sum
     run_slices(ex, p, k, R, tiles, [&](int64_t g0, int64_t g1, int64_t t0, int64_t t1, float* part) {
       float* acc = reinterpret_cast<float*>(tl_acc.get((t1 - t0) * R * kNR * 4));
       k.stream_a16(p, xa, g0, g1, t0, t1, acc, part);
@@ -276,7 +277,7 @@ void run_a8(const Problem& p, const Kernels& k, const Executor& ex) {
   const double t1 = kTrace ? now_ms() : 0, c1 = kTrace ? cpu_ms() : 0;
 
   const int64_t tiles = (p.N + kNR - 1) / kNR;
-  if (!p.blockwise && p.M <= k.max_dot_rows) {  // decode, per-channel: dot-product form
+  if (!p.blockwise && p.M <= k.max_dot_rows && k.dot_a8) {  // decode, per-channel: dot-product form
     const int64_t Kq = round_up(xa.Kp, 128);
     int8_t* xd = reinterpret_cast<int8_t*>(tl_x[4].get(p.M * Kq));
     k.dot_prep_a8(p, xa, xd, Kq);

@@ -142,7 +142,7 @@ struct Kernels {
                        int64_t steps, const float* s, const float* z, const float* xsum,
                        const float* xgs, int64_t xsum_stride, int ncols, float* out,
                        bool init_out);
-  int max_dot_rows;
+  int max_dot_rows;  // (with dot_a16 / dot_a8 non-null; an ISA may have only one)
   // Blockwise decode (R = M*T <= max_stream_rows): the K groups [g0, g1) of
   // one slice, the columns of tiles [t0, t1) (a column block), into part
   // [M][N]; acc: [t1 - t0][R][kNR] scratch. Each slice is one contiguous run
@@ -151,6 +151,7 @@ struct Kernels {
   // sum_slices then writes y for tiles [t0, t1): the slices' parts (stride
   // M*N floats) summed in slice order, times rowexp.
   int max_stream_rows;
+  bool stream_int_weights_only = false;  // fp8 / fp4 weights take the panel path
   // Rows up to which stream_a16 / stream_a8 keep their accumulators in
   // registers; beyond, their wide form (the driver cuts fewer K slices).
   int stream_register_rows;
@@ -173,6 +174,7 @@ struct Kernels {
 
 const Kernels& generic_kernels();
 const Kernels& avx512_kernels();  // only after cpu_features() says so
+const Kernels& avx2_kernels();    // likewise
 
 // Panel/acc sizes.
 constexpr int64_t kMaxSteps = 128;  // panel: 128 x 64 dwords = 32 KiB

@@ -74,6 +74,29 @@ def torch_ops_expected() -> bool:
     return HAVE_TORCH and cpu_kernels_expected()
 
 
+AVX2_FLAGS = ("avx2", "fma", "f16c")
+
+
+def _cpu_flags() -> list:
+    try:
+        return pathlib.Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return []
+
+
+def isa_expected(forced: str | None = None) -> str:
+    """The kernel set xla_qops._cpu_kernels must pick here: the best the CPU
+    has ("avx512", else "avx2", else "generic"), or at most `forced`
+    (XLA_QOPS_CPU_ISA: "generic", or "avx2" where the CPU has it)."""
+    forced = forced if forced is not None else os.environ.get("XLA_QOPS_CPU_ISA")
+    if not cpu_kernels_expected() or forced == "generic":
+        return "generic"
+    flags = _cpu_flags()
+    if forced != "avx2" and all(flag in flags for flag in AVX512_FLAGS):
+        return "avx512"
+    return "avx2" if all(flag in flags for flag in AVX2_FLAGS) else "generic"
+
+
 def avx512_expected() -> bool:
     """Whether the kernels must pick their AVX-512 set here (the CPU has every
     feature they need and XLA_QOPS_CPU_ISA does not force the portable ones)."""

@@ -32,7 +32,7 @@ from xla_qops.spec import check_args
 from cases import (X_DTYPES, Scheme, all_schemes, assert_same_at_every_thread_count,
                    make_weight, make_x, op_args)
 import numpy_reference as ref
-from conftest import avx512_expected, cpu_kernels_expected, import_error
+from conftest import cpu_kernels_expected, import_error, isa_expected
 
 pytestmark = pytest.mark.skipif(not cpu_kernels_expected() and not custom_call.available(),
                                 reason="xla_qops._cpu_kernels is not built on this platform")
@@ -57,12 +57,14 @@ def test_extension_loads_from_the_installed_package():
     from xla_qops import _cpu_kernels
     assert custom_call.available()
     assert custom_call.TARGET in _cpu_kernels.registrations()
-    assert custom_call.isa() in ("avx512", "generic")
+    assert custom_call.isa() in ("avx512", "avx2", "generic")
     features = _cpu_kernels.cpu_features()
     if custom_call.isa() == "avx512":
         assert features["avx512_bf16"] and features["avx512_vnni"]
-    if avx512_expected():  # the CPU has the features: the fast kernels, not the portable ones
-        assert custom_call.isa() == "avx512", features
+    if custom_call.isa() == "avx2":
+        assert features["avx2"]
+    # The CPU's best set, never the portable one where a vector set runs.
+    assert custom_call.isa() == isa_expected(), features
     assert custom_call.num_threads() >= 1
 
 
@@ -394,35 +396,46 @@ def test_kernel_checks_operands_it_is_given():
         np.asarray(custom_call.matmul(x, qw.w, qw.scale, None, lying))
 
 
-def test_portable_kernels_match_the_reference():
-    """XLA_QOPS_CPU_ISA=generic: the C++ kernels every x86-64 can run."""
-    script = textwrap.dedent("""
+@pytest.mark.parametrize("forced", ["generic", "avx2"])
+def test_lower_kernel_sets_match_the_reference(forced):
+    """XLA_QOPS_CPU_ISA=generic: the C++ kernels every x86-64 can run;
+    =avx2: the set for CPUs without AVX-512 (Haswell.., Zen 1-3), on any CPU
+    that has AVX2. Shapes reach every form of each set: N and K tails, odd
+    blocks (int8 pairs without a second row), the decode forms (per-channel
+    dot products, blockwise streams with whole sweeps: groups of 64 and 128)
+    for 1-4 rows of x and bf16 / f16 / f32 terms, and the panel path."""
+    script = textwrap.dedent(f"""
         import numpy as np
         import xla_qops
         from xla_qops.backends import custom_call
         from cases import all_schemes, make_weight, make_x, op_args
         import numpy_reference as ref
-        assert custom_call.isa() == "generic"
+        assert custom_call.isa() == {isa_expected(forced)!r}, custom_call.isa()
         rng = np.random.default_rng(0)
-        for s in all_schemes(block_size=16):
-            qw = make_weight(rng, n=20, k=48, scheme=s)
-            for m, dt in ((1, "float32"), (9, "bfloat16"), (2, "float16")):
-                x = make_x(rng, (m, 48), dt)
-                y = xla_qops.quantized_matmul(x, *op_args(qw), s.quantize_activation,
-                                              impl="custom_call")
-                ref.assert_close(y, x, qw.w, qw.scale, qw.zero_point, qw.block_size,
-                                 s.quantize_activation)
+        shapes = ((20, 48, 16), (203, 256, 64), (72, 384, 128), (40, 99, 33))
+        for n, k, block in shapes:
+            for s in all_schemes(block_size=block):
+                if k % 2 and s.bits == 4 and s.packed:
+                    continue  # packed int4 needs an even K (quantize_weight refuses it)
+                qw = make_weight(rng, n=n, k=k, scheme=s)
+                for m, dt in ((1, "float32"), (1, "bfloat16"), (4, "bfloat16"),
+                              (9, "bfloat16"), (2, "float16")):
+                    x = make_x(rng, (m, k), dt)
+                    y = xla_qops.quantized_matmul(x, *op_args(qw), s.quantize_activation,
+                                                  impl="custom_call")
+                    ref.assert_close(y, x, qw.w, qw.scale, qw.zero_point, qw.block_size,
+                                     s.quantize_activation)
         from test_custom_call import NAN_ROW_SCHEMES, nan_rows_check
         for s in NAN_ROW_SCHEMES:
             nan_rows_check(lambda x, qw: xla_qops.quantized_matmul(
                 x, *op_args(qw), s.quantize_activation, impl="custom_call"), s, rng)
-        print("generic ok")
+        print("lower set ok")
     """)
     here = os.path.dirname(os.path.abspath(__file__))
-    env = dict(os.environ, XLA_QOPS_CPU_ISA="generic", JAX_PLATFORMS="cpu",
+    env = dict(os.environ, XLA_QOPS_CPU_ISA=forced, JAX_PLATFORMS="cpu",
                PYTHONPATH=os.pathsep.join([here, os.path.dirname(here),
                                            os.environ.get("PYTHONPATH", "")]))
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
-                         text=True, timeout=600)
+                         text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "generic ok" in out.stdout
+    assert "lower set ok" in out.stdout

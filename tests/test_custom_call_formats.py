@@ -31,7 +31,7 @@ from xla_qops.spec import check_args
 from pallas_kernels import formats
 from cases import Scheme, assert_same_at_every_thread_count, make_weight
 import numpy_reference as ref
-from conftest import cpu_kernels_expected
+from conftest import cpu_kernels_expected, isa_expected
 
 pytestmark = pytest.mark.skipif(not cpu_kernels_expected() and not custom_call.available(),
                                 reason="xla_qops._cpu_kernels is not built on this platform")
@@ -310,14 +310,16 @@ def test_results_do_not_depend_on_the_thread_count():
     assert_same_at_every_thread_count(run, cases)
 
 
-def test_portable_kernels_match_the_reference():
-    """XLA_QOPS_CPU_ISA=generic: the portable kernels decode and quantize the
-    same way (the decoders exactly, the fp8 rule bit for bit)."""
-    script = textwrap.dedent("""
+@pytest.mark.parametrize("forced", ["generic", "avx2"])
+def test_lower_kernel_sets_match_the_reference(forced):
+    """XLA_QOPS_CPU_ISA=generic / avx2: the portable kernels and the AVX2 set
+    decode and quantize the same way (the decoders exactly, the fp8 rule bit
+    for bit)."""
+    script = textwrap.dedent(f"""
         import numpy as np
         from xla_qops.backends import custom_call
         import test_custom_call_formats as t
-        assert custom_call.isa() == "generic"
+        assert custom_call.isa() == {isa_expected(forced)!r}, custom_call.isa()
         t.test_every_e4m3_value_decodes_exactly(-1, 3)
         t.test_every_e4m3_value_decodes_exactly(64, 20)
         t.test_every_e2m1_value_decodes_exactly(32, 4)
@@ -338,7 +340,7 @@ def test_portable_kernels_match_the_reference():
         print("generic ok")
     """)
     here = os.path.dirname(os.path.abspath(__file__))
-    env = dict(os.environ, XLA_QOPS_CPU_ISA="generic", JAX_PLATFORMS="cpu",
+    env = dict(os.environ, XLA_QOPS_CPU_ISA=forced, JAX_PLATFORMS="cpu",
                PYTHONPATH=os.pathsep.join([here, os.path.dirname(here),
                                            os.environ.get("PYTHONPATH", "")]))
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
