@@ -781,6 +781,121 @@ void stream_a16_avx2(const Problem& p, const XA16& xa, int64_t g0, int64_t g1, i
   }
 }
 
+// ------------------------------------------------------- blockwise A8 decode
+
+// Packed int4 weights times int8 activations (W4A8 blockwise): bytes of
+// (q + 8) and of x multiplied pairwise by vpmaddubsw (each k-pair of a column
+// as adjacent bytes), exact int16 sums over a sweep of kA8SweepPairs k-pairs
+// (at most 15 * 127 * 2 * 8 = 30480 < 2^15), widened into int32 per column;
+// the 8 * sum x of the bias comes off in fin_a8's arithmetic. Int8 weights
+// would overflow vpmaddubsw's int16 (255 * 127 * 2): they take the panel path.
+constexpr int64_t kA8SweepPairs = 8;
+
+// Whether the stream forms take p (stream_supports): integer weights (A16,
+// and float products of quantized x); only packed int4 ones with the integer
+// A8 product.
+bool streams_avx2(const Problem& p) {
+  if (p.wf != kWInt) return false;
+  return !(p.qa && !float_products(p)) || p.bits == 4;
+}
+
+// Groups [g0, g1), tiles [t0, t1) into part [M][N] (stream_a8's contract,
+// qmm.h); acc: [t1 - t0][R][kNR] int32.
+template <int R>
+void stream_a8_rows(const Problem& p, const XA8& xa, int64_t g0, int64_t g1, int64_t t0, int64_t t1,
+                    int32_t* acc, float* part) {
+  const int64_t N = p.N, pairs = p.G / 2;
+  const __m256i nib = _mm256_set1_epi8(0xf), flip = _mm256_set1_epi8(static_cast<char>(0x88));
+  for (int64_t g = g0; g < g1; ++g) {
+    const uint8_t* wg = p.w + (g * p.G / 2) * N;
+    for (int64_t s0 = 0; s0 < pairs; s0 += kA8SweepPairs) {
+      const int64_t ns = pairs - s0 < kA8SweepPairs ? pairs - s0 : kA8SweepPairs;
+      const bool first = s0 == 0, last = s0 + ns == pairs;
+      int16_t xp[kA8SweepPairs][R];  // x_k | x_{k+1} << 8 of each pair, as vpmaddubsw's bytes
+      for (int64_t s = 0; s < ns; ++s)
+        for (int r = 0; r < R; ++r) {
+          const int8_t* xr = xa.xq + r * xa.Kp + g * xa.Gp + 2 * (s0 + s);
+          xp[s][r] = static_cast<int16_t>(static_cast<uint8_t>(xr[0]) | (static_cast<uint16_t>(static_cast<uint8_t>(xr[1])) << 8));
+        }
+      const uint8_t* ws = wg + s0 * N;
+      const bool fetch = s0 + 3 * kA8SweepPairs <= pairs;
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t n0 = t * kNR;
+        const int ncols = tile_cols(N, n0);
+        int32_t* a = acc + (t - t0) * R * kNR;
+        if (fetch)
+          for (int64_t s = 0; s < kA8SweepPairs; ++s)
+            _mm_prefetch(reinterpret_cast<const char*>(ws + (2 * kA8SweepPairs + s) * N + n0), _MM_HINT_T0);
+        int c = 0;
+        for (; c + 32 <= ncols; c += 32) {
+          // Columns as vpunpck{l,h}bw leave them: lo = c + {0..7, 16..23}, hi = c + {8..15, 24..31}.
+          __m256i lo16[R], hi16[R];
+          for (int r = 0; r < R; ++r) lo16[r] = hi16[r] = zero8();
+          for (int64_t s = 0; s < ns; ++s) {
+            const __m256i b = _mm256_xor_si256(
+                _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ws + s * N + n0 + c)), flip);
+            const __m256i ue = _mm256_and_si256(b, nib);                        // q_k + 8
+            const __m256i uo = _mm256_and_si256(_mm256_srli_epi16(b, 4), nib);  // q_{k+1} + 8
+            const __m256i pl = _mm256_unpacklo_epi8(ue, uo), ph = _mm256_unpackhi_epi8(ue, uo);
+            for (int r = 0; r < R; ++r) {
+              const __m256i xv = _mm256_set1_epi16(xp[s][r]);
+              lo16[r] = _mm256_add_epi16(lo16[r], _mm256_maddubs_epi16(pl, xv));
+              hi16[r] = _mm256_add_epi16(hi16[r], _mm256_maddubs_epi16(ph, xv));
+            }
+          }
+          for (int r = 0; r < R; ++r) {
+            int32_t* ar = a + r * kNR + c;
+            const __m256i v[4] = {
+                _mm256_cvtepi16_epi32(_mm256_castsi256_si128(lo16[r])),       // c + 0..7
+                _mm256_cvtepi16_epi32(_mm256_castsi256_si128(hi16[r])),       // c + 8..15
+                _mm256_cvtepi16_epi32(_mm256_extracti128_si256(lo16[r], 1)),  // c + 16..23
+                _mm256_cvtepi16_epi32(_mm256_extracti128_si256(hi16[r], 1))};  // c + 24..31
+            for (int j = 0; j < 4; ++j) {
+              __m256i* dst = reinterpret_cast<__m256i*>(ar + 8 * j);
+              _mm256_store_si256(dst, first ? v[j] : _mm256_add_epi32(_mm256_load_si256(dst), v[j]));
+            }
+          }
+        }
+        for (; c < ncols; ++c)  // N's last columns, one at a time
+          for (int r = 0; r < R; ++r) {
+            int32_t sum = first ? 0 : a[r * kNR + c];
+            for (int64_t s = 0; s < ns; ++s) {
+              const uint8_t b = ws[s * N + n0 + c];
+              const int8_t* xr = xa.xq + r * xa.Kp + g * xa.Gp + 2 * (s0 + s);
+              sum += static_cast<int32_t>((b & 0xf) ^ 8) * xr[0] + static_cast<int32_t>((b >> 4) ^ 8) * xr[1];
+            }
+            a[r * kNR + c] = sum;
+          }
+        if (!last) continue;
+        // fin_a8's arithmetic for the group, into part.
+        for (int64_t m = 0; m < p.M; ++m) {
+          const int64_t i = m * p.groups + g;
+          const int32_t comp = 8 * xa.sq[i];
+          const float* sc = p.scale + g * N + n0;
+          const float* zc = p.has_zp ? p.zp + g * N + n0 : nullptr;
+          float* dst = part + m * N + n0;
+          for (int cc = 0; cc < ncols; ++cc) {
+            float v = static_cast<float>(a[m * kNR + cc] - comp) * (xa.xs[i] * sc[cc]);
+            if (zc) v -= zc[cc] * xa.xzs[i];
+            dst[cc] = g == g0 ? v : dst[cc] + v;
+          }
+        }
+      }
+    }
+  }
+}
+
+void stream_a8_avx2(const Problem& p, const XA8& xa, int64_t g0, int64_t g1, int64_t t0, int64_t t1,
+                    int32_t* acc, float* part) {
+  const int rows = static_cast<int>(p.M);
+  for (int64_t b0 = t0; b0 < t1; b0 += sweep_block_tiles(rows)) {
+    const int64_t b1 = b0 + sweep_block_tiles(rows) < t1 ? b0 + sweep_block_tiles(rows) : t1;
+    with_rows_dot(rows, [&](auto rr) {
+      stream_a8_rows<decltype(rr)::value>(p, xa, g0, g1, b0, b1, acc, part);
+    });
+  }
+}
+
 // y for tiles [t0, t1): the slices' parts summed in slice order, times rowexp.
 void sum_slices_avx2(const Problem& p, const float* rowexp, const float* parts, int64_t slices,
                      int64_t t0, int64_t t1) {
@@ -815,7 +930,9 @@ const Kernels& avx2_kernels() {
     t.dot_a8 = dot_a8_avx2;
     t.max_stream_rows = kStreamRows;
     t.stream_register_rows = kStreamRows;
-    t.stream_int_weights_only = true;
+    t.stream_supports = streams_avx2;
+    t.max_stream_rows_a8 = kStreamRows;
+    t.stream_a8 = stream_a8_avx2;
     t.stream_a16 = stream_a16_avx2;
     t.sum_slices = sum_slices_avx2;
     return t;
