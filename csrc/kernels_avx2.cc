@@ -9,7 +9,8 @@
 // kernels_generic.cc compiled again for this ISA (included below under
 // another table name); the blockwise decode runs through the panel path.
 //
-// Numerics: the panel path is bit-identical to the portable kernels. A16
+// Numerics: the panel path is bit-identical to the portable kernels (the
+// streams too within each group; they add groups per K slice). A16
 // products of two bf16 images are exact in float32 (8 x 8 significant
 // bits), so an FMA rounds once, as the portable multiply-then-add does, and
 // each column sums its pairs in the same order (the pair's odd k first); A8

@@ -418,8 +418,9 @@ def test_lower_kernel_sets_match_the_reference(forced):
                 if k % 2 and s.bits == 4 and s.packed:
                     continue  # packed int4 needs an even K (quantize_weight refuses it)
                 qw = make_weight(rng, n=n, k=k, scheme=s)
-                for m, dt in ((1, "float32"), (1, "bfloat16"), (4, "bfloat16"),
-                              (9, "bfloat16"), (2, "float16")):
+                rows = ((1, "float32"), (1, "bfloat16"), (4, "bfloat16"), (9, "bfloat16"),
+                        (2, "float16"))
+                for m, dt in rows if n == 20 else rows[:4]:
                     x = make_x(rng, (m, k), dt)
                     y = xla_qops.quantized_matmul(x, *op_args(qw), s.quantize_activation,
                                                   impl="custom_call")
