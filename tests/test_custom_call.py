@@ -440,3 +440,46 @@ def test_lower_kernel_sets_match_the_reference(forced):
                          text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "lower set ok" in out.stdout
+
+
+def _outputs_under(forced: str, path: str) -> None:
+    """Runs the panel-path cases of test_avx2_panel_path_is_the_portable_kernels_bit_for_bit
+    with XLA_QOPS_CPU_ISA=forced, saving every output to `path` (.npz)."""
+    script = textwrap.dedent(f"""
+        import numpy as np
+        import xla_qops
+        from xla_qops.backends import custom_call
+        from cases import all_schemes, make_weight, make_x, op_args
+        assert custom_call.isa() == {isa_expected(forced)!r}, custom_call.isa()
+        rng = np.random.default_rng(7)
+        out = {{}}
+        for i, s in enumerate(all_schemes(block_size=32)):
+            qw = make_weight(rng, n=72, k=96, scheme=s)
+            for m, dt in ((9, "bfloat16"), (7, "float32"), (6, "float16")):
+                x = make_x(rng, (m, 96), dt)
+                y = xla_qops.quantized_matmul(x, *op_args(qw), s.quantize_activation,
+                                              impl="custom_call")
+                out[f"{{i}}-{{m}}-{{dt}}"] = np.asarray(y, np.float32)
+        np.savez({path!r}, **out)
+    """)
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, XLA_QOPS_CPU_ISA=forced, JAX_PLATFORMS="cpu",
+               PYTHONPATH=os.pathsep.join([here, os.path.dirname(here),
+                                           os.environ.get("PYTHONPATH", "")]))
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_avx2_panel_path_is_the_portable_kernels_bit_for_bit(tmp_path):
+    """Where x has more rows than the decode forms take (the panel path: every
+    prefill), the AVX2 set's packers and microkernels give the portable
+    kernels' results bit for bit (bf16 x bf16 products are exact in float32,
+    so an FMA rounds as the portable multiply-then-add, in the same order; A8
+    sums are exact integers), for every integer scheme and x dtype."""
+    _outputs_under("generic", str(tmp_path / "generic.npz"))
+    _outputs_under("avx2", str(tmp_path / "avx2.npz"))
+    generic, avx2 = np.load(tmp_path / "generic.npz"), np.load(tmp_path / "avx2.npz")
+    assert sorted(generic.files) == sorted(avx2.files) and len(generic.files) == 3 * 24
+    for key in generic.files:
+        np.testing.assert_array_equal(avx2[key], generic[key], err_msg=key)
