@@ -41,12 +41,12 @@ class BlockReplay:
         self._kept_bytes = 0
         self._wrapped = {}  # block -> its own forward attribute (or None), to restore
         self._blocks = []  # (module, index of the last group it waits for)
-        blocks = _outermost_blocks(model)
+        blocks = outermost_blocks(model)
         last = -1
         for name, module in blocks:
             touching = [i for i, g in enumerate(groups)
-                        if any(_inside(n, name) for n in g.names)
-                        or (g.producer is not None and _inside(g.producer, name))]
+                        if any(inside(n, name) for n in g.names)
+                        or (g.producer is not None and inside(g.producer, name))]
             last = max([last, *touching])  # a block waits for the blocks before it too
             if module in run_once and touching:
                 self._blocks.append((module, last))
@@ -101,10 +101,10 @@ def call_model(model, item):
 
 
 def blocks_run_once(model, call, first_input) -> set:
-    """The blocks (`_outermost_blocks`) that run exactly once in the forward
+    """The blocks (`outermost_blocks`) that run exactly once in the forward
     ``call(model, first_input)``."""
     counts = {}
-    blocks = [module for _, module in _outermost_blocks(model)]
+    blocks = [module for _, module in outermost_blocks(model)]
 
     def hook(module, args, output):
         counts[module] = counts.get(module, 0) + 1
@@ -118,14 +118,14 @@ def blocks_run_once(model, call, first_input) -> set:
     return {m for m in blocks if counts.get(m) == 1}
 
 
-def _outermost_blocks(model) -> list:
+def outermost_blocks(model) -> list:
     """(name, module) of the children of the model's `nn.ModuleList`s that lie in no
     other such child, in the lists' order."""
     found = []
     for list_name, module in model.named_modules():
         if not isinstance(module, torch.nn.ModuleList):
             continue
-        if any(_inside(list_name, name) for name, _ in found):
+        if any(inside(list_name, name) for name, _ in found):
             continue
         prefix = f"{list_name}." if list_name else ""
         found += [(f"{prefix}{child_name}", child)
@@ -133,7 +133,8 @@ def _outermost_blocks(model) -> list:
     return found
 
 
-def _inside(name: str, block: str) -> bool:
+def inside(name: str, block: str) -> bool:
+    """Whether the module named `name` is the block named `block` or lies in it."""
     return name == block or name.startswith(block + ".")
 
 

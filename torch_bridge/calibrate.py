@@ -15,7 +15,12 @@ forward hooks on its `nn.Linear`s, under `torch.no_grad()`:
    fold is kept only if the model's outputs on the first calibration input
    are unchanged (a producer whose output also feeds a residual connection
    fails this), otherwise the group's modules get an explicit
-   `XlaQuantizedLinear.set_input_scale(1/s)`.
+   `XlaQuantizedLinear.set_input_scale(1/s)`. SmoothQuant on a scheme that
+   quantizes activations is judged per layer first (issue 26): a bounded sample
+   of the group's held-out input rows (`HeldOutSample`) gives each layer's
+   output error with and without smoothing, round-to-nearest weights and the
+   modules' own activation quantization (`_judge_smoothing`); a layer keeps it
+   only where it lowers that error, and a fold needs every layer of the group.
 3. Quantization, per group in run order. GPTQ and AWQ's clip search gather
    each group's ``X^T X`` with every earlier group already quantized (the
    inputs the quantized model will really see; for AWQ that is a second
@@ -43,7 +48,7 @@ import numpy as np
 import torch
 
 from torch_bridge import blockround
-from torch_bridge.block_replay import BlockReplay, blocks_run_once
+from torch_bridge.block_replay import BlockReplay, blocks_run_once, inside
 from torch_bridge.block_replay import call_model as _call
 from torch_bridge.block_replay import tensors as _tensors
 from torch_bridge.linear import XlaQuantizedLinear
@@ -130,13 +135,47 @@ def trace(model, linears: dict, first_input) -> tuple[list, set]:
 
 Stats = layerwise.InputStatistics  # one group's input statistics (torch float64 tensors)
 
+# Held-out input rows kept per group to judge its smoothing (`_judge_smoothing`). The
+# per-token activation error is measured row by row, so X^T X cannot stand in for the
+# rows; a few thousand tokens of several held-out inputs measure a layer's output error
+# well, and the cap bounds the sample's memory whatever the calibration set's size: one
+# group's sample is alive at a time, 4096 x `in` values of the model's dtype (float32: 6 MiB
+# for MiniLM's 384 features, 224 MiB for a 14336-wide FFN input).
+HELD_OUT_ROWS = 4096
+
+
+class HeldOutSample:
+    """One group's input as `_judge_smoothing` needs it: at most `cap` rows of the held-out
+    calibration inputs (an even share of each, spread over its rows, in the model's dtype,
+    on the host) and the per-channel max |x| of the other, fitted inputs (float64)."""
+
+    def __init__(self, held_out_inputs: int, cap: int = HELD_OUT_ROWS):
+        self.share = -(-cap // max(held_out_inputs, 1))  # rows kept per held-out input
+        self.parts = []
+        self.fit_absmax = None
+
+    def add(self, x: torch.Tensor, *, held_out: bool) -> None:
+        x = x.detach().reshape(-1, x.shape[-1])
+        if not held_out:
+            absmax = x.abs().amax(0).to("cpu", torch.float64)
+            self.fit_absmax = (absmax if self.fit_absmax is None
+                               else torch.maximum(self.fit_absmax, absmax))
+            return
+        if x.shape[0] > self.share:
+            x = x[torch.linspace(0, x.shape[0] - 1, self.share).round().long().to(x.device)]
+        self.parts.append(x.to("cpu", copy=True))
+
+    def rows(self) -> torch.Tensor | None:
+        return torch.cat(self.parts) if self.parts else None
+
 
 def gather(model, inputs, modules: list, *, hessian: bool, stop_early: bool,
            progress: str | None = None, holdout: bool = False,
-           replay: BlockReplay | None = None) -> Stats:
+           replay: BlockReplay | None = None, sample: HeldOutSample | None = None) -> Stats:
     """Statistics of the input shared by `modules` over all calibration inputs (with
     `holdout`, the held-out inputs' X^T X apart: `Stats.holdout_hessian`); `replay`
-    returns finished blocks' outputs instead of recomputing them."""
+    returns finished blocks' outputs instead of recomputing them; `sample` (with
+    `holdout`) is given every input's rows, told whether they are held out."""
     stats, seen = Stats(), set()
     held = [False]  # whether the input being run is a held-out one
 
@@ -147,6 +186,8 @@ def gather(model, inputs, modules: list, *, hessian: bool, stop_early: bool,
                 stats.add(x.shape[0], x.abs().sum(0), x.abs().amax(0),
                           x.T @ x if hessian else None, held_out=held[0],
                           maximum=torch.maximum)
+                if sample is not None:
+                    sample.add(args[0], held_out=held[0])
             seen.add(index)
             if stop_early and len(seen) == len(modules):
                 raise _Stop
@@ -229,7 +270,9 @@ class LayerResult:
     method: str  # the method used (round-to-nearest where the inputs never reached it)
     weight_error_rtn: float  # relative Frobenius error of round-to-nearest
     weight_error: float  # ... of the method used (scales included)
-    input_scale: str | None  # None, "folded into <module>" or "explicit"
+    # None, "folded into <module>" or "explicit"; with SmoothQuant judged on held-out inputs
+    # its figures after "; ", or "not smoothed: held-out error ..." (`_judge_smoothing`)
+    input_scale: str | None
     held_out: heldout.HeldOutCheck | None = None  # the fallback's check (calibrated methods)
     block: blockround.BlockResult | None = None  # its block's reconstruction (blockround)
 
@@ -259,34 +302,38 @@ def quantize_linears(model, todo, *, bits: int, block_size: int, symmetric: bool
     needs_data = method in quantizers.CALIBRATED or smoothing is not None
     block_method, method = method, quantizers.BLOCK_METHODS.get(method, method)
     refine = block_method != method  # a layer-wise start, then block reconstruction
-    float_outputs = None
-    if refine and blockround.TARGET == "float":  # the float model's blocks, before any change
-        refined = blockround.blocks_to_refine(model, list(linears), inputs)
-        float_outputs = blockround.float_block_outputs(model, inputs, [n for n, _, _ in refined])
-    starts = {} if refine else None
     with torch.no_grad():
-        if needs_data:
+        if needs_data:  # first: it names the model's own error on a bad calibration input
             groups, repeated = trace(model, linears, inputs[0])
         else:
             groups, repeated = [], set()
         ran = {n for g in groups for n in g.names}
         groups += [Group([n], None) for n in linears if n not in ran]  # never run: no data
+        # The blocks that run once per forward: what block_replay replays, blockround refines.
         run_once = blocks_run_once(model, _call, inputs[0]) if needs_data else set()
+    float_outputs = None
+    if refine and blockround.TARGET == "float":  # the float model's blocks, before any change
+        refined = blockround.blocks_to_refine(model, list(linears), run_once)
+        float_outputs = blockround.float_block_outputs(model, inputs, [n for n, _, _ in refined])
+    starts = {} if refine else None
+    with torch.no_grad():
         modules = dict(model.named_modules())
-        scales, where = {}, {}
+        scales, where, notes = {}, {}, {}
         if smoothing or (method in quantizers.INPUT_SCALED and search_scales):
             replay = BlockReplay(model, groups, run_once)
             try:
-                scales, where = _scales(model, inputs, groups, ran, linears, modules, repeated,
-                                        method, smoothing, smoothing_alpha, bits, block_size,
-                                        symmetric, progress, format, replay)
+                scales, where, notes = _scales(
+                    model, inputs, groups, ran, linears, modules, repeated, method, smoothing,
+                    smoothing_alpha, bits, block_size, symmetric, progress, format, replay,
+                    quantize_activation=quantize_activation,
+                    activation_format=activation_format, nvfp4_divisor=nvfp4_divisor)
             finally:
                 replay.close()
         results = {}
         replay = BlockReplay(model, groups, run_once)
         try:
             _quantize_groups(model, inputs, groups, ran, linears, repeated, scales, where,
-                             results, replay, swap=swap, bits=bits, block_size=block_size,
+                             notes, results, replay, swap=swap, bits=bits, block_size=block_size,
                              symmetric=symmetric, quantize_activation=quantize_activation,
                              method=method, progress=progress, format=format,
                              activation_format=activation_format,
@@ -295,15 +342,15 @@ def quantize_linears(model, todo, *, bits: int, block_size: int, symmetric: bool
             replay.close()
     if refine:
         _reconstruct_blocks(model, inputs, starts, results, linears, block_method, swap,
-                            float_outputs, bits=bits, block_size=block_size,
+                            float_outputs, run_once, bits=bits, block_size=block_size,
                             symmetric=symmetric, quantize_activation=quantize_activation,
                             progress=progress)
     return results
 
 
 def _reconstruct_blocks(model, inputs, starts, results, linears, block_method, swap,
-                        float_outputs, *, bits, block_size, symmetric, quantize_activation,
-                        progress):
+                        float_outputs, run_once, *, bits, block_size, symmetric,
+                        quantize_activation, progress):
     """Phase 4 of a block method (`blockround`): each block's Linears refined jointly from
     the layer-wise result (`starts`: {name: (weight as quantized, its QuantizedWeight, the
     weight before any scale, the scale or None)}); `results` updated in place."""
@@ -312,10 +359,10 @@ def _reconstruct_blocks(model, inputs, starts, results, linears, block_method, s
         model, inputs, {n: (w, qw, results[n].module) for n, (w, qw, _, _) in starts.items()},
         bits=bits, block_size=block_size, symmetric=symmetric,
         quantize_activation=quantize_activation, swap=swap, float_outputs=float_outputs,
-        float_linears=linears, progress=progress)
+        float_linears=linears, run_once=run_once, progress=progress)
     blocks = done.pop(None)
     for name, r in results.items():
-        outcome = next((b for block, b in blocks.items() if name.startswith(block + ".")), None)
+        outcome = next((b for block, b in blocks.items() if inside(name, block)), None)
         if outcome is None:
             continue  # outside every refined block: the layer-wise result stays
         r.block = outcome
@@ -330,11 +377,12 @@ def _reconstruct_blocks(model, inputs, starts, results, linears, block_method, s
         r.weight_error = layerwise.weight_error(w_orig, qw, scale)
 
 
-def _quantize_groups(model, inputs, groups, ran, linears, repeated, scales, where, results,
-                     replay, *, swap, bits, block_size, symmetric, quantize_activation, method,
-                     progress, format, activation_format, nvfp4_divisor, starts=None):
+def _quantize_groups(model, inputs, groups, ran, linears, repeated, scales, where, notes,
+                     results, replay, *, swap, bits, block_size, symmetric, quantize_activation,
+                     method, progress, format, activation_format, nvfp4_divisor, starts=None):
     """Phase 3 (module docstring): quantizes and swaps each group in run order, filling
-    `results`; `replay` replays the blocks finished before each group. `starts` (a dict, or
+    `results`; `replay` replays the blocks finished before each group; `notes`: `_scales`'s
+    held-out findings, added to the layers' `input_scale`. `starts` (a dict, or
     None): filled with what phase 4 (`_reconstruct_blocks`) starts from."""
     for i, g in enumerate(groups):
         mods = [linears[n] for n in g.names]
@@ -363,7 +411,7 @@ def _quantize_groups(model, inputs, groups, ran, linears, repeated, scales, wher
                 activation_format=activation_format)
             results[name] = LayerResult(
                 module, done.method, done.weight_error_rtn, done.weight_error,
-                None if s is None else where[name], done.held_out)
+                _input_scale_text(where.get(name), notes.get(name)), done.held_out)
             swap(name, results[name].module)
             if starts is not None:
                 w_orig = w / s if (s is not None and not explicit) else w
@@ -371,21 +419,36 @@ def _quantize_groups(model, inputs, groups, ran, linears, repeated, scales, wher
         replay.finish(i)
 
 
+def _input_scale_text(place: str | None, note: str | None) -> str | None:
+    """A layer's `LayerResult.input_scale`: where its scale went, and its held-out check."""
+    return "; ".join(part for part in (place, note) if part) or None
+
+
 def _scales(model, inputs, groups, ran, linears, modules, repeated, method, smoothing, alpha,
-            bits, block_size, symmetric, progress, format="int", replay=None):
-    """Phase 2 (module docstring): {name: s}, {name: "folded into X" | "explicit"};
-    `replay` (a `BlockReplay` of `groups`) replays the blocks finished before each group."""
-    scales, where = {}, {}
+            bits, block_size, symmetric, progress, format="int", replay=None, *,
+            quantize_activation=False, activation_format=None, nvfp4_divisor=False):
+    """Phase 2 (module docstring): {name: s}, {name: "folded into X" | "explicit"},
+    {name: what the held-out check of its smoothing found (`_judge_smoothing`)};
+    `replay` (a `BlockReplay` of `groups`) replays the blocks finished before each group.
+
+    SmoothQuant on a scheme that quantizes activations is judged per layer on the
+    held-out calibration inputs (issue 26): a layer keeps its smoothing only where that
+    lowers its output error there; a group's scale is folded into its producer only
+    when every layer of the group keeps it (the fold scales the input of all of them)."""
+    scales, where, notes = {}, {}, {}
     reference = None
+    held_out_inputs = sum(heldout.is_holdout(i, len(inputs)) for i in range(len(inputs)))
+    judge = bool(smoothing) and quantize_activation and held_out_inputs > 0
     for i, g in enumerate(groups):
         if replay is not None and i:
             replay.finish(i - 1)  # group i - 1 is done, whichever way its turn ended
         if g.names[0] not in ran:
             continue  # the calibration inputs never reach it: no statistics
         mods = [linears[n] for n in g.names]
+        sample = HeldOutSample(held_out_inputs) if judge else None
         stats = gather(model, inputs, mods,
                        hessian=method in quantizers.INPUT_SCALED and not smoothing,
-                       stop_early=not set(g.names) & repeated,
+                       stop_early=not set(g.names) & repeated, holdout=judge, sample=sample,
                        progress=f"scales {g.names[0]}" if progress else None, replay=replay)
         if stats.rows == 0:
             continue  # never run
@@ -398,9 +461,18 @@ def _scales(model, inputs, groups, ran, linears, modules, repeated, method, smoo
                                      lambda scaled: FloatGrid.of(scaled, format)))
         if np.all(s == 1):
             continue
+        smoothed = list(g.names)  # the layers that take s
+        if sample is not None and sample.parts:
+            smoothed, found = _judge_smoothing(
+                g.names, mods, sample, w_cat, alpha, bits=bits, block_size=block_size,
+                symmetric=symmetric, format=format, nvfp4_divisor=nvfp4_divisor,
+                activation_format=activation_format)
+            notes.update(found)
+            if not smoothed:
+                continue
         place = "explicit"
         producer = modules.get(g.producer) if g.producer is not None else None
-        if producer is not None:
+        if producer is not None and len(smoothed) == len(g.names):
             if reference is None:
                 reference = _outputs(model, inputs[0], replay, 0)
             inverse = torch.from_numpy(1.0 / s)
@@ -416,6 +488,57 @@ def _scales(model, inputs, groups, ran, linears, modules, repeated, method, smoo
                     unfold(producer, saved)
                     for m, original in zip(mods, originals):
                         m.weight.copy_(original)
-        for n in g.names:
+        for n in smoothed:
             scales[n], where[n] = s, place
-    return scales, where
+    return scales, where, notes
+
+
+def _judge_smoothing(names, mods, sample: HeldOutSample, w_cat, alpha, **scheme):
+    """(the names of `names` whose layers keep the smoothing, {name: what was found}).
+
+    Each layer's output error on the held-out rows is measured with SmoothQuant's scale
+    of the fitted inputs alone (the held-out ones must not shape what is judged on them)
+    and without smoothing (`_output_errors`); the layer keeps the smoothing only where
+    it is lower. The scale then used is of all the inputs, as a calibrated method is
+    fitted again on all of them once it passes its check (`heldout`)."""
+    if sample.fit_absmax is None:  # it ran on held-out inputs only: nothing fitted to judge
+        return list(names), {}
+    s_fit = awq.smoothquant_scales(sample.fit_absmax.numpy(), w_cat, alpha)
+    rows = sample.rows()
+    kept, found = [], {}
+    for name, linear in zip(names, mods):
+        smoothed, plain = _output_errors(linear, rows, s_fit, **scheme)
+        figures = f"held-out error {smoothed:.3g} smoothed vs {plain:.3g} plain"
+        if smoothed < plain:
+            kept.append(name)
+            found[name] = figures
+        else:
+            found[name] = f"not smoothed: {figures}"
+    return kept, found
+
+
+def _output_errors(linear, rows: torch.Tensor, s: np.ndarray, *, bits, block_size, symmetric,
+                   format, nvfp4_divisor, activation_format) -> tuple[float, float]:
+    """(smoothed, plain): `linear`'s relative squared output error ``|Y_hat - Y|^2 / |Y|^2``
+    on `rows` (``Y = rows W^T``, float64, bias left out: it cancels) as the scheme's module
+    computes it, round-to-nearest weights and quantized activations: smoothed, the weight
+    ``W diag(s)`` with inputs times 1/s (`XlaQuantizedLinear.input_scale`); plain, W.
+
+    The modules run the library's reference backend (`xla_qops.backends.reference`: the
+    activations quantized by `xla_qops.activation` as every backend does, one float32
+    product): the same values as the model's kernels, and on the host a few times faster
+    than the C++ kernels, which are made for a few rows at a time, not thousands."""
+    w = linear.weight.detach().to("cpu", torch.float32).numpy()
+    reference = rows.to(torch.float64) @ torch.from_numpy(w).to(torch.float64).T
+    energy = max(float(torch.linalg.vector_norm(reference)) ** 2, np.finfo(np.float64).tiny)
+
+    def error(weight, input_scale):
+        qw = layerwise.quantize_plain(weight, bits, block_size, symmetric, "rtn", None, format,
+                                      nvfp4_divisor)
+        module = XlaQuantizedLinear.from_quantized(
+            qw, quantize_activation=True, input_scale=input_scale, impl="reference",
+            device=linear.weight.device, activation_format=activation_format)
+        y = module(rows.to(linear.weight.device)).to("cpu", torch.float64)
+        return float(torch.linalg.vector_norm(y - reference)) ** 2 / energy
+
+    return error(w * s, 1.0 / s), error(w, None)

@@ -10,6 +10,11 @@ inputs is compared with round to nearest's. A layer where round to nearest
 is better keeps round to nearest; otherwise the method is fitted again on
 all the inputs (``H_fit + H_holdout``), so a layer that passes loses no data.
 The check is returned per layer (`HeldOutCheck`) for the caller's report.
+
+SmoothQuant's smoothing is judged on the same split, but not here: its gain is
+in the quantized activations' error, which ``tr(D H D^T)`` (weight error only)
+cannot see, so `torch_bridge.calibrate` measures it on held-out input rows
+(`calibrate._judge_smoothing`).
 """
 
 from __future__ import annotations
