@@ -3,11 +3,13 @@
 // every call ran the portable scalar kernels, 50-200x slower than these.
 //
 // What is here: the panel path of qmm.h (weight packers for the integer
-// formats, the A16 and A8 microkernels) and the per-channel decode in
-// dot-product form (weight rows streamed once, no panel). The rest (x
-// preparation, epilogues, stores, the float formats' packers) is
-// kernels_generic.cc compiled again for this ISA (included below under
-// another table name); the blockwise decode runs through the panel path.
+// formats, the A16 and A8 microkernels); the per-channel decode in
+// dot-product form (weight rows streamed once, no panel); the blockwise
+// decode streamed row by row for integer weights with float products, and
+// for packed int4 with the integer A8 product (vpmaddubsw). The rest (x
+// preparation, epilogues, stores, the float formats' packers, which every
+// fp8 / fp4 problem uses through the panel path) is kernels_generic.cc
+// compiled again for this ISA (included below under another table name).
 //
 // Numerics: the panel path is bit-identical to the portable kernels (the
 // streams too within each group; they add groups per K slice). A16
@@ -336,6 +338,18 @@ inline void with_rows_dot(int rows, const Fn& fn) {
 // Whether xd holds each 32 k as evens then odds (packed int4 weights, unpacked
 // by nibble); else k in order.
 inline bool dot_deinterleaved(const Problem& p) { return p.wf == kWInt && p.bits == 4; }
+// The k that xd holds at position j (the preparations), and the position of k
+// (the dot forms' tails): within each 32, evens then odds where deinterleaved.
+inline int64_t xd_source(bool deinterleaved, int64_t j) {
+  if (!deinterleaved) return j;
+  const int64_t base = j / 32 * 32, i = j % 32;
+  return base + (i < 16 ? 2 * i : 2 * (i - 16) + 1);
+}
+inline int64_t xd_position(bool deinterleaved, int64_t k) {
+  if (!deinterleaved) return k;
+  const int64_t base = k / 32 * 32, i = k % 32;
+  return base + (i % 2 == 0 ? i / 2 : 16 + i / 2);
+}
 
 
 // xd [R][Kq]: x's bf16 rows in the order the weight unpacking yields k: as
@@ -347,11 +361,7 @@ void dot_prep_a16_avx2(const Problem& p, const XA16& xa, uint16_t* xd, int64_t K
     const uint16_t* src = xa.xb + r * xa.Kp;
     uint16_t* dst = xd + r * Kq;
     for (int64_t k = 0; k < Kq; ++k) {
-      int64_t from = k;
-      if (dot_deinterleaved(p)) {
-        const int64_t base = k / 32 * 32, i = k % 32;
-        from = base + (i < 16 ? 2 * i : 2 * (i - 16) + 1);
-      }
+      const int64_t from = xd_source(dot_deinterleaved(p), k);
       dst[k] = from < xa.Kp ? src[from] : 0;
     }
   }
@@ -420,11 +430,7 @@ void dot_rows(const Problem& p, const uint16_t* xd, int64_t Kq, int64_t n, int W
     for (int w = 0; w < 4; ++w) sums[r][w] = hsum(a[r][w]);
   // The last K % 32 (int4) / K % 16 (int8) k, in xd's order.
   for (int64_t k = kfull; k < p.K; ++k) {
-    int64_t at = k;
-    if (BITS == 4) {
-      const int64_t i = k - kfull;  // xd's order within the last 32: evens, then odds
-      at = kfull + (i % 2 == 0 ? i / 2 : 16 + i / 2);
-    }
+    const int64_t at = xd_position(BITS == 4, k);
     for (int w = 0; w < W; ++w) {
       int q;
       if (BITS == 4) {
@@ -493,11 +499,7 @@ void dot_prep_a8_avx2(const Problem& p, const XA8& xa, int8_t* xd, int64_t Kq) {
     const int8_t* src = xa.xq + m * xa.Kp;
     int8_t* dst = xd + m * Kq;
     for (int64_t k = 0; k < Kq; ++k) {
-      int64_t from = k;
-      if (dot_deinterleaved(p)) {
-        const int64_t base = k / 32 * 32, i = k % 32;
-        from = base + (i < 16 ? 2 * i : 2 * (i - 16) + 1);
-      }
+      const int64_t from = xd_source(dot_deinterleaved(p), k);
       dst[k] = from < xa.Kp ? src[from] : 0;
     }
   }
@@ -548,11 +550,7 @@ void dot_rows_a8(const Problem& p, const int8_t* xd, int64_t Kq, int64_t n, int 
       sums[r][w] = _mm_cvtsi128_si32(v);
     }
   for (int64_t k = kfull; k < p.K; ++k) {  // the last K % 32 / K % 16, in xd's order
-    int64_t at = k;
-    if (BITS == 4) {
-      const int64_t i = k - kfull;
-      at = kfull + (i % 2 == 0 ? i / 2 : 16 + i / 2);
-    }
+    const int64_t at = xd_position(BITS == 4, k);
     for (int w = 0; w < W; ++w) {
       int q;
       if (BITS == 4) {
