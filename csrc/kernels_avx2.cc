@@ -783,26 +783,41 @@ void stream_a16_avx2(const Problem& p, const XA16& xa, int64_t g0, int64_t g1, i
 
 // ------------------------------------------------------- blockwise A8 decode
 
-// Packed int4 weights times int8 activations (W4A8 blockwise): bytes of
-// (q + 8) and of x multiplied pairwise by vpmaddubsw (each k-pair of a column
-// as adjacent bytes), exact int16 sums over a sweep of kA8SweepPairs k-pairs
-// (at most 15 * 127 * 2 * 8 = 30480 < 2^15), widened into int32 per column;
-// the 8 * sum x of the bias comes off in fin_a8's arithmetic. Int8 weights
-// would overflow vpmaddubsw's int16 (255 * 127 * 2): they take the panel path.
+// Blockwise decode with the integer A8 product. Packed int4 weights (W4A8):
+// bytes of (q + 8) and of x multiplied pairwise by vpmaddubsw (each k-pair of
+// a column as adjacent bytes), exact int16 sums over a sweep of kA8SweepPairs
+// k-pairs (at most 15 * 127 * 2 * 8 = 30480 < 2^15), widened into int32 per
+// column; the 8 * sum x of the bias comes off in fin_a8's arithmetic. Int8
+// weights (W8A8) would overflow vpmaddubsw's int16 (255 * 127 * 2): their two
+// rows of a k-pair are interleaved and sign-extended to 16 bits for vpmaddwd,
+// whose int32 sums never overflow (no bias).
 constexpr int64_t kA8SweepPairs = 8;
 
-// Whether the stream forms take p (stream_supports): integer weights (A16,
-// and float products of quantized x); only packed int4 ones with the integer
-// A8 product.
-bool streams_avx2(const Problem& p) {
-  if (p.wf != kWInt) return false;
-  return !(p.qa && !float_products(p)) || p.bits == 4;
+// Whether the stream forms take p (stream_supports): integer weights.
+bool streams_avx2(const Problem& p) { return p.wf == kWInt; }
+
+// Group g's epilogue for one tile (fin_a8's arithmetic, into part): a holds
+// sum (q + bias) x per row and column.
+inline void a8_group_epilogue(const Problem& p, const XA8& xa, int64_t g, bool first_group,
+                              const int32_t* a, int64_t n0, int ncols, int32_t bias, float* part) {
+  for (int64_t m = 0; m < p.M; ++m) {
+    const int64_t i = m * p.groups + g;
+    const int32_t comp = bias * xa.sq[i];
+    const float* sc = p.scale + g * p.N + n0;
+    const float* zc = p.has_zp ? p.zp + g * p.N + n0 : nullptr;
+    float* dst = part + m * p.N + n0;
+    for (int c = 0; c < ncols; ++c) {
+      float v = static_cast<float>(a[m * kNR + c] - comp) * (xa.xs[i] * sc[c]);
+      if (zc) v -= zc[c] * xa.xzs[i];
+      dst[c] = first_group ? v : dst[c] + v;
+    }
+  }
 }
 
 // Groups [g0, g1), tiles [t0, t1) into part [M][N] (stream_a8's contract,
 // qmm.h); acc: [t1 - t0][R][kNR] int32.
 template <int R>
-void stream_a8_rows(const Problem& p, const XA8& xa, int64_t g0, int64_t g1, int64_t t0, int64_t t1,
+void stream_a8_int4_rows(const Problem& p, const XA8& xa, int64_t g0, int64_t g1, int64_t t0, int64_t t1,
                     int32_t* acc, float* part) {
   const int64_t N = p.N, pairs = p.G / 2;
   const __m256i nib = _mm256_set1_epi8(0xf), flip = _mm256_set1_epi8(static_cast<char>(0x88));
@@ -866,20 +881,77 @@ void stream_a8_rows(const Problem& p, const XA8& xa, int64_t g0, int64_t g1, int
             }
             a[r * kNR + c] = sum;
           }
-        if (!last) continue;
-        // fin_a8's arithmetic for the group, into part.
-        for (int64_t m = 0; m < p.M; ++m) {
-          const int64_t i = m * p.groups + g;
-          const int32_t comp = 8 * xa.sq[i];
-          const float* sc = p.scale + g * N + n0;
-          const float* zc = p.has_zp ? p.zp + g * N + n0 : nullptr;
-          float* dst = part + m * N + n0;
-          for (int cc = 0; cc < ncols; ++cc) {
-            float v = static_cast<float>(a[m * kNR + cc] - comp) * (xa.xs[i] * sc[cc]);
-            if (zc) v -= zc[cc] * xa.xzs[i];
-            dst[cc] = g == g0 ? v : dst[cc] + v;
+        if (last) a8_group_epilogue(p, xa, g, g == g0, a, n0, ncols, 8, part);
+      }
+    }
+  }
+}
+
+// Int8 weights: groups [g0, g1), tiles [t0, t1) as stream_a8_int4_rows.
+template <int R>
+void stream_a8_int8_rows(const Problem& p, const XA8& xa, int64_t g0, int64_t g1, int64_t t0,
+                         int64_t t1, int32_t* acc, float* part) {
+  const int64_t N = p.N, pairs = (p.G + 1) / 2;
+  for (int64_t g = g0; g < g1; ++g) {
+    const uint8_t* wg = p.w + g * p.G * N;
+    for (int64_t s0 = 0; s0 < pairs; s0 += kA8SweepPairs) {
+      const int64_t ns = pairs - s0 < kA8SweepPairs ? pairs - s0 : kA8SweepPairs;
+      const bool first = s0 == 0, last = s0 + ns == pairs;
+      int32_t xp[kA8SweepPairs][R];  // x_k | x_{k+1} << 16 as 16-bit lanes (vpmaddwd)
+      for (int64_t s = 0; s < ns; ++s)
+        for (int r = 0; r < R; ++r) {
+          const int8_t* xr = xa.xq + r * xa.Kp + g * xa.Gp + 2 * (s0 + s);
+          xp[s][r] = static_cast<int32_t>(static_cast<uint16_t>(xr[0]) |
+                                          (static_cast<uint32_t>(static_cast<uint16_t>(xr[1])) << 16));
+        }
+      const uint8_t* ws = wg + 2 * s0 * N;  // row k of the sweep's first pair
+      const bool fetch = s0 + 3 * kA8SweepPairs <= pairs;
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t n0 = t * kNR;
+        const int ncols = tile_cols(N, n0);
+        int32_t* a = acc + (t - t0) * R * kNR;
+        if (fetch)
+          for (int64_t s = 0; s < 2 * kA8SweepPairs; ++s)
+            _mm_prefetch(reinterpret_cast<const char*>(ws + (4 * kA8SweepPairs + s) * N + n0), _MM_HINT_T0);
+        int c = 0;
+        for (; c + 16 <= ncols; c += 16) {
+          __m256i v0[R], v1[R];  // columns c + 0..7, c + 8..15
+          for (int r = 0; r < R; ++r) {
+            v0[r] = first ? zero8() : _mm256_load_si256(reinterpret_cast<const __m256i*>(a + r * kNR + c));
+            v1[r] = first ? zero8() : _mm256_load_si256(reinterpret_cast<const __m256i*>(a + r * kNR + c + 8));
+          }
+          for (int64_t s = 0; s < ns; ++s) {
+            const uint8_t* row = ws + 2 * s * N + n0 + c;
+            const __m128i k0 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row));
+            const __m128i k1 = 2 * (s0 + s) + 1 < p.G  // an odd G's last pair has no k + 1
+                                   ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + N))
+                                   : _mm_setzero_si128();
+            const __m256i w0 = _mm256_cvtepi8_epi16(_mm_unpacklo_epi8(k0, k1));  // columns 0..7
+            const __m256i w1 = _mm256_cvtepi8_epi16(_mm_unpackhi_epi8(k0, k1));  // columns 8..15
+            for (int r = 0; r < R; ++r) {
+              const __m256i xv = _mm256_set1_epi32(xp[s][r]);
+              v0[r] = _mm256_add_epi32(v0[r], _mm256_madd_epi16(w0, xv));
+              v1[r] = _mm256_add_epi32(v1[r], _mm256_madd_epi16(w1, xv));
+            }
+          }
+          for (int r = 0; r < R; ++r) {
+            _mm256_store_si256(reinterpret_cast<__m256i*>(a + r * kNR + c), v0[r]);
+            _mm256_store_si256(reinterpret_cast<__m256i*>(a + r * kNR + c + 8), v1[r]);
           }
         }
+        for (; c < ncols; ++c)  // N's last columns, one at a time
+          for (int r = 0; r < R; ++r) {
+            int32_t sum = first ? 0 : a[r * kNR + c];
+            for (int64_t s = 0; s < ns; ++s) {
+              const int64_t kk = 2 * (s0 + s);
+              const int8_t* xr = xa.xq + r * xa.Kp + g * xa.Gp + kk;
+              const int8_t* w = reinterpret_cast<const int8_t*>(ws + 2 * s * N + n0 + c);
+              sum += static_cast<int32_t>(w[0]) * xr[0];
+              if (kk + 1 < p.G) sum += static_cast<int32_t>(w[N]) * xr[1];
+            }
+            a[r * kNR + c] = sum;
+          }
+        if (last) a8_group_epilogue(p, xa, g, g == g0, a, n0, ncols, 0, part);
       }
     }
   }
@@ -891,7 +963,11 @@ void stream_a8_avx2(const Problem& p, const XA8& xa, int64_t g0, int64_t g1, int
   for (int64_t b0 = t0; b0 < t1; b0 += sweep_block_tiles(rows)) {
     const int64_t b1 = b0 + sweep_block_tiles(rows) < t1 ? b0 + sweep_block_tiles(rows) : t1;
     with_rows_dot(rows, [&](auto rr) {
-      stream_a8_rows<decltype(rr)::value>(p, xa, g0, g1, b0, b1, acc, part);
+      if (p.bits == 4) {
+        stream_a8_int4_rows<decltype(rr)::value>(p, xa, g0, g1, b0, b1, acc, part);
+      } else {
+        stream_a8_int8_rows<decltype(rr)::value>(p, xa, g0, g1, b0, b1, acc, part);
+      }
     });
   }
 }
