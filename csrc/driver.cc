@@ -211,7 +211,7 @@ void run_a16(const Problem& p, const Kernels& k, const Executor& ex) {
                              (long)p.M, (long)p.K, (long)p.N, t1 - t0, now_ms() - t1, cpu_ms() - c1);
     return;
   }
-  if (p.blockwise && R <= k.max_stream_rows && (!k.stream_supports || k.stream_supports(p))) {  // decode, blockwise: K slices, then their sum
+  if (p.blockwise && R <= k.max_stream_rows) {  // decode, blockwise: K slices, then their sum
     run_slices(ex, p, k, R, tiles, [&](int64_t g0, int64_t g1, int64_t t0, int64_t t1, float* part) {
       float* acc = reinterpret_cast<float*>(tl_acc.get((t1 - t0) * R * kNR * 4));
       k.stream_a16(p, xa, g0, g1, t0, t1, acc, part);
@@ -292,7 +292,7 @@ void run_a8(const Problem& p, const Kernels& k, const Executor& ex) {
                              (long)p.M, (long)p.K, (long)p.N, t1 - t0, now_ms() - t1, cpu_ms() - c1);
     return;
   }
-  if (p.blockwise && p.M <= k.max_stream_rows_a8 && (!k.stream_supports || k.stream_supports(p))) {  // decode, blockwise: K slices, then their sum
+  if (p.blockwise && p.M <= k.max_stream_rows_a8) {  // decode, blockwise: K slices, then their sum
     run_slices(ex, p, k, p.M, tiles, [&](int64_t g0, int64_t g1, int64_t t0, int64_t t1, float* part) {
       int32_t* acc = reinterpret_cast<int32_t*>(tl_acc.get((t1 - t0) * p.M * kNR * 4));
       k.stream_a8(p, xa, g0, g1, t0, t1, acc, part);

@@ -335,9 +335,9 @@ inline void with_rows_dot(int rows, const Fn& fn) {
   }
 }
 
-// Whether xd holds each 32 k as evens then odds (packed int4 weights, unpacked
-// by nibble); else k in order.
-inline bool dot_deinterleaved(const Problem& p) { return p.wf == kWInt && p.bits == 4; }
+// Whether xd holds each 32 k as evens then odds (packed int4 / fp4 weights,
+// unpacked by nibble); else k in order.
+inline bool dot_deinterleaved(const Problem& p) { return p.bits == 4; }
 // The k that xd holds at position j (the preparations), and the position of k
 // (the dot forms' tails): within each 32, evens then odds where deinterleaved.
 inline int64_t xd_source(bool deinterleaved, int64_t j) {
@@ -378,8 +378,47 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
+// Weight values as float32, exactly, 8 at a time. Nibbles n (0..15 in each
+// dword): int4 (n ^ 8) - 8 (with 0x4B000000, i.e. 2^23, in the high bits,
+// n ^ 0x4B000008 is the float 2^23 + (n ^ 8), and subtracting 2^23 + 8 leaves
+// the value: fewer operations than a conversion), or e2m1 (the magnitude
+// from an 8-entry table by vpermps, which reads the low 3 bits; the sign bit 3).
+template <int WF>
+inline __m256 nibbles_to_f32(__m256i n) {
+  if constexpr (WF == kWFp4) {
+    const __m256 magnitude = _mm256_permutevar8x32_ps(
+        _mm256_setr_ps(0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f), n);
+    const __m256i sign = _mm256_slli_epi32(_mm256_and_si256(n, _mm256_set1_epi32(8)), 28);
+    return _mm256_or_ps(magnitude, _mm256_castsi256_ps(sign));
+  } else {
+    return _mm256_sub_ps(_mm256_castsi256_ps(_mm256_xor_si256(n, _mm256_set1_epi32(0x4B000008))),
+                         _mm256_set1_ps(8388616.0f));  // 2^23 + 8
+  }
+}
+// e4m3fn bytes (0..255 in each dword): the 7 magnitude bits placed as a
+// float32's exponent and mantissa top bits are the value times 2^-120, for
+// normal and subnormal codes alike, so one exact multiply by 2^120 decodes
+// them (the floating-point environment has no flush-to-zero: executor.h);
+// 0x7f / 0xff are NaN; the sign is bit 7.
+inline __m256 e4m3_to_f32(__m256i b) {
+  const __m256i magnitude = _mm256_and_si256(b, _mm256_set1_epi32(0x7f));
+  const __m256 v = _mm256_mul_ps(_mm256_castsi256_ps(_mm256_slli_epi32(magnitude, 20)),
+                                 _mm256_set1_ps(0x1p120f));
+  const __m256i nan = _mm256_and_si256(_mm256_cmpeq_epi32(magnitude, _mm256_set1_epi32(0x7f)),
+                                       _mm256_set1_epi32(0x7fc00000));
+  const __m256i sign = _mm256_slli_epi32(_mm256_and_si256(b, _mm256_set1_epi32(0x80)), 24);
+  return _mm256_castsi256_ps(_mm256_or_si256(_mm256_or_si256(_mm256_castps_si256(v), nan), sign));
+}
+// 8 bytes of an 8-bit weight format (int8 or e4m3fn) as float32.
+template <int WF>
+inline __m256 bytes_to_f32(const uint8_t* src) {
+  const __m128i raw = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(src));
+  if constexpr (WF == kWFp8) return e4m3_to_f32(_mm256_cvtepu8_epi32(raw));
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(raw));
+}
+
 // Weight rows [n, n + 4) (W of them valid) times the R rows of xd: sums[r][w].
-template <int R, int BITS>
+template <int R, int BITS, int WF>
 void dot_rows(const Problem& p, const uint16_t* xd, int64_t Kq, int64_t n, int W,
               float (*sums)[4]) {
   __m256 a[R][4];
@@ -405,10 +444,10 @@ void dot_rows(const Problem& p, const uint16_t* xd, int64_t Kq, int64_t n, int W
         const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(rows[w] + k / 2));
         const __m256i b0 = _mm256_cvtepu8_epi32(b), b1 = _mm256_cvtepu8_epi32(_mm_srli_si128(b, 8));
         const __m256i nib = _mm256_set1_epi32(0xf);
-        const __m256 l0 = _mm256_cvtepi32_ps(sign_extend_nibbles(_mm256_and_si256(b0, nib)));
-        const __m256 l1 = _mm256_cvtepi32_ps(sign_extend_nibbles(_mm256_and_si256(b1, nib)));
-        const __m256 h0 = _mm256_cvtepi32_ps(sign_extend_nibbles(_mm256_srli_epi32(b0, 4)));
-        const __m256 h1 = _mm256_cvtepi32_ps(sign_extend_nibbles(_mm256_srli_epi32(b1, 4)));
+        const __m256 l0 = nibbles_to_f32<WF>(_mm256_and_si256(b0, nib));
+        const __m256 l1 = nibbles_to_f32<WF>(_mm256_and_si256(b1, nib));
+        const __m256 h0 = nibbles_to_f32<WF>(_mm256_srli_epi32(b0, 4));
+        const __m256 h1 = nibbles_to_f32<WF>(_mm256_srli_epi32(b1, 4));
         for (int r = 0; r < R; ++r) {
           a[r][w] = _mm256_fmadd_ps(x0[r], l0, a[r][w]);
           a[r][w] = _mm256_fmadd_ps(x1[r], l1, a[r][w]);
@@ -416,9 +455,7 @@ void dot_rows(const Problem& p, const uint16_t* xd, int64_t Kq, int64_t n, int W
           a[r][w] = _mm256_fmadd_ps(x3[r], h1, a[r][w]);
         }
       } else {
-        const int8_t* src = reinterpret_cast<const int8_t*>(rows[w] + k);
-        const __m256 w0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(src))));
-        const __m256 w1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(src + 8))));
+        const __m256 w0 = bytes_to_f32<WF>(rows[w] + k), w1 = bytes_to_f32<WF>(rows[w] + k + 8);
         for (int r = 0; r < R; ++r) {
           a[r][w] = _mm256_fmadd_ps(x0[r], w0, a[r][w]);
           a[r][w] = _mm256_fmadd_ps(x1[r], w1, a[r][w]);
@@ -428,19 +465,12 @@ void dot_rows(const Problem& p, const uint16_t* xd, int64_t Kq, int64_t n, int W
   }
   for (int r = 0; r < R; ++r)
     for (int w = 0; w < 4; ++w) sums[r][w] = hsum(a[r][w]);
-  // The last K % 32 (int4) / K % 16 (int8) k, in xd's order.
+  // The last K % 32 (4 bits) / K % 16 (8 bits) k, in xd's order.
   for (int64_t k = kfull; k < p.K; ++k) {
     const int64_t at = xd_position(BITS == 4, k);
     for (int w = 0; w < W; ++w) {
-      int q;
-      if (BITS == 4) {
-        const uint8_t b = rows[w][k / 2];
-        const int nib = (k & 1) ? (b >> 4) : (b & 0xf);
-        q = nib >= 8 ? nib - 16 : nib;
-      } else {
-        q = static_cast<int8_t>(rows[w][k]);
-      }
-      for (int r = 0; r < R; ++r) sums[r][w] += bf16_to_f32(xd[r * Kq + at]) * static_cast<float>(q);
+      const float q = bf16_to_f32(weight_bf16_at(p, 0, k, n + w));
+      for (int r = 0; r < R; ++r) sums[r][w] += bf16_to_f32(xd[r * Kq + at]) * q;
     }
   }
 }
@@ -450,32 +480,19 @@ void dot_rows(const Problem& p, const uint16_t* xd, int64_t Kq, int64_t n, int W
 void dot_a16_avx2(const Problem& p, const XA16& xa, const uint16_t* xd, int64_t Kq, int64_t n0,
                   int ncols, float* out) {
   const int R = static_cast<int>(p.M * xa.T);
-  if (p.wf != kWInt) {  // fp8 / fp4 weights: the portable arithmetic, k in order
-    for (int c = 0; c < ncols; ++c)
-      for (int64_t m = 0; m < p.M; ++m) {
-        float a = 0.0f;
-        for (int t = 0; t < xa.T; ++t) {
-          float part = 0.0f;
-          for (int64_t k = 0; k < p.K; ++k)
-            part += bf16_to_f32(xd[(m * xa.T + t) * Kq + k]) *
-                    bf16_to_f32(weight_bf16_at(p, 0, k, n0 + c));
-          a = t == 0 ? part : a + part;
-        }
-        float v = p.scale[n0 + c] * a;
-        if (p.has_zp) v -= p.zp[n0 + c] * xa.xsum[m];
-        out[m * kNR + c] = v;
-      }
-    return;
-  }
   for (int c = 0; c < ncols; c += 4) {
     const int W = ncols - c < 4 ? ncols - c : 4;
     float sums[kDotRows][4];
     with_rows_dot(R, [&](auto rr) {
       constexpr int RR = decltype(rr)::value;
-      if (p.bits == 4) {
-        dot_rows<RR, 4>(p, xd, Kq, n0 + c, W, sums);
+      if (p.wf == kWFp8) {
+        dot_rows<RR, 8, kWFp8>(p, xd, Kq, n0 + c, W, sums);
+      } else if (p.wf == kWFp4) {
+        dot_rows<RR, 4, kWFp4>(p, xd, Kq, n0 + c, W, sums);
+      } else if (p.bits == 4) {
+        dot_rows<RR, 4, kWInt>(p, xd, Kq, n0 + c, W, sums);
       } else {
-        dot_rows<RR, 8>(p, xd, Kq, n0 + c, W, sums);
+        dot_rows<RR, 8, kWInt>(p, xd, Kq, n0 + c, W, sums);
       }
     });
     for (int64_t m = 0; m < p.M; ++m)
@@ -604,23 +621,15 @@ constexpr int64_t kSweepPairs = 8;
 constexpr int64_t sweep_block_tiles(int64_t rows) { return (64 << 10) / (rows * kNR * 4); }
 
 // 8 columns of one k-pair as float32: the even k (lo) and the odd k (hi).
-// A nibble n's value is (n ^ 8) - 8: with 0x4B000000 (2^23) in the high bits,
-// n ^ 0x4B000008 is the float 2^23 + (n ^ 8), and subtracting 2^23 + 8 leaves
-// the value exactly (fewer operations than a conversion).
-template <int BITS>
+template <int BITS, int WF>
 inline void unpack8(const uint8_t* src, int64_t row_bytes, bool has_hi, __m256& lo, __m256& hi) {
   if constexpr (BITS == 4) {
     const __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(src)));
-    const __m256i magic = _mm256_set1_epi32(0x4B000008);
-    const __m256 bias = _mm256_set1_ps(8388616.0f);  // 2^23 + 8
-    lo = _mm256_sub_ps(_mm256_castsi256_ps(_mm256_xor_si256(
-                           _mm256_and_si256(b, _mm256_set1_epi32(0xf)), magic)), bias);
-    hi = _mm256_sub_ps(_mm256_castsi256_ps(_mm256_xor_si256(_mm256_srli_epi32(b, 4), magic)), bias);
+    lo = nibbles_to_f32<WF>(_mm256_and_si256(b, _mm256_set1_epi32(0xf)));
+    hi = nibbles_to_f32<WF>(_mm256_srli_epi32(b, 4));
   } else {
-    lo = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(src))));
-    hi = has_hi ? _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(
-                      _mm_loadl_epi64(reinterpret_cast<const __m128i*>(src + row_bytes))))
-                : _mm256_setzero_ps();
+    lo = bytes_to_f32<WF>(src);
+    hi = has_hi ? bytes_to_f32<WF>(src + row_bytes) : _mm256_setzero_ps();
   }
 }
 
@@ -628,7 +637,7 @@ inline void unpack8(const uint8_t* src, int64_t row_bytes, bool has_hi, __m256& 
 // full 8-column chunks [0, cols) of one tile; x broadcast once per sweep. U
 // chunks at a time: each chunk's sums are one chain of dependent FMAs (the
 // portable order), so independent chunks side by side keep the FMA units busy.
-template <int R, int BITS, int U>
+template <int R, int BITS, int WF, int U>
 __attribute__((always_inline)) inline void sweep_chunks(
     const uint8_t* src, int64_t pair_bytes, int64_t row_bytes, const __m256 (&xb)[kSweepPairs][R][2],
     float* a, bool first) {
@@ -640,7 +649,7 @@ __attribute__((always_inline)) inline void sweep_chunks(
   for (int s = 0; s < kSweepPairs; ++s)
     for (int u = 0; u < U; ++u) {
       __m256 lo, hi;
-      unpack8<BITS>(src + s * pair_bytes + 8 * u, row_bytes, true, lo, hi);
+      unpack8<BITS, WF>(src + s * pair_bytes + 8 * u, row_bytes, true, lo, hi);
       for (int r = 0; r < R; ++r) {  // the odd k first, as the portable kernel
         v[u][r] = _mm256_fmadd_ps(xb[s][r][0], hi, v[u][r]);
         v[u][r] = _mm256_fmadd_ps(xb[s][r][1], lo, v[u][r]);
@@ -649,15 +658,15 @@ __attribute__((always_inline)) inline void sweep_chunks(
   for (int u = 0; u < U; ++u)
     for (int r = 0; r < R; ++r) _mm256_store_ps(a + r * kNR + 8 * u, v[u][r]);
 }
-template <int R, int BITS>
+template <int R, int BITS, int WF>
 __attribute__((always_inline)) inline void sweep_full_chunks(
     const uint8_t* src, int64_t pair_bytes, int64_t row_bytes, const __m256 (&xb)[kSweepPairs][R][2],
     int cols, float* a, bool first) {
   constexpr int U = R == 1 ? 4 : 2;
   int c = 0;
   for (; c + 8 * U <= cols; c += 8 * U)
-    sweep_chunks<R, BITS, U>(src + c, pair_bytes, row_bytes, xb, a + c, first);
-  for (; c < cols; c += 8) sweep_chunks<R, BITS, 1>(src + c, pair_bytes, row_bytes, xb, a + c, first);
+    sweep_chunks<R, BITS, WF, U>(src + c, pair_bytes, row_bytes, xb, a + c, first);
+  for (; c < cols; c += 8) sweep_chunks<R, BITS, WF, 1>(src + c, pair_bytes, row_bytes, xb, a + c, first);
 }
 
 // Group g's epilogue (fin_a16's arithmetic) for one tile: part[m][n0 + c]
@@ -692,14 +701,15 @@ inline void group_epilogue(const Problem& p, const XA16& xa, int64_t g, bool fir
   }
 }
 
-// Groups [g0, g1), tiles [t0, t1) of the integer formats into part [M][N]
-// (stream_a16's contract, qmm.h); acc: [t1 - t0][R][kNR].
-template <int R, int BITS>
+// Groups [g0, g1), tiles [t0, t1) of one weight format (BITS 4: int4 / fp4
+// nibbles; 8: int8 / fp8 bytes) into part [M][N] (stream_a16's contract,
+// qmm.h); acc: [t1 - t0][R][kNR].
+template <int R, int BITS, int WF>
 void stream_a16_rows(const Problem& p, const XA16& xa, int64_t g0, int64_t g1, int64_t t0,
                      int64_t t1, float* acc, float* part) {
   const int64_t N = p.N, pairs = xa.Gp / 2;
   const int64_t pair_bytes = BITS == 4 ? N : 2 * N;  // one k-pair's weight bytes
-  const int64_t row_bytes = N;                        // int8: k and k + 1 are rows N apart
+  const int64_t row_bytes = N;                        // 8 bits: k and k + 1 are rows N apart
   alignas(32) float xf[kSweepPairs][R][2];  // the sweep's x pairs as float32 (odd, even)
   for (int64_t g = g0; g < g1; ++g) {
     const uint8_t* wg = p.w + (BITS == 4 ? (g * p.G) / 2 : g * p.G) * N;
@@ -735,7 +745,7 @@ void stream_a16_rows(const Problem& p, const XA16& xa, int64_t g0, int64_t g1, i
             _mm_prefetch(reinterpret_cast<const char*>(ahead + s * row_bytes + n0), _MM_HINT_T0);
         float* a = acc + (t - t0) * R * kNR;
         const int full = fast ? ncols / 8 * 8 : 0;
-        if (full) sweep_full_chunks<R, BITS>(ws + n0, pair_bytes, row_bytes, xb, full, a, first);
+        if (full) sweep_full_chunks<R, BITS, WF>(ws + n0, pair_bytes, row_bytes, xb, full, a, first);
         for (int c = full; c < ncols; c += 8) {  // the rest: N's last columns, short sweeps
           __m256 v[R];
           for (int r = 0; r < R; ++r)
@@ -748,9 +758,9 @@ void stream_a16_rows(const Problem& p, const XA16& xa, int64_t g0, int64_t g1, i
               alignas(16) uint8_t tmp[2][16] = {};
               std::memcpy(tmp[0], src, ncols - c);
               if (BITS == 8 && kk + 1 < p.G) std::memcpy(tmp[1], src + row_bytes, ncols - c);
-              unpack8<BITS>(tmp[0], 16, kk + 1 < p.G, lo, hi);
+              unpack8<BITS, WF>(tmp[0], 16, kk + 1 < p.G, lo, hi);
             } else {
-              unpack8<BITS>(src, row_bytes, kk + 1 < p.G, lo, hi);
+              unpack8<BITS, WF>(src, row_bytes, kk + 1 < p.G, lo, hi);
             }
             for (int r = 0; r < R; ++r) {  // the odd k first, as the portable kernel
               v[r] = _mm256_fmadd_ps(_mm256_broadcast_ss(&xf[s][r][0]), hi, v[r]);
@@ -772,10 +782,14 @@ void stream_a16_avx2(const Problem& p, const XA16& xa, int64_t g0, int64_t g1, i
     const int64_t b1 = b0 + sweep_block_tiles(rows) < t1 ? b0 + sweep_block_tiles(rows) : t1;
     with_rows_dot(rows, [&](auto rr) {
       constexpr int RR = decltype(rr)::value;
-      if (p.bits == 4) {
-        stream_a16_rows<RR, 4>(p, xa, g0, g1, b0, b1, acc, part);
+      if (p.wf == kWFp8) {
+        stream_a16_rows<RR, 8, kWFp8>(p, xa, g0, g1, b0, b1, acc, part);
+      } else if (p.wf == kWFp4) {
+        stream_a16_rows<RR, 4, kWFp4>(p, xa, g0, g1, b0, b1, acc, part);
+      } else if (p.bits == 4) {
+        stream_a16_rows<RR, 4, kWInt>(p, xa, g0, g1, b0, b1, acc, part);
       } else {
-        stream_a16_rows<RR, 8>(p, xa, g0, g1, b0, b1, acc, part);
+        stream_a16_rows<RR, 8, kWInt>(p, xa, g0, g1, b0, b1, acc, part);
       }
     });
   }
@@ -792,9 +806,6 @@ void stream_a16_avx2(const Problem& p, const XA16& xa, int64_t g0, int64_t g1, i
 // rows of a k-pair are interleaved and sign-extended to 16 bits for vpmaddwd,
 // whose int32 sums never overflow (no bias).
 constexpr int64_t kA8SweepPairs = 8;
-
-// Whether the stream forms take p (stream_supports): integer weights.
-bool streams_avx2(const Problem& p) { return p.wf == kWInt; }
 
 // Group g's epilogue for one tile (fin_a8's arithmetic, into part): a holds
 // sum (q + bias) x per row and column.
@@ -1006,7 +1017,6 @@ const Kernels& avx2_kernels() {
     t.dot_a8 = dot_a8_avx2;
     t.max_stream_rows = kStreamRows;
     t.stream_register_rows = kStreamRows;
-    t.stream_supports = streams_avx2;
     t.max_stream_rows_a8 = kStreamRows;
     t.stream_a8 = stream_a8_avx2;
     t.stream_a16 = stream_a16_avx2;

@@ -151,9 +151,6 @@ struct Kernels {
   // sum_slices then writes y for tiles [t0, t1): the slices' parts (stride
   // M*N floats) summed in slice order, times rowexp.
   int max_stream_rows;
-  // Whether a problem within the row limits streams (null: every one); the
-  // others take the panel path.
-  bool (*stream_supports)(const Problem&) = nullptr;
   // Rows up to which stream_a16 / stream_a8 keep their accumulators in
   // registers; beyond, their wide form (the driver cuts fewer K slices).
   int stream_register_rows;
