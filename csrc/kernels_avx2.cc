@@ -35,26 +35,51 @@ namespace {
 
 inline __m256i zero8() { return _mm256_setzero_si256(); }
 
-// bf16 bits of 8 small integers (|v| <= 256: exact in bf16), in the low half
-// of each dword, or in the high half.
-inline __m256i ints_to_bf16_low(__m256i v) {
-  return _mm256_srli_epi32(_mm256_castps_si256(_mm256_cvtepi32_ps(v)), 16);
+// Weight values as float32, exactly, 8 at a time. Nibbles n (0..15 in each
+// dword): int4 (n ^ 8) - 8 (with 0x4B000000, i.e. 2^23, in the high bits,
+// n ^ 0x4B000008 is the float 2^23 + (n ^ 8), and subtracting 2^23 + 8 leaves
+// the value: fewer operations than a conversion), or e2m1 (the magnitude
+// from an 8-entry table by vpermps, which reads the low 3 bits; the sign bit 3).
+template <int WF>
+inline __m256 nibbles_to_f32(__m256i n) {
+  if constexpr (WF == kWFp4) {
+    const __m256 magnitude = _mm256_permutevar8x32_ps(
+        _mm256_setr_ps(0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f), n);
+    const __m256i sign = _mm256_slli_epi32(_mm256_and_si256(n, _mm256_set1_epi32(8)), 28);
+    return _mm256_or_ps(magnitude, _mm256_castsi256_ps(sign));
+  } else {
+    return _mm256_sub_ps(_mm256_castsi256_ps(_mm256_xor_si256(n, _mm256_set1_epi32(0x4B000008))),
+                         _mm256_set1_ps(8388616.0f));  // 2^23 + 8
+  }
 }
-inline __m256i ints_to_bf16_high(__m256i v) {
-  return _mm256_and_si256(_mm256_castps_si256(_mm256_cvtepi32_ps(v)),
-                          _mm256_set1_epi32(static_cast<int>(0xffff0000u)));
+// e4m3fn bytes (0..255 in each dword): the 7 magnitude bits placed as a
+// float32's exponent and mantissa top bits are the value times 2^-120, for
+// normal and subnormal codes alike, so one exact multiply by 2^120 decodes
+// them (the floating-point environment has no flush-to-zero: executor.h);
+// 0x7f / 0xff are NaN; the sign is bit 7.
+inline __m256 e4m3_to_f32(__m256i b) {
+  const __m256i magnitude = _mm256_and_si256(b, _mm256_set1_epi32(0x7f));
+  const __m256 v = _mm256_mul_ps(_mm256_castsi256_ps(_mm256_slli_epi32(magnitude, 20)),
+                                 _mm256_set1_ps(0x1p120f));
+  const __m256i nan = _mm256_and_si256(_mm256_cmpeq_epi32(magnitude, _mm256_set1_epi32(0x7f)),
+                                       _mm256_set1_epi32(0x7fc00000));
+  const __m256i sign = _mm256_slli_epi32(_mm256_and_si256(b, _mm256_set1_epi32(0x80)), 24);
+  return _mm256_castsi256_ps(_mm256_or_si256(_mm256_or_si256(_mm256_castps_si256(v), nan), sign));
 }
-// Two's-complement nibbles (0..15 in each dword) to their values (-8..7).
-inline __m256i sign_extend_nibbles(__m256i v) {
-  const __m256i eight = _mm256_set1_epi32(8);
-  return _mm256_sub_epi32(_mm256_xor_si256(v, eight), eight);
+// 8 bytes of an 8-bit weight format (int8 or e4m3fn) as float32.
+template <int WF>
+inline __m256 bytes_to_f32(const uint8_t* src) {
+  const __m128i raw = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(src));
+  if constexpr (WF == kWFp8) return e4m3_to_f32(_mm256_cvtepu8_epi32(raw));
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(raw));
 }
 
-// The A16 panel entry (qmm.h) of every byte value of a packed int4 pair, and
-// the bf16 bits of every int8: the per-channel packers' lookups.
+// The A16 panel entry (qmm.h) of every byte value of a packed int4 / fp4
+// pair, and the bf16 bits of every int8 / e4m3fn byte: the per-channel
+// packers' lookups (the portable packer's values).
 struct PairTables {
-  uint32_t int4_pair[256];
-  uint16_t int8_bf16[256];
+  uint32_t int4_pair[256], fp4_pair[256];
+  uint16_t int8_bf16[256], fp8_bf16[256];
   uint16_t int4_biased_pair[256];  // the A8 panel's bytes of a packed pair: nibbles ^ 8
   PairTables() {
     for (int b = 0; b < 256; ++b) {
@@ -62,6 +87,9 @@ struct PairTables {
       const int hi = (b >> 4) >= 8 ? (b >> 4) - 16 : (b >> 4);
       int4_pair[b] = small_int_to_bf16(lo) | (static_cast<uint32_t>(small_int_to_bf16(hi)) << 16);
       int8_bf16[b] = small_int_to_bf16(static_cast<int8_t>(b));
+      fp8_bf16[b] = f32_to_bf16(e4m3_value(static_cast<uint8_t>(b)));
+      fp4_pair[b] = f32_to_bf16(e2m1_value(b & 0xf)) |
+                    (static_cast<uint32_t>(f32_to_bf16(e2m1_value(b >> 4))) << 16);
       int4_biased_pair[b] = static_cast<uint16_t>(((b & 0xf) ^ 8) | (((b >> 4) ^ 8) << 8));
     }
   }
@@ -81,36 +109,21 @@ inline void pack_a16_tail(const Problem& p, int64_t g, int64_t kk, int64_t n0, i
              (static_cast<uint32_t>(weight_bf16_at(p, g, kk + 1, n0 + c)) << 16);
 }
 
-void pack_a16_avx2(const Problem& p, int64_t g, int64_t kk0, int64_t kk1, int64_t n0,
-                   uint32_t* panel) {
-  if (p.wf != kWInt) return pack_a16(p, g, kk0, kk1, n0, panel);  // fp8 / fp4: portable
+// A panel row of 8 columns from the pair's values: bf16(lo) | bf16(hi) << 16
+// (exact values: the top half of their float32 bits).
+inline __m256i bf16_pairs(__m256 lo, __m256 hi) {
+  return _mm256_or_si256(_mm256_srli_epi32(_mm256_castps_si256(lo), 16),
+                         _mm256_and_si256(_mm256_castps_si256(hi),
+                                          _mm256_set1_epi32(static_cast<int>(0xffff0000u))));
+}
+
+// Blockwise rows [kk0, kk1) of group g, one weight format (BITS 4: nibbles,
+// G even; 8: bytes, k and k + 1 rows N apart).
+template <int BITS, int WF>
+void pack_a16_blockwise(const Problem& p, int64_t g, int64_t kk0, int64_t kk1, int64_t n0,
+                        uint32_t* panel) {
   const int64_t steps = (kk1 - kk0) / 2;
-  const int ncols = tile_cols(p.N, n0);
-  const int full = ncols / 8 * 8;
-  if (!p.blockwise) {  // [N, K] / [N, K/2]: one weight row per column, by table
-    const PairTables& t = tables();
-    for (int c = 0; c < ncols; ++c) {
-      const int64_t n = n0 + c;
-      if (p.bits == 4) {  // packed int4 needs an even K: a pair is one byte
-        const uint8_t* row = p.w + n * (p.K / 2);
-        for (int64_t s = 0; s < steps; ++s) {
-          const int64_t kk = kk0 + 2 * s;
-          panel[s * kNR + c] = kk < p.K ? t.int4_pair[row[kk / 2]] : 0;
-        }
-      } else {
-        const uint8_t* row = p.w + n * p.K;
-        for (int64_t s = 0; s < steps; ++s) {
-          const int64_t kk = kk0 + 2 * s;
-          const uint32_t lo = kk < p.K ? t.int8_bf16[row[kk]] : 0;
-          const uint32_t hi = kk + 1 < p.K ? t.int8_bf16[row[kk + 1]] : 0;
-          panel[s * kNR + c] = lo | (hi << 16);
-        }
-      }
-    }
-    for (int64_t s = 0; s < steps; ++s)
-      for (int c = ncols; c < kNR; ++c) panel[s * kNR + c] = 0;
-    return;
-  }
+  const int full = tile_cols(p.N, n0) / 8 * 8;
   for (int64_t s = 0; s < steps; ++s) {
     uint32_t* dst = panel + s * kNR;
     const int64_t kk = kk0 + 2 * s;
@@ -119,29 +132,57 @@ void pack_a16_avx2(const Problem& p, int64_t g, int64_t kk0, int64_t kk1, int64_
       continue;
     }
     const int64_t k = g * p.G + kk;
-    if (p.bits == 4) {  // blockwise packed int4 has an even G: k is even, k + 1 in the group
-      const uint8_t* src = p.w + (k / 2) * p.N + n0;
-      for (int c = 0; c < full; c += 8) {
+    const uint8_t* src = p.w + (BITS == 4 ? k / 2 : k) * p.N + n0;
+    for (int c = 0; c < full; c += 8) {
+      __m256 lo, hi;
+      if constexpr (BITS == 4) {
         const __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(src + c)));
-        const __m256i lo = sign_extend_nibbles(_mm256_and_si256(b, _mm256_set1_epi32(0xf)));
-        const __m256i hi = sign_extend_nibbles(_mm256_srli_epi32(b, 4));
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + c),
-                            _mm256_or_si256(ints_to_bf16_low(lo), ints_to_bf16_high(hi)));
+        lo = nibbles_to_f32<WF>(_mm256_and_si256(b, _mm256_set1_epi32(0xf)));
+        hi = nibbles_to_f32<WF>(_mm256_srli_epi32(b, 4));
+      } else {
+        lo = bytes_to_f32<WF>(src + c);
+        hi = kk + 1 < p.G ? bytes_to_f32<WF>(src + p.N + c) : _mm256_setzero_ps();
       }
-    } else {
-      const int8_t* r0 = reinterpret_cast<const int8_t*>(p.w) + k * p.N + n0;
-      const bool has_hi = kk + 1 < p.G;
-      for (int c = 0; c < full; c += 8) {
-        const __m256i lo = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(r0 + c)));
-        const __m256i hi = has_hi ? _mm256_cvtepi8_epi32(_mm_loadl_epi64(
-                                        reinterpret_cast<const __m128i*>(r0 + p.N + c)))
-                                  : zero8();
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + c),
-                            _mm256_or_si256(ints_to_bf16_low(lo), ints_to_bf16_high(hi)));
-      }
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + c), bf16_pairs(lo, hi));
     }
     pack_a16_tail(p, g, kk, n0, full, dst);
   }
+}
+
+void pack_a16_avx2(const Problem& p, int64_t g, int64_t kk0, int64_t kk1, int64_t n0,
+                   uint32_t* panel) {
+  const int64_t steps = (kk1 - kk0) / 2;
+  const int ncols = tile_cols(p.N, n0);
+  if (!p.blockwise) {  // [N, K] / [N, K/2]: one weight row per column, by table
+    const PairTables& t = tables();
+    const uint32_t* pair4 = p.wf == kWFp4 ? t.fp4_pair : t.int4_pair;
+    const uint16_t* byte8 = p.wf == kWFp8 ? t.fp8_bf16 : t.int8_bf16;
+    for (int c = 0; c < ncols; ++c) {
+      const int64_t n = n0 + c;
+      if (p.bits == 4) {  // packed nibbles need an even K: a pair is one byte
+        const uint8_t* row = p.w + n * (p.K / 2);
+        for (int64_t s = 0; s < steps; ++s) {
+          const int64_t kk = kk0 + 2 * s;
+          panel[s * kNR + c] = kk < p.K ? pair4[row[kk / 2]] : 0;
+        }
+      } else {
+        const uint8_t* row = p.w + n * p.K;
+        for (int64_t s = 0; s < steps; ++s) {
+          const int64_t kk = kk0 + 2 * s;
+          const uint32_t lo = kk < p.K ? byte8[row[kk]] : 0;
+          const uint32_t hi = kk + 1 < p.K ? byte8[row[kk + 1]] : 0;
+          panel[s * kNR + c] = lo | (hi << 16);
+        }
+      }
+    }
+    for (int64_t s = 0; s < steps; ++s)
+      for (int c = ncols; c < kNR; ++c) panel[s * kNR + c] = 0;
+    return;
+  }
+  if (p.wf == kWFp8) return pack_a16_blockwise<8, kWFp8>(p, g, kk0, kk1, n0, panel);
+  if (p.wf == kWFp4) return pack_a16_blockwise<4, kWFp4>(p, g, kk0, kk1, n0, panel);
+  if (p.bits == 4) return pack_a16_blockwise<4, kWInt>(p, g, kk0, kk1, n0, panel);
+  return pack_a16_blockwise<8, kWInt>(p, g, kk0, kk1, n0, panel);
 }
 
 // acc[r][32 columns from cb] for R rows (R <= 2: 8 accumulators, 4 x values
@@ -376,45 +417,6 @@ inline float hsum(__m256 v) {
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
   s = _mm_add_ss(s, _mm_movehdup_ps(s));
   return _mm_cvtss_f32(s);
-}
-
-// Weight values as float32, exactly, 8 at a time. Nibbles n (0..15 in each
-// dword): int4 (n ^ 8) - 8 (with 0x4B000000, i.e. 2^23, in the high bits,
-// n ^ 0x4B000008 is the float 2^23 + (n ^ 8), and subtracting 2^23 + 8 leaves
-// the value: fewer operations than a conversion), or e2m1 (the magnitude
-// from an 8-entry table by vpermps, which reads the low 3 bits; the sign bit 3).
-template <int WF>
-inline __m256 nibbles_to_f32(__m256i n) {
-  if constexpr (WF == kWFp4) {
-    const __m256 magnitude = _mm256_permutevar8x32_ps(
-        _mm256_setr_ps(0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f), n);
-    const __m256i sign = _mm256_slli_epi32(_mm256_and_si256(n, _mm256_set1_epi32(8)), 28);
-    return _mm256_or_ps(magnitude, _mm256_castsi256_ps(sign));
-  } else {
-    return _mm256_sub_ps(_mm256_castsi256_ps(_mm256_xor_si256(n, _mm256_set1_epi32(0x4B000008))),
-                         _mm256_set1_ps(8388616.0f));  // 2^23 + 8
-  }
-}
-// e4m3fn bytes (0..255 in each dword): the 7 magnitude bits placed as a
-// float32's exponent and mantissa top bits are the value times 2^-120, for
-// normal and subnormal codes alike, so one exact multiply by 2^120 decodes
-// them (the floating-point environment has no flush-to-zero: executor.h);
-// 0x7f / 0xff are NaN; the sign is bit 7.
-inline __m256 e4m3_to_f32(__m256i b) {
-  const __m256i magnitude = _mm256_and_si256(b, _mm256_set1_epi32(0x7f));
-  const __m256 v = _mm256_mul_ps(_mm256_castsi256_ps(_mm256_slli_epi32(magnitude, 20)),
-                                 _mm256_set1_ps(0x1p120f));
-  const __m256i nan = _mm256_and_si256(_mm256_cmpeq_epi32(magnitude, _mm256_set1_epi32(0x7f)),
-                                       _mm256_set1_epi32(0x7fc00000));
-  const __m256i sign = _mm256_slli_epi32(_mm256_and_si256(b, _mm256_set1_epi32(0x80)), 24);
-  return _mm256_castsi256_ps(_mm256_or_si256(_mm256_or_si256(_mm256_castps_si256(v), nan), sign));
-}
-// 8 bytes of an 8-bit weight format (int8 or e4m3fn) as float32.
-template <int WF>
-inline __m256 bytes_to_f32(const uint8_t* src) {
-  const __m128i raw = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(src));
-  if constexpr (WF == kWFp8) return e4m3_to_f32(_mm256_cvtepu8_epi32(raw));
-  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(raw));
 }
 
 // Weight rows [n, n + 4) (W of them valid) times the R rows of xd: sums[r][w].
