@@ -2,14 +2,13 @@
 // for x86-64 CPUs without the AVX-512 set's BF16 / VNNI / VBMI. Without them
 // every call ran the portable scalar kernels, 50-200x slower than these.
 //
-// What is here: the panel path of qmm.h (weight packers for the integer
-// formats, the A16 and A8 microkernels); the per-channel decode in
-// dot-product form (weight rows streamed once, no panel); the blockwise
-// decode streamed row by row for integer weights with float products, and
-// for packed int4 with the integer A8 product (vpmaddubsw). The rest (x
-// preparation, epilogues, stores, the float formats' packers, which every
-// fp8 / fp4 problem uses through the panel path) is kernels_generic.cc
-// compiled again for this ISA (included below under another table name).
+// What is here, for every weight format (int8, int4, fp8, fp4): the panel
+// path of qmm.h (weight packers, the A16 and A8 microkernels); the
+// per-channel decode in dot-product form (weight rows streamed once, no
+// panel); the blockwise decode streamed row by row (float products, and the
+// integer A8 product: vpmaddubsw for int4, vpmaddwd for int8). The rest (x
+// preparation, epilogues, stores) is kernels_generic.cc compiled again for
+// this ISA (included below under another table name).
 //
 // Numerics: the panel path is bit-identical to the portable kernels (the
 // streams too within each group; they add groups per K slice). A16
@@ -394,8 +393,8 @@ inline int64_t xd_position(bool deinterleaved, int64_t k) {
 
 
 // xd [R][Kq]: x's bf16 rows in the order the weight unpacking yields k: as
-// they are for int8 weights; for packed int4, within each 32 k the 16 even k
-// (low nibbles) then the 16 odd k. Zero beyond Kp.
+// they are for 8-bit weights; for packed nibbles (int4, fp4), within each 32 k
+// the 16 even k (low nibbles) then the 16 odd k. Zero beyond Kp.
 void dot_prep_a16_avx2(const Problem& p, const XA16& xa, uint16_t* xd, int64_t Kq) {
   const int64_t R = p.M * xa.T;
   for (int64_t r = 0; r < R; ++r) {
