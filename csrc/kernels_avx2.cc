@@ -395,16 +395,28 @@ inline int64_t xd_position(bool deinterleaved, int64_t k) {
 // xd [R][Kq]: x's bf16 rows in the order the weight unpacking yields k: as
 // they are for 8-bit weights; for packed nibbles (int4, fp4), within each 32 k
 // the 16 even k (low nibbles) then the 16 odd k. Zero beyond Kp.
-void dot_prep_a16_avx2(const Problem& p, const XA16& xa, uint16_t* xd, int64_t Kq) {
-  const int64_t R = p.M * xa.T;
-  for (int64_t r = 0; r < R; ++r) {
-    const uint16_t* src = xa.xb + r * xa.Kp;
-    uint16_t* dst = xd + r * Kq;
+// rows x [Kp] -> xd rows x [Kq] in xd's order (both dot forms' preparation).
+template <class T>
+void reorder_for_dot(const Problem& p, const T* x, int64_t rows, int64_t Kp, T* xd, int64_t Kq) {
+  const bool deinterleaved = dot_deinterleaved(p);
+  for (int64_t r = 0; r < rows; ++r)
     for (int64_t k = 0; k < Kq; ++k) {
-      const int64_t from = xd_source(dot_deinterleaved(p), k);
-      dst[k] = from < xa.Kp ? src[from] : 0;
+      const int64_t from = xd_source(deinterleaved, k);
+      xd[r * Kq + k] = from < Kp ? x[r * Kp + from] : 0;
     }
-  }
+}
+
+void dot_prep_a16_avx2(const Problem& p, const XA16& xa, uint16_t* xd, int64_t Kq) {
+  reorder_for_dot(p, xa.xb, p.M * xa.T, xa.Kp, xd, Kq);
+}
+
+// The weight rows [n, n + 4) a dot form reads (the last valid one repeated
+// where W < 4); returns the k it covers with whole vectors (K % 32 or K % 16
+// are left to its scalar tail).
+inline int64_t dot_weight_rows(const Problem& p, int bits, int64_t n, int W, const uint8_t* (&rows)[4]) {
+  const int64_t row_bytes = bits == 4 ? p.K / 2 : p.K;
+  for (int w = 0; w < 4; ++w) rows[w] = p.w + (n + (w < W ? w : 0)) * row_bytes;
+  return bits == 4 ? p.K / 32 * 32 : p.K / 16 * 16;
 }
 
 inline __m256 bf16x8_to_f32(const uint16_t* p) {
@@ -425,10 +437,8 @@ void dot_rows(const Problem& p, const uint16_t* xd, int64_t Kq, int64_t n, int W
   __m256 a[R][4];
   for (int r = 0; r < R; ++r)
     for (int w = 0; w < 4; ++w) a[r][w] = _mm256_setzero_ps();
-  const int64_t row_bytes = BITS == 4 ? p.K / 2 : p.K;
   const uint8_t* rows[4];
-  for (int w = 0; w < 4; ++w) rows[w] = p.w + (n + (w < W ? w : 0)) * row_bytes;
-  const int64_t kfull = BITS == 4 ? p.K / 32 * 32 : p.K / 16 * 16;
+  const int64_t kfull = dot_weight_rows(p, BITS, n, W, rows);
   for (int64_t k = 0; k < kfull; k += BITS == 4 ? 32 : 16) {
     __m256 x0[R], x1[R], x2[R], x3[R];
     for (int r = 0; r < R; ++r) {
@@ -513,14 +523,7 @@ void dot_a16_avx2(const Problem& p, const XA16& xa, const uint16_t* xd, int64_t 
 // xd [M][Kq]: x's int8 rows in dot_prep_a16's order (packed int4: each 32 k
 // as 16 even then 16 odd), zero beyond Kp.
 void dot_prep_a8_avx2(const Problem& p, const XA8& xa, int8_t* xd, int64_t Kq) {
-  for (int64_t m = 0; m < p.M; ++m) {
-    const int8_t* src = xa.xq + m * xa.Kp;
-    int8_t* dst = xd + m * Kq;
-    for (int64_t k = 0; k < Kq; ++k) {
-      const int64_t from = xd_source(dot_deinterleaved(p), k);
-      dst[k] = from < xa.Kp ? src[from] : 0;
-    }
-  }
+  reorder_for_dot(p, xa.xq, p.M, xa.Kp, xd, Kq);
 }
 
 // Weight rows [n, n + 4) (W valid) times the R rows of xd: exact int32 sums
@@ -531,10 +534,8 @@ void dot_rows_a8(const Problem& p, const int8_t* xd, int64_t Kq, int64_t n, int 
   __m256i a[R][4];
   for (int r = 0; r < R; ++r)
     for (int w = 0; w < 4; ++w) a[r][w] = zero8();
-  const int64_t row_bytes = BITS == 4 ? p.K / 2 : p.K;
   const uint8_t* rows[4];
-  for (int w = 0; w < 4; ++w) rows[w] = p.w + (n + (w < W ? w : 0)) * row_bytes;
-  const int64_t kfull = BITS == 4 ? p.K / 32 * 32 : p.K / 16 * 16;
+  const int64_t kfull = dot_weight_rows(p, BITS, n, W, rows);
   const __m128i nib = _mm_set1_epi8(0xf);
   const __m256i eight = _mm256_set1_epi16(8);
   for (int64_t k = 0; k < kfull; k += BITS == 4 ? 32 : 16) {
@@ -776,11 +777,17 @@ void stream_a16_rows(const Problem& p, const XA16& xa, int64_t g0, int64_t g1, i
   }
 }
 
+// fn(b0, b1) for the column blocks of tiles [t0, t1) the streams take one at a time.
+template <class Fn>
+inline void in_sweep_blocks(int64_t t0, int64_t t1, int rows, const Fn& fn) {
+  for (int64_t b0 = t0; b0 < t1; b0 += sweep_block_tiles(rows))
+    fn(b0, b0 + sweep_block_tiles(rows) < t1 ? b0 + sweep_block_tiles(rows) : t1);
+}
+
 void stream_a16_avx2(const Problem& p, const XA16& xa, int64_t g0, int64_t g1, int64_t t0,
                      int64_t t1, float* acc, float* part) {
   const int rows = static_cast<int>(p.M * xa.T);
-  for (int64_t b0 = t0; b0 < t1; b0 += sweep_block_tiles(rows)) {
-    const int64_t b1 = b0 + sweep_block_tiles(rows) < t1 ? b0 + sweep_block_tiles(rows) : t1;
+  in_sweep_blocks(t0, t1, rows, [&](int64_t b0, int64_t b1) {
     with_rows_dot(rows, [&](auto rr) {
       constexpr int RR = decltype(rr)::value;
       if (p.wf == kWFp8) {
@@ -793,7 +800,7 @@ void stream_a16_avx2(const Problem& p, const XA16& xa, int64_t g0, int64_t g1, i
         stream_a16_rows<RR, 8, kWInt>(p, xa, g0, g1, b0, b1, acc, part);
       }
     });
-  }
+  });
 }
 
 // ------------------------------------------------------- blockwise A8 decode
@@ -972,8 +979,7 @@ void stream_a8_int8_rows(const Problem& p, const XA8& xa, int64_t g0, int64_t g1
 void stream_a8_avx2(const Problem& p, const XA8& xa, int64_t g0, int64_t g1, int64_t t0, int64_t t1,
                     int32_t* acc, float* part) {
   const int rows = static_cast<int>(p.M);
-  for (int64_t b0 = t0; b0 < t1; b0 += sweep_block_tiles(rows)) {
-    const int64_t b1 = b0 + sweep_block_tiles(rows) < t1 ? b0 + sweep_block_tiles(rows) : t1;
+  in_sweep_blocks(t0, t1, rows, [&](int64_t b0, int64_t b1) {
     with_rows_dot(rows, [&](auto rr) {
       if (p.bits == 4) {
         stream_a8_int4_rows<decltype(rr)::value>(p, xa, g0, g1, b0, b1, acc, part);
@@ -981,7 +987,7 @@ void stream_a8_avx2(const Problem& p, const XA8& xa, int64_t g0, int64_t g1, int
         stream_a8_int8_rows<decltype(rr)::value>(p, xa, g0, g1, b0, b1, acc, part);
       }
     });
-  }
+  });
 }
 
 // y for tiles [t0, t1): the slices' parts summed in slice order, times rowexp.

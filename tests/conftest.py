@@ -24,6 +24,8 @@ import importlib.util
 import os
 import pathlib
 import platform
+import subprocess
+import sys
 import zlib
 
 # torch's OpenMP workers busy-wait after each parallel region; on this 2-core
@@ -95,6 +97,17 @@ def isa_expected(forced: str | None = None) -> str:
     if forced != "avx2" and all(flag in flags for flag in AVX512_FLAGS):
         return "avx512"
     return "avx2" if all(flag in flags for flag in AVX2_FLAGS) else "generic"
+
+
+def run_under_isa(forced: str, script: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Runs `script` in a fresh Python with XLA_QOPS_CPU_ISA=forced (the kernel set
+    is chosen once per process), tests/ and the repository on its path."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, XLA_QOPS_CPU_ISA=forced, JAX_PLATFORMS="cpu",
+               PYTHONPATH=os.pathsep.join([here, os.path.dirname(here),
+                                           os.environ.get("PYTHONPATH", "")]))
+    return subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                          text=True, timeout=timeout)
 
 
 def avx512_expected() -> bool:

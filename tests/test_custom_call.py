@@ -15,9 +15,6 @@ test_extension_loads_from_the_installed_package says why.
 """
 
 import concurrent.futures
-import os
-import subprocess
-import sys
 import textwrap
 
 import jax
@@ -32,7 +29,7 @@ from xla_qops.spec import check_args
 from cases import (X_DTYPES, Scheme, all_schemes, assert_same_at_every_thread_count,
                    make_weight, make_x, op_args)
 import numpy_reference as ref
-from conftest import cpu_kernels_expected, import_error, isa_expected
+from conftest import cpu_kernels_expected, import_error, isa_expected, run_under_isa
 
 pytestmark = pytest.mark.skipif(not cpu_kernels_expected() and not custom_call.available(),
                                 reason="xla_qops._cpu_kernels is not built on this platform")
@@ -432,12 +429,7 @@ def test_lower_kernel_sets_match_the_reference(forced):
                 x, *op_args(qw), s.quantize_activation, impl="custom_call"), s, rng)
         print("lower set ok")
     """)
-    here = os.path.dirname(os.path.abspath(__file__))
-    env = dict(os.environ, XLA_QOPS_CPU_ISA=forced, JAX_PLATFORMS="cpu",
-               PYTHONPATH=os.pathsep.join([here, os.path.dirname(here),
-                                           os.environ.get("PYTHONPATH", "")]))
-    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
-                         text=True, timeout=900)
+    out = run_under_isa(forced, script, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "lower set ok" in out.stdout
 
@@ -462,12 +454,7 @@ def _outputs_under(forced: str, path: str) -> None:
                 out[f"{{i}}-{{m}}-{{dt}}"] = np.asarray(y, np.float32)
         np.savez({path!r}, **out)
     """)
-    here = os.path.dirname(os.path.abspath(__file__))
-    env = dict(os.environ, XLA_QOPS_CPU_ISA=forced, JAX_PLATFORMS="cpu",
-               PYTHONPATH=os.pathsep.join([here, os.path.dirname(here),
-                                           os.environ.get("PYTHONPATH", "")]))
-    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
-                          text=True, timeout=600)
+    done = run_under_isa(forced, script)
     assert done.returncode == 0, done.stderr[-3000:]
 
 

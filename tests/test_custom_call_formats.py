@@ -13,9 +13,6 @@ bit (an identity weight puts x_scale * x_q in the output), and every form
 gives the same bits for any thread count.
 """
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import jax.numpy as jnp
@@ -31,7 +28,7 @@ from xla_qops.spec import check_args
 from pallas_kernels import formats
 from cases import Scheme, assert_same_at_every_thread_count, make_weight
 import numpy_reference as ref
-from conftest import cpu_kernels_expected, isa_expected
+from conftest import cpu_kernels_expected, isa_expected, run_under_isa
 
 pytestmark = pytest.mark.skipif(not cpu_kernels_expected() and not custom_call.available(),
                                 reason="xla_qops._cpu_kernels is not built on this platform")
@@ -339,11 +336,6 @@ def test_lower_kernel_sets_match_the_reference(forced):
         t.check(t.run(x, qw, True, "fp8"), x, qw, True, "fp8")
         print("generic ok")
     """)
-    here = os.path.dirname(os.path.abspath(__file__))
-    env = dict(os.environ, XLA_QOPS_CPU_ISA=forced, JAX_PLATFORMS="cpu",
-               PYTHONPATH=os.pathsep.join([here, os.path.dirname(here),
-                                           os.environ.get("PYTHONPATH", "")]))
-    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
-                         text=True, timeout=600)
+    out = run_under_isa(forced, script)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "generic ok" in out.stdout
