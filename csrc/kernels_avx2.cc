@@ -34,42 +34,78 @@ namespace {
 
 inline __m256i zero8() { return _mm256_setzero_si256(); }
 
-// Weight values as float32, exactly, 8 at a time. Nibbles n (0..15 in each
-// dword): int4 (n ^ 8) - 8 (with 0x4B000000, i.e. 2^23, in the high bits,
-// n ^ 0x4B000008 is the float 2^23 + (n ^ 8), and subtracting 2^23 + 8 leaves
-// the value: fewer operations than a conversion), or e2m1 (the magnitude
-// from an 8-entry table by vpermps, which reads the low 3 bits; the sign bit 3).
-template <int WF>
-inline __m256 nibbles_to_f32(__m256i n) {
-  if constexpr (WF == kWFp4) {
-    const __m256 magnitude = _mm256_permutevar8x32_ps(
-        _mm256_setr_ps(0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f), n);
-    const __m256i sign = _mm256_slli_epi32(_mm256_and_si256(n, _mm256_set1_epi32(8)), 28);
-    return _mm256_or_ps(magnitude, _mm256_castsi256_ps(sign));
-  } else {
-    return _mm256_sub_ps(_mm256_castsi256_ps(_mm256_xor_si256(n, _mm256_set1_epi32(0x4B000008))),
-                         _mm256_set1_ps(8388616.0f));  // 2^23 + 8
-  }
+// Weight values as float32, exactly, through float16: every int4, e2m1 and
+// e4m3fn value (scaled by 2^-8) is a float16, and F16C widens 8 of them in one
+// instruction. The integer work before it runs on 128-bit registers, which
+// Zen 1-2 execute as one operation where a 256-bit one costs two.
+//
+// The float16 top byte of v, for the values whose float16 low byte is zero
+// (at most two mantissa bits: the integers -8..7 and e2m1's values).
+constexpr uint8_t f16_top_byte(float v, bool negative) {
+  float a = v < 0 ? -v : v;
+  if (a == 0) return negative ? 0x80 : 0;
+  int e = 15;
+  while (a >= 2) a /= 2, ++e;
+  while (a < 1) a *= 2, --e;
+  return static_cast<uint8_t>((negative ? 0x80 : 0) | (e << 2) | static_cast<int>((a - 1) * 4));
 }
-// e4m3fn bytes (0..255 in each dword): the 7 magnitude bits placed as a
-// float32's exponent and mantissa top bits are the value times 2^-120, for
-// normal and subnormal codes alike, so one exact multiply by 2^120 decodes
-// them (the floating-point environment has no flush-to-zero: executor.h);
-// 0x7f / 0xff are NaN; the sign is bit 7.
-inline __m256 e4m3_to_f32(__m256i b) {
-  const __m256i magnitude = _mm256_and_si256(b, _mm256_set1_epi32(0x7f));
-  const __m256 v = _mm256_mul_ps(_mm256_castsi256_ps(_mm256_slli_epi32(magnitude, 20)),
-                                 _mm256_set1_ps(0x1p120f));
-  const __m256i nan = _mm256_and_si256(_mm256_cmpeq_epi32(magnitude, _mm256_set1_epi32(0x7f)),
-                                       _mm256_set1_epi32(0x7fc00000));
-  const __m256i sign = _mm256_slli_epi32(_mm256_and_si256(b, _mm256_set1_epi32(0x80)), 24);
-  return _mm256_castsi256_ps(_mm256_or_si256(_mm256_or_si256(_mm256_castps_si256(v), nan), sign));
+struct NibbleTable {
+  alignas(16) uint8_t top[16];  // the float16 top byte of each nibble's value
+};
+constexpr NibbleTable nibble_table(int wf) {
+  NibbleTable t{};
+  constexpr float e2m1[8] = {0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f};
+  for (int n = 0; n < 16; ++n)
+    t.top[n] = wf == kWFp4 ? f16_top_byte(e2m1[n & 7], n >= 8)
+                           : f16_top_byte(static_cast<float>(n >= 8 ? n - 16 : n), n >= 8);
+  return t;
+}
+constexpr NibbleTable kInt4Table = nibble_table(kWInt), kFp4Table = nibble_table(kWFp4);
+
+// The low 8 float16 of x, whose top bytes are the low 8 bytes of top.
+inline __m256 f16_top_lo_to_f32(__m128i top) {
+  return _mm256_cvtph_ps(_mm_unpacklo_epi8(_mm_setzero_si128(), top));
+}
+inline __m256 f16_top_hi_to_f32(__m128i top) {
+  return _mm256_cvtph_ps(_mm_unpackhi_epi8(_mm_setzero_si128(), top));
+}
+// Bytes of packed nibbles (int4: two's complement; e2m1: sign in bit 3) as the
+// float16 top bytes of their low and of their high nibbles' values.
+template <int WF>
+inline void nibble_tops(__m128i raw, __m128i& lo, __m128i& hi) {
+  const __m128i table = _mm_load_si128(reinterpret_cast<const __m128i*>(
+      (WF == kWFp4 ? kFp4Table : kInt4Table).top));
+  const __m128i mask = _mm_set1_epi8(0x0f);
+  lo = _mm_shuffle_epi8(table, _mm_and_si128(raw, mask));
+  hi = _mm_shuffle_epi8(table, _mm_and_si128(_mm_srli_epi16(raw, 4), mask));
+}
+// 8 bytes of packed nibbles: lo, the low nibbles' values; hi, the high ones'.
+template <int WF>
+inline void nibbles_to_f32(const uint8_t* src, __m256& lo, __m256& hi) {
+  __m128i l, h;
+  nibble_tops<WF>(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(src)), l, h);
+  lo = f16_top_lo_to_f32(l);
+  hi = f16_top_lo_to_f32(h);
+}
+// 8 e4m3fn bytes: sign-extended to 16 bits and shifted left by 7, a byte's
+// sign lands in bit 15 (and 14, cleared) and its 7 magnitude bits in the
+// float16's exponent and top mantissa bits: the value times 2^-8, exactly,
+// subnormal codes included (F16C widens float16 subnormals exactly; the
+// multiply by 2^8 is exact). 0x7f / 0xff (all 7 bits set) become all-ones,
+// a float16 NaN.
+inline __m256 e4m3_to_f32(const uint8_t* src) {
+  const __m128i w = _mm_slli_epi16(
+      _mm_cvtepi8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(src))), 7);
+  const __m128i magnitude = _mm_set1_epi16(0x3f80);
+  const __m128i nan = _mm_cmpeq_epi16(_mm_and_si128(w, magnitude), magnitude);
+  const __m128i half = _mm_or_si128(_mm_and_si128(w, _mm_set1_epi16(static_cast<short>(0xbfff))), nan);
+  return _mm256_mul_ps(_mm256_cvtph_ps(half), _mm256_set1_ps(256.0f));
 }
 // 8 bytes of an 8-bit weight format (int8 or e4m3fn) as float32.
 template <int WF>
 inline __m256 bytes_to_f32(const uint8_t* src) {
+  if constexpr (WF == kWFp8) return e4m3_to_f32(src);
   const __m128i raw = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(src));
-  if constexpr (WF == kWFp8) return e4m3_to_f32(_mm256_cvtepu8_epi32(raw));
   return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(raw));
 }
 
@@ -135,9 +171,7 @@ void pack_a16_blockwise(const Problem& p, int64_t g, int64_t kk0, int64_t kk1, i
     for (int c = 0; c < full; c += 8) {
       __m256 lo, hi;
       if constexpr (BITS == 4) {
-        const __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(src + c)));
-        lo = nibbles_to_f32<WF>(_mm256_and_si256(b, _mm256_set1_epi32(0xf)));
-        hi = nibbles_to_f32<WF>(_mm256_srli_epi32(b, 4));
+        nibbles_to_f32<WF>(src + c, lo, hi);
       } else {
         lo = bytes_to_f32<WF>(src + c);
         hi = kk + 1 < p.G ? bytes_to_f32<WF>(src + p.N + c) : _mm256_setzero_ps();
@@ -452,13 +486,10 @@ void dot_rows(const Problem& p, const uint16_t* xd, int64_t Kq, int64_t n, int W
     }
     for (int w = 0; w < 4; ++w) {
       if constexpr (BITS == 4) {
-        const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(rows[w] + k / 2));
-        const __m256i b0 = _mm256_cvtepu8_epi32(b), b1 = _mm256_cvtepu8_epi32(_mm_srli_si128(b, 8));
-        const __m256i nib = _mm256_set1_epi32(0xf);
-        const __m256 l0 = nibbles_to_f32<WF>(_mm256_and_si256(b0, nib));
-        const __m256 l1 = nibbles_to_f32<WF>(_mm256_and_si256(b1, nib));
-        const __m256 h0 = nibbles_to_f32<WF>(_mm256_srli_epi32(b0, 4));
-        const __m256 h1 = nibbles_to_f32<WF>(_mm256_srli_epi32(b1, 4));
+        __m128i lt, ht;
+        nibble_tops<WF>(_mm_loadu_si128(reinterpret_cast<const __m128i*>(rows[w] + k / 2)), lt, ht);
+        const __m256 l0 = f16_top_lo_to_f32(lt), l1 = f16_top_hi_to_f32(lt);
+        const __m256 h0 = f16_top_lo_to_f32(ht), h1 = f16_top_hi_to_f32(ht);
         for (int r = 0; r < R; ++r) {
           a[r][w] = _mm256_fmadd_ps(x0[r], l0, a[r][w]);
           a[r][w] = _mm256_fmadd_ps(x1[r], l1, a[r][w]);
@@ -626,9 +657,7 @@ constexpr int64_t sweep_block_tiles(int64_t rows) { return (64 << 10) / (rows * 
 template <int BITS, int WF>
 inline void unpack8(const uint8_t* src, int64_t row_bytes, bool has_hi, __m256& lo, __m256& hi) {
   if constexpr (BITS == 4) {
-    const __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(src)));
-    lo = nibbles_to_f32<WF>(_mm256_and_si256(b, _mm256_set1_epi32(0xf)));
-    hi = nibbles_to_f32<WF>(_mm256_srli_epi32(b, 4));
+    nibbles_to_f32<WF>(src, lo, hi);
   } else {
     lo = bytes_to_f32<WF>(src);
     hi = has_hi ? bytes_to_f32<WF>(src + row_bytes) : _mm256_setzero_ps();

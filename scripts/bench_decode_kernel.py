@@ -47,11 +47,14 @@ import module_shim  # scripts/: the sitecustomize.py writer sanitize.sh uses too
 
 SHAPES = {"qkv": (2048, 2560), "gate_up": (2048, 11264), "down": (5632, 2048),
           "lm_head": (2048, 32000)}
-# name: (bits, block_size, symmetric, quantize_activation)
-SCHEMES = {"w4a16-g128-sym": (4, 128, True, False), "w4a16-g128-asym": (4, 128, False, False),
-           "w4a16-g32-sym": (4, 32, True, False), "w4a16-pc": (4, -1, True, False),
-           "w8a16-pc": (8, -1, True, False),
-           "w4a8-g128-sym": (4, 128, True, True)}
+# name: (bits, block_size, symmetric, quantize_activation, weight_format)
+SCHEMES = {"w4a16-g128-sym": (4, 128, True, False, "int"),
+           "w4a16-g128-asym": (4, 128, False, False, "int"),
+           "w4a16-g32-sym": (4, 32, True, False, "int"), "w4a16-pc": (4, -1, True, False, "int"),
+           "w8a16-g128": (8, 128, True, False, "int"), "w8a16-pc": (8, -1, True, False, "int"),
+           "w4a8-g128-sym": (4, 128, True, True, "int"),
+           "fp8-g128": (8, 128, True, False, "fp8"), "fp8-pc": (8, -1, True, False, "fp8"),
+           "fp4-g32": (4, 32, True, False, "fp4"), "fp4-pc": (4, -1, True, False, "fp4")}
 LLC_BYTES = 32 << 20
 
 
@@ -65,7 +68,7 @@ def _shim(build: str) -> str:
 def _weights(k, n, scheme, copies, seed=0):
     """`copies` random quantized weights in the API layouts (numpy)."""
     import numpy as np
-    bits, block, symmetric, _ = SCHEMES[scheme]
+    bits, block, symmetric, _, fmt = SCHEMES[scheme]
     rng = np.random.default_rng(seed)
     groups = 1 if block == -1 else k // block
     out = []
@@ -76,10 +79,15 @@ def _weights(k, n, scheme, copies, seed=0):
         elif block == -1:
             w = rng.integers(-128, 128, size=(n, k), dtype=np.int8)
             scale = rng.uniform(1e-3, 2e-3, size=(n,)).astype(np.float32)
+        elif bits == 8:
+            w = rng.integers(-128, 128, size=(groups, block, n), dtype=np.int8)
+            scale = rng.uniform(1e-3, 2e-3, size=(groups, n)).astype(np.float32)
         else:
             w = rng.integers(0, 256, size=(groups, block // 2, n), dtype=np.uint8)
             scale = rng.uniform(1e-2, 2e-2, size=(groups, n)).astype(np.float32)
         zp = None if symmetric else rng.uniform(-0.1, 0.1, size=scale.shape).astype(np.float32)
+        if fmt == "fp8":  # e4m3fn bits, the NaN codes (0x7f, 0xff) made finite
+            w = w.view(np.uint8) & np.uint8(0xfe)
         out.append((w, scale, zp))
     return out
 
@@ -89,10 +97,10 @@ class _Case:
 
     def __init__(self, path, k, n, m, scheme, copies):
         import numpy as np
-        bits, block, _, qa = SCHEMES[scheme]
+        bits, block, _, qa, fmt = SCHEMES[scheme]
         weights = _weights(k, n, scheme, copies)
         x = np.random.default_rng(1).standard_normal((m, k)).astype(np.float32)
-        self.args = (block, bits, qa)
+        self.args = (block, bits, qa, fmt)
         if path in ("torch", "cpu"):
             import torch
             from torch_bridge import _torch_ops  # noqa: F401  (registers the operator)
@@ -111,7 +119,7 @@ class _Case:
 
             def all_copies(x, ws):
                 return [xla_qops.quantized_matmul(
-                    x, w, s, z, block_size=block, int4_weight=bits == 4, quantize_activation=qa,
+                    x, w, s, z, block_size=block, int4_weight=bits == 4, quantize_activation=qa, weight_format=fmt,
                     impl="custom_call") for w, s, z in ws]
             fn = jax.jit(all_copies)
             self.run = lambda: self._jax(fn, xj, ws)
@@ -119,9 +127,9 @@ class _Case:
 
     def _torch(self):
         import torch
-        block, bits, qa = self.args
+        block, bits, qa, fmt = self.args
         times = torch.ops.xla_qops_cpu.kernel_seconds(self.x, self.w, self.s, self.z, block,
-                                                      bits, qa, 1)
+                                                      bits, qa, 1, fmt)
         return float(times.sum()) / self.copies
 
     def _cpu(self):
@@ -211,7 +219,7 @@ def main() -> None:
     print(f"{'case':38} {'base us':>9} {'new us':>9} {'base GB/s':>10} {'new GB/s':>9} "
           f"{'fastest b/n us':>15} {'base/new per turn':>22}")
     for scheme in args.schemes.split(","):
-        bits, block, symmetric, _ = SCHEMES[scheme]
+        bits, block, symmetric, _, _ = SCHEMES[scheme]
         for shape in args.shapes.split(","):
             k, n = SHAPES[shape]
             groups = 1 if block == -1 else k // block
