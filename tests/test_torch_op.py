@@ -121,6 +121,29 @@ def test_cpu_call_copies_no_weight():
         assert interop.to_jax(t).unsafe_buffer_pointer() == t.data_ptr()
 
 
+def test_exit_hook_waits_until_jax_lets_go_of_torch_memory():
+    """JAX releases an execution's aliased inputs on its own threads, and on
+    torch >= 2.10 that release takes the GIL: the exit hook waits until JAX
+    holds none of the tensors it no longer needs (else an XLA thread asks for
+    the GIL during finalization and the process aborts), and does not wait on
+    arrays still alive."""
+    import time
+    from torch_bridge import _jax_interop as interop
+    case = Case(4, 32, True, True, False)
+    w, scale, zp = make_weight(case)
+    for _ in range(3):
+        y = op_call(make_x((3, 96)), w, scale, zp, case, impl="reference")
+    del y
+    interop._release_aliases_before_exit()
+    assert interop._references_from_jax() == 0
+    alive = interop.to_jax(w)  # held until `del` (torch >= 2.10 counts it: its own tensor)
+    start = time.monotonic()
+    interop._release_aliases_before_exit()
+    assert time.monotonic() - start < 1.0
+    del alive
+    assert interop._references_from_jax() == 0
+
+
 def test_cpu_strided_activation():
     case = Case(8, 32, True, False, False)
     w, scale, zp = make_weight(case)

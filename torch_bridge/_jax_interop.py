@@ -29,6 +29,8 @@ import atexit
 import dataclasses
 import functools
 import gc
+import time
+import weakref
 
 import jax
 import jax.numpy as jnp
@@ -120,6 +122,12 @@ def aligned(t: torch.Tensor) -> torch.Tensor:
     return t if is_aligned(t) else t.clone()
 
 
+# The torch tensors whose memory JAX arrays alias (to_jax). A tensor that JAX
+# still references keeps its Python object alive, so it stays in this set
+# until JAX lets go of it.
+_ALIASED: weakref.WeakSet = weakref.WeakSet()
+
+
 def to_jax(t: torch.Tensor | None):
     """A CPU tensor as a `jax.Array` sharing its memory (DLPack).
 
@@ -130,7 +138,9 @@ def to_jax(t: torch.Tensor | None):
     if t is None:
         return None
     # detach: DLPack refuses tensors that require grad.
-    return jax.dlpack.from_dlpack(aligned(t.detach()))
+    t = aligned(t.detach())
+    _ALIASED.add(t)
+    return jax.dlpack.from_dlpack(t)
 
 
 def to_torch(a) -> torch.Tensor:
@@ -138,24 +148,41 @@ def to_torch(a) -> torch.Tensor:
     return torch.from_dlpack(a)
 
 
+def _references_from_jax() -> int:
+    """How many references JAX holds to the aliased tensors (each tensor's
+    Python object holds one of its own)."""
+    return sum(t._use_count() - 1 for t in list(_ALIASED))
+
+
 @atexit.register
-def _release_aliases_before_exit():
-    """Frees the JAX arrays that alias torch tensors while threads may still
+def _release_aliases_before_exit(quiet_s: float = 0.05, limit_s: float = 2.0):
+    """Lets JAX drop its references to torch tensors while threads may still
     take the GIL.
 
-    Left to the interpreter's last garbage collection (autograd graphs hold
-    them in reference cycles), such an array's release can run on one of
-    XLA's threads, which then needs the GIL to drop the torch tensor; during
-    finalization Python >= 3.12 ends a thread that asks for it, and ending an
-    XLA thread that way aborts the process ("terminate called without an
-    active exception", seen about once in 25 exits of a script that ran the
-    op through JAX on CPU tensors). Registered after JAX's own exit hook, so
-    it runs before it.
+    Dropping such a reference releases the torch tensor, which takes the GIL.
+    JAX drops an execution's inputs on one of XLA's threads just after the
+    outputs are ready, and arrays left to the interpreter's last garbage
+    collection (autograd graphs hold them in cycles) may be released there
+    too. During finalization Python >= 3.12 ends a thread that asks for the
+    GIL, and ending an XLA thread that way aborts the process ("terminate
+    called without an active exception": one exit in four of a script whose
+    last call ran the op through JAX on CPU tensors, torch 2.14 and jax 0.12).
+    So: wait for every computation, collect the cycles, then wait until the
+    references JAX holds stop falling (those left belong to arrays still
+    alive, released by this thread during finalization). Registered after
+    JAX's own exit hook, so it runs before it.
     """
     for array in jax.live_arrays():
         if not array.is_deleted():
             array.block_until_ready()
     gc.collect()
+    start = changed = time.monotonic()
+    held = _references_from_jax()
+    while held and time.monotonic() - changed < quiet_s and time.monotonic() - start < limit_s:
+        time.sleep(0.001)
+        now_held = _references_from_jax()
+        if now_held != held:
+            held, changed = now_held, time.monotonic()
 
 
 # ---------------------------------------------------------------------------
