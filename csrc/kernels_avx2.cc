@@ -1019,6 +1019,56 @@ void stream_a8_avx2(const Problem& p, const XA8& xa, int64_t g0, int64_t g1, int
   });
 }
 
+// ------------------------------------------------------ panel epilogues
+
+// fin_a16 / fin_a8 (qmm.h), 8 columns at a time: the portable arithmetic
+// operation for operation (separate multiplies and adds, as its build
+// compiles it), so bit-identical; the last ncols % 8 columns by the portable
+// code itself. The portable loops do not vectorize (acc, out and the scales
+// may alias): at G = 32, M = 128 they took as long as the microkernel.
+void fin_a16_avx2(const Problem& p, const XA16& xa, int64_t g, int64_t n0, int ncols,
+                  const float* acc, float* out, bool init) {
+  const int full = ncols / 8 * 8;
+  const float* s = p.scale + (p.blockwise ? g * p.N : 0) + n0;
+  const float* z = p.has_zp ? p.zp + (p.blockwise ? g * p.N : 0) + n0 : nullptr;
+  for (int64_t m = 0; m < p.M; ++m) {
+    const __m256 xsum = _mm256_set1_ps(xa.xsum[m * p.groups + g]);
+    const float* am = acc + (m * xa.T) * kNR;
+    float* om = out + m * kNR;
+    for (int c = 0; c < full; c += 8) {
+      __m256 a = _mm256_loadu_ps(am + c);
+      for (int t = 1; t < xa.T; ++t) a = _mm256_add_ps(a, _mm256_loadu_ps(am + t * kNR + c));
+      if (xa.xgs) a = _mm256_mul_ps(a, _mm256_set1_ps(xa.xgs[m * p.groups + g]));
+      __m256 v = _mm256_mul_ps(_mm256_loadu_ps(s + c), a);
+      if (z) v = _mm256_sub_ps(v, _mm256_mul_ps(_mm256_loadu_ps(z + c), xsum));
+      _mm256_storeu_ps(om + c, init ? v : _mm256_add_ps(_mm256_loadu_ps(om + c), v));
+    }
+  }
+  if (full < ncols) fin_a16(p, xa, g, n0 + full, ncols - full, acc + full, out + full, init);
+}
+
+void fin_a8_avx2(const Problem& p, const XA8& xa, int64_t g, int64_t n0, int ncols,
+                 const int32_t* acc, float* out, bool init) {
+  const int full = ncols / 8 * 8;
+  const float* s = p.scale + (p.blockwise ? g * p.N : 0) + n0;
+  const float* z = p.has_zp ? p.zp + (p.blockwise ? g * p.N : 0) + n0 : nullptr;
+  const int32_t bias = p.bits == 8 ? 128 : 8;
+  for (int64_t m = 0; m < p.M; ++m) {
+    const int64_t i = m * p.groups + g;
+    const __m256i comp = _mm256_set1_epi32(bias * xa.sq[i]);
+    const __m256 xs = _mm256_set1_ps(xa.xs[i]), xzs = _mm256_set1_ps(xa.xzs[i]);
+    float* om = out + m * kNR;
+    for (int c = 0; c < full; c += 8) {
+      const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(acc + m * kNR + c));
+      __m256 v = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(a, comp)),
+                               _mm256_mul_ps(xs, _mm256_loadu_ps(s + c)));
+      if (z) v = _mm256_sub_ps(v, _mm256_mul_ps(_mm256_loadu_ps(z + c), xzs));
+      _mm256_storeu_ps(om + c, init ? v : _mm256_add_ps(_mm256_loadu_ps(om + c), v));
+    }
+  }
+  if (full < ncols) fin_a8(p, xa, g, n0 + full, ncols - full, acc + full, out + full, init);
+}
+
 // y for tiles [t0, t1): the slices' parts summed in slice order, times rowexp.
 void sum_slices_avx2(const Problem& p, const float* rowexp, const float* parts, int64_t slices,
                      int64_t t0, int64_t t1) {
@@ -1046,6 +1096,8 @@ const Kernels& avx2_kernels() {
     t.mk_a16 = mk_a16_avx2;
     t.pack_a8 = pack_a8_avx2;
     t.mk_a8 = mk_a8_avx2;
+    t.fin_a16 = fin_a16_avx2;
+    t.fin_a8 = fin_a8_avx2;
     t.max_dot_rows = kDotRows;
     t.dot_prep_a16 = dot_prep_a16_avx2;
     t.dot_a16 = dot_a16_avx2;

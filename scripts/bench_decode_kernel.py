@@ -52,7 +52,8 @@ SCHEMES = {"w4a16-g128-sym": (4, 128, True, False, "int"),
            "w4a16-g128-asym": (4, 128, False, False, "int"),
            "w4a16-g32-sym": (4, 32, True, False, "int"), "w4a16-pc": (4, -1, True, False, "int"),
            "w8a16-g128": (8, 128, True, False, "int"), "w8a16-pc": (8, -1, True, False, "int"),
-           "w4a8-g128-sym": (4, 128, True, True, "int"),
+           "w4a8-g128-sym": (4, 128, True, True, "int"), "w4a8-pc": (4, -1, True, True, "int"),
+           "w8a8-g128": (8, 128, True, True, "int"), "w8a8-pc": (8, -1, True, True, "int"),
            "fp8-g128": (8, 128, True, False, "fp8"), "fp8-pc": (8, -1, True, False, "fp8"),
            "fp4-g32": (4, 32, True, False, "fp4"), "fp4-pc": (4, -1, True, False, "fp4")}
 LLC_BYTES = 32 << 20

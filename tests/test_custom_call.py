@@ -446,7 +446,7 @@ def _outputs_under(forced: str, path: str) -> None:
         rng = np.random.default_rng(7)
         out = {{}}
         for i, s in enumerate(all_schemes(block_size=32)):
-            qw = make_weight(rng, n=72, k=96, scheme=s)
+            qw = make_weight(rng, n=75, k=96, scheme=s)  # a tile of 11 columns: 8 + 3
             for m, dt in ((9, "bfloat16"), (7, "float32"), (6, "float16")):
                 x = make_x(rng, (m, 96), dt)
                 y = xla_qops.quantized_matmul(x, *op_args(qw), s.quantize_activation,
@@ -463,7 +463,8 @@ def test_avx2_panel_path_is_the_portable_kernels_bit_for_bit(tmp_path):
     prefill), the AVX2 set's packers and microkernels give the portable
     kernels' results bit for bit (bf16 x bf16 products are exact in float32,
     so an FMA rounds as the portable multiply-then-add, in the same order; A8
-    sums are exact integers), for every integer scheme and x dtype."""
+    sums are exact integers), for every integer scheme and x dtype, the
+    epilogues' vector columns and their tails alike."""
     _outputs_under("generic", str(tmp_path / "generic.npz"))
     _outputs_under("avx2", str(tmp_path / "avx2.npz"))
     generic, avx2 = np.load(tmp_path / "generic.npz"), np.load(tmp_path / "avx2.npz")
