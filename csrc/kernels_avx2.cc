@@ -87,26 +87,38 @@ inline void nibbles_to_f32(const uint8_t* src, __m256& lo, __m256& hi) {
   lo = f16_top_lo_to_f32(l);
   hi = f16_top_lo_to_f32(h);
 }
-// 8 e4m3fn bytes: sign-extended to 16 bits and shifted left by 7, a byte's
-// sign lands in bit 15 (and 14, cleared) and its 7 magnitude bits in the
-// float16's exponent and top mantissa bits: the value times 2^-8, exactly,
-// subnormal codes included (F16C widens float16 subnormals exactly; the
-// multiply by 2^8 is exact). 0x7f / 0xff (all 7 bits set) become all-ones,
-// a float16 NaN.
-inline __m256 e4m3_to_f32(const uint8_t* src) {
+// 8 e4m3fn bytes times 2^-8: sign-extended to 16 bits and shifted left by 7,
+// a byte's sign lands in bit 15 (and 14, cleared) and its 7 magnitude bits
+// in the float16's exponent and top mantissa bits: the value times 2^-8,
+// exactly, subnormal codes included (F16C widens float16 subnormals
+// exactly). 0x7f / 0xff (all 7 bits set) become all-ones, a float16 NaN.
+inline __m256 e4m3_times_2m8_to_f32(const uint8_t* src) {
   const __m128i w = _mm_slli_epi16(
       _mm_cvtepi8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(src))), 7);
   const __m128i magnitude = _mm_set1_epi16(0x3f80);
   const __m128i nan = _mm_cmpeq_epi16(_mm_and_si128(w, magnitude), magnitude);
   const __m128i half = _mm_or_si128(_mm_and_si128(w, _mm_set1_epi16(static_cast<short>(0xbfff))), nan);
-  return _mm256_mul_ps(_mm256_cvtph_ps(half), _mm256_set1_ps(256.0f));
+  return _mm256_cvtph_ps(half);
 }
 // 8 bytes of an 8-bit weight format (int8 or e4m3fn) as float32.
 template <int WF>
 inline __m256 bytes_to_f32(const uint8_t* src) {
-  if constexpr (WF == kWFp8) return e4m3_to_f32(src);
+  if constexpr (WF == kWFp8)
+    return _mm256_mul_ps(e4m3_times_2m8_to_f32(src), _mm256_set1_ps(256.0f));  // exact
   const __m128i raw = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(src));
   return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(raw));
+}
+// The decode forms (streams, dot forms) multiply e4m3fn values times 2^-8 by
+// x times 2^8: the same exact products, without a multiply per 8 weights. x
+// there is prepared (prep_a16) as each row over 2^e, |x| < 2 (or the row
+// holds inf or NaN and its outputs are not finite anyway), so x * 2^8 cannot
+// overflow.
+template <int WF>
+constexpr float kDecodeXScale = WF == kWFp8 ? 256.0f : 1.0f;
+template <int WF>
+inline __m256 decode_bytes_to_f32(const uint8_t* src) {
+  if constexpr (WF == kWFp8) return e4m3_times_2m8_to_f32(src);
+  return bytes_to_f32<WF>(src);
 }
 
 // The A16 panel entry (qmm.h) of every byte value of a packed int4 / fp4
@@ -482,6 +494,9 @@ void dot_rows(const Problem& p, const uint16_t* xd, int64_t Kq, int64_t n, int W
       if constexpr (BITS == 4) {
         x2[r] = bf16x8_to_f32(xr + 16);
         x3[r] = bf16x8_to_f32(xr + 24);
+      } else if constexpr (kDecodeXScale<WF> != 1.0f) {
+        x0[r] = _mm256_mul_ps(x0[r], _mm256_set1_ps(kDecodeXScale<WF>));
+        x1[r] = _mm256_mul_ps(x1[r], _mm256_set1_ps(kDecodeXScale<WF>));
       }
     }
     for (int w = 0; w < 4; ++w) {
@@ -497,7 +512,7 @@ void dot_rows(const Problem& p, const uint16_t* xd, int64_t Kq, int64_t n, int W
           a[r][w] = _mm256_fmadd_ps(x3[r], h1, a[r][w]);
         }
       } else {
-        const __m256 w0 = bytes_to_f32<WF>(rows[w] + k), w1 = bytes_to_f32<WF>(rows[w] + k + 8);
+        const __m256 w0 = decode_bytes_to_f32<WF>(rows[w] + k), w1 = decode_bytes_to_f32<WF>(rows[w] + k + 8);
         for (int r = 0; r < R; ++r) {
           a[r][w] = _mm256_fmadd_ps(x0[r], w0, a[r][w]);
           a[r][w] = _mm256_fmadd_ps(x1[r], w1, a[r][w]);
@@ -653,14 +668,15 @@ constexpr int64_t kSweepPairs = 8;
 // Tiles per column block: the block's accumulators within 64 KiB.
 constexpr int64_t sweep_block_tiles(int64_t rows) { return (64 << 10) / (rows * kNR * 4); }
 
-// 8 columns of one k-pair as float32: the even k (lo) and the odd k (hi).
+// 8 columns of one k-pair as float32 (e4m3fn: times 2^-8, kDecodeXScale):
+// the even k (lo) and the odd k (hi).
 template <int BITS, int WF>
 inline void unpack8(const uint8_t* src, int64_t row_bytes, bool has_hi, __m256& lo, __m256& hi) {
   if constexpr (BITS == 4) {
     nibbles_to_f32<WF>(src, lo, hi);
   } else {
-    lo = bytes_to_f32<WF>(src);
-    hi = has_hi ? bytes_to_f32<WF>(src + row_bytes) : _mm256_setzero_ps();
+    lo = decode_bytes_to_f32<WF>(src);
+    hi = has_hi ? decode_bytes_to_f32<WF>(src + row_bytes) : _mm256_setzero_ps();
   }
 }
 
@@ -753,8 +769,8 @@ void stream_a16_rows(const Problem& p, const XA16& xa, int64_t g0, int64_t g1, i
         for (int r = 0; r < R; ++r) {
           uint32_t pr;
           std::memcpy(&pr, xa.xb + r * xa.Kp + g * xa.Gp + 2 * (s0 + s), 4);
-          xf[s][r][0] = bits_to_f32(pr & 0xffff0000u);
-          xf[s][r][1] = bits_to_f32(pr << 16);
+          xf[s][r][0] = bits_to_f32(pr & 0xffff0000u) * kDecodeXScale<WF>;  // exact
+          xf[s][r][1] = bits_to_f32(pr << 16) * kDecodeXScale<WF>;
         }
       // The common sweep: every pair whole (an int8 group of odd G lacks its
       // last hi row).
