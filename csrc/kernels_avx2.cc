@@ -62,7 +62,8 @@ constexpr NibbleTable nibble_table(int wf) {
 }
 constexpr NibbleTable kInt4Table = nibble_table(kWInt), kFp4Table = nibble_table(kWFp4);
 
-// The low 8 float16 of x, whose top bytes are the low 8 bytes of top.
+// As float32: the 8 float16 whose top bytes are top's low (lo) or high (hi)
+// 8 bytes and whose low bytes are zero.
 inline __m256 f16_top_lo_to_f32(__m128i top) {
   return _mm256_cvtph_ps(_mm_unpacklo_epi8(_mm_setzero_si128(), top));
 }
