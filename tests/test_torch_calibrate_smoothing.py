@@ -12,6 +12,9 @@ smoothing of one Linear provably helps and of the other provably hurts:
   already as fine as it can be), and its weight has one entry 10x the others: SmoothQuant's
   s is small on that column, so the smoothed activations get an outlier channel on every
   token while only one weight row gains.
+
+Also: padded positions of a padded batch (attention_mask 0) count nowhere in SmoothQuant's
+statistics or the held-out sample, and a calibrated method is judged with its own weights.
 """
 
 import copy
@@ -24,6 +27,7 @@ import torch
 import torch_bridge
 import xla_qops
 from torch_bridge import calibrate
+from xla_qops.quantize import quantize_with_hessian
 from xla_qops.quantizers import heldout
 
 
@@ -195,3 +199,125 @@ def test_the_judged_errors_are_the_quantized_layers_own(activation_format):
     np.testing.assert_allclose(plain, error(w, x), rtol=1e-3)
     np.testing.assert_allclose(smoothed, error(w * s, x * (np.float32(1) / s)), rtol=1e-3)
     assert smoothed != pytest.approx(plain, rel=1e-2)  # the two cases really differ
+
+
+class TakesAMask(TwoPaths):
+    """TwoPaths called as a tokenizer dict's model is: the mask is the caller's, the padded
+    positions are computed like any other and never used (here: left in the output)."""
+
+    def forward(self, inputs_embeds, attention_mask):
+        return super().forward(inputs_embeds)
+
+
+def padded(calibration, extra: int, value: float):
+    """Each input as {inputs_embeds, attention_mask}: `extra` padded positions of `value`
+    after the real tokens (all real when `extra` is 0) on every channel but one in eight."""
+    items = []
+    for x in calibration:
+        batch, tokens, features = x.shape
+        pad = torch.zeros(batch, extra, features)
+        pad[..., ::8] = value  # far beyond every real |x| = 1: it would set absmax
+        mask = torch.cat([torch.ones(batch, tokens), torch.zeros(batch, extra)], 1)
+        items.append({"inputs_embeds": torch.cat([x, pad], 1), "attention_mask": mask.long()})
+    return items
+
+
+def test_padded_positions_change_neither_the_choice_nor_the_sample():
+    """A padded batch (attention_mask 0) adds rows the model never uses: SmoothQuant's
+    statistics and the held-out sample are of real tokens only, so the choice, each
+    layer's two judged errors and the quantized weights are those of the unpadded batch.
+    Counting the padding (before) put its 40s into absmax, so the scales and the
+    figures differed."""
+    model, calibration, _ = model_and_data()
+    masked = TakesAMask().eval()
+    masked.load_state_dict(model.state_dict())
+    results = []
+    for extra in (0, 5):
+        quantized = torch_bridge.quantize_model(
+            copy.deepcopy(masked), scheme="w8a8", smoothing="smoothquant",
+            calibration=padded(calibration, extra, 40.0), progress=False)
+        results.append(quantized)
+    plain, with_padding = ({layer.name: layer.input_scale
+                            for layer in torch_bridge.quantization_report(q).swapped}
+                           for q in results)
+    assert plain == with_padding
+    assert plain["helped"].startswith("folded into norm; held-out error"), plain
+    assert plain["hurt"].startswith("not smoothed"), plain
+    for name in ("helped", "hurt"):
+        assert torch.equal(getattr(results[0], name).weight, getattr(results[1], name).weight)
+
+
+def test_gather_counts_real_tokens_only_with_real_tokens():
+    """`gather(real_tokens=True)`: every statistic and the held-out sample of the padded
+    inputs equal the unpadded inputs'; without it, the padded rows count."""
+    model, calibration, _ = model_and_data()
+    masked = TakesAMask().eval()
+    masked.load_state_dict(model.state_dict())
+    held_out_inputs = sum(heldout.is_holdout(i, 10) for i in range(10))
+
+    def statistics(items, real_tokens):
+        sample = calibrate.HeldOutSample(held_out_inputs)
+        stats = calibrate.gather(masked, items, [masked.hurt], hessian=True, stop_early=True,
+                                 holdout=True, sample=sample, real_tokens=real_tokens)
+        return stats, sample
+
+    (expected, expected_sample), (got, got_sample) = (
+        statistics(padded(calibration, extra, 40.0), real_tokens=True) for extra in (0, 5))
+    assert got.rows == expected.rows == 10 * 4 * 16  # every input, held-out ones too
+    for field in ("absmax", "abssum", "hessian", "holdout_hessian"):
+        assert torch.equal(getattr(got, field), getattr(expected, field)), field
+    assert torch.equal(got_sample.rows(), expected_sample.rows())
+    assert torch.equal(got_sample.fit_absmax, expected_sample.fit_absmax)
+    counted, counted_sample = statistics(padded(calibration, 5, 40.0), real_tokens=False)
+    assert counted.rows == 10 * 4 * 21 and float(counted.absmax.max()) == 40.0
+    assert float(counted_sample.rows().abs().max()) == 40.0
+
+
+def test_the_judge_uses_the_methods_own_weights():
+    """With a calibrated method, `_output_errors` quantizes W diag(s) and W as that method
+    does on the fitted inputs' X^T X (divided by s for the smoothed weight), not by round
+    to nearest: its figures are a float64 reference's with GPTQ's codes
+    (`quantize_with_hessian`, the library's GPTQ), and differ from round to nearest's."""
+    torch.manual_seed(1)
+    linear = torch.nn.Linear(64, 48)
+    channels = torch.exp(torch.randn(64))
+    fit, rows = torch.randn(400, 64) * channels, torch.randn(200, 64) * channels
+    hessian = (fit.double().T @ fit.double()).numpy()
+    s = np.exp(np.random.default_rng(1).standard_normal(64) / 2).astype(np.float32)
+    scheme = dict(bits=8, block_size=-1, symmetric=True, format="int", nvfp4_divisor=False,
+                  activation_format="int8")
+    smoothed, plain = calibrate._output_errors(linear, rows, s, method="gptq",
+                                               hessian=hessian, **scheme)
+    w = linear.weight.detach().numpy()
+    x = rows.numpy()
+    reference = x.astype(np.float64) @ w.astype(np.float64).T
+
+    def error(weight, inputs, h):
+        qw = quantize_with_hessian(weight, bits=8, block_size=-1, symmetric=True,
+                                   method="gptq", hessian=h, pack=False)
+        y = ref.quantized_matmul(inputs, np.asarray(qw.w), np.asarray(qw.scale),
+                                 quantize_activation_=True, activation_format="int8")
+        return float(((y - reference) ** 2).sum() / (reference ** 2).sum())
+
+    np.testing.assert_allclose(plain, error(w, x, hessian), rtol=1e-3)
+    np.testing.assert_allclose(
+        smoothed, error(w * s, x * (np.float32(1) / s), hessian / s[:, None] / s[None, :]),
+        rtol=1e-3)
+    rtn_smoothed, rtn_plain = calibrate._output_errors(linear, rows, s, **scheme)
+    assert plain != pytest.approx(rtn_plain, rel=1e-2)
+    assert smoothed != pytest.approx(rtn_smoothed, rel=3e-3)  # 3x the match's tolerance
+
+
+def test_quantize_model_judges_gptq_with_gptqs_weights():
+    """The figures a GPTQ call reports are not round to nearest's (the judge used to
+    quantize both cases by round to nearest whatever the method)."""
+    model, calibration, _ = model_and_data()
+    reported = {}
+    for method in ("rtn", "gptq"):
+        quantized = torch_bridge.quantize_model(
+            copy.deepcopy(model), scheme="w8a8", method=method, smoothing="smoothquant",
+            calibration=calibration, progress=False)
+        reported[method] = {layer.name: figures(layer.input_scale)
+                            for layer in torch_bridge.quantization_report(quantized).swapped}
+    for name in ("helped", "hurt"):
+        assert reported["gptq"][name] != reported["rtn"][name], name

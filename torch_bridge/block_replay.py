@@ -147,3 +147,23 @@ def tensors(output) -> list:
     if isinstance(output, (tuple, list)):
         return [t for v in output for t in tensors(v)]
     return []
+
+
+def attention_mask_of(item, hidden: torch.Tensor) -> torch.Tensor | None:
+    """The ``[batch, seq]`` attention_mask of calibration input `item` (a tokenizer's dict)
+    when it matches `hidden`'s two leading dimensions (a hidden state of that input: one
+    row per token), else None (no mask, or a tensor of another shape: every row counts).
+    A padded position (mask 0) is computed by the model but never used for its output."""
+    mask = item.get("attention_mask") if isinstance(item, Mapping) else None
+    if (not isinstance(mask, torch.Tensor) or hidden.dim() < 3
+            or tuple(mask.shape) != tuple(hidden.shape[:2])):
+        return None
+    return mask
+
+
+def real_token_rows(item, x: torch.Tensor) -> torch.Tensor:
+    """`x`'s rows ``[tokens, features]``, only those of real tokens where `item`'s
+    attention_mask covers them (`attention_mask_of`)."""
+    mask = attention_mask_of(item, x)
+    rows = x.reshape(-1, x.shape[-1])
+    return rows if mask is None else rows[mask.reshape(-1).to(rows.device) != 0]

@@ -58,7 +58,7 @@ import dataclasses
 import numpy as np
 import torch
 
-from torch_bridge.block_replay import inside, outermost_blocks
+from torch_bridge.block_replay import attention_mask_of, inside, outermost_blocks
 from torch_bridge.block_replay import call_model as _call
 from torch_bridge.block_replay import tensors as _tensors
 from torch_bridge.linear import XlaQuantizedLinear
@@ -206,10 +206,8 @@ def _fake_int8_per_token(x, block_size):
 def _mask_of(item, output):
     """A [batch, seq, 1] float mask of real tokens when `item` has an attention_mask matching
     `output`'s leading dimensions, else None (every position counts)."""
-    mask = item.get("attention_mask") if isinstance(item, dict) else None
-    if mask is None or output.dim() < 3 or tuple(mask.shape) != tuple(output.shape[:2]):
-        return None
-    return mask.to(output.dtype).unsqueeze(-1)
+    mask = attention_mask_of(item, output)
+    return None if mask is None else mask.to(output.dtype).unsqueeze(-1)
 
 
 def _error(output, target, mask) -> torch.Tensor:

@@ -49,7 +49,8 @@ ROWS += [(scheme, block, method, None)
          for method in ("autoround", "awq+gptq+autoround")]
 # Issue 26: AutoRound's real objective, each transformer block's output (torch_bridge.blockround).
 ROWS += [(scheme, block, "awq+gptq+blockround", None)
-         for scheme, block in (("w4a16", 128), ("w4a16", -1), ("w4a8", 128))]
+         for scheme, block in (("w4a16", 128), ("w4a16", -1), ("w4a8", 128), ("w8a8", -1))]
+ROWS += [("w8a8", -1, "awq+gptq+blockround", "smoothquant")]
 ROWS += [("w8a8", -1, method, "smoothquant") for method in ("rtn", "gptq")]
 # W8A8 with blockwise weights: API.md's activations then get one scale per token and block
 # (not per token), which is what closes W8A8's gap (docs/quantizers.md).
