@@ -176,6 +176,12 @@ def _release_aliases_before_exit(quiet_s: float = 0.05, limit_s: float = 2.0):
         if not array.is_deleted():
             array.block_until_ready()
     gc.collect()
+    _wait_for_jax_releases(quiet_s, limit_s)
+
+
+def _wait_for_jax_releases(quiet_s: float, limit_s: float) -> None:
+    """Waits until JAX holds no aliased tensor, or its count has not fallen for
+    `quiet_s` (the rest belong to live arrays), or `limit_s` has passed."""
     start = changed = time.monotonic()
     held = _references_from_jax()
     while held and time.monotonic() - changed < quiet_s and time.monotonic() - start < limit_s:
