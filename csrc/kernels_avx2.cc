@@ -877,6 +877,26 @@ void stream_a16_avx2(const Problem& p, const XA16& xa, int64_t g0, int64_t g1, i
 // whose int32 sums never overflow (no bias).
 constexpr int64_t kA8SweepPairs = 8;
 
+// x_k and x_{k+1} of each k-pair of the sweep (pairs s0 .. s0 + ns of group
+// g), row by row, as one lane of the multiply's x operand: Pair int16_t holds
+// them as bytes (vpmaddubsw's signed operand), int32_t as sign-extended
+// 16-bit halves (vpmaddwd's).
+template <class Pair, int R>
+inline void pack_x_pairs(const XA8& xa, int64_t g, int64_t s0, int64_t ns,
+                         Pair (&xp)[kA8SweepPairs][R]) {
+  static_assert(std::is_same_v<Pair, int16_t> || std::is_same_v<Pair, int32_t>);
+  using Half = std::conditional_t<sizeof(Pair) == 2, int8_t, int16_t>;
+  using UPair = std::make_unsigned_t<Pair>;
+  const auto half = [](int8_t v) {
+    return static_cast<UPair>(static_cast<std::make_unsigned_t<Half>>(static_cast<Half>(v)));
+  };
+  for (int64_t s = 0; s < ns; ++s)
+    for (int r = 0; r < R; ++r) {
+      const int8_t* xr = xa.xq + r * xa.Kp + g * xa.Gp + 2 * (s0 + s);
+      xp[s][r] = static_cast<Pair>(half(xr[0]) | static_cast<UPair>(half(xr[1]) << (8 * sizeof(Half))));
+    }
+}
+
 // Group g's epilogue for one tile (fin_a8's arithmetic, into part): a holds
 // sum (q + bias) x per row and column.
 inline void a8_group_epilogue(const Problem& p, const XA8& xa, int64_t g, bool first_group,
@@ -908,11 +928,7 @@ void stream_a8_int4_rows(const Problem& p, const XA8& xa, int64_t g0, int64_t g1
       const int64_t ns = pairs - s0 < kA8SweepPairs ? pairs - s0 : kA8SweepPairs;
       const bool first = s0 == 0, last = s0 + ns == pairs;
       int16_t xp[kA8SweepPairs][R];  // x_k | x_{k+1} << 8 of each pair, as vpmaddubsw's bytes
-      for (int64_t s = 0; s < ns; ++s)
-        for (int r = 0; r < R; ++r) {
-          const int8_t* xr = xa.xq + r * xa.Kp + g * xa.Gp + 2 * (s0 + s);
-          xp[s][r] = static_cast<int16_t>(static_cast<uint8_t>(xr[0]) | (static_cast<uint16_t>(static_cast<uint8_t>(xr[1])) << 8));
-        }
+      pack_x_pairs(xa, g, s0, ns, xp);
       const uint8_t* ws = wg + s0 * N;
       const bool fetch = s0 + 3 * kA8SweepPairs <= pairs;
       for (int64_t t = t0; t < t1; ++t) {
@@ -979,12 +995,7 @@ void stream_a8_int8_rows(const Problem& p, const XA8& xa, int64_t g0, int64_t g1
       const int64_t ns = pairs - s0 < kA8SweepPairs ? pairs - s0 : kA8SweepPairs;
       const bool first = s0 == 0, last = s0 + ns == pairs;
       int32_t xp[kA8SweepPairs][R];  // x_k | x_{k+1} << 16 as 16-bit lanes (vpmaddwd)
-      for (int64_t s = 0; s < ns; ++s)
-        for (int r = 0; r < R; ++r) {
-          const int8_t* xr = xa.xq + r * xa.Kp + g * xa.Gp + 2 * (s0 + s);
-          xp[s][r] = static_cast<int32_t>(static_cast<uint16_t>(xr[0]) |
-                                          (static_cast<uint32_t>(static_cast<uint16_t>(xr[1])) << 16));
-        }
+      pack_x_pairs(xa, g, s0, ns, xp);
       const uint8_t* ws = wg + 2 * s0 * N;  // row k of the sweep's first pair
       const bool fetch = s0 + 3 * kA8SweepPairs <= pairs;
       for (int64_t t = t0; t < t1; ++t) {
