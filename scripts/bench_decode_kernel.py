@@ -117,11 +117,17 @@ class _Case:
             import xla_qops
             xj = jnp.asarray(x, jnp.bfloat16)
             ws = [tuple(None if a is None else jnp.asarray(a) for a in t) for t in weights]
+            if fmt == "fp8":  # the op takes e4m3fn storage; the torch path's bytes are uint8
+                ws = [(jax.lax.bitcast_convert_type(w, jnp.float8_e4m3fn), s, z) for w, s, z in ws]
+
+            # The op's names for the formats: None for the integer ones (int4_weight
+            # says which), the float ones by name.
+            op_format = None if fmt == "int" else fmt
 
             def all_copies(x, ws):
                 return [xla_qops.quantized_matmul(
-                    x, w, s, z, block_size=block, int4_weight=bits == 4, quantize_activation=qa, weight_format=fmt,
-                    impl="custom_call") for w, s, z in ws]
+                    x, w, s, z, block_size=block, int4_weight=bits == 4, quantize_activation=qa,
+                    weight_format=op_format, impl="custom_call") for w, s, z in ws]
             fn = jax.jit(all_copies)
             self.run = lambda: self._jax(fn, xj, ws)
         self.copies = copies
