@@ -18,6 +18,11 @@ uint64_t xgetbv0() {
 CpuFeatures detect() {
   CpuFeatures f;
   unsigned a, b, c, d;
+  if (__get_cpuid(0, &a, &b, &c, &d)) {
+    char vendor[13] = {};
+    std::memcpy(vendor, &b, 4), std::memcpy(vendor + 4, &d, 4), std::memcpy(vendor + 8, &c, 4);
+    f.intel = std::strcmp(vendor, "GenuineIntel") == 0;
+  }
   if (!__get_cpuid(1, &a, &b, &c, &d)) return f;
   const bool osxsave = c & (1u << 27);
   if (!osxsave) return f;
@@ -59,6 +64,16 @@ const char* active_isa() {
     return f.avx2 ? "avx2" : "generic";
   }();
   return isa;
+}
+
+bool stream_prefetch_into_l1() {
+  static const bool into_l1 = [] {
+    const char* env = std::getenv("XLA_QOPS_PREFETCH");
+    if (env && std::strcmp(env, "t0") == 0) return true;
+    if (env && std::strcmp(env, "nta") == 0) return false;
+    return cpu_features().intel;
+  }();
+  return into_l1;
 }
 
 }  // namespace xqk

@@ -10,6 +10,7 @@ struct CpuFeatures {
   bool avx512_vnni = false;
   bool avx512_vbmi = false;
   bool amx_tile = false, amx_bf16 = false, amx_int8 = false;  // reported, not used
+  bool intel = false;  // CPUID vendor "GenuineIntel"
 };
 
 const CpuFeatures& cpu_features();
@@ -19,5 +20,14 @@ const CpuFeatures& cpu_features();
 // later, Zen 1-3), else "generic". XLA_QOPS_CPU_ISA=generic or =avx2 forces
 // a set below the best (avx2 only where the CPU has it), for tests.
 const char* active_isa();
+
+// Whether the AVX-512 decode streams prefetch the weights they read next into
+// L1 (PREFETCHT0) rather than non-temporally (PREFETCHNTA). Measured on the
+// decode shapes, weights from DRAM, two threads: on an Intel Xeon with
+// AVX-512 (Sapphire Rapids class) T0 runs the streams 1.3-3.3x faster than
+// NTA (docs/cpu_kernels.md); on Zen 4 NTA was the faster (T1 measured 1.4x
+// slower at M=1). So: T0 on Intel, NTA elsewhere. XLA_QOPS_PREFETCH=t0 or
+// =nta overrides it (read once, as XLA_QOPS_CPU_ISA is).
+bool stream_prefetch_into_l1();
 
 }  // namespace xqk

@@ -42,7 +42,8 @@ thread_local Scratch tl_panel, tl_acc, tl_out, tl_parts;
 thread_local Scratch tl_x[5];
 
 const Kernels& kernels() {
-  static const Kernels& k = std::strcmp(active_isa(), "avx512") == 0 ? avx512_kernels()
+  static const Kernels& k = std::strcmp(active_isa(), "avx512") == 0
+                                ? (stream_prefetch_into_l1() ? avx512_l1_kernels() : avx512_kernels())
                             : std::strcmp(active_isa(), "avx2") == 0 ? avx2_kernels()
                                                                      : generic_kernels();
   return k;

@@ -8,8 +8,22 @@
 
 #include "qmm.h"
 
+// This file is compiled twice (CMakeLists.txt): as itself, and through
+// kernels_avx512_l1.cc with XQK_PREFETCH_INTO_L1 = 1. The two sets differ in
+// where the decode streams' software prefetches put the weight lines they
+// read next (each line once): non-temporally (NTA) or into L1 (T0). A hint is
+// an instruction's immediate; a runtime branch per prefetch cost up to 2x in
+// the per-channel M=4 dot form. stream_prefetch_into_l1 (cpu_features.h)
+// picks the set.
+#ifndef XQK_PREFETCH_INTO_L1
+#define XQK_PREFETCH_INTO_L1 0
+#endif
+
 namespace xqk {
 namespace {
+
+// The decode streams' prefetch hint (kStreamHint at each _mm_prefetch).
+#define kStreamHint (XQK_PREFETCH_INTO_L1 ? _MM_HINT_T0 : _MM_HINT_NTA)
 
 inline __m512bh as_bh(__m512i v) { return reinterpret_cast<__m512bh&>(v); }
 
@@ -895,9 +909,10 @@ void store(const Problem& p, const float* rowexp, int64_t n0, int ncols, const f
 // the M=8..16 cases ran at a third of the dot-product rate); per chunk the zmm
 // partial sums are reduced and added to the row's result (fixed order).
 constexpr int kMaxDotRows = 16;
-// Weight rows are prefetched kAhead rows ahead (same offset), non-temporal
-// (each line is used once). Measured at 4096x4096 int8: M=1 0.39 ms against
-// 0.49 with T0 four rows ahead; M=4 0.40 against 0.46.
+// Weight rows are prefetched kAhead rows ahead (same offset) by
+// kStreamHint (each line is used once). Measured on Zen 4 at 4096x4096
+// int8: M=1 0.39 ms non-temporal against 0.49 with T0 four rows ahead; M=4
+// 0.40 against 0.46 (on an Intel Xeon, T0 eight rows ahead is the faster).
 constexpr int kAhead = 8;
 constexpr int64_t kDotXBytes = 32 << 10;  // x bytes per K chunk
 
@@ -1018,7 +1033,7 @@ void dot_a16_t(const Problem& p, const XA16& xa, const uint16_t* xd, int64_t Kq,
         const uint16_t* xk = xd + (k & ~int64_t{127}) * R + (k & 127);  // x rows of this 128-block
         for (int i = 0; i < NW; ++i) {
           // Rows kAhead further on, same offset (within a thread rows run in order).
-          _mm_prefetch(reinterpret_cast<const char*>(row[i] + kAhead * K + k), _MM_HINT_NTA);
+          _mm_prefetch(reinterpret_cast<const char*>(row[i] + kAhead * K + k), kStreamHint);
           __m512i w0, w1;  // 64 exact bf16 in k order
           dec.words(_mm512_maskz_loadu_epi8(m, row[i] + k), w0, w1);
           for (int r = 0; r < R; ++r) {
@@ -1041,7 +1056,7 @@ void dot_a16_t(const Problem& p, const XA16& xa, const uint16_t* xd, int64_t Kq,
         const __mmask32 m = mask32(K - k);
         const uint16_t* xk = xd + (k & ~int64_t{127}) * R + (k & 127);  // x rows of this 128-block
         for (int i = 0; i < NW; ++i) {
-          if ((k & 63) == 0) _mm_prefetch(reinterpret_cast<const char*>(row[i] + kAhead * K + k), _MM_HINT_NTA);
+          if ((k & 63) == 0) _mm_prefetch(reinterpret_cast<const char*>(row[i] + kAhead * K + k), kStreamHint);
           const __m256i b = _mm256_maskz_loadu_epi8(m, row[i] + k);
           const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(b)));
           const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(b, 1)));
@@ -1055,7 +1070,7 @@ void dot_a16_t(const Problem& p, const XA16& xa, const uint16_t* xd, int64_t Kq,
         const __mmask64 m = mask64((K - k) / 2);
         const uint16_t* xk = xd + (k & ~int64_t{127}) * R + (k & 127);  // x rows of this 128-block
         for (int i = 0; i < NW; ++i) {
-          _mm_prefetch(reinterpret_cast<const char*>(row[i] + kAhead * (K / 2) + k / 2), _MM_HINT_NTA);
+          _mm_prefetch(reinterpret_cast<const char*>(row[i] + kAhead * (K / 2) + k / 2), kStreamHint);
           const __m512i v = _mm512_maskz_loadu_epi8(m, row[i] + k / 2);
           // Word j of v holds features 4j..4j+3, one per nibble; the LUT takes
           // the low 5 bits (bit 4 is ignored), so a shift selects the nibble.
@@ -1121,7 +1136,7 @@ void dot_a8_t(const Problem& p, const XA8& xa, const int8_t* xd, int64_t Kq, int
         const __mmask64 m = mask64(K - k);
         const int8_t* xk = xd + (k & ~int64_t{127}) * R + (k & 127);  // x rows of this 128-block
         for (int i = 0; i < NW; ++i) {
-          _mm_prefetch(reinterpret_cast<const char*>(row[i] + kAhead * K + k), _MM_HINT_NTA);
+          _mm_prefetch(reinterpret_cast<const char*>(row[i] + kAhead * K + k), kStreamHint);
           const __m512i w = _mm512_xor_si512(_mm512_maskz_loadu_epi8(m, row[i] + k), flip);  // q + 128
           for (int r = 0; r < R; ++r)
             acc[i][r] = _mm512_dpbusd_epi32(acc[i][r], w, _mm512_loadu_si512(xk + r * 128));
@@ -1132,7 +1147,7 @@ void dot_a8_t(const Problem& p, const XA8& xa, const int8_t* xd, int64_t Kq, int
         const __mmask64 m = mask64((K - k) / 2);
         const int8_t* xk = xd + (k & ~int64_t{127}) * R + (k & 127);  // x rows of this 128-block
         for (int i = 0; i < NW; ++i) {
-          _mm_prefetch(reinterpret_cast<const char*>(row[i] + kAhead * (K / 2) + k / 2), _MM_HINT_NTA);
+          _mm_prefetch(reinterpret_cast<const char*>(row[i] + kAhead * (K / 2) + k / 2), kStreamHint);
           const __m512i v = _mm512_xor_si512(_mm512_maskz_loadu_epi8(m, row[i] + k / 2), x88);
           const __m512i lo = _mm512_and_si512(v, low);                          // even k, q + 8
           const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);   // odd k, q + 8
@@ -1328,9 +1343,10 @@ void sweep_all_rows(int rows, void* acc, const void* x0, int64_t ldx, const __m5
   }
 }
 
-// Prefetch distance in sweeps, non-temporal (each weight line is used once):
-// measured at M=1 4096x4096, two sweeps ahead with NTA took 0.21 ms where one
-// sweep ahead into L2 (T1) took 0.30 ms.
+// Prefetch distance in sweeps (kStreamHint: each weight line is used
+// once): measured on Zen 4 at M=1 4096x4096, two sweeps ahead with NTA took
+// 0.21 ms where one sweep ahead into L2 (T1) took 0.30 ms. (On an Intel Xeon,
+// with T0, 16 k-pairs ahead measured the same as 8.)
 constexpr int64_t kStreamAhead = 2;
 constexpr int64_t kStreamAheadPairs = 8;  // the same distance in k-pairs
 // The prefetch distance of a sweep of sp k-pairs: kStreamAheadPairs, or one
@@ -1338,19 +1354,19 @@ constexpr int64_t kStreamAheadPairs = 8;  // the same distance in k-pairs
 constexpr int64_t stream_ahead_pairs(int64_t sp) { return sp > kStreamAheadPairs ? sp : kStreamAheadPairs; }
 
 // Lines [l0, l1) of a later sweep (its rows `stride` bytes apart from
-// `next`, block_lines lines of each), in address order, non-temporal (into
-// L1: the register form's sweeps are 8 k-pairs). (Measured: the same
+// `next`, block_lines lines of each), in address order, with kStreamHint
+// (into L1: the register form's sweeps are 8 k-pairs). (Measured: the same
 // prefetches without the division per line, which spaces them out, halved
 // the M=1 decode's speed from DRAM.)
 inline void prefetch_sweep_lines(const char* next, int64_t stride, int64_t block_lines, int64_t l0,
                                  int64_t l1) {
   for (int64_t l = l0; l < l1; ++l)
-    _mm_prefetch(next + (l / block_lines) * stride + (l % block_lines) * 64, _MM_HINT_NTA);
+    _mm_prefetch(next + (l / block_lines) * stride + (l % block_lines) * 64, kStreamHint);
 }
 // The wide form's, whose sweeps are more than L1 holds: the next sweep,
 // line after line in address order from line_index on, one or two per step
-// of the unpacking (no division per line: the steps space them out), into L1
-// and L2 (T0; T1, T2 and NTA measured no better).
+// of the unpacking (no division per line: the steps space them out), by
+// kStreamHint.
 struct SweepCursor {
   const char* row;
   int64_t stride, block_lines, line, line_index;
@@ -1358,7 +1374,7 @@ struct SweepCursor {
       : row(next + (l0 / block_lines_) * stride_), stride(stride_), block_lines(block_lines_),
         line(l0 % block_lines_), line_index(l0) {}
   void fetch() {
-    _mm_prefetch(row + line * 64, _MM_HINT_NTA);
+    _mm_prefetch(row + line * 64, kStreamHint);
     ++line_index;
     if (++line == block_lines) line = 0, row += stride;
   }
@@ -1762,7 +1778,11 @@ void sum_slices(const Problem& p, const float* rowexp, const float* parts, int64
 
 }  // namespace
 
+#if XQK_PREFETCH_INTO_L1
+const Kernels& avx512_l1_kernels() {
+#else
 const Kernels& avx512_kernels() {
+#endif
   static const Kernels k = [] {
     Kernels t = generic_kernels();
     t.prep_a16 = prep_a16;

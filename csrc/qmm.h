@@ -173,6 +173,7 @@ struct Kernels {
 
 const Kernels& generic_kernels();
 const Kernels& avx512_kernels();  // only after cpu_features() says so
+const Kernels& avx512_l1_kernels();  // the same, prefetching into L1 (kernels_avx512_l1.cc)
 const Kernels& avx2_kernels();    // likewise
 
 // Panel/acc sizes.
