@@ -546,3 +546,15 @@ def test_the_default_prefetch_hint_follows_the_cpu_vendor():
     assert features["intel"] == (vendor == "GenuineIntel")
     expected = os.environ.get("XLA_QOPS_PREFETCH") or ("t0" if vendor == "GenuineIntel" else "nta")
     assert features["stream_prefetch"] == expected
+
+
+def test_the_cpu_description_names_the_kernels_and_their_prefetch():
+    """What benchmark headers print: the CPU, its count, the kernel set and
+    the decode prefetch hint in use (the figures differ by all four)."""
+    text = custom_call.cpu_description()
+    features = custom_call._extension().cpu_features()
+    assert f", {os.cpu_count()} CPUs, kernels '{custom_call.isa()}' " in text
+    assert text.endswith(f"(decode prefetch {features['stream_prefetch']})")
+    with open("/proc/cpuinfo") as f:
+        names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+    assert text.startswith(names[0] if names else "")

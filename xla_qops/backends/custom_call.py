@@ -71,8 +71,27 @@ def kernel_formats(spec) -> tuple[str, str]:
 
 
 def isa() -> str:
-    """The kernel set in use on this CPU: "avx512" or "generic" (portable C++)."""
+    """The kernel set in use on this CPU: "avx512", "avx2" or "generic" (portable C++)."""
     return _extension().isa()
+
+
+def cpu_description() -> str:
+    """This CPU and the kernels on it, for benchmark headers: the model name
+    /proc/cpuinfo gives (else the machine type), the CPU count, the kernel
+    set, and where its decode streams prefetch ("t0" on Intel, "nta"
+    elsewhere; docs/cpu_kernels.md)."""
+    import os
+    import platform
+    model = platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f
+                          if line.startswith("model name")), model)
+    except OSError:
+        pass
+    prefetch = _extension().cpu_features().get("stream_prefetch", "?")
+    return (f"{model}, {os.cpu_count()} CPUs, kernels '{isa()}' "
+            f"(decode prefetch {prefetch})")
 
 
 def num_threads() -> int:

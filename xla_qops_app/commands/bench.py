@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import time
 
@@ -281,8 +280,8 @@ def run(args) -> int:
     llc = llc_bytes()
     env = ", ".join(f"{v}={os.environ.get(v, '(unset)')}"
                     for v in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "GLIBC_TUNABLES"))
-    info = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, kernels "
-            f"'{custom_call.isa()}' with {custom_call.num_threads()} threads, jax {jax.__version__}; "
+    info = (f"{custom_call.cpu_description()} with {custom_call.num_threads()} threads, "
+            f"jax {jax.__version__}; "
             f"measured read bandwidth {read_bw:.1f} GB/s; LLC {llc >> 20} MiB; "
             f"load average at start {os.getloadavg()[0]:.1f} (other jobs share the cores); {env}")
     print(info, flush=True)

@@ -8,7 +8,6 @@ batch size, and writes docs/bench_e2e.md and docs/bench_e2e.png (with
 from __future__ import annotations
 
 import os
-import platform
 import time
 
 from xla_qops_app.bench import decoder, decoder_report, llama_cpp
@@ -20,8 +19,7 @@ def _environment() -> str:
     from xla_qops.backends import custom_call
     env = ", ".join(f"{v}={os.environ.get(v, '(unset)')}"
                     for v in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "GLIBC_TUNABLES"))
-    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, kernels "
-            f"'{custom_call.isa()}', torch {torch.__version__} with {torch.get_num_threads()} "
+    return (f"{custom_call.cpu_description()}, torch {torch.__version__} with {torch.get_num_threads()} "
             f"threads, jax {jax.__version__}; load average at start {os.getloadavg()[0]:.1f}; {env}")
 
 
