@@ -276,3 +276,27 @@ def test_summary_names_the_best_held_out_method_per_scheme():
     # awq's in-distribution figure is the highest, but gptq wins held-out
     assert cells == ["w4a16", "g128", "≥ 0.985", "0.98600", "gptq", "met", "0.99500",
                      "0.96000 (hqq)"]
+
+
+def test_decode_rows_rotate_beyond_the_llc_as_far_as_memory_holds(monkeypatch):
+    """Decode cases rotate through copies reading more than twice the LLC, but
+    never more than 40% of the available memory holds (a 480 MiB LLC got the
+    bench OOM-killed), and never fewer than 2."""
+    from xla_qops_app.bench import peers
+    mib = 1 << 20
+    monkeypatch.setattr(peers, "available_memory", lambda: 10_000 * mib)
+    # 32 MiB LLC, 8 MiB copies: 8 copies read 64 MiB; memory is no limit.
+    assert peers.rotation_copies(32 * mib, 8 * mib, 100 * mib) == 8
+    assert peers.rotation_copies(32 * mib, 7 * mib, 100 * mib) == 10  # 70 MiB > 64
+    # 480 MiB LLC: 120 copies wanted, 4000 MiB / 168 MiB a copy = 23 fit.
+    assert peers.rotation_copies(480 * mib, 8 * mib, 168 * mib) == 23
+    monkeypatch.setattr(peers, "available_memory", lambda: 100 * mib)
+    assert peers.rotation_copies(480 * mib, 8 * mib, 168 * mib) == 2
+
+
+def test_available_memory_reads_meminfo():
+    from xla_qops_app.bench import peers
+    with open("/proc/meminfo") as f:
+        kib = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:"))
+    # Other processes move it a little between the two reads.
+    assert abs(peers.available_memory() - kib * 1024) < 0.2 * kib * 1024

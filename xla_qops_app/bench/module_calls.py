@@ -39,6 +39,7 @@ def measure(shapes=DEFAULT_SHAPES, schemes=(("w4a16-g128-sym", True), ("w4a16-g1
     import torch_bridge
     from torch_bridge import _cpu_ops
     from xla_qops_app.bench import decoder
+    from xla_qops_app.bench.peers import rotation_copies
 
     if not _cpu_ops.available():
         raise RuntimeError("torch_bridge._torch_ops was not built")
@@ -46,7 +47,8 @@ def measure(shapes=DEFAULT_SHAPES, schemes=(("w4a16-g128-sym", True), ("w4a16-g1
     rows = []
     with torch.no_grad():
         for k, n in shapes:
-            copies = max(2, -(-2 * llc_bytes // (k * n // 2)))
+            # Per copy: the float nn.Linear, ours and torch's int4 module.
+            copies = rotation_copies(llc_bytes, k * n // 2, 6 * k * n)
             linears = [torch.nn.Linear(k, n, bias=False) for _ in range(copies)]
             x = torch.randn(1, k).to(torch.bfloat16)
             for name, symmetric in schemes:

@@ -72,6 +72,36 @@ SCHEMES.update({
 })
 
 
+def available_memory() -> int:
+    """Bytes of memory available to new allocations (MemAvailable), or 8 GiB
+    if /proc/meminfo does not say."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 8 << 30
+
+
+# Share of the available memory the copies of one case may take, all peers'
+# together.
+ROTATION_MEMORY_SHARE = 0.4
+
+
+def rotation_copies(llc: int, nbytes: int, bytes_per_copy: int) -> int:
+    """How many distinct weights a decode case rotates through: enough that
+    their `nbytes` each read more than twice the LLC (from DRAM, as a decode
+    step reads its weights), as far as ROTATION_MEMORY_SHARE of the available
+    memory holds `bytes_per_copy` (what one copy costs across every peer's
+    form of it), and at least 2. (A 480 MiB LLC asked for 120 float copies of
+    a 4096x4096 layer and the bench was OOM-killed at 24 GB.)"""
+    wanted = -(-2 * llc // nbytes)
+    fits = int(ROTATION_MEMORY_SHARE * available_memory()) // bytes_per_copy
+    return max(2, min(wanted, fits))
+
+
 def float_weights(rng, n_out, n_in, copies):
     """`copies` distinct float32 weights [out, in] (numpy), scaled like a linear layer."""
     base = rng.standard_normal((n_out, n_in), dtype=np.float32) * (1.0 / np.sqrt(n_in))
