@@ -24,10 +24,11 @@ const char* active_isa();
 // Whether the AVX-512 decode streams prefetch the weights they read next into
 // L1 (PREFETCHT0) rather than non-temporally (PREFETCHNTA). Measured on the
 // decode shapes, weights from DRAM, two threads: on an Intel Xeon with
-// AVX-512 (Sapphire Rapids class) T0 runs the streams 1.3-3.3x faster than
-// NTA (docs/cpu_kernels.md); on Zen 4 NTA was the faster (T1 measured 1.4x
+// AVX-512 and AMX, T0 runs the streams 1.2-4.9x faster than NTA
+// (docs/cpu_kernels.md); on Zen 4 NTA was the faster (T1 measured 1.4x
 // slower at M=1). So: T0 on Intel, NTA elsewhere. XLA_QOPS_PREFETCH=t0 or
-// =nta overrides it (read once, as XLA_QOPS_CPU_ISA is).
+// =nta overrides it (read once, as XLA_QOPS_CPU_ISA is; other values leave
+// the default).
 bool stream_prefetch_into_l1();
 
 }  // namespace xqk
