@@ -26,6 +26,8 @@ Results are deterministic: identical for any thread count
 from __future__ import annotations
 
 import functools
+import os
+import platform
 
 import jax
 import jax.numpy as jnp
@@ -80,8 +82,6 @@ def cpu_description() -> str:
     /proc/cpuinfo gives (else the machine type), the CPU count, the kernel
     set, and where its decode streams prefetch ("t0" on Intel, "nta"
     elsewhere; docs/cpu_kernels.md)."""
-    import os
-    import platform
     model = platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
