@@ -1,6 +1,8 @@
 #include "cpu_features.h"
 
 #include <cpuid.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 #include <cstdint>
 #include <cstdlib>
@@ -41,6 +43,7 @@ CpuFeatures detect() {
   f.amx_bf16 = d & (1u << 22);
   f.amx_tile = d & (1u << 24);
   f.amx_int8 = d & (1u << 25);
+  f.amx_os = (xcr0 & 0x60000) == 0x60000;  // XTILECFG (17) and XTILEDATA (18)
   unsigned a1, b1, c1, d1;
   __cpuid_count(7, 1, a1, b1, c1, d1);
   f.avx512_bf16 = f.avx512_core && (a1 & (1u << 5));
@@ -74,6 +77,24 @@ bool stream_prefetch_into_l1() {
     return cpu_features().intel;
   }();
   return into_l1;
+}
+
+bool amx_in_use() {
+  static const bool use = [] {
+    const char* env = std::getenv("XLA_QOPS_AMX");
+    if (env && std::strcmp(env, "0") == 0) return false;
+#ifdef XQK_NO_AMX
+    return false;  // built by a compiler without AMX
+#else
+    const CpuFeatures& f = cpu_features();
+    if (std::strcmp(active_isa(), "avx512") != 0) return false;
+    if (!(f.amx_tile && f.amx_bf16 && f.amx_int8 && f.amx_os)) return false;
+    // Linux (5.16+) hands the tile data state to processes that ask for it.
+    constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+    return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+#endif
+  }();
+  return use;
 }
 
 }  // namespace xqk

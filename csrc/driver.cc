@@ -121,6 +121,14 @@ void for_each_tile(const Executor& ex, int64_t tiles, const Fn& fn) {
   });
 }
 
+// Rows of x (of `rows`) that the panel path multiplies on AMX: whole tiles of
+// kAmxRows where amx_in_use(), the rest on the ISA's microkernel. A function
+// of the row count alone (as every choice of form is), never of N or the
+// thread count.
+int64_t amx_rows_of(int64_t rows) {
+  return amx_in_use() ? rows / kAmxRows * kAmxRows : 0;
+}
+
 // Partial sums of at most this size are summed by one task (run_slices): about
 // as long as a parallel region's hand-off to the workers and back.
 constexpr int64_t kSumInTaskBytes = 256 << 10;
@@ -224,13 +232,14 @@ void run_a16(const Problem& p, const Kernels& k, const Executor& ex) {
     return;
   }
   const int64_t chunk = 2 * kMaxSteps;  // padded-k per panel
+  const int64_t amx_rows = amx_rows_of(R);
   for_each_tile(ex, tiles, [&](int64_t tile) {
     const int64_t n0 = tile * kNR;
     const int ncols = tile_cols(p.N, n0);
     uint32_t* panel = reinterpret_cast<uint32_t*>(tl_panel.get(kMaxSteps * kNR * 4));
     float* acc = reinterpret_cast<float*>(tl_acc.get(R * kNR * 4));
     float* out = reinterpret_cast<float*>(tl_out.get(p.M * kNR * 4));
-    const bool fused = k.mk_a16_fused && xa.T == 1 && xa.Gp <= chunk;
+    const bool fused = !amx_rows && k.mk_a16_fused && xa.T == 1 && xa.Gp <= chunk;
     for (int64_t g = 0; g < p.groups; ++g) {
       if (fused) {  // the group in one panel: scale in the microkernel's epilogue
         k.pack_a16(p, g, 0, xa.Gp, n0, panel);
@@ -250,7 +259,8 @@ void run_a16(const Problem& p, const Kernels& k, const Executor& ex) {
         const int64_t kk1 = kk0 + chunk < xa.Gp ? kk0 + chunk : xa.Gp;
         k.pack_a16(p, g, kk0, kk1, n0, panel);
         const uint16_t* x = xa.xb + g * xa.Gp + kk0;
-        for (int64_t r0 = 0; r0 < R; r0 += kMR) {
+        if (amx_rows) amx_kernels().mk_a16(amx_rows, x, xa.Kp, panel, (kk1 - kk0) / 2, acc, kk0 == 0);
+        for (int64_t r0 = amx_rows; r0 < R; r0 += kMR) {
           const int mr = static_cast<int>(R - r0 < kMR ? R - r0 : kMR);
           k.mk_a16(mr, x + r0 * xa.Kp, xa.Kp, panel, (kk1 - kk0) / 2, acc + r0 * kNR,
                    kk0 == 0);
@@ -305,6 +315,7 @@ void run_a8(const Problem& p, const Kernels& k, const Executor& ex) {
     return;
   }
   const int64_t chunk = 4 * kMaxSteps;
+  const int64_t amx_rows = amx_rows_of(p.M);
   for_each_tile(ex, tiles, [&](int64_t tile) {
     const int64_t n0 = tile * kNR;
     const int ncols = tile_cols(p.N, n0);
@@ -316,7 +327,8 @@ void run_a8(const Problem& p, const Kernels& k, const Executor& ex) {
         const int64_t kk1 = kk0 + chunk < xa.Gp ? kk0 + chunk : xa.Gp;
         k.pack_a8(p, g, kk0, kk1, n0, panel);
         const int8_t* x = xa.xq + g * xa.Gp + kk0;
-        for (int64_t r0 = 0; r0 < p.M; r0 += kMR) {
+        if (amx_rows) amx_kernels().mk_a8(amx_rows, x, xa.Kp, panel, (kk1 - kk0) / 4, acc, kk0 == 0);
+        for (int64_t r0 = amx_rows; r0 < p.M; r0 += kMR) {
           const int mr = static_cast<int>(p.M - r0 < kMR ? p.M - r0 : kMR);
           k.mk_a8(mr, x + r0 * xa.Kp, xa.Kp, panel, (kk1 - kk0) / 4, acc + r0 * kNR,
                   kk0 == 0);

@@ -171,14 +171,15 @@ static PyObject* py_isa(PyObject*, PyObject*) { return PyUnicode_FromString(xqk:
 
 static PyObject* py_cpu_features(PyObject*, PyObject*) {
   const xqk::CpuFeatures& f = xqk::cpu_features();
-  return Py_BuildValue("{s:O,s:O,s:O,s:O,s:O,s:O,s:O,s:O,s:O,s:s}", "avx2", f.avx2 ? Py_True : Py_False,
+  return Py_BuildValue("{s:O,s:O,s:O,s:O,s:O,s:O,s:O,s:O,s:O,s:s,s:O}", "avx2", f.avx2 ? Py_True : Py_False,
                        "avx512_core", f.avx512_core ? Py_True : Py_False,
                        "avx512_vbmi", f.avx512_vbmi ? Py_True : Py_False,
                        "avx512_bf16", f.avx512_bf16 ? Py_True : Py_False, "avx512_vnni",
                        f.avx512_vnni ? Py_True : Py_False, "amx_tile", f.amx_tile ? Py_True : Py_False,
                        "amx_bf16", f.amx_bf16 ? Py_True : Py_False, "amx_int8",
                        f.amx_int8 ? Py_True : Py_False, "intel", f.intel ? Py_True : Py_False,
-                       "stream_prefetch", xqk::stream_prefetch_into_l1() ? "t0" : "nta");
+                       "stream_prefetch", xqk::stream_prefetch_into_l1() ? "t0" : "nta",
+                       "amx", xqk::amx_in_use() ? Py_True : Py_False);
 }
 
 static PyObject* py_num_threads(PyObject*, PyObject*) { return PyLong_FromLong(xqk::num_threads()); }

@@ -176,6 +176,19 @@ const Kernels& avx512_kernels();  // only after cpu_features() says so
 const Kernels& avx512_l1_kernels();  // the same, prefetching into L1 (kernels_avx512_l1.cc)
 const Kernels& avx2_kernels();    // likewise
 
+// AMX (kernels_amx.cc; only after amx_in_use()): the panel path's products for
+// `rows` (a multiple of 16) rows of x at once, mk_a16 / mk_a8's contract
+// otherwise: acc[r][kNR] (= if init, else +=) x rows [0, rows) times panel.
+struct AmxKernels {
+  void (*mk_a16)(int64_t rows, const uint16_t* x, int64_t ldx, const uint32_t* panel,
+                 int64_t steps, float* acc, bool init);
+  void (*mk_a8)(int64_t rows, const int8_t* x, int64_t ldx, const uint32_t* panel,
+                int64_t steps, int32_t* acc, bool init);
+};
+const AmxKernels& amx_kernels();
+// Rows of x from which the panel path multiplies on AMX (a tile's height).
+constexpr int64_t kAmxRows = 16;
+
 // Panel/acc sizes.
 constexpr int64_t kMaxSteps = 128;  // panel: 128 x 64 dwords = 32 KiB
 

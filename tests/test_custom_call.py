@@ -549,12 +549,110 @@ def test_the_default_prefetch_hint_follows_the_cpu_vendor():
 
 
 def test_the_cpu_description_names_the_kernels_and_their_prefetch():
-    """What benchmark headers print: the CPU, its count, the kernel set and
-    the decode prefetch hint in use (the figures differ by all four)."""
+    """What benchmark headers print: the CPU, its count, the kernel set, the
+    decode prefetch hint in use and whether prefill runs on AMX (the figures
+    differ by all five)."""
     text = custom_call.cpu_description()
     features = custom_call._extension().cpu_features()
     assert f", {os.cpu_count()} CPUs, kernels '{custom_call.isa()}' " in text
-    assert text.endswith(f"(decode prefetch {features['stream_prefetch']})")
+    prefill = ", prefill on AMX" if features["amx"] else ""
+    assert text.endswith(f"(decode prefetch {features['stream_prefetch']}{prefill})")
+    assert features["amx"] == _amx_expected()
     with open("/proc/cpuinfo") as f:
         names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
     assert text.startswith(names[0] if names else "")
+
+
+def _amx_expected() -> bool:
+    """Whether the panel path must multiply on AMX here: the AVX-512 set is
+    active and the CPU reports AMX-TILE, -BF16 and -INT8 (a kernel that lists
+    them in /proc/cpuinfo also grants their state), and XLA_QOPS_AMX is not 0."""
+    if isa_expected() != "avx512" or os.environ.get("XLA_QOPS_AMX") == "0":
+        return False
+    with open("/proc/cpuinfo") as f:
+        flags = f.read().split()
+    return all(flag in flags for flag in ("amx_tile", "amx_bf16", "amx_int8"))
+
+
+def _panel_outputs_with_amx(amx: str, path: str) -> dict:
+    """Runs panel-path cases (16 rows of x or more: whole AMX tiles, with rows
+    left over for the AVX-512 microkernel; K whose steps leave a tail of a
+    tile's depth) of every integer scheme, x dtype and float format with
+    XLA_QOPS_AMX=amx in a fresh process, asserting each against the float64
+    reference and saving it to `path` (.npz); returns cpu_features()."""
+    script = textwrap.dedent(f"""
+        import json
+        import numpy as np
+        import jax.numpy as jnp
+        import xla_qops
+        from xla_qops import _cpu_kernels
+        from cases import all_schemes, make_weight, make_x, op_args
+        import numpy_reference as ref
+        rng = np.random.default_rng(5)
+        out = {{}}
+        for n, k, block in ((70, 320, 64), (33, 200, 40)):
+            for i, s in enumerate(all_schemes(block_size=block)):
+                qw = make_weight(rng, n=n, k=k, scheme=s)
+                for m, dt in ((16, "bfloat16"), (37, "bfloat16"), (50, "float32"), (16, "float16")):
+                    x = make_x(rng, (m, k), dt)
+                    y = xla_qops.quantized_matmul(x, *op_args(qw), s.quantize_activation,
+                                                  impl="custom_call")
+                    ref.assert_close(y, x, qw.w, qw.scale, qw.zero_point, qw.block_size,
+                                     s.quantize_activation)
+                    sums = "exact" if s.quantize_activation else "float"  # int32 / float32
+                    out[f"{{sums}}|{{k}}|{{i}}|{{m}}|{{dt}}"] = np.asarray(y, np.float32)
+        for fmt, block, act in (("fp8", 128, None), ("fp8", -1, "fp8"), ("mxfp4", 32, None),
+                                ("nvfp4", 16, None)):
+            qw = xla_qops.quantize_weight(rng.standard_normal((90, 256)), format=fmt,
+                                          block_size=block)
+            for m in (16, 45):
+                x = make_x(rng, (m, 256), "bfloat16")
+                y = xla_qops.quantized_matmul(x, qw, quantize_activation=act is not None,
+                                              activation_format=act, impl="custom_call")
+                out[f"float|{{fmt}}|{{block}}|{{act}}|{{m}}|bfloat16"] = np.asarray(y, np.float32)
+        for qa in (False, True):  # a NaN / inf in a row of an AMX tile stays in its row
+            qw = xla_qops.quantize_weight(rng.standard_normal((40, 64)), bits=4, block_size=32)
+            x = rng.standard_normal((32, 64)).astype(np.float32)
+            x[1, 5], x[18, 7] = np.nan, np.inf
+            y = np.asarray(xla_qops.quantized_matmul(jnp.asarray(x, jnp.bfloat16), qw,
+                                                     quantize_activation=qa,
+                                                     impl="custom_call"), np.float32)
+            assert np.isnan(y[1]).all() and not np.isfinite(y[18]).all()
+            assert np.isfinite(np.delete(y, [1, 18], axis=0)).all()
+        np.savez({path!r}, **out)
+        print(json.dumps(_cpu_kernels.cpu_features()))
+    """)
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, XLA_QOPS_AMX=amx, JAX_PLATFORMS="cpu",
+               PYTHONPATH=os.pathsep.join([here, os.path.dirname(here),
+                                           os.environ.get("PYTHONPATH", "")]))
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_amx_prefill_matches_the_reference_and_the_avx512_microkernels(tmp_path):
+    """Where the CPU has AMX (Intel Sapphire Rapids and later), the panel path
+    multiplies whole tiles of 16 rows of x on it; XLA_QOPS_AMX=0 keeps the
+    AVX-512 microkernels. Both meet the float64 reference on every scheme,
+    x dtype and float format (run in _panel_outputs_with_amx); integer A8
+    sums are exact, so those outputs are the same bits; A16 float32 sums of
+    the same exact products, added in another association inside a tile, may
+    differ by float32 rounding only: a few float32 ulps of the largest
+    partial sum, at most one unit of the output dtype's last place. On other
+    CPUs the module reports no AMX and both runs are the same code."""
+    on = _panel_outputs_with_amx("1", str(tmp_path / "on.npz"))
+    off = _panel_outputs_with_amx("0", str(tmp_path / "off.npz"))
+    assert on["amx"] == _amx_expected() and off["amx"] is False
+    a, b = np.load(tmp_path / "on.npz"), np.load(tmp_path / "off.npz")
+    assert sorted(a.files) == sorted(b.files)
+    assert len(a.files) == 2 * 4 * len(all_schemes(block_size=64)) + 4 * 2
+    for key in a.files:
+        sums, dtype = key.split("|")[0], key.split("|")[-1]
+        if sums == "exact" or not on["amx"]:
+            np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+        else:
+            ulp = np.spacing(np.abs(b[key]).astype(jnp.dtype(dtype))).astype(np.float32)
+            np.testing.assert_array_less(np.abs(a[key] - b[key]), ulp + 1e-6 * np.abs(b[key]).max() + 1e-30,
+                                         err_msg=key)

@@ -80,8 +80,8 @@ def isa() -> str:
 def cpu_description() -> str:
     """This CPU and the kernels on it, for benchmark headers: the model name
     /proc/cpuinfo gives (else the machine type), the CPU count, the kernel
-    set, and where its decode streams prefetch ("t0" on Intel, "nta"
-    elsewhere; docs/cpu_kernels.md)."""
+    set, where its decode streams prefetch ("t0" on Intel, "nta"
+    elsewhere) and whether prefill multiplies on AMX (docs/cpu_kernels.md)."""
     model = platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
@@ -89,9 +89,10 @@ def cpu_description() -> str:
                           if line.startswith("model name")), model)
     except OSError:
         pass
-    prefetch = _extension().cpu_features().get("stream_prefetch", "?")
+    features = _extension().cpu_features()
+    prefill = ", prefill on AMX" if features.get("amx") else ""
     return (f"{model}, {os.cpu_count()} CPUs, kernels '{isa()}' "
-            f"(decode prefetch {prefetch})")
+            f"(decode prefetch {features.get('stream_prefetch', '?')}{prefill})")
 
 
 def num_threads() -> int:

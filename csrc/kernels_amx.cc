@@ -1,0 +1,184 @@
+// AMX microkernels (Intel Sapphire Rapids and later) for the panel path: the
+// products of many rows of x with one panel, on the tile matrix unit.
+//
+// The panel path's layouts are already AMX's (qmm.h): a panel is [steps][kNR]
+// dwords, each a pair of bf16 (A16) or a quad of biased uint8 (A8) along k,
+// so 16 steps x 16 columns of it (64-byte rows, 256-byte stride) is a B tile
+// as TDPBF16PS / TDPBSUD read it; 16 rows of x x 16 steps (64 bytes of each
+// row, stride ldx) is an A tile. Each call:
+//   acc[r][0:kNR] (= if init, else +=) sum_s x[r][step s] . panel[s][0:kNR]
+// for r < rows, rows a multiple of 16 (the driver gives the rest to the
+// AVX-512 microkernels). Tiles: C0-C3 the accumulators of two 16-row blocks
+// by two 16-column blocks (one half of the panel's 64 columns at a time),
+// A0-A1 the two row blocks of x, B0-B1 the two column blocks of the panel.
+// A tail of steps (steps % 16: blocks of 16 or 8 features) runs after the
+// main pass with a tile configuration of that depth, adding into acc.
+//
+// Arithmetic: A8 sums are exact int32 (wrapping as VPDPBUSD does), the same
+// bits as the AVX-512 microkernel. A16: each bf16 x bf16 product is exact in
+// float32 and is added to the float32 sum, pairs in step order, with
+// denormals flushed as VDPBF16PS does (x is scaled so that none of its terms
+// is subnormal: XA16).
+//
+// Compiled with -mamx-tile/-mamx-bf16/-mamx-int8 (and the AVX-512 flags) and
+// only called after amx_in_use() (cpu_features.cc) has checked CPUID, XCR0
+// and obtained the kernel's permission for the tile data state. Built with
+// XQK_NO_AMX (a compiler without AMX) it holds no kernels.
+#include "qmm.h"
+
+#ifdef XQK_NO_AMX
+namespace xqk {
+const AmxKernels& amx_kernels() {
+  static const AmxKernels k{nullptr, nullptr};
+  return k;
+}
+}  // namespace xqk
+#else
+#include <immintrin.h>
+
+#include <cstring>
+
+namespace xqk {
+namespace {
+
+// The 64-byte operand of LDTILECFG (palette 1).
+struct alignas(64) TileConfig {
+  uint8_t palette_id;
+  uint8_t start_row;
+  uint8_t reserved[14];
+  uint16_t colsb[16];
+  uint8_t rows[16];
+};
+
+// Tile registers (macros: the intrinsics paste the number into the instruction).
+#define kC0 0
+#define kC1 1
+#define kC2 2
+#define kC3 3
+#define kA0 4
+#define kA1 5
+#define kB0 6
+#define kB1 7
+
+// Every tile for a depth of `depth` steps (1..16, 4 bytes each). Loaded on
+// every call: other code on this thread (oneDNN under torch) may have loaded
+// its own configuration since the last one.
+void configure(int depth) {
+  TileConfig c;
+  std::memset(&c, 0, sizeof(c));
+  c.palette_id = 1;
+  for (int t = kC0; t <= kC3; ++t) c.rows[t] = 16, c.colsb[t] = 64;
+  for (int t = kA0; t <= kA1; ++t) c.rows[t] = 16, c.colsb[t] = static_cast<uint16_t>(4 * depth);
+  for (int t = kB0; t <= kB1; ++t) c.rows[t] = static_cast<uint8_t>(depth), c.colsb[t] = 64;
+  _tile_loadconfig(&c);
+}
+
+// One pass over steps [s0, s1) in blocks of `depth` (s1 - s0 a multiple of
+// it) for every row block and column half. kInt8: x int8 (4 per step) and
+// int32 sums; else x bf16 (2 per step) and float32 sums; a step is 4 bytes
+// of x either way, and acc rows are kNR elements of 4 bytes.
+template <bool kInt8>
+void pass(int64_t rows, const char* x, int64_t ldx_bytes, const uint32_t* panel, int64_t s0,
+          int64_t s1, int depth, char* acc, bool init) {
+  constexpr int64_t kAccStride = kNR * 4;  // bytes
+  constexpr int64_t kPanelStride = kNR * 4;
+  for (int64_t r = 0; r < rows; r += 32) {
+    const bool two = rows - r >= 32;
+    const char* xr = x + r * ldx_bytes;
+    char* ar = acc + r * kAccStride;
+    for (int half = 0; half < 2; ++half) {
+      char* a = ar + half * 32 * 4;  // columns 32*half .. +32
+      if (init) {
+        _tile_zero(kC0);
+        _tile_zero(kC1);
+        if (two) {
+          _tile_zero(kC2);
+          _tile_zero(kC3);
+        }
+      } else {
+        _tile_loadd(kC0, a, kAccStride);
+        _tile_loadd(kC1, a + 64, kAccStride);
+        if (two) {
+          _tile_loadd(kC2, a + 16 * kAccStride, kAccStride);
+          _tile_loadd(kC3, a + 16 * kAccStride + 64, kAccStride);
+        }
+      }
+      for (int64_t s = s0; s < s1; s += depth) {
+        const char* b = reinterpret_cast<const char*>(panel + s * kNR + 32 * half);
+        _tile_loadd(kB0, b, kPanelStride);
+        _tile_loadd(kB1, b + 64, kPanelStride);
+        _tile_loadd(kA0, xr + 4 * s, ldx_bytes);
+        if constexpr (kInt8) {
+          _tile_dpbsud(kC0, kA0, kB0);
+          _tile_dpbsud(kC1, kA0, kB1);
+        } else {
+          _tile_dpbf16ps(kC0, kA0, kB0);
+          _tile_dpbf16ps(kC1, kA0, kB1);
+        }
+        if (two) {
+          _tile_loadd(kA1, xr + 16 * ldx_bytes + 4 * s, ldx_bytes);
+          if constexpr (kInt8) {
+            _tile_dpbsud(kC2, kA1, kB0);
+            _tile_dpbsud(kC3, kA1, kB1);
+          } else {
+            _tile_dpbf16ps(kC2, kA1, kB0);
+            _tile_dpbf16ps(kC3, kA1, kB1);
+          }
+        }
+      }
+      _tile_stored(kC0, a, kAccStride);
+      _tile_stored(kC1, a + 64, kAccStride);
+      if (two) {
+        _tile_stored(kC2, a + 16 * kAccStride, kAccStride);
+        _tile_stored(kC3, a + 16 * kAccStride + 64, kAccStride);
+      }
+    }
+  }
+}
+
+template <bool kInt8>
+void mk_rows(int64_t rows, const char* x, int64_t ldx_bytes, const uint32_t* panel,
+             int64_t steps, char* acc, bool init) {
+  const int64_t main = steps / 16 * 16;
+  if (main > 0) {
+    configure(16);
+    pass<kInt8>(rows, x, ldx_bytes, panel, 0, main, 16, acc, init);
+  }
+  if (steps > main) {
+    configure(static_cast<int>(steps - main));
+    pass<kInt8>(rows, x, ldx_bytes, panel, main, steps, static_cast<int>(steps - main), acc,
+                init && main == 0);
+  }
+  _tile_release();
+}
+
+void amx_mk_a16(int64_t rows, const uint16_t* x, int64_t ldx, const uint32_t* panel,
+                int64_t steps, float* acc, bool init) {
+  mk_rows<false>(rows, reinterpret_cast<const char*>(x), ldx * 2, panel, steps,
+                 reinterpret_cast<char*>(acc), init);
+}
+
+void amx_mk_a8(int64_t rows, const int8_t* x, int64_t ldx, const uint32_t* panel,
+               int64_t steps, int32_t* acc, bool init) {
+  mk_rows<true>(rows, reinterpret_cast<const char*>(x), ldx, panel, steps,
+                reinterpret_cast<char*>(acc), init);
+}
+
+#undef kC0
+#undef kC1
+#undef kC2
+#undef kC3
+#undef kA0
+#undef kA1
+#undef kB0
+#undef kB1
+
+}  // namespace
+
+const AmxKernels& amx_kernels() {
+  static const AmxKernels k{amx_mk_a16, amx_mk_a8};
+  return k;
+}
+
+}  // namespace xqk
+#endif  // XQK_NO_AMX
