@@ -239,7 +239,49 @@ void run_a16(const Problem& p, const Kernels& k, const Executor& ex) {
     uint32_t* panel = reinterpret_cast<uint32_t*>(tl_panel.get(kMaxSteps * kNR * 4));
     float* acc = reinterpret_cast<float*>(tl_acc.get(R * kNR * 4));
     float* out = reinterpret_cast<float*>(tl_out.get(p.M * kNR * 4));
+    const int64_t gsteps = xa.Gp / 2;
+    if (amx_rows && xa.T == 1 && p.blockwise && gsteps <= kAmxPanelSteps &&
+        (gsteps % 16 == 0 || gsteps < 16)) {
+      // Blockwise on AMX: the panels of as many groups as kAmxPanelSteps
+      // holds, then every row block through all of them (fused_a16).
+      const int64_t per = kAmxPanelSteps / gsteps;
+      uint32_t* panels = reinterpret_cast<uint32_t*>(tl_panel.get(kAmxPanelSteps * kNR * 4));
+      for (int64_t g0 = 0; g0 < p.groups; g0 += per) {
+        const int64_t g1 = g0 + per < p.groups ? g0 + per : p.groups;
+        for (int64_t g = g0; g < g1; ++g) {
+          for (int64_t kk0 = 0; kk0 < xa.Gp; kk0 += chunk) {
+            const int64_t kk1 = kk0 + chunk < xa.Gp ? kk0 + chunk : xa.Gp;
+            k.pack_a16(p, g, kk0, kk1, n0, panels + ((g - g0) * gsteps + kk0 / 2) * kNR);
+          }
+        }
+        const float* s = p.scale + g0 * p.N + n0;
+        const float* z = p.has_zp ? p.zp + g0 * p.N + n0 : nullptr;
+        amx_kernels().fused_a16(amx_rows, g1 - g0, xa.xb + g0 * xa.Gp, xa.Kp, xa.Gp, panels, gsteps,
+                                s, z, p.N, xa.xsum + g0, xa.xgs ? xa.xgs + g0 : nullptr, p.groups,
+                                ncols, out, g0 == 0);
+        for (int64_t g = g0; g < g1; ++g) {  // rows past the last whole tile
+          for (int64_t r0 = amx_rows; r0 < R; r0 += kMR) {
+            const int mr = static_cast<int>(R - r0 < kMR ? R - r0 : kMR);
+            k.mk_a16_fused(mr, xa.xb + r0 * xa.Kp + g * xa.Gp, xa.Kp,
+                           panels + (g - g0) * gsteps * kNR, gsteps, s + (g - g0) * p.N,
+                           z ? z + (g - g0) * p.N : nullptr, xa.xsum + r0 * p.groups + g,
+                           xa.xgs ? xa.xgs + r0 * p.groups + g : nullptr, p.groups, ncols,
+                           out + r0 * kNR, g == 0);
+          }
+        }
+      }
+      k.store(p, xa.rowexp, n0, ncols, out);
+      return;
+    }
     const bool fused = !amx_rows && k.mk_a16_fused && xa.T == 1 && xa.Gp <= chunk;
+    // On AMX the sums of each panel go through acc and back: from 512 rows
+    // on, panels of kAmxPanelSteps (four ordinary ones, out of L1) cut that
+    // traffic by four and gain more than the panel's L1 residence costs
+    // (per-channel 4096x4096 on the Intel Xeon: M=1024 33 -> 25.6 ms; at
+    // M=256 5.3 -> 5.9, so not there).
+    const bool long_panels = amx_rows >= 512;
+    const int64_t panel_k = long_panels ? 2 * kAmxPanelSteps : chunk;
+    if (long_panels) panel = reinterpret_cast<uint32_t*>(tl_panel.get(kAmxPanelSteps * kNR * 4));
     for (int64_t g = 0; g < p.groups; ++g) {
       if (fused) {  // the group in one panel: scale in the microkernel's epilogue
         k.pack_a16(p, g, 0, xa.Gp, n0, panel);
@@ -255,9 +297,11 @@ void run_a16(const Problem& p, const Kernels& k, const Executor& ex) {
         }
         continue;
       }
-      for (int64_t kk0 = 0; kk0 < xa.Gp; kk0 += chunk) {
-        const int64_t kk1 = kk0 + chunk < xa.Gp ? kk0 + chunk : xa.Gp;
-        k.pack_a16(p, g, kk0, kk1, n0, panel);
+      for (int64_t kk0 = 0; kk0 < xa.Gp; kk0 += panel_k) {
+        const int64_t kk1 = kk0 + panel_k < xa.Gp ? kk0 + panel_k : xa.Gp;
+        for (int64_t pk = kk0; pk < kk1; pk += chunk) {
+          k.pack_a16(p, g, pk, pk + chunk < kk1 ? pk + chunk : kk1, n0, panel + (pk - kk0) / 2 * kNR);
+        }
         const uint16_t* x = xa.xb + g * xa.Gp + kk0;
         if (amx_rows) amx_kernels().mk_a16(amx_rows, x, xa.Kp, panel, (kk1 - kk0) / 2, acc, kk0 == 0);
         for (int64_t r0 = amx_rows; r0 < R; r0 += kMR) {

@@ -184,7 +184,22 @@ struct AmxKernels {
                  int64_t steps, float* acc, bool init);
   void (*mk_a8)(int64_t rows, const int8_t* x, int64_t ldx, const uint32_t* panel,
                 int64_t steps, int32_t* acc, bool init);
+  // Blockwise A16 with T == 1, `groups` consecutive groups of `steps` steps
+  // each (steps a multiple of 16, or less than 16), their panels one after
+  // another: for each group gi, out[r][0:ncols] (= if init_out and gi == 0,
+  // else +=) s_gi * (xgs *) (x rows . panel_gi) (- z_gi * xsum), fin_a16's
+  // arithmetic. x, s, z, xsum and xgs point at the first group's; x_group_stride
+  // and sz_group_stride step x and s / z to the next group, xsum / xgs step
+  // by 1 per group and xsum_stride per row. The scale reaches the sums while
+  // they are in L1 (mk_a16 + fin_a16 write and read them through L2).
+  void (*fused_a16)(int64_t rows, int64_t groups, const uint16_t* x, int64_t ldx,
+                    int64_t x_group_stride, const uint32_t* panel, int64_t steps,
+                    const float* s, const float* z, int64_t sz_group_stride, const float* xsum,
+                    const float* xgs, int64_t xsum_stride, int ncols, float* out, bool init_out);
 };
+// Steps of the panel that the AMX forms pack at once (several groups, or a
+// stretch of a long one: 128 KiB, in L2).
+constexpr int64_t kAmxPanelSteps = 512;
 const AmxKernels& amx_kernels();
 // Rows of x from which the panel path multiplies on AMX (a tile's height).
 constexpr int64_t kAmxRows = 16;

@@ -610,6 +610,14 @@ def _panel_outputs_with_amx(amx: str, path: str) -> dict:
                 y = xla_qops.quantized_matmul(x, qw, quantize_activation=act is not None,
                                               activation_format=act, impl="custom_call")
                 out[f"float|{{fmt}}|{{block}}|{{act}}|{{m}}|bfloat16"] = np.asarray(y, np.float32)
+        # Panels of several groups, more groups than one holds (kAmxPanelSteps),
+        # and 512 rows or more (long panels: per-channel K past one of them).
+        for bits, block, m, k in ((4, 32, 48, 1088), (8, -1, 520, 1100), (4, 128, 512, 1280)):
+            qw = xla_qops.quantize_weight(rng.standard_normal((72, k)), bits=bits, block_size=block)
+            x = make_x(rng, (m, k), "bfloat16")
+            y = xla_qops.quantized_matmul(x, qw, impl="custom_call")
+            ref.assert_close(y, x, qw.w, qw.scale, qw.zero_point, qw.block_size, False)
+            out[f"float|{{bits}}|{{block}}|{{m}}|{{k}}|bfloat16"] = np.asarray(y, np.float32)
         for qa in (False, True):  # a NaN / inf in a row of an AMX tile stays in its row
             qw = xla_qops.quantize_weight(rng.standard_normal((40, 64)), bits=4, block_size=32)
             x = rng.standard_normal((32, 64)).astype(np.float32)
@@ -647,7 +655,7 @@ def test_amx_prefill_matches_the_reference_and_the_avx512_microkernels(tmp_path)
     assert on["amx"] == _amx_expected() and off["amx"] is False
     a, b = np.load(tmp_path / "on.npz"), np.load(tmp_path / "off.npz")
     assert sorted(a.files) == sorted(b.files)
-    assert len(a.files) == 2 * 4 * len(all_schemes(block_size=64)) + 4 * 2
+    assert len(a.files) == 2 * 4 * len(all_schemes(block_size=64)) + 4 * 2 + 3
     for key in a.files:
         sums, dtype = key.split("|")[0], key.split("|")[-1]
         if sums == "exact" or not on["amx"]:
