@@ -366,6 +366,41 @@ void run_a8(const Problem& p, const Kernels& k, const Executor& ex) {
     uint32_t* panel = reinterpret_cast<uint32_t*>(tl_panel.get(kMaxSteps * kNR * 4));
     int32_t* acc = reinterpret_cast<int32_t*>(tl_acc.get(p.M * kNR * 4));
     float* out = reinterpret_cast<float*>(tl_out.get(p.M * kNR * 4));
+    const int64_t gsteps = xa.Gp / 4;
+    if (amx_rows && p.blockwise && gsteps <= kAmxPanelSteps && (gsteps % 16 == 0 || gsteps < 16)) {
+      // Blockwise on AMX, as run_a16's: panels of several groups, then every
+      // row block through them (fused_a8); the rows past the last whole tile
+      // on the ISA's microkernel and epilogue (fin_a8 over those rows).
+      const int64_t per = kAmxPanelSteps / gsteps;
+      uint32_t* panels = reinterpret_cast<uint32_t*>(tl_panel.get(kAmxPanelSteps * kNR * 4));
+      Problem rest = p;
+      rest.M = p.M - amx_rows;
+      XA8 rest_x = xa;
+      rest_x.xs += amx_rows * p.groups, rest_x.sq += amx_rows * p.groups, rest_x.xzs += amx_rows * p.groups;
+      for (int64_t g0 = 0; g0 < p.groups; g0 += per) {
+        const int64_t g1 = g0 + per < p.groups ? g0 + per : p.groups;
+        for (int64_t g = g0; g < g1; ++g) {
+          for (int64_t kk0 = 0; kk0 < xa.Gp; kk0 += chunk) {
+            const int64_t kk1 = kk0 + chunk < xa.Gp ? kk0 + chunk : xa.Gp;
+            k.pack_a8(p, g, kk0, kk1, n0, panels + ((g - g0) * gsteps + kk0 / 4) * kNR);
+          }
+        }
+        amx_kernels().fused_a8(amx_rows, g1 - g0, xa.xq + g0 * xa.Gp, xa.Kp, xa.Gp, panels, gsteps,
+                               p.scale + g0 * p.N + n0, p.has_zp ? p.zp + g0 * p.N + n0 : nullptr,
+                               p.N, xa.sq + g0, xa.xs + g0, xa.xzs + g0, p.groups,
+                               p.bits == 8 ? 128 : 8, ncols, out, g0 == 0);
+        for (int64_t g = g0; g < g1 && rest.M > 0; ++g) {
+          for (int64_t r0 = amx_rows; r0 < p.M; r0 += kMR) {
+            const int mr = static_cast<int>(p.M - r0 < kMR ? p.M - r0 : kMR);
+            k.mk_a8(mr, xa.xq + r0 * xa.Kp + g * xa.Gp, xa.Kp, panels + (g - g0) * gsteps * kNR,
+                    gsteps, acc + r0 * kNR, true);
+          }
+          k.fin_a8(rest, rest_x, g, n0, ncols, acc + amx_rows * kNR, out + amx_rows * kNR, g == 0);
+        }
+      }
+      k.store(p, nullptr, n0, ncols, out);
+      return;
+    }
     for (int64_t g = 0; g < p.groups; ++g) {
       for (int64_t kk0 = 0; kk0 < xa.Gp; kk0 += chunk) {
         const int64_t kk1 = kk0 + chunk < xa.Gp ? kk0 + chunk : xa.Gp;

@@ -29,7 +29,7 @@
 #ifdef XQK_NO_AMX
 namespace xqk {
 const AmxKernels& amx_kernels() {
-  static const AmxKernels k{nullptr, nullptr, nullptr};
+  static const AmxKernels k{nullptr, nullptr, nullptr, nullptr};
   return k;
 }
 }  // namespace xqk
@@ -157,6 +157,53 @@ inline __mmask16 tail_mask(int n) {
   return n >= 16 ? static_cast<__mmask16>(0xFFFF) : n <= 0 ? 0 : static_cast<__mmask16>((1u << n) - 1);
 }
 
+// One group's product for a block of 16 (two: 32) rows of x, all 64 columns,
+// into cbuf [32][kNR] (4-byte sums; kInt8 as mk_rows). The configuration of
+// depth `depth` is loaded; steps is a multiple of it.
+template <bool kInt8>
+void group_tiles(bool two, const char* xr, int64_t ldx_bytes, const uint32_t* pg, int64_t steps,
+                 int depth, void* cbuf) {
+  constexpr int64_t kStride = kNR * 4;  // bytes: C buffer and panel rows
+  for (int half = 0; half < 2; ++half) {
+    _tile_zero(kC0);
+    _tile_zero(kC1);
+    if (two) {
+      _tile_zero(kC2);
+      _tile_zero(kC3);
+    }
+    for (int64_t st = 0; st < steps; st += depth) {
+      const char* b = reinterpret_cast<const char*>(pg + st * kNR + 32 * half);
+      _tile_loadd(kB0, b, kStride);
+      _tile_loadd(kB1, b + 64, kStride);
+      _tile_loadd(kA0, xr + 4 * st, ldx_bytes);
+      if constexpr (kInt8) {
+        _tile_dpbsud(kC0, kA0, kB0);
+        _tile_dpbsud(kC1, kA0, kB1);
+      } else {
+        _tile_dpbf16ps(kC0, kA0, kB0);
+        _tile_dpbf16ps(kC1, kA0, kB1);
+      }
+      if (two) {
+        _tile_loadd(kA1, xr + 16 * ldx_bytes + 4 * st, ldx_bytes);
+        if constexpr (kInt8) {
+          _tile_dpbsud(kC2, kA1, kB0);
+          _tile_dpbsud(kC3, kA1, kB1);
+        } else {
+          _tile_dpbf16ps(kC2, kA1, kB0);
+          _tile_dpbf16ps(kC3, kA1, kB1);
+        }
+      }
+    }
+    char* c = static_cast<char*>(cbuf) + half * 32 * 4;
+    _tile_stored(kC0, c, kStride);
+    _tile_stored(kC1, c + 64, kStride);
+    if (two) {
+      _tile_stored(kC2, c + 16 * kStride, kStride);
+      _tile_stored(kC3, c + 16 * kStride + 64, kStride);
+    }
+  }
+}
+
 // The blockwise A16 form for T == 1 (AmxKernels::fused_a16): row blocks
 // outer, groups inner, each group's product in the C tiles, stored to a small
 // buffer and scaled into out's rows while both are in L1.
@@ -164,45 +211,15 @@ void amx_fused_a16(int64_t rows, int64_t groups, const uint16_t* x, int64_t ldx,
                    int64_t x_group_stride, const uint32_t* panel, int64_t steps, const float* s,
                    const float* z, int64_t sz_group_stride, const float* xsum, const float* xgs,
                    int64_t xsum_stride, int ncols, float* out, bool init_out) {
-  constexpr int64_t kStride = kNR * 4;  // bytes: C buffer, panel and out rows
   alignas(64) float cbuf[32 * kNR];
   const int depth = static_cast<int>(steps < 16 ? steps : 16);
-  const int64_t ldx_bytes = ldx * 2;
   configure(depth);
   for (int64_t r = 0; r < rows; r += 32) {
     const bool two = rows - r >= 32;
     const int nr = two ? 32 : 16;
     for (int64_t gi = 0; gi < groups; ++gi) {
-      const char* xr = reinterpret_cast<const char*>(x + r * ldx + gi * x_group_stride);
-      const uint32_t* pg = panel + gi * steps * kNR;
-      for (int half = 0; half < 2; ++half) {
-        _tile_zero(kC0);
-        _tile_zero(kC1);
-        if (two) {
-          _tile_zero(kC2);
-          _tile_zero(kC3);
-        }
-        for (int64_t st = 0; st < steps; st += depth) {
-          const char* b = reinterpret_cast<const char*>(pg + st * kNR + 32 * half);
-          _tile_loadd(kB0, b, kStride);
-          _tile_loadd(kB1, b + 64, kStride);
-          _tile_loadd(kA0, xr + 4 * st, ldx_bytes);
-          _tile_dpbf16ps(kC0, kA0, kB0);
-          _tile_dpbf16ps(kC1, kA0, kB1);
-          if (two) {
-            _tile_loadd(kA1, xr + 16 * ldx_bytes + 4 * st, ldx_bytes);
-            _tile_dpbf16ps(kC2, kA1, kB0);
-            _tile_dpbf16ps(kC3, kA1, kB1);
-          }
-        }
-        char* c = reinterpret_cast<char*>(cbuf) + half * 32 * 4;
-        _tile_stored(kC0, c, kStride);
-        _tile_stored(kC1, c + 64, kStride);
-        if (two) {
-          _tile_stored(kC2, c + 16 * kStride, kStride);
-          _tile_stored(kC3, c + 16 * kStride + 64, kStride);
-        }
-      }
+      group_tiles<false>(two, reinterpret_cast<const char*>(x + r * ldx + gi * x_group_stride),
+                         ldx * 2, panel + gi * steps * kNR, steps, depth, cbuf);
       // fin_a16's arithmetic: out = (out +) s * (xgs *) acc (- z * xsum), one FMA each.
       const bool init = init_out && gi == 0;
       const float* sg = s + gi * sz_group_stride;
@@ -220,6 +237,45 @@ void amx_fused_a16(int64_t rows, int64_t groups, const uint16_t* x, int64_t ldx,
           __m512 v = init ? _mm512_mul_ps(sv, sum) : _mm512_fmadd_ps(sv, sum, _mm512_loadu_ps(o));
           if (zg) v = _mm512_fnmadd_ps(zv, _mm512_set1_ps(xsum[xi]), v);
           _mm512_storeu_ps(o, v);
+        }
+      }
+    }
+  }
+  _tile_release();
+}
+
+// The blockwise integer A8 form (AmxKernels::fused_a8): fused_a16's loops,
+// fin_a8's arithmetic (the same bits: the int32 sums are exact).
+void amx_fused_a8(int64_t rows, int64_t groups, const int8_t* x, int64_t ldx,
+                  int64_t x_group_stride, const uint32_t* panel, int64_t steps, const float* s,
+                  const float* z, int64_t sz_group_stride, const int32_t* sq, const float* xs,
+                  const float* xzs, int64_t x_stats_stride, int32_t bias, int ncols, float* out,
+                  bool init_out) {
+  alignas(64) int32_t cbuf[32 * kNR];
+  const int depth = static_cast<int>(steps < 16 ? steps : 16);
+  configure(depth);
+  for (int64_t r = 0; r < rows; r += 32) {
+    const bool two = rows - r >= 32;
+    const int nr = two ? 32 : 16;
+    for (int64_t gi = 0; gi < groups; ++gi) {
+      group_tiles<true>(two, reinterpret_cast<const char*>(x + r * ldx + gi * x_group_stride),
+                        ldx, panel + gi * steps * kNR, steps, depth, cbuf);
+      const bool init = init_out && gi == 0;
+      const float* sg = s + gi * sz_group_stride;
+      const float* zg = z ? z + gi * sz_group_stride : nullptr;
+      for (int j = 0; j < 4; ++j) {
+        const __mmask16 mask = tail_mask(ncols - 16 * j);
+        if (!mask) break;
+        const __m512 sv = _mm512_maskz_loadu_ps(mask, sg + 16 * j);
+        const __m512 zv = zg ? _mm512_maskz_loadu_ps(mask, zg + 16 * j) : _mm512_setzero_ps();
+        for (int i = 0; i < nr; ++i) {
+          const int64_t xi = (r + i) * x_stats_stride + gi;
+          const __m512i a = _mm512_sub_epi32(_mm512_load_si512(cbuf + i * kNR + 16 * j),
+                                             _mm512_set1_epi32(bias * sq[xi]));
+          __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(a), _mm512_mul_ps(_mm512_set1_ps(xs[xi]), sv));
+          if (zg) v = _mm512_fnmadd_ps(zv, _mm512_set1_ps(xzs[xi]), v);
+          float* o = out + (r + i) * kNR + 16 * j;
+          _mm512_storeu_ps(o, init ? v : _mm512_add_ps(_mm512_loadu_ps(o), v));
         }
       }
     }
@@ -251,7 +307,7 @@ void amx_mk_a8(int64_t rows, const int8_t* x, int64_t ldx, const uint32_t* panel
 }  // namespace
 
 const AmxKernels& amx_kernels() {
-  static const AmxKernels k{amx_mk_a16, amx_mk_a8, amx_fused_a16};
+  static const AmxKernels k{amx_mk_a16, amx_mk_a8, amx_fused_a16, amx_fused_a8};
   return k;
 }
 

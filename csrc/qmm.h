@@ -196,6 +196,14 @@ struct AmxKernels {
                     int64_t x_group_stride, const uint32_t* panel, int64_t steps,
                     const float* s, const float* z, int64_t sz_group_stride, const float* xsum,
                     const float* xgs, int64_t xsum_stride, int ncols, float* out, bool init_out);
+  // The same for integer A8 (steps of 4 int8), fin_a8's arithmetic: sq, xs and
+  // xzs (XA8) point at the first group's, stepping by 1 per group and
+  // x_stats_stride per row; bias 128 (int8) or 8 (int4).
+  void (*fused_a8)(int64_t rows, int64_t groups, const int8_t* x, int64_t ldx,
+                   int64_t x_group_stride, const uint32_t* panel, int64_t steps, const float* s,
+                   const float* z, int64_t sz_group_stride, const int32_t* sq, const float* xs,
+                   const float* xzs, int64_t x_stats_stride, int32_t bias, int ncols, float* out,
+                   bool init_out);
 };
 // Steps of the panel that the AMX forms pack at once (several groups, or a
 // stretch of a long one: 128 KiB, in L2).
