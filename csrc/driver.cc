@@ -129,6 +129,23 @@ int64_t amx_rows_of(int64_t rows) {
   return amx_in_use() ? rows / kAmxRows * kAmxRows : 0;
 }
 
+// Whether every scale is a power of two in [2^-117, 2^118] (a sign allowed):
+// then s * q is exact in bf16 for every weight value q of every format (int8
+// |q| <= 128, e4m3 2^-9..448, e2m1 0.5..6: at most 8 significant bits, and
+// the product a normal number), so a blockwise weight without zero points
+// can be scaled into its panel and multiplied as one group (MXFP4's scales
+// are powers of two by construction).
+bool power_of_two_scales(const Problem& p) {
+  const int64_t n = p.groups * p.N;
+  for (int64_t i = 0; i < n; ++i) {
+    uint32_t bits;
+    std::memcpy(&bits, p.scale + i, 4);
+    const int exponent = static_cast<int>((bits >> 23) & 0xFF) - 127;
+    if ((bits & 0x7FFFFF) != 0 || exponent < -117 || exponent > 118) return false;
+  }
+  return true;
+}
+
 // Partial sums of at most this size are summed by one task (run_slices): about
 // as long as a parallel region's hand-off to the workers and back.
 constexpr int64_t kSumInTaskBytes = 256 << 10;
@@ -236,6 +253,11 @@ void run_a16(const Problem& p, const Kernels& k, const Executor& ex) {
   }
   const int64_t chunk = 2 * kMaxSteps;  // padded-k per panel
   const int64_t amx_rows = amx_rows_of(R);
+  // On AMX, power-of-two scales (MXFP4) go into the panel: one sum over K, no
+  // per-group epilogue (which bounds small groups: B = 32 ran at 0.57x bf16
+  // torch's prefill with it).
+  const bool scaled_panels = amx_rows && xa.T == 1 && p.blockwise && !p.has_zp && !xa.xgs &&
+                             xa.Gp / 2 <= kAmxPanelSteps && power_of_two_scales(p);
   for_each_tile(ex, tiles, [&](int64_t tile) {
     const int64_t n0 = tile * kNR;
     const int ncols = tile_cols(p.N, n0);
@@ -243,6 +265,30 @@ void run_a16(const Problem& p, const Kernels& k, const Executor& ex) {
     float* acc = reinterpret_cast<float*>(tl_acc.get(R * kNR * 4));
     float* out = reinterpret_cast<float*>(tl_out.get(p.M * kNR * 4));
     const int64_t gsteps = xa.Gp / 2;
+    if (scaled_panels) {
+      const int64_t per = kAmxPanelSteps / gsteps;
+      uint32_t* panels = reinterpret_cast<uint32_t*>(tl_panel.get(kAmxPanelSteps * kNR * 4));
+      for (int64_t g0 = 0; g0 < p.groups; g0 += per) {
+        const int64_t g1 = g0 + per < p.groups ? g0 + per : p.groups;
+        for (int64_t g = g0; g < g1; ++g) {
+          uint32_t* pg = panels + (g - g0) * gsteps * kNR;
+          for (int64_t kk0 = 0; kk0 < xa.Gp; kk0 += chunk) {
+            const int64_t kk1 = kk0 + chunk < xa.Gp ? kk0 + chunk : xa.Gp;
+            k.pack_a16(p, g, kk0, kk1, n0, pg + kk0 / 2 * kNR);
+          }
+          amx_kernels().scale_panel(pg, gsteps, p.scale + g * p.N + n0, ncols);
+        }
+        const int64_t steps = (g1 - g0) * gsteps;
+        const uint16_t* x = xa.xb + g0 * xa.Gp;
+        amx_kernels().mk_a16(amx_rows, x, xa.Kp, panels, steps, acc, g0 == 0);
+        for (int64_t r0 = amx_rows; r0 < R; r0 += kMR) {
+          const int mr = static_cast<int>(R - r0 < kMR ? R - r0 : kMR);
+          k.mk_a16(mr, x + r0 * xa.Kp, xa.Kp, panels, steps, acc + r0 * kNR, g0 == 0);
+        }
+      }
+      k.store(p, xa.rowexp, n0, ncols, acc);  // T == 1: acc's rows are out's
+      return;
+    }
     if (amx_rows && xa.T == 1 && p.blockwise && gsteps <= kAmxPanelSteps &&
         (gsteps % 16 == 0 || gsteps < 16)) {
       // Blockwise on AMX: the panels of as many groups as kAmxPanelSteps

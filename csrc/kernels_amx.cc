@@ -29,7 +29,7 @@
 #ifdef XQK_NO_AMX
 namespace xqk {
 const AmxKernels& amx_kernels() {
-  static const AmxKernels k{nullptr, nullptr, nullptr, nullptr};
+  static const AmxKernels k{nullptr, nullptr, nullptr, nullptr, nullptr};
   return k;
 }
 }  // namespace xqk
@@ -283,6 +283,24 @@ void amx_fused_a8(int64_t rows, int64_t groups, const int8_t* x, int64_t ldx,
   _tile_release();
 }
 
+// AmxKernels::scale_panel: each bf16 of the panel's `steps` rows times its
+// column's power-of-two scale, exactly (the driver checked the scales).
+void amx_scale_panel(uint32_t* panel, int64_t steps, const float* s, int ncols) {
+  __m512 sv[4];
+  for (int j = 0; j < 4; ++j) sv[j] = _mm512_maskz_loadu_ps(tail_mask(ncols - 16 * j), s + 16 * j);
+  const __m512i high = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
+  for (int64_t st = 0; st < steps; ++st) {
+    for (int j = 0; j < 4; ++j) {
+      uint32_t* d = panel + st * kNR + 16 * j;
+      const __m512i v = _mm512_load_si512(d);
+      const __m512 even = _mm512_mul_ps(_mm512_castsi512_ps(_mm512_slli_epi32(v, 16)), sv[j]);
+      const __m512 odd = _mm512_mul_ps(_mm512_castsi512_ps(_mm512_and_si512(v, high)), sv[j]);
+      _mm512_store_si512(d, _mm512_or_si512(_mm512_srli_epi32(_mm512_castps_si512(even), 16),
+                                            _mm512_and_si512(_mm512_castps_si512(odd), high)));
+    }
+  }
+}
+
 void amx_mk_a16(int64_t rows, const uint16_t* x, int64_t ldx, const uint32_t* panel,
                 int64_t steps, float* acc, bool init) {
   mk_rows<false>(rows, reinterpret_cast<const char*>(x), ldx * 2, panel, steps,
@@ -307,7 +325,7 @@ void amx_mk_a8(int64_t rows, const int8_t* x, int64_t ldx, const uint32_t* panel
 }  // namespace
 
 const AmxKernels& amx_kernels() {
-  static const AmxKernels k{amx_mk_a16, amx_mk_a8, amx_fused_a16, amx_fused_a8};
+  static const AmxKernels k{amx_mk_a16, amx_mk_a8, amx_fused_a16, amx_fused_a8, amx_scale_panel};
   return k;
 }
 

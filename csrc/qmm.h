@@ -204,6 +204,10 @@ struct AmxKernels {
                    const float* z, int64_t sz_group_stride, const int32_t* sq, const float* xs,
                    const float* xzs, int64_t x_stats_stride, int32_t bias, int ncols, float* out,
                    bool init_out);
+  // A16 panel of `steps` rows: each bf16 times its column's scale s[c]
+  // (c < ncols; 0 beyond), which must be a power of two keeping every
+  // product a normal bf16 (then the product is exact).
+  void (*scale_panel)(uint32_t* panel, int64_t steps, const float* s, int ncols);
 };
 // Steps of the panel that the AMX forms pack at once (several groups, or a
 // stretch of a long one: 128 KiB, in L2).

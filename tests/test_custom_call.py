@@ -618,6 +618,21 @@ def _panel_outputs_with_amx(amx: str, path: str) -> dict:
             y = xla_qops.quantized_matmul(x, qw, impl="custom_call")
             ref.assert_close(y, x, qw.w, qw.scale, qw.zero_point, qw.block_size, False)
             out[f"float|{{bits}}|{{block}}|{{m}}|{{k}}|bfloat16"] = np.asarray(y, np.float32)
+        # Power-of-two scales without zero points (every MXFP4 weight) are scaled
+        # into the panel: MXFP4 over several panels, int8 and packed int4 too.
+        qw = xla_qops.quantize_weight(rng.standard_normal((72, 1088)), format="mxfp4",
+                                      block_size=32)
+        x = make_x(rng, (48, 1088), "bfloat16")
+        out["float|mxfp4|1088|48|bfloat16"] = np.asarray(
+            xla_qops.quantized_matmul(x, qw, impl="custom_call"), np.float32)
+        for bits in (8, 4):
+            qw = xla_qops.quantize_weight(rng.standard_normal((70, 256)), bits=bits, block_size=64)
+            scale = jnp.exp2(jnp.round(jnp.log2(qw.scale)))
+            x = make_x(rng, (40, 256), "bfloat16")
+            y = xla_qops.quantized_matmul(x, qw.w, scale, None, 64, qw.int4_weight,
+                                          impl="custom_call")
+            ref.assert_close(y, x, qw.w, scale, None, 64, False)
+            out[f"float|pow2|{{bits}}|bfloat16"] = np.asarray(y, np.float32)
         for qa in (False, True):  # a NaN / inf in a row of an AMX tile stays in its row
             qw = xla_qops.quantize_weight(rng.standard_normal((40, 64)), bits=4, block_size=32)
             x = rng.standard_normal((32, 64)).astype(np.float32)
@@ -655,7 +670,7 @@ def test_amx_prefill_matches_the_reference_and_the_avx512_microkernels(tmp_path)
     assert on["amx"] == _amx_expected() and off["amx"] is False
     a, b = np.load(tmp_path / "on.npz"), np.load(tmp_path / "off.npz")
     assert sorted(a.files) == sorted(b.files)
-    assert len(a.files) == 2 * 4 * len(all_schemes(block_size=64)) + 4 * 2 + 3
+    assert len(a.files) == 2 * 4 * len(all_schemes(block_size=64)) + 4 * 2 + 3 + 3
     for key in a.files:
         sums, dtype = key.split("|")[0], key.split("|")[-1]
         if sums == "exact" or not on["amx"]:
