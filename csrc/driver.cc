@@ -146,6 +146,20 @@ bool power_of_two_scales(const Problem& p) {
   return true;
 }
 
+// The panels of groups [g0, g1) for the AMX forms, each whole group (its
+// padded k range [0, Gp), packed `chunk` features at a time), one after
+// another from `panels`; `per_step` features per panel row (2: A16, 4: A8).
+template <class Pack>
+void pack_groups(const Pack& pack, const Problem& p, int64_t Gp, int64_t chunk, int per_step,
+                 int64_t g0, int64_t g1, int64_t n0, uint32_t* panels) {
+  for (int64_t g = g0; g < g1; ++g) {
+    for (int64_t kk0 = 0; kk0 < Gp; kk0 += chunk) {
+      const int64_t kk1 = kk0 + chunk < Gp ? kk0 + chunk : Gp;
+      pack(p, g, kk0, kk1, n0, panels + ((g - g0) * Gp + kk0) / per_step * kNR);
+    }
+  }
+}
+
 // Partial sums of at most this size are summed by one task (run_slices): about
 // as long as a parallel region's hand-off to the workers and back.
 constexpr int64_t kSumInTaskBytes = 256 << 10;
@@ -270,13 +284,10 @@ void run_a16(const Problem& p, const Kernels& k, const Executor& ex) {
       uint32_t* panels = reinterpret_cast<uint32_t*>(tl_panel.get(kAmxPanelSteps * kNR * 4));
       for (int64_t g0 = 0; g0 < p.groups; g0 += per) {
         const int64_t g1 = g0 + per < p.groups ? g0 + per : p.groups;
+        pack_groups(k.pack_a16, p, xa.Gp, chunk, 2, g0, g1, n0, panels);
         for (int64_t g = g0; g < g1; ++g) {
-          uint32_t* pg = panels + (g - g0) * gsteps * kNR;
-          for (int64_t kk0 = 0; kk0 < xa.Gp; kk0 += chunk) {
-            const int64_t kk1 = kk0 + chunk < xa.Gp ? kk0 + chunk : xa.Gp;
-            k.pack_a16(p, g, kk0, kk1, n0, pg + kk0 / 2 * kNR);
-          }
-          amx_kernels().scale_panel(pg, gsteps, p.scale + g * p.N + n0, ncols);
+          amx_kernels().scale_panel(panels + (g - g0) * gsteps * kNR, gsteps,
+                                    p.scale + g * p.N + n0, ncols);
         }
         const int64_t steps = (g1 - g0) * gsteps;
         const uint16_t* x = xa.xb + g0 * xa.Gp;
@@ -297,12 +308,7 @@ void run_a16(const Problem& p, const Kernels& k, const Executor& ex) {
       uint32_t* panels = reinterpret_cast<uint32_t*>(tl_panel.get(kAmxPanelSteps * kNR * 4));
       for (int64_t g0 = 0; g0 < p.groups; g0 += per) {
         const int64_t g1 = g0 + per < p.groups ? g0 + per : p.groups;
-        for (int64_t g = g0; g < g1; ++g) {
-          for (int64_t kk0 = 0; kk0 < xa.Gp; kk0 += chunk) {
-            const int64_t kk1 = kk0 + chunk < xa.Gp ? kk0 + chunk : xa.Gp;
-            k.pack_a16(p, g, kk0, kk1, n0, panels + ((g - g0) * gsteps + kk0 / 2) * kNR);
-          }
-        }
+        pack_groups(k.pack_a16, p, xa.Gp, chunk, 2, g0, g1, n0, panels);
         const float* s = p.scale + g0 * p.N + n0;
         const float* z = p.has_zp ? p.zp + g0 * p.N + n0 : nullptr;
         amx_kernels().fused_a16(amx_rows, g1 - g0, xa.xb + g0 * xa.Gp, xa.Kp, xa.Gp, panels, gsteps,
@@ -430,12 +436,7 @@ void run_a8(const Problem& p, const Kernels& k, const Executor& ex) {
       rest_x.xs += amx_rows * p.groups, rest_x.sq += amx_rows * p.groups, rest_x.xzs += amx_rows * p.groups;
       for (int64_t g0 = 0; g0 < p.groups; g0 += per) {
         const int64_t g1 = g0 + per < p.groups ? g0 + per : p.groups;
-        for (int64_t g = g0; g < g1; ++g) {
-          for (int64_t kk0 = 0; kk0 < xa.Gp; kk0 += chunk) {
-            const int64_t kk1 = kk0 + chunk < xa.Gp ? kk0 + chunk : xa.Gp;
-            k.pack_a8(p, g, kk0, kk1, n0, panels + ((g - g0) * gsteps + kk0 / 4) * kNR);
-          }
-        }
+        pack_groups(k.pack_a8, p, xa.Gp, chunk, 4, g0, g1, n0, panels);
         amx_kernels().fused_a8(amx_rows, g1 - g0, xa.xq + g0 * xa.Gp, xa.Kp, xa.Gp, panels, gsteps,
                                p.scale + g0 * p.N + n0, p.has_zp ? p.zp + g0 * p.N + n0 : nullptr,
                                p.N, xa.sq + g0, xa.xs + g0, xa.xzs + g0, p.groups,

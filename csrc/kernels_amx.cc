@@ -73,6 +73,61 @@ void configure(int depth) {
   _tile_loadconfig(&c);
 }
 
+// The C tiles of 16 rows (two: 32) x 32 columns: zeroed, or loaded from /
+// stored to rows of 4-byte sums `stride` bytes apart.
+inline void zero_c(bool two) {
+  _tile_zero(kC0);
+  _tile_zero(kC1);
+  if (two) {
+    _tile_zero(kC2);
+    _tile_zero(kC3);
+  }
+}
+inline void load_c(bool two, const char* c, int64_t stride) {
+  _tile_loadd(kC0, c, stride);
+  _tile_loadd(kC1, c + 64, stride);
+  if (two) {
+    _tile_loadd(kC2, c + 16 * stride, stride);
+    _tile_loadd(kC3, c + 16 * stride + 64, stride);
+  }
+}
+inline void store_c(bool two, char* c, int64_t stride) {
+  _tile_stored(kC0, c, stride);
+  _tile_stored(kC1, c + 64, stride);
+  if (two) {
+    _tile_stored(kC2, c + 16 * stride, stride);
+    _tile_stored(kC3, c + 16 * stride + 64, stride);
+  }
+}
+
+// One block of steps: C0-C1 (+)= A0 . B0-B1 and, with two, C2-C3 (+)= A1 .
+// B0-B1, A0 / A1 x's rows from xr / xr + 16 rows, B0-B1 the panel's 32
+// columns at b (kInt8 as pass).
+template <bool kInt8>
+inline void dp_block(bool two, const char* xr, int64_t x_stride, const char* b) {
+  constexpr int64_t kPanelStride = kNR * 4;
+  _tile_loadd(kB0, b, kPanelStride);
+  _tile_loadd(kB1, b + 64, kPanelStride);
+  _tile_loadd(kA0, xr, x_stride);
+  if constexpr (kInt8) {
+    _tile_dpbsud(kC0, kA0, kB0);
+    _tile_dpbsud(kC1, kA0, kB1);
+  } else {
+    _tile_dpbf16ps(kC0, kA0, kB0);
+    _tile_dpbf16ps(kC1, kA0, kB1);
+  }
+  if (two) {
+    _tile_loadd(kA1, xr + 16 * x_stride, x_stride);
+    if constexpr (kInt8) {
+      _tile_dpbsud(kC2, kA1, kB0);
+      _tile_dpbsud(kC3, kA1, kB1);
+    } else {
+      _tile_dpbf16ps(kC2, kA1, kB0);
+      _tile_dpbf16ps(kC3, kA1, kB1);
+    }
+  }
+}
+
 // One pass over steps [s0, s1) in blocks of `depth` (s1 - s0 a multiple of
 // it) for every row block and column half. kInt8: x int8 (4 per step) and
 // int32 sums; else x bf16 (2 per step) and float32 sums; a step is 4 bytes
@@ -81,57 +136,21 @@ template <bool kInt8>
 void pass(int64_t rows, const char* x, int64_t ldx_bytes, const uint32_t* panel, int64_t s0,
           int64_t s1, int depth, char* acc, bool init) {
   constexpr int64_t kAccStride = kNR * 4;  // bytes
-  constexpr int64_t kPanelStride = kNR * 4;
   for (int64_t r = 0; r < rows; r += 32) {
     const bool two = rows - r >= 32;
     const char* xr = x + r * ldx_bytes;
-    char* ar = acc + r * kAccStride;
     for (int half = 0; half < 2; ++half) {
-      char* a = ar + half * 32 * 4;  // columns 32*half .. +32
+      char* a = acc + r * kAccStride + half * 32 * 4;  // columns 32*half .. +32
       if (init) {
-        _tile_zero(kC0);
-        _tile_zero(kC1);
-        if (two) {
-          _tile_zero(kC2);
-          _tile_zero(kC3);
-        }
+        zero_c(two);
       } else {
-        _tile_loadd(kC0, a, kAccStride);
-        _tile_loadd(kC1, a + 64, kAccStride);
-        if (two) {
-          _tile_loadd(kC2, a + 16 * kAccStride, kAccStride);
-          _tile_loadd(kC3, a + 16 * kAccStride + 64, kAccStride);
-        }
+        load_c(two, a, kAccStride);
       }
       for (int64_t s = s0; s < s1; s += depth) {
-        const char* b = reinterpret_cast<const char*>(panel + s * kNR + 32 * half);
-        _tile_loadd(kB0, b, kPanelStride);
-        _tile_loadd(kB1, b + 64, kPanelStride);
-        _tile_loadd(kA0, xr + 4 * s, ldx_bytes);
-        if constexpr (kInt8) {
-          _tile_dpbsud(kC0, kA0, kB0);
-          _tile_dpbsud(kC1, kA0, kB1);
-        } else {
-          _tile_dpbf16ps(kC0, kA0, kB0);
-          _tile_dpbf16ps(kC1, kA0, kB1);
-        }
-        if (two) {
-          _tile_loadd(kA1, xr + 16 * ldx_bytes + 4 * s, ldx_bytes);
-          if constexpr (kInt8) {
-            _tile_dpbsud(kC2, kA1, kB0);
-            _tile_dpbsud(kC3, kA1, kB1);
-          } else {
-            _tile_dpbf16ps(kC2, kA1, kB0);
-            _tile_dpbf16ps(kC3, kA1, kB1);
-          }
-        }
+        dp_block<kInt8>(two, xr + 4 * s, ldx_bytes,
+                        reinterpret_cast<const char*>(panel + s * kNR + 32 * half));
       }
-      _tile_stored(kC0, a, kAccStride);
-      _tile_stored(kC1, a + 64, kAccStride);
-      if (two) {
-        _tile_stored(kC2, a + 16 * kAccStride, kAccStride);
-        _tile_stored(kC3, a + 16 * kAccStride + 64, kAccStride);
-      }
+      store_c(two, a, kAccStride);
     }
   }
 }
@@ -163,44 +182,14 @@ inline __mmask16 tail_mask(int n) {
 template <bool kInt8>
 void group_tiles(bool two, const char* xr, int64_t ldx_bytes, const uint32_t* pg, int64_t steps,
                  int depth, void* cbuf) {
-  constexpr int64_t kStride = kNR * 4;  // bytes: C buffer and panel rows
+  constexpr int64_t kStride = kNR * 4;  // bytes: C buffer rows
   for (int half = 0; half < 2; ++half) {
-    _tile_zero(kC0);
-    _tile_zero(kC1);
-    if (two) {
-      _tile_zero(kC2);
-      _tile_zero(kC3);
-    }
+    zero_c(two);
     for (int64_t st = 0; st < steps; st += depth) {
-      const char* b = reinterpret_cast<const char*>(pg + st * kNR + 32 * half);
-      _tile_loadd(kB0, b, kStride);
-      _tile_loadd(kB1, b + 64, kStride);
-      _tile_loadd(kA0, xr + 4 * st, ldx_bytes);
-      if constexpr (kInt8) {
-        _tile_dpbsud(kC0, kA0, kB0);
-        _tile_dpbsud(kC1, kA0, kB1);
-      } else {
-        _tile_dpbf16ps(kC0, kA0, kB0);
-        _tile_dpbf16ps(kC1, kA0, kB1);
-      }
-      if (two) {
-        _tile_loadd(kA1, xr + 16 * ldx_bytes + 4 * st, ldx_bytes);
-        if constexpr (kInt8) {
-          _tile_dpbsud(kC2, kA1, kB0);
-          _tile_dpbsud(kC3, kA1, kB1);
-        } else {
-          _tile_dpbf16ps(kC2, kA1, kB0);
-          _tile_dpbf16ps(kC3, kA1, kB1);
-        }
-      }
+      dp_block<kInt8>(two, xr + 4 * st, ldx_bytes,
+                      reinterpret_cast<const char*>(pg + st * kNR + 32 * half));
     }
-    char* c = static_cast<char*>(cbuf) + half * 32 * 4;
-    _tile_stored(kC0, c, kStride);
-    _tile_stored(kC1, c + 64, kStride);
-    if (two) {
-      _tile_stored(kC2, c + 16 * kStride, kStride);
-      _tile_stored(kC3, c + 16 * kStride + 64, kStride);
-    }
+    store_c(two, static_cast<char*>(cbuf) + half * 32 * 4, kStride);
   }
 }
 

@@ -99,15 +99,22 @@ def isa_expected(forced: str | None = None) -> str:
     return "avx2" if all(flag in flags for flag in AVX2_FLAGS) else "generic"
 
 
-def run_under_isa(forced: str, script: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    """Runs `script` in a fresh Python with XLA_QOPS_CPU_ISA=forced (the kernel set
-    is chosen once per process), tests/ and the repository on its path."""
+def run_with_env(script: str, timeout: int = 600, **variables) -> subprocess.CompletedProcess:
+    """Runs `script` in a fresh Python with the environment `variables` set (the
+    kernels read XLA_QOPS_* once per process), JAX on the CPU, tests/ and the
+    repository on its path."""
     here = os.path.dirname(os.path.abspath(__file__))
-    env = dict(os.environ, XLA_QOPS_CPU_ISA=forced, JAX_PLATFORMS="cpu",
+    env = dict(os.environ, JAX_PLATFORMS="cpu", **variables,
                PYTHONPATH=os.pathsep.join([here, os.path.dirname(here),
                                            os.environ.get("PYTHONPATH", "")]))
     return subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
                           text=True, timeout=timeout)
+
+
+def run_under_isa(forced: str, script: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Runs `script` in a fresh Python with XLA_QOPS_CPU_ISA=forced (the kernel set
+    is chosen once per process)."""
+    return run_with_env(script, timeout, XLA_QOPS_CPU_ISA=forced)
 
 
 def avx512_expected() -> bool:

@@ -17,8 +17,6 @@ test_extension_loads_from_the_installed_package says why.
 import concurrent.futures
 import json
 import os
-import subprocess
-import sys
 import textwrap
 
 import jax
@@ -33,7 +31,8 @@ from xla_qops.spec import check_args
 from cases import (X_DTYPES, Scheme, all_schemes, assert_same_at_every_thread_count,
                    make_weight, make_x, op_args)
 import numpy_reference as ref
-from conftest import cpu_kernels_expected, import_error, isa_expected, run_under_isa
+from conftest import (cpu_kernels_expected, import_error, isa_expected, run_under_isa,
+                      run_with_env)
 
 pytestmark = pytest.mark.skipif(not cpu_kernels_expected() and not custom_call.available(),
                                 reason="xla_qops._cpu_kernels is not built on this platform")
@@ -510,12 +509,7 @@ def _decode_outputs_with_prefetch(hint: str, path: str) -> dict:
         np.savez({path!r}, **out)
         print(json.dumps(_cpu_kernels.cpu_features()))
     """)
-    here = os.path.dirname(os.path.abspath(__file__))
-    env = dict(os.environ, XLA_QOPS_PREFETCH=hint, JAX_PLATFORMS="cpu",
-               PYTHONPATH=os.pathsep.join([here, os.path.dirname(here),
-                                           os.environ.get("PYTHONPATH", "")]))
-    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
-                          text=True, timeout=600)
+    done = run_with_env(script, XLA_QOPS_PREFETCH=hint)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -645,12 +639,7 @@ def _panel_outputs_with_amx(amx: str, path: str) -> dict:
         np.savez({path!r}, **out)
         print(json.dumps(_cpu_kernels.cpu_features()))
     """)
-    here = os.path.dirname(os.path.abspath(__file__))
-    env = dict(os.environ, XLA_QOPS_AMX=amx, JAX_PLATFORMS="cpu",
-               PYTHONPATH=os.pathsep.join([here, os.path.dirname(here),
-                                           os.environ.get("PYTHONPATH", "")]))
-    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
-                          text=True, timeout=600)
+    done = run_with_env(script, XLA_QOPS_AMX=amx)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
