@@ -613,16 +613,17 @@ def _panel_outputs_with_amx(amx: str, path: str) -> dict:
             ref.assert_close(y, x, qw.w, qw.scale, qw.zero_point, qw.block_size, False)
             out[f"float|{{bits}}|{{block}}|{{m}}|{{k}}|bfloat16"] = np.asarray(y, np.float32)
         # Power-of-two scales without zero points (every MXFP4 weight) are scaled
-        # into the panel: MXFP4 over several panels, int8 and packed int4 too.
+        # into the panel from 64 rows: MXFP4 over several panels, int8 and packed
+        # int4 too, with rows left for the AVX-512 microkernel.
         qw = xla_qops.quantize_weight(rng.standard_normal((72, 1088)), format="mxfp4",
                                       block_size=32)
-        x = make_x(rng, (48, 1088), "bfloat16")
-        out["float|mxfp4|1088|48|bfloat16"] = np.asarray(
+        x = make_x(rng, (83, 1088), "bfloat16")
+        out["float|mxfp4|1088|83|bfloat16"] = np.asarray(
             xla_qops.quantized_matmul(x, qw, impl="custom_call"), np.float32)
         for bits in (8, 4):
             qw = xla_qops.quantize_weight(rng.standard_normal((70, 256)), bits=bits, block_size=64)
             scale = jnp.exp2(jnp.round(jnp.log2(qw.scale)))
-            x = make_x(rng, (40, 256), "bfloat16")
+            x = make_x(rng, (70, 256), "bfloat16")
             y = xla_qops.quantized_matmul(x, qw.w, scale, None, 64, qw.int4_weight,
                                           impl="custom_call")
             ref.assert_close(y, x, qw.w, scale, None, 64, False)
