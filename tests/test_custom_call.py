@@ -596,7 +596,7 @@ def _panel_outputs_with_amx(amx: str, path: str) -> dict:
                     sums = "exact" if s.quantize_activation else "float"  # int32 / float32
                     out[f"{{sums}}|{{k}}|{{i}}|{{m}}|{{dt}}"] = np.asarray(y, np.float32)
         for fmt, block, act in (("fp8", 128, None), ("fp8", -1, "fp8"), ("mxfp4", 32, None),
-                                ("nvfp4", 16, None)):
+                                ("nvfp4", 16, None), ("fp8", 64, "fp8"), ("mxfp4", 32, "fp8")):
             qw = xla_qops.quantize_weight(rng.standard_normal((90, 256)), format=fmt,
                                           block_size=block)
             for m in (16, 45):
@@ -660,7 +660,7 @@ def test_amx_prefill_matches_the_reference_and_the_avx512_microkernels(tmp_path)
     assert on["amx"] == _amx_expected() and off["amx"] is False
     a, b = np.load(tmp_path / "on.npz"), np.load(tmp_path / "off.npz")
     assert sorted(a.files) == sorted(b.files)
-    assert len(a.files) == 2 * 4 * len(all_schemes(block_size=64)) + 4 * 2 + 3 + 3
+    assert len(a.files) == 2 * 4 * len(all_schemes(block_size=64)) + 6 * 2 + 3 + 3
     for key in a.files:
         sums, dtype = key.split("|")[0], key.split("|")[-1]
         if sums == "exact" or not on["amx"]:
