@@ -11,14 +11,20 @@
 // AVX-512 microkernels). Tiles: C0-C3 the accumulators of two 16-row blocks
 // by two 16-column blocks (one half of the panel's 64 columns at a time),
 // A0-A1 the two row blocks of x, B0-B1 the two column blocks of the panel.
-// A tail of steps (steps % 16: blocks of 16 or 8 features) runs after the
-// main pass with a tile configuration of that depth, adding into acc.
+// The steps past the last multiple of 16 (a group of 40 features: 20 steps,
+// 4 of them left) run after the main pass with a tile configuration of that
+// depth, adding into acc. The blockwise forms (fused_a16 / fused_a8) run
+// every group of a panel for a block of rows and scale its sums on L1; the
+// driver folds power-of-two scales into the panel (scale_panel).
 //
 // Arithmetic: A8 sums are exact int32 (wrapping as VPDPBUSD does), the same
 // bits as the AVX-512 microkernel. A16: each bf16 x bf16 product is exact in
-// float32 and is added to the float32 sum, pairs in step order, with
-// denormals flushed as VDPBF16PS does (x is scaled so that none of its terms
-// is subnormal: XA16).
+// float32 and is added to the float32 sum in step order, with denormals
+// flushed as VDPBF16PS does (x is scaled so that none of its terms is
+// subnormal: XA16); the tile unit adds a pair's two products in another
+// association than VDPBF16PS, so sums may differ from the AVX-512 set's in
+// their float32 rounding (tested: within one unit of the output's last
+// place).
 //
 // Compiled with -mamx-tile/-mamx-bf16/-mamx-int8 (and the AVX-512 flags) and
 // only called after amx_in_use() (cpu_features.cc) has checked CPUID, XCR0
