@@ -44,6 +44,8 @@ const AmxKernels& amx_kernels() {
 
 #include <cstring>
 
+#include "epilogue_avx512.h"
+
 namespace xqk {
 namespace {
 
@@ -240,7 +242,7 @@ void amx_fused_a16(int64_t rows, int64_t groups, const uint16_t* x, int64_t ldx,
 }
 
 // The blockwise integer A8 form (AmxKernels::fused_a8): fused_a16's loops,
-// fin_a8's arithmetic (the same bits: the int32 sums are exact).
+// fin_a8's arithmetic, a8_epilogue (the same bits: the int32 sums are exact).
 void amx_fused_a8(int64_t rows, int64_t groups, const int8_t* x, int64_t ldx,
                   int64_t x_group_stride, const uint32_t* panel, int64_t steps, const float* s,
                   const float* z, int64_t sz_group_stride, const int32_t* sq, const float* xs,
@@ -267,10 +269,9 @@ void amx_fused_a8(int64_t rows, int64_t groups, const int8_t* x, int64_t ldx,
           const int64_t xi = (r + i) * x_stats_stride + gi;
           const __m512i a = _mm512_sub_epi32(_mm512_load_si512(cbuf + i * kNR + 16 * j),
                                              _mm512_set1_epi32(bias * sq[xi]));
-          __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(a), _mm512_mul_ps(_mm512_set1_ps(xs[xi]), sv));
-          if (zg) v = _mm512_fnmadd_ps(zv, _mm512_set1_ps(xzs[xi]), v);
           float* o = out + (r + i) * kNR + 16 * j;
-          _mm512_storeu_ps(o, init ? v : _mm512_add_ps(_mm512_loadu_ps(o), v));
+          _mm512_storeu_ps(o, a8_epilogue(a, _mm512_mul_ps(_mm512_set1_ps(xs[xi]), sv),
+                                          zg != nullptr, zv, xzs[xi], init, o));
         }
       }
     }

@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <cstring>
 
+#include "epilogue_avx512.h"
 #include "qmm.h"
 
 // This file is compiled twice (CMakeLists.txt): as itself, and through
@@ -861,10 +862,9 @@ void fin_a8(const Problem& p, const XA8& xa, int64_t g, int64_t n0, int ncols,
       const int64_t i = m * p.groups + g;
       const __m512i a = _mm512_sub_epi32(_mm512_loadu_si512(acc + m * kNR + 16 * j),
                                          _mm512_set1_epi32(bias * xa.sq[i]));
-      __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(a), _mm512_mul_ps(_mm512_set1_ps(xa.xs[i]), sv));
-      if (z) v = _mm512_fnmadd_ps(zv, _mm512_set1_ps(xa.xzs[i]), v);
       float* o = out + m * kNR + 16 * j;
-      _mm512_storeu_ps(o, init ? v : _mm512_add_ps(_mm512_loadu_ps(o), v));
+      _mm512_storeu_ps(o, a8_epilogue(a, _mm512_mul_ps(_mm512_set1_ps(xa.xs[i]), sv), z != nullptr,
+                                      zv, xa.xzs[i], init, o));
     }
   }
 }
