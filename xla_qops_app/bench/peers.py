@@ -31,6 +31,7 @@ the result. Peers:
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import jax
 import jax.numpy as jnp
@@ -70,6 +71,13 @@ SCHEMES.update({
                           Scheme("w4a16-g16-sym", 4, 16, True, False)),
     "w8a8-fp8": Scheme("w8a8-fp8", 8, -1, True, True, "fp8", SCHEMES["w8a8"]),
 })
+
+
+def wait_settings() -> str:
+    """The environment variables that change how idle threads wait (OpenMP's
+    spinning, glibc's tunables), as the benchmark headers print them."""
+    return ", ".join(f"{v}={os.environ.get(v, '(unset)')}"
+                     for v in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "GLIBC_TUNABLES"))
 
 
 def available_memory() -> int:

@@ -280,8 +280,7 @@ def run(args) -> int:
 
     read_bw = measure_read_bandwidth()
     llc = llc_bytes()
-    env = ", ".join(f"{v}={os.environ.get(v, '(unset)')}"
-                    for v in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "GLIBC_TUNABLES"))
+    env = peers.wait_settings()
     info = (f"{custom_call.cpu_description()} with {custom_call.num_threads()} threads, "
             f"jax {jax.__version__}; "
             f"measured read bandwidth {read_bw:.1f} GB/s; LLC {llc >> 20} MiB; "

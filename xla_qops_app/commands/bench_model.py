@@ -17,8 +17,8 @@ def _environment() -> str:
     import jax
     import torch
     from xla_qops.backends import custom_call
-    env = ", ".join(f"{v}={os.environ.get(v, '(unset)')}"
-                    for v in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "GLIBC_TUNABLES"))
+    from xla_qops_app.bench.peers import wait_settings
+    env = wait_settings()
     return (f"{custom_call.cpu_description()}, torch {torch.__version__} with {torch.get_num_threads()} "
             f"threads, jax {jax.__version__}; load average at start {os.getloadavg()[0]:.1f}; {env}")
 
