@@ -2,8 +2,10 @@
 // tile (see qmm.h for the scheme).
 #include <time.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -37,7 +39,7 @@ struct Scratch {
     return buf.get();
   }
 };
-thread_local Scratch tl_panel, tl_acc, tl_out, tl_parts;
+thread_local Scratch tl_panel, tl_acc, tl_out, tl_parts, tl_fold;
 // The caller's prepared x (kept between calls: fresh pages cost more than the work).
 thread_local Scratch tl_x[5];
 
@@ -129,29 +131,87 @@ int64_t amx_rows_of(int64_t rows) {
   return amx_in_use() ? rows / kAmxRows * kAmxRows : 0;
 }
 
-// Whether every scale is a power of two in [2^-117, 2^118] (a sign allowed):
-// then s * q is exact in bf16 for every weight value q of every format (int8
-// |q| <= 128, e4m3 2^-9..448, e2m1 0.5..6: at most 8 significant bits, and
-// the product a normal number), so a blockwise weight without zero points
-// can be scaled into its panel and multiplied as one group (MXFP4's scales
-// are powers of two by construction).
-bool power_of_two_scales(const Problem& p) {
-  const int64_t n = p.groups * p.N;
-  constexpr int64_t kBlock = 1024;  // checked a block at a time, the loop branch-free (vectorised)
-  for (int64_t i0 = 0; i0 < n; i0 += kBlock) {
-    const int64_t i1 = i0 + kBlock < n ? i0 + kBlock : n;
-    uint32_t mantissas = 0, low = 0xFF, high = 0;
-    for (int64_t i = i0; i < i1; ++i) {
-      uint32_t bits;
-      std::memcpy(&bits, p.scale + i, 4);
-      const uint32_t e = (bits >> 23) & 0xFF;
-      mantissas |= bits & 0x7FFFFF;
-      low = e < low ? e : low;
-      high = e > high ? e : high;
+// Blockwise scales without zero points that fold into the A16 panel (AMX):
+// each scale of column n is c_n * t, one float32 factor c_n for the column
+// and t zero or a float32 of at most `fold_bits(p)` explicit mantissa bits
+// within [2^-117, 2^118], so that q * t is exact in bf16 for every weight
+// value q (a normal number of at most 8 significant bits): the panel holds
+// q * t, the sum over K runs as one group (no per-group epilogue) and c_n
+// multiplies the column's sums. MXFP4's scales are powers of two (c = 1, t = s
+// exactly). NVFP4's are e4m3 block scales times (or over) one float32 of the
+// tensor, rounded once: s / c lies within a few float32 ulps of a 4-bit t, so
+// the weight used is q * t * c = q * s * (1 + e), |e| <= 2^-20 (kFoldUlps),
+// below the rounding of the float32 sums it enters.
+int fold_bits(const Problem& p) { return p.wf == kWInt && p.bits == 8 ? 0 : 3; }  // int8: |q| <= 128
+constexpr int32_t kFoldUlps = 8;
+
+// t's bits for |s * (1 / c)|'s bits `a`: rounded to `bits` explicit mantissa
+// bits, to nearest (ties and overflow fail fold_fits).
+inline uint32_t fold_rounded(uint32_t a, int bits) {
+  const uint32_t drop = 23 - bits;
+  return (a + (1u << (drop - 1))) & ~((1u << drop) - 1);
+}
+
+// Whether |s * inv|'s bits `a` round to a t (above) within kFoldUlps of it.
+inline bool fold_fits(uint32_t a, int bits) {
+  const uint32_t r = fold_rounded(a, bits), e = r >> 23;
+  const int32_t d = static_cast<int32_t>(a - r);
+  return a == 0 || ((d < 0 ? -d : d) <= kFoldUlps && e >= 127 - 117 && e <= 127 + 118);
+}
+
+inline uint32_t bits_of(float v) {
+  uint32_t a;
+  std::memcpy(&a, &v, 4);
+  return a;
+}
+
+// The folded scales of the tile's columns [n0, n0 + ncols): each column's
+// c_n in c[] and its t for group g in t[g * kNR + n - n0]; false where some
+// column does not fold (the tile keeps the per-group epilogue). c_n is 1, or
+// the column's first nonzero scale over one of the 2^bits mantissas (one of
+// them is NVFP4's tensor factor times a power of two): the first that fits
+// the column's first groups. A function of the column's scales alone, so
+// every thread count and column shard gives the same bits.
+bool fold_tile(const Problem& p, int64_t n0, int ncols, float* c, float* t) {
+  const int bits = fold_bits(p);
+  alignas(64) float inv[kNR] = {};
+  for (int col = 0; col < ncols; ++col) {
+    const float* s = p.scale + n0 + col;
+    int64_t first = 0;
+    while (first < p.groups && s[first * p.N] == 0.f) ++first;
+    c[col] = inv[col] = 1.f;
+    if (first == p.groups) continue;  // all zero
+    const int64_t probe = first + 8 < p.groups ? first + 8 : p.groups;
+    bool found = false;
+    for (int j = -1; j < (1 << bits) && !found; ++j) {
+      const double mantissa = 1.0 + (j < 0 ? 0 : j) / static_cast<double>(1 << bits);
+      const double sf = std::fabs(static_cast<double>(s[first * p.N]));
+      inv[col] = j < 0 ? 1.f : static_cast<float>(mantissa / sf);
+      c[col] = j < 0 ? 1.f : static_cast<float>(sf / mantissa);
+      found = std::isnormal(inv[col]) && std::isnormal(c[col]);
+      for (int64_t g = first; g < probe && found; ++g) {
+        found = fold_fits(bits_of(s[g * p.N] * inv[col]) & 0x7FFFFFFFu, bits);
+      }
     }
-    if (mantissas != 0 || low < 127 - 117 || high > 127 + 118) return false;
+    if (!found) return false;
   }
-  return true;
+  // Every group, branch-free (vectorised): fold_fits's test as unsigned
+  // ranges (a zero scale gives a == r == 0: deviation 0, exponent 0 allowed).
+  const uint32_t drop = 23 - bits, half = 1u << (drop - 1), keep = ~((1u << drop) - 1);
+  uint32_t bad = 0;
+  for (int64_t g = 0; g < p.groups; ++g) {
+    const float* s = p.scale + g * p.N + n0;
+    uint32_t* tg = reinterpret_cast<uint32_t*>(t + g * kNR);
+    for (int col = 0; col < ncols; ++col) {
+      const uint32_t v = bits_of(s[col] * inv[col]), a = v & 0x7FFFFFFFu;
+      const uint32_t r = (a + half) & keep;
+      const uint32_t far = (a - r + kFoldUlps) > 2 * kFoldUlps;  // |a - r| > kFoldUlps
+      const uint32_t range = (r - ((127u - 117) << 23)) > ((235u << 23) | 0x7FFFFFu);
+      bad |= far | (range & (a != 0));
+      tg[col] = (v & 0x80000000u) | r;
+    }
+  }
+  return bad == 0;
 }
 
 // The panels of groups [g0, g1) for the AMX forms, each whole group (its
@@ -275,14 +335,15 @@ void run_a16(const Problem& p, const Kernels& k, const Executor& ex) {
   }
   const int64_t chunk = 2 * kMaxSteps;  // padded-k per panel
   const int64_t amx_rows = amx_rows_of(R);
-  // On AMX, power-of-two scales (MXFP4) go into the panel: one sum over K, no
-  // per-group epilogue (which bounds small groups: B = 32 ran at 0.57x bf16
-  // torch's prefill with it). Scaling a panel costs about what the epilogue
-  // of 30 rows does, so only from 64 rows: 4096x4096 at M=16, MXFP4 this way
-  // took 1.36x the time of int4 B=32 with the epilogue; at M=64 MXFP4 took
-  // 0.85-0.92x its own time with the epilogue.
-  const bool scaled_panels = amx_rows >= 64 && xa.T == 1 && p.blockwise && !p.has_zp && !xa.xgs &&
-                             xa.Gp / 2 <= kAmxPanelSteps && power_of_two_scales(p);
+  // On AMX, scales that fold (fold_tile: MXFP4's powers of two, NVFP4's e4m3
+  // block scales) go into the panel: one sum over K, no per-group epilogue
+  // (which bounds small groups: MXFP4's B = 32 ran at 0.57x bf16 torch's
+  // prefill with it, NVFP4's B = 16 at 0.29x). Scaling a panel costs about
+  // what the epilogue of 30 rows does, so only from 64 rows: 4096x4096 at
+  // M=16, MXFP4 this way took 1.36x the time of int4 B=32 with the epilogue;
+  // at M=64 MXFP4 took 0.85-0.92x its own time with the epilogue.
+  const bool may_fold = amx_rows >= 64 && xa.T == 1 && p.blockwise && !p.has_zp && !xa.xgs &&
+                        xa.Gp / 2 <= kAmxPanelSteps;
   for_each_tile(ex, tiles, [&](int64_t tile) {
     const int64_t n0 = tile * kNR;
     const int ncols = tile_cols(p.N, n0);
@@ -290,15 +351,16 @@ void run_a16(const Problem& p, const Kernels& k, const Executor& ex) {
     float* acc = reinterpret_cast<float*>(tl_acc.get(R * kNR * 4));
     float* out = reinterpret_cast<float*>(tl_out.get(p.M * kNR * 4));
     const int64_t gsteps = xa.Gp / 2;
-    if (scaled_panels) {
+    alignas(64) float c[kNR];
+    float* t = may_fold ? reinterpret_cast<float*>(tl_fold.get(p.groups * kNR * 4)) : nullptr;
+    if (may_fold && fold_tile(p, n0, ncols, c, t)) {
       const int64_t per = kAmxPanelSteps / gsteps;
       uint32_t* panels = reinterpret_cast<uint32_t*>(tl_panel.get(kAmxPanelSteps * kNR * 4));
       for (int64_t g0 = 0; g0 < p.groups; g0 += per) {
         const int64_t g1 = g0 + per < p.groups ? g0 + per : p.groups;
         pack_groups(k.pack_a16, p, xa.Gp, chunk, 2, g0, g1, n0, panels);
         for (int64_t g = g0; g < g1; ++g) {
-          amx_kernels().scale_panel(panels + (g - g0) * gsteps * kNR, gsteps,
-                                    p.scale + g * p.N + n0, ncols);
+          amx_kernels().scale_panel(panels + (g - g0) * gsteps * kNR, gsteps, t + g * kNR, ncols);
         }
         const int64_t steps = (g1 - g0) * gsteps;
         const uint16_t* x = xa.xb + g0 * xa.Gp;
@@ -307,6 +369,9 @@ void run_a16(const Problem& p, const Kernels& k, const Executor& ex) {
           const int mr = static_cast<int>(R - r0 < kMR ? R - r0 : kMR);
           k.mk_a16(mr, x + r0 * xa.Kp, xa.Kp, panels, steps, acc + r0 * kNR, g0 == 0);
         }
+      }
+      for (int64_t r = 0; r < R; ++r) {  // the columns' factors (1 for powers of two: exact)
+        for (int col = 0; col < ncols; ++col) acc[r * kNR + col] *= c[col];
       }
       k.store(p, xa.rowexp, n0, ncols, acc);  // T == 1: acc's rows are out's
       return;

@@ -15,7 +15,7 @@
 // 4 of them left) run after the main pass with a tile configuration of that
 // depth, adding into acc. The blockwise forms (fused_a16 / fused_a8) run
 // every group of a panel for a block of rows and scale its sums on L1; the
-// driver folds power-of-two scales into the panel (scale_panel).
+// driver folds scales that keep q * s exact in bf16 into the panel (scale_panel).
 //
 // Arithmetic: A8 sums are exact int32 (wrapping as VPDPBUSD does), the same
 // bits as the AVX-512 microkernel. A16: each bf16 x bf16 product is exact in
@@ -280,7 +280,7 @@ void amx_fused_a8(int64_t rows, int64_t groups, const int8_t* x, int64_t ldx,
 }
 
 // AmxKernels::scale_panel: each bf16 of the panel's `steps` rows times its
-// column's power-of-two scale, exactly (the driver checked the scales).
+// column's scale, exactly (the driver chose the scales: fold_tile).
 void amx_scale_panel(uint32_t* panel, int64_t steps, const float* s, int ncols) {
   __m512 sv[4];
   for (int j = 0; j < 4; ++j) sv[j] = _mm512_maskz_loadu_ps(tail_mask(ncols - 16 * j), s + 16 * j);

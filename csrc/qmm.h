@@ -205,8 +205,8 @@ struct AmxKernels {
                    const float* xzs, int64_t x_stats_stride, int32_t bias, int ncols, float* out,
                    bool init_out);
   // A16 panel of `steps` rows: each bf16 times its column's scale s[c]
-  // (c < ncols; 0 beyond), which must be a power of two keeping every
-  // product a normal bf16 (then the product is exact).
+  // (c < ncols; 0 beyond), truncated to bf16: the caller chooses scales that
+  // make every product exact in bf16 (driver.cc, fold_tile).
   void (*scale_panel)(uint32_t* panel, int64_t steps, const float* s, int ncols);
 };
 // Steps of the panel that the AMX forms pack at once (several groups, or a

@@ -620,6 +620,22 @@ def _panel_outputs_with_amx(amx: str, path: str) -> dict:
         x = make_x(rng, (83, 1088), "bfloat16")
         out["float|mxfp4|1088|83|bfloat16"] = np.asarray(
             xla_qops.quantized_matmul(x, qw, impl="custom_call"), np.float32)
+        # NVFP4's scales (e4m3 block scales times, or over, one float32 of the
+        # tensor, rounded once) fold too; a column whose scales are off that
+        # grid by 5% keeps the per-group epilogue for the whole weight.
+        from xla_qops.quantize import quantize_float
+        for name, divisor in (("times", False), ("over", True)):
+            qw = quantize_float(rng.standard_normal((72, 1088)) * 3.7, "nvfp4", 16,
+                                nvfp4_divisor=divisor)
+            x = make_x(rng, (83, 1088), "bfloat16")
+            y = xla_qops.quantized_matmul(x, qw, impl="custom_call")
+            ref.assert_close(y, x, qw.w, qw.scale, None, 16, False, weight_format="fp4")
+            out[f"float|nvfp4|{{name}}|83|bfloat16"] = np.asarray(y, np.float32)
+        scale = qw.scale.at[:, 5].multiply(1.05)
+        y = xla_qops.quantized_matmul(x, qw.w, scale, None, 16, True, weight_format="fp4",
+                                      impl="custom_call")
+        ref.assert_close(y, x, qw.w, scale, None, 16, False, weight_format="fp4")
+        out["float|nvfp4|off-grid|83|bfloat16"] = np.asarray(y, np.float32)
         for bits in (8, 4):
             qw = xla_qops.quantize_weight(rng.standard_normal((70, 256)), bits=bits, block_size=64)
             scale = jnp.exp2(jnp.round(jnp.log2(qw.scale)))
@@ -660,7 +676,7 @@ def test_amx_prefill_matches_the_reference_and_the_avx512_microkernels(tmp_path)
     assert on["amx"] == _amx_expected() and off["amx"] is False
     a, b = np.load(tmp_path / "on.npz"), np.load(tmp_path / "off.npz")
     assert sorted(a.files) == sorted(b.files)
-    assert len(a.files) == 2 * 4 * len(all_schemes(block_size=64)) + 6 * 2 + 3 + 3
+    assert len(a.files) == 2 * 4 * len(all_schemes(block_size=64)) + 6 * 2 + 3 + 3 + 3
     for key in a.files:
         sums, dtype = key.split("|")[0], key.split("|")[-1]
         if sums == "exact" or not on["amx"]:
