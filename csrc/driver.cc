@@ -339,11 +339,14 @@ void run_a16(const Problem& p, const Kernels& k, const Executor& ex) {
   // block scales) go into the panel: one sum over K, no per-group epilogue
   // (which bounds small groups: MXFP4's B = 32 ran at 0.57x bf16 torch's
   // prefill with it, NVFP4's B = 16 at 0.29x). Scaling a panel costs about
-  // what the epilogue of 30 rows does, so only from 64 rows: 4096x4096 at
-  // M=16, MXFP4 this way took 1.36x the time of int4 B=32 with the epilogue;
-  // at M=64 MXFP4 took 0.85-0.92x its own time with the epilogue.
-  const bool may_fold = amx_rows >= 64 && xa.T == 1 && p.blockwise && !p.has_zp && !xa.xgs &&
-                        xa.Gp / 2 <= kAmxPanelSteps;
+  // what the epilogue of 30 rows does at B = 32 (15 at B = 16), so only from
+  // 64 rows (32 at B <= 16): 4096x4096 at M=16, MXFP4 this way took 1.36x the
+  // time of int4 B=32 with the epilogue; at M=64 MXFP4 took 0.85-0.92x its
+  // own time with the epilogue; NVFP4 at M=32 / 48 took 0.75-0.92x / 0.72-0.80x
+  // its time with the epilogue on the decoder's shapes, at M=16 1.05-1.15x.
+  const int64_t fold_rows = p.G <= 16 ? 32 : 64;
+  const bool may_fold = amx_rows >= fold_rows && xa.T == 1 && p.blockwise && !p.has_zp &&
+                        !xa.xgs && xa.Gp / 2 <= kAmxPanelSteps;
   for_each_tile(ex, tiles, [&](int64_t tile) {
     const int64_t n0 = tile * kNR;
     const int ncols = tile_cols(p.N, n0);
