@@ -170,7 +170,7 @@ def test_bad_arguments_fail_before_any_work():
          "smoothing: 'smoothquant' is for schemes that quantize activations"),
         (dict(scheme="w8a8", smoothing="smoothquant"), ValueError,
          "calibration: smoothing='smoothquant' needs"),
-        (dict(scheme="w8a8", smoothing="smooth"), ValueError, "smoothing: expected None or"),
+        (dict(scheme="w8a8", smoothing="smooth"), ValueError, "smoothing: expected None, 'smoothquant' or 'hadamard'"),
         (dict(scheme="w8a8", smoothing="smoothquant", smoothing_alpha=2, calibration=calibration),
          ValueError, "smoothing_alpha"),
         (dict(method="gptq", calibration=[]), ValueError, "at least one model input"),

@@ -49,6 +49,7 @@ from torch_bridge import _cpu_ops
 from torch_bridge import _jax_interop as interop
 from torch_bridge import checks
 from torch_bridge import op as _op
+from torch_bridge import rotation
 
 
 class XlaQuantizedLinear(torch.nn.Module):
@@ -107,6 +108,11 @@ class XlaQuantizedLinear(torch.nn.Module):
         # quantize_model's smoothing or AWQ scales could not be folded into
         # the op producing x. None: not in the state_dict, no cost.
         self.register_buffer("input_scale", None)
+        # Optional Hadamard rotation of x (set_input_rotation): its block size
+        # (an int64 scalar, in the state_dict) and the block itself (derived,
+        # not saved). None: no cost.
+        self.register_buffer("input_rotation", None)
+        self.register_buffer("_hadamard", None, persistent=False)
         self._prepare()
 
     @property
@@ -188,6 +194,20 @@ class XlaQuantizedLinear(torch.nn.Module):
                 raise ValueError("scale: expected finite values")
             scale = scale.detach().to(self.weight.device, torch.float32)
         self.input_scale = scale
+
+    def set_input_rotation(self, block) -> None:
+        """Multiplies every input by a block-diagonal Hadamard matrix H (normalised
+        Sylvester blocks of `block` features, a power of two dividing input_dim) before
+        the quantized matmul, after `input_scale`, in float32, rounded once to x's
+        dtype; None removes it. The weight must hold W H (`torch_bridge.rotation`):
+        quantize_model's ``smoothing="hadamard"`` does both."""
+        if block is None:
+            self.input_rotation = self._hadamard = None
+            return
+        block = rotation.check_block(block, self.input_dim)
+        device = self.weight.device
+        self.input_rotation = torch.tensor(block, dtype=torch.int64, device=device)
+        self._hadamard = torch.from_numpy(rotation.hadamard(block)).to(device, torch.float32)
 
     @classmethod
     def from_float(cls, linear, *, bits: int = 8, block_size: int = -1, symmetric: bool = True,
@@ -313,6 +333,9 @@ class XlaQuantizedLinear(torch.nn.Module):
         input_scale = self._buffers["input_scale"]
         if input_scale is not None:
             x = (x.float() * input_scale).to(x.dtype)
+        hadamard = self._buffers["_hadamard"]
+        if hadamard is not None:
+            x = rotation.rotate_input(x, hadamard)
         prepared = self._cpu
         if (prepared is not None and x.device.type == "cpu"
                 and self.impl in _cpu_ops.DIRECT_IMPLS
@@ -366,6 +389,19 @@ class XlaQuantizedLinear(torch.nn.Module):
                     error_msgs.append(f"While loading {prefix or 'the module'}: input_{e}")
             else:
                 missing_keys.append(prefix + "input_scale")
+        if self.input_rotation is not None or prefix + "input_rotation" in state_dict:
+            names.append("input_rotation")  # optional, as input_scale
+            if prefix + "input_rotation" in state_dict:
+                value = state_dict[prefix + "input_rotation"]
+                try:
+                    if not isinstance(value, torch.Tensor) or value.numel() != 1:
+                        raise ValueError(f"expected one int (the block size), got {value!r}")
+                    self.set_input_rotation(int(value.item()))
+                except (TypeError, ValueError) as e:
+                    error_msgs.append(f"While loading {prefix or 'the module'}: "
+                                      f"input_rotation: {e}")
+            else:
+                missing_keys.append(prefix + "input_rotation")
         if strict:
             unexpected_keys.extend(k for k in state_dict
                                    if k.startswith(prefix) and k[len(prefix):] not in names)
@@ -401,6 +437,8 @@ class XlaQuantizedLinear(torch.nn.Module):
             parts.append(f"impl={self.impl!r}")
         if self.input_scale is not None:
             parts.append("input_scale")
+        if self.input_rotation is not None:
+            parts.append(f"input_rotation=hadamard({int(self.input_rotation)})")
         return ", ".join(parts)
 
 

@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from torch_bridge import calibrate, checks
+from torch_bridge import calibrate, checks, rotation
 from torch_bridge.linear import XlaQuantizedLinear
 from xla_qops import quantizers
 from xla_qops.quantize import check_method
@@ -169,10 +169,14 @@ def quantize_model(model, *, scheme: str = "w8a16", block_size: int = -1,
       calibration: an iterable of model inputs (tensors, tuples of tensors or
         dicts of tensors, as the model's forward takes them), run through the
         model on its device under no_grad (torch_bridge.calibrate).
-      smoothing: None or "smoothquant" (A8 schemes, needs `calibration`):
+      smoothing: None, "smoothquant" (A8 schemes, needs `calibration`):
         activation outliers moved into the weights by per-channel scales,
         folded into the preceding norm / Linear where the model allows it,
-        else applied by the layer (`XlaQuantizedLinear.input_scale`).
+        else applied by the layer (`XlaQuantizedLinear.input_scale`); or
+        "hadamard" (A8 schemes, method "rtn", no data): each layer's inputs
+        rotated by a block-diagonal Hadamard matrix at run time and its
+        weight by the same matrix before quantization
+        (`XlaQuantizedLinear.set_input_rotation`, torch_bridge.rotation).
       smoothing_alpha: SmoothQuant's migration strength in [0, 1].
       progress: a progress bar per calibration pass (tqdm).
 
@@ -194,8 +198,9 @@ def quantize_model(model, *, scheme: str = "w8a16", block_size: int = -1,
         raise TypeError(f"filter_fn: expected a callable(name, module) or None, "
                         f"got {type(filter_fn).__name__}")
     checks.smoothing(smoothing, smoothing_alpha, scheme, quantize_activation,
-                     calibration is not None)
-    needs_data = method in quantizers.CALIBRATED or smoothing is not None
+                     calibration is not None, method)
+    rotate = smoothing == "hadamard"  # no data: the plain path, each weight rotated first
+    needs_data = method in quantizers.CALIBRATED or (smoothing is not None and not rotate)
     check_method(method, calibration is not None, allow_unused=smoothing is not None,
                  calibration_is="an iterable of the model's inputs",
                  methods=quantizers.MODEL_METHODS)
@@ -225,14 +230,22 @@ def quantize_model(model, *, scheme: str = "w8a16", block_size: int = -1,
         todo.append((name, module, holders))
 
     swapped = []
-    if method == "rtn" and smoothing is None:  # the plain path: no data, no errors measured
+    if method == "rtn" and (smoothing is None or rotate):  # the plain path: no data
         for name, module, holders in todo:
+            block = rotation.block_for(module.in_features) if rotate else 1
+            source = module if block == 1 else _rotated_linear(module, block)
             quantized = XlaQuantizedLinear.from_float(
-                module, bits=bits, block_size=block_size, symmetric=symmetric,
+                source, bits=bits, block_size=block_size, symmetric=symmetric,
                 quantize_activation=quantize_activation, format=spec.format,
                 activation_format=spec.activation_format)
+            if block > 1:
+                quantized.set_input_rotation(block)
             swap_into(holders, quantized)
-            swapped.append(_swapped(name, module, quantized))
+            swapped.append(dataclasses.replace(
+                _swapped(name, module, quantized),
+                input_scale=None if not rotate else
+                f"Hadamard rotation, blocks of {block}" if block > 1 else
+                f"not rotated (in_features={module.in_features} is odd)"))
         rows = 0
     else:
         holders_of = {name: holders for name, _, holders in todo}
@@ -259,11 +272,21 @@ def quantize_model(model, *, scheme: str = "w8a16", block_size: int = -1,
                                 calibration_size=len(inputs) if inputs else 0,
                                 calibration_tokens=rows,
                                 smoothing=(f"{smoothing}(alpha={smoothing_alpha})"
-                                           if smoothing else None),
+                                           if smoothing and not rotate else smoothing),
                                 seconds=time.perf_counter() - start)
     setattr(model, _REPORT_ATTR, report)
     _last_report = report
     return model
+
+
+def _rotated_linear(module: torch.nn.Linear, block: int) -> torch.nn.Linear:
+    """A float copy of `module` with its weight W H (torch_bridge.rotation), on its device."""
+    rotated = torch.nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
+                              device="meta")
+    rotated.weight = torch.nn.Parameter(
+        rotation.rotate_weight(module.weight, block).to(module.weight.device), requires_grad=False)
+    rotated.bias = module.bias
+    return rotated
 
 
 def _swapped(name, module, quantized) -> SwappedLayer:
