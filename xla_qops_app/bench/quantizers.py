@@ -56,6 +56,8 @@ ROWS += [("w8a8", -1, method, "smoothquant") for method in ("rtn", "gptq")]
 # (not per token), which is what closes W8A8's gap (docs/quantizers.md).
 ROWS += [("w8a8", block, "rtn", None) for block in (128, 32)]
 ROWS += [("w4a8", 128, method, "smoothquant") for method in ("rtn", "gptq")]
+# Issue 26's W8A8 target: the inputs rotated by Hadamard blocks (torch_bridge.rotation), no data.
+ROWS += [("w8a8", -1, "rtn", "hadamard"), ("w4a8", 128, "rtn", "hadamard")]
 # Float element formats (issue 24 sections 2 and 5): float weights round onto their grid
 # with the methods that apply to them (xla_qops.schemes.FLOAT_METHODS), SmoothQuant for the
 # A8-fp8 scheme; w4a8-fp8 has int4 weights, so the int methods apply.
@@ -92,7 +94,7 @@ class Row:
 
     @property
     def calibrated(self) -> bool:
-        return self.method in CALIBRATED or bool(self.smoothing)
+        return needs_calibration(self.method, self.smoothing)
 
     @property
     def target(self):
@@ -110,7 +112,7 @@ class Report:
 
 
 def needs_calibration(method, smoothing) -> bool:
-    return method in CALIBRATED or bool(smoothing)
+    return method in CALIBRATED or smoothing not in (None, "hadamard")  # a rotation sees no data
 
 
 def measure(rows, quantize, score, calibrations=tuple(CALIBRATIONS),
@@ -303,7 +305,7 @@ def summary(rows) -> list[str]:
             f"| {scheme} | {_layout(block)} | ≥ {target} | {best.cos[HELD_OUT][0]:.5f} | "
             f"{_name_of(best)} | "
             f"{'met' if best.met() else '**missed**'} | {_cos(best, IN_DISTRIBUTION)} | "
-            + (f"{free.cos[HELD_OUT][0]:.5f} ({free.method})" if free else "–") + " |")
+            + (f"{free.cos[HELD_OUT][0]:.5f} ({_name_of(free)})" if free else "–") + " |")
     return lines
 
 
