@@ -164,3 +164,21 @@ def test_compiled_rotated_model_matches_eager():
     x = torch.randn(7, 96)
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), model(x), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("block", [64, 32])
+def test_bf16_inputs_rotate_to_the_float32_rotation_rounded(block):
+    """bf16 x multiplies in bf16 where H is exact there (b = 64: entries +-1/8), else in
+    float32: both the float32 sum of exact products, rounded once to bf16 -- within one
+    bf16 ulp of the float64 rotation rounded to bf16 (the float32 sums' order may flip
+    a rounding)."""
+    from torch_bridge import rotation
+    x = (torch.randn(37, 3 * block) * 5).to(torch.bfloat16)
+    h = torch.from_numpy(rotation.hadamard(block)).float()
+    got = rotation.rotate_input(x, h)
+    assert got.dtype == torch.bfloat16 and got.shape == x.shape
+    exact = x.double().numpy().reshape(-1, block) @ sylvester(block)
+    exact = torch.from_numpy(exact.reshape(x.shape))
+    ulp = torch.from_numpy(np.spacing(np.abs(exact.to(torch.bfloat16).float().numpy())))
+    ulp = ulp * 2 ** 16  # float32 spacing -> bf16 spacing (8 bits of mantissa against 24)
+    assert bool(((got.double() - exact).abs() <= ulp.double() + 1e-30).all())

@@ -61,8 +61,16 @@ def rotate_weight(w: torch.Tensor, block: int) -> torch.Tensor:
 
 
 def rotate_input(x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-    """x H for x [..., in] and one block `h` [b, b] float32: float32 products, rounded once
-    to x's dtype."""
+    """x H for x [..., in] and one block `h` [b, b] float32: exact products summed in
+    float32, rounded once to x's dtype.
+
+    One 2-D product [tokens * in / b, b] @ [b, b] (a batched one broadcasting h ran 2.5x
+    slower on MiniLM's layers). bf16 x with h exact in bf16 (b a power of 4: entries
+    +-2^-k) multiplies in bf16 -- the same exact products, float32 sums rounded to bf16 --
+    at about 4x the float32 product's speed (1536 x 1536 at b = 64: 0.28 against 1.2 ms,
+    2 threads)."""
     block = h.shape[0]
-    rotated = x.float().reshape(*x.shape[:-1], x.shape[-1] // block, block) @ h
-    return rotated.reshape(x.shape).to(x.dtype)
+    rows = x.reshape(-1, block)
+    if x.dtype == torch.bfloat16 and block & 0x5555555555555555:  # a power of 4
+        return torch.mm(rows, h.to(torch.bfloat16)).reshape(x.shape)
+    return torch.mm(rows.float(), h).reshape(x.shape).to(x.dtype)
