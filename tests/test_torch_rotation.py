@@ -44,7 +44,8 @@ def outlier_inputs(rng, rows, features, channels=(3, 17)):
     return torch.from_numpy(x)
 
 
-@pytest.mark.parametrize("scheme,block_size", [("w8a8", -1), ("w4a8", 32), ("w8a8", 32)])
+@pytest.mark.parametrize("scheme,block_size", [("w8a8", -1), ("w4a8", 32), ("w8a8", 32),
+                                               ("w8a16", -1), ("w4a16", 32)])
 def test_the_rotated_layer_is_the_reference_of_the_rotated_problem(scheme, block_size):
     """The swapped layer stores quantize_weight(W H) exactly, and computes API.md's
     convention on x H (H: the float64 definition above)."""
@@ -70,8 +71,9 @@ def test_the_rotated_layer_is_the_reference_of_the_rotated_problem(scheme, block
         x_rotated = (xin.double().numpy() @ h).astype(np.float32)
         # The layer rotates in float32: the activation's rounding may fall either side
         # of an int8 tie where float32 and float64 disagree (activation_ties).
+        a8 = "a8" in scheme
         ref.assert_close(y.numpy(), x_rotated, np.asarray(qw.w), np.asarray(qw.scale), None,
-                         block_size, True, activation_ties=True)
+                         block_size, a8, activation_ties=a8)
 
 
 def test_rotation_cuts_the_error_of_outlier_channels():
@@ -126,12 +128,12 @@ def test_report_says_which_layers_were_rotated():
 
 
 @pytest.mark.parametrize("kwargs,error,message", [
-    (dict(scheme="w8a16", smoothing="hadamard"), ValueError,
-     "smoothing: 'hadamard' is for schemes that quantize activations"),
     (dict(scheme="w8a8-fp8", smoothing="hadamard"), ValueError,
-     "smoothing: 'hadamard' is for int8 activations"),
-    (dict(scheme="w8a8", smoothing="hadamard", method="hqq"), ValueError,
-     "method: smoothing='hadamard' takes method='rtn', got 'hqq'"),
+     "smoothing: 'hadamard' is for the integer schemes"),
+    (dict(scheme="w4a16-nvfp4", smoothing="hadamard"), ValueError,
+     "smoothing: 'hadamard' is for the integer schemes .* got scheme='w4a16-nvfp4'"),
+    (dict(scheme="w8a8", smoothing="hadamard", method="awq", calibration=[torch.randn(2, 96)]),
+     ValueError, "method: smoothing='hadamard' takes one of 'rtn', 'hqq', 'gptq', got 'awq'"),
     (dict(scheme="w8a8", smoothing="rotate"), ValueError,
      "smoothing: expected None, 'smoothquant' or 'hadamard', got 'rotate'"),
 ])
@@ -182,3 +184,34 @@ def test_bf16_inputs_rotate_to_the_float32_rotation_rounded(block):
     ulp = torch.from_numpy(np.spacing(np.abs(exact.to(torch.bfloat16).float().numpy())))
     ulp = ulp * 2 ** 16  # float32 spacing -> bf16 spacing (8 bits of mantissa against 24)
     assert bool(((got.double() - exact).abs() <= ulp.double() + 1e-30).all())
+
+
+def test_gptq_fits_the_rotated_problem():
+    """smoothing="hadamard" with GPTQ: the layer's GPTQ runs on W H with the rotated
+    inputs' X^T X (H^T X^T X H); on held-out inputs drawn like the calibration ones its
+    output error is below round to nearest's on the same rotated weight (with the
+    Hessian left unrotated GPTQ would compensate along the wrong directions)."""
+    rng = np.random.default_rng(5)
+    torch.manual_seed(5)
+    layer = torch.nn.Linear(128, 48)
+    mix = rng.standard_normal((128, 128)) * 0.3 + np.eye(128)  # correlated inputs
+    def draw(n):
+        x = rng.standard_normal((n, 128)) @ mix
+        x[:, 7] *= 30.0
+        return torch.from_numpy(x.astype(np.float32))
+    calibration = [draw(64) for _ in range(5)]
+    held_out = draw(256)
+    models = {m: torch_bridge.quantize_model(torch.nn.Sequential(copy.deepcopy(layer)),
+                                             scheme="w4a8", block_size=32, method=m,
+                                             smoothing="hadamard",
+                                             calibration=calibration if m == "gptq" else None)
+              for m in ("rtn", "gptq")}
+    rotated = models["gptq"][0]
+    assert int(rotated.input_rotation) == 64
+    report = torch_bridge.quantization_report(models["gptq"])
+    assert report.swapped[0].input_scale == "Hadamard rotation, blocks of 64"
+    with torch.no_grad():
+        expected = layer(held_out)
+        errors = {m: float((model(held_out) - expected).norm() / expected.norm())
+                  for m, model in models.items()}
+    assert errors["gptq"] < 0.9 * errors["rtn"], errors

@@ -49,7 +49,7 @@ from collections.abc import Iterable, Mapping
 import numpy as np
 import torch
 
-from torch_bridge import blockround
+from torch_bridge import blockround, rotation
 from torch_bridge.block_replay import BlockReplay, blocks_run_once, inside, real_token_rows
 from torch_bridge.block_replay import call_model as _call
 from torch_bridge.block_replay import tensors as _tensors
@@ -296,9 +296,14 @@ def quantize_linears(model, todo, *, bits: int, block_size: int, symmetric: bool
                      quantize_activation: bool, method: str, inputs, smoothing,
                      smoothing_alpha: float, swap, progress: bool = True,
                      search_scales: bool = True, format: str = "int",
-                     activation_format: str | None = None, nvfp4_divisor: bool = False) -> dict:
+                     activation_format: str | None = None, nvfp4_divisor: bool = False,
+                     rotate: bool = False) -> dict:
     """Quantizes the Linears `todo` ([(name, module)]) of `model`, calling `swap(name, new)`
     for each, in run order; returns {name: LayerResult}.
+
+    rotate: each layer's weight W H and its inputs' X^T X as H^T X^T X H before `method`
+    (torch_bridge.rotation; layer-wise methods without input scales), the module rotating
+    its inputs at run time (`XlaQuantizedLinear.set_input_rotation`).
 
     inputs: the calibration inputs as `check_inputs` returns them (the caller
     checks them, once, before it changes anything), or None where neither the
@@ -352,7 +357,7 @@ def quantize_linears(model, todo, *, bits: int, block_size: int, symmetric: bool
                              symmetric=symmetric, quantize_activation=quantize_activation,
                              method=method, progress=progress, format=format,
                              activation_format=activation_format,
-                             nvfp4_divisor=nvfp4_divisor, starts=starts)
+                             nvfp4_divisor=nvfp4_divisor, starts=starts, rotate=rotate)
         finally:
             replay.close()
     if refine:
@@ -394,7 +399,8 @@ def _reconstruct_blocks(model, inputs, starts, results, linears, block_method, s
 
 def _quantize_groups(model, inputs, groups, ran, linears, repeated, scales, where, notes,
                      results, replay, *, swap, bits, block_size, symmetric, quantize_activation,
-                     method, progress, format, activation_format, nvfp4_divisor, starts=None):
+                     method, progress, format, activation_format, nvfp4_divisor, starts=None,
+                     rotate=False):
     """Phase 3 (module docstring): quantizes and swaps each group in run order, filling
     `results`; `replay` replays the blocks finished before each group; `notes`: `_scales`'s
     held-out findings, added to the layers' `input_scale`. `starts` (a dict, or
@@ -412,8 +418,14 @@ def _quantize_groups(model, inputs, groups, ran, linears, repeated, scales, wher
             hessian = stats.hessian.numpy()
             if stats.holdout_hessian is not None:
                 holdout = stats.holdout_hessian.numpy()
+        block = rotation.block_for(mods[0].in_features) if rotate else 1
+        if block > 1:  # the rotated problem: W H, inputs X H
+            hessian = None if hessian is None else rotation.rotate_hessian(hessian, block)
+            holdout = None if holdout is None else rotation.rotate_hessian(holdout, block)
         for name, linear in zip(g.names, mods):
             w = linear.weight.detach().to("cpu", torch.float32).numpy()
+            if block > 1:
+                w = rotation.rotate_weight_array(w, block)
             s = scales.get(name)
             explicit = s is not None and where[name] == "explicit"
             done = layerwise.quantize_layer(
@@ -424,9 +436,12 @@ def _quantize_groups(model, inputs, groups, ran, linears, repeated, scales, wher
                 done.weight, quantize_activation=quantize_activation, bias=linear.bias,
                 input_scale=1.0 / s if explicit else None, device=linear.weight.device,
                 activation_format=activation_format)
+            if block > 1:
+                module.set_input_rotation(block)
+            place = (None if not rotate else rotation.describe(block, linear.in_features))
             results[name] = LayerResult(
                 module, done.method, done.weight_error_rtn, done.weight_error,
-                _input_scale_text(where.get(name), notes.get(name)), done.held_out)
+                _input_scale_text(place or where.get(name), notes.get(name)), done.held_out)
             swap(name, results[name].module)
             if starts is not None:
                 w_orig = w / s if (s is not None and not explicit) else w

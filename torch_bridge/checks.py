@@ -229,6 +229,8 @@ def block_size(value) -> int:
 
 
 SMOOTHING = ("smoothquant", "hadamard")
+# Methods that fit the rotated problem layer by layer (W H, X^T X as H^T X^T X H).
+ROTATED_METHODS = ("rtn", "hqq", "gptq")
 
 
 def scheme_arguments(spec: Scheme, name: str, symmetric: bool, method: str,
@@ -248,17 +250,19 @@ def smoothing(value, alpha, scheme_name: str, quantize_activation: bool,
         return
     if value not in SMOOTHING:
         raise ValueError(f"smoothing: expected None, 'smoothquant' or 'hadamard', got {value!r}")
+    if value == "hadamard":
+        if "-" in scheme_name:  # the float element formats: w8a16-fp8, w4a16-nvfp4, ...
+            raise ValueError(f"smoothing: 'hadamard' is for the integer schemes (w8a16, "
+                             f"w4a16, w8a8, w4a8); with fp8 activations it measured worse "
+                             f"than none (MiniLM w8a8-fp8: 0.99557 against 0.99757), got "
+                             f"scheme={scheme_name!r}")
+        if method not in ROTATED_METHODS:  # these use input scales or whole blocks
+            raise ValueError(f"method: smoothing='hadamard' takes one of "
+                             f"{', '.join(map(repr, ROTATED_METHODS))}, got {method!r}")
+        return
     if not quantize_activation:
         raise ValueError(f"smoothing: {value!r} is for schemes that quantize activations "
                          f"(w8a8, w4a8, w8a8-fp8, w4a8-fp8), got scheme={scheme_name!r}")
-    if value == "hadamard":
-        if scheme_name.endswith("-fp8"):  # e4m3's error is relative: no outlier problem
-            raise ValueError(f"smoothing: 'hadamard' is for int8 activations (w8a8, w4a8); "
-                             f"with fp8 activations it measured worse than none (MiniLM "
-                             f"w8a8-fp8: 0.99557 against 0.99757), got scheme={scheme_name!r}")
-        if method != "rtn":  # the calibrated methods would need the rotated inputs
-            raise ValueError(f"method: smoothing='hadamard' takes method='rtn', got {method!r}")
-        return
     if not calibration_given:
         raise ValueError("calibration: smoothing='smoothquant' needs calibration inputs, got None")
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1:

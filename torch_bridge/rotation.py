@@ -9,6 +9,12 @@ weight rotated by the same matrix undoes it exactly in real arithmetic:
 
     y = x W^T = (x H)(W H)^T          (H H^T = I)
 
+The weight in the rotated basis is smoother too (its outlier input columns
+are spread alike), so weight-only schemes gain as well, and GPTQ fits the
+rotated problem (W H with the rotated inputs' H^T X^T X H) better than the
+original: MiniLM held-out W4A16 g128 0.98368, W4A8 g128 0.98371, W8A8
+0.99981 in ~30 s each (docs/quantizers.md).
+
 H here is block-diagonal: normalised Sylvester Hadamard blocks of `b`
 features (b a power of two dividing `in`, at most `MAX_BLOCK`), applied to x
 at run time as one float32 batched product ([..., in/b, b] @ H_b: in * b
@@ -29,6 +35,13 @@ def block_for(in_features: int) -> int:
     """The rotation block of a layer with `in_features` inputs: the largest power of two
     dividing it, at most MAX_BLOCK; 1 (no rotation) for an odd `in`."""
     return min(MAX_BLOCK, in_features & -in_features)
+
+
+def describe(block: int, in_features: int) -> str:
+    """What quantization reports say of a layer's rotation."""
+    if block > 1:
+        return f"Hadamard rotation, blocks of {block}"
+    return f"not rotated (in_features={in_features} is odd)"
 
 
 def hadamard(block: int) -> np.ndarray:
@@ -58,6 +71,24 @@ def rotate_weight(w: torch.Tensor, block: int) -> torch.Tensor:
     rotated = w.detach().to("cpu", torch.float64).reshape(out_features, in_features // block,
                                                           block) @ h
     return rotated.reshape(out_features, in_features).to(torch.float32)
+
+
+def rotate_weight_array(w: np.ndarray, block: int) -> np.ndarray:
+    """W H for a float numpy weight [out, in] (float64 products, float32 result)."""
+    out_features, in_features = w.shape
+    rotated = np.asarray(w, np.float64).reshape(out_features, -1, block) @ hadamard(block)
+    return rotated.reshape(out_features, in_features).astype(np.float32)
+
+
+def rotate_hessian(h_x: np.ndarray, block: int) -> np.ndarray:
+    """H^T (X^T X) H: the second moment of the rotated inputs X H, from X's [in, in]
+    (float64; H block-diagonal and symmetric, so one block on each side of every
+    b x b tile: 2 in^2 b multiply-adds)."""
+    n = h_x.shape[0]
+    hb = hadamard(block)
+    tiles = np.asarray(h_x, np.float64).reshape(n // block, block, n // block, block)
+    left = np.einsum("ai,paqb->piqb", hb, tiles)
+    return np.einsum("piqb,bj->piqj", left, hb).reshape(n, n)
 
 
 def rotate_input(x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:

@@ -173,9 +173,10 @@ def quantize_model(model, *, scheme: str = "w8a16", block_size: int = -1,
         activation outliers moved into the weights by per-channel scales,
         folded into the preceding norm / Linear where the model allows it,
         else applied by the layer (`XlaQuantizedLinear.input_scale`); or
-        "hadamard" (A8 schemes, method "rtn", no data): each layer's inputs
-        rotated by a block-diagonal Hadamard matrix at run time and its
-        weight by the same matrix before quantization
+        "hadamard" (the integer schemes; methods "rtn", "hqq" or "gptq"; no
+        data of its own): each layer's inputs rotated by a block-diagonal
+        Hadamard matrix at run time and its weight by the same matrix before
+        `method` quantizes it, GPTQ on the rotated inputs' statistics
         (`XlaQuantizedLinear.set_input_rotation`, torch_bridge.rotation).
       smoothing_alpha: SmoothQuant's migration strength in [0, 1].
       progress: a progress bar per calibration pass (tqdm).
@@ -199,7 +200,7 @@ def quantize_model(model, *, scheme: str = "w8a16", block_size: int = -1,
                         f"got {type(filter_fn).__name__}")
     checks.smoothing(smoothing, smoothing_alpha, scheme, quantize_activation,
                      calibration is not None, method)
-    rotate = smoothing == "hadamard"  # no data: the plain path, each weight rotated first
+    rotate = smoothing == "hadamard"  # each weight rotated first; no data of its own
     needs_data = method in quantizers.CALIBRATED or (smoothing is not None and not rotate)
     check_method(method, calibration is not None, allow_unused=smoothing is not None,
                  calibration_is="an iterable of the model's inputs",
@@ -243,17 +244,15 @@ def quantize_model(model, *, scheme: str = "w8a16", block_size: int = -1,
             swap_into(holders, quantized)
             swapped.append(dataclasses.replace(
                 _swapped(name, module, quantized),
-                input_scale=None if not rotate else
-                f"Hadamard rotation, blocks of {block}" if block > 1 else
-                f"not rotated (in_features={module.in_features} is odd)"))
+                input_scale=rotation.describe(block, module.in_features) if rotate else None))
         rows = 0
     else:
         holders_of = {name: holders for name, _, holders in todo}
         results = calibrate.quantize_linears(
             model, [(name, module) for name, module, _ in todo], bits=bits,
             block_size=block_size, symmetric=symmetric, quantize_activation=quantize_activation,
-            method=method, inputs=inputs, smoothing=smoothing,
-            smoothing_alpha=float(smoothing_alpha), format=spec.format,
+            method=method, inputs=inputs, smoothing=None if rotate else smoothing,
+            smoothing_alpha=float(smoothing_alpha), format=spec.format, rotate=rotate,
             activation_format=spec.activation_format,
             swap=lambda name, quantized: swap_into(holders_of[name], quantized),
             progress=progress)
