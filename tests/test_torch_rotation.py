@@ -215,3 +215,23 @@ def test_gptq_fits_the_rotated_problem():
         errors = {m: float((model(held_out) - expected).norm() / expected.norm())
                   for m, model in models.items()}
     assert errors["gptq"] < 0.9 * errors["rtn"], errors
+
+
+@pytest.mark.torch_xla
+def test_rotated_model_on_the_xla_device():
+    """The rotation's buffers move with the module; on torch_xla's device the layer runs
+    the same arithmetic through the fused XLA path: the CPU result within the op's
+    float32 tolerance (both quantize the same rotated activations per token)."""
+    import torch_xla
+
+    torch.manual_seed(6)
+    model = torch_bridge.quantize_model(TwoLayers().eval(), scheme="w8a8", smoothing="hadamard")
+    x = torch.randn(5, 96)
+    with torch.no_grad():
+        expected = model(x)
+        device = torch_xla.device()
+        model.to(device)
+        assert model.up._hadamard.device.type == "xla"
+        assert model.up.input_rotation.device.type == "xla"
+        got = model(x.to(device)).cpu()
+    torch.testing.assert_close(got, expected, rtol=2e-3, atol=2e-3)
