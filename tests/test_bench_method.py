@@ -11,7 +11,8 @@ from xla_qops_app.commands import bench
 def test_peers_take_turns_with_untimed_warm_calls():
     calls = []
     steps = {name: (lambda i, name=name: calls.append((name, i))) for name in ("ours", "torch")}
-    medians = bench._interleaved_medians(steps, reps=3, warm=2, warm_seconds=0)
+    medians = bench._interleaved_medians(steps, reps=3, warm=2, warm_seconds=0,
+                                         timed_seconds=0)
     assert set(medians) == {"ours", "torch"} and all(t >= 0 for t in medians.values())
     # Turns alternate within every repetition, three calls (two untimed) per turn,
     # and every call gets a fresh index (decode cases rotate weights by it).
@@ -30,12 +31,35 @@ def test_untimed_calls_last_at_least_warm_seconds():
         return call
 
     bench._interleaved_medians({"ours": step("ours"), "torch": step("torch")}, reps=2, warm=3,
-                               warm_seconds=0.003)
+                               warm_seconds=0.003, timed_seconds=0)
     for name, ts in starts.items():
         assert len(ts) > 8, name  # more than 3 + 1 per turn: the time, not the count, ruled
     # within a turn, the timed call comes >= 3 ms after the turn's first call
     first_turn = [t for t in starts["ours"] if t < starts["torch"][0]]
     assert first_turn[-1] - first_turn[0] >= 0.0028  # (its first call starts just after the clock)
+
+
+def test_a_turns_figure_is_the_mean_of_its_timed_calls():
+    """Timed calls run for at least timed_seconds (a slow peer: one), and the turn's
+    figure is their mean per call, not one call's time."""
+    import time
+    calls = {"fast": 0, "torch_xla": 0}
+
+    def step(name, seconds):
+        def call(i):
+            calls[name] += 1
+            end = time.perf_counter() + seconds
+            while time.perf_counter() < end:
+                pass
+        return call
+    times = bench._interleaved_times({"fast": step("fast", 0.0002),
+                                      "torch_xla": step("torch_xla", 0.0002)},
+                                     reps=2, warm=1, warm_seconds=0, timed_seconds=0.004,
+                                     slow={"torch_xla": 2})
+    assert calls["fast"] >= 2 * (1 + 15)  # per turn: one untimed, then 4 ms of 0.2 ms calls
+    assert calls["torch_xla"] == 2 * 2  # one untimed, one timed per turn
+    for name in times:
+        assert all(0.0002 <= t < 0.0008 for t in times[name]), (name, times[name])
 
 
 @pytest.mark.torch
@@ -51,7 +75,7 @@ def test_slow_peers_take_their_turns_in_the_same_rounds():
     calls = []
     steps = {name: (lambda i, name=name: calls.append(name)) for name in ("ours", "torch_xla")}
     times = bench._interleaved_times(steps, reps=3, warm=2, warm_seconds=0,
-                                     slow={"torch_xla": 2})
+                                     slow={"torch_xla": 2}, timed_seconds=0)
     assert [len(times["ours"]), len(times["torch_xla"])] == [3, 2]
     assert calls == ["ours"] * 3 + ["torch_xla"] * 2 + ["ours"] * 3 + ["torch_xla"] * 2 + ["ours"] * 3
 

@@ -17,7 +17,8 @@ min-max of the per-turn ratios (xla_qops_app.bench.report.ratio, which refuses
 a ratio across schemes unless it is labelled), plus our effective GB/s
 (weight, scale and zero-point bytes / time). The peers run in turn within each
 repetition (the memory bandwidth here drifts by up to 2x over seconds; each
-takes untimed calls, three and at least 4 ms of them, before its timed one;
+takes untimed calls, three and at least 4 ms of them, before its timed ones,
+at least one and 4 ms of them, whose mean per call is the turn's figure;
 torch_xla's op, about a second a call, takes one untimed call and only the
 first --slow-reps turns, on one weight compiled before the turns). The
 project's own pure-XLA fallback (impl="xla") is not a peer: it is not what a
@@ -106,12 +107,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 # decode timed 0.33 ms three calls after a torch turn, 0.21 ms after 4 ms of
 # calls, 0.19 ms with no torch in the process.
 WARM_SECONDS = 0.004
+# The timed calls of a turn last at least this long, and the turn's figure is their
+# mean: one sub-millisecond call timed alone moved by 2x between turns here (the
+# fp4 decode rows read 1.15-1.30x int4 of the same bytes at M=1 over 5 turns, where
+# alternating batches of 24 calls measured 0.98-0.99x).
+TIMED_SECONDS = 0.004
 
 
 def _interleaved_times(steps: dict, reps: int, warm: int = 3,
-                       warm_seconds: float = WARM_SECONDS, slow: dict | None = None) -> dict:
-    """Every timed call of each step, in turn order; the steps take turns
-    within every repetition.
+                       warm_seconds: float = WARM_SECONDS, slow: dict | None = None,
+                       timed_seconds: float = TIMED_SECONDS) -> dict:
+    """Each step's time per call in every turn, in turn order; the steps take
+    turns within every repetition. A turn's figure is the mean of its timed
+    calls: at least one, and for at least `timed_seconds` (consecutive calls
+    on consecutive weight copies, as a model's layers run).
 
     This machine's memory bandwidth drifts by up to 2x over seconds (other
     tenants): timing all of one implementation's runs and then the next's
@@ -137,18 +146,23 @@ def _interleaved_times(steps: dict, reps: int, warm: int = 3,
                 step(call)
                 call += 1
                 n += 1
-            t = time.perf_counter()
-            step(call)
-            times[name].append(time.perf_counter() - t)
-            call += 1
+            t, timed = time.perf_counter(), 0
+            while timed == 0 or (name not in slow
+                                 and time.perf_counter() - t < timed_seconds):
+                step(call)
+                call += 1
+                timed += 1
+            times[name].append((time.perf_counter() - t) / timed)
     return times
 
 
 def _interleaved_medians(steps: dict, reps: int, warm: int = 3,
-                         warm_seconds: float = WARM_SECONDS) -> dict:
+                         warm_seconds: float = WARM_SECONDS,
+                         timed_seconds: float = TIMED_SECONDS) -> dict:
     """Median time of each step (`_interleaved_times`)."""
     return {name: statistics.median(ts)
-            for name, ts in _interleaved_times(steps, reps, warm, warm_seconds).items()}
+            for name, ts in _interleaved_times(steps, reps, warm, warm_seconds,
+                                               timed_seconds=timed_seconds).items()}
 
 
 def _failing_quietly(step):
@@ -204,7 +218,8 @@ METHOD = (
     "turns in parentheses; ratios are peer time / our time from the same turns (> 1 means "
     "ours is faster), with the min–max of the per-turn ratios. The peers take turns within "
     "every repetition, each turn untimed calls (three, and at least {warm_ms} ms of them: "
-    "torch's OpenMP workers spin after its turn) then a timed one. torch's int kernel and "
+    "torch's OpenMP workers spin after its turn) then timed ones (at least one, and "
+    "{timed_ms} ms of them: the turn's figure is their mean per call). torch's int kernel and "
     "torch_xla's op get the very weights ours reads (same scheme); bf16 torch mm is the "
     "unquantized layer. torch_xla's op (4096×4096 only, unless --torch-xla all) is timed in "
     "steady state: one weight, reused, compiled by an untimed call before the turns, then "
@@ -226,7 +241,7 @@ def markdown(info, rows, read_bw, module_rows, reps, slow_reps) -> str:
     return "\n\n".join([
         "# `xla-qops bench` results",
         f"Machine: {info}; load average at the end {os.getloadavg()[0]:.1f}.",
-        METHOD.format(warm_ms=f"{WARM_SECONDS * 1e3:g}", reps=reps,
+        METHOD.format(warm_ms=f"{WARM_SECONDS * 1e3:g}", timed_ms=f"{TIMED_SECONDS * 1e3:g}", reps=reps,
                       slow_reps=slow_reps),
         "## Targets (issue K: small batches; then prefill)",
         report.targets(rows, read_bw),
