@@ -32,6 +32,7 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <cmath>
 #include <optional>
 #include <string_view>
 #include <vector>
@@ -173,6 +174,51 @@ at::Tensor kernel_seconds(const at::Tensor& x, at::TensorList w, at::TensorList 
   return out;
 }
 
+// x [..., K] (bf16, f16 or f32) times the block-diagonal matrix of normalised
+// Sylvester Hadamard blocks of `block` features (torch_bridge/rotation.py):
+// per row, the fast Walsh-Hadamard transform in float32 (log2(block) stages
+// of sums and differences), scaled by 1/sqrt(block) and rounded once to x's
+// dtype. The rotated layers' inputs (smoothing="hadamard") on the direct CPU
+// path: at decode sizes a torch mm's call cost 70-125 us beside the layer's
+// kernel for 10-20 us of work; this is a few us (rows split over torch's
+// threads only where there is work enough).
+at::Tensor hadamard_rows(const at::Tensor& x, int64_t block) {
+  const char* op = "xla_qops_cpu::hadamard_rows: ";
+  TORCH_CHECK(x.device().is_cpu() && x.dim() >= 1, op, "x: expected a CPU tensor [..., K]");
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf ||
+                  x.scalar_type() == at::kFloat,
+              op, "x: expected bfloat16, float16 or float32, got ", x.scalar_type());
+  const int64_t K = x.size(-1);
+  TORCH_CHECK(block >= 2 && (block & (block - 1)) == 0 && K % block == 0, op,
+              "block: expected a power of two >= 2 dividing K=", K, ", got ", block);
+  // A float32 copy of x's rows, transformed in place (never x's own storage).
+  at::Tensor f = x.scalar_type() == at::kFloat ? x.reshape({-1, K}).clone(at::MemoryFormat::Contiguous)
+                                               : x.reshape({-1, K}).to(at::kFloat).contiguous();
+  const int64_t rows = f.size(0);
+  float* data = f.mutable_data_ptr<float>();
+  const float norm = static_cast<float>(1.0 / std::sqrt(static_cast<double>(block)));
+  at::parallel_for(0, rows, std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(K, 1)),
+                   [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      float* row = data + r * K;
+      for (int64_t b0 = 0; b0 < K; b0 += block) {
+        float* v = row + b0;
+        for (int64_t h = 1; h < block; h *= 2) {
+          for (int64_t i = 0; i < block; i += 2 * h) {
+            for (int64_t j = i; j < i + h; ++j) {
+              const float a = v[j], c = v[j + h];
+              v[j] = a + c;
+              v[j + h] = a - c;
+            }
+          }
+        }
+        for (int64_t j = 0; j < block; ++j) v[j] *= norm;
+      }
+    }
+  });
+  return f.to(x.scalar_type()).view(x.sizes());
+}
+
 }  // namespace
 
 TORCH_LIBRARY(xla_qops_cpu, m) {
@@ -182,11 +228,13 @@ TORCH_LIBRARY(xla_qops_cpu, m) {
   m.def("kernel_seconds(Tensor x, Tensor[] w, Tensor[] scale, Tensor?[] zero_point, "
         "int block_size, int bits, bool quantize_activation, int rounds, "
         "str weight_format=\"int\", str activation_format=\"int8\") -> Tensor");
+  m.def("hadamard_rows(Tensor x, int block) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(xla_qops_cpu, CPU, m) {
   m.impl("quantized_matmul", &quantized_matmul);
   m.impl("kernel_seconds", &kernel_seconds);
+  m.impl("hadamard_rows", &hadamard_rows);
 }
 
 // Importing the module (after torch) is what registers the operator.

@@ -235,3 +235,39 @@ def test_rotated_model_on_the_xla_device():
         assert model.up.input_rotation.device.type == "xla"
         got = model(x.to(device)).cpu()
     torch.testing.assert_close(got, expected, rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("block", [64, 32, 2])
+def test_the_cpu_kernels_rotation_is_the_float64_one_rounded(dtype, block):
+    """The direct CPU path rotates x in C++ (a fast Walsh-Hadamard transform per row,
+    float32): within a few float32 ulps of the float64 rotation for float32 x (six
+    roundings of partial sums at b = 64), within one unit of the last place of x's
+    dtype otherwise; x itself untouched."""
+    from torch_bridge import _cpu_ops
+    if not _cpu_ops.available():
+        pytest.fail("the C++ torch operator is not built")
+    x = (torch.randn(3, 5, 2 * block) * 7).to(dtype)
+    before = x.clone()
+    got = _cpu_ops.hadamard_rows(x, block)
+    assert torch.equal(x, before) and got.dtype == dtype and got.shape == x.shape
+    exact = x.double().numpy().reshape(-1, block) @ sylvester(block)
+    exact = exact.reshape(x.shape)
+    err = np.abs(got.double().numpy() - exact)
+    # float32 sums: each of the log2(b) stages rounds partial sums of at most
+    # b * max|x| (half an ulp each), then 1/sqrt(b) scales them ...
+    stages = int(np.log2(block))
+    row_max = np.abs(x.double().numpy()).reshape(-1, block).max(1, keepdims=True)
+    f32 = stages * np.spacing((block * row_max).astype(np.float32)).astype(np.float64)
+    f32 = np.repeat(f32 / np.sqrt(block), block, 1).reshape(x.shape)
+    # ... and the result rounds once to x's dtype (half an ulp there).
+    ulp_bits = {torch.float32: 0, torch.bfloat16: 16, torch.float16: 13}[dtype]
+    rounding = np.spacing(np.abs(exact).astype(np.float32)).astype(np.float64) * 2.0 ** ulp_bits
+    bound = f32 + rounding
+    assert (err <= bound).all(), float((err - bound).max())
+
+
+def test_the_cpu_kernels_rotation_checks_its_block():
+    from torch_bridge import _cpu_ops
+    with pytest.raises(RuntimeError, match="block: expected a power of two >= 2 dividing K=96, got 64"):
+        _cpu_ops.hadamard_rows(torch.randn(2, 96), 64)

@@ -29,8 +29,9 @@ from xla_qops.spec import check_args
 try:
     from torch_bridge import _torch_ops  # noqa: F401  (registers the operator)
     _OP = torch.ops.xla_qops_cpu.quantized_matmul.default
+    _HADAMARD = torch.ops.xla_qops_cpu.hadamard_rows.default
 except ImportError:
-    _OP = None
+    _OP = _HADAMARD = None
 
 # impl values the direct route serves: the C++ kernels are what "auto" picks
 # on the host CPU, and what "custom_call" names.
@@ -40,6 +41,13 @@ DIRECT_IMPLS = ("auto", "custom_call")
 def available() -> bool:
     """Whether the torch operator was built (and registered)."""
     return _OP is not None
+
+
+def hadamard_rows(x: torch.Tensor, block: int) -> torch.Tensor:
+    """`torch_bridge.rotation.rotate_input` for a CPU x, in C++ (a fast Walsh-Hadamard
+    transform per row; no torch mm call, which costs more than its work at decode
+    sizes). Eager only: the op has no fake kernel for torch.compile."""
+    return _HADAMARD(x, block)
 
 
 # How many weights `prepare` has made: a call that re-prepares a module's

@@ -333,13 +333,18 @@ class XlaQuantizedLinear(torch.nn.Module):
         input_scale = self._buffers["input_scale"]
         if input_scale is not None:
             x = (x.float() * input_scale).to(x.dtype)
+        prepared = self._cpu
+        direct = (prepared is not None and x.device.type == "cpu"
+                  and self.impl in _cpu_ops.DIRECT_IMPLS
+                  and not (x.requires_grad and torch.is_grad_enabled()))
         hadamard = self._buffers["_hadamard"]
         if hadamard is not None:
-            x = rotation.rotate_input(x, hadamard)
-        prepared = self._cpu
-        if (prepared is not None and x.device.type == "cpu"
-                and self.impl in _cpu_ops.DIRECT_IMPLS
-                and not (x.requires_grad and torch.is_grad_enabled())):
+            if (direct and not torch.compiler.is_compiling()
+                    and x.numel() <= rotation.KERNEL_ELEMENTS):
+                x = _cpu_ops.hadamard_rows(x, hadamard.shape[0])
+            else:
+                x = rotation.rotate_input(x, hadamard)
+        if direct:
             # Straight to the kernels (no autograd needed). Under torch.compile
             # the operator's fake kernel validates x instead, and the graph
             # holds the prepared tensors.

@@ -28,6 +28,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+# Up to this many elements of x, the direct CPU path rotates in C++ (a fast
+# Walsh-Hadamard transform per row, `_cpu_ops.hadamard_rows`): at M=1 a torch mm's
+# call cost more than its work (2048 -> 5632 W4A16, eager: +24 us in C++ against
+# +34-100 us with torch.mm); above, torch's mm (M=128: +6-13% against the scalar
+# transform's +25%).
+KERNEL_ELEMENTS = 16 * 4096
 MAX_BLOCK = 64  # MiniLM W8A8, held-out mean cosine: 0.99965 (b=64), 0.99964 (128), 0.99962 (512)
 
 
