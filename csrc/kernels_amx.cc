@@ -35,7 +35,7 @@
 #ifdef XQK_NO_AMX
 namespace xqk {
 const AmxKernels& amx_kernels() {
-  static const AmxKernels k{nullptr, nullptr, nullptr, nullptr, nullptr};
+  static const AmxKernels k{nullptr, nullptr, nullptr, nullptr, nullptr, nullptr};
   return k;
 }
 }  // namespace xqk
@@ -297,6 +297,44 @@ void amx_scale_panel(uint32_t* panel, int64_t steps, const float* s, int ncols) 
   }
 }
 
+// AmxKernels::fold_scales (qmm.h): 16 columns a vector; the checks as unsigned
+// ranges (a zero gives a == r == 0: no deviation, its exponent not checked).
+uint64_t amx_fold_scales(const float* s, int64_t stride, int64_t groups, const float* inv,
+                         int ncols, int bits, float* t) {
+  const uint32_t drop = 23 - bits;
+  const __m512i half = _mm512_set1_epi32(static_cast<int>(1u << (drop - 1)));
+  const __m512i keep = _mm512_set1_epi32(static_cast<int>(~((1u << drop) - 1)));
+  const __m512i magnitude = _mm512_set1_epi32(0x7FFFFFFF), sign = _mm512_set1_epi32(INT32_MIN);
+  const __m512i ulps = _mm512_set1_epi32(kFoldUlps), span = _mm512_set1_epi32(2 * kFoldUlps);
+  const __m512i low = _mm512_set1_epi32(static_cast<int>(kFoldExpLow << 23));
+  const __m512i width = _mm512_set1_epi32(
+      static_cast<int>(((kFoldExpHigh - kFoldExpLow) << 23) | 0x7FFFFF));
+  __m512 iv[4];
+  __mmask16 m[4];
+  for (int j = 0; j < 4; ++j) {
+    m[j] = tail_mask(ncols - 16 * j);
+    iv[j] = _mm512_maskz_loadu_ps(m[j], inv + 16 * j);
+  }
+  __mmask16 bad[4] = {0, 0, 0, 0};
+  for (int64_t g = 0; g < groups; ++g) {
+    for (int j = 0; j < 4; ++j) {
+      if (!m[j]) break;
+      const __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(m[j], s + g * stride + 16 * j), iv[j]);
+      const __m512i vb = _mm512_castps_si512(v), a = _mm512_and_si512(vb, magnitude);
+      const __m512i r = _mm512_and_si512(_mm512_add_epi32(a, half), keep);
+      const __mmask16 far = _mm512_cmpgt_epu32_mask(
+          _mm512_add_epi32(_mm512_sub_epi32(a, r), ulps), span);
+      const __mmask16 out = _mm512_mask_cmpgt_epu32_mask(
+          _mm512_test_epi32_mask(a, a), _mm512_sub_epi32(r, low), width);
+      bad[j] |= (far | out) & m[j];
+      _mm512_store_si512(t + g * kNR + 16 * j,
+                         _mm512_or_si512(_mm512_and_si512(vb, sign), r));
+    }
+  }
+  return static_cast<uint64_t>(bad[0]) | static_cast<uint64_t>(bad[1]) << 16 |
+         static_cast<uint64_t>(bad[2]) << 32 | static_cast<uint64_t>(bad[3]) << 48;
+}
+
 void amx_mk_a16(int64_t rows, const uint16_t* x, int64_t ldx, const uint32_t* panel,
                 int64_t steps, float* acc, bool init) {
   mk_rows<false>(rows, reinterpret_cast<const char*>(x), ldx * 2, panel, steps,
@@ -321,7 +359,8 @@ void amx_mk_a8(int64_t rows, const int8_t* x, int64_t ldx, const uint32_t* panel
 }  // namespace
 
 const AmxKernels& amx_kernels() {
-  static const AmxKernels k{amx_mk_a16, amx_mk_a8, amx_fused_a16, amx_fused_a8, amx_scale_panel};
+  static const AmxKernels k{amx_mk_a16,     amx_mk_a8,       amx_fused_a16,
+                            amx_fused_a8,   amx_scale_panel, amx_fold_scales};
   return k;
 }
 

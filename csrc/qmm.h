@@ -208,7 +208,26 @@ struct AmxKernels {
   // (c < ncols; 0 beyond), truncated to bf16: the caller chooses scales that
   // make every product exact in bf16 (driver.cc, fold_tile).
   void (*scale_panel)(uint32_t* panel, int64_t steps, const float* s, int ncols);
+  // Folded scales (driver.cc, fold_tile): t[g * kNR + c] = s[g * stride + c] *
+  // inv[c] with its magnitude rounded to `bits` explicit mantissa bits (to
+  // nearest, fold_rounded; the sign kept) for g < groups, c < ncols; returns
+  // the columns (bit c) where some rounded value does not lie within
+  // kFoldUlps of the unrounded one with its exponent field in [kFoldExpLow,
+  // kFoldExpHigh] (zero always does): 0 when every one fits.
+  uint64_t (*fold_scales)(const float* s, int64_t stride, int64_t groups, const float* inv,
+                          int ncols, int bits, float* t);
 };
+// Folding scales into the panel (driver.cc, fold_tile): how far a scale may lie
+// from its rounded t (float32 ulps), and t's exponent range (biased), which keeps
+// q * t a normal bf16 for every weight value.
+constexpr int32_t kFoldUlps = 8;
+constexpr uint32_t kFoldExpLow = 127 - 117, kFoldExpHigh = 127 + 118;
+// |v|'s bits rounded to `bits` explicit mantissa bits, to nearest (a carry into
+// the exponent is the next power of two; ties and overflow fail the checks).
+inline uint32_t fold_rounded(uint32_t a, int bits) {
+  const uint32_t drop = 23 - bits;
+  return (a + (1u << (drop - 1))) & ~((1u << drop) - 1);
+}
 // Steps of the panel that the AMX forms pack at once (several groups, or a
 // stretch of a long one: 128 KiB, in L2).
 constexpr int64_t kAmxPanelSteps = 512;

@@ -636,6 +636,17 @@ def _panel_outputs_with_amx(amx: str, path: str) -> dict:
                                       impl="custom_call")
         ref.assert_close(y, x, qw.w, scale, None, 16, False, weight_format="fp4")
         out["float|nvfp4|off-grid|83|bfloat16"] = np.asarray(y, np.float32)
+        # A column whose first 8 block scales (e4m3 mantissas 1.5 and 1.125) also fit
+        # the wrong factor 1.5 * G, its 9th (1.25) not: the search goes on to G.
+        e = np.exp2(rng.integers(-3, 3, qw.scale.shape)) * rng.choice([1.0, 1.25, 1.5, 1.75],
+                                                                       qw.scale.shape)
+        e[:8, 9] = np.exp2(rng.integers(-3, 3, 8)) * rng.choice([1.5, 1.125], 8)
+        e[8, 9] = 1.25
+        scale = jnp.asarray((e * 0.0123457).astype(np.float32))
+        y = xla_qops.quantized_matmul(x, qw.w, scale, None, 16, True, weight_format="fp4",
+                                      impl="custom_call")
+        ref.assert_close(y, x, qw.w, scale, None, 16, False, weight_format="fp4")
+        out["float|nvfp4|second-factor|83|bfloat16"] = np.asarray(y, np.float32)
         for bits in (8, 4):
             qw = xla_qops.quantize_weight(rng.standard_normal((70, 256)), bits=bits, block_size=64)
             scale = jnp.exp2(jnp.round(jnp.log2(qw.scale)))
@@ -676,7 +687,7 @@ def test_amx_prefill_matches_the_reference_and_the_avx512_microkernels(tmp_path)
     assert on["amx"] == _amx_expected() and off["amx"] is False
     a, b = np.load(tmp_path / "on.npz"), np.load(tmp_path / "off.npz")
     assert sorted(a.files) == sorted(b.files)
-    assert len(a.files) == 2 * 4 * len(all_schemes(block_size=64)) + 6 * 2 + 3 + 3 + 3
+    assert len(a.files) == 2 * 4 * len(all_schemes(block_size=64)) + 6 * 2 + 3 + 3 + 4
     for key in a.files:
         sums, dtype = key.split("|")[0], key.split("|")[-1]
         if sums == "exact" or not on["amx"]:
