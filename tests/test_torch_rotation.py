@@ -132,8 +132,10 @@ def test_report_says_which_layers_were_rotated():
      "smoothing: 'hadamard' is for the integer schemes"),
     (dict(scheme="w4a16-nvfp4", smoothing="hadamard"), ValueError,
      "smoothing: 'hadamard' is for the integer schemes .* got scheme='w4a16-nvfp4'"),
-    (dict(scheme="w8a8", smoothing="hadamard", method="awq", calibration=[torch.randn(2, 96)]),
-     ValueError, "method: smoothing='hadamard' takes one of 'rtn', 'hqq', 'gptq', got 'awq'"),
+    (dict(scheme="w8a8", smoothing="hadamard", method="awq+gptq+blockround",
+          calibration=[torch.randn(2, 96)]),
+     ValueError, "method: smoothing='hadamard' takes one of 'rtn', 'hqq', 'gptq', 'awq', "
+                 "'awq\\+gptq', got 'awq\\+gptq\\+blockround'"),
     (dict(scheme="w8a8", smoothing="rotate"), ValueError,
      "smoothing: expected None, 'smoothquant' or 'hadamard', got 'rotate'"),
 ])
@@ -186,11 +188,13 @@ def test_bf16_inputs_rotate_to_the_float32_rotation_rounded(block):
     assert bool(((got.double() - exact).abs() <= ulp.double() + 1e-30).all())
 
 
-def test_gptq_fits_the_rotated_problem():
-    """smoothing="hadamard" with GPTQ: the layer's GPTQ runs on W H with the rotated
-    inputs' X^T X (H^T X^T X H); on held-out inputs drawn like the calibration ones its
-    output error is below round to nearest's on the same rotated weight (with the
-    Hessian left unrotated GPTQ would compensate along the wrong directions)."""
+@pytest.mark.parametrize("method", ["gptq", "awq+gptq"])
+def test_calibrated_methods_fit_the_rotated_problem(method):
+    """smoothing="hadamard" with GPTQ (and AWQ's clip search before it): the layer's
+    method runs on W H with the rotated inputs' X^T X (H^T X^T X H), no per-channel
+    input scale; on held-out inputs drawn like the calibration ones its output error is
+    below round to nearest's on the same rotated weight (with the Hessian left unrotated
+    GPTQ would compensate along the wrong directions)."""
     rng = np.random.default_rng(5)
     torch.manual_seed(5)
     layer = torch.nn.Linear(128, 48)
@@ -204,17 +208,17 @@ def test_gptq_fits_the_rotated_problem():
     models = {m: torch_bridge.quantize_model(torch.nn.Sequential(copy.deepcopy(layer)),
                                              scheme="w4a8", block_size=32, method=m,
                                              smoothing="hadamard",
-                                             calibration=calibration if m == "gptq" else None)
-              for m in ("rtn", "gptq")}
-    rotated = models["gptq"][0]
-    assert int(rotated.input_rotation) == 64
-    report = torch_bridge.quantization_report(models["gptq"])
+                                             calibration=calibration if m != "rtn" else None)
+              for m in ("rtn", method)}
+    rotated = models[method][0]
+    assert int(rotated.input_rotation) == 64 and rotated.input_scale is None  # AWQ: clips only
+    report = torch_bridge.quantization_report(models[method])
     assert report.swapped[0].input_scale == "Hadamard rotation, blocks of 64"
     with torch.no_grad():
         expected = layer(held_out)
         errors = {m: float((model(held_out) - expected).norm() / expected.norm())
                   for m, model in models.items()}
-    assert errors["gptq"] < 0.9 * errors["rtn"], errors
+    assert errors[method] < 0.9 * errors["rtn"], errors
 
 
 @pytest.mark.torch_xla

@@ -229,8 +229,10 @@ def block_size(value) -> int:
 
 
 SMOOTHING = ("smoothquant", "hadamard")
-# Methods that fit the rotated problem layer by layer (W H, X^T X as H^T X^T X H).
-ROTATED_METHODS = ("rtn", "hqq", "gptq")
+# Methods that fit the rotated problem layer by layer (W H, X^T X as H^T X^T X H);
+# AWQ there is its clip search alone: the rotation has already spread the input
+# channels that its per-channel scale would balance.
+ROTATED_METHODS = ("rtn", "hqq", "gptq", "awq", "awq+gptq")
 
 
 def scheme_arguments(spec: Scheme, name: str, symmetric: bool, method: str,

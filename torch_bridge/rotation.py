@@ -10,10 +10,10 @@ weight rotated by the same matrix undoes it exactly in real arithmetic:
     y = x W^T = (x H)(W H)^T          (H H^T = I)
 
 The weight in the rotated basis is smoother too (its outlier input columns
-are spread alike), so weight-only schemes gain as well, and GPTQ fits the
-rotated problem (W H with the rotated inputs' H^T X^T X H) better than the
-original: MiniLM held-out W4A16 g128 0.98368, W4A8 g128 0.98371, W8A8
-0.99981 in ~30 s each (docs/quantizers.md).
+are spread alike), so weight-only schemes gain as well, and AWQ's clips and
+GPTQ fit the rotated problem (W H with the rotated inputs' H^T X^T X H)
+better than the original: MiniLM held-out W4A16 g128 0.98675, per-channel
+0.98501, W4A8 g128 0.98651, W8A8 0.99980 in 33-41 s each (docs/quantizers.md).
 
 H here is block-diagonal: normalised Sylvester Hadamard blocks of `b`
 features (b a power of two dividing `in`, at most `MAX_BLOCK`), applied to x

@@ -173,11 +173,12 @@ def quantize_model(model, *, scheme: str = "w8a16", block_size: int = -1,
         activation outliers moved into the weights by per-channel scales,
         folded into the preceding norm / Linear where the model allows it,
         else applied by the layer (`XlaQuantizedLinear.input_scale`); or
-        "hadamard" (the integer schemes; methods "rtn", "hqq" or "gptq"; no
-        data of its own): each layer's inputs rotated by a block-diagonal
-        Hadamard matrix at run time and its weight by the same matrix before
-        `method` quantizes it, GPTQ on the rotated inputs' statistics
-        (`XlaQuantizedLinear.set_input_rotation`, torch_bridge.rotation).
+        "hadamard" (the integer schemes; methods "rtn", "hqq", "gptq", "awq"
+        or "awq+gptq", AWQ's clip search only; no data of its own): each
+        layer's inputs rotated by a block-diagonal Hadamard matrix at run time
+        and its weight by the same matrix before `method` quantizes it, on the
+        rotated inputs' statistics (`XlaQuantizedLinear.set_input_rotation`,
+        torch_bridge.rotation).
       smoothing_alpha: SmoothQuant's migration strength in [0, 1].
       progress: a progress bar per calibration pass (tqdm).
 
@@ -253,6 +254,7 @@ def quantize_model(model, *, scheme: str = "w8a16", block_size: int = -1,
             block_size=block_size, symmetric=symmetric, quantize_activation=quantize_activation,
             method=method, inputs=inputs, smoothing=None if rotate else smoothing,
             smoothing_alpha=float(smoothing_alpha), format=spec.format, rotate=rotate,
+            search_scales=not rotate,
             activation_format=spec.activation_format,
             swap=lambda name, quantized: swap_into(holders_of[name], quantized),
             progress=progress)

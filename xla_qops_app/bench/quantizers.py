@@ -56,10 +56,11 @@ ROWS += [("w8a8", -1, method, "smoothquant") for method in ("rtn", "gptq")]
 # (not per token), which is what closes W8A8's gap (docs/quantizers.md).
 ROWS += [("w8a8", block, "rtn", None) for block in (128, 32)]
 ROWS += [("w4a8", 128, method, "smoothquant") for method in ("rtn", "gptq")]
-# Issue 26: the inputs rotated by Hadamard blocks (torch_bridge.rotation), then rtn or GPTQ.
+# Issue 26: the inputs rotated by Hadamard blocks (torch_bridge.rotation), then rtn, GPTQ,
+# or AWQ's clips and GPTQ.
 ROWS += [(scheme, block, method, "hadamard")
          for scheme, block in (("w4a16", 128), ("w4a16", -1), ("w4a8", 128), ("w8a8", -1))
-         for method in ("rtn", "gptq")]
+         for method in ("rtn", "gptq", "awq+gptq")]
 # Float element formats (issue 24 sections 2 and 5): float weights round onto their grid
 # with the methods that apply to them (xla_qops.schemes.FLOAT_METHODS), SmoothQuant for the
 # A8-fp8 scheme; w4a8-fp8 has int4 weights, so the int methods apply.
