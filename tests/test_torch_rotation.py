@@ -125,6 +125,7 @@ def test_report_says_which_layers_were_rotated():
     assert texts == {"0": "Hadamard rotation, blocks of 32",
                      "1": "not rotated (in_features=33 is odd)"}
     assert model[1].input_rotation is None
+    assert "inputs rotated (Hadamard blocks): 1 of 2 layers" in str(report)
 
 
 @pytest.mark.parametrize("kwargs,error,message", [
@@ -219,6 +220,7 @@ def test_calibrated_methods_fit_the_rotated_problem(method):
     assert int(rotated.input_rotation) == 64 and rotated.input_scale is None  # AWQ: clips only
     report = torch_bridge.quantization_report(models[method])
     assert report.swapped[0].input_scale == "Hadamard rotation, blocks of 64"
+    assert f"({report.swapped[0].method}, Hadamard rotation, blocks of 64)" in str(report)
     with torch.no_grad():
         expected = layer(held_out)
         errors = {m: float((model(held_out) - expected).norm() / expected.norm())

@@ -81,16 +81,26 @@ class QuantizationReport:
                  f"  swapped {len(self.swapped)} linear layers: {_mib(self.bytes_before)} -> "
                  f"{_mib(self.bytes_after)}",
                  f"  model: {_mib(self.model_bytes_before)} -> {_mib(self.model_bytes_after)}"]
+        if self.smoothing == "hadamard":
+            rotated = sum(1 for layer in self.swapped
+                          if (layer.input_scale or "").startswith("Hadamard"))
+            lines.append(f"  inputs rotated (Hadamard blocks): {rotated} of "
+                         f"{len(self.swapped)} layers (the others have an odd in_features)")
         if any(layer.weight_error is not None for layer in self.swapped):
             lines.append("  weight error |W - W_hat| / |W|, round-to-nearest -> method:")
             lines += [f"    {layer.name}: {layer.weight_error_rtn:.4f} -> {layer.weight_error:.4f}"
-                      f" ({layer.method}" + (f", input scale {layer.input_scale}"
+                      f" ({layer.method}" + (f", {_input_text(layer.input_scale)}"
                                                if layer.input_scale else "") + ")"
                       for layer in self.swapped if layer.weight_error is not None]
         if self.skipped:
             lines.append(f"  skipped {len(self.skipped)}:")
             lines += [f"    {s.name or '<model>'}: {s.reason}" for s in self.skipped]
         return "\n".join(lines)
+
+
+def _input_text(text: str) -> str:
+    """A layer's `input_scale` note as the report prints it: a rotation says so itself."""
+    return text if text.startswith(("Hadamard", "not rotated")) else f"input scale {text}"
 
 
 def _mib(n: int) -> str:
