@@ -16,11 +16,12 @@ better than the original: MiniLM held-out W4A16 g128 0.98675, per-channel
 0.98501, W4A8 g128 0.98651, W8A8 0.99980 in 33-41 s each (docs/quantizers.md).
 
 H here is block-diagonal: normalised Sylvester Hadamard blocks of `b`
-features (b a power of two dividing `in`, at most `MAX_BLOCK`), applied to x
-at run time as one float32 batched product ([..., in/b, b] @ H_b: in * b
-multiply-adds per token, 1/6 of a 384 x 384 layer's at b = 64) and to W once,
-in float64, before it is quantized. b = 64 = 4^3 makes every entry +-1/8,
-exact in every float type.
+features (b a power of two dividing `in`, at most `MAX_BLOCK`), applied to W
+once, in float64, before it is quantized, and to x at run time: one 2-D
+product [tokens * in / b, b] @ H_b (in * b multiply-adds per token, 1/6 of a
+384 x 384 layer's at b = 64), or on the direct CPU path for small x a fast
+Walsh-Hadamard transform in C++ (`KERNEL_ELEMENTS`). b = 64 = 4^3 makes every
+entry +-1/8, exact in every float type.
 """
 
 from __future__ import annotations
@@ -71,12 +72,9 @@ def check_block(block, in_features: int) -> int:
 
 
 def rotate_weight(w: torch.Tensor, block: int) -> torch.Tensor:
-    """W H for a float weight [out, in] (float64 products, float32 result)."""
-    out_features, in_features = w.shape
-    h = torch.from_numpy(hadamard(block))
-    rotated = w.detach().to("cpu", torch.float64).reshape(out_features, in_features // block,
-                                                          block) @ h
-    return rotated.reshape(out_features, in_features).to(torch.float32)
+    """`rotate_weight_array` of a torch weight [out, in]: a float32 CPU tensor."""
+    return torch.from_numpy(rotate_weight_array(w.detach().to("cpu", torch.float64).numpy(),
+                                                block))
 
 
 def rotate_weight_array(w: np.ndarray, block: int) -> np.ndarray:
@@ -98,8 +96,8 @@ def rotate_hessian(h_x: np.ndarray, block: int) -> np.ndarray:
 
 
 def rotate_input(x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-    """x H for x [..., in] and one block `h` [b, b] float32: exact products summed in
-    float32, rounded once to x's dtype.
+    """x H for x [..., in] and one block `h` [b, b] float32: products with h's entries
+    (exact where b is a power of 4) summed in float32, rounded once to x's dtype.
 
     One 2-D product [tokens * in / b, b] @ [b, b] (a batched one broadcasting h ran 2.5x
     slower on MiniLM's layers). bf16 x with h exact in bf16 (b a power of 4: entries
