@@ -84,8 +84,9 @@ class QuantizationReport:
         if self.smoothing == "hadamard":
             rotated = sum(1 for layer in self.swapped
                           if (layer.input_scale or "").startswith("Hadamard"))
-            lines.append(f"  inputs rotated (Hadamard blocks): {rotated} of "
-                         f"{len(self.swapped)} layers (the others have an odd in_features)")
+            lines.append(f"  inputs rotated (Hadamard blocks): {rotated} of {len(self.swapped)} layers"
+                         + (" (the others have an odd in_features)"
+                            if rotated < len(self.swapped) else ""))
         if any(layer.weight_error is not None for layer in self.swapped):
             lines.append("  weight error |W - W_hat| / |W|, round-to-nearest -> method:")
             lines += [f"    {layer.name}: {layer.weight_error_rtn:.4f} -> {layer.weight_error:.4f}"
