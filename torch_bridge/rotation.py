@@ -71,12 +71,6 @@ def check_block(block, in_features: int) -> int:
     return block
 
 
-def rotate_weight(w: torch.Tensor, block: int) -> torch.Tensor:
-    """`rotate_weight_array` of a torch weight [out, in]: a float32 CPU tensor."""
-    return torch.from_numpy(rotate_weight_array(w.detach().to("cpu", torch.float64).numpy(),
-                                                block))
-
-
 def rotate_weight_array(w: np.ndarray, block: int) -> np.ndarray:
     """W H for a float numpy weight [out, in] (float64 products, float32 result)."""
     out_features, in_features = w.shape

@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from torch_bridge import calibrate, checks, rotation
+from torch_bridge import calibrate, checks
 from torch_bridge.linear import XlaQuantizedLinear
 from xla_qops import quantizers
 from xla_qops.quantize import check_method
@@ -243,20 +243,14 @@ def quantize_model(model, *, scheme: str = "w8a16", block_size: int = -1,
         todo.append((name, module, holders))
 
     swapped = []
-    if method == "rtn" and (smoothing is None or rotate):  # the plain path: no data
+    if method == "rtn" and smoothing is None:  # the plain path: no data, no errors measured
         for name, module, holders in todo:
-            block = rotation.block_for(module.in_features) if rotate else 1
-            source = module if block == 1 else _rotated_linear(module, block)
             quantized = XlaQuantizedLinear.from_float(
-                source, bits=bits, block_size=block_size, symmetric=symmetric,
+                module, bits=bits, block_size=block_size, symmetric=symmetric,
                 quantize_activation=quantize_activation, format=spec.format,
                 activation_format=spec.activation_format)
-            if block > 1:
-                quantized.set_input_rotation(block)
             swap_into(holders, quantized)
-            swapped.append(dataclasses.replace(
-                _swapped(name, module, quantized),
-                input_scale=rotation.describe(block, module.in_features) if rotate else None))
+            swapped.append(_swapped(name, module, quantized))
         rows = 0
     else:
         holders_of = {name: holders for name, _, holders in todo}
@@ -289,16 +283,6 @@ def quantize_model(model, *, scheme: str = "w8a16", block_size: int = -1,
     setattr(model, _REPORT_ATTR, report)
     _last_report = report
     return model
-
-
-def _rotated_linear(module: torch.nn.Linear, block: int) -> torch.nn.Linear:
-    """A float copy of `module` with its weight W H (torch_bridge.rotation), on its device."""
-    rotated = torch.nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
-                              device="meta")
-    rotated.weight = torch.nn.Parameter(
-        rotation.rotate_weight(module.weight, block).to(module.weight.device), requires_grad=False)
-    rotated.bias = module.bias
-    return rotated
 
 
 def _swapped(name, module, quantized) -> SwappedLayer:
