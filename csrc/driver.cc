@@ -12,6 +12,7 @@
 #include <memory>
 
 #include "cpu_features.h"
+#include "numeric.h"
 #include "qmm.h"
 
 namespace xqk {
@@ -152,25 +153,21 @@ inline bool fold_fits(uint32_t a, int bits) {
   return a == 0 || ((d < 0 ? -d : d) <= kFoldUlps && e >= kFoldExpLow && e <= kFoldExpHigh);
 }
 
-inline uint32_t bits_of(float v) {
-  uint32_t a;
-  std::memcpy(&a, &v, 4);
-  return a;
-}
-
 // The first candidate factor of a column from `j` on (-1: c = 1; j >= 0: the
-// column's first nonzero scale `sf` over the mantissa 1 + j / 2^bits) whose t
-// fit the column's scales of groups [g0, g1) (`s`: its first group's, groups
-// `stride` apart): sets j, inv = 1 / c and c; false when none does.
-bool fold_candidate(const float* s, int64_t stride, int64_t g0, int64_t g1, float sf, int bits,
-                    int& j, float& inv, float& c) {
+// column's first nonzero scale, that of group g0, over the mantissa
+// 1 + j / 2^bits) whose t fit the column's scales of groups [g0, g1) (`s`: its
+// first group's, groups `stride` apart): sets j, inv = 1 / c and c; false when
+// none does.
+bool fold_candidate(const float* s, int64_t stride, int64_t g0, int64_t g1, int bits, int& j,
+                    float& inv, float& c) {
+  const double first = std::fabs(static_cast<double>(s[g0 * stride]));
   for (; j < (1 << bits); ++j) {
     const double mantissa = 1.0 + (j < 0 ? 0 : j) / static_cast<double>(1 << bits);
-    inv = j < 0 ? 1.f : static_cast<float>(mantissa / std::fabs(static_cast<double>(sf)));
-    c = j < 0 ? 1.f : static_cast<float>(std::fabs(static_cast<double>(sf)) / mantissa);
+    inv = j < 0 ? 1.f : static_cast<float>(mantissa / first);
+    c = j < 0 ? 1.f : static_cast<float>(first / mantissa);
     bool fits = std::isnormal(inv) && std::isnormal(c);
     for (int64_t g = g0; g < g1 && fits; ++g) {
-      fits = fold_fits(bits_of(s[g * stride] * inv) & 0x7FFFFFFFu, bits);
+      fits = fold_fits(f32_to_bits(s[g * stride] * inv) & 0x7FFFFFFFu, bits);
     }
     if (fits) return true;
   }
@@ -201,8 +198,7 @@ bool fold_tile(const Problem& p, int64_t n0, int ncols, float* c, float* t) {
     if (first[col] == p.groups) continue;
     int j = -1;
     const int64_t probe = std::min(first[col] + kProbes, p.groups);
-    if (!fold_candidate(s, p.N, first[col], probe, s[first[col] * p.N], bits, j, inv[col],
-                        c[col])) {
+    if (!fold_candidate(s, p.N, first[col], probe, bits, j, inv[col], c[col])) {
       return false;
     }
     next[col] = j + 1;
@@ -214,8 +210,7 @@ bool fold_tile(const Problem& p, int64_t n0, int ncols, float* c, float* t) {
     if (!(bad >> col & 1)) continue;
     const float* s = p.scale + n0 + col;
     int j = next[col];
-    if (!fold_candidate(s, p.N, first[col], p.groups, s[first[col] * p.N], bits, j, inv[col],
-                        c[col])) {
+    if (!fold_candidate(s, p.N, first[col], p.groups, bits, j, inv[col], c[col])) {
       return false;
     }
   }
