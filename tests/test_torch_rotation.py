@@ -38,6 +38,13 @@ class TwoLayers(torch.nn.Module):
         return self.down(torch.nn.functional.gelu(self.up(x)))
 
 
+def rotated_w8a8(seed: int) -> torch.nn.Module:
+    """TwoLayers (seeded) quantized W8A8 per-channel with its inputs rotated; torch's
+    generator left as the seed set it, for the inputs a test draws next."""
+    torch.manual_seed(seed)
+    return torch_bridge.quantize_model(TwoLayers().eval(), scheme="w8a8", smoothing="hadamard")
+
+
 def outlier_inputs(rng, rows, features, channels=(3, 17)):
     x = rng.standard_normal((rows, features)).astype(np.float32)
     x[:, list(channels)] *= 60.0  # a few channels far above the rest, as LayerNorm's are
@@ -96,8 +103,7 @@ def test_rotation_cuts_the_error_of_outlier_channels():
 
 
 def test_state_dict_and_checkpoint_round_trip(tmp_path):
-    torch.manual_seed(3)
-    model = torch_bridge.quantize_model(TwoLayers().eval(), scheme="w8a8", smoothing="hadamard")
+    model = rotated_w8a8(3)
     x = torch.randn(5, 96)
     with torch.no_grad():
         expected = model(x)
@@ -167,8 +173,7 @@ def test_compiled_rotated_model_matches_eager(backend):
     not traced): torch.compile traces it whole, and the compiled model matches eager
     within float32 sums' rounding (the same rotated activations up to their last
     bits; an int8 activation step flip is far above 1e-5 and did not happen)."""
-    torch.manual_seed(4)
-    model = torch_bridge.quantize_model(TwoLayers().eval(), scheme="w8a8", smoothing="hadamard")
+    model = rotated_w8a8(4)
     compiled = torch.compile(model, backend=backend, fullgraph=True)
     with torch.no_grad():
         for rows in (7, 9):
@@ -235,8 +240,7 @@ def test_rotated_model_on_the_xla_device():
     float32 tolerance (both quantize the same rotated activations per token)."""
     import torch_xla
 
-    torch.manual_seed(6)
-    model = torch_bridge.quantize_model(TwoLayers().eval(), scheme="w8a8", smoothing="hadamard")
+    model = rotated_w8a8(6)
     x = torch.randn(5, 96)
     with torch.no_grad():
         expected = model(x)
