@@ -78,6 +78,10 @@ void configure(int depth) {
   for (int t = kC0; t <= kC3; ++t) c.rows[t] = 16, c.colsb[t] = 64;
   for (int t = kA0; t <= kA1; ++t) c.rows[t] = 16, c.colsb[t] = static_cast<uint16_t>(4 * depth);
   for (int t = kB0; t <= kB1; ++t) c.rows[t] = static_cast<uint8_t>(depth), c.colsb[t] = 64;
+  // GCC 12 does not count LDTILECFG as reading c: built at -O3 into a small
+  // harness, the stores above were dropped and the first tile instruction
+  // raised SIGILL. The barrier keeps them.
+  asm volatile("" : : "r"(&c) : "memory");
   _tile_loadconfig(&c);
 }
 
