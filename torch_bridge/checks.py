@@ -15,6 +15,7 @@ from typing import Optional
 import torch
 
 from xla_qops import spec as matmul_spec
+from xla_qops.quantizers import rotation
 from xla_qops.schemes import SCHEMES, Scheme, float_format_problem  # noqa: F401  (SCHEMES)
 from xla_qops.spec import FLOAT_WEIGHT_FORMATS, MatmulSpec
 
@@ -229,10 +230,6 @@ def block_size(value) -> int:
 
 
 SMOOTHING = ("smoothquant", "hadamard")
-# Methods that fit the rotated problem layer by layer (W H, X^T X as H^T X^T X H);
-# AWQ there is its clip search alone: the rotation has already spread the input
-# channels that its per-channel scale would balance.
-ROTATED_METHODS = ("rtn", "hqq", "gptq", "awq", "awq+gptq")
 
 
 def scheme_arguments(spec: Scheme, name: str, symmetric: bool, method: str,
@@ -253,14 +250,7 @@ def smoothing(value, alpha, scheme_name: str, quantize_activation: bool,
     if value not in SMOOTHING:
         raise ValueError(f"smoothing: expected None, 'smoothquant' or 'hadamard', got {value!r}")
     if value == "hadamard":
-        if "-" in scheme_name:  # the float element formats: w8a16-fp8, w4a16-nvfp4, ...
-            raise ValueError(f"smoothing: 'hadamard' is for the integer schemes (w8a16, "
-                             f"w4a16, w8a8, w4a8); with fp8 activations it measured worse "
-                             f"than none (MiniLM w8a8-fp8: 0.99557 against 0.99757), got "
-                             f"scheme={scheme_name!r}")
-        if method not in ROTATED_METHODS:  # these use input scales or whole blocks
-            raise ValueError(f"method: smoothing='hadamard' takes one of "
-                             f"{', '.join(map(repr, ROTATED_METHODS))}, got {method!r}")
+        rotation.check_arguments(scheme_name, method)
         return
     if not quantize_activation:
         raise ValueError(f"smoothing: {value!r} is for schemes that quantize activations "

@@ -237,7 +237,7 @@ def save_state_dict(path, state_dict: Mapping[str, object], schemes: Mapping[str
     """
     from safetensors.numpy import save_file
 
-    arrays = {name: np.ascontiguousarray(_to_numpy(a, name)) for name, a in state_dict.items()}
+    arrays = {name: _contiguous(_to_numpy(a, name)) for name, a in state_dict.items()}
     problems = check_tensors(arrays, schemes)
     if problems:
         raise CheckpointError(path, problems)
@@ -245,6 +245,12 @@ def save_state_dict(path, state_dict: Mapping[str, object], schemes: Mapping[str
             SCHEMES_KEY: json.dumps({p: s.to_json() for p, s in schemes.items()}, sort_keys=True)}
     meta.update(metadata or {})
     save_file(arrays, os.fspath(path), metadata=meta)
+
+
+def _contiguous(a: np.ndarray) -> np.ndarray:
+    """`a` C-contiguous with its own shape (np.ascontiguousarray turns a scalar into
+    shape [1]: torch_bridge's int64 ``input_rotation`` buffer is a scalar)."""
+    return np.ascontiguousarray(a).reshape(a.shape)
 
 
 def load_state_dict(path, expected: Optional[Mapping[str, object]] = None, *,

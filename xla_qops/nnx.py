@@ -52,7 +52,7 @@ except ImportError as e:  # the optional extra
 from xla_qops import checkpoint, quantizers
 from xla_qops.api import quantized_matmul
 from xla_qops.quantize import QuantizedWeight, _check_format, check_method
-from xla_qops.quantizers import awq, heldout, layerwise
+from xla_qops.quantizers import awq, heldout, layerwise, rotation
 from xla_qops.quantizers.float_formats import FloatGrid
 from xla_qops.schemes import SCHEMES, Scheme
 
@@ -80,7 +80,11 @@ class QuantizedLinear(nnx.Module):
     an AWQ scale `quantize_model` could not fold into the layer's producer, as
     torch_bridge's `XlaQuantizedLinear.input_scale`; None otherwise). Static
     attributes: the weight's `bits`, `block_size`, `packed`, `format`, the
-    activation scheme, and how the input maps onto ``[..., in]``.
+    activation scheme, how the input maps onto ``[..., in]``, and
+    ``input_rotation``: None, or the block b of the Hadamard rotation applied
+    to the input after ``input_scale`` (`quantize_model`'s
+    ``smoothing="hadamard"``: the weight holds W H; x H is computed per call,
+    `xla_qops.quantizers.rotation`).
 
     Build one with `from_quantized` (or let `quantize_model` do it).
 
@@ -93,7 +97,7 @@ class QuantizedLinear(nnx.Module):
                  activation_format: Optional[str] = None, in_axis: int = -1,
                  out_shape: Optional[tuple] = None, einsum_str: Optional[str] = None,
                  dtype=None, param_dtype=jnp.float32, metadata: Optional[Mapping] = None,
-                 input_scale=None):
+                 input_scale=None, input_rotation: Optional[int] = None):
         """Prefer `from_quantized`; `metadata` maps 'weight' / 'scale' / 'zero_point' /
         'input_scale' to each Param's metadata (sharding)."""
         metadata = metadata or {}
@@ -115,16 +119,21 @@ class QuantizedLinear(nnx.Module):
         self.out_shape = tuple(out_shape) if out_shape is not None else (weight.out_features,)
         self.einsum_str = einsum_str
         self.dtype, self.param_dtype = dtype, param_dtype
+        self.input_rotation = (None if input_rotation is None
+                               else rotation.check_block(input_rotation, weight.in_features))
 
     @classmethod
     def from_quantized(cls, weight: QuantizedWeight, *, bias=None,
                        quantize_activation: bool = False,
                        activation_format: Optional[str] = None,
                        dtype=None, param_dtype=jnp.float32,
-                       input_scale=None) -> "QuantizedLinear":
-        """A layer computing ``(x * input_scale) @ W.T + bias`` over the last axis of ``x``
-        (nnx.Linear's contract) for a `QuantizedWeight` W; `bias` an array ``[out]`` or
-        None, `input_scale` an array ``[in]`` or None."""
+                       input_scale=None, input_rotation: Optional[int] = None
+                       ) -> "QuantizedLinear":
+        """A layer computing ``((x * input_scale) H) @ W.T + bias`` over the last axis of
+        ``x`` (nnx.Linear's contract) for a `QuantizedWeight` W; `bias` an array ``[out]``
+        or None, `input_scale` an array ``[in]`` or None, `input_rotation` None (no H) or
+        the block b of H (a power of two dividing ``in``; W must then hold the rotated
+        weight, as `quantize_model` and torch_bridge's checkpoints give it)."""
         if not isinstance(weight, QuantizedWeight):
             raise TypeError(f"weight: expected an xla_qops.QuantizedWeight, got "
                             f"{type(weight).__name__}")
@@ -136,7 +145,7 @@ class QuantizedLinear(nnx.Module):
                              f"{tuple(np.shape(input_scale))}")
         return cls(weight, bias=bias, quantize_activation=quantize_activation,
                    activation_format=activation_format, dtype=dtype, param_dtype=param_dtype,
-                   input_scale=input_scale)
+                   input_scale=input_scale, input_rotation=input_rotation)
 
     @property
     def quantized_weight(self) -> QuantizedWeight:
@@ -160,6 +169,8 @@ class QuantizedLinear(nnx.Module):
             x = jnp.moveaxis(x, in_axis, -1)
         if self.input_scale is not None:  # in float32, as torch_bridge's layer applies it
             x = (x.astype(jnp.float32) * _value(self.input_scale)).astype(dtype)
+        if self.input_rotation is not None:
+            x = rotation.rotate_rows(x, self.input_rotation)
         y = quantized_matmul(x, self.quantized_weight,
                              quantize_activation=self.quantize_activation,
                              activation_format=self.activation_format)
@@ -340,7 +351,8 @@ def _param_metadata(layer: _Layer, qw: QuantizedWeight) -> dict:
 # ------------------------------------------------------------------------ quantize_model
 
 
-def _check_arguments(model, scheme, block_size, symmetric, filter_fn, method, calibration):
+def _check_arguments(model, scheme, block_size, symmetric, filter_fn, method, calibration,
+                     smoothing=None):
     """Every argument of `quantize_model`, before anything is done; returns (Scheme, B,
     calibration items or None)."""
     if not isinstance(model, nnx.Module):
@@ -364,6 +376,11 @@ def _check_arguments(model, scheme, block_size, symmetric, filter_fn, method, ca
         _check_format(spec.format, spec.bits, block_size, symmetric, True, method)
     check_method(method, calibration is not None,
                  calibration_is="an iterable of model inputs (tuples of positional arguments)")
+    if smoothing is not None:
+        if smoothing != "hadamard":
+            raise ValueError(f"smoothing: expected None or 'hadamard' (SmoothQuant is "
+                             f"torch_bridge.quantize_model's), got {smoothing!r}")
+        rotation.check_arguments(scheme, method)
     items = None
     if calibration is not None:
         if isinstance(calibration, (jax.Array, np.ndarray, Mapping)) or not isinstance(
@@ -382,7 +399,7 @@ REPLACEABLE = (nnx.Linear, nnx.LinearGeneral, nnx.Einsum)
 
 def quantize_model(model, *, scheme: str = "w8a16", block_size: int = -1,
                    symmetric: bool = True, filter_fn: Optional[Callable] = None,
-                   method: str = "rtn", calibration=None):
+                   method: str = "rtn", calibration=None, smoothing: Optional[str] = None):
     """Swaps every `nnx.Linear` (and single-contraction `nnx.Einsum` / `nnx.LinearGeneral`)
     of `model` for a `QuantizedLinear`, in place; returns `model`.
 
@@ -407,13 +424,20 @@ def quantize_model(model, *, scheme: str = "w8a16", block_size: int = -1,
       calibration: for the calibrated methods, an iterable of model inputs
         (each a tuple of positional arguments, or one array); the model runs
         eagerly on them, layer group by layer group.
+      smoothing: None, or "hadamard" (as for `torch_bridge.quantize_model`): each
+        layer's weight is rotated by a block-diagonal Hadamard matrix H before
+        `method` fits it (on the rotated inputs' statistics) and the layer
+        rotates its inputs at run time (`QuantizedLinear.input_rotation`;
+        `xla_qops.quantizers.rotation`). The integer schemes only, with "rtn",
+        "hqq", "gptq", "awq" or "awq+gptq" (AWQ's clip search alone: no input
+        scales). No data needed with "rtn" / "hqq".
 
     Returns:
       `model`, with `quantization_report(model)` listing swapped and skipped
       layers, each layer's method used and where its AWQ scale went.
     """
     spec, block_size, items = _check_arguments(model, scheme, block_size, symmetric, filter_fn,
-                                               method, calibration)
+                                               method, calibration, smoothing)
     todo, skipped = [], []
     for path, module in _modules(model):
         if not isinstance(module, REPLACEABLE):
@@ -435,12 +459,15 @@ def quantize_model(model, *, scheme: str = "w8a16", block_size: int = -1,
             continue
         todo.append(layer)
 
-    results = _quantize_layers(model, todo, items, spec, block_size, symmetric, method)
+    results = _quantize_layers(model, todo, items, spec, block_size, symmetric, method,
+                               rotate=smoothing == "hadamard")
     report = QuantizationReport(
         scheme, block_size, symmetric, method, [layer.path for layer in todo], skipped,
         methods={path: r.method for path, r in results.items()},
         input_scales={path: r.input_scale for path, r in results.items()
-                      if r.input_scale is not None})
+                      if r.input_scale is not None},
+        rotations={path: r.rotation for path, r in results.items()
+                   if r.rotation is not None})
     _REPORTS[id(model)] = report
     return model
 
@@ -459,6 +486,9 @@ class QuantizationReport:
     methods: dict = dataclasses.field(default_factory=dict)
     # path -> (where AWQ's input scale s went: "folded into <path>" or "explicit", s [in])
     input_scales: dict = dataclasses.field(default_factory=dict)
+    # path -> what smoothing="hadamard" did there (`rotation.describe`: "Hadamard
+    # rotation, blocks of b", or "not rotated (...)" for an odd `in`)
+    rotations: dict = dataclasses.field(default_factory=dict)
 
 
 _REPORTS: dict = {}
@@ -485,7 +515,8 @@ def _shape_problem(in_features: int, spec: Scheme, block_size: int) -> Optional[
 
 
 def _build(layer: _Layer, qw: QuantizedWeight, spec: Scheme,
-           input_scale: Optional[np.ndarray] = None) -> QuantizedLinear:
+           input_scale: Optional[np.ndarray] = None,
+           input_rotation: Optional[int] = None) -> QuantizedLinear:
     m = layer.module
     metadata = _param_metadata(layer, qw)
     mesh = next((d["mesh"] for d in metadata.values() if d.get("mesh") is not None), None)
@@ -506,7 +537,8 @@ def _build(layer: _Layer, qw: QuantizedWeight, spec: Scheme,
             qw, bias=getattr(m, "bias", None), quantize_activation=spec.quantize_activation,
             activation_format=spec.activation_format, in_axis=layer.in_axis,
             out_shape=layer.out_shape, einsum_str=layer.einsum_str, dtype=m.dtype,
-            param_dtype=m.param_dtype, metadata=metadata, input_scale=input_scale)
+            param_dtype=m.param_dtype, metadata=metadata, input_scale=input_scale,
+            input_rotation=input_rotation)
 
 
 def _replace(model, swapped: dict) -> None:
@@ -538,6 +570,7 @@ def _replace(model, swapped: dict) -> None:
 class _LayerResult:
     method: str  # the method used (layerwise.LayerQuantization.method)
     input_scale: Optional[tuple]  # (where s went, s) or None
+    rotation: Optional[str] = None  # smoothing="hadamard": rotation.describe's text
 
 
 class _Stop(Exception):
@@ -747,10 +780,12 @@ def _input_scales(model, groups, ran: set, repeated: set, by_path, items, spec: 
 
 
 def _quantize_layers(model, todo: list, items, spec: Scheme, block_size: int,
-                     symmetric: bool, method: str) -> dict:
+                     symmetric: bool, method: str, rotate: bool = False) -> dict:
     """Quantizes and swaps the layers `todo`, group by group in run order (each group's
     inputs gathered with every earlier group already quantized, as the quantized model
-    will see them); returns {path: _LayerResult}."""
+    will see them); returns {path: _LayerResult}. `rotate`: each weight as W H and its
+    inputs' statistics as H^T X^T X H (`rotation`), no AWQ input scales;
+    torch_bridge.calibrate._quantize_groups' rule."""
     by_path = {layer.path: layer for layer in todo}
     groups, repeated = [], set()  # repeated: layers run more than once in a forward
     if method in quantizers.CALIBRATED:
@@ -758,7 +793,8 @@ def _quantize_layers(model, todo: list, items, spec: Scheme, block_size: int,
     ran = {p for g in groups for p in g.names}  # the layers the calibration inputs reach
     groups += [layerwise.Group([layer.path], None) for layer in todo if layer.path not in ran]
     scales = (_input_scales(model, groups, ran, repeated, by_path, items, spec, block_size,
-                            symmetric) if method in quantizers.INPUT_SCALED else {})
+                            symmetric) if method in quantizers.INPUT_SCALED and not rotate
+              else {})
     results = {}
     for g in groups:
         group_method = method if g.names[0] in ran or method not in quantizers.CALIBRATED \
@@ -768,20 +804,29 @@ def _quantize_layers(model, todo: list, items, spec: Scheme, block_size: int,
             stats = _gather(model, items, [by_path[p] for p in g.names],
                             stop_early=not set(g.names) & repeated, holdout=True)
             hessian, holdout = stats.hessian, stats.holdout_hessian
+        in_features = by_path[g.names[0]].w.shape[1]
+        block = rotation.block_for(in_features) if rotate else 1
+        if block > 1:  # the rotated problem: W H, inputs X H
+            hessian = None if hessian is None else rotation.rotate_hessian(hessian, block)
+            holdout = None if holdout is None else rotation.rotate_hessian(holdout, block)
         swapped = {}
         for path in g.names:
             layer = _layer(path, by_path[path].module)[0]  # its kernel as folding left it
             place, s = scales.get(path, (None, None))
             explicit = place == "explicit"
             group = layer.w.shape[1] if block_size == -1 else block_size
+            w = rotation.rotate_weight_array(layer.w, block) if block > 1 else layer.w
             done = layerwise.quantize_layer(
-                layer.w, scale=s, explicit=explicit, hessian=hessian, holdout=holdout,
+                w, scale=s, explicit=explicit, hessian=hessian, holdout=holdout,
                 bits=spec.bits, block_size=block_size, symmetric=symmetric,
                 method=group_method, format=spec.format,
                 pack=spec.bits == 4 and group % 2 == 0)
             swapped[id(layer.module)] = _build(layer, done.weight, spec,
-                                               1.0 / s if explicit else None)
-            results[path] = _LayerResult(done.method, None if s is None else (place, s))
+                                               1.0 / s if explicit else None,
+                                               block if block > 1 else None)
+            results[path] = _LayerResult(
+                done.method, None if s is None else (place, s),
+                rotation.describe(block, in_features) if rotate else None)
         _replace(model, swapped)
     return results
 
@@ -815,10 +860,18 @@ def _layers_by_prefix(model) -> dict:
             if isinstance(m, QuantizedLinear)}
 
 
+def _rotations(layers) -> dict:
+    """``{p.input_rotation: int64 scalar}`` of the rotated layers (torch_bridge's
+    `XlaQuantizedLinear` buffer of that name: the block b; H is derived from it)."""
+    return {f"{p}.input_rotation": np.asarray(m.input_rotation, np.int64)
+            for p, m in layers.items() if m.input_rotation is not None}
+
+
 def save_quantized(model, path) -> None:
     """Writes `model`'s state to a safetensors file with `xla_qops.checkpoint`'s layout:
     each `QuantizedLinear` at path ``p`` as ``p.weight`` / ``p.weight_scaler`` /
-    ``p.zero_point`` with its scheme in the metadata, ``p.bias`` and every other
+    ``p.zero_point`` with its scheme in the metadata, ``p.input_rotation`` (int64
+    scalar: its block) where it rotates its inputs, ``p.bias`` and every other
     array of the state by its '.'-joined path. `load_quantized` restores it exactly."""
     layers = _layers_by_prefix(model)
     weights = {p: m.quantized_weight for p, m in layers.items()}
@@ -827,6 +880,7 @@ def save_quantized(model, path) -> None:
                for keys, value in flat.items()
                if not (".".join(map(str, keys[:-1])) in layers
                        and keys[-1] in _CHECKPOINT_NAMES)}
+    tensors.update(_rotations(layers))
     checkpoint.save_quantized(
         path, weights, tensors,
         quantize_activation={p: m.quantize_activation for p, m in layers.items()},
@@ -842,7 +896,14 @@ def load_quantized(model, path):
     flat = traverse_util.flatten_dict(nnx.to_pure_dict(state))
     expected = {_checkpoint_name(keys, layers): _stored(keys, value, layers)
                 for keys, value in flat.items()}
+    rotations = _rotations(layers)  # static: checked, not loaded
+    expected.update(rotations)
     loaded = checkpoint.load_quantized(path, expected)
+    for name, block in rotations.items():
+        stored = int(np.asarray(loaded.tensors[name]).item())
+        if stored != int(block):
+            raise checkpoint.CheckpointError(path, [
+                f"{name}: the model rotates by blocks of {int(block)}, the file says {stored}"])
     arrays = dict(loaded.tensors)
     for prefix, qw in loaded.weights.items():
         arrays[f"{prefix}.weight"], arrays[f"{prefix}.weight_scaler"] = qw.w, qw.scale

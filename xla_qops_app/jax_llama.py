@@ -325,7 +325,13 @@ def from_tensors(config, tensors: Mapping[str, object], *, dtype=jnp.bfloat16,
         bias = take(f"{name}.bias") if f"{name}.bias" in left else None
         if name in quantized:
             qw, act, act_format = quantized.pop(name)
-            setattr(parent, attr, quantized_linear(qw, bias, act, act_format, dtype))
+            # torch_bridge's optional input transforms (SmoothQuant / AWQ's input scale,
+            # the Hadamard rotation's block), applied by the layer as the torch module does
+            scale = take(f"{name}.input_scale") if f"{name}.input_scale" in left else None
+            block = (int(take(f"{name}.input_rotation").item())
+                     if f"{name}.input_rotation" in left else None)
+            setattr(parent, attr, quantized_linear(qw, bias, act, act_format, dtype,
+                                                   input_scale=scale, input_rotation=block))
             continue
         _set(linear.kernel, take(f"{name}.weight").T, f"{name}.weight", dtype)
         if bias is not None:
@@ -369,14 +375,16 @@ def _quantized_dir(path) -> bool:
 # ---------------------------------------------------------------------------
 # Quantization
 
-def quantized_linear(qw, bias, quantize_activation: bool, activation_format, dtype):
+def quantized_linear(qw, bias, quantize_activation: bool, activation_format, dtype, *,
+                     input_scale=None, input_rotation=None):
     """An NNX module computing ``x @ qw.T (+ bias)`` with `xla_qops.quantized_matmul`
-    in `dtype` (`xla_qops.nnx.QuantizedLinear`)."""
+    in `dtype` (`xla_qops.nnx.QuantizedLinear`; its `input_scale` / `input_rotation`
+    applied to x first when given)."""
     from xla_qops.nnx import QuantizedLinear
     return QuantizedLinear.from_quantized(
         qw, bias=None if bias is None else jnp.asarray(np.asarray(bias), dtype),
         quantize_activation=quantize_activation, activation_format=activation_format,
-        dtype=dtype, param_dtype=dtype)
+        dtype=dtype, param_dtype=dtype, input_scale=input_scale, input_rotation=input_rotation)
 
 
 def lm_head_filter(lm_head: bool) -> Callable:
@@ -386,13 +394,14 @@ def lm_head_filter(lm_head: bool) -> Callable:
 
 
 def quantize(model: LlamaForCausalLM, *, scheme: str, block_size: int = -1,
-             symmetric: bool = True, lm_head: bool = True, fuse: bool = True) -> LlamaForCausalLM:
-    """Every Linear (lm_head if `lm_head`) quantized with `scheme` by
+             symmetric: bool = True, lm_head: bool = True, fuse: bool = True,
+             smoothing=None) -> LlamaForCausalLM:
+    """Every Linear (lm_head if `lm_head`) quantized with `scheme` (and `smoothing`) by
     `xla_qops.nnx.quantize_model`, in place; then, if `fuse`, q/k/v and
     gate/up joined (`fuse_projections`)."""
     from xla_qops.nnx import quantize_model
     quantize_model(model, scheme=scheme, block_size=block_size, symmetric=symmetric,
-                   filter_fn=lm_head_filter(lm_head))
+                   filter_fn=lm_head_filter(lm_head), smoothing=smoothing)
     return fuse_projections(model) if fuse else model
 
 
@@ -411,10 +420,11 @@ def _out_axis(qw) -> int:
 
 def _static_facts(layer):
     """What must agree for layers to share one kernel call."""
+    scale = None if layer.input_scale is None else np.asarray(layer.input_scale[...]).tobytes()
     return (layer.bits, layer.block_size, layer.packed, layer.format,
             layer.quantize_activation, layer.activation_format, layer.dtype, layer.param_dtype,
             layer.in_features, layer.in_axis, layer.einsum_str, layer.bias is None,
-            layer.zero_point is None)
+            layer.zero_point is None, layer.input_rotation, scale)
 
 
 def fuse_projections(model: LlamaForCausalLM) -> LlamaForCausalLM:
@@ -424,7 +434,7 @@ def fuse_projections(model: LlamaForCausalLM) -> LlamaForCausalLM:
     output column keeps its own scale, so the quantized values are the ones
     the layers held and each column is computed as before). Fewer, wider
     kernel calls: 33 instead of 57 per decode step of a Llama. Layers that do
-    not share a scheme (or are float) stay as they are."""
+    not share a scheme and input transforms (or are float) stay as they are."""
     from xla_qops import QuantizedWeight
     from xla_qops.nnx import QuantizedLinear
     for layer in model.layers:
@@ -450,7 +460,8 @@ def fuse_projections(model: LlamaForCausalLM) -> LlamaForCausalLM:
             fused = QuantizedLinear.from_quantized(
                 qw, bias=bias, quantize_activation=first.quantize_activation,
                 activation_format=first.activation_format, dtype=first.dtype,
-                param_dtype=first.param_dtype)
+                param_dtype=first.param_dtype, input_rotation=first.input_rotation,
+                input_scale=None if first.input_scale is None else first.input_scale[...])
             fused.fused_sizes = tuple(m.out_features for m in members)
             setattr(parent, fused_name, fused)
             for n in names:
