@@ -77,7 +77,7 @@ def test_quantize_w4_blockwise_asymmetric(model_file, tmp_path, capsys):
         np.testing.assert_array_equal(loaded.tensors[name], tensors[name])
     settings = json.loads(_metadata(out)["xla_qops.quantize"])
     assert settings == {"scheme": "w4a16", "block_size": 32, "symmetric": False,
-                        "source": "model.safetensors", "method": "rtn"}
+                        "source": "model.safetensors", "method": "rtn", "smoothing": None}
 
 
 def test_filter_skip_and_activation_scheme(model_file, tmp_path, capsys):
@@ -208,9 +208,11 @@ def test_calibrated_method_errors(model_file, tmp_path, capsys):
 
 
 @pytest.mark.torch
-def test_gptq_with_token_ids_matches_quantize_model(tmp_path, capsys):
+@pytest.mark.parametrize("smoothing", [None, "hadamard"])
+def test_gptq_with_token_ids_matches_quantize_model(tmp_path, capsys, smoothing):
     """--method gptq --calibration ids.safetensors on a tiny BERT directory gives the
-    weights torch_bridge.quantize_model gives the same model with the same inputs."""
+    weights torch_bridge.quantize_model gives the same model with the same inputs (with
+    --smoothing hadamard: the rotated fit and its blocks too)."""
     import torch
     import transformers
     from safetensors.torch import save_file as save_torch
@@ -228,18 +230,23 @@ def test_gptq_with_token_ids_matches_quantize_model(tmp_path, capsys):
     out = tmp_path / "q.safetensors"
     assert main(["quantize", str(model_dir), str(out), "--scheme", "w4a16", "--block-size", "32",
                  "--method", "gptq", "--calibration", str(tmp_path / "ids.safetensors"),
-                 "--no-progress"]) == 0
+                 "--no-progress"] + (["--smoothing", smoothing] if smoothing else [])) == 0
     assert "method gptq" in capsys.readouterr().out
-    weights = checkpoint.load_quantized(str(out)).weights
+    loaded = checkpoint.load_quantized(str(out))
+    weights = loaded.weights
     ours = torch_bridge.quantize_model(
         transformers.BertModel.from_pretrained(model_dir).eval(), scheme="w4a16", block_size=32,
-        method="gptq", progress=False,
+        method="gptq", progress=False, smoothing=smoothing,
         calibration=[{"input_ids": ids[i:i + 16]} for i in range(0, 40, 16)])
     for name in ("encoder.layer.0.attention.self.query", "encoder.layer.1.output.dense"):
         module = ours.get_submodule(name)
         np.testing.assert_array_equal(np.asarray(weights[name].w), module.weight.numpy())
         np.testing.assert_array_equal(np.asarray(weights[name].scale),
                                       module.weight_scaler.numpy())
+        if smoothing:
+            assert int(loaded.tensors[f"{name}.input_rotation"]) == int(module.input_rotation)
+        else:
+            assert f"{name}.input_rotation" not in loaded.tensors
 
 
 @pytest.mark.torch
@@ -416,3 +423,95 @@ def test_compressed_tensors_reads_our_float_export_bit_for_bit(model_file, tmp_p
                                       dtype=torch.float32)
         assert theirs_w.dtype == torch.float32
         np.testing.assert_array_equal(theirs_w.numpy().view(np.uint32), ours.view(np.uint32))
+
+
+def _hadamard64(block: int, features: int) -> np.ndarray:
+    """Block-diagonal normalised Sylvester Hadamard [in, in], float64, by its definition."""
+    h = np.array([[1.0]])
+    while len(h) < block:
+        h = np.vstack([np.hstack([h, h]), np.hstack([h, -h])])
+    return np.kron(np.eye(features // block), h / np.sqrt(block))
+
+
+def test_smoothing_hadamard_stores_rotated_weights_and_their_blocks(model_file, tmp_path, capsys):
+    src, tensors = model_file
+    out = tmp_path / "rot.safetensors"
+    assert main(["quantize", str(src), str(out), "--scheme", "w8a8", "--smoothing", "hadamard",
+                 "--no-progress"]) == 0
+    report = capsys.readouterr().out
+    assert "inputs rotated (Hadamard blocks, <layer>.input_rotation): 4 of 4 layers" in report
+    assert json.loads(_metadata(out)["xla_qops.quantize"])["smoothing"] == "hadamard"
+    loaded = checkpoint.load_quantized(str(out))
+    for layer, block in (("head", 64), ("layers.0.mlp.down", 64)):
+        assert loaded.tensors[f"{layer}.input_rotation"].shape == ()
+        assert int(loaded.tensors[f"{layer}.input_rotation"]) == block
+        w = tensors[f"{layer}.weight"].astype(np.float64)
+        rotated = w @ _hadamard64(block, w.shape[1])
+        qw = loaded.weights[layer]
+        # The stored codes are round-to-nearest of W H (float32 of the float64 product);
+        # against the float64 W H the dequantized weight is within half a step.
+        step = np.asarray(qw.scale)[:, None]
+        err = np.abs(np.asarray(qw.w, np.float64) * step - rotated)
+        assert np.all(err <= 0.5 * step * (1 + 1e-5)), (err / step).max()
+    # In the original basis the same codes are far from W: they are of W H.
+    qw = loaded.weights["head"]
+    assert np.abs(np.asarray(qw.w) * np.asarray(qw.scale)[:, None]
+                  - tensors["head.weight"]).max() > 0.5
+
+
+@pytest.mark.torch
+def test_rotated_file_loads_into_a_model_swapped_the_same_way(tmp_path, capsys):
+    """The CLI's rotated W8A8 file in a torch model swapped with smoothing="hadamard":
+    the same outputs as quantize_model's own rotated model of the same weights; into a
+    model swapped without it, refused by name."""
+    import torch
+    from safetensors.torch import save_file as save_torch
+
+    import torch_bridge
+    from torch_bridge import checkpoint as torch_checkpoint
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.GELU(),
+                                torch.nn.Linear(128, 32)).eval()
+    save_torch({k: v.contiguous() for k, v in model.state_dict().items()},
+               str(tmp_path / "model.safetensors"))
+    out = tmp_path / "rot.safetensors"
+    assert main(["quantize", str(tmp_path / "model.safetensors"), str(out), "--scheme", "w8a8",
+                 "--smoothing", "hadamard", "--no-progress"]) == 0
+    capsys.readouterr()
+
+    def fresh(**kwargs):
+        m = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.GELU(),
+                                torch.nn.Linear(128, 32)).eval()
+        m.load_state_dict(model.state_dict())
+        return torch_bridge.quantize_model(m, scheme="w8a8", **kwargs)
+
+    reference = fresh(smoothing="hadamard")
+    target = fresh(smoothing="hadamard")
+    with torch.no_grad():
+        for layer in (target[0], target[2]):
+            layer.weight.zero_()  # the file must bring every code
+    state, _ = torch_checkpoint.load_torch(out, target)
+    target.load_state_dict(state)
+    x = torch.randn(5, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(target(x), reference(x), rtol=0, atol=0)
+    with pytest.raises(checkpoint.CheckpointError,
+                       match=r"0\.input_rotation: the file's layer '0' rotates its inputs and "
+                             r"the target's does not"):
+        torch_checkpoint.load_torch(out, fresh(), strict=False)
+
+
+def test_smoothing_refusals(model_file, tmp_path, capsys):
+    src, _ = model_file
+    out = str(tmp_path / "x")
+    for args, message in (
+            (["--scheme", "w8a8-fp8"], "smoothing: 'hadamard' is for the integer schemes"),
+            (["--scheme", "w4a16", "--block-size", "32", "--format", "compressed-tensors"],
+             "smoothing: the rotation is stored as <layer>.input_rotation, which only the "
+             "xla-qops format has"),
+            (["--scheme", "w4a16", "--block-size", "32", "--method", "autoround",
+              "--calibration", str(src)], "method: smoothing='hadamard' takes one of")):
+        assert main(["quantize", str(src), out, "--smoothing", "hadamard", "--no-progress",
+                     *args]) == 2
+        assert message in capsys.readouterr().err

@@ -47,6 +47,9 @@ SCHEMES_KEY = "xla_qops.schemes"
 VERSION_KEY = "xla_qops.version"
 VERSION = "1"
 _FLOAT_DTYPES = ("float32", "bfloat16", "float16")
+# A quantized layer's optional tensors that change what it computes (torch_bridge's
+# XlaQuantizedLinear buffers): never dropped as extras.
+INPUT_TRANSFORMS = {"input_rotation": "rotates", "input_scale": "scales"}
 
 
 class CheckpointError(ValueError):
@@ -218,6 +221,13 @@ def check_tensors(tensors: Mapping[str, np.ndarray], schemes: Mapping[str, Layer
         if strict:
             problems.extend(f"{name}: unexpected (not in the target)"
                             for name in tensors if name not in expected)
+        else:  # extra tensors may be dropped, but never a quantized layer's input transform
+            for name in tensors:
+                prefix, _, leaf = name.rpartition(".")
+                if name not in expected and prefix in schemes and leaf in INPUT_TRANSFORMS:
+                    problems.append(f"{name}: the file's layer {prefix!r} {INPUT_TRANSFORMS[leaf]} "
+                                    f"its inputs and the target's does not (dropping it would "
+                                    f"give wrong outputs); quantize the target the same way")
     # One entry per tensor, in a stable order.
     return sorted(dict.fromkeys(problems))
 

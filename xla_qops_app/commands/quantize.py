@@ -22,6 +22,16 @@ on each tensor alone; ``gptq``, ``awq`` and ``awq+gptq`` need ``--calibration`` 
 a model directory with a ``config.json``, from which the float model is built
 (transformers) and run on the calibration inputs (`calibrated_weights`).
 
+``--smoothing hadamard`` rotates each quantized layer's inputs (the same rule
+as ``quantize_model(..., smoothing="hadamard")``, `xla_qops.quantizers.rotation`):
+the file holds W H, quantized by ``--method`` (rtn, hqq, gptq, awq, awq+gptq;
+the calibrated ones fit the rotated inputs' statistics), and
+``<layer>.input_rotation``, an int64 scalar: the block b of H (the largest
+power of two dividing ``in``, at most 64; a layer with an odd ``in`` is not
+rotated and has none). A model swapped with the same scheme and smoothing
+loads it; loaders refuse it into a layer that would not rotate. Integer
+schemes and the xla-qops format only.
+
 A block size that does not divide a layer's input features is an error
 naming every such layer, unless ``--skip-indivisible`` keeps those layers in
 float (and says so in the report).
@@ -73,6 +83,7 @@ import sys
 import numpy as np
 
 from xla_qops import quantizers
+from xla_qops.quantizers import rotation
 from xla_qops.schemes import FORMAT_BLOCKS, SCHEMES, float_format_problem, format_block_size
 from xla_qops_app.calibration import BATCH as CALIBRATION_BATCH, tokenized_batches
 
@@ -116,6 +127,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "the input directory's tokenizer) or a .safetensors file with an "
                              "integer 'input_ids' [n, seq]; the model is built from the input "
                              "directory's config.json (transformers)")
+    parser.add_argument("--smoothing", default=None, choices=("hadamard",),
+                        help="hadamard: store each weight rotated by a block-diagonal Hadamard "
+                             "matrix and its block as <layer>.input_rotation (the model rotates "
+                             "its inputs at run time); integer schemes, xla-qops format; "
+                             "docs/quantizers.md 'Rotate the inputs'")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -140,6 +156,7 @@ class Report:
     bytes_before: int
     bytes_after: int
     method: str = "rtn"
+    rotated: int | None = None  # with --smoothing hadamard: layers whose inputs rotate
 
     @property
     def quantized(self) -> list[Layer]:
@@ -169,6 +186,11 @@ class Report:
                    for layer in self.skipped)
         qb = sum(layer.bytes_before for layer in q)
         qa = sum(layer.bytes_after for layer in q)
+        if self.rotated is not None:
+            out.append(f"inputs rotated (Hadamard blocks, <layer>.input_rotation): "
+                       f"{self.rotated} of {len(q)} layers"
+                       + (" (the others have an odd in_features)" if self.rotated < len(q)
+                          else ""))
         out.append(f"copied {self.other_tensors} other tensors unchanged (skipped weights, biases, "
                    f"norms, buffers)")
         if q:
@@ -285,8 +307,10 @@ def load_float_model(model_dir: str):
 
 def calibrated_weights(model_dir: str, calibration: str, layer_names, *, bits: int,
                        block_size: int, symmetric: bool, quantize_activation: bool, method: str,
-                       progress: bool, format: str = "int", nvfp4_divisor: bool = False) -> dict:
-    """{layer name: QuantizedWeight} of the file's layers, by running the model."""
+                       progress: bool, format: str = "int", nvfp4_divisor: bool = False,
+                       rotate: bool = False) -> dict:
+    """{layer name: QuantizedWeight} of the file's layers, by running the model (`rotate`:
+    each fitted as W H on the rotated inputs' statistics, `calibrate.quantize_linears`)."""
     import jax.numpy as jnp
     import ml_dtypes
 
@@ -315,7 +339,7 @@ def calibrated_weights(model_dir: str, calibration: str, layer_names, *, bits: i
         inputs=inputs, smoothing=None, smoothing_alpha=0.5,
         # Swapped as they go: later layers calibrate on the quantized earlier ones.
         swap=lambda name, quantized: swap_into(holders[id(modules[name])], quantized),
-        progress=progress, format=format, nvfp4_divisor=nvfp4_divisor,
+        progress=progress, format=format, nvfp4_divisor=nvfp4_divisor, rotate=rotate,
         search_scales=False)  # only the Linears are written: no place for 1/s
     out = {}
     for name, layer in matched.items():
@@ -337,7 +361,7 @@ def quantize_file(source: str, output: str, *, scheme: str = "w8a16", block_size
                   symmetric: bool = True, filters=(), skips=(), default_skip: bool = True,
                   skip_indivisible: bool = False, progress: bool = True,
                   format: str = "xla-qops", method: str = "rtn",
-                  calibration: str | None = None) -> Report:
+                  calibration: str | None = None, smoothing: str | None = None) -> Report:
     """Quantizes every Linear weight of a safetensors model; see the module docstring."""
     import jax.numpy as jnp
     from safetensors import safe_open
@@ -375,6 +399,16 @@ def quantize_file(source: str, output: str, *, scheme: str = "w8a16", block_size
     check_method(method, calibration is not None,
                  calibration_is="--calibration FILE: sentences, or safetensors input_ids",
                  methods=quantizers.MODEL_METHODS)
+    if smoothing is not None:
+        if smoothing != "hadamard":
+            raise ValueError(f"smoothing: expected None or 'hadamard', got {smoothing!r}")
+        rotation.check_arguments(scheme, method)
+        if format != "xla-qops":
+            raise ValueError("smoothing: the rotation is stored as <layer>.input_rotation, "
+                             "which only the xla-qops format has (compressed-tensors readers "
+                             "would run the rotated weights on unrotated inputs); use "
+                             "--format xla-qops")
+    rotate = smoothing == "hadamard"
     source_dir = source if os.path.isdir(source) else None
     if calibration is not None and (source_dir is None or not os.path.isfile(
             os.path.join(source_dir, "config.json"))):
@@ -406,8 +440,8 @@ def quantize_file(source: str, output: str, *, scheme: str = "w8a16", block_size
                                           block_size=block_size, symmetric=symmetric,
                                           quantize_activation=quantize_activation,
                                           method=method, progress=progress, format=spec.format,
-                                          nvfp4_divisor=nvfp4_divisor)
-        state, schemes, ct_groups, before = {}, {}, {}, 0
+                                          nvfp4_divisor=nvfp4_divisor, rotate=rotate)
+        state, schemes, ct_groups, before, rotated = {}, {}, {}, 0, 0
         bar = tqdm(total=len(names), desc="quantize", unit="tensor", disable=not progress,
                    file=sys.stderr)
         for name in names:
@@ -417,6 +451,13 @@ def quantize_file(source: str, output: str, *, scheme: str = "w8a16", block_size
             if layer is None:
                 state[name] = array
             else:
+                block = rotation.block_for(layer.shape[1]) if rotate else 1
+                if block > 1:  # the weight in the rotated basis (calibrated: fitted so)
+                    if layer.name not in prepared:
+                        array = rotation.rotate_weight_array(np.asarray(array, np.float32),
+                                                             block)
+                    state[f"{layer.name}.input_rotation"] = np.asarray(block, np.int64)
+                    rotated += 1
                 if layer.name in prepared:
                     qw = prepared[layer.name]
                 elif spec.format != "int":
@@ -443,7 +484,7 @@ def quantize_file(source: str, output: str, *, scheme: str = "w8a16", block_size
             bar.update(1)
         bar.close()
     settings = {"scheme": scheme, "block_size": block_size, "symmetric": symmetric,
-                "source": os.path.basename(source), "method": method}
+                "source": os.path.basename(source), "method": method, "smoothing": smoothing}
     if format == "compressed-tensors":
         _write_compressed_tensors(output, state, source_dir, ct_groups,
                                   ignore=[layer.name for layer in layers if layer.skipped])
@@ -454,7 +495,7 @@ def quantize_file(source: str, output: str, *, scheme: str = "w8a16", block_size
     return Report(source=source, output=output, scheme=scheme, block_size=block_size,
                   symmetric=symmetric, layers=layers,
                   other_tensors=len(names) - len(todo), bytes_before=before, bytes_after=after,
-                  method=method)
+                  method=method, rotated=rotated if rotate else None)
 
 
 def _check_compressed_tensors_scheme(scheme: str, spec, block_size: int) -> None:
@@ -514,6 +555,7 @@ def run(args) -> int:
                            default_skip=not args.no_default_skip,
                            skip_indivisible=args.skip_indivisible,
                            progress=not args.no_progress, format=args.format,
-                           method=args.method, calibration=args.calibration)
+                           method=args.method, calibration=args.calibration,
+                           smoothing=args.smoothing)
     print("\n".join(report.lines()))
     return 0
