@@ -213,7 +213,7 @@ def quantize_model(model, *, scheme: str = "w8a16", block_size: int = -1,
     checks.smoothing(smoothing, smoothing_alpha, scheme, quantize_activation,
                      calibration is not None, method)
     rotate = smoothing == "hadamard"  # each weight rotated first; no data of its own
-    needs_data = method in quantizers.CALIBRATED or (smoothing is not None and not rotate)
+    needs_data = quantizers.needs_data(method, smoothing)
     check_method(method, calibration is not None, allow_unused=smoothing is not None,
                  calibration_is="an iterable of the model's inputs",
                  methods=quantizers.MODEL_METHODS)

@@ -46,6 +46,12 @@ BLOCK_METHODS = {"awq+gptq+blockround": "awq+gptq"}
 MODEL_METHODS = METHODS + tuple(BLOCK_METHODS)  # torch_bridge.quantize_model's, the CLI's
 
 
+def needs_data(method: str, smoothing) -> bool:
+    """Whether quantizing a model with `method` and `smoothing` runs it on calibration
+    inputs: a calibrated method, or SmoothQuant ("hadamard", a rotation, sees no data)."""
+    return method in CALIBRATED or smoothing not in (None, "hadamard")
+
+
 def calibration_hessian(x) -> np.ndarray:
     """``X^T X`` (float64 ``[in, in]``) of layer inputs ``[..., in]``."""
     return gptq.hessian(x)

@@ -35,7 +35,7 @@ import time
 
 import xla_qops
 from xla_qops import data
-from xla_qops.quantizers import CALIBRATED
+from xla_qops.quantizers import needs_data
 from xla_qops.schemes import FLOAT_METHODS
 from xla_qops_app.calibration import BATCH, tokenized_batches
 
@@ -97,7 +97,7 @@ class Row:
 
     @property
     def calibrated(self) -> bool:
-        return needs_calibration(self.method, self.smoothing)
+        return needs_data(self.method, self.smoothing)
 
     @property
     def target(self):
@@ -114,10 +114,6 @@ class Report:
     info: dict = dataclasses.field(default_factory=dict)  # set name -> (sentences, tokens)
 
 
-def needs_calibration(method, smoothing) -> bool:
-    return method in CALIBRATED or smoothing not in (None, "hadamard")  # a rotation sees no data
-
-
 def measure(rows, quantize, score, calibrations=tuple(CALIBRATIONS),
             evaluations=tuple(EVALUATIONS), report=print, on_row=None) -> list[Row]:
     """The loop of `run`, model-free: `quantize(scheme, block, method, smoothing,
@@ -127,7 +123,7 @@ def measure(rows, quantize, score, calibrations=tuple(CALIBRATIONS),
     out = []
     for scheme, block, method, smoothing in rows:
         cos, seconds, peak = {}, {}, {}
-        labels = calibrations if needs_calibration(method, smoothing) else (None,)
+        labels = calibrations if needs_data(method, smoothing) else (None,)
         for label in labels:
             start = time.perf_counter()
             with PeakMemory() as memory:
