@@ -19,6 +19,11 @@
 #ifndef XQK_PREFETCH_INTO_L1
 #define XQK_PREFETCH_INTO_L1 0
 #endif
+// The Intel set also forms the one-row W8A16 decode's products by FMA
+// (kInt8ByFma).
+#ifndef XQK_INT8_DOT_BY_FMA
+#define XQK_INT8_DOT_BY_FMA 0
+#endif
 
 namespace xqk {
 namespace {
@@ -916,6 +921,18 @@ constexpr int kMaxDotRows = 16;
 // int8: M=1 0.39 ms non-temporal against 0.49 with T0 four rows ahead; M=4
 // 0.40 against 0.46 (on an Intel Xeon, T0 eight rows ahead is the faster).
 constexpr int kAhead = 8;
+// The per-channel W8A16 decode with one row of x: the products of each int8
+// pair with x's bf16 pair by two FMAs on their float32 images (the Intel set)
+// or by VDPBF16PS on bf16 images converted from them. The same bits:
+// VDPBF16PS adds a lane's odd product, then its even one, each rounded to
+// float32 (checked bit for bit on the Intel Xeon, 3.2M lanes), and x has no
+// subnormal terms (XA16). On that Xeon VDPBF16PS issues once per 2 cycles
+// with an 8-cycle latency and the VCVTNE2PS2BF16 before it costs as much:
+// the FMAs took 0.68-0.73x the time (2048 -> 5632, M=1, two threads, weights
+// from DRAM: 598-642 -> 439-465 us; one thread from L2 1.3-1.5x). fp8's and
+// int4's lookups feed VDPBF16PS directly; FMAs there measured no gain. Zen 4,
+// where this loop was tuned, keeps VDPBF16PS.
+constexpr bool kInt8ByFma = XQK_INT8_DOT_BY_FMA;
 constexpr int64_t kDotXBytes = 32 << 10;  // x bytes per K chunk
 
 // fn(Rows<R>{}) for R = rows, clamped to [1, kMax]: one instance of a
@@ -1057,9 +1074,24 @@ void dot_a16_t(const Problem& p, const XA16& xa, const uint16_t* xd, int64_t Kq,
       for (int64_t k = kc; k < kend; k += 32) {
         const __mmask32 m = mask32(K - k);
         const uint16_t* xk = xd + (k & ~int64_t{127}) * R + (k & 127);  // x rows of this 128-block
+        // kInt8ByFma: x's pairs as float32 images, even and odd k.
+        const __m512i xv = _mm512_loadu_si512(xk);
+        const __m512i high = _mm512_set1_epi32(static_cast<int>(0xffff0000u));
+        const __m512 x_even = _mm512_castsi512_ps(_mm512_slli_epi32(xv, 16));
+        const __m512 x_odd = _mm512_castsi512_ps(_mm512_and_si512(xv, high));
         for (int i = 0; i < NW; ++i) {
           if ((k & 63) == 0) _mm_prefetch(reinterpret_cast<const char*>(row[i] + kAhead * K + k), kStreamHint);
           const __m256i b = _mm256_maskz_loadu_epi8(m, row[i] + k);
+          if constexpr (kInt8ByFma) {
+            // VDPBF16PS's arithmetic (per lane: + odd product, then + even,
+            // each rounded; checked bit for bit on this CPU) as two FMAs on
+            // the float32 images: the int8 pairs' sign-extended halves.
+            const __m512i pairs = _mm512_cvtepi8_epi16(b);
+            const __m512 w_even = _mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(pairs, 16), 16));
+            const __m512 w_odd = _mm512_cvtepi32_ps(_mm512_srai_epi32(pairs, 16));
+            acc[i][0] = _mm512_fmadd_ps(w_even, x_even, _mm512_fmadd_ps(w_odd, x_odd, acc[i][0]));
+            continue;
+          }
           const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(b)));
           const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(b, 1)));
           const __m512bh w = _mm512_cvtne2ps_pbh(hi, lo);  // 32 exact bf16 in k order

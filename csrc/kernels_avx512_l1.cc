@@ -1,4 +1,6 @@
-// The AVX-512 kernel set with the decode streams' prefetches into L1 (T0),
-// for Intel CPUs: see kernels_avx512.cc's head and stream_prefetch_into_l1.
+// The AVX-512 kernel set for Intel CPUs: the decode streams' prefetches into
+// L1 (T0) and the one-row W8A16 decode's products by FMA (see kernels_avx512.cc's
+// head, kInt8ByFma and stream_prefetch_into_l1).
 #define XQK_PREFETCH_INTO_L1 1
+#define XQK_INT8_DOT_BY_FMA 1
 #include "kernels_avx512.cc"

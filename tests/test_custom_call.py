@@ -518,8 +518,11 @@ def test_the_prefetch_hint_moves_no_arithmetic(tmp_path):
     """The AVX-512 set is built twice, its decode streams prefetching the
     weights into L1 (T0: Intel's default, 1.2-4.9x faster there) or
     non-temporally (NTA: the others'); XLA_QOPS_PREFETCH=t0 / nta picks one.
-    The module reports the choice, and both give the same bits (on CPUs
-    without AVX-512 the choice is reported and the other sets run alike)."""
+    The Intel set also forms the one-row W8A16 decode's products by FMA on
+    float32 images where the other uses VDPBF16PS (kInt8ByFma; the rows=1
+    cases here). The module reports the choice, and both give the same bits
+    (on CPUs without AVX-512 the choice is reported and the other sets run
+    alike)."""
     t0 = _decode_outputs_with_prefetch("t0", str(tmp_path / "t0.npz"))
     nta = _decode_outputs_with_prefetch("nta", str(tmp_path / "nta.npz"))
     assert (t0["stream_prefetch"], nta["stream_prefetch"]) == ("t0", "nta")
