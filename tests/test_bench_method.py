@@ -39,27 +39,31 @@ def test_untimed_calls_last_at_least_warm_seconds():
     assert first_turn[-1] - first_turn[0] >= 0.0028  # (its first call starts just after the clock)
 
 
-def test_a_turns_figure_is_the_mean_of_its_timed_calls():
+def test_a_turns_figure_is_the_mean_of_its_timed_calls(monkeypatch):
     """Timed calls run for at least timed_seconds (a slow peer: one), and the turn's
-    figure is their mean per call, not one call's time."""
-    import time
+    figure is their mean per call, not one call's time. On a virtual clock (no load on
+    the machine changes the counts): the fast peer's calls take u and 2u alternately
+    (u = 2^-12 s: sums of them are exact), the slow one's u."""
+    import types
+    clock = [0.0]
+    monkeypatch.setattr(bench, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+    u = 2.0 ** -12
     calls = {"fast": 0, "torch_xla": 0}
 
-    def step(name, seconds):
+    def step(name):
         def call(i):
+            clock[0] += u if name == "torch_xla" or calls[name] % 2 == 0 else 2 * u
             calls[name] += 1
-            end = time.perf_counter() + seconds
-            while time.perf_counter() < end:
-                pass
         return call
-    times = bench._interleaved_times({"fast": step("fast", 0.0002),
-                                      "torch_xla": step("torch_xla", 0.0002)},
-                                     reps=2, warm=1, warm_seconds=0, timed_seconds=0.004,
+    times = bench._interleaved_times({"fast": step("fast"), "torch_xla": step("torch_xla")},
+                                     reps=2, warm=1, warm_seconds=0, timed_seconds=16 * u,
                                      slow={"torch_xla": 2})
-    assert calls["fast"] >= 2 * (1 + 15)  # per turn: one untimed, then 4 ms of 0.2 ms calls
+    # Per turn: one untimed call (u), then 2u, u, 2u, ... until 16u have passed: 11 calls
+    # in 17u.
+    assert calls["fast"] == 2 * (1 + 11)
+    assert times["fast"] == [17 * u / 11] * 2
     assert calls["torch_xla"] == 2 * 2  # one untimed, one timed per turn
-    for name in times:
-        assert all(0.0002 <= t < 0.0008 for t in times[name]), (name, times[name])
+    assert times["torch_xla"] == [u] * 2
 
 
 @pytest.mark.torch
