@@ -921,7 +921,8 @@ constexpr int kMaxDotRows = 16;
 // int8: M=1 0.39 ms non-temporal against 0.49 with T0 four rows ahead; M=4
 // 0.40 against 0.46 (on an Intel Xeon, T0 eight rows ahead is the faster).
 constexpr int kAhead = 8;
-// The per-channel W8A16 decode with one row of x: the products of each int8
+// The W8A16 decode (per-channel with one row of x, and the blockwise stream's
+// register form): the products of each int8
 // pair with x's bf16 pair by two FMAs on their float32 images (the Intel set)
 // or by VDPBF16PS on bf16 images converted from them. The same bits:
 // VDPBF16PS adds a lane's odd product, then its even one, each rounded to
@@ -929,9 +930,11 @@ constexpr int kAhead = 8;
 // subnormal terms (XA16). On that Xeon VDPBF16PS issues once per 2 cycles
 // with an 8-cycle latency and the VCVTNE2PS2BF16 before it costs as much:
 // the FMAs took 0.68-0.73x the time (2048 -> 5632, M=1, two threads, weights
-// from DRAM: 598-642 -> 439-465 us; one thread from L2 1.3-1.5x). fp8's and
-// int4's lookups feed VDPBF16PS directly; FMAs there measured no gain. Zen 4,
-// where this loop was tuned, keeps VDPBF16PS.
+// from DRAM: 598-642 -> 439-465 us; one thread from L2 1.3-1.5x). The
+// blockwise int8 stream's register form likewise (W8A16 g128 2048 -> 5632:
+// M=1 586 -> 467-523 us, M=4 1047-1073 -> 805-879). fp8's and int4's lookups
+// feed VDPBF16PS directly; FMAs there measured no gain. Zen 4, where these
+// loops were tuned, keeps VDPBF16PS.
 constexpr bool kInt8ByFma = XQK_INT8_DOT_BY_FMA;
 constexpr int64_t kDotXBytes = 32 << 10;  // x bytes per K chunk
 
@@ -1522,6 +1525,28 @@ void stream_a16_t(const Problem& p, const XA16& xa, int64_t g0, int64_t g1, int6
             for (int cb = 0; cb < 4; ++cb)
               c[r][cb] = first ? _mm512_setzero_ps() : _mm512_load_ps(a + r * kNR + 16 * cb);
           const auto step = [&](int64_t s) __attribute__((always_inline)) {
+            if constexpr (kInt8ByFma && BITS == 8 && !FP8) {
+              // kInt8ByFma's arithmetic: the pair's rows as float32 (even k, odd
+              // k: zero past the group), x's pair split, odd product first.
+              const uint8_t* src = ws + s * row_bytes + n0;
+              const bool has_b = 2 * (s0 + s) + 1 < p.G;
+              __m512 even[4], odd[4];
+              for (int cb = 0; cb < 4; ++cb) {
+                const __mmask16 mc = static_cast<__mmask16>(m >> (16 * cb));
+                even[cb] = _mm512_castsi512_ps(int8_to_f32bits(_mm_maskz_loadu_epi8(mc, src + 16 * cb)));
+                odd[cb] = has_b ? _mm512_castsi512_ps(int8_to_f32bits(_mm_maskz_loadu_epi8(mc, src + N + 16 * cb)))
+                                : _mm512_setzero_ps();
+              }
+              for (int r = 0; r < R; ++r) {
+                const __m512i xr = _mm512_set1_epi32(load_i32(xs + r * xa.Kp + 2 * s));
+                const __m512 xe = _mm512_castsi512_ps(_mm512_slli_epi32(xr, 16));
+                const __m512 xo = _mm512_castsi512_ps(
+                    _mm512_and_si512(xr, _mm512_set1_epi32(static_cast<int>(0xffff0000u))));
+                for (int cb = 0; cb < 4; ++cb)
+                  c[r][cb] = _mm512_fmadd_ps(even[cb], xe, _mm512_fmadd_ps(odd[cb], xo, c[r][cb]));
+              }
+              return;
+            }
             __m512i w[4];
             unpack_step(s, w);
             for (int r = 0; r < R; ++r) {

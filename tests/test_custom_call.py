@@ -494,10 +494,12 @@ def _decode_outputs_with_prefetch(hint: str, path: str) -> dict:
         for i, s in enumerate(all_schemes(block_size=128)):
             qw = make_weight(rng, n=200, k=512, scheme=s)
             for m in rows:
-                x = make_x(rng, (m, 512), "bfloat16")
-                y = xla_qops.quantized_matmul(x, *op_args(qw), s.quantize_activation,
-                                              impl="custom_call")
-                out[f"{{i}}-{{m}}"] = np.asarray(y, np.float32)
+                # float32 x: float32 outputs, so a change in the sums' last bits shows
+                for dtype in ("bfloat16", "float32"):
+                    x = make_x(rng, (m, 512), dtype)
+                    y = xla_qops.quantized_matmul(x, *op_args(qw), s.quantize_activation,
+                                                  impl="custom_call")
+                    out[f"{{i}}-{{m}}-{{dtype}}"] = np.asarray(y, np.float32)
         for fmt, block, act in (("fp8", 128, None), ("fp8", -1, "fp8"), ("mxfp4", 32, None)):
             qw = xla_qops.quantize_weight(rng.standard_normal((200, 512)), format=fmt,
                                           block_size=block)
@@ -528,7 +530,7 @@ def test_the_prefetch_hint_moves_no_arithmetic(tmp_path):
     assert (t0["stream_prefetch"], nta["stream_prefetch"]) == ("t0", "nta")
     a, b = np.load(tmp_path / "t0.npz"), np.load(tmp_path / "nta.npz")
     assert sorted(a.files) == sorted(b.files)
-    assert len(a.files) == 3 * (len(all_schemes(block_size=128)) + 3)
+    assert len(a.files) == 3 * (2 * len(all_schemes(block_size=128)) + 3)
     for key in a.files:
         np.testing.assert_array_equal(a[key], b[key], err_msg=key)
 
