@@ -196,6 +196,17 @@ def test_torch_rotated_llama_checkpoint_runs_in_the_nnx_decoder(tmp_path):
     # other orders (attention, the rotation): 1e-4 of the largest logit.
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-4 * np.abs(want).max())
 
+    # Saved again from the NNX decoder (q/k/v and gate/up split back, each with the
+    # fused layer's rotation), it loads to the same logits.
+    weights, transforms = jax_llama.quantized_weights(model), jax_llama.input_transforms(model)
+    assert len(transforms) == len(weights) and all(int(b) == 64 for b in transforms.values())
+    rest = {k: v.numpy() for k, v in hf.state_dict().items()
+            if k.rsplit(".", 1)[0] not in weights}
+    again = str(tmp_path / "again.safetensors")
+    checkpoint.save_quantized(again, weights, {**rest, **transforms})
+    reloaded = jax_llama.load(again, config=config, dtype=jnp.float32)
+    np.testing.assert_array_equal(jax_llama.Generator(reloaded).logits(ids), got)
+
 
 @pytest.mark.parametrize("kwargs, error, match", [
     (dict(scheme="w8a8", smoothing="smoothquant"), ValueError,

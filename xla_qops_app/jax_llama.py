@@ -480,22 +480,45 @@ def _split_weight(qw, sizes) -> list:
             for w, scale, zero_point in zip(*parts)]
 
 
-def quantized_weights(model: LlamaForCausalLM) -> dict:
-    """``{HF Linear name: QuantizedWeight}`` of every quantized Linear, in HF
-    order, fused ones split back into their members (to save a checkpoint)."""
+def _quantized_layers(model: LlamaForCausalLM) -> dict:
+    """``{HF Linear name: (QuantizedLinear, QuantizedWeight)}`` in HF order, fused
+    layers split back into their members (each with the fused layer)."""
     from xla_qops.nnx import QuantizedLinear
     found = {}
     for name in _hf_linear_names(model.dims):
         parent, attr = _module_at(model, name)
-        if isinstance(getattr(parent, attr), QuantizedLinear):
-            found[name] = getattr(parent, attr).quantized_weight
+        module = getattr(parent, attr)
+        if isinstance(module, QuantizedLinear):
+            found[name] = (module, module.quantized_weight)
     for i, layer in enumerate(model.layers):
         for parent_name, fused_name, names in FUSED:
             fused = getattr(getattr(layer, parent_name), fused_name)
             if fused is not None:
                 for n, qw in zip(names, _split_weight(fused.quantized_weight, fused.fused_sizes)):
-                    found[f"model.layers.{i}.{parent_name}.{n}"] = qw
+                    found[f"model.layers.{i}.{parent_name}.{n}"] = (fused, qw)
     return {name: found[name] for name in _hf_linear_names(model.dims) if name in found}
+
+
+def quantized_weights(model: LlamaForCausalLM) -> dict:
+    """``{HF Linear name: QuantizedWeight}`` of every quantized Linear, in HF
+    order, fused ones split back into their members (to save a checkpoint,
+    with `input_transforms(model)` beside them: a QuantizedWeight does not
+    hold a layer's input scale or rotation)."""
+    return {name: qw for name, (_, qw) in _quantized_layers(model).items()}
+
+
+def input_transforms(model: LlamaForCausalLM) -> dict:
+    """``{"<HF name>.input_scale": float32 [in], "<HF name>.input_rotation": int64
+    scalar}`` of the quantized Linears that scale or rotate their inputs (torch_bridge's
+    buffer names, which `load` reads back): save them with `quantized_weights`, or the
+    loaded layers would multiply unrotated inputs by rotated weights."""
+    out = {}
+    for name, (module, _) in _quantized_layers(model).items():
+        if module.input_scale is not None:
+            out[f"{name}.input_scale"] = np.asarray(module.input_scale[...], np.float32)
+        if module.input_rotation is not None:
+            out[f"{name}.input_rotation"] = np.asarray(module.input_rotation, np.int64)
+    return out
 
 
 # ---------------------------------------------------------------------------
