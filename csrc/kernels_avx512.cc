@@ -19,7 +19,7 @@
 #ifndef XQK_PREFETCH_INTO_L1
 #define XQK_PREFETCH_INTO_L1 0
 #endif
-// The Intel set also forms the one-row W8A16 decode's products by FMA
+// The Intel set also forms the int8 W8A16 decode's products by FMA
 // (kInt8ByFma).
 #ifndef XQK_INT8_DOT_BY_FMA
 #define XQK_INT8_DOT_BY_FMA 0
@@ -922,12 +922,9 @@ constexpr int kMaxDotRows = 16;
 // 0.40 against 0.46 (on an Intel Xeon, T0 eight rows ahead is the faster).
 constexpr int kAhead = 8;
 // The W8A16 decode (per-channel with one row of x, and the blockwise stream's
-// register form): the products of each int8
-// pair with x's bf16 pair by two FMAs on their float32 images (the Intel set)
-// or by VDPBF16PS on bf16 images converted from them. The same bits:
-// VDPBF16PS adds a lane's odd product, then its even one, each rounded to
-// float32 (checked bit for bit on the Intel Xeon, 3.2M lanes), and x has no
-// subnormal terms (XA16). On that Xeon VDPBF16PS issues once per 2 cycles
+// register form): the products of each int8 pair with x's bf16 pair by two
+// FMAs on their float32 images (the Intel set: dot_pairs_by_fma) or by
+// VDPBF16PS on bf16 images converted from them. On that Xeon VDPBF16PS issues once per 2 cycles
 // with an 8-cycle latency and the VCVTNE2PS2BF16 before it costs as much:
 // the FMAs took 0.68-0.73x the time (2048 -> 5632, M=1, two threads, weights
 // from DRAM: 598-642 -> 439-465 us; one thread from L2 1.3-1.5x). The
@@ -936,6 +933,22 @@ constexpr int kAhead = 8;
 // feed VDPBF16PS directly; FMAs there measured no gain. Zen 4, where these
 // loops were tuned, keeps VDPBF16PS.
 constexpr bool kInt8ByFma = XQK_INT8_DOT_BY_FMA;
+
+// A vector of bf16 pairs as the float32 images of its even and odd elements.
+inline void bf16_pair_images(__m512i v, __m512& even, __m512& odd) {
+  even = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+  odd = _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32(static_cast<int>(0xffff0000u))));
+}
+
+// VDPBF16PS's arithmetic on float32 images: per lane acc + the odd product,
+// then + the even one, each rounded to float32 (checked bit for bit against
+// VDPBF16PS on the Intel Xeon, 3.2M random lanes; the other order differs in
+// 8% of them). x has no subnormal terms (XA16), so VDPBF16PS's flushing
+// never applies.
+inline __m512 dot_pairs_by_fma(__m512 acc, __m512 w_even, __m512 w_odd, __m512 x_even,
+                               __m512 x_odd) {
+  return _mm512_fmadd_ps(w_even, x_even, _mm512_fmadd_ps(w_odd, x_odd, acc));
+}
 constexpr int64_t kDotXBytes = 32 << 10;  // x bytes per K chunk
 
 // fn(Rows<R>{}) for R = rows, clamped to [1, kMax]: one instance of a
@@ -1077,22 +1090,16 @@ void dot_a16_t(const Problem& p, const XA16& xa, const uint16_t* xd, int64_t Kq,
       for (int64_t k = kc; k < kend; k += 32) {
         const __mmask32 m = mask32(K - k);
         const uint16_t* xk = xd + (k & ~int64_t{127}) * R + (k & 127);  // x rows of this 128-block
-        // kInt8ByFma: x's pairs as float32 images, even and odd k.
-        const __m512i xv = _mm512_loadu_si512(xk);
-        const __m512i high = _mm512_set1_epi32(static_cast<int>(0xffff0000u));
-        const __m512 x_even = _mm512_castsi512_ps(_mm512_slli_epi32(xv, 16));
-        const __m512 x_odd = _mm512_castsi512_ps(_mm512_and_si512(xv, high));
+        __m512 x_even, x_odd;  // kInt8ByFma: x's pairs split once for all rows
+        if constexpr (kInt8ByFma) bf16_pair_images(_mm512_loadu_si512(xk), x_even, x_odd);
         for (int i = 0; i < NW; ++i) {
           if ((k & 63) == 0) _mm_prefetch(reinterpret_cast<const char*>(row[i] + kAhead * K + k), kStreamHint);
           const __m256i b = _mm256_maskz_loadu_epi8(m, row[i] + k);
-          if constexpr (kInt8ByFma) {
-            // VDPBF16PS's arithmetic (per lane: + odd product, then + even,
-            // each rounded; checked bit for bit on this CPU) as two FMAs on
-            // the float32 images: the int8 pairs' sign-extended halves.
+          if constexpr (kInt8ByFma) {  // the int8 pairs' sign-extended halves
             const __m512i pairs = _mm512_cvtepi8_epi16(b);
             const __m512 w_even = _mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(pairs, 16), 16));
             const __m512 w_odd = _mm512_cvtepi32_ps(_mm512_srai_epi32(pairs, 16));
-            acc[i][0] = _mm512_fmadd_ps(w_even, x_even, _mm512_fmadd_ps(w_odd, x_odd, acc[i][0]));
+            acc[i][0] = dot_pairs_by_fma(acc[i][0], w_even, w_odd, x_even, x_odd);
             continue;
           }
           const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(b)));
@@ -1526,8 +1533,8 @@ void stream_a16_t(const Problem& p, const XA16& xa, int64_t g0, int64_t g1, int6
               c[r][cb] = first ? _mm512_setzero_ps() : _mm512_load_ps(a + r * kNR + 16 * cb);
           const auto step = [&](int64_t s) __attribute__((always_inline)) {
             if constexpr (kInt8ByFma && BITS == 8 && !FP8) {
-              // kInt8ByFma's arithmetic: the pair's rows as float32 (even k, odd
-              // k: zero past the group), x's pair split, odd product first.
+              // kInt8ByFma: the pair's rows as float32 (even k, odd k: zero past
+              // the group), x's pair split.
               const uint8_t* src = ws + s * row_bytes + n0;
               const bool has_b = 2 * (s0 + s) + 1 < p.G;
               __m512 even[4], odd[4];
@@ -1538,12 +1545,10 @@ void stream_a16_t(const Problem& p, const XA16& xa, int64_t g0, int64_t g1, int6
                                 : _mm512_setzero_ps();
               }
               for (int r = 0; r < R; ++r) {
-                const __m512i xr = _mm512_set1_epi32(load_i32(xs + r * xa.Kp + 2 * s));
-                const __m512 xe = _mm512_castsi512_ps(_mm512_slli_epi32(xr, 16));
-                const __m512 xo = _mm512_castsi512_ps(
-                    _mm512_and_si512(xr, _mm512_set1_epi32(static_cast<int>(0xffff0000u))));
+                __m512 xe, xo;
+                bf16_pair_images(_mm512_set1_epi32(load_i32(xs + r * xa.Kp + 2 * s)), xe, xo);
                 for (int cb = 0; cb < 4; ++cb)
-                  c[r][cb] = _mm512_fmadd_ps(even[cb], xe, _mm512_fmadd_ps(odd[cb], xo, c[r][cb]));
+                  c[r][cb] = dot_pairs_by_fma(c[r][cb], even[cb], odd[cb], xe, xo);
               }
               return;
             }
