@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 
 from xla_qops.quantizers.rotation import (  # noqa: F401  (re-exported)
-    MAX_BLOCK, METHODS, block_for, check_block, describe, hadamard, rotate_hessian,
-    rotate_weight_array)
+    block_for, check_block, describe, hadamard, rotate_hessian, rotate_weight_array,
+    rotated_count)
 
 # Up to this many elements of x, the direct CPU path rotates in C++ (a fast
 # Walsh-Hadamard transform per row, `_cpu_ops.hadamard_rows`): at M=1 a torch mm's

@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from torch_bridge import calibrate, checks
+from torch_bridge import calibrate, checks, rotation
 from torch_bridge.linear import XlaQuantizedLinear
 from xla_qops import quantizers
 from xla_qops.quantize import check_method
@@ -84,9 +84,8 @@ class QuantizationReport:
         if self.smoothing == "hadamard":
             rotated = sum(1 for layer in self.swapped
                           if (layer.input_scale or "").startswith("Hadamard"))
-            lines.append(f"  inputs rotated (Hadamard blocks): {rotated} of {len(self.swapped)} layers"
-                         + (" (the others have an odd in_features)"
-                            if rotated < len(self.swapped) else ""))
+            lines.append(f"  inputs rotated (Hadamard blocks): "
+                         f"{rotation.rotated_count(rotated, len(self.swapped))}")
         if any(layer.weight_error is not None for layer in self.swapped):
             lines.append("  weight error |W - W_hat| / |W|, round-to-nearest -> method:")
             lines += [f"    {layer.name}: {layer.weight_error_rtn:.4f} -> {layer.weight_error:.4f}"

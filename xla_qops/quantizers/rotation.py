@@ -52,6 +52,13 @@ def describe(block: int, in_features: int) -> str:
     return f"not rotated (in_features={in_features} is odd)"
 
 
+def rotated_count(rotated: int, layers: int) -> str:
+    """How many of a model's quantized layers rotate their inputs, as reports say it
+    (every layer with an even `in` does)."""
+    return f"{rotated} of {layers} layers" + (
+        " (the others have an odd in_features)" if rotated < layers else "")
+
+
 def check_arguments(scheme_name: str, method: str) -> None:
     """`smoothing="hadamard"`'s rules for a scheme and a method (both faces)."""
     if "-" in scheme_name:  # the float element formats: w8a16-fp8, w4a16-nvfp4, ...

@@ -188,9 +188,7 @@ class Report:
         qa = sum(layer.bytes_after for layer in q)
         if self.rotated is not None:
             out.append(f"inputs rotated (Hadamard blocks, <layer>.input_rotation): "
-                       f"{self.rotated} of {len(q)} layers"
-                       + (" (the others have an odd in_features)" if self.rotated < len(q)
-                          else ""))
+                       f"{rotation.rotated_count(self.rotated, len(q))}")
         out.append(f"copied {self.other_tensors} other tensors unchanged (skipped weights, biases, "
                    f"norms, buffers)")
         if q:
