@@ -400,3 +400,12 @@ def assert_close(actual, x, w, scale, zero_point=None, block_size=-1,
             f"{bad.sum()} of {bad.size} elements outside tolerance; worst at {i}: "
             f"got {actual[i]}, reference {ref[i]}, |err| {err[i]:.3g} > tol {tol[i]:.3g} "
             f"({ratio[i]:.3g} x)")
+
+
+def hadamard_rotation(block: int, in_features: int) -> np.ndarray:
+    """smoothing="hadamard"'s rotation [in, in], float64: block-diagonal, each block the
+    normalised Sylvester Hadamard matrix by its definition H[i, j] = (-1)^popcount(i & j)
+    / sqrt(block) (independent of xla_qops.quantizers.rotation's recursive construction)."""
+    i = np.arange(block)
+    parity = np.vectorize(lambda v: bin(v).count("1") % 2)(i[:, None] & i[None, :])
+    return np.kron(np.eye(in_features // block), np.where(parity, -1.0, 1.0) / np.sqrt(block))

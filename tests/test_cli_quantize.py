@@ -425,14 +425,6 @@ def test_compressed_tensors_reads_our_float_export_bit_for_bit(model_file, tmp_p
         np.testing.assert_array_equal(theirs_w.numpy().view(np.uint32), ours.view(np.uint32))
 
 
-def _hadamard64(block: int, features: int) -> np.ndarray:
-    """Block-diagonal normalised Sylvester Hadamard [in, in], float64, by its definition."""
-    h = np.array([[1.0]])
-    while len(h) < block:
-        h = np.vstack([np.hstack([h, h]), np.hstack([h, -h])])
-    return np.kron(np.eye(features // block), h / np.sqrt(block))
-
-
 def test_smoothing_hadamard_stores_rotated_weights_and_their_blocks(model_file, tmp_path, capsys):
     src, tensors = model_file
     out = tmp_path / "rot.safetensors"
@@ -446,7 +438,7 @@ def test_smoothing_hadamard_stores_rotated_weights_and_their_blocks(model_file, 
         assert loaded.tensors[f"{layer}.input_rotation"].shape == ()
         assert int(loaded.tensors[f"{layer}.input_rotation"]) == block
         w = tensors[f"{layer}.weight"].astype(np.float64)
-        rotated = w @ _hadamard64(block, w.shape[1])
+        rotated = w @ ref.hadamard_rotation(block, w.shape[1])
         qw = loaded.weights[layer]
         # The stored codes are round-to-nearest of W H (float32 of the float64 product);
         # against the float64 W H the dequantized weight is within half a step.

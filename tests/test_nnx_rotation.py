@@ -3,9 +3,9 @@
 torch checkpoints run by the NNX Llama decoder (xla_qops_app/jax_llama.py).
 
 The reference is API.md's convention in float64 numpy on the rotated input: y = (x H)
-W_q^T, H block-diagonal of normalised Sylvester Hadamard blocks written here from its
-definition (H_1 = [1], H_2n = [[H_n, H_n], [H_n, -H_n]], over sqrt(b)), not from the
-code's construction.
+W_q^T, H block-diagonal of normalised Sylvester Hadamard blocks
+(`numpy_reference.hadamard_rotation`, from the matrix's definition, not the code's
+construction).
 """
 
 import flax.nnx as nnx
@@ -19,16 +19,8 @@ from xla_qops import nnx as qnnx
 from xla_qops.quantizers import rotation
 
 
-def _hadamard64(block: int, features: int) -> np.ndarray:
-    """The block-diagonal rotation [in, in], float64, from the recursive definition."""
-    h = np.array([[1.0]])
-    while len(h) < block:
-        h = np.vstack([np.hstack([h, h]), np.hstack([h, -h])])
-    return np.kron(np.eye(features // block), h / np.sqrt(block))
-
-
 def _reference(x, qw: QuantizedWeight, block, quantize_activation=False):
-    rotated = np.asarray(x, np.float64) @ _hadamard64(block, x.shape[-1])
+    rotated = np.asarray(x, np.float64) @ ref.hadamard_rotation(block, x.shape[-1])
     return ref.quantized_matmul(rotated, np.asarray(qw.w), np.asarray(qw.scale),
                                 None if qw.zero_point is None else np.asarray(qw.zero_point),
                                 qw.block_size, qw.bits == 4, quantize_activation)
@@ -235,6 +227,6 @@ def test_bad_input_rotation_is_named(block, error, match):
 
 def test_rotation_module_is_its_definition():
     for block in (2, 16, 64):
-        np.testing.assert_array_equal(rotation.hadamard(block), _hadamard64(block, block))
+        np.testing.assert_array_equal(rotation.hadamard(block), ref.hadamard_rotation(block, block))
     assert rotation.block_for(384) == 64 and rotation.block_for(96) == 32
     assert rotation.block_for(7) == 1

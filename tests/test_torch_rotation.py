@@ -17,18 +17,6 @@ from torch_bridge import XlaQuantizedLinear
 from torch_bridge.checkpoint import load_torch, save_torch
 
 
-def sylvester(block: int) -> np.ndarray:
-    """The normalised Sylvester Hadamard matrix, by its definition H[i, j] = (-1)^popcount(i & j)
-    / sqrt(block) (independent of torch_bridge.rotation's recursive construction)."""
-    i = np.arange(block)
-    parity = np.vectorize(lambda v: bin(v).count("1") % 2)(i[:, None] & i[None, :])
-    return np.where(parity, -1.0, 1.0) / np.sqrt(block)
-
-
-def block_diagonal(block: int, in_features: int) -> np.ndarray:
-    return np.kron(np.eye(in_features // block), sylvester(block))
-
-
 class TwoLayers(torch.nn.Module):
     def __init__(self, a=96, b=256, c=40):
         super().__init__()
@@ -66,7 +54,7 @@ def test_the_rotated_layer_is_the_reference_of_the_rotated_problem(scheme, block
         layer, float_layer = getattr(model, name), getattr(original, name)
         block = min(64, in_features & -in_features)  # 32 for 96, 64 for 256
         assert int(layer.input_rotation) == block
-        h = block_diagonal(block, in_features)
+        h = ref.hadamard_rotation(block, in_features)
         w_rotated = float_layer.weight.detach().double().numpy() @ h
         qw = xla_qops.quantize_weight(w_rotated.astype(np.float32), bits=4 if "w4" in scheme else 8,
                                       block_size=block_size)
@@ -192,7 +180,7 @@ def test_bf16_inputs_rotate_to_the_float32_rotation_rounded(block):
     h = torch.from_numpy(rotation.hadamard(block)).float()
     got = rotation.rotate_input(x, h)
     assert got.dtype == torch.bfloat16 and got.shape == x.shape
-    exact = x.double().numpy().reshape(-1, block) @ sylvester(block)
+    exact = x.double().numpy().reshape(-1, block) @ ref.hadamard_rotation(block, block)
     exact = torch.from_numpy(exact.reshape(x.shape))
     ulp = torch.from_numpy(np.spacing(np.abs(exact.to(torch.bfloat16).float().numpy())))
     ulp = ulp * 2 ** 16  # float32 spacing -> bf16 spacing (8 bits of mantissa against 24)
@@ -266,7 +254,7 @@ def test_the_cpu_kernels_rotation_is_the_float64_one_rounded(dtype, block):
     before = x.clone()
     got = _cpu_ops.hadamard_rows(x, block)
     assert torch.equal(x, before) and got.dtype == dtype and got.shape == x.shape
-    exact = x.double().numpy().reshape(-1, block) @ sylvester(block)
+    exact = x.double().numpy().reshape(-1, block) @ ref.hadamard_rotation(block, block)
     exact = exact.reshape(x.shape)
     err = np.abs(got.double().numpy() - exact)
     # float32 sums: each of the log2(b) stages rounds partial sums of at most
